@@ -1,0 +1,83 @@
+import swagger from '@fastify/swagger';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type pg from 'pg';
+import type { Logger } from 'pino';
+import authPlugin from './auth/verify.js';
+import type { Config } from './config.js';
+import { createLogger, type LogDestination } from './logger.js';
+import { Metrics } from './metrics.js';
+import { createPool } from './postgres/pool.js';
+import { installProblemHandler } from './problem.js';
+import auditRoutes from './routes/audit.js';
+import credentialRoutes from './routes/credentials.js';
+import healthRoutes from './routes/health.js';
+import leaseRoutes from './routes/leases.js';
+import policyRoutes from './routes/policies.js';
+import { Problem } from './schemas/common.js';
+import { validatorCompiler } from './validation.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    config: Config;
+    db: pg.Pool;
+    metrics: Metrics;
+    /** The role the broker connects as; issued roles are granted to it so it can tear them down. */
+    brokerRole(): Promise<string>;
+  }
+}
+
+export interface BuildOptions {
+  logger?: Logger;
+  logDestination?: LogDestination;
+  /** Share a pool with a caller (tests, the reaper); otherwise the app owns one. */
+  pool?: pg.Pool;
+  metrics?: Metrics;
+}
+
+export const MAX_BODY_BYTES = 64 * 1024;
+
+export async function buildApp(config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
+  const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
+  const app = Fastify({
+    loggerInstance: logger as FastifyBaseLogger,
+    bodyLimit: MAX_BODY_BYTES,
+    disableRequestLogging: false,
+    requestIdHeader: false,
+    genReqId: () => crypto.randomUUID(),
+  });
+  // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
+  app.setValidatorCompiler(validatorCompiler);
+
+  const pool = options.pool ?? createPool(config.databaseUrl, logger);
+  app.decorate('config', config);
+  app.decorate('db', pool);
+  app.decorate('metrics', options.metrics ?? new Metrics());
+  let brokerRole: string | null = null;
+  app.decorate('brokerRole', async () => {
+    brokerRole ??= (await pool.query<{ current_user: string }>('SELECT current_user')).rows[0].current_user;
+    return brokerRole;
+  });
+  if (!options.pool) app.addHook('onClose', async () => pool.end());
+  app.addSchema(Problem);
+
+  installProblemHandler(app);
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'pg-credential-broker',
+        version: '0.1.0',
+        description: 'Trade a verified OIDC token for a short-lived PostgreSQL login.',
+      },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } } },
+      security: [{ bearer: [] }],
+    },
+  });
+  await app.register(authPlugin, { config, onFetchError: (issuer) => app.metrics.jwksFetchErrors.inc({ issuer }) });
+  await app.register(healthRoutes);
+  await app.register(credentialRoutes);
+  await app.register(leaseRoutes);
+  await app.register(policyRoutes);
+  await app.register(auditRoutes);
+  return app;
+}

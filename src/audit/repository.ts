@@ -1,0 +1,92 @@
+import type { Queryable } from '../postgres/pool.js';
+import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
+import type { AuditEventBody, AuditQueryBody } from '../schemas/audit.js';
+
+export interface AuditEvent {
+  type: string;
+  issuer?: string | null;
+  subject?: string | null;
+  /** False when iss/sub were read from a token that failed verification. */
+  actor_verified?: boolean;
+  lease_id?: string | null;
+  policy?: string | null;
+  username?: string | null;
+  reason?: string | null;
+  request_id?: string | null;
+  client_ip?: string | null;
+  detail?: Record<string, unknown> | null;
+}
+
+const INSERT_COLUMNS = ['type', 'issuer', 'subject', 'actor_verified', 'lease_id', 'policy', 'username', 'reason', 'request_id', 'client_ip', 'detail'] as const;
+
+// PostgreSQL text cannot hold NUL; an attacker-chosen claim must not make the audit write fail.
+function clean(value: unknown): unknown {
+  return typeof value === 'string' ? value.replace(/\0/g, '\uFFFD').slice(0, 4096) : value;
+}
+
+/** The event as stored: defaults filled in, strings made storable. */
+export function auditRecord(event: AuditEvent): Record<(typeof INSERT_COLUMNS)[number], unknown> {
+  const record = {} as Record<(typeof INSERT_COLUMNS)[number], unknown>;
+  for (const c of INSERT_COLUMNS) {
+    if (c === 'actor_verified') record[c] = event.actor_verified ?? true;
+    else if (c === 'detail') record[c] = event.detail ? JSON.stringify(event.detail).replace(/\\u0000/g, '\\ufffd') : null;
+    else record[c] = clean(event[c] ?? null);
+  }
+  return record;
+}
+
+export function auditParams(event: AuditEvent): unknown[] {
+  const record = auditRecord(event);
+  return INSERT_COLUMNS.map((c) => record[c]);
+}
+
+/** SQL inserting every event of a jsonb array parameter ($n), for one round trip per batch. */
+export function insertAuditFromJson(param: number): string {
+  return `INSERT INTO broker.audit_events (${INSERT_COLUMNS.join(', ')})
+    SELECT ${INSERT_COLUMNS.join(', ')} FROM jsonb_to_recordset($${param}::jsonb) AS e(type text, issuer text, subject text,
+      actor_verified boolean, lease_id uuid, policy text, username text, reason text, request_id text, client_ip text, detail jsonb)`;
+}
+
+export function auditJson(events: AuditEvent[]): string {
+  return JSON.stringify(events.map((e) => {
+    const record = auditRecord(e);
+    return { ...record, detail: record.detail ? JSON.parse(record.detail as string) : null };
+  }));
+}
+
+export async function recordAudit(db: Queryable, event: AuditEvent): Promise<void> {
+  await db.query(
+    `INSERT INTO broker.audit_events (${INSERT_COLUMNS.join(', ')}) VALUES (${INSERT_COLUMNS.map((_, i) => `$${i + 1}`).join(', ')})`,
+    auditParams(event),
+  );
+}
+
+export async function listAudit(db: Queryable, q: AuditQueryBody): Promise<{ items: AuditEventBody[]; next_cursor: string | null }> {
+  const limit = q.limit ?? 100;
+  const after = q.cursor ? decodeCursor(q.cursor, 1) : null;
+  if (q.cursor && !after) throw new Error('INVALID_CURSOR');
+  const where: string[] = [];
+  const params: unknown[] = [];
+  const add = (sql: string, value: unknown) => {
+    params.push(value);
+    where.push(sql.replace('?', `$${params.length}`));
+  };
+  if (q.subject !== undefined) add('subject = ?', q.subject);
+  if (q.issuer !== undefined) add('issuer = ?', q.issuer);
+  if (q.policy !== undefined) add('policy = ?', q.policy);
+  if (q.type !== undefined) add('type = ?', q.type);
+  if (q.lease_id !== undefined) add('lease_id = ?', q.lease_id);
+  if (q.username !== undefined) add('username = ?', q.username);
+  if (q.since !== undefined) add('at >= ?', q.since);
+  if (q.until !== undefined) add('at < ?', q.until);
+  if (after) add('id < ?', after[0]);
+  params.push(limit + 1);
+  const { rows } = await db.query(
+    `SELECT id::text AS id, at, type, issuer, subject, actor_verified, lease_id, policy, username, reason, request_id, client_ip, detail
+       FROM broker.audit_events ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
+      ORDER BY id DESC LIMIT $${params.length}`,
+    params,
+  );
+  const items = rows.slice(0, limit).map((r) => isoRow<AuditEventBody>(r));
+  return { items, next_cursor: rows.length > limit ? encodeCursor([items[items.length - 1].id as string]) : null };
+}

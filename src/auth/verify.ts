@@ -1,0 +1,135 @@
+import fastifyJwt from '@fastify/jwt';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import fp from 'fastify-plugin';
+import { audienceFor, type AdminRule, type Config } from '../config.js';
+import { Errors } from '../errors.js';
+import { matchClaims } from '../policy/match.js';
+import { ALLOWED_ALGORITHMS, KeyLookupError, KeyResolver } from './keys.js';
+
+export interface Identity {
+  issuer: string;
+  subject: string;
+  claims: Record<string, unknown>;
+  admin: boolean;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    identity: Identity | null;
+  }
+  interface FastifyInstance {
+    authenticate: (request: FastifyRequest, reply: FastifyReply) => Promise<void>;
+    requireAdmin: (request: FastifyRequest, reply: FastifyReply) => Promise<void>;
+    keyResolver: KeyResolver;
+  }
+}
+
+// Real tokens are a few KB; anything larger is refused before decoding.
+export const MAX_TOKEN_BYTES = 16 * 1024;
+const CLOCK_TOLERANCE_MS = 30_000;
+
+export function isAdmin(admins: AdminRule[], issuer: string, claims: Record<string, unknown>): boolean {
+  return admins.some((rule) => rule.issuer === issuer && matchClaims(rule.claims, claims).length === 0);
+}
+
+/** The unverified iss/sub of a rejected token, for the audit trail only. */
+export function peekClaims(token: string | undefined): { issuer: string | null; subject: string | null } {
+  try {
+    const payload = JSON.parse(Buffer.from(token!.split('.')[1], 'base64url').toString('utf8')) as Record<string, unknown>;
+    return {
+      issuer: typeof payload.iss === 'string' ? payload.iss.slice(0, 512) : null,
+      subject: typeof payload.sub === 'string' ? payload.sub.slice(0, 512) : null,
+    };
+  } catch {
+    return { issuer: null, subject: null };
+  }
+}
+
+export function bearerToken(request: FastifyRequest): string | undefined {
+  const header = request.headers.authorization;
+  if (!header) return undefined;
+  const match = /^Bearer[ ]+([^\s]+)\s*$/i.exec(header);
+  return match ? match[1] : '';
+}
+
+// fast-jwt and @fastify/jwt error codes and messages are not a contract; we turn them into a
+// short, stable description for error_description.
+function describeVerifyError(err: unknown): string {
+  if (err instanceof KeyLookupError) return err.message;
+  const code = (err as { code?: string }).code ?? '';
+  const message = (err as { message?: string }).message ?? '';
+  if (code === 'FST_JWT_AUTHORIZATION_TOKEN_EXPIRED' || /expired/i.test(message)) return 'token has expired';
+  if (/not active yet|nbf/i.test(message)) return 'token is not valid yet (nbf)';
+  if (/required claim|missing/i.test(message)) return `token is missing a required claim (exp, iss, aud, sub)`;
+  if (/aud/i.test(message)) return 'token audience is not accepted';
+  if (/iss/i.test(message)) return 'token issuer is not allowed';
+  if (/alg/i.test(message)) return 'token algorithm is not allowed';
+  if (/signature/i.test(message)) return 'token signature is invalid';
+  if (/malformed|format|decode|invalid token|JSON/i.test(message)) return 'token is malformed';
+  return 'token could not be verified';
+}
+
+export class TokenRejected extends Error {
+  constructor(readonly description: string) {
+    super(description);
+  }
+}
+
+async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchError?: (issuer: string) => void }): Promise<void> {
+  const { config } = opts;
+  const resolver = new KeyResolver(config.issuers, { onFetchError: opts.onFetchError });
+  app.decorate('keyResolver', resolver);
+  app.addHook('onClose', async () => resolver.close());
+  const audiences = [...new Set([config.audience, ...config.issuers.flatMap((i) => (i.audience ? [i.audience] : []))])];
+
+  await app.register(fastifyJwt, {
+    decode: { complete: true },
+    // Runs before any signature check: only an allow-listed issuer, an asymmetric alg and a kid
+    // may lead to a key lookup, so a forged iss can never make us fetch from its host.
+    secret: async (_request: FastifyRequest, token: unknown) => {
+      const { header, payload } = token as { header: Record<string, unknown>; payload: Record<string, unknown> };
+      if (typeof header?.alg !== 'string' || !ALLOWED_ALGORITHMS.includes(header.alg)) throw new KeyLookupError('token algorithm is not allowed');
+      if (!resolver.isAllowed(payload?.iss)) throw new KeyLookupError('token issuer is not allowed');
+      if (typeof header.kid !== 'string' || header.kid.length === 0 || header.kid.length > 256) throw new KeyLookupError('token header has no usable kid');
+      return resolver.publicKeyPem(payload.iss, header.kid, header.alg);
+    },
+    verify: {
+      algorithms: ALLOWED_ALGORITHMS as never,
+      allowedIss: config.issuers.map((i) => i.issuer),
+      allowedAud: audiences,
+      requiredClaims: ['exp', 'iss', 'aud', 'sub'],
+      clockTolerance: CLOCK_TOLERANCE_MS,
+    },
+  });
+
+  app.decorateRequest('identity', null);
+
+  app.decorate('authenticate', async (request: FastifyRequest) => {
+    const token = bearerToken(request);
+    if (token === undefined) throw new Errors.MissingToken();
+    if (!token) throw new TokenRejected('authorization header is not a bearer token');
+    if (token.length > MAX_TOKEN_BYTES) throw new TokenRejected('token is too large');
+    let payload: Record<string, unknown>;
+    try {
+      payload = (await request.jwtVerify()) as Record<string, unknown>;
+    } catch (err) {
+      throw new TokenRejected(describeVerifyError(err));
+    }
+    const issuer = payload.iss as string;
+    const subject = payload.sub;
+    if (typeof subject !== 'string' || subject.length === 0) throw new TokenRejected('token sub must be a non-empty string');
+    if (subject.includes('\0') || subject.length > 1024) throw new TokenRejected('token sub is not acceptable');
+    if (typeof payload.exp !== 'number') throw new TokenRejected('token exp must be a number');
+    // allowedAud admits any configured audience; each issuer only its own.
+    const aud = Array.isArray(payload.aud) ? payload.aud : [payload.aud];
+    if (!aud.includes(audienceFor(config, issuer))) throw new TokenRejected('token audience is not accepted');
+    request.identity = { issuer, subject, claims: payload, admin: isAdmin(config.admins, issuer, payload) };
+  });
+
+  app.decorate('requireAdmin', async (request: FastifyRequest, reply: FastifyReply) => {
+    await app.authenticate(request, reply);
+    if (!request.identity?.admin) throw new Errors.NotAdmin();
+  });
+}
+
+export default fp(authPlugin, { name: 'auth' });

@@ -1,0 +1,3 @@
+export async function runDemo(): Promise<boolean> {
+  throw new Error('demo not yet implemented');
+}

@@ -1,0 +1,144 @@
+import { randomUUID } from 'node:crypto';
+import type pg from 'pg';
+import type { FastifyBaseLogger } from 'fastify';
+import { recordAudit, type AuditEvent } from '../audit/repository.js';
+import type { Identity } from '../auth/verify.js';
+import type { Config } from '../config.js';
+import { Errors } from '../errors.js';
+import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
+import { readClaim } from '../policy/match.js';
+import { enabledPoliciesForIssuer, type Policy } from '../policy/repository.js';
+import { withTransaction } from '../postgres/pool.js';
+import { roleNameFor } from '../postgres/role-name.js';
+import { createRole } from '../postgres/roles.js';
+import { generatePassword, scramVerifierAsync } from '../postgres/scram.js';
+import type { CredentialBody } from '../schemas/lease.js';
+import { insertLeaseWithinQuota, lockIdentity } from './repository.js';
+
+export interface IssueDeps {
+  pool: pg.Pool;
+  config: Config;
+  brokerRole: string;
+  log: FastifyBaseLogger;
+}
+
+export interface RequestContext {
+  identity: Identity;
+  requestId: string;
+  clientIp: string | null;
+  userAgent: string | null;
+}
+
+export interface IssueRequest {
+  policy?: string;
+  ttl?: number;
+}
+
+export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded';
+
+export class IssueDenied extends Error {
+  constructor(readonly reason: DenialReason, readonly policy: string | null, readonly error: Error) {
+    super(error.message);
+  }
+}
+
+/** Chooses the policy: the named one if it admits the token, else the single admitting one. */
+export function choosePolicy(evaluations: PolicyEvaluation[], named?: string): Policy {
+  if (named !== undefined) {
+    const hit = evaluations.find((e) => e.policy.name === named && e.admitted);
+    // Same answer whether the policy is missing or refuses: names are not enumerable here.
+    if (!hit) throw new IssueDenied('no_policy', named, new Errors.NoPolicy(`Policy ${named} does not admit this token; POST /policies/evaluate explains why`));
+    return hit.policy;
+  }
+  const admitted = evaluations.filter((e) => e.admitted);
+  if (admitted.length === 0) {
+    throw new IssueDenied('no_policy', null, new Errors.NoPolicy('No policy admits this token; POST /policies/evaluate explains why'));
+  }
+  if (admitted.length > 1) {
+    const names = admitted.map((e) => e.policy.name).join(', ');
+    throw new IssueDenied('ambiguous_policy', null, new Errors.AmbiguousPolicy(`Several policies admit this token (${names}); name one in the request body`));
+  }
+  return admitted[0].policy;
+}
+
+function wholeSecond(ms: number): Date {
+  return new Date(Math.floor(ms / 1000) * 1000);
+}
+
+function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(Object.keys(policy.claims).map((key) => [key, readClaim(claims, key) ?? null]));
+}
+
+/**
+ * The whole of POST /credentials after authentication. A credential is returned only after
+ * the transaction holding both the lease row and the role has committed.
+ */
+export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body: IssueRequest): Promise<CredentialBody> {
+  const { identity } = ctx;
+  const base: AuditEvent = { issuer: identity.issuer, subject: identity.subject, request_id: ctx.requestId, client_ip: ctx.clientIp, type: '' };
+  let policy: Policy | null = null;
+  try {
+    const evaluations = evaluatePolicies(await enabledPoliciesForIssuer(deps.pool, identity.issuer), identity.claims);
+    policy = choosePolicy(evaluations, body.policy);
+    const ttl = body.ttl ?? policy.default_ttl;
+    if (ttl > policy.max_ttl) {
+      throw new IssueDenied('ttl_too_long', policy.name, new Errors.BadRequest(`ttl ${ttl} exceeds the policy max_ttl of ${policy.max_ttl} seconds`));
+    }
+    const username = roleNameFor(identity.subject);
+    const password = generatePassword();
+    const verifier = await scramVerifierAsync(password, deps.config.scramIterations);
+    const now = Date.now();
+    const expiresAt = wholeSecond(now + ttl * 1000);
+    const maxExpiresAt = wholeSecond(now + policy.max_ttl * 1000);
+    const leaseId = randomUUID();
+    const chosen = policy;
+    await withTransaction(deps.pool, async (client) => {
+      await lockIdentity(client, identity.issuer, identity.subject, chosen.name);
+      const inserted = await insertLeaseWithinQuota(
+        client,
+        {
+          id: leaseId, username, policy: chosen.name, grant_role: chosen.grant_role, database: chosen.database,
+          issuer: identity.issuer, subject: identity.subject, claims: matchedClaims(chosen, identity.claims),
+          expires_at: expiresAt, max_expires_at: maxExpiresAt,
+          client_ip: ctx.clientIp, user_agent: ctx.userAgent, request_id: ctx.requestId,
+        },
+        chosen.max_active_leases,
+        { ...base, type: 'credential.issued', lease_id: leaseId, policy: chosen.name, username, detail: { ttl, grant_role: chosen.grant_role } },
+      );
+      if (!inserted) {
+        throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}`));
+      }
+      await createRole(client, {
+        username, verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
+        grantRole: chosen.grant_role, managedRole: deps.config.managedRole, brokerRole: deps.brokerRole,
+        assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
+      });
+    });
+    deps.log.info({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl }, 'credential issued');
+    const { publicPgHost: host, publicPgPort: port } = deps.config;
+    return {
+      lease_id: leaseId,
+      username,
+      password,
+      expires_at: expiresAt.toISOString(),
+      max_expires_at: maxExpiresAt.toISOString(),
+      policy: chosen.name,
+      grant_role: chosen.grant_role,
+      host,
+      port,
+      database: chosen.database,
+      uri: `postgresql://${username}:${encodeURIComponent(password)}@${host.includes(':') ? `[${host}]` : host}:${port}/${encodeURIComponent(chosen.database)}`,
+    };
+  } catch (err) {
+    const denied = err instanceof IssueDenied;
+    await recordAudit(deps.pool, {
+      ...base,
+      type: denied ? 'credential.denied' : 'credential.failed',
+      policy: denied ? err.policy : policy?.name ?? null,
+      reason: denied ? err.reason : ((err as { code?: string }).code ?? 'error'),
+    }).catch((auditErr: Error) => deps.log.warn({ err: { message: auditErr.message } }, 'could not record audit event'));
+    // The catalogue error goes to the client; the denial rides along for metrics.
+    if (denied) throw Object.assign(err.error, { denial: err });
+    throw err;
+  }
+}

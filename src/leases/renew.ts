@@ -1,0 +1,42 @@
+import type pg from 'pg';
+import { recordAudit } from '../audit/repository.js';
+import type { Identity } from '../auth/verify.js';
+import { Errors } from '../errors.js';
+import { getPolicy } from '../policy/repository.js';
+import { withTransaction } from '../postgres/pool.js';
+import { setValidUntil } from '../postgres/roles.js';
+import { isoRow } from '../postgres/rows.js';
+import { LEASE_COLUMNS, type Lease } from './repository.js';
+
+const FALLBACK_TTL_SECONDS = 900;
+
+/**
+ * Moves an active lease's expiry to now + ttl, never past max_expires_at, in one transaction
+ * with VALID UNTIL so PostgreSQL and the lease row never disagree.
+ */
+export async function renewLease(
+  pool: pg.Pool,
+  id: string,
+  owner: Identity,
+  ttlSeconds: number | undefined,
+  ctx: { requestId: string; clientIp: string | null },
+): Promise<Lease & { capped: boolean }> {
+  return withTransaction(pool, async (client) => {
+    const { rows } = await client.query(`SELECT ${LEASE_COLUMNS}, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1 FOR UPDATE`, [id]);
+    const row = rows[0];
+    if (!row || row.issuer !== owner.issuer || row.subject !== owner.subject) throw new Errors.LeaseNotFound();
+    if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
+    const ttl = ttlSeconds ?? (await getPolicy(client, row.policy))?.default_ttl ?? FALLBACK_TTL_SECONDS;
+    const wanted = Math.floor(Date.now() / 1000) * 1000 + ttl * 1000;
+    const max = (row.max_expires_at as Date).getTime();
+    const capped = wanted > max;
+    const expiresAt = new Date(Math.min(wanted, max));
+    await setValidUntil(client, row.username, expiresAt);
+    const updated = await client.query(`UPDATE broker.leases SET expires_at = $2 WHERE id = $1 RETURNING ${LEASE_COLUMNS}`, [id, expiresAt]);
+    await recordAudit(client, {
+      type: 'lease.renewed', issuer: owner.issuer, subject: owner.subject, lease_id: id, policy: row.policy, username: row.username,
+      request_id: ctx.requestId, client_ip: ctx.clientIp, detail: { ttl, expires_at: expiresAt.toISOString(), capped },
+    });
+    return { ...isoRow<Lease>(updated.rows[0]), capped };
+  });
+}

@@ -1,0 +1,105 @@
+import type { AuditEvent } from '../audit/repository.js';
+import { auditParams } from '../audit/repository.js';
+import type { Queryable } from '../postgres/pool.js';
+import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
+import type { LeaseBody, LeaseQueryBody } from '../schemas/lease.js';
+
+export type Lease = LeaseBody;
+
+export const LEASE_COLUMNS = `id, username, policy, grant_role, database, issuer, subject, claims, state, created_at,
+  expires_at, max_expires_at, ended_at, ended_by, end_reason, attempts, last_error, client_ip, user_agent, request_id`;
+
+export interface NewLease {
+  id: string;
+  username: string;
+  policy: string;
+  grant_role: string;
+  database: string;
+  issuer: string;
+  subject: string;
+  claims: Record<string, unknown>;
+  expires_at: Date;
+  max_expires_at: Date;
+  client_ip: string | null;
+  user_agent: string | null;
+  request_id: string | null;
+}
+
+/**
+ * Serialises issuance per identity and policy for the rest of the transaction. It must be its
+ * own statement: a statement's snapshot is taken when it starts, so a lock taken inside the
+ * INSERT would not see leases committed while it waited.
+ */
+export async function lockIdentity(db: Queryable, issuer: string, subject: string, policy: string): Promise<void> {
+  await db.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [`${issuer}\u001f${subject}\u001f${policy}`]);
+}
+
+/**
+ * Inserts an active lease and its audit event in one statement, but only while the identity
+ * holds fewer than `maxActive` live leases under the policy (call lockIdentity first). Returns
+ * false when the quota is full; nothing is written then.
+ */
+export async function insertLeaseWithinQuota(db: Queryable, lease: NewLease, maxActive: number, audit: AuditEvent): Promise<boolean> {
+  const leaseParams = [
+    lease.id, lease.username, lease.policy, lease.grant_role, lease.database, lease.issuer, lease.subject,
+    JSON.stringify(lease.claims).replace(/\\u0000/g, '\\ufffd'), lease.expires_at, lease.max_expires_at, lease.client_ip,
+    lease.user_agent, lease.request_id, maxActive,
+  ];
+  const a = auditParams(audit).map((_, i) => `$${leaseParams.length + i + 1}`);
+  const { rowCount } = await db.query(
+    `WITH live AS (
+       SELECT count(*) AS n FROM broker.leases
+        WHERE issuer = $6 AND subject = $7 AND policy = $3 AND state IN ('pending', 'active')
+     ), lease AS (
+       INSERT INTO broker.leases (id, username, policy, grant_role, database, issuer, subject, claims, state,
+                                  expires_at, max_expires_at, client_ip, user_agent, request_id)
+       SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $10, $11, $12, $13 FROM live WHERE live.n < $14
+       RETURNING id
+     )
+     INSERT INTO broker.audit_events (type, issuer, subject, actor_verified, lease_id, policy, username, reason, request_id, client_ip, detail)
+     SELECT ${a.join(', ')} FROM lease`,
+    [...leaseParams, ...auditParams(audit)],
+  );
+  return (rowCount ?? 0) > 0;
+}
+
+export async function getLease(db: Queryable, id: string): Promise<Lease | null> {
+  const { rows } = await db.query(`SELECT ${LEASE_COLUMNS} FROM broker.leases WHERE id = $1`, [id]);
+  return rows[0] ? isoRow<Lease>(rows[0]) : null;
+}
+
+export interface Owner {
+  issuer: string;
+  subject: string;
+}
+
+/** Newest first, keyset-paginated on (created_at, id) so concurrent inserts never shift a page. */
+export async function listLeases(db: Queryable, q: LeaseQueryBody, owner?: Owner): Promise<{ items: Lease[]; next_cursor: string | null }> {
+  const limit = q.limit ?? 100;
+  const after = q.cursor ? decodeCursor(q.cursor, 2) : null;
+  if (q.cursor && !after) throw new Error('INVALID_CURSOR');
+  const where: string[] = [];
+  const params: unknown[] = [];
+  const add = (sql: string, ...values: unknown[]) => {
+    let i = 0;
+    where.push(sql.replace(/\?/g, () => `$${params.push(values[i++])}`));
+  };
+  if (owner) add('issuer = ? AND subject = ?', owner.issuer, owner.subject);
+  if (q.subject !== undefined) add('subject = ?', q.subject);
+  if (q.issuer !== undefined) add('issuer = ?', q.issuer);
+  if (q.policy !== undefined) add('policy = ?', q.policy);
+  if (q.state !== undefined) add('state = ?', q.state);
+  if (q.username !== undefined) add('username = ?', q.username);
+  if (q.since !== undefined) add('created_at >= ?', q.since);
+  if (q.until !== undefined) add('created_at < ?', q.until);
+  if (after) add('(created_at, id) < (?::timestamptz, ?::uuid)', after[0], after[1]);
+  params.push(limit + 1);
+  const { rows } = await db.query(
+    `SELECT ${LEASE_COLUMNS} FROM broker.leases ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
+      ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
+    params,
+  );
+  const items = rows.slice(0, limit).map((r) => isoRow<Lease>(r));
+  const last = items[items.length - 1];
+  return { items, next_cursor: rows.length > limit ? encodeCursor([last.created_at, last.id]) : null };
+}

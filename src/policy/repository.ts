@@ -1,0 +1,57 @@
+import type { Queryable } from '../postgres/pool.js';
+import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
+import type { PolicyBody, PolicyInputBody } from '../schemas/policy.js';
+import { POLICY_DEFAULTS } from '../schemas/policy.js';
+
+const COLUMNS = `name, description, issuer, audience, claims, grant_role, database, default_ttl, max_ttl,
+  max_active_leases, connection_limit, assume_role, enabled, created_at, updated_at`;
+
+export type Policy = PolicyBody;
+
+export async function getPolicy(db: Queryable, name: string): Promise<Policy | null> {
+  const { rows } = await db.query(`SELECT ${COLUMNS} FROM broker.policies WHERE name = $1`, [name]);
+  return rows[0] ? isoRow<Policy>(rows[0]) : null;
+}
+
+export async function enabledPoliciesForIssuer(db: Queryable, issuer: string): Promise<Policy[]> {
+  const { rows } = await db.query(`SELECT ${COLUMNS} FROM broker.policies WHERE issuer = $1 AND enabled ORDER BY name`, [issuer]);
+  return rows.map((r) => isoRow<Policy>(r));
+}
+
+export async function listPolicies(db: Queryable, limit: number, cursor?: string): Promise<{ items: Policy[]; next_cursor: string | null }> {
+  const after = cursor ? decodeCursor(cursor, 1) : null;
+  if (cursor && !after) throw new Error('INVALID_CURSOR');
+  const { rows } = await db.query(
+    `SELECT ${COLUMNS} FROM broker.policies WHERE ($1::text IS NULL OR name > $1) ORDER BY name LIMIT $2`,
+    [after?.[0] ?? null, limit + 1],
+  );
+  const items = rows.slice(0, limit).map((r) => isoRow<Policy>(r));
+  return { items, next_cursor: rows.length > limit ? encodeCursor([items[items.length - 1].name]) : null };
+}
+
+/** Inserts or replaces a policy; `created` tells which. Omitted optional fields take defaults. */
+export async function putPolicy(db: Queryable, name: string, input: PolicyInputBody): Promise<{ policy: Policy; created: boolean }> {
+  const p = { ...POLICY_DEFAULTS, ...input };
+  const { rows } = await db.query(
+    `INSERT INTO broker.policies AS p (name, description, issuer, audience, claims, grant_role, database, default_ttl, max_ttl,
+        max_active_leases, connection_limit, assume_role, enabled)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+     ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description, issuer = EXCLUDED.issuer,
+        audience = EXCLUDED.audience, claims = EXCLUDED.claims, grant_role = EXCLUDED.grant_role,
+        database = EXCLUDED.database, default_ttl = EXCLUDED.default_ttl, max_ttl = EXCLUDED.max_ttl,
+        max_active_leases = EXCLUDED.max_active_leases, connection_limit = EXCLUDED.connection_limit,
+        assume_role = EXCLUDED.assume_role, enabled = EXCLUDED.enabled, updated_at = now()
+     RETURNING ${COLUMNS}, (xmax = 0) AS created`,
+    [
+      name, p.description, p.issuer, p.audience ?? null, JSON.stringify(p.claims), p.grant_role, p.database,
+      p.default_ttl, p.max_ttl, p.max_active_leases, p.connection_limit, p.assume_role, p.enabled,
+    ],
+  );
+  const { created, ...policy } = rows[0];
+  return { policy: isoRow<Policy>(policy), created: created as boolean };
+}
+
+export async function deletePolicy(db: Queryable, name: string): Promise<boolean> {
+  const { rowCount } = await db.query('DELETE FROM broker.policies WHERE name = $1', [name]);
+  return (rowCount ?? 0) > 0;
+}

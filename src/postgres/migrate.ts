@@ -1,0 +1,63 @@
+import { readdir, readFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import type { Logger } from 'pino';
+import { escapeIdent } from './sql.js';
+
+const MIGRATIONS_DIR = fileURLToPath(new URL('../../migrations/', import.meta.url));
+// Arbitrary but fixed: every replica of every version takes the same lock before migrating.
+const MIGRATION_LOCK_KEY = 4_711_020_001;
+
+export interface MigrationResult {
+  applied: string[];
+}
+
+/**
+ * Applies pending migrations under an advisory lock, so replicas starting together take turns,
+ * then makes sure the deployment's marker role exists.
+ */
+export async function migrate(databaseUrl: string, managedRole: string, logger: Logger): Promise<MigrationResult> {
+  const client = new pg.Client({ connectionString: databaseUrl, application_name: 'pg-credential-broker migrate' });
+  client.on('error', (err) => logger.warn({ err: { message: err.message } }, 'migration connection failed'));
+  await client.connect();
+  const applied: string[] = [];
+  try {
+    await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);
+    await client.query('CREATE SCHEMA IF NOT EXISTS broker');
+    await client.query(
+      'CREATE TABLE IF NOT EXISTS broker.schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())',
+    );
+    const done = new Set((await client.query<{ version: string }>('SELECT version FROM broker.schema_migrations')).rows.map((r) => r.version));
+    const files = (await readdir(MIGRATIONS_DIR)).filter((f) => /^\d+_.*\.sql$/.test(f)).sort();
+    for (const file of files) {
+      if (done.has(file)) continue;
+      const sql = await readFile(MIGRATIONS_DIR + file, 'utf8');
+      await client.query('BEGIN');
+      try {
+        await client.query(sql);
+        await client.query('INSERT INTO broker.schema_migrations (version) VALUES ($1)', [file]);
+        await client.query('COMMIT');
+      } catch (err) {
+        await client.query('ROLLBACK').catch(() => undefined);
+        throw new Error(`migration ${file} failed: ${(err as Error).message}`);
+      }
+      applied.push(file);
+      logger.info({ migration: file }, 'applied migration');
+    }
+    await ensureManagedRole(client, managedRole);
+  } finally {
+    await client.query('SELECT pg_advisory_unlock_all()').catch(() => undefined);
+    await client.end().catch(() => undefined);
+  }
+  return { applied };
+}
+
+async function ensureManagedRole(client: pg.Client, role: string): Promise<void> {
+  const existing = await client.query<{ rolcanlogin: boolean }>('SELECT rolcanlogin FROM pg_roles WHERE rolname = $1', [role]);
+  if (existing.rowCount === 0) {
+    await client.query(`CREATE ROLE ${escapeIdent(role)} NOLOGIN`);
+    return;
+  }
+  // The marker role only tags issued roles; a login-capable marker is a misconfiguration.
+  if (existing.rows[0].rolcanlogin) throw new Error(`BROKER_MANAGED_ROLE ${role} exists and can log in; it must be a NOLOGIN marker role`);
+}

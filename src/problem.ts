@@ -1,0 +1,85 @@
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { STATUS_CODES } from 'node:http';
+import { recordAudit } from './audit/repository.js';
+import { bearerToken, peekClaims, TokenRejected } from './auth/verify.js';
+import { isConnectionError } from './postgres/pool.js';
+import type { ProblemBody } from './schemas/common.js';
+
+export const RETRY_AFTER_SECONDS = 5;
+
+function sendProblem(reply: FastifyReply, status: number, code: string, detail: string): FastifyReply {
+  const body: ProblemBody = {
+    type: `https://pg-credential-broker.dev/problems/${code.toLowerCase().replace(/_/g, '-')}`,
+    title: STATUS_CODES[status] ?? 'Error',
+    status,
+    detail,
+    code,
+    instance: reply.request.url.split('?')[0],
+    request_id: String(reply.request.id),
+  };
+  return reply.code(status).type('application/problem+json').send(body);
+}
+
+function bearerChallenge(description: string): string {
+  return `Bearer realm="pg-credential-broker", error="invalid_token", error_description="${description.replace(/["\\]/g, '')}"`;
+}
+
+/** Turns every error into RFC 9457 problem+json; 5xx details stay in the log. */
+export function installProblemHandler(app: FastifyInstance): void {
+  app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'NOT_FOUND', `No route for ${request.method} ${request.url.split('?')[0]}`));
+
+  app.setErrorHandler(async (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
+    if (error instanceof TokenRejected || error.code === 'MISSING_TOKEN') {
+      const description = error instanceof TokenRejected ? error.description : 'a bearer token is required';
+      await auditRejectedToken(app, request, description);
+      reply.header('WWW-Authenticate', bearerChallenge(description));
+      return sendProblem(reply, 401, error instanceof TokenRejected ? 'INVALID_TOKEN' : 'MISSING_TOKEN', description);
+    }
+    if (error.validation) {
+      return sendProblem(reply, 400, 'BAD_REQUEST', `${error.validationContext ?? 'request'}${error.message.replace(/^(body|querystring|params|headers)/, '')}`);
+    }
+    if (isConnectionError(error)) {
+      request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL unavailable');
+      reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
+      return sendProblem(reply, 503, 'DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly');
+    }
+    const status = error.statusCode ?? 500;
+    if (error.code === 'REVOKE_INCOMPLETE') {
+      request.log.error({ err: error }, 'revocation incomplete');
+      return sendProblem(reply, 500, error.code, error.message);
+    }
+    if (status >= 500) {
+      request.log.error({ err: error }, 'request failed');
+      return sendProblem(reply, 500, 'INTERNAL', 'Internal error; see the broker log for this request_id');
+    }
+    if (status === 429 && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
+    // Errors of our catalogue and of Fastify itself (body too large, bad JSON) carry safe texts.
+    const code = error.code?.startsWith('FST_') ? fastifyCode(status) : (error.code ?? 'ERROR');
+    return sendProblem(reply, status, code, error.message);
+  });
+}
+
+function fastifyCode(status: number): string {
+  if (status === 413) return 'BODY_TOO_LARGE';
+  if (status === 415) return 'UNSUPPORTED_MEDIA_TYPE';
+  if (status === 429) return 'RATE_LIMITED';
+  return 'BAD_REQUEST';
+}
+
+async function auditRejectedToken(app: FastifyInstance, request: FastifyRequest, reason: string): Promise<void> {
+  const unverified = peekClaims(bearerToken(request));
+  try {
+    await recordAudit(app.db, {
+      type: 'token.rejected',
+      issuer: unverified.issuer,
+      subject: unverified.subject,
+      actor_verified: false,
+      reason,
+      request_id: String(request.id),
+      client_ip: request.ip,
+      detail: { method: request.method, path: request.url.split('?')[0] },
+    });
+  } catch (err) {
+    request.log.warn({ err: { message: (err as Error).message } }, 'could not record audit event');
+  }
+}

@@ -1,0 +1,57 @@
+import pg from 'pg';
+import type { FastifyBaseLogger } from 'fastify';
+
+// Fixed key shared by every replica of a deployment's database.
+export const REAPER_LOCK_KEY = 4_711_020_002;
+
+/**
+ * Reaper leadership as a session-level advisory lock held on a dedicated connection. The lock
+ * lives exactly as long as that connection: if it breaks (network, server restart, the process
+ * dies), PostgreSQL releases the lock and another replica's next attempt takes over.
+ */
+export class Leadership {
+  private client: pg.Client | null = null;
+  private leader = false;
+
+  constructor(private readonly databaseUrl: string, private readonly log: FastifyBaseLogger) {}
+
+  get isLeader(): boolean {
+    return this.leader;
+  }
+
+  async acquire(): Promise<boolean> {
+    if (this.leader && this.client) return true;
+    try {
+      if (!this.client) {
+        const client = new pg.Client({ connectionString: this.databaseUrl, application_name: 'pg-credential-broker leader', keepAlive: true });
+        client.on('error', (err) => this.lost(client, err.message));
+        client.on('end', () => this.lost(client, 'connection ended'));
+        await client.connect();
+        this.client = client;
+      }
+      const { rows } = await this.client.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1) AS ok', [REAPER_LOCK_KEY]);
+      if (rows[0].ok && !this.leader) this.log.info('became reaper leader');
+      this.leader = rows[0].ok;
+    } catch (err) {
+      if (this.client) this.lost(this.client, (err as Error).message);
+    }
+    return this.leader;
+  }
+
+  private lost(client: pg.Client, reason: string): void {
+    if (this.client !== client) return;
+    if (this.leader) this.log.warn({ reason }, 'lost reaper leadership');
+    this.leader = false;
+    this.client = null;
+    client.end().catch(() => undefined);
+  }
+
+  async release(): Promise<void> {
+    const client = this.client;
+    this.client = null;
+    this.leader = false;
+    if (!client) return;
+    await client.query('SELECT pg_advisory_unlock_all()').catch(() => undefined);
+    await client.end().catch(() => undefined);
+  }
+}

@@ -1,0 +1,120 @@
+import cron, { type ScheduledTask } from 'node-cron';
+import type pg from 'pg';
+import type { FastifyBaseLogger } from 'fastify';
+import type { Config } from '../config.js';
+import { claimDueLeases, finishLeases } from '../leases/revoke.js';
+import type { Metrics } from '../metrics.js';
+import { Leadership } from './leadership.js';
+import { reapOrphans } from './orphans.js';
+
+export interface ReaperDeps {
+  pool: pg.Pool;
+  config: Config;
+  log: FastifyBaseLogger;
+  metrics?: Metrics;
+  brokerRole: () => Promise<string>;
+}
+
+export interface ReapStats {
+  leader: boolean;
+  ended: number;
+  failed: number;
+  orphans: number;
+}
+
+// Roles per DROP ROLE batch: thousands in one transaction exhaust max_locks_per_transaction.
+export const REAP_BATCH = 200;
+// Bounded work per run, so one run never outlives a shutdown grace period by much.
+const MAX_BATCHES_PER_RUN = 50;
+
+/**
+ * Ends what has ended: expired and revoked leases lose their roles, and managed roles without
+ * a live lease are dropped. One replica at a time, through an advisory lock on a dedicated
+ * connection (see Leadership).
+ */
+export class Reaper {
+  private task: ScheduledTask | null = null;
+  private running: Promise<ReapStats> | null = null;
+  private stopping = false;
+  readonly leadership: Leadership;
+
+  constructor(private readonly deps: ReaperDeps) {
+    this.leadership = new Leadership(deps.config.databaseUrl, deps.log);
+  }
+
+  start(): void {
+    if (this.task) return;
+    this.stopping = false;
+    const seconds = this.deps.config.reaperIntervalSeconds;
+    const expression = seconds < 60 ? `*/${seconds} * * * * *` : `0 */${Math.max(1, Math.round(seconds / 60))} * * * *`;
+    this.task = cron.schedule(expression, () => this.tick(), {
+      noOverlap: true,
+      name: 'pg-credential-broker-reaper',
+      suppressMissedWarning: true,
+      // node-cron prints coloured console lines by default; keep everything in the JSON log.
+      logger: {
+        info: (message) => this.deps.log.debug({ cron: message }, 'cron'),
+        warn: (message) => this.deps.log.warn({ cron: message }, 'cron'),
+        error: (message) => this.deps.log.error({ cron: String(message) }, 'cron'),
+        debug: (message) => this.deps.log.debug({ cron: String(message) }, 'cron'),
+      },
+    });
+  }
+
+  private async tick(): Promise<void> {
+    try {
+      await this.reap();
+    } catch (err) {
+      this.deps.log.warn({ err: { message: (err as Error).message, code: (err as { code?: string }).code } }, 'reaper run failed');
+    }
+  }
+
+  /** One run, callable directly (tests call this instead of waiting for cron). */
+  reap(options: { requireLeadership?: boolean } = {}): Promise<ReapStats> {
+    if (this.running) return this.running;
+    this.running = this.run(options.requireLeadership ?? true).finally(() => {
+      this.running = null;
+    });
+    return this.running;
+  }
+
+  private async run(requireLeadership: boolean): Promise<ReapStats> {
+    const stats: ReapStats = { leader: false, ended: 0, failed: 0, orphans: 0 };
+    if (requireLeadership && !(await this.leadership.acquire())) return stats;
+    stats.leader = true;
+    const { pool, config, log, metrics } = this.deps;
+    const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
+    for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping; batch++) {
+      if (requireLeadership && !this.leadership.isLeader) break;
+      const leases = await claimDueLeases(pool, REAP_BATCH);
+      if (leases.length === 0) break;
+      const outcome = await finishLeases(finishDeps, leases);
+      for (const error of outcome.values()) error === null ? stats.ended++ : stats.failed++;
+    }
+    if (!this.stopping) stats.orphans = await reapOrphans({ ...finishDeps, brokerRole: await this.deps.brokerRole() });
+    await this.updateGauges();
+    return stats;
+  }
+
+  private async updateGauges(): Promise<void> {
+    const { metrics, pool } = this.deps;
+    if (!metrics) return;
+    const { rows } = await pool.query<{ active: number; lag: number | null }>(
+      `SELECT (SELECT count(*) FROM broker.leases WHERE state = 'active')::int AS active,
+              extract(epoch FROM now() - LEAST(
+                (SELECT min(ended_at) FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')),
+                (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag`,
+    );
+    metrics.activeLeases.set(rows[0].active);
+    metrics.reaperLag.set(Math.max(0, rows[0].lag ?? 0));
+  }
+
+  /** Stops scheduling, lets a run in progress finish its current batch, releases leadership. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.task?.stop();
+    this.task = null;
+    await this.running?.catch(() => undefined);
+    await this.leadership.release();
+  }
+}

@@ -1,0 +1,41 @@
+import type { FastifyInstance } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { issueCredential, IssueDenied } from '../leases/issue.js';
+import { problemResponses } from '../schemas/common.js';
+import { Credential, CredentialRequest } from '../schemas/lease.js';
+import { requestContext } from './context.js';
+
+export default async function credentialRoutes(fastify: FastifyInstance): Promise<void> {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
+  app.post(
+    '/credentials',
+    {
+      schema: {
+        summary: 'Issue a short-lived PostgreSQL login for the bearer token',
+        tags: ['credentials'],
+        body: CredentialRequest,
+        response: { 201: Credential, ...problemResponses(400, 401, 403, 409, 429, 503) },
+      },
+      preHandler: app.authenticate,
+    },
+    async (request, reply) => {
+      const stopTimer = app.metrics.issueSeconds.startTimer();
+      try {
+        const credential = await issueCredential(
+          { pool: app.db, config: app.config, brokerRole: await app.brokerRole(), log: request.log },
+          requestContext(request),
+          request.body ?? {},
+        );
+        app.metrics.issued.inc({ policy: credential.policy });
+        reply.header('Cache-Control', 'no-store').header('Pragma', 'no-cache');
+        return reply.code(201).send(credential);
+      } catch (err) {
+        const denial = (err as { denial?: IssueDenied }).denial;
+        app.metrics.denied.inc({ policy: denial?.policy ?? '', reason: denial?.reason ?? 'error' });
+        throw err;
+      } finally {
+        stopTimer();
+      }
+    },
+  );
+}

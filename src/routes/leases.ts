@@ -1,0 +1,129 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { Errors } from '../errors.js';
+import { renewLease } from '../leases/renew.js';
+import { getLease, listLeases, type Lease } from '../leases/repository.js';
+import { revokeNow, type FinishDeps } from '../leases/revoke.js';
+import { problemResponses } from '../schemas/common.js';
+import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest } from '../schemas/lease.js';
+import { requestContext } from './context.js';
+
+/** Owners see their own leases; admins see all; everyone else gets the same 404 as for a missing id. */
+export function visibleTo(request: FastifyRequest, lease: Lease | null): Lease {
+  const who = request.identity;
+  if (!lease || !who || !(who.admin || (lease.issuer === who.issuer && lease.subject === who.subject))) throw new Errors.LeaseNotFound();
+  return lease;
+}
+
+export function invalidCursor(err: unknown): never {
+  if ((err as Error).message === 'INVALID_CURSOR') throw new Errors.BadRequest('cursor is not valid');
+  throw err;
+}
+
+export default async function leaseRoutes(fastify: FastifyInstance): Promise<void> {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
+
+  app.get(
+    '/leases',
+    {
+      schema: {
+        summary: 'List leases: your own, or everyone\'s for an admin',
+        tags: ['leases'],
+        querystring: LeaseQuery,
+        response: { 200: LeasePage, ...problemResponses(400, 401, 503) },
+      },
+      preHandler: app.authenticate,
+    },
+    async (request) => {
+      const who = request.identity!;
+      return listLeases(app.db, request.query, who.admin ? undefined : { issuer: who.issuer, subject: who.subject }).catch(invalidCursor);
+    },
+  );
+
+  app.get(
+    '/leases/:id',
+    {
+      schema: {
+        summary: 'One lease (owner or admin)',
+        tags: ['leases'],
+        params: LeaseIdParams,
+        response: { 200: LeaseSchema, ...problemResponses(401, 404, 503) },
+      },
+      preHandler: app.authenticate,
+    },
+    async (request) => visibleTo(request, await getLease(app.db, request.params.id)),
+  );
+
+  const finishDeps = (): FinishDeps => ({
+    pool: app.db,
+    databaseUrl: app.config.databaseUrl,
+    managedRole: app.config.managedRole,
+    log: app.log,
+    metrics: app.metrics,
+    retryBaseSeconds: app.config.reaperIntervalSeconds,
+  });
+
+  app.delete(
+    '/leases/:id',
+    {
+      schema: {
+        summary: 'Revoke now: sessions are killed and the role is dropped before this answers (owner or admin)',
+        tags: ['leases'],
+        params: LeaseIdParams,
+        response: { 200: LeaseSchema, ...problemResponses(401, 404, 409, 500, 503) },
+      },
+      preHandler: app.authenticate,
+    },
+    async (request) => {
+      const lease = visibleTo(request, await getLease(app.db, request.params.id));
+      const ctx = requestContext(request);
+      const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
+      const { errors } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request');
+      const error = errors.get(lease.username);
+      if (error) throw new Errors.RevokeIncomplete();
+      return visibleTo(request, await getLease(app.db, lease.id));
+    },
+  );
+
+  app.post(
+    '/leases/revoke',
+    {
+      schema: {
+        summary: 'Revoke every active lease of a subject, issuer or policy at once (admin)',
+        tags: ['leases'],
+        body: BulkRevokeRequest,
+        response: { 200: BulkRevokeResult, ...problemResponses(400, 401, 403, 500, 503) },
+      },
+      preHandler: app.requireAdmin,
+    },
+    async (request) => {
+      const { subject, issuer, policy, reason } = request.body;
+      if (subject === undefined && issuer === undefined && policy === undefined) {
+        throw new Errors.BadRequest('name at least one of subject, issuer or policy');
+      }
+      const ctx = requestContext(request);
+      const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
+      const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation');
+      if ([...errors.values()].some((e) => e !== null)) throw new Errors.RevokeIncomplete();
+      return { revoked: leases.length, lease_ids: leases.map((l) => l.id) };
+    },
+  );
+
+  app.post(
+    '/leases/:id/renew',
+    {
+      schema: {
+        summary: 'Extend an active lease by ttl seconds, never past max_expires_at (owner)',
+        tags: ['leases'],
+        params: LeaseIdParams,
+        body: RenewRequest,
+        response: { 200: LeaseSchema, ...problemResponses(400, 401, 404, 409, 503) },
+      },
+      preHandler: app.authenticate,
+    },
+    async (request) => {
+      const ctx = requestContext(request);
+      return renewLease(app.db, request.params.id, ctx.identity, request.body?.ttl, ctx);
+    },
+  );
+}

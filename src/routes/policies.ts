@@ -1,0 +1,125 @@
+import type { FastifyInstance } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { Type } from '@sinclair/typebox';
+import { recordAudit } from '../audit/repository.js';
+import { Errors } from '../errors.js';
+import { evaluatePolicies } from '../policy/evaluate.js';
+import { validatePatterns } from '../policy/match.js';
+import { deletePolicy, enabledPoliciesForIssuer, getPolicy, listPolicies, putPolicy } from '../policy/repository.js';
+import { databaseExists, grantRoleProblem } from '../postgres/roles.js';
+import { problemResponses } from '../schemas/common.js';
+import { Evaluation, Policy, PolicyInput, POLICY_DEFAULTS, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
+import { requestContext } from './context.js';
+import { invalidCursor } from './leases.js';
+
+export default async function policyRoutes(fastify: FastifyInstance): Promise<void> {
+  const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
+
+  /** Every reason a policy may not be stored, checked against config and the live cluster. */
+  async function policyProblem(input: PolicyInputBody): Promise<string | null> {
+    if (!app.config.issuers.some((i) => i.issuer === input.issuer)) return `issuer ${input.issuer} is not one of BROKER_ISSUERS`;
+    const patterns = validatePatterns(input.claims);
+    if (patterns) return patterns;
+    const defaultTtl = input.default_ttl ?? POLICY_DEFAULTS.default_ttl;
+    const maxTtl = input.max_ttl ?? POLICY_DEFAULTS.max_ttl;
+    if (defaultTtl > maxTtl) return `default_ttl (${defaultTtl}) must not exceed max_ttl (${maxTtl})`;
+    const role = await grantRoleProblem(app.db, input.grant_role, app.config.managedRole);
+    if (role) return role;
+    if (!(await databaseExists(app.db, input.database))) return `database ${input.database} does not exist or does not accept connections`;
+    return null;
+  }
+
+  app.get(
+    '/policies',
+    {
+      schema: { summary: 'List policies (admin)', tags: ['policies'], querystring: PolicyListQuery, response: { 200: PolicyPage, ...problemResponses(400, 401, 403, 503) } },
+      preHandler: app.requireAdmin,
+    },
+    async (request) => listPolicies(app.db, request.query.limit ?? 100, request.query.cursor).catch(invalidCursor),
+  );
+
+  app.get(
+    '/policies/:name',
+    {
+      schema: { summary: 'One policy (admin)', tags: ['policies'], params: PolicyNameParams, response: { 200: Policy, ...problemResponses(401, 403, 404, 503) } },
+      preHandler: app.requireAdmin,
+    },
+    async (request) => {
+      const policy = await getPolicy(app.db, request.params.name);
+      if (!policy) throw new Errors.PolicyNotFound();
+      return policy;
+    },
+  );
+
+  app.put(
+    '/policies/:name',
+    {
+      schema: {
+        summary: 'Create or replace a policy (admin)',
+        tags: ['policies'],
+        params: PolicyNameParams,
+        body: PolicyInput,
+        response: { 200: Policy, 201: Policy, ...problemResponses(400, 401, 403, 503) },
+      },
+      preHandler: app.requireAdmin,
+    },
+    async (request, reply) => {
+      const problem = await policyProblem(request.body);
+      if (problem) throw new Errors.InvalidPolicy(problem);
+      const { policy, created } = await putPolicy(app.db, request.params.name, request.body);
+      const ctx = requestContext(request);
+      await recordAudit(app.db, {
+        type: created ? 'policy.created' : 'policy.updated',
+        issuer: ctx.identity.issuer,
+        subject: ctx.identity.subject,
+        policy: policy.name,
+        request_id: ctx.requestId,
+        client_ip: ctx.clientIp,
+        detail: { policy },
+      });
+      return reply.code(created ? 201 : 200).send(policy);
+    },
+  );
+
+  app.delete(
+    '/policies/:name',
+    {
+      schema: { summary: 'Delete a policy; its active leases run until they end (admin)', tags: ['policies'], params: PolicyNameParams, response: { 204: Type.Null(), ...problemResponses(401, 403, 404, 503) } },
+      preHandler: app.requireAdmin,
+    },
+    async (request, reply) => {
+      if (!(await deletePolicy(app.db, request.params.name))) throw new Errors.PolicyNotFound();
+      const ctx = requestContext(request);
+      await recordAudit(app.db, {
+        type: 'policy.deleted',
+        issuer: ctx.identity.issuer,
+        subject: ctx.identity.subject,
+        policy: request.params.name,
+        request_id: ctx.requestId,
+        client_ip: ctx.clientIp,
+      });
+      return reply.code(204).send(null);
+    },
+  );
+
+  app.post(
+    '/policies/evaluate',
+    {
+      schema: {
+        summary: 'Explain which policies admit this token, and which claims fail for the others',
+        tags: ['policies'],
+        response: { 200: Evaluation, ...problemResponses(401, 503) },
+      },
+      preHandler: app.authenticate,
+    },
+    async (request) => {
+      const who = request.identity!;
+      const evaluations = evaluatePolicies(await enabledPoliciesForIssuer(app.db, who.issuer), who.claims);
+      return {
+        issuer: who.issuer,
+        subject: who.subject,
+        policies: evaluations.map((e) => ({ name: e.policy.name, admitted: e.admitted, ...(e.reason ? { reason: e.reason } : {}), failed_claims: e.failed_claims })),
+      };
+    },
+  );
+}

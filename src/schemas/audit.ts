@@ -1,0 +1,39 @@
+import { Type, type Static } from '@sinclair/typebox';
+import { Cursor, Limit, Timestamp } from './common.js';
+
+const Nullable = (t: ReturnType<typeof Type.String>) => Type.Union([t, Type.Null()]);
+export const AuditEventSchema = Type.Object({
+  id: Type.String(),
+  at: Timestamp,
+  type: Type.String(),
+  issuer: Nullable(Type.String()),
+  subject: Nullable(Type.String()),
+  actor_verified: Type.Boolean(),
+  lease_id: Nullable(Type.String()),
+  policy: Nullable(Type.String()),
+  username: Nullable(Type.String()),
+  reason: Nullable(Type.String()),
+  request_id: Nullable(Type.String()),
+  client_ip: Nullable(Type.String()),
+  detail: Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()]),
+});
+
+export const AuditQuery = Type.Object(
+  {
+    subject: Type.Optional(Type.String({ maxLength: 1024 })),
+    issuer: Type.Optional(Type.String({ maxLength: 1024 })),
+    policy: Type.Optional(Type.String({ maxLength: 63 })),
+    type: Type.Optional(Type.String({ maxLength: 64 })),
+    lease_id: Type.Optional(Type.String({ format: 'uuid' })),
+    username: Type.Optional(Type.String({ maxLength: 63 })),
+    since: Type.Optional(Timestamp),
+    until: Type.Optional(Timestamp),
+    limit: Type.Optional(Limit),
+    cursor: Type.Optional(Cursor),
+  },
+  { additionalProperties: false },
+);
+
+export type AuditEventBody = Static<typeof AuditEventSchema>;
+export type AuditQueryBody = Static<typeof AuditQuery>;
+export const AuditPage = Type.Object({ items: Type.Array(AuditEventSchema), next_cursor: Type.Union([Type.String(), Type.Null()]) });

@@ -1,0 +1,31 @@
+import { Type, type Static } from '@sinclair/typebox';
+
+export const Timestamp = Type.String({ format: 'date-time', description: 'RFC 3339, UTC' });
+export const NullableTimestamp = Type.Union([Timestamp, Type.Null()]);
+
+export const Problem = Type.Object(
+  {
+    type: Type.String(),
+    title: Type.String(),
+    status: Type.Integer(),
+    detail: Type.String(),
+    code: Type.String({ description: 'Stable machine-readable error code' }),
+    instance: Type.Optional(Type.String()),
+    request_id: Type.Optional(Type.String()),
+  },
+  { $id: 'Problem', description: 'RFC 9457 problem details' },
+);
+export type ProblemBody = Static<typeof Problem>;
+
+export const ClaimPatternsSchema = Type.Record(
+  Type.String({ minLength: 1, maxLength: 256 }),
+  Type.Union([Type.String({ maxLength: 1024 }), Type.Array(Type.String({ maxLength: 1024 }), { minItems: 1, maxItems: 100 })]),
+  { description: 'claim name or JSON pointer -> glob or list of globs (`*` is the only wildcard)' },
+);
+
+export const Cursor = Type.String({ maxLength: 512, description: 'Opaque cursor from a previous page' });
+export const Limit = Type.Integer({ minimum: 1, maximum: 1000, default: 100 });
+
+export function problemResponses(...statuses: number[]): Record<number, typeof Problem> {
+  return Object.fromEntries(statuses.map((s) => [s, Problem]));
+}

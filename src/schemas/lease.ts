@@ -1,0 +1,95 @@
+import { Type, type Static } from '@sinclair/typebox';
+import { Cursor, Limit, NullableTimestamp, Timestamp } from './common.js';
+
+export const LeaseState = Type.Union(
+  ['pending', 'active', 'revoking', 'expired', 'revoked', 'revoke_failed'].map((s) => Type.Literal(s)),
+);
+
+export const Lease = Type.Object(
+  {
+    id: Type.String({ format: 'uuid' }),
+    username: Type.String(),
+    policy: Type.String(),
+    grant_role: Type.String(),
+    database: Type.String(),
+    issuer: Type.String(),
+    subject: Type.String(),
+    claims: Type.Record(Type.String(), Type.Unknown(), { description: 'The claims the policy matched on' }),
+    state: LeaseState,
+    created_at: Timestamp,
+    expires_at: Timestamp,
+    max_expires_at: Timestamp,
+    ended_at: NullableTimestamp,
+    ended_by: Type.Union([Type.String(), Type.Null()]),
+    end_reason: Type.Union([Type.String(), Type.Null()]),
+    attempts: Type.Integer(),
+    last_error: Type.Union([Type.String(), Type.Null()]),
+    client_ip: Type.Union([Type.String(), Type.Null()]),
+    user_agent: Type.Union([Type.String(), Type.Null()]),
+    request_id: Type.Union([Type.String(), Type.Null()]),
+    capped: Type.Optional(Type.Boolean({ description: 'Renew only: the TTL was cut to max_expires_at' })),
+  },
+  { $id: 'Lease' },
+);
+export type LeaseBody = Static<typeof Lease>;
+
+export const Credential = Type.Object(
+  {
+    lease_id: Type.String({ format: 'uuid' }),
+    username: Type.String(),
+    password: Type.String(),
+    expires_at: Timestamp,
+    max_expires_at: Timestamp,
+    policy: Type.String(),
+    grant_role: Type.String(),
+    host: Type.String(),
+    port: Type.Integer(),
+    database: Type.String(),
+    uri: Type.String(),
+  },
+  { $id: 'Credential' },
+);
+export type CredentialBody = Static<typeof Credential>;
+
+export const CredentialRequest = Type.Object(
+  {
+    policy: Type.Optional(Type.String({ minLength: 1, maxLength: 63 })),
+    ttl: Type.Optional(Type.Integer({ minimum: 1, maximum: 31_536_000, description: 'Seconds; at most the policy max_ttl' })),
+  },
+  { additionalProperties: false },
+);
+
+export const RenewRequest = Type.Object(
+  { ttl: Type.Optional(Type.Integer({ minimum: 1, maximum: 31_536_000 })) },
+  { additionalProperties: false },
+);
+
+export const LeaseQuery = Type.Object(
+  {
+    subject: Type.Optional(Type.String({ maxLength: 1024 })),
+    issuer: Type.Optional(Type.String({ maxLength: 1024 })),
+    policy: Type.Optional(Type.String({ maxLength: 63 })),
+    state: Type.Optional(LeaseState),
+    username: Type.Optional(Type.String({ maxLength: 63 })),
+    since: Type.Optional(Timestamp),
+    until: Type.Optional(Timestamp),
+    limit: Type.Optional(Limit),
+    cursor: Type.Optional(Cursor),
+  },
+  { additionalProperties: false },
+);
+export type LeaseQueryBody = Static<typeof LeaseQuery>;
+
+export const LeasePage = Type.Object({ items: Type.Array(Lease), next_cursor: Type.Union([Type.String(), Type.Null()]) });
+
+export const BulkRevokeRequest = Type.Object(
+  {
+    subject: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
+    issuer: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
+    policy: Type.Optional(Type.String({ minLength: 1, maxLength: 63 })),
+    reason: Type.Optional(Type.String({ maxLength: 1024 })),
+  },
+  { additionalProperties: false, minProperties: 1 },
+);
+export const BulkRevokeResult = Type.Object({ revoked: Type.Integer(), lease_ids: Type.Array(Type.String({ format: 'uuid' })) });
+export const LeaseIdParams = Type.Object({ id: Type.String({ format: 'uuid' }) });

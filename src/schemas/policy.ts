@@ -1,0 +1,74 @@
+import { Type, type Static } from '@sinclair/typebox';
+import { ClaimPatternsSchema, Cursor, Limit, Timestamp } from './common.js';
+
+export const PolicyName = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$' });
+const Identifier = Type.String({ minLength: 1, maxLength: 63 });
+
+export const POLICY_DEFAULTS = {
+  description: '',
+  default_ttl: 900,
+  max_ttl: 3600,
+  max_active_leases: 10,
+  connection_limit: -1,
+  assume_role: false,
+  enabled: true,
+} as const;
+
+export const PolicyInput = Type.Object(
+  {
+    description: Type.Optional(Type.String({ maxLength: 1024 })),
+    issuer: Type.String({ minLength: 1 }),
+    audience: Type.Optional(Type.Union([Type.String({ minLength: 1 }), Type.Null()])),
+    claims: ClaimPatternsSchema,
+    grant_role: Identifier,
+    database: Identifier,
+    default_ttl: Type.Optional(Type.Integer({ minimum: 1, maximum: 31_536_000 })),
+    max_ttl: Type.Optional(Type.Integer({ minimum: 1, maximum: 31_536_000 })),
+    max_active_leases: Type.Optional(Type.Integer({ minimum: 1, maximum: 100_000 })),
+    connection_limit: Type.Optional(Type.Integer({ minimum: -1, maximum: 10_000 })),
+    assume_role: Type.Optional(Type.Boolean()),
+    enabled: Type.Optional(Type.Boolean()),
+  },
+  { additionalProperties: false },
+);
+export type PolicyInputBody = Static<typeof PolicyInput>;
+
+export const Policy = Type.Object(
+  {
+    name: Type.String(),
+    description: Type.String(),
+    issuer: Type.String(),
+    audience: Type.Union([Type.String(), Type.Null()]),
+    claims: ClaimPatternsSchema,
+    grant_role: Type.String(),
+    database: Type.String(),
+    default_ttl: Type.Integer(),
+    max_ttl: Type.Integer(),
+    max_active_leases: Type.Integer(),
+    connection_limit: Type.Integer(),
+    assume_role: Type.Boolean(),
+    enabled: Type.Boolean(),
+    created_at: Timestamp,
+    updated_at: Timestamp,
+  },
+  { $id: 'Policy' },
+);
+export type PolicyBody = Static<typeof Policy>;
+
+export const PolicyPage = Type.Object({ items: Type.Array(Policy), next_cursor: Type.Union([Type.String(), Type.Null()]) });
+export const PolicyListQuery = Type.Object({ limit: Type.Optional(Limit), cursor: Type.Optional(Cursor) }, { additionalProperties: false });
+export const PolicyNameParams = Type.Object({ name: PolicyName });
+
+export const FailedClaim = Type.Object({ claim: Type.String(), patterns: Type.Array(Type.String()), value: Type.Unknown() });
+export const Evaluation = Type.Object({
+  issuer: Type.String(),
+  subject: Type.String(),
+  policies: Type.Array(
+    Type.Object({
+      name: Type.String(),
+      admitted: Type.Boolean(),
+      reason: Type.Optional(Type.String({ description: 'Why the policy does not admit this token, beyond claims' })),
+      failed_claims: Type.Array(FailedClaim),
+    }),
+  ),
+});

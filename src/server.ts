@@ -1,0 +1,58 @@
+import type { FastifyInstance } from 'fastify';
+import Fastify from 'fastify';
+import { buildApp, type BuildOptions } from './app.js';
+import type { Config } from './config.js';
+import { createLogger } from './logger.js';
+import { migrate } from './postgres/migrate.js';
+import { Reaper } from './reaper/reaper.js';
+
+export interface RunningBroker {
+  app: FastifyInstance;
+  url: string;
+  reaper: Reaper;
+  close(): Promise<void>;
+}
+
+/** Migrates, builds the app, starts the reaper and listens. Used by `serve`, `dev` and `demo`. */
+export async function startBroker(config: Config, options: BuildOptions & { migrate?: boolean } = {}): Promise<RunningBroker> {
+  const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
+  if (options.migrate !== false) await migrate(config.databaseUrl, config.managedRole, logger);
+  const app = await buildApp(config, { ...options, logger });
+  const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
+  app.addHook('onReady', async () => reaper.start());
+  app.addHook('onClose', async () => reaper.stop());
+  let metricsServer: FastifyInstance | null = null;
+  if (config.metricsPort !== undefined) {
+    metricsServer = Fastify({ logger: false });
+    metricsServer.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
+    await metricsServer.listen({ host: config.host, port: config.metricsPort });
+  }
+  const url = await app.listen({ host: config.host, port: config.port });
+  return {
+    app,
+    url,
+    reaper,
+    close: async () => {
+      await metricsServer?.close();
+      await app.close();
+    },
+  };
+}
+
+/** `pg-broker serve`: run until SIGINT/SIGTERM, then drain requests and the reaper. */
+export async function serve(config: Config): Promise<void> {
+  const broker = await startBroker(config, { metrics: undefined });
+  broker.app.log.info({ url: broker.url }, 'pg-credential-broker listening');
+  let closing = false;
+  const shutdown = async (signal: string) => {
+    if (closing) return;
+    closing = true;
+    broker.app.log.info({ signal }, 'shutting down');
+    const force = setTimeout(() => process.exit(1), 15_000);
+    force.unref();
+    await broker.close();
+    process.exit(0);
+  };
+  process.on('SIGINT', () => void shutdown('SIGINT'));
+  process.on('SIGTERM', () => void shutdown('SIGTERM'));
+}

@@ -1,0 +1,17 @@
+import { Ajv, type Options } from 'ajv';
+import addFormats from 'ajv-formats';
+import type { FastifySchemaCompiler } from 'fastify';
+
+function makeAjv(options: Options): Ajv {
+  const ajv = new Ajv({ removeAdditional: false, useDefaults: true, allErrors: false, strict: false, ...options });
+  addFormats.default(ajv);
+  return ajv;
+}
+
+// Query strings and path parameters are text on the wire and need coercion ("?limit=10");
+// JSON bodies are typed already, and a string where a number belongs is the client's error.
+const coercing = makeAjv({ coerceTypes: 'array' });
+const strict = makeAjv({ coerceTypes: false });
+
+export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, httpPart }) =>
+  (httpPart === 'body' ? strict : coercing).compile(schema as object) as ReturnType<FastifySchemaCompiler<unknown>>;

@@ -1,0 +1,143 @@
+import http from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { randomUUID } from 'node:crypto';
+import { exportJWK, exportSPKI, generateKeyPair, SignJWT, type CryptoKey, type JWK } from 'jose';
+
+export interface TestIssuer {
+  issuer: string;
+  jwksUri: string;
+  /** Request paths (with query) in arrival order, in every mode, so tests can count fetch attempts. */
+  requests: string[];
+  /** 'down' answers 503; 'hang' never answers (close() still works). */
+  mode: 'ok' | 'down' | 'hang';
+  sign(claims: Record<string, unknown>, opts?: SignOptions): Promise<string>;
+  addKey(alg?: KeyAlg): Promise<string>;
+  removeKey(kid: string): void;
+  publicJwk(kid?: string): Record<string, unknown>;
+  publicPem(kid?: string): string;
+  close(): Promise<void>;
+}
+
+export interface SignOptions {
+  kid?: string;
+  /** Header alg. Defaults to the key's own alg. 'HS256'/'HS384'/'HS512' sign with the key's public PEM
+   *  as HMAC secret (the classic alg-confusion attack); for alg 'none' use unsignedToken(). */
+  alg?: string;
+  /** Merged over {alg, kid, typ}; set a field to undefined to leave it out (e.g. { kid: undefined }). */
+  header?: Record<string, unknown>;
+  /** Do not add iss/iat/exp. */
+  omitDefaults?: boolean;
+}
+
+type KeyAlg = 'RS256' | 'ES256';
+interface Key { kid: string; alg: KeyAlg; privateKey: CryptoKey; jwk: JWK; pem: string; published: boolean }
+
+/** Start a plain HTTP server on 127.0.0.1 whose open sockets (even mid-request) die with close(). */
+async function listen(handler: http.RequestListener): Promise<{ url: string; close(): Promise<void> }> {
+  const server = http.createServer(handler);
+  const sockets = new Set<Socket>();
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', resolve);
+  });
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    close: () => new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      for (const s of sockets) s.destroy(); // keep-alive and 'hang' sockets would otherwise block close
+    }),
+  };
+}
+
+function json(res: http.ServerResponse, status: number, body: unknown): void {
+  const payload = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) });
+  res.end(payload);
+}
+
+export async function startIssuer(opts: { discovery?: boolean } = {}): Promise<TestIssuer> {
+  const discovery = opts.discovery ?? true;
+  const keys = new Map<string, Key>();
+  const current: Partial<Record<KeyAlg, string>> = {};
+
+  const keyFor = (kid?: string): Key => {
+    const k = keys.get(kid ?? current.RS256 ?? '');
+    if (!k) throw new Error(`test issuer: unknown kid ${kid}`);
+    return k;
+  };
+  const publicJwk = (kid?: string) => {
+    const k = keyFor(kid);
+    return { ...k.jwk, kid: k.kid, alg: k.alg, use: 'sig' };
+  };
+
+  let base = '';
+  const srv = await listen((req, res) => {
+    const url = req.url ?? '/';
+    issuer.requests.push(url);
+    if (issuer.mode === 'hang') return; // leave the socket open without answering
+    if (issuer.mode === 'down') return json(res, 503, { error: 'unavailable' });
+    const route = url.split('?')[0];
+    if (route === '/jwks') {
+      return json(res, 200, { keys: [...keys.values()].filter((k) => k.published).map((k) => publicJwk(k.kid)) });
+    }
+    if (discovery && route === '/.well-known/openid-configuration') {
+      return json(res, 200, { issuer: base, jwks_uri: `${base}/jwks`, id_token_signing_alg_values_supported: ['RS256', 'ES256'] });
+    }
+    json(res, 404, { error: 'not found' });
+  });
+  base = srv.url;
+
+  const issuer: TestIssuer = {
+    issuer: base,
+    jwksUri: `${base}/jwks`,
+    requests: [],
+    mode: 'ok',
+    async addKey(alg: KeyAlg = 'RS256') {
+      const { privateKey, publicKey } = await generateKeyPair(alg, { extractable: true });
+      const kid = `${alg.toLowerCase()}-${randomUUID().slice(0, 8)}`;
+      keys.set(kid, { kid, alg, privateKey, jwk: await exportJWK(publicKey), pem: await exportSPKI(publicKey), published: true });
+      current[alg] = kid;
+      return kid;
+    },
+    removeKey(kid) {
+      keyFor(kid).published = false;
+    },
+    publicJwk,
+    publicPem: (kid) => keyFor(kid).pem,
+    async sign(claims, o = {}) {
+      const wanted = o.alg ?? 'RS256';
+      const key = keyFor(o.kid ?? current[wanted as KeyAlg] ?? current.RS256);
+      const alg = o.alg ?? key.alg;
+      const now = Math.floor(Date.now() / 1000);
+      const payload = o.omitDefaults ? { ...claims } : { iss: base, iat: now, exp: now + 300, ...claims };
+      const header = { alg, kid: key.kid, typ: 'JWT', ...o.header } as { alg: string };
+      const secret = alg.startsWith('HS') ? new TextEncoder().encode(key.pem) : key.privateKey;
+      return new SignJWT(payload).setProtectedHeader(header).sign(secret);
+    },
+    close: () => srv.close(),
+  };
+  await issuer.addKey('RS256');
+  await issuer.addKey('ES256');
+  return issuer;
+}
+
+/** An "unlisted host": records every request and answers 200 {}, to prove nobody fetched from it. */
+export async function startCountingServer(): Promise<{ url: string; requests: string[]; close(): Promise<void> }> {
+  const requests: string[] = [];
+  const srv = await listen((req, res) => {
+    requests.push(req.url ?? '/');
+    json(res, 200, {});
+  });
+  return { url: srv.url, requests, close: srv.close };
+}
+
+/** A compact JWS with arbitrary header/payload and a given (default empty) signature, e.g. alg:none. */
+export function unsignedToken(header: object, payload: object, signature = ''): string {
+  const b64 = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  return `${b64(header)}.${b64(payload)}.${signature}`;
+}
