@@ -1,42 +1,156 @@
-import { Command, CommanderError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { ConfigError, loadConfig } from '../config.js';
 import { createLogger } from '../logger.js';
 import { migrate } from '../postgres/migrate.js';
-import { serve } from '../server.js';
+import { CliError } from './client.js';
+import { FORMATS } from './formats.js';
+
+function positiveInt(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('must be a whole number of seconds ≥ 1');
+  return Number(value);
+}
+
+function port(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) > 65535) throw new InvalidArgumentError('must be a port number');
+  return Number(value);
+}
+
+function withClientOptions(cmd: Command): Command {
+  return cmd
+    .option('--url <url>', 'broker URL (default $PG_BROKER_URL, else http://127.0.0.1:8080)')
+    .option('--token <jwt>', 'bearer token (default $PG_BROKER_TOKEN)')
+    .option('--token-file <path>', 'read the token from a file, e.g. a projected service-account token')
+    .option('--audience <aud>', 'audience to request from the GitHub Actions OIDC runtime', 'pg-broker');
+}
+
+function example(text: string): string {
+  return `\nExamples:\n${text.split('\n').map((l) => `  ${l}`).join('\n')}\n`;
+}
 
 export function buildCli(): Command {
   const program = new Command('pg-broker')
     .description('Trade a verified OIDC token for a short-lived PostgreSQL login')
-    .showHelpAfterError('(run with --help for usage)')
-    .exitOverride();
+    .showHelpAfterError('(add --help for usage)')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
   program
     .command('serve', { isDefault: true })
-    .description('run the HTTP service (applies pending migrations first)')
-    .addHelpText('after', '\nExample:\n  DATABASE_URL=postgres://broker@db/broker BROKER_ISSUERS=https://token.actions.githubusercontent.com \\\n  BROKER_AUDIENCE=pg-broker pg-broker serve')
-    .action(async () => serve(loadConfig()));
+    .description('run the HTTP service (applies pending migrations first); configured by environment variables')
+    .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker \\\n  BROKER_ISSUERS=https://token.actions.githubusercontent.com BROKER_AUDIENCE=pg-broker pg-broker serve'))
+    .action(async () => {
+      const { serve } = await import('../server.js');
+      await serve(loadConfig());
+    });
 
   program
     .command('migrate')
     .description('apply pending migrations and create the marker role, then exit')
-    .addHelpText('after', '\nExample:\n  DATABASE_URL=postgres://broker@db/broker pg-broker migrate')
+    .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker pg-broker migrate'))
     .action(async () => {
       const url = process.env.DATABASE_URL?.trim();
       if (!url) throw new ConfigError('DATABASE_URL', 'is required');
       const managed = process.env.BROKER_MANAGED_ROLE?.trim() || 'credential_broker_managed';
-      const logger = createLogger(process.env.LOG_LEVEL?.trim() || 'info');
-      const { applied } = await migrate(url, managed, logger);
+      const { applied } = await migrate(url, managed, createLogger(process.env.LOG_LEVEL?.trim() || 'warn'));
       console.log(applied.length ? `applied ${applied.join(', ')}` : 'database is up to date');
     });
 
   program
+    .command('dev')
+    .description('embedded PostgreSQL + a DEVELOPMENT-ONLY token issuer + the broker, seeded and ready to try')
+    .option('--dir <path>', 'where the embedded PostgreSQL keeps its data', '.pg-broker')
+    .option('--port <port>', 'broker port', port, 8080)
+    .option('--pg-port <port>', 'PostgreSQL port', port, 54320)
+    .option('--issuer-port <port>', 'dev issuer port', port, 8081)
+    .addHelpText('after', example('pg-broker dev\npg-broker dev --port 9090 --dir /tmp/broker-dev'))
+    .action(async (opts) => {
+      const { devCommand } = await import('./dev.js');
+      await devCommand(opts);
+    });
+
+  program
+    .command('dev-issuer')
+    .description('only the DEVELOPMENT-ONLY token issuer (signs any claims it is asked for; never expose it)')
+    .option('--host <host>', 'listen address', '127.0.0.1')
+    .option('--port <port>', 'listen port', port, 9000)
+    .option('--public-url <url>', 'issuer URL as clients reach it (the iss claim)')
+    .addHelpText('after', example("pg-broker dev-issuer --port 9000\ncurl -X POST http://127.0.0.1:9000/token -d '{\"sub\":\"dev:alice\"}'"))
+    .action(async (opts) => {
+      const { devIssuerCommand } = await import('./dev.js');
+      await devIssuerCommand(opts);
+    });
+
+  program
     .command('demo')
-    .description('walk through issue, login, denial, renew and revoke against an embedded PostgreSQL')
-    .addHelpText('after', '\nExample:\n  npm run demo')
+    .description('walk through issue, login, denial, renew and revoke against a throwaway embedded PostgreSQL')
+    .addHelpText('after', example('npm run demo'))
     .action(async () => {
       const { runDemo } = await import('./demo.js');
-      process.exitCode = (await runDemo()) ? 0 : 1;
+      if (!(await runDemo())) throw new CliError('the demo did not behave as expected');
     });
+
+  withClientOptions(program.command('creds'))
+    .description('fetch a credential and print it (or write it, mode 0600, with --output)')
+    .option('--policy <name>', 'policy to use when several admit the token')
+    .option('--ttl <seconds>', 'lease duration', positiveInt)
+    .addOption(new Option('--format <format>', 'output format').choices([...FORMATS]).default('env'))
+    .option('-o, --output <file>', 'write to this file (mode 0600) instead of stdout')
+    .addHelpText('after', example('eval "$(pg-broker creds --format env)"\npg-broker creds --format pgpass -o ~/.pgpass\npg-broker creds --token-file /var/run/secrets/tokens/pg-broker --format dotenv -o /credentials/db.env'))
+    .action(async (opts) => {
+      const { credsCommand } = await import('./credentials.js');
+      await credsCommand(opts);
+    });
+
+  withClientOptions(program.command('exec'))
+    .description('run a command with PG* variables and DATABASE_URL set; renew while it runs; revoke when it exits')
+    .option('--policy <name>', 'policy to use when several admit the token')
+    .option('--ttl <seconds>', 'lease duration (and renewal step)', positiveInt)
+    .option('--keep', 'do not revoke the lease when the command exits')
+    .argument('<command...>', 'the command to run, after --')
+    .addHelpText('after', example("pg-broker exec --policy ci-migrate -- npm run migrate\npg-broker exec -- psql -c 'select current_user'"))
+    .action(async (command: string[], opts) => {
+      const { execCommand } = await import('./credentials.js');
+      process.exitCode = await execCommand(command, opts);
+    });
+
+  const policy = program.command('policy').description('manage and explain policies');
+  withClientOptions(policy.command('apply'))
+    .description('create and update policies from a YAML/JSON file')
+    .requiredOption('-f, --file <file>', 'policies file')
+    .option('--prune', 'delete policies that are not in the file')
+    .option('--dry-run', 'print the changes without applying them')
+    .addHelpText('after', example('pg-broker policy apply -f policies.yaml --dry-run\npg-broker policy apply -f policies.yaml --prune'))
+    .action(async (opts) => (await import('./admin.js')).policyApply(opts));
+  withClientOptions(policy.command('list'))
+    .description('list policies (admin)')
+    .option('--json', 'JSON output')
+    .addHelpText('after', example('pg-broker policy list --json'))
+    .action(async (opts) => (await import('./admin.js')).policyList(opts));
+  withClientOptions(policy.command('evaluate'))
+    .description('explain which policies admit your token, and the first claim that fails for the others')
+    .option('--json', 'JSON output')
+    .addHelpText('after', example('pg-broker policy evaluate --token-file token.jwt'))
+    .action(async (opts) => {
+      if (!(await (await import('./admin.js')).policyEvaluate(opts))) process.exitCode = 2;
+    });
+
+  const leases = program.command('leases').description('admin views and revocations');
+  withClientOptions(leases.command('list'))
+    .description('list leases (your own; all of them with an admin token)')
+    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--state <state>')
+    .option('--username <role>').option('--since <time>').option('--until <time>').option('--limit <n>').option('--cursor <cursor>')
+    .option('--json', 'JSON output')
+    .addHelpText('after', example('pg-broker leases list --state active\npg-broker leases list --subject repo:octo-org/octo-repo:ref:refs/heads/main --json'))
+    .action(async (opts) => {
+      const { subject, issuer, policy: p, state, username, since, until, limit, cursor } = opts;
+      await (await import('./admin.js')).leasesList({ ...opts, filters: { subject, issuer, policy: p, state, username, since, until, limit, cursor } });
+    });
+  withClientOptions(leases.command('revoke'))
+    .description('revoke one lease now, or every active lease of a subject/issuer/policy (admin)')
+    .argument('[id]', 'lease id')
+    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--reason <text>')
+    .addHelpText('after', example('pg-broker leases revoke 5f0c…\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
+    .action(async (id: string | undefined, opts) => (await import('./admin.js')).leasesRevoke({ ...opts, id }));
 
   return program;
 }
@@ -49,12 +163,12 @@ export async function main(argv: string[]): Promise<void> {
       process.exitCode = err.exitCode;
       return;
     }
-    const message = err instanceof ConfigError ? `configuration error: ${err.message}` : `error: ${(err as Error).message}`;
+    const message = err instanceof ConfigError ? `configuration error: ${err.message}` : (err as Error).message;
     console.error(`pg-broker: ${message}`);
-    process.exitCode = 1;
+    process.exitCode = err instanceof CliError ? err.exitCode : 1;
   }
 }
 
-if (import.meta.url === `file://${process.argv[1]}` || process.argv[1]?.endsWith('/src/cli/index.ts')) {
+if (process.argv[1]?.endsWith('/src/cli/index.ts')) {
   await main(process.argv);
 }

@@ -1,0 +1,100 @@
+import type { LeaseBody } from '../schemas/lease.js';
+import type { PolicyBody } from '../schemas/policy.js';
+import { brokerUrl, callBroker, CliError, obtainToken, type TokenOptions } from './client.js';
+import { planPolicies, readPolicyFile } from './policy-file.js';
+
+export interface AdminOptions extends TokenOptions {
+  url?: string;
+}
+
+async function session(opts: AdminOptions): Promise<{ base: string; token: string }> {
+  return { base: brokerUrl(opts.url), token: await obtainToken(opts) };
+}
+
+async function allPolicies(base: string, token: string): Promise<PolicyBody[]> {
+  const out: PolicyBody[] = [];
+  let cursor: string | null = null;
+  do {
+    const query: string = cursor ? `?limit=1000&cursor=${encodeURIComponent(cursor)}` : '?limit=1000';
+    const { body } = await callBroker<{ items: PolicyBody[]; next_cursor: string | null }>(base, token, 'GET', `/policies${query}`);
+    out.push(...body.items);
+    cursor = body.next_cursor;
+  } while (cursor);
+  return out;
+}
+
+/** `policy apply -f FILE [--prune] [--dry-run]`: make the broker's policies match the file. */
+export async function policyApply(opts: AdminOptions & { file: string; prune?: boolean; dryRun?: boolean }): Promise<void> {
+  const wanted = await readPolicyFile(opts.file);
+  const { base, token } = await session(opts);
+  const plan = planPolicies(wanted, await allPolicies(base, token), opts.prune ?? false);
+  const lines = [
+    ...plan.create.map((n) => `+ create ${n}`),
+    ...plan.update.map((u) => `~ update ${u.name} (${u.fields.join(', ')})`),
+    ...plan.delete.map((n) => `- delete ${n}`),
+  ];
+  console.log(lines.length ? lines.join('\n') : 'no changes');
+  if (opts.dryRun || lines.length === 0) {
+    if (opts.dryRun && lines.length) console.log(`(dry run: ${plan.unchanged.length} unchanged, nothing applied)`);
+    return;
+  }
+  for (const name of [...plan.create, ...plan.update.map((u) => u.name)]) {
+    try {
+      await callBroker(base, token, 'PUT', `/policies/${encodeURIComponent(name)}`, wanted.get(name));
+    } catch (err) {
+      throw new CliError(`${opts.file}: policy ${name}: ${(err as Error).message}`);
+    }
+  }
+  for (const name of plan.delete) await callBroker(base, token, 'DELETE', `/policies/${encodeURIComponent(name)}`);
+  console.log(`applied: ${plan.create.length} created, ${plan.update.length} updated, ${plan.delete.length} deleted, ${plan.unchanged.length} unchanged`);
+}
+
+export async function policyList(opts: AdminOptions & { json?: boolean }): Promise<void> {
+  const { base, token } = await session(opts);
+  const policies = await allPolicies(base, token);
+  if (opts.json) return void console.log(JSON.stringify(policies, null, 2));
+  for (const p of policies) {
+    console.log(`${p.name}\t${p.enabled ? 'enabled' : 'disabled'}\t${p.grant_role}@${p.database}\tttl ${p.default_ttl}/${p.max_ttl}s\t${JSON.stringify(p.claims)}`);
+  }
+}
+
+/** `policy evaluate`: which policies admit my token, and the first claim that fails for the others. */
+export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): Promise<boolean> {
+  const { base, token } = await session(opts);
+  const { body } = await callBroker<{ issuer: string; subject: string; policies: Array<{ name: string; admitted: boolean; reason?: string; failed_claims: Array<{ claim: string; patterns: string[]; value: unknown }> }> }>(base, token, 'POST', '/policies/evaluate');
+  if (opts.json) {
+    console.log(JSON.stringify(body, null, 2));
+  } else {
+    console.log(`token: iss ${body.issuer}, sub ${body.subject}`);
+    if (body.policies.length === 0) console.log('no enabled policy names this issuer');
+    for (const p of body.policies) {
+      const first = p.failed_claims[0];
+      const why = p.reason ?? (first ? `claim ${first.claim} is ${JSON.stringify(first.value ?? null)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');
+      console.log(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
+    }
+  }
+  return body.policies.some((p) => p.admitted);
+}
+
+export async function leasesList(opts: AdminOptions & { json?: boolean; filters: Record<string, string | undefined> }): Promise<void> {
+  const { base, token } = await session(opts);
+  const params = new URLSearchParams(Object.entries(opts.filters).filter((e): e is [string, string] => e[1] !== undefined));
+  const { body } = await callBroker<{ items: LeaseBody[]; next_cursor: string | null }>(base, token, 'GET', `/leases?${params}`);
+  if (opts.json) return void console.log(JSON.stringify(body, null, 2));
+  for (const l of body.items) console.log(`${l.id}\t${l.state}\t${l.username}\t${l.policy}\t${l.subject}\texpires ${l.expires_at}`);
+  if (body.next_cursor) console.log(`(more: --cursor ${body.next_cursor})`);
+}
+
+export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {
+  const { base, token } = await session(opts);
+  if (opts.id) {
+    const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}`);
+    console.log(`lease ${body.id}: ${body.state}`);
+    return;
+  }
+  if (!opts.subject && !opts.issuer && !opts.policy) throw new CliError('name a lease id, or --subject, --issuer or --policy');
+  const { body } = await callBroker<{ revoked: number; lease_ids: string[] }>(base, token, 'POST', '/leases/revoke', {
+    subject: opts.subject, issuer: opts.issuer, policy: opts.policy, reason: opts.reason,
+  });
+  console.log(`revoked ${body.revoked} lease(s)${body.lease_ids.length ? `: ${body.lease_ids.join(', ')}` : ''}`);
+}

@@ -1,0 +1,90 @@
+import { readFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+
+/** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
+export class CliError extends Error {
+  constructor(message: string, readonly exitCode = 1) {
+    super(message);
+    this.name = 'CliError';
+  }
+}
+
+export const DEFAULT_BROKER_URL = 'http://127.0.0.1:8080';
+export const KUBERNETES_TOKEN_FILE = '/var/run/secrets/kubernetes.io/serviceaccount/token';
+
+export interface TokenOptions {
+  token?: string;
+  tokenFile?: string;
+  audience?: string;
+}
+
+type Env = Record<string, string | undefined>;
+
+/**
+ * Where a token comes from, first match wins: --token, --token-file, $PG_BROKER_TOKEN,
+ * $PG_BROKER_TOKEN_FILE, the GitHub Actions OIDC runtime, the Kubernetes service-account file.
+ */
+export async function obtainToken(opts: TokenOptions, env: Env = process.env): Promise<string> {
+  if (opts.token) return opts.token.trim();
+  const file = opts.tokenFile ?? env.PG_BROKER_TOKEN_FILE;
+  if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN) return env.PG_BROKER_TOKEN.trim();
+  if (file) {
+    try {
+      return (await readFile(file, 'utf8')).trim();
+    } catch (err) {
+      throw new CliError(`cannot read token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+  }
+  if (env.ACTIONS_ID_TOKEN_REQUEST_URL && env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
+    return githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
+  }
+  if (existsSync(KUBERNETES_TOKEN_FILE)) return (await readFile(KUBERNETES_TOKEN_FILE, 'utf8')).trim();
+  throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN, or run in GitHub Actions with "permissions: id-token: write"');
+}
+
+/** GitHub's runtime hands a job its OIDC token: GET $URL&audience=..., bearer $TOKEN, JSON {value}. */
+export async function githubActionsToken(requestUrl: string, requestToken: string, audience: string): Promise<string> {
+  const url = new URL(requestUrl);
+  url.searchParams.set('audience', audience);
+  let res: Response;
+  try {
+    res = await fetch(url, { headers: { authorization: `Bearer ${requestToken}`, accept: 'application/json' }, signal: AbortSignal.timeout(10_000) });
+  } catch (err) {
+    throw new CliError(`GitHub Actions token request failed: ${(err as Error).message}`);
+  }
+  if (!res.ok) throw new CliError(`GitHub Actions token request answered ${res.status}`);
+  const body = (await res.json().catch(() => null)) as { value?: unknown } | null;
+  if (typeof body?.value !== 'string') throw new CliError('GitHub Actions token response has no "value"');
+  return body.value;
+}
+
+export function brokerUrl(flag: string | undefined, env: Env = process.env): string {
+  return (flag ?? env.PG_BROKER_URL ?? DEFAULT_BROKER_URL).replace(/\/+$/, '');
+}
+
+/** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
+export async function callBroker<T = any>(base: string, token: string, method: string, path: string, body?: unknown): Promise<{ status: number; body: T }> {
+  let res: Response;
+  try {
+    res = await fetch(`${base}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(30_000),
+    });
+  } catch (err) {
+    throw new CliError(`cannot reach the broker at ${base}: ${(err as Error).message}`);
+  }
+  const text = await res.text();
+  let parsed: unknown = null;
+  try {
+    parsed = text ? JSON.parse(text) : null;
+  } catch {
+    parsed = text;
+  }
+  if (res.status >= 400) {
+    const problem = parsed as { detail?: string; code?: string } | null;
+    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`);
+  }
+  return { status: res.status, body: parsed as T };
+}

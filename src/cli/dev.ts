@@ -1,0 +1,84 @@
+import path from 'node:path';
+import { loadConfig } from '../config.js';
+import { startLocalPostgres } from '../dev/embedded-postgres.js';
+import { DEV_ISSUER_BANNER, startDevIssuer } from '../dev/issuer.js';
+import { seedLocalCluster } from '../dev/seed.js';
+import { startBroker } from '../server.js';
+
+export interface DevOptions {
+  dir: string;
+  port: number;
+  pgPort: number;
+  issuerPort: number;
+}
+
+function waitForSignal(): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    process.once('SIGINT', () => resolve('SIGINT'));
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+  });
+}
+
+/**
+ * `pg-broker dev`: embedded PostgreSQL (data kept under --dir), a development-only issuer and
+ * the broker, seeded with a group role and a policy, then copy-paste commands to try it.
+ */
+export async function devCommand(opts: DevOptions): Promise<void> {
+  const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort });
+  const issuer = await startDevIssuer({ port: opts.issuerPort });
+  const seeded = await seedLocalCluster(local);
+  const config = loadConfig({
+    ...process.env,
+    DATABASE_URL: seeded.brokerUrl,
+    BROKER_ISSUERS: JSON.stringify([{ issuer: issuer.issuer, jwks_uri: issuer.jwksUri }]),
+    BROKER_AUDIENCE: 'pg-broker',
+    BROKER_ADMINS: JSON.stringify([{ issuer: issuer.issuer, claims: { sub: 'admin:*' } }]),
+    HOST: '127.0.0.1',
+    PORT: String(opts.port),
+    LOG_LEVEL: process.env.LOG_LEVEL ?? 'warn',
+  });
+  const broker = await startBroker(config);
+  const admin = await issuer.mint({ sub: 'admin:dev' });
+  const res = await fetch(`${broker.url}/policies/dev`, {
+    method: 'PUT',
+    headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ issuer: issuer.issuer, claims: { sub: 'dev:*' }, grant_role: seeded.groupRole, database: seeded.database, description: 'seeded by pg-broker dev' }),
+  });
+  if (!res.ok) throw new Error(`could not seed the dev policy: ${res.status} ${await res.text()}`);
+
+  const mint = (sub: string) =>
+    `curl -s -X POST ${issuer.issuer}/token -d '{"sub":"${sub}"}' | node -pe 'JSON.parse(require("fs").readFileSync(0)).access_token'`;
+  console.log(`
+pg-credential-broker dev
+  PostgreSQL ${local.version}   127.0.0.1:${local.port}   data: ${local.dataDir}
+  broker         ${broker.url}
+  issuer         ${issuer.issuer}   ⚠ ${DEV_ISSUER_BANNER}
+  seeded         group role ${seeded.groupRole}, database ${seeded.database} (demo.orders), policy "dev" admitting sub dev:*
+
+Try it (in another terminal):
+  export PG_BROKER_URL=${broker.url}
+  export PG_BROKER_TOKEN=$(${mint('dev:alice')})
+  npx pg-broker creds --format env                    # a credential as shell exports
+  npx pg-broker exec -- psql -c 'select current_user, count(*) from demo.orders'
+  eval "$(npx pg-broker creds --format env)" && psql -c 'select 1'
+
+Admin:
+  export PG_BROKER_TOKEN=$(${mint('admin:you')})
+  npx pg-broker leases list
+  npx pg-broker policy list
+
+Ctrl-C stops everything; the PostgreSQL data stays in ${local.dataDir}.
+`);
+  await waitForSignal();
+  await broker.close();
+  await issuer.close();
+  await local.stop();
+}
+
+/** `pg-broker dev-issuer`: only the development issuer, e.g. for docker-compose. */
+export async function devIssuerCommand(opts: { host: string; port: number; publicUrl?: string; audience?: string }): Promise<void> {
+  const issuer = await startDevIssuer(opts);
+  console.log(`⚠ ${DEV_ISSUER_BANNER}\nissuer ${issuer.issuer} (JWKS ${issuer.jwksUri}); POST ${issuer.issuer}/token with a JSON object of claims`);
+  await waitForSignal();
+  await issuer.close();
+}

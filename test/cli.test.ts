@@ -1,0 +1,211 @@
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, stat, writeFile } from 'node:fs/promises';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import { parseEnv as parseDotenv } from 'node:util';
+import { connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
+
+const BIN = fileURLToPath(new URL('../bin/pg-broker.js', import.meta.url));
+let b: TestBroker;
+let url: string;
+let tmp: string;
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function cli(args: string[], env: Record<string, string> = {}): Promise<Run> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+before(async () => {
+  b = await startTestBroker();
+  url = await b.app.listen({ host: '127.0.0.1', port: 0 });
+  tmp = await mkdtemp(path.join(os.tmpdir(), 'pgcb-cli-'));
+  await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+});
+after(async () => b?.close());
+
+describe('pg-broker CLI', () => {
+  test('exec runs the command with working PG* variables, then revokes the lease and drops the role', async () => {
+    const token = await b.token({ sub: 'cli:exec' });
+    const script = `
+      const pg = require(${JSON.stringify(createRequire(import.meta.url).resolve('pg'))});
+      const c = new pg.Client();
+      c.connect().then(() => c.query('select current_user as u, count(*)::int as n from public.widgets'))
+        .then((r) => { console.log(JSON.stringify({ user: r.rows[0].u, n: r.rows[0].n, url: process.env.DATABASE_URL.startsWith('postgresql://') })); return c.end(); })
+        .catch((e) => { console.error(e.message); process.exit(3); });`;
+    const run = await cli(['exec', '--token', token, '--', process.execPath, '-e', script]);
+    assert.equal(run.code, 0, run.stderr);
+    const seen = JSON.parse(run.stdout.trim());
+    assert.match(seen.user, /^lease_cli_exec_/);
+    assert.ok(seen.n > 0);
+    assert.equal(seen.url, true);
+    const [lease] = await b.pg.query(`SELECT state FROM broker.leases WHERE username = $1`, [seen.user]);
+    assert.equal(lease.state, 'revoked');
+    const roles = await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname = $1`, [seen.user]);
+    assert.equal(roles.length, 0, 'the role is gone');
+  });
+
+  test('exec returns the command exit code, and --keep leaves the lease active', async () => {
+    const token = await b.token({ sub: 'cli:keep' });
+    const run = await cli(['exec', '--keep', '--token', token, '--', process.execPath, '-e', 'console.log(process.env.PGUSER); process.exit(7)']);
+    assert.equal(run.code, 7);
+    const [lease] = await b.pg.query(`SELECT state FROM broker.leases WHERE username = $1`, [run.stdout.trim()]);
+    assert.equal(lease.state, 'active');
+  });
+
+  test('creds prints env, json, uri and pgpass that parse back to a working credential; files are 0600', async () => {
+    const token = await b.token({ sub: 'cli:creds' });
+    const json = JSON.parse((await cli(['creds', '--format', 'json', '--token', token])).stdout);
+    const client = await connectAs(b.pg, json);
+    await client.end();
+
+    const env = await cli(['creds', '--format', 'env', '--token', token]);
+    const vars = Object.fromEntries([...env.stdout.matchAll(/^export (\w+)='([^']*)'$/gm)].map((m) => [m[1], m[2]]));
+    assert.equal(vars.PGPORT, String(b.pg.port));
+    await (await connectAs(b.pg, { username: vars.PGUSER, password: vars.PGPASSWORD, database: vars.PGDATABASE })).end();
+
+    const uri = new URL((await cli(['creds', '--format', 'uri', '--token', token])).stdout.trim());
+    await (await connectAs(b.pg, { username: uri.username, password: decodeURIComponent(uri.password), database: uri.pathname.slice(1) })).end();
+
+    const pgpassFile = path.join(tmp, 'pgpass');
+    await writeFile(pgpassFile, 'old contents\n', { mode: 0o644 });
+    const written = await cli(['creds', '--format', 'pgpass', '--token', token, '--output', pgpassFile]);
+    assert.equal(written.code, 0, written.stderr);
+    assert.equal((await stat(pgpassFile)).mode & 0o777, 0o600);
+    const [host, port, database, user, password] = (await readFile(pgpassFile, 'utf8')).trim().split(':');
+    assert.deepEqual([host, port, database], [b.pg.host, String(b.pg.port), b.pg.database]);
+    await (await connectAs(b.pg, { username: user, password })).end();
+
+    const dotenvFile = path.join(tmp, 'db.env');
+    await cli(['creds', '--format', 'dotenv', '--token', token, '-o', dotenvFile]);
+    const dotenv = parseDotenv(await readFile(dotenvFile, 'utf8'));
+    await (await connectAs(b.pg, { username: dotenv.PGUSER!, password: dotenv.PGPASSWORD! })).end();
+
+    const bad = await cli(['creds', '--format', 'xml', '--token', token]);
+    assert.notEqual(bad.code, 0);
+    assert.match(bad.stderr, /xml/);
+  });
+
+  test('creds obtains a token from a GitHub Actions-shaped token endpoint', async () => {
+    const requests: string[] = [];
+    const token = await b.token({ sub: 'cli:github' });
+    const gh = http.createServer((req, res) => {
+      requests.push(`${req.url} ${req.headers.authorization}`);
+      const ok = req.headers.authorization === 'Bearer runtime-secret';
+      res.writeHead(ok ? 200 : 401, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(ok ? { value: token, count: 1 } : { message: 'bad runtime token' }));
+    });
+    await new Promise<void>((r) => gh.listen(0, '127.0.0.1', r));
+    const endpoint = `http://127.0.0.1:${(gh.address() as AddressInfo).port}/_apis/token?api-version=2.0`;
+    try {
+      const run = await cli(['creds', '--format', 'json', '--audience', 'pg-broker'], {
+        ACTIONS_ID_TOKEN_REQUEST_URL: endpoint,
+        ACTIONS_ID_TOKEN_REQUEST_TOKEN: 'runtime-secret',
+      });
+      assert.equal(run.code, 0, run.stderr);
+      assert.match(JSON.parse(run.stdout).username, /^lease_cli_github_/);
+      assert.match(requests[0], /audience=pg-broker/);
+      const refused = await cli(['creds'], { ACTIONS_ID_TOKEN_REQUEST_URL: endpoint, ACTIONS_ID_TOKEN_REQUEST_TOKEN: 'wrong' });
+      assert.equal(refused.code, 1);
+      assert.match(refused.stderr, /GitHub Actions token request answered 401/);
+    } finally {
+      gh.close();
+    }
+  });
+
+  test('policy apply is idempotent, --dry-run changes nothing, --prune deletes, and a bad file names the policy', async () => {
+    const admin = await b.adminToken();
+    const file = path.join(tmp, 'policies.yaml');
+    const doc = (extra = '') => `policies:
+  file-a:
+    issuer: ${b.issuer.issuer}
+    claims: { sub: "file:a:*" }
+    grant_role: app_readers
+    database: ${b.pg.database}
+  file-b:
+    issuer: ${b.issuer.issuer}
+    claims:
+      /kubernetes.io/namespace: [prod, staging]
+    grant_role: app_readers
+    database: ${b.pg.database}
+    max_ttl: 1200
+${extra}`;
+    await writeFile(file, doc());
+    const dry = await cli(['policy', 'apply', '-f', file, '--dry-run', '--token', admin]);
+    assert.match(dry.stdout, /\+ create file-a/);
+    assert.equal((await b.pg.query(`SELECT 1 FROM broker.policies WHERE name = 'file-a'`)).length, 0, 'dry run applied nothing');
+    const first = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(first.code, 0, first.stderr);
+    assert.match(first.stdout, /2 created/);
+    const second = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.match(second.stdout, /^no changes$/m);
+
+    await writeFile(file, doc().replace('max_ttl: 1200', 'max_ttl: 1800'));
+    assert.match((await cli(['policy', 'apply', '-f', file, '--token', admin])).stdout, /~ update file-b \(max_ttl\)/);
+
+    const pruned = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+    assert.match(pruned.stdout, /- delete cli/);
+    assert.deepEqual((await b.pg.query(`SELECT name FROM broker.policies ORDER BY name`)).map((r) => r.name), ['file-a', 'file-b']);
+    await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+
+    await writeFile(file, doc(`  file-c:\n    issuer: ${b.issuer.issuer}\n    claims: {}\n    grant_role: app_readers\n    database: broker\n`));
+    const bad = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /policies\.yaml: policy file-c: a policy must bind at least one claim/);
+
+    await writeFile(file, doc(`  file-d:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: pg_execute_server_program\n    database: broker\n`));
+    const unsafe = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(unsafe.code, 1);
+    assert.match(unsafe.stderr, /policy file-d: .*predefined PostgreSQL role/);
+  });
+
+  test('policy evaluate names the failing claim for a denied token, and exits 0 for an admitted one', async () => {
+    const denied = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'someone:else' })]);
+    assert.equal(denied.code, 2);
+    assert.match(denied.stdout, /✗ denied\s+cli: claim sub is "someone:else", wants "cli:\*"/);
+    const admitted = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'cli:ok' })]);
+    assert.equal(admitted.code, 0);
+    assert.match(admitted.stdout, /✓ admitted cli/);
+  });
+
+  test('leases list and revoke --subject work for an admin', async () => {
+    const tok = await b.token({ sub: 'cli:leaver' });
+    await b.issue(tok);
+    await b.issue(tok);
+    const admin = await b.adminToken();
+    const list = await cli(['leases', 'list', '--subject', 'cli:leaver', '--state', 'active', '--json', '--token', admin]);
+    assert.equal(JSON.parse(list.stdout).items.length, 2);
+    const revoked = await cli(['leases', 'revoke', '--subject', 'cli:leaver', '--token', admin]);
+    assert.match(revoked.stdout, /revoked 2 lease\(s\)/);
+    const none = await cli(['leases', 'revoke', '--token', admin]);
+    assert.equal(none.code, 1);
+    assert.match(none.stderr, /name a lease id, or --subject/);
+  });
+
+  test('every subcommand has --help with examples, and unknown commands fail with one line', async () => {
+    for (const cmd of [['serve'], ['migrate'], ['dev'], ['demo'], ['creds'], ['exec'], ['policy', 'apply'], ['policy', 'evaluate'], ['leases', 'list'], ['leases', 'revoke']]) {
+      const run = await cli([...cmd, '--help']);
+      assert.equal(run.code, 0, cmd.join(' '));
+      assert.match(run.stdout, /Examples:/, `${cmd.join(' ')} --help shows examples`);
+    }
+    const unknown = await cli(['frobnicate']);
+    assert.notEqual(unknown.code, 0);
+    const serve = await cli(['serve'], { DATABASE_URL: '' });
+    assert.equal(serve.code, 1);
+    assert.equal(serve.stderr.trim(), 'pg-broker: configuration error: DATABASE_URL: is required');
+  });
+});

@@ -1,0 +1,21 @@
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { test } from 'node:test';
+import { parse } from 'yaml';
+import { generateOpenApi, OPENAPI_PATH } from '../src/openapi.js';
+
+test('openapi.yaml is exactly what the route schemas generate (run `npm run openapi` after changing a route)', async () => {
+  const generated = await generateOpenApi();
+  const committed = await readFile(OPENAPI_PATH, 'utf8');
+  assert.equal(committed, generated);
+});
+
+test('the document describes the contract routes with snake_case fields', async () => {
+  const doc = parse(await generateOpenApi());
+  for (const path of ['/credentials', '/leases', '/leases/{id}', '/leases/{id}/renew', '/leases/revoke', '/policies', '/policies/{name}', '/policies/evaluate', '/audit', '/healthz', '/readyz']) {
+    assert.ok(doc.paths[path], `documents ${path}`);
+  }
+  const credential = doc.paths['/credentials'].post.responses['201'].content['application/json'].schema;
+  assert.deepEqual(Object.keys(credential.properties).sort(), ['database', 'expires_at', 'grant_role', 'host', 'lease_id', 'max_expires_at', 'password', 'policy', 'port', 'uri', 'username']);
+  assert.ok(doc.paths['/credentials'].post.responses['403'], 'denials are documented');
+});
