@@ -1,9 +1,11 @@
+import rateLimit from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type pg from 'pg';
 import type { Logger } from 'pino';
 import authPlugin from './auth/verify.js';
 import type { Config } from './config.js';
+import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
 import { Metrics } from './metrics.js';
 import { createPool } from './postgres/pool.js';
@@ -35,12 +37,38 @@ export interface BuildOptions {
 }
 
 export const MAX_BODY_BYTES = 64 * 1024;
+// Node's default is 16 KB; tokens are capped at 16 KB too, so leave room for the other headers.
+export const MAX_HEADER_BYTES = 32 * 1024;
+const PROBE_PATHS = new Set(['/healthz', '/readyz', '/metrics']);
+
+/**
+ * After a token is verified, the same identity may make at most `max` requests a minute,
+ * wherever it comes from: one leaked CI token must not be able to mint thousands of roles.
+ */
+function limitPerIdentity(app: FastifyInstance, max: number): void {
+  const check = app.createRateLimit({
+    max,
+    timeWindow: 60_000,
+    keyGenerator: (request) => `${request.identity?.issuer}\u001f${request.identity?.subject}`,
+  });
+  const authenticate = app.authenticate;
+  app.authenticate = async (request, reply) => {
+    await authenticate(request, reply);
+    if (request.identity?.admin) return;
+    const limit = await check(request);
+    if (!limit.isAllowed && limit.isExceeded) {
+      reply.header('Retry-After', String(limit.ttlInSeconds));
+      throw new Errors.RateLimited(`More than ${max} requests a minute for this identity; retry in ${limit.ttlInSeconds} s`);
+    }
+  };
+}
 
 export async function buildApp(config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
     bodyLimit: MAX_BODY_BYTES,
+    http: { maxHeaderSize: MAX_HEADER_BYTES },
     requestIdHeader: false,
     genReqId: () => crypto.randomUUID(),
   });
@@ -73,7 +101,16 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
       security: [{ bearer: [] }],
     },
   });
+  // Per client IP before anything else, so floods are refused before token verification.
+  await app.register(rateLimit, {
+    global: true,
+    max: config.rateLimitIp,
+    timeWindow: 60_000,
+    hook: 'onRequest',
+    allowList: (request) => PROBE_PATHS.has(request.url.split('?')[0]),
+  });
   await app.register(authPlugin, { config, onFetchError: (issuer) => app.metrics.jwksFetchErrors.inc({ issuer }) });
+  limitPerIdentity(app, config.rateLimitIdentity);
   await app.register(healthRoutes);
   await app.register(credentialRoutes);
   await app.register(leaseRoutes);

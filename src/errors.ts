@@ -13,6 +13,7 @@ export const Errors = {
   AmbiguousPolicy: createError<[string]>('AMBIGUOUS_POLICY', '%s', 409),
   LeaseEnded: createError<[string]>('LEASE_ENDED', '%s', 409),
   QuotaExceeded: createError<[string]>('LEASE_QUOTA_EXCEEDED', '%s', 429),
+  RateLimited: createError<[string]>('RATE_LIMITED', '%s', 429),
   InvalidPolicy: createError<[string]>('INVALID_POLICY', '%s', 400),
   RevokeIncomplete: createError('REVOKE_INCOMPLETE', 'The lease is ended and its login disabled, but teardown did not finish; the reaper retries it', 500),
   DatabaseUnavailable: createError('DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly', 503),

@@ -1,0 +1,51 @@
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { startTestBroker, type TestBroker } from './helpers/broker.js';
+
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_RATE_LIMIT_IP: '40', BROKER_RATE_LIMIT_IDENTITY: '5' } });
+  await b.putPolicy('rl', { claims: { sub: 'rl:*' }, max_active_leases: 100 });
+});
+after(async () => b?.close());
+
+const evaluate = (token: string, ip = '127.0.0.1') =>
+  b.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `Bearer ${token}` }, remoteAddress: ip });
+
+test('one identity gets BROKER_RATE_LIMIT_IDENTITY requests a minute, then 429 with Retry-After; others are unaffected', async () => {
+  const alice = await b.token({ sub: 'rl:alice' });
+  const statuses: number[] = [];
+  for (let i = 0; i < 7; i++) statuses.push((await evaluate(alice, `10.0.0.${i + 1}`)).statusCode);
+  assert.deepEqual(statuses, [200, 200, 200, 200, 200, 429, 429], 'the limit follows the identity across client IPs');
+  const limited = await evaluate(alice, '10.0.0.99');
+  assert.equal(limited.json().code, 'RATE_LIMITED');
+  assert.ok(Number(limited.headers['retry-after']) > 0);
+  assert.equal((await evaluate(await b.token({ sub: 'rl:bob' }), '10.0.0.1')).statusCode, 200, 'another identity still passes');
+});
+
+test('one client IP gets BROKER_RATE_LIMIT_IP requests a minute before authentication; health probes are exempt', async () => {
+  const statuses: number[] = [];
+  for (let i = 0; i < 45; i++) {
+    const res = await b.app.inject({ method: 'GET', url: '/leases', remoteAddress: '192.0.2.7' });
+    statuses.push(res.statusCode);
+  }
+  assert.equal(statuses.filter((s) => s === 401).length, 40, 'unauthenticated requests count against the IP');
+  assert.equal(statuses.filter((s) => s === 429).length, 5);
+  const limited = await b.app.inject({ method: 'GET', url: '/leases', remoteAddress: '192.0.2.7' });
+  assert.ok(Number(limited.headers['retry-after']) > 0);
+  assert.match(String(limited.headers['content-type']), /problem\+json/);
+  assert.equal((await b.app.inject({ method: 'GET', url: '/healthz', remoteAddress: '192.0.2.7' })).statusCode, 200);
+  assert.equal((await b.app.inject({ method: 'GET', url: '/leases', remoteAddress: '192.0.2.8' })).statusCode, 401, 'another IP is not limited');
+});
+
+test('oversized headers and bodies are refused', async () => {
+  const big = await b.app.inject({ method: 'POST', url: '/credentials', remoteAddress: '198.51.100.1', headers: { 'content-type': 'application/json' }, payload: JSON.stringify({ ttl: 60, pad: 'x'.repeat(70 * 1024) }) });
+  assert.equal(big.statusCode, 413);
+  assert.equal(big.json().code, 'BODY_TOO_LARGE');
+  const url = await b.app.listen({ host: '127.0.0.1', port: 0 });
+  const huge = await fetch(`${url}/healthz`, { headers: { 'x-padding': 'x'.repeat(40 * 1024) } });
+  assert.equal(huge.status, 431, 'a 40 KB header is refused by the HTTP parser');
+  const fine = await fetch(`${url}/healthz`, { headers: { 'x-padding': 'x'.repeat(20 * 1024) } });
+  assert.equal(fine.status, 200, 'a 20 KB header (room for a 16 KB token) is accepted');
+});
