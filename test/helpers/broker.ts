@@ -12,6 +12,8 @@ export const AUDIENCE = 'pg-broker';
 export const ADMIN_SUB = 'admin:root';
 
 export interface TestBroker {
+  /** Every bearer token received and password issued so far; close() fails if any reached a log. */
+  secrets: Set<string>;
   app: FastifyInstance;
   pg: TestPostgres;
   issuer: TestIssuer;
@@ -55,12 +57,13 @@ export async function startTestBroker(opts: TestBrokerOptions = {}): Promise<Tes
   const logger = createLogger(config.logLevel, { write: (line: string) => void logs.push(line) });
   await migrate(config.databaseUrl, config.managedRole, logger);
   const app = await buildApp(config, { logger });
+  const secrets = trackSecrets(app);
   await app.ready();
   const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
   const token = (claims: Record<string, unknown> = {}, signOpts?: Parameters<TestIssuer['sign']>[1]) =>
     issuer.sign({ aud: AUDIENCE, sub: 'repo:octo-org/octo-repo:ref:refs/heads/main', ...claims }, signOpts);
   const broker: TestBroker = {
-    app, pg: pgs, issuer, config, reaper, logs, token,
+    app, pg: pgs, issuer, config, reaper, logs, token, secrets,
     adminToken: () => token({ sub: ADMIN_SUB }),
     async issue(tok, body = {}) {
       const res = await app.inject({ method: 'POST', url: '/credentials', headers: { authorization: `Bearer ${tok}` }, payload: body });
@@ -77,11 +80,51 @@ export async function startTestBroker(opts: TestBrokerOptions = {}): Promise<Tes
     async close() {
       await reaper.stop();
       await app.close();
+      // Every file that uses this helper also proves the secrets invariant for all it did.
+      const leaks = findLeaks(secrets, logs, pgs.logLines());
       if (!opts.issuer) await issuer.close();
       if (!opts.pg) await pgs.stop();
+      if (leaks.length) throw new Error(`secrets reached a log: ${leaks.join('; ')}`);
     },
   };
   return broker;
+}
+
+/**
+ * Records every bearer token the app received and every password it handed out, whether the
+ * test went through app.inject or a real socket.
+ */
+function trackSecrets(app: FastifyInstance): Set<string> {
+  const seen = new Set<string>();
+  app.addHook('onRequest', async (request) => {
+    const match = /^Bearer\s+(\S+)/i.exec(request.headers.authorization ?? '');
+    if (match && match[1].length >= 16) seen.add(match[1]);
+  });
+  app.addHook('onSend', async (_request, _reply, payload) => {
+    if (typeof payload === 'string' && payload.includes('"password"')) {
+      const password = (JSON.parse(payload) as { password?: unknown }).password;
+      if (typeof password === 'string') seen.add(password);
+    }
+    return payload;
+  });
+  return seen;
+}
+
+/** Which secrets (abbreviated) appear in the broker's or PostgreSQL's log. */
+export function findLeaks(secrets: Set<string>, brokerLogs: string[], serverLogs: string[]): string[] {
+  const broker = brokerLogs.join('\n');
+  const server = serverLogs.join('\n');
+  const leaks: string[] = [];
+  for (const secret of secrets) {
+    // A JWT's signature alone is as good as a leak of the token.
+    const parts = secret.split('.');
+    const needles = [secret, ...(parts.length === 3 && parts[2].length > 20 ? [parts[2]] : [])];
+    for (const needle of needles) {
+      if (broker.includes(needle)) leaks.push(`broker log holds ${needle.slice(0, 8)}…`);
+      if (server.includes(needle)) leaks.push(`server log holds ${needle.slice(0, 8)}…`);
+    }
+  }
+  return [...new Set(leaks)];
 }
 
 /** Logs in with an issued credential; the caller must end() the client. */
@@ -101,4 +144,49 @@ export async function loginError(pgs: TestPostgres, cred: { username: string; pa
   } catch (err) {
     return (err as { code?: string }).code ?? 'ERROR';
   }
+}
+
+/** Polls `fn` until it returns something truthy; fails naming `what` after `timeoutMs`. */
+export async function waitFor<T>(what: string, fn: () => Promise<T>, timeoutMs = 10_000, everyMs = 50): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await fn();
+    if (value) return value as NonNullable<T>;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** Resolves just after an RFC 3339 expiry has passed on this clock (and PostgreSQL's, same host). */
+export async function untilPast(expiresAt: string, slackMs = 150): Promise<void> {
+  const wait = new Date(expiresAt).getTime() - Date.now() + slackMs;
+  if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+}
+
+/** One API call through app.inject; `body` is the parsed JSON (null when empty). */
+export async function api(
+  b: TestBroker, method: 'GET' | 'POST' | 'PUT' | 'DELETE', url: string, token?: string, payload?: unknown,
+): Promise<{ status: number; body: any }> {
+  const res = await b.app.inject({
+    method, url, payload: payload as any,
+    headers: token ? { authorization: `Bearer ${token}` } : {},
+  });
+  return { status: res.statusCode, body: res.body ? res.json() : null };
+}
+
+export async function roleExists(pgs: TestPostgres, name: string): Promise<boolean> {
+  const rows = await pgs.query('SELECT 1 FROM pg_roles WHERE rolname = $1', [name]);
+  return rows.length === 1;
+}
+
+/** The lease row as stored, read as superuser from `database` (default: the broker database). */
+export async function leaseRow(pgs: TestPostgres, id: string, database = pgs.database): Promise<any> {
+  const [row] = await pgs.query('SELECT * FROM broker.leases WHERE id = $1', [id], database);
+  return row;
+}
+
+/** Audit event types recorded for one lease, oldest first. */
+export async function auditTypes(pgs: TestPostgres, leaseId: string, database = pgs.database): Promise<string[]> {
+  const rows = await pgs.query<{ type: string }>('SELECT type FROM broker.audit_events WHERE lease_id = $1 ORDER BY id', [leaseId], database);
+  return rows.map((r) => r.type);
 }
