@@ -1,0 +1,85 @@
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { describe, test } from 'node:test';
+import { api, connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { startPostgres } from './helpers/postgres.js';
+
+const PG15 = existsSync('/usr/lib/postgresql/15/bin/initdb');
+
+/** The grants the README documents for the broker's own role, read back from the catalog. */
+async function brokerGrants(b: TestBroker) {
+  const [attrs] = await b.pg.query(
+    `SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication FROM pg_roles WHERE rolname = 'broker'`);
+  const memberships = await b.pg.query<{ role: string; admin: boolean }>(
+    `SELECT g.rolname AS role, m.admin_option AS admin FROM pg_auth_members m
+       JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
+      WHERE r.rolname = 'broker' AND g.rolname NOT LIKE 'lease\\_%' ORDER BY 1`);
+  return { attrs, memberships };
+}
+
+function suite(flavor: 'embedded' | 'pg15') {
+  return async () => {
+    const pgs = await startPostgres({ flavor });
+    const b = await startTestBroker({ pg: pgs });
+    try {
+      const { attrs, memberships } = await brokerGrants(b);
+      assert.deepEqual(attrs, { rolsuper: false, rolcreaterole: true, rolcreatedb: false, rolbypassrls: false, rolreplication: false });
+      const admin = pgs.version >= 16;
+      const expected = [
+        { role: 'app_migrators', admin },
+        { role: 'app_readers', admin },
+        // On 16+ the creator of the marker role becomes its ADMIN member automatically.
+        ...(admin ? [{ role: b.config.managedRole, admin: true }] : []),
+      ].sort((x, y) => x.role.localeCompare(y.role));
+      assert.deepEqual(memberships, expected);
+
+      const adminToken = await b.adminToken();
+      const put = (grantRole: string) => api(b, 'PUT', '/policies/lp', adminToken, { issuer: b.issuer.issuer, claims: { sub: 'lp:*' }, grant_role: grantRole, database: pgs.database });
+      // Escalation paths are refused with the reason; a plain group role is accepted.
+      await pgs.query(`CREATE ROLE lp_super SUPERUSER NOLOGIN`);
+      await pgs.query(`CREATE ROLE lp_inherits_super NOLOGIN IN ROLE lp_super`);
+      await pgs.query(`CREATE ROLE lp_inherits_program NOLOGIN IN ROLE pg_execute_server_program`);
+      await pgs.query(`CREATE ROLE lp_creator NOLOGIN CREATEROLE`);
+      await pgs.query(`CREATE ROLE lp_nested NOLOGIN IN ROLE lp_inherits_program`);
+      const refused: Array<[string, RegExp]> = [
+        ['pg_execute_server_program', /predefined PostgreSQL role/],
+        ['lp_super', /has SUPERUSER/],
+        ['lp_inherits_super', /inherits from lp_super, which has SUPERUSER/],
+        ['lp_inherits_program', /inherits from pg_execute_server_program, which is a predefined/],
+        ['lp_nested', /inherits from pg_execute_server_program/],
+        ['lp_creator', /has CREATEROLE/],
+        ['broker', /SUPERUSER|CREATEROLE|can log in/],
+        [b.config.managedRole, /marker role/],
+        ['no_such_role', /does not exist/],
+      ];
+      for (const [role, reason] of refused) {
+        const res = await put(role);
+        assert.equal(res.status, 400, `${role}: ${JSON.stringify(res.body)}`);
+        assert.equal(res.body.code, 'INVALID_POLICY');
+        assert.match(res.body.detail, reason, role);
+      }
+      const ok = await put('app_readers');
+      assert.equal(ok.status, 201, JSON.stringify(ok.body));
+
+      // The non-superuser broker can issue, and the credential works on this server version.
+      const issued = await b.issue(await b.token({ sub: 'lp:ci' }));
+      assert.equal(issued.status, 201, JSON.stringify(issued.body));
+      const client = await connectAs(pgs, issued.body);
+      const { rows } = await client.query('SELECT count(*)::int AS n FROM public.widgets');
+      assert.ok(rows[0].n > 0);
+      await client.end();
+      // ...and revoke: terminate, drop owned, drop role, all without SUPERUSER.
+      const revoked = await api(b, 'DELETE', `/leases/${issued.body.lease_id}`, adminToken);
+      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+      assert.equal((await pgs.query(`SELECT 1 FROM pg_roles WHERE rolname = $1`, [issued.body.username])).length, 0);
+    } finally {
+      await b.close();
+      await pgs.stop();
+    }
+  };
+}
+
+describe('the broker runs as a non-superuser with exactly the documented grants', () => {
+  test('PostgreSQL 18 (embedded)', suite('embedded'));
+  test('PostgreSQL 15 (Debian postgresql-15)', { skip: PG15 ? false : 'postgresql-15 is not installed (.ci/run installs it)' }, suite('pg15'));
+});
