@@ -58,6 +58,7 @@ export async function startTestBroker(opts: TestBrokerOptions = {}): Promise<Tes
   await migrate(config.databaseUrl, config.managedRole, logger);
   const app = await buildApp(config, { logger });
   const secrets = trackSecrets(app);
+  secrets.add(decodeURIComponent(new URL(config.databaseUrl).password));
   await app.ready();
   const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
   const token = (claims: Record<string, unknown> = {}, signOpts?: Parameters<TestIssuer['sign']>[1]) =>
