@@ -3,6 +3,7 @@ import Fastify from 'fastify';
 import { buildApp, type BuildOptions } from './app.js';
 import type { Config } from './config.js';
 import { createLogger } from './logger.js';
+import { Metrics } from './metrics.js';
 import { migrate } from './postgres/migrate.js';
 import { Reaper } from './reaper/reaper.js';
 
@@ -41,7 +42,7 @@ export async function startBroker(config: Config, options: BuildOptions & { migr
 
 /** `pg-broker serve`: run until SIGINT/SIGTERM, then drain requests and the reaper. */
 export async function serve(config: Config): Promise<void> {
-  const broker = await startBroker(config, { metrics: undefined });
+  const broker = await startBroker(config, { metrics: new Metrics(true) });
   broker.app.log.info({ url: broker.url }, 'pg-credential-broker listening');
   let closing = false;
   const shutdown = async (signal: string) => {
