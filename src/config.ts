@@ -1,10 +1,12 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
+import { validatePatterns } from './policy/match.js';
 
 // Role names must be plain identifiers: they reach DDL through escapeIdentifier, and
 // PostgreSQL reserves the pg_ prefix for its own roles.
 const RoleName = Type.String({ pattern: '^(?!pg_)[a-z_][a-z0-9_]{0,62}$' });
 const Url = Type.String({ pattern: '^https?://[^\\s]+$' });
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const Port = Type.Integer({ minimum: 1, maximum: 65535 });
 
 export const IssuerSchema = Type.Object(
@@ -39,7 +41,7 @@ export const ConfigSchema = Type.Object({
   scramIterations: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
   host: Type.String({ minLength: 1 }),
   port: Type.Integer({ minimum: 0, maximum: 65535 }),
-  logLevel: Type.Union(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l))),
+  logLevel: Type.Union(LOG_LEVELS.map((l) => Type.Literal(l))),
 });
 
 export type Config = Static<typeof ConfigSchema>;
@@ -97,24 +99,73 @@ function json(env: Env, name: string, raw: string): unknown {
 
 function parseIssuers(env: Env): unknown {
   const raw = required(env, 'BROKER_ISSUERS');
-  if (raw.startsWith('[')) return json(env, 'BROKER_ISSUERS', raw);
+  // A JSON object is a common slip for the array form; splitting it on commas would only
+  // produce a confusing URL error.
+  if (raw.startsWith('[') || raw.startsWith('{')) {
+    const parsed = json(env, 'BROKER_ISSUERS', raw);
+    if (!Array.isArray(parsed)) throw new ConfigError('BROKER_ISSUERS', 'must be a JSON array of {"issuer", "jwks_uri"?, "audience"?} objects, or a comma-separated list of issuer URLs');
+    return parsed;
+  }
   return raw.split(',').map((s) => s.trim()).filter(Boolean).map((issuer) => ({ issuer }));
 }
 
-function databaseHostPort(url: string): { host: string; port: number } {
+function parseDatabaseUrl(url: string): URL {
   try {
-    const parsed = new URL(url);
-    return { host: parsed.hostname || 'localhost', port: parsed.port ? Number(parsed.port) : 5432 };
+    return new URL(url);
   } catch {
-    throw new ConfigError('DATABASE_URL', 'is not a valid URL');
+    // libpq accepts `postgres://user@/db?host=...`; WHATWG URL wants a host after the `@`.
+    try {
+      return new URL(url.replace(/^(postgres(?:ql)?:\/\/[^/?#]*@)(?=[/?#]|$)/, '$1localhost'));
+    } catch {
+      throw new ConfigError('DATABASE_URL', 'is not a valid URL');
+    }
   }
 }
 
+function databaseHostPort(url: string): { host: string; port: number | string } {
+  const parsed = parseDatabaseUrl(url);
+  const queryHost = parsed.searchParams.get('host');
+  const queryPort = parsed.searchParams.get('port');
+  // A socket directory (`?host=/run/postgresql`) is no address for clients elsewhere.
+  const host = queryHost && !queryHost.startsWith('/') ? queryHost : parsed.hostname.replace(/^\[(.*)\]$/, '$1') || 'localhost';
+  const port = parsed.port || queryPort || '5432';
+  return { host, port: /^\d+$/.test(port) ? Number(port) : port };
+}
+
+function isUrl(value: unknown): boolean {
+  if (typeof value !== 'string') return false;
+  try {
+    const url = new URL(value);
+    return (url.protocol === 'https:' || url.protocol === 'http:') && url.host !== '';
+  } catch {
+    return false;
+  }
+}
+
+// TypeBox's messages name the schema rule ("Expected string to match '^https?://...'"), not
+// what the operator should write.
+function hint(field: string, leaf: string, message: string): string {
+  if (/Unexpected property/i.test(message)) return `unknown field ${leaf}`;
+  if (/Expected required property/i.test(message)) return `${leaf} is required`;
+  if (/to match/.test(message)) {
+    if (leaf === 'issuer' || leaf === 'jwks_uri') return `${leaf} must be an http(s) URL`;
+    if (field === 'managedRole') return 'must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 63 characters) not starting with pg_, which PostgreSQL reserves';
+    if (field === 'databaseUrl') return 'must be a postgres:// or postgresql:// URL';
+  }
+  if (field === 'logLevel') return `must be one of ${LOG_LEVELS.join(', ')}`;
+  if (field === 'issuers' && leaf === '' && /length/.test(message)) return 'must list at least one issuer';
+  if (leaf.startsWith('claims/') && /union/i.test(message)) return `${leaf} must be a pattern or a non-empty list of patterns`;
+  return leaf ? `${leaf}: ${message}` : message;
+}
+
 function describeError(path: string, message: string): ConfigError {
-  const field = path.split('/')[1] as keyof Config | undefined;
+  const parts = path.split('/');
+  const field = parts[1] as keyof Config | undefined;
   const variable = (field && ENV_NAMES[field]) || 'configuration';
-  const where = path.split('/').slice(2).join('/');
-  return new ConfigError(variable, where ? `${where} ${message}` : message);
+  const index = parts[2] !== undefined && /^\d+$/.test(parts[2]) ? Number(parts[2]) : null;
+  const leaf = parts.slice(index === null ? 2 : 3).join('/');
+  const text = hint(field ?? '', leaf, message);
+  return new ConfigError(variable, index === null ? text : `entry ${index + 1}: ${text}`);
 }
 
 export function loadConfig(env: Env = process.env): Config {
@@ -126,7 +177,7 @@ export function loadConfig(env: Env = process.env): Config {
     audience: required(env, 'BROKER_AUDIENCE'),
     admins: env.BROKER_ADMINS?.trim() ? json(env, 'BROKER_ADMINS', env.BROKER_ADMINS) : [],
     publicPgHost: env.BROKER_PUBLIC_PG_HOST?.trim() || dbTarget.host,
-    publicPgPort: integer(env, 'BROKER_PUBLIC_PG_PORT', dbTarget.port),
+    publicPgPort: env.BROKER_PUBLIC_PG_PORT?.trim() ? integer(env, 'BROKER_PUBLIC_PG_PORT') : dbTarget.port,
     reaperIntervalSeconds: integer(env, 'BROKER_REAPER_INTERVAL', 10),
     managedRole: env.BROKER_MANAGED_ROLE?.trim() || 'credential_broker_managed',
     metricsPort: integer(env, 'BROKER_METRICS_PORT'),
@@ -135,20 +186,29 @@ export function loadConfig(env: Env = process.env): Config {
     scramIterations: integer(env, 'BROKER_SCRAM_ITERATIONS', 4096),
     host: env.HOST?.trim() || '0.0.0.0',
     port: integer(env, 'PORT', 8080),
-    logLevel: env.LOG_LEVEL?.trim() || 'info',
+    logLevel: env.LOG_LEVEL?.trim().toLowerCase() || 'info',
   };
   if (candidate.metricsPort === undefined) delete candidate.metricsPort;
   const first = Value.Errors(ConfigSchema, candidate).First();
   if (first) throw describeError(first.path, first.message);
   const config = candidate as Config;
   const seen = new Set<string>();
-  for (const entry of config.issuers) {
+  config.issuers.forEach((entry, i) => {
+    // The schema's pattern only checks the shape; new URL() is what get-jwks will call later.
+    if (!isUrl(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must be an http(s) URL`);
+    if (entry.jwks_uri !== undefined && !isUrl(entry.jwks_uri)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: jwks_uri must be an http(s) URL`);
     if (seen.has(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `lists ${entry.issuer} twice`);
     seen.add(entry.issuer);
-  }
-  for (const admin of config.admins) {
-    if (!seen.has(admin.issuer)) throw new ConfigError('BROKER_ADMINS', `issuer ${admin.issuer} is not in BROKER_ISSUERS`);
-    if (Object.keys(admin.claims).length === 0) throw new ConfigError('BROKER_ADMINS', 'every entry must bind at least one claim');
+  });
+  config.admins.forEach((admin, i) => {
+    if (!seen.has(admin.issuer)) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: issuer ${admin.issuer} is not in BROKER_ISSUERS`);
+    if (Object.keys(admin.claims).length === 0) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: must bind at least one claim`);
+    // The same rules as a policy's claims, so a typo cannot make an admin rule that never matches.
+    const problem = validatePatterns(admin.claims);
+    if (problem) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: ${problem}`);
+  });
+  if (config.metricsPort !== undefined && config.metricsPort === config.port) {
+    throw new ConfigError('BROKER_METRICS_PORT', `must differ from PORT (${config.port}); leave it unset to serve /metrics on the API port`);
   }
   return config;
 }

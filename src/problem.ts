@@ -20,8 +20,10 @@ function sendProblem(reply: FastifyReply, status: number, code: string, detail: 
   return reply.code(status).type('application/problem+json').send(body);
 }
 
+// RFC 6750 limits error_description to printable ASCII without `"` and `\`; anything else could
+// break the header or, with CR/LF, make Node refuse to send it at all.
 function bearerChallenge(description: string): string {
-  return `Bearer realm="pg-credential-broker", error="invalid_token", error_description="${description.replace(/["\\]/g, '')}"`;
+  return `Bearer realm="pg-credential-broker", error="invalid_token", error_description="${description.replace(/[^\x20\x21\x23-\x5B\x5D-\x7E]/g, '')}"`;
 }
 
 /** Turns every error into RFC 9457 problem+json; 5xx details stay in the log. */
@@ -37,6 +39,11 @@ export function installProblemHandler(app: FastifyInstance): void {
     }
     if (error.validation) {
       return sendProblem(reply, 400, 'BAD_REQUEST', `${error.validationContext ?? 'request'}${error.message.replace(/^(body|querystring|params|headers)/, '')}`);
+    }
+    if (isRejectedInput(error)) {
+      // Logged in full for the operator; the client gets no PostgreSQL text.
+      request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL refused a value from the request');
+      return sendProblem(reply, 400, 'BAD_REQUEST', 'The request holds a value that cannot be used (for example a NUL character or a malformed cursor)');
     }
     if (isConnectionError(error)) {
       request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL unavailable');
@@ -57,6 +64,17 @@ export function installProblemHandler(app: FastifyInstance): void {
     const code = error.code?.startsWith('FST_') ? fastifyCode(status) : (error.code ?? 'ERROR');
     return sendProblem(reply, status, code, error.message);
   });
+}
+
+// Data exceptions PostgreSQL raises for values that came from the request as bind parameters: NUL
+// or invalid UTF-8 (22021, 22P05), text that is no uuid or timestamp, e.g. a forged cursor (22P02,
+// 22007, 22008), numbers out of range (22003) and strings too long (22001). They are the
+// caller's mistake, not ours, and must not become a 500.
+const INPUT_SQLSTATES = new Set(['22021', '22P05', '22P02', '22007', '22008', '22003', '22001']);
+
+function isRejectedInput(error: unknown): boolean {
+  const { code, severity } = error as { code?: unknown; severity?: unknown };
+  return typeof severity === 'string' && typeof code === 'string' && INPUT_SQLSTATES.has(code);
 }
 
 function fastifyCode(status: number): string {

@@ -6,6 +6,15 @@ import type { IssuerConfig } from '../config.js';
 // Asymmetric algorithms only: an HMAC alg would let anyone holding the public key forge tokens.
 export const ALLOWED_ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'];
 
+// The JWK a header alg may be verified with. get-jwks accepts any key with the right kid when
+// the JWKS omits `alg` (Entra ID does), so without this an ES256 header could meet an RSA key.
+const KEY_TYPE_FOR_ALG: Record<string, { kty: string; crv?: string[] }> = {
+  RS256: { kty: 'RSA' }, RS384: { kty: 'RSA' }, RS512: { kty: 'RSA' },
+  PS256: { kty: 'RSA' }, PS384: { kty: 'RSA' }, PS512: { kty: 'RSA' },
+  ES256: { kty: 'EC', crv: ['P-256'] }, ES384: { kty: 'EC', crv: ['P-384'] }, ES512: { kty: 'EC', crv: ['P-521'] },
+  EdDSA: { kty: 'OKP', crv: ['Ed25519', 'Ed448'] },
+};
+
 export class KeyLookupError extends Error {
   constructor(message: string, readonly fetchFailed = false) {
     super(message);
@@ -14,36 +23,69 @@ export class KeyLookupError extends Error {
 }
 
 export interface KeyResolverOptions {
-  /** Cache lifetime for fetched keys; an unknown kid refetches sooner. */
+  /** How long a fetched key is trusted without asking the JWKS again (default 10 minutes). */
   cacheTtlMs?: number;
-  /** Minimum gap between JWKS fetches caused by unknown kids, per issuer. */
+  /** How long a kid the JWKS did not list is refused without asking again (default 5 s). */
   unknownKidCooldownMs?: number;
+  /**
+   * JWKS fetches caused by kids not in the cache, per issuer: a burst of this many (default 5),
+   * then one per missFetchIntervalMs (default 1 s).
+   */
+  missFetchBurst?: number;
+  missFetchIntervalMs?: number;
   fetchTimeoutMs?: number;
+  /**
+   * While the JWKS cannot be fetched, a key it served within this long keeps verifying
+   * (default 24 hours). A JWKS that answers without the key ends its use at once.
+   */
+  staleKeyMaxAgeMs?: number;
   onFetchError?: (issuer: string) => void;
 }
 
-const MISS_FETCHES_PER_WINDOW = 5;
+const KNOWN_KEYS_PER_ISSUER = 100;
 
 type GetJwks = ReturnType<typeof buildGetJwks>;
+
+interface KnownKey {
+  pem: string;
+  confirmedAt: number;
+}
 
 interface IssuerKeys {
   jwks: GetJwks;
   domain: string;
-  windowStart: number;
-  missFetches: number;
+  /** Token bucket for cache-miss fetches. */
+  missBudget: number;
+  missBudgetAt: number;
   knownMisses: Map<string, number>;
+  /** The last copy of each (alg, kid) the JWKS served, for riding out a JWKS outage. */
+  known: Map<string, KnownKey>;
+  lastFetchFailure: number;
+}
+
+function definitiveMiss(err: unknown): boolean {
+  const code = (err as { code?: string }).code;
+  return code === 'JWK_NOT_FOUND' || code === 'NO_JWKS';
 }
 
 /**
  * Finds the public key for a token's (iss, kid, alg). The issuer must be allow-listed before
  * anything is fetched; each issuer gets its own get-jwks instance so an explicit jwks_uri on
  * another host still works, and its allow-list names only that one location.
+ *
+ * Cache semantics: get-jwks keeps a fetched key for cacheTtlMs, so a key the issuer unpublishes
+ * keeps verifying until then. Past that, the JWKS is asked again: if it answers without the key,
+ * the key is refused from then on; if it cannot be reached, the last copy is used (up to
+ * staleKeyMaxAgeMs) so an IdP outage does not lock out tokens signed with keys we already know.
  */
 export class KeyResolver {
   private readonly issuers = new Map<string, IssuerKeys>();
   // PEM conversion of EC keys is slow in get-jwks; convert each JWK object once.
   private readonly pemCache = new WeakMap<object, string>();
   private readonly cooldownMs: number;
+  private readonly missBurst: number;
+  private readonly missIntervalMs: number;
+  private readonly staleMaxAgeMs: number;
   readonly dispatcher: Agent;
 
   constructor(entries: IssuerConfig[], private readonly options: KeyResolverOptions = {}) {
@@ -51,31 +93,23 @@ export class KeyResolver {
     // The global fetch ignores get-jwks' timeout option; an Agent with its own timeouts does not.
     this.dispatcher = new Agent({ connectTimeout: timeout, headersTimeout: timeout, bodyTimeout: timeout });
     this.cooldownMs = options.unknownKidCooldownMs ?? 5000;
+    this.missBurst = options.missFetchBurst ?? 5;
+    this.missIntervalMs = options.missFetchIntervalMs ?? 1000;
+    this.staleMaxAgeMs = options.staleKeyMaxAgeMs ?? 24 * 60 * 60_000;
     for (const entry of entries) this.issuers.set(entry.issuer, this.build(entry));
   }
 
   private build(entry: IssuerConfig): IssuerKeys {
     const fetchOptions = { dispatcher: this.dispatcher } as Record<string, unknown>;
     const common = { ttl: this.options.cacheTtlMs ?? 10 * 60_000, max: 50, fetchOptions };
+    const state = { missBudget: this.missBurst, missBudgetAt: Date.now(), knownMisses: new Map<string, number>(), known: new Map<string, KnownKey>(), lastFetchFailure: 0 };
     if (entry.jwks_uri) {
       const url = new URL(entry.jwks_uri);
       const domain = `${url.protocol}//${url.host}`;
       const jwksPath = `${url.pathname}${url.search}`;
-      return {
-        jwks: buildGetJwks({ ...common, issuersWhitelist: [domain], jwksPath }),
-        domain,
-        windowStart: 0,
-        missFetches: 0,
-        knownMisses: new Map(),
-      };
+      return { jwks: buildGetJwks({ ...common, issuersWhitelist: [domain], jwksPath }), domain, ...state };
     }
-    return {
-      jwks: buildGetJwks({ ...common, issuersWhitelist: [entry.issuer], providerDiscovery: true }),
-      domain: entry.issuer,
-      windowStart: 0,
-      missFetches: 0,
-      knownMisses: new Map(),
-    };
+    return { jwks: buildGetJwks({ ...common, issuersWhitelist: [entry.issuer], providerDiscovery: true }), domain: entry.issuer, ...state };
   }
 
   isAllowed(issuer: unknown): issuer is string {
@@ -85,32 +119,69 @@ export class KeyResolver {
   async publicKeyPem(issuer: string, kid: string, alg: string): Promise<string> {
     const keys = this.issuers.get(issuer);
     if (!keys) throw new KeyLookupError('issuer is not allowed');
+    if (!KEY_TYPE_FOR_ALG[alg]) throw new KeyLookupError('token algorithm is not allowed');
     const cacheKey = keys.jwks.generateCacheKey(alg, kid, keys.domain.endsWith('/') ? keys.domain : `${keys.domain}/`);
-    const cached = keys.jwks.cache.get(cacheKey) !== undefined || keys.jwks.staleCache.get(cacheKey) !== undefined;
-    if (!cached) this.guardUnknownKid(keys, kid);
+    const known = keys.known.get(cacheKey);
+    // An entry in get-jwks' cache is a fetched key or a fetch already in flight for this kid.
+    const inCache = keys.jwks.cache.get(cacheKey) !== undefined;
+    if (!inCache && !known) this.guardUnknownKid(keys, kid);
+    // Right after a failed fetch, known keys are served without waiting on the JWKS again, so
+    // an outage costs one timeout per cooldown rather than one per request.
+    if (!inCache && known && Date.now() - keys.lastFetchFailure < this.cooldownMs && this.fresh(known)) return known.pem;
+    // get-jwks answers any failed refetch from its stale cache, even when the JWKS was fetched
+    // fine and simply no longer lists the key, which would keep an unpublished key alive as long
+    // as tokens keep arriving. Its stale copies are dropped; ours is used only on fetch failure.
+    keys.jwks.staleCache.delete(cacheKey);
     let jwk: Record<string, unknown>;
     try {
       jwk = (await keys.jwks.getJwk({ domain: keys.domain, alg, kid })) as Record<string, unknown>;
     } catch (err) {
-      const code = (err as { code?: string }).code;
-      if (code === 'JWK_NOT_FOUND' || code === 'NO_JWKS') {
+      keys.jwks.staleCache.delete(cacheKey);
+      if (definitiveMiss(err)) {
+        keys.known.delete(cacheKey);
         keys.knownMisses.set(kid, Date.now());
         throw new KeyLookupError('signing key not found in the issuer JWKS');
       }
+      keys.lastFetchFailure = Date.now();
       this.options.onFetchError?.(issuer);
+      if (known && this.fresh(known)) return known.pem;
       throw new KeyLookupError('could not fetch the issuer JWKS', true);
     }
+    const pem = this.toPem(jwk, alg);
+    if (!inCache) keys.lastFetchFailure = 0;
+    keys.known.delete(cacheKey);
+    keys.known.set(cacheKey, { pem, confirmedAt: Date.now() });
+    if (keys.known.size > KNOWN_KEYS_PER_ISSUER) keys.known.delete(keys.known.keys().next().value!);
+    return pem;
+  }
+
+  private fresh(known: KnownKey): boolean {
+    return Date.now() - known.confirmedAt < this.staleMaxAgeMs;
+  }
+
+  private toPem(jwk: Record<string, unknown>, alg: string): string {
+    const wanted = KEY_TYPE_FOR_ALG[alg];
+    if (jwk.kty !== wanted.kty || (wanted.crv && !wanted.crv.includes(jwk.crv as string))) {
+      throw new KeyLookupError('signing key does not fit the token algorithm');
+    }
+    if (jwk.use !== undefined && jwk.use !== 'sig') throw new KeyLookupError('signing key is not meant for signatures');
     let pem = this.pemCache.get(jwk);
     if (!pem) {
-      pem = createPublicKey({ key: jwk as never, format: 'jwk' }).export({ type: 'spki', format: 'pem' }).toString();
+      try {
+        pem = createPublicKey({ key: jwk as never, format: 'jwk' }).export({ type: 'spki', format: 'pem' }).toString();
+      } catch {
+        throw new KeyLookupError('signing key in the issuer JWKS is not usable');
+      }
       this.pemCache.set(jwk, pem);
     }
     return pem;
   }
 
-  // A flood of made-up kids must not become a flood of JWKS fetches: a kid already seen
-  // missing is refused for the cooldown, and each issuer allows only a few cache-miss fetches
-  // per cooldown window. A genuinely rotated key is still picked up within one window.
+  // A flood of made-up kids must not become a flood of JWKS fetches: a kid the JWKS did not
+  // list is refused for the cooldown, and each issuer has a small token bucket of cache-miss
+  // fetches. A bucket rather than a fixed window: once a flood stops, a genuinely rotated key
+  // (or the first token after a JWKS outage) gets a fetch within one refill interval. While a
+  // flood goes on it can use up every refill; the per-IP rate limit in front bounds that.
   private guardUnknownKid(keys: IssuerKeys, kid: string): void {
     const now = Date.now();
     const missedAt = keys.knownMisses.get(kid);
@@ -118,14 +189,12 @@ export class KeyResolver {
       throw new KeyLookupError('signing key not found in the issuer JWKS');
     }
     if (keys.knownMisses.size > 1000) keys.knownMisses.clear();
-    if (now - keys.windowStart >= this.cooldownMs) {
-      keys.windowStart = now;
-      keys.missFetches = 0;
-    }
-    if (keys.missFetches >= MISS_FETCHES_PER_WINDOW) {
+    keys.missBudget = Math.min(this.missBurst, keys.missBudget + (now - keys.missBudgetAt) / this.missIntervalMs);
+    keys.missBudgetAt = now;
+    if (keys.missBudget < 1) {
       throw new KeyLookupError('signing key not found in the issuer JWKS (refetch cooling down)');
     }
-    keys.missFetches += 1;
+    keys.missBudget -= 1;
   }
 
   async close(): Promise<void> {

@@ -52,20 +52,26 @@ export function bearerToken(request: FastifyRequest): string | undefined {
   return match ? match[1] : '';
 }
 
-// fast-jwt and @fastify/jwt error codes and messages are not a contract; we turn them into a
-// short, stable description for error_description.
+// fast-jwt and @fastify/jwt messages are not a contract, and some echo header values chosen by
+// the caller; error_description only ever gets one of these fixed texts.
+const REGISTERED_CLAIMS = new Set(['exp', 'nbf', 'iat', 'iss', 'aud', 'sub', 'jti']);
+
 function describeVerifyError(err: unknown): string {
   if (err instanceof KeyLookupError) return err.message;
   const code = (err as { code?: string }).code ?? '';
   const message = (err as { message?: string }).message ?? '';
-  if (code === 'FST_JWT_AUTHORIZATION_TOKEN_EXPIRED' || /expired/i.test(message)) return 'token has expired';
-  if (/not active yet|nbf/i.test(message)) return 'token is not valid yet (nbf)';
-  if (/required claim|missing/i.test(message)) return `token is missing a required claim (exp, iss, aud, sub)`;
-  if (/aud/i.test(message)) return 'token audience is not accepted';
-  if (/iss/i.test(message)) return 'token issuer is not allowed';
-  if (/alg/i.test(message)) return 'token algorithm is not allowed';
+  const claim = /The (\w+) claim/.exec(message)?.[1];
+  const named = claim && REGISTERED_CLAIMS.has(claim) ? claim : null;
+  if (code === 'FST_JWT_AUTHORIZATION_TOKEN_EXPIRED' || code === 'FAST_JWT_EXPIRED' || /token expired/i.test(message)) return 'token has expired';
+  if (code === 'FAST_JWT_INACTIVE' || /will be active/i.test(message)) return 'token is not valid yet (nbf)';
+  if (/claim is required/.test(message)) return named ? `token is missing the ${named} claim` : 'token is missing a required claim';
+  if (/claim must be a/.test(message)) return named ? `token ${named} claim has the wrong type` : 'token claim has the wrong type';
+  if (/\baud claim|None of aud/.test(message)) return 'token audience is not accepted';
+  if (/\biss claim|None of iss/.test(message)) return 'token issuer is not allowed';
+  if (code === 'FAST_JWT_INVALID_CRIT_HEADER' || /crit/i.test(message)) return 'token has a critical header extension that is not supported';
+  if (/algorithm/i.test(message)) return 'token algorithm is not allowed';
   if (/signature/i.test(message)) return 'token signature is invalid';
-  if (/malformed|format|decode|invalid token|JSON/i.test(message)) return 'token is malformed';
+  if (code === 'FAST_JWT_MALFORMED' || code === 'FAST_JWT_INVALID_PAYLOAD' || /malformed|base64url|JSON|must be an object/i.test(message)) return 'token is malformed';
   return 'token could not be verified';
 }
 
@@ -99,6 +105,8 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
       allowedAud: audiences,
       requiredClaims: ['exp', 'iss', 'aud', 'sub'],
       clockTolerance: CLOCK_TOLERANCE_MS,
+      // The same parser authenticate() uses, so both agree on what the token is.
+      extractToken: (request: FastifyRequest) => bearerToken(request),
     },
   });
 
@@ -108,7 +116,7 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     const token = bearerToken(request);
     if (token === undefined) throw new Errors.MissingToken();
     if (!token) throw new TokenRejected('authorization header is not a bearer token');
-    if (token.length > MAX_TOKEN_BYTES) throw new TokenRejected('token is too large');
+    if (Buffer.byteLength(token) > MAX_TOKEN_BYTES) throw new TokenRejected('token is too large');
     let payload: Record<string, unknown>;
     try {
       payload = (await request.jwtVerify()) as Record<string, unknown>;
@@ -120,6 +128,9 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     if (typeof subject !== 'string' || subject.length === 0) throw new TokenRejected('token sub must be a non-empty string');
     if (subject.includes('\0') || subject.length > 1024) throw new TokenRejected('token sub is not acceptable');
     if (typeof payload.exp !== 'number') throw new TokenRejected('token exp must be a number');
+    // fast-jwt only looks at iat when maxAge is set; DESIGN asks for it with the same leeway.
+    if (payload.iat !== undefined && (typeof payload.iat !== 'number' || !Number.isFinite(payload.iat))) throw new TokenRejected('token iat claim has the wrong type');
+    if (typeof payload.iat === 'number' && payload.iat * 1000 > Date.now() + CLOCK_TOLERANCE_MS) throw new TokenRejected('token was issued in the future (iat)');
     // allowedAud admits any configured audience; each issuer only its own.
     const aud = Array.isArray(payload.aud) ? payload.aud : [payload.aud];
     if (!aud.includes(audienceFor(config, issuer))) throw new TokenRejected('token audience is not accepted');

@@ -1,7 +1,7 @@
 import http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
-import { randomUUID } from 'node:crypto';
-import { exportJWK, exportSPKI, generateKeyPair, SignJWT, type CryptoKey, type JWK } from 'jose';
+import { KeyObject, randomUUID } from 'node:crypto';
+import { exportJWK, exportSPKI, generateKeyPair, SignJWT, type JWK } from 'jose';
 
 export interface TestIssuer {
   issuer: string;
@@ -20,17 +20,21 @@ export interface TestIssuer {
 
 export interface SignOptions {
   kid?: string;
-  /** Header alg. Defaults to the key's own alg. 'HS256'/'HS384'/'HS512' sign with the key's public PEM
-   *  as HMAC secret (the classic alg-confusion attack); for alg 'none' use unsignedToken(). */
+  /** Header alg; picks the current key of that alg, else the RS256 key. Any RS and PS alg works with
+   *  an RSA key. 'HS256'/'HS384'/'HS512' sign with the key's public PEM as HMAC secret (the classic
+   *  alg-confusion attack). For alg 'none' use unsignedToken(). */
   alg?: string;
   /** Merged over {alg, kid, typ}; set a field to undefined to leave it out (e.g. { kid: undefined }). */
   header?: Record<string, unknown>;
   /** Do not add iss/iat/exp. */
   omitDefaults?: boolean;
+  /** Extension header names the signer should accept in a `crit` header (jose refuses unknown ones). */
+  crit?: Record<string, boolean>;
 }
 
 type KeyAlg = 'RS256' | 'ES256';
-interface Key { kid: string; alg: KeyAlg; privateKey: CryptoKey; jwk: JWK; pem: string; published: boolean }
+// A KeyObject (not the WebCrypto key jose generates) lets an RSA key sign RS384/PS256 etc. too.
+interface Key { kid: string; alg: KeyAlg; privateKey: KeyObject; jwk: JWK; pem: string; published: boolean }
 
 /** Start a plain HTTP server on 127.0.0.1 whose open sockets (even mid-request) die with close(). */
 async function listen(handler: http.RequestListener): Promise<{ url: string; close(): Promise<void> }> {
@@ -100,7 +104,7 @@ export async function startIssuer(opts: { discovery?: boolean } = {}): Promise<T
     async addKey(alg: KeyAlg = 'RS256') {
       const { privateKey, publicKey } = await generateKeyPair(alg, { extractable: true });
       const kid = `${alg.toLowerCase()}-${randomUUID().slice(0, 8)}`;
-      keys.set(kid, { kid, alg, privateKey, jwk: await exportJWK(publicKey), pem: await exportSPKI(publicKey), published: true });
+      keys.set(kid, { kid, alg, privateKey: KeyObject.from(privateKey), jwk: await exportJWK(publicKey), pem: await exportSPKI(publicKey), published: true });
       current[alg] = kid;
       return kid;
     },
@@ -117,7 +121,7 @@ export async function startIssuer(opts: { discovery?: boolean } = {}): Promise<T
       const payload = o.omitDefaults ? { ...claims } : { iss: base, iat: now, exp: now + 300, ...claims };
       const header = { alg, kid: key.kid, typ: 'JWT', ...o.header } as { alg: string };
       const secret = alg.startsWith('HS') ? new TextEncoder().encode(key.pem) : key.privateKey;
-      return new SignJWT(payload).setProtectedHeader(header).sign(secret);
+      return new SignJWT(payload).setProtectedHeader(header).sign(secret, o.crit ? { crit: o.crit } : undefined);
     },
     close: () => srv.close(),
   };
@@ -140,4 +144,28 @@ export async function startCountingServer(): Promise<{ url: string; requests: st
 export function unsignedToken(header: object, payload: object, signature = ''): string {
   const b64 = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
   return `${b64(header)}.${b64(payload)}.${signature}`;
+}
+
+/**
+ * A key pair that no configured issuer publishes: what an attacker signs with when they point
+ * jku/x5u at their own server or embed their public key in the header.
+ */
+export async function foreignSigner(alg: KeyAlg = 'RS256'): Promise<{
+  kid: string;
+  publicJwk: Record<string, unknown>;
+  sign(header: Record<string, unknown>, payload: Record<string, unknown>): Promise<string>;
+}> {
+  const { privateKey, publicKey } = await generateKeyPair(alg, { extractable: true });
+  const kid = `foreign-${randomUUID().slice(0, 8)}`;
+  const publicJwk = { ...(await exportJWK(publicKey)), kid, alg, use: 'sig' };
+  return {
+    kid,
+    publicJwk,
+    sign: (header, payload) => new SignJWT(payload).setProtectedHeader({ alg, kid, typ: 'JWT', ...header } as { alg: string }).sign(privateKey),
+  };
+}
+
+/** HMAC-signs a token with any secret text, e.g. a public key as JWK JSON (alg confusion). */
+export function hmacToken(alg: 'HS256' | 'HS384' | 'HS512', header: Record<string, unknown>, payload: Record<string, unknown>, secret: string): Promise<string> {
+  return new SignJWT(payload).setProtectedHeader({ typ: 'JWT', ...header, alg }).sign(new TextEncoder().encode(secret));
 }

@@ -1,0 +1,207 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { AUDIENCE, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { startCountingServer, startIssuer, unsignedToken, type TestIssuer } from './helpers/issuer.js';
+
+let b: TestBroker;
+let issuer: TestIssuer;
+// Listed with its own audience, to prove the per-issuer override.
+let second: TestIssuer;
+let counting: Awaited<ReturnType<typeof startCountingServer>>;
+
+const SECOND_AUDIENCE = 'second-audience';
+const SUB = 'repo:octo-org/octo-repo:ref:refs/heads/main';
+const now = () => Math.floor(Date.now() / 1000);
+
+type Res = { status: number; headers: Record<string, unknown>; body: string; json: () => any };
+
+async function call(method: 'GET' | 'POST' | 'PUT' | 'DELETE', url: string, token?: string, payload?: unknown): Promise<Res> {
+  const res = await b.app.inject({ method, url, headers: token === undefined ? {} : { authorization: `Bearer ${token}` }, ...(payload === undefined ? {} : { payload: payload as object }) });
+  return { status: res.statusCode, headers: res.headers, body: res.body, json: () => res.json() };
+}
+
+function assertUnauthorized(res: Res, label: string, code = 'INVALID_TOKEN'): void {
+  assert.equal(res.status, 401, `${label}: ${res.status} ${res.body}`);
+  assert.match(String(res.headers['content-type']), /^application\/problem\+json/, label);
+  assert.match(String(res.headers['www-authenticate']), /^Bearer .*error="invalid_token", error_description="[^"]+"$/, label);
+  assert.equal(res.json().code, code, label);
+}
+
+before(async () => {
+  counting = await startCountingServer();
+  issuer = await startIssuer({ discovery: false });
+  second = await startIssuer({ discovery: false });
+  b = await startTestBroker({
+    issuer,
+    env: {
+      BROKER_ISSUERS: JSON.stringify([
+        { issuer: issuer.issuer, jwks_uri: issuer.jwksUri },
+        { issuer: second.issuer, jwks_uri: second.jwksUri, audience: SECOND_AUDIENCE },
+      ]),
+    },
+  });
+  await b.putPolicy('ci', { claims: { sub: 'repo:octo-org/*' }, max_active_leases: 50 });
+});
+
+after(async () => {
+  await b?.close();
+  await issuer?.close();
+  await second?.close();
+  await counting?.close();
+});
+
+describe('token rejection (issue 2 acceptance)', () => {
+  test('each bad token is a 401 with a Bearer challenge, a good one sent alongside is accepted, and no unlisted host is contacted', async () => {
+    const kid = issuer.publicJwk().kid as string;
+    const base = { iss: issuer.issuer, aud: AUDIENCE, sub: SUB, iat: now() };
+    const bad: Record<string, string> = {
+      'alg none': unsignedToken({ alg: 'none', typ: 'JWT', kid }, { ...base, exp: now() + 300 }),
+      'HS256 signed with the issuer public key': await issuer.sign({ ...base }, { alg: 'HS256' }),
+      expired: await issuer.sign({ ...base, iat: now() - 7200, exp: now() - 3600 }),
+      'no exp': await issuer.sign({ ...base }, { omitDefaults: true }),
+      'wrong aud': await issuer.sign({ ...base, aud: 'somebody-else' }),
+      'unlisted issuer': await issuer.sign({ ...base, iss: counting.url }),
+      'unknown kid': await issuer.sign({ ...base }, { header: { kid: 'no-such-kid' } }),
+      'nbf in the future': await issuer.sign({ ...base, nbf: now() + 3600 }),
+    };
+    const good = await b.token();
+    const [goodRes, ...badRes] = await Promise.all([b.issue(good), ...Object.values(bad).map((t) => call('POST', '/credentials', t, {}))]);
+    assert.equal(goodRes.status, 201, JSON.stringify(goodRes.body));
+    Object.keys(bad).forEach((label, i) => assertUnauthorized(badRes[i], label));
+    // The same through the endpoint that needs no policy.
+    for (const [label, token] of Object.entries(bad)) assertUnauthorized(await call('POST', '/policies/evaluate', token), `${label} (evaluate)`);
+    assert.equal((await call('POST', '/policies/evaluate', good)).status, 200);
+    assert.deepEqual(counting.requests, []);
+  });
+
+  test('a missing Authorization header is a 401 problem with a Bearer challenge', async () => {
+    const res = await call('POST', '/credentials', undefined, {});
+    assert.equal(res.status, 401);
+    assert.equal(res.json().code, 'MISSING_TOKEN');
+    assert.match(String(res.headers['www-authenticate']), /^Bearer /);
+    assert.match(String(res.headers['content-type']), /^application\/problem\+json/);
+  });
+
+  test('other authorization schemes and empty bearer values are 401', async () => {
+    for (const authorization of ['Basic dXNlcjpwYXNz', 'Bearer', 'Bearer ', `Token ${await b.token()}`, `Bearer ${await b.token()} extra`]) {
+      const res = await b.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization } });
+      assert.equal(res.statusCode, 401, `${authorization.slice(0, 20)}: ${res.body}`);
+      assert.match(String(res.headers['www-authenticate']), /^Bearer /);
+    }
+  });
+
+  test('the Bearer scheme name is case-insensitive (RFC 7235)', async () => {
+    const res = await b.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `bearer ${await b.token()}` } });
+    assert.equal(res.statusCode, 200, res.body);
+  });
+
+  test('a rejected token leaves a token.rejected audit event with its unverified iss and sub', async () => {
+    const sub = `audit-${Date.now()}`;
+    assertUnauthorized(await call('POST', '/credentials', await issuer.sign({ aud: AUDIENCE, sub, exp: now() - 3600 }), {}), 'expired');
+    const rows = await b.pg.query(`SELECT issuer, subject, actor_verified, reason, detail FROM broker.audit_events WHERE type = 'token.rejected' AND subject = $1`, [sub]);
+    assert.equal(rows.length, 1);
+    assert.equal(rows[0].issuer, issuer.issuer);
+    assert.equal(rows[0].actor_verified, false);
+    assert.match(rows[0].reason, /expired/);
+    assert.equal(rows[0].detail.path, '/credentials');
+
+    // Unreadable tokens are still recorded, with nothing claimed about who sent them.
+    const marker = `/policies/evaluate?unreadable=${Date.now()}`;
+    assertUnauthorized(await call('POST', marker, 'not.a.jwt'), 'garbage');
+    const [garbage] = await b.pg.query(`SELECT issuer, subject, actor_verified FROM broker.audit_events WHERE type = 'token.rejected' ORDER BY id DESC LIMIT 1`);
+    assert.deepEqual(garbage, { issuer: null, subject: null, actor_verified: false });
+  });
+});
+
+describe('admins', () => {
+  const adminOnly: Array<['GET' | 'POST' | 'PUT' | 'DELETE', string, unknown?]> = [
+    ['GET', '/policies'],
+    ['GET', '/policies/ci'],
+    ['GET', '/audit'],
+    ['PUT', '/policies/sneaky', { issuer: '', claims: { sub: '*' }, grant_role: 'app_readers', database: 'broker' }],
+    ['DELETE', '/policies/ci'],
+    ['POST', '/leases/revoke', { subject: SUB }],
+  ];
+
+  test('admin-only endpoints are 403 for tokens that do not match BROKER_ADMINS', async () => {
+    const lookalikes = {
+      'ordinary subject': await b.token(),
+      'admin prefix not anchored': await b.token({ sub: 'xadmin:root' }),
+      'admin sub from another issuer': await second.sign({ aud: SECOND_AUDIENCE, sub: 'admin:root' }),
+    };
+    for (const [label, token] of Object.entries(lookalikes)) {
+      for (const [method, url, payload] of adminOnly) {
+        const body = payload && typeof payload === 'object' && 'issuer' in payload ? { ...payload, issuer: issuer.issuer } : payload;
+        const res = await call(method, url, token, body);
+        assert.equal(res.status, 403, `${label} ${method} ${url}: ${res.status} ${res.body}`);
+        assert.equal(res.json().code, 'NOT_ADMIN');
+      }
+    }
+    const stillThere = await call('GET', '/policies/ci', await b.adminToken());
+    assert.equal(stillThere.status, 200, 'DELETE as non-admin did nothing');
+  });
+
+  test('the same endpoints answer an admin token', async () => {
+    const admin = await b.adminToken();
+    for (const url of ['/policies', '/policies/ci', '/audit']) {
+      const res = await call('GET', url, admin);
+      assert.equal(res.status, 200, `${url}: ${res.body}`);
+    }
+    const revoke = await call('POST', '/leases/revoke', admin, { subject: 'nobody-holds-leases' });
+    assert.equal(revoke.status, 200, revoke.body);
+  });
+});
+
+describe('issuers', () => {
+  test('an issuer entry with its own audience accepts only that audience', async () => {
+    const ok = await call('POST', '/policies/evaluate', await second.sign({ aud: SECOND_AUDIENCE, sub: 'svc-a' }));
+    assert.equal(ok.status, 200, ok.body);
+    assert.equal(ok.json().issuer, second.issuer);
+    assertUnauthorized(await call('POST', '/policies/evaluate', await second.sign({ aud: AUDIENCE, sub: 'svc-a' })), 'global audience on an overriding issuer');
+    assertUnauthorized(await call('POST', '/policies/evaluate', await issuer.sign({ aud: SECOND_AUDIENCE, sub: 'svc-a' })), 'other issuer audience');
+    const both = await call('POST', '/policies/evaluate', await second.sign({ aud: ['unrelated', SECOND_AUDIENCE], sub: 'svc-a' }));
+    assert.equal(both.status, 200, 'an array aud containing ours');
+  });
+
+  test('ES256 tokens verify', async () => {
+    const res = await b.issue(await b.token({}, { alg: 'ES256' }));
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+  });
+
+  test('a token signed with a newly published key triggers a JWKS refetch and is accepted', async () => {
+    const warm = await call('POST', '/policies/evaluate', await b.token());
+    assert.equal(warm.status, 200);
+    const before = issuer.requests.length;
+    const kid = await issuer.addKey('RS256');
+    const token = await b.token();
+    assert.equal(JSON.parse(Buffer.from(token.split('.')[0], 'base64url').toString()).kid, kid);
+    const res = await call('POST', '/policies/evaluate', token);
+    assert.equal(res.status, 200, res.body);
+    assert.equal(issuer.requests.length, before + 1, 'one refetch');
+    // Now cached: no further fetch.
+    assert.equal((await call('POST', '/policies/evaluate', await b.token())).status, 200);
+    assert.equal(issuer.requests.length, before + 1);
+  });
+
+  test('OIDC discovery: BROKER_ISSUERS as a comma list finds the JWKS through the discovery document', async () => {
+    const disc = await startIssuer({ discovery: true });
+    const disc2 = await startIssuer({ discovery: true });
+    const d = await startTestBroker({ pg: b.pg, issuer: disc, env: { BROKER_ISSUERS: ` ${disc.issuer} ,${disc2.issuer}` } });
+    try {
+      assert.deepEqual(d.config.issuers, [{ issuer: disc.issuer }, { issuer: disc2.issuer }]);
+      for (const [iss, alg] of [[disc, 'RS256'], [disc, 'ES256'], [disc2, 'RS256']] as const) {
+        const res = await d.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `Bearer ${await iss.sign({ aud: AUDIENCE, sub: 'disc' }, { alg })}` } });
+        assert.equal(res.statusCode, 200, `${alg}: ${res.body}`);
+      }
+      assert.ok(disc.requests.includes('/.well-known/openid-configuration'), disc.requests.join());
+      assert.ok(disc.requests.includes('/jwks'));
+      const bad = await d.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `Bearer ${await disc.sign({ aud: AUDIENCE, sub: 'disc', iss: counting.url })}` } });
+      assert.equal(bad.statusCode, 401);
+      assert.deepEqual(counting.requests, []);
+    } finally {
+      await d.close();
+      await disc.close();
+      await disc2.close();
+    }
+  });
+});

@@ -1,0 +1,192 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { audienceFor, ConfigError, loadConfig } from '../../src/config.js';
+
+const SECRET = 's3cr3t-pw';
+const GOOD: Record<string, string> = {
+  DATABASE_URL: `postgres://broker:${SECRET}@db.internal:5433/broker`,
+  BROKER_ISSUERS: 'https://token.actions.githubusercontent.com',
+  BROKER_AUDIENCE: 'pg-broker',
+};
+
+function env(overrides: Record<string, string | undefined>): Record<string, string | undefined> {
+  return { ...GOOD, ...overrides };
+}
+
+/** loadConfig must throw a ConfigError naming `variable` (in the error and its message), never leaking the password. */
+function rejects(overrides: Record<string, string | undefined>, variable: string, reason?: RegExp): ConfigError {
+  let caught: unknown;
+  try {
+    loadConfig(env(overrides));
+  } catch (err) {
+    caught = err;
+  }
+  assert.ok(caught instanceof ConfigError, `expected a ConfigError for ${JSON.stringify(overrides)}, got ${caught}`);
+  assert.equal(caught.variable, variable, caught.message);
+  assert.ok(caught.message.startsWith(`${variable}: `), caught.message);
+  assert.ok(!caught.message.includes(SECRET), `message leaks the password: ${caught.message}`);
+  assert.ok(!caught.message.includes('\n'), 'one line');
+  if (reason) assert.match(caught.message, reason);
+  return caught;
+}
+
+describe('loadConfig: good values', () => {
+  test('minimal environment: defaults, and the public host/port come from DATABASE_URL', () => {
+    const c = loadConfig(env({}));
+    assert.equal(c.databaseUrl, GOOD.DATABASE_URL);
+    assert.deepEqual(c.issuers, [{ issuer: 'https://token.actions.githubusercontent.com' }]);
+    assert.equal(c.audience, 'pg-broker');
+    assert.deepEqual(c.admins, []);
+    assert.equal(c.publicPgHost, 'db.internal');
+    assert.equal(c.publicPgPort, 5433);
+    assert.equal(c.reaperIntervalSeconds, 10);
+    assert.equal(c.managedRole, 'credential_broker_managed');
+    assert.equal(c.metricsPort, undefined);
+    assert.ok(!('metricsPort' in c));
+    assert.equal(c.rateLimitIp, 600);
+    assert.equal(c.rateLimitIdentity, 120);
+    assert.equal(c.host, '0.0.0.0');
+    assert.equal(c.port, 8080);
+    assert.equal(c.logLevel, 'info');
+  });
+
+  test('DATABASE_URL without a port means 5432; postgresql:// works; an IPv6 host loses its brackets', () => {
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgresql://broker@db/broker' })).publicPgPort, 5432);
+    const v6 = loadConfig(env({ DATABASE_URL: `postgres://broker:${SECRET}@[::1]:6543/broker` }));
+    assert.equal(v6.publicPgHost, '::1');
+    assert.equal(v6.publicPgPort, 6543);
+  });
+
+  test('DATABASE_URL with the host in the query string (libpq style)', () => {
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db.example.com' })).publicPgHost, 'db.example.com');
+    // A socket directory is no address to hand to clients.
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=/var/run/postgresql' })).publicPgHost, 'localhost');
+  });
+
+  test('comma-list BROKER_ISSUERS (discovery) with spaces and an empty item', () => {
+    const c = loadConfig(env({ BROKER_ISSUERS: ' https://a.example , https://b.example/realms/x,, ' }));
+    assert.deepEqual(c.issuers, [{ issuer: 'https://a.example' }, { issuer: 'https://b.example/realms/x' }]);
+  });
+
+  test('JSON BROKER_ISSUERS with jwks_uri and a per-issuer audience', () => {
+    const issuers = [
+      { issuer: 'https://a.example', jwks_uri: 'https://keys.a.example/jwks.json?x=1' },
+      { issuer: 'https://b.example', audience: 'b-aud' },
+    ];
+    const c = loadConfig(env({ BROKER_ISSUERS: JSON.stringify(issuers) }));
+    assert.deepEqual(c.issuers, issuers);
+    assert.equal(audienceFor(c, 'https://a.example'), 'pg-broker');
+    assert.equal(audienceFor(c, 'https://b.example'), 'b-aud');
+  });
+
+  test('BROKER_ADMINS, overrides and explicit values parse', () => {
+    const c = loadConfig(env({
+      BROKER_ADMINS: JSON.stringify([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: 'repo:org/admin:*', '/groups/0': ['dba', 'sre'] } }]),
+      BROKER_PUBLIC_PG_HOST: 'pg.example.com',
+      BROKER_PUBLIC_PG_PORT: '6432',
+      BROKER_REAPER_INTERVAL: '3',
+      BROKER_MANAGED_ROLE: 'broker_prod_managed',
+      BROKER_METRICS_PORT: '9464',
+      BROKER_RATE_LIMIT_IP: '50',
+      BROKER_RATE_LIMIT_IDENTITY: '5',
+      HOST: '127.0.0.1',
+      PORT: ' 9000 ',
+      LOG_LEVEL: 'debug',
+    }));
+    assert.equal(c.admins.length, 1);
+    assert.deepEqual(c.admins[0].claims['/groups/0'], ['dba', 'sre']);
+    assert.equal(c.publicPgHost, 'pg.example.com');
+    assert.equal(c.publicPgPort, 6432);
+    assert.equal(c.reaperIntervalSeconds, 3);
+    assert.equal(c.managedRole, 'broker_prod_managed');
+    assert.equal(c.metricsPort, 9464);
+    assert.equal(c.rateLimitIp, 50);
+    assert.equal(c.rateLimitIdentity, 5);
+    assert.equal(c.host, '127.0.0.1');
+    assert.equal(c.port, 9000);
+    assert.equal(c.logLevel, 'debug');
+  });
+
+  test('LOG_LEVEL is case-insensitive', () => {
+    assert.equal(loadConfig(env({ LOG_LEVEL: 'WARN' })).logLevel, 'warn');
+  });
+});
+
+describe('loadConfig: every bad or missing setting names its variable', () => {
+  test('DATABASE_URL missing, blank, not postgres, not a URL', () => {
+    rejects({ DATABASE_URL: undefined }, 'DATABASE_URL', /required/);
+    rejects({ DATABASE_URL: '   ' }, 'DATABASE_URL', /required/);
+    rejects({ DATABASE_URL: `mysql://broker:${SECRET}@db/broker` }, 'DATABASE_URL');
+    rejects({ DATABASE_URL: `postgres://broker:${SECRET}@db:notaport/broker` }, 'DATABASE_URL');
+    rejects({ DATABASE_URL: 'db.internal:5432' }, 'DATABASE_URL');
+  });
+
+  test('BROKER_ISSUERS missing, bad JSON, not a list, empty, bad URL, unknown field, duplicate', () => {
+    rejects({ BROKER_ISSUERS: undefined }, 'BROKER_ISSUERS', /required/);
+    rejects({ BROKER_ISSUERS: '[{"issuer": "https://a.example",]' }, 'BROKER_ISSUERS', /JSON/);
+    rejects({ BROKER_ISSUERS: '{"issuer": "https://a.example"}' }, 'BROKER_ISSUERS', /array|list/);
+    rejects({ BROKER_ISSUERS: '[]' }, 'BROKER_ISSUERS');
+    rejects({ BROKER_ISSUERS: ' , ' }, 'BROKER_ISSUERS');
+    rejects({ BROKER_ISSUERS: 'token.actions.githubusercontent.com' }, 'BROKER_ISSUERS', /URL/);
+    rejects({ BROKER_ISSUERS: 'ftp://a.example' }, 'BROKER_ISSUERS', /URL/);
+    rejects({ BROKER_ISSUERS: 'https://[::1' }, 'BROKER_ISSUERS', /URL/);
+    rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'not a url' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
+    rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://[bad' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
+    rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwksUri: 'https://a.example/jwks' }]) }, 'BROKER_ISSUERS', /jwksUri/);
+    rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', audience: '' }]) }, 'BROKER_ISSUERS', /audience/);
+    rejects({ BROKER_ISSUERS: JSON.stringify(['https://a.example']) }, 'BROKER_ISSUERS');
+    rejects({ BROKER_ISSUERS: 'https://a.example,https://a.example' }, 'BROKER_ISSUERS', /twice/);
+    rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example' }, { issuer: 'https://a.example', audience: 'x' }]) }, 'BROKER_ISSUERS', /twice/);
+  });
+
+  test('BROKER_AUDIENCE missing or blank', () => {
+    rejects({ BROKER_AUDIENCE: undefined }, 'BROKER_AUDIENCE', /required/);
+    rejects({ BROKER_AUDIENCE: ' ' }, 'BROKER_AUDIENCE', /required/);
+  });
+
+  test('BROKER_ADMINS bad JSON, unlisted issuer, no claims, bad patterns', () => {
+    const admins = (value: unknown) => ({ BROKER_ADMINS: JSON.stringify(value) });
+    rejects({ BROKER_ADMINS: '[{' }, 'BROKER_ADMINS', /JSON/);
+    rejects(admins({ issuer: GOOD.BROKER_ISSUERS, claims: { sub: 'x' } }), 'BROKER_ADMINS');
+    rejects(admins([{ issuer: 'https://evil.example', claims: { sub: 'admin' } }]), 'BROKER_ADMINS', /BROKER_ISSUERS/);
+    rejects(admins([{ issuer: 'not a url', claims: { sub: 'admin' } }]), 'BROKER_ADMINS');
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: {} }]), 'BROKER_ADMINS', /claim/);
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS }]), 'BROKER_ADMINS');
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: 5 } }]), 'BROKER_ADMINS');
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: [] } }]), 'BROKER_ADMINS');
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { '/a~2': 'x' } }]), 'BROKER_ADMINS', /pointer/);
+  });
+
+  test('ports and counts that are not whole numbers in range', () => {
+    rejects({ PORT: 'eighty' }, 'PORT', /whole number/);
+    rejects({ PORT: '80.5' }, 'PORT');
+    rejects({ PORT: '70000' }, 'PORT');
+    rejects({ PORT: '-1' }, 'PORT');
+    rejects({ BROKER_PUBLIC_PG_PORT: '0' }, 'BROKER_PUBLIC_PG_PORT');
+    rejects({ BROKER_PUBLIC_PG_PORT: '5432x' }, 'BROKER_PUBLIC_PG_PORT');
+    rejects({ BROKER_METRICS_PORT: '65536' }, 'BROKER_METRICS_PORT');
+    rejects({ BROKER_METRICS_PORT: '8080' }, 'BROKER_METRICS_PORT', /PORT/);
+    rejects({ BROKER_REAPER_INTERVAL: '0' }, 'BROKER_REAPER_INTERVAL');
+    rejects({ BROKER_REAPER_INTERVAL: '1e3' }, 'BROKER_REAPER_INTERVAL');
+    rejects({ BROKER_RATE_LIMIT_IP: '0' }, 'BROKER_RATE_LIMIT_IP');
+    rejects({ BROKER_RATE_LIMIT_IDENTITY: 'lots' }, 'BROKER_RATE_LIMIT_IDENTITY');
+    rejects({ BROKER_SCRAM_ITERATIONS: '0' }, 'BROKER_SCRAM_ITERATIONS');
+  });
+
+  test('BROKER_MANAGED_ROLE must be a plain identifier outside the reserved pg_ namespace', () => {
+    rejects({ BROKER_MANAGED_ROLE: 'pg_broker' }, 'BROKER_MANAGED_ROLE', /pg_/);
+    rejects({ BROKER_MANAGED_ROLE: 'Broker' }, 'BROKER_MANAGED_ROLE');
+    rejects({ BROKER_MANAGED_ROLE: 'broker"; DROP ROLE x; --' }, 'BROKER_MANAGED_ROLE');
+    rejects({ BROKER_MANAGED_ROLE: 'r'.repeat(64) }, 'BROKER_MANAGED_ROLE');
+    rejects({ BROKER_MANAGED_ROLE: '1broker' }, 'BROKER_MANAGED_ROLE');
+  });
+
+  test('LOG_LEVEL must be a pino level', () => {
+    rejects({ LOG_LEVEL: 'verbose' }, 'LOG_LEVEL', /info/);
+  });
+
+  test('a ConfigError message is the one line the CLI prints', () => {
+    const err = rejects({ PORT: 'x' }, 'PORT');
+    assert.equal(err.name, 'ConfigError');
+  });
+});
