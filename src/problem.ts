@@ -33,6 +33,7 @@ export function installProblemHandler(app: FastifyInstance): void {
   app.setErrorHandler(async (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof TokenRejected || error.code === 'MISSING_TOKEN') {
       const description = error instanceof TokenRejected ? error.description : 'a bearer token is required';
+      if (request.routeOptions.url === '/credentials') app.metrics.denied.inc({ policy: '', reason: 'invalid_token' });
       await auditRejectedToken(app, request, description);
       reply.header('WWW-Authenticate', bearerChallenge(description));
       return sendProblem(reply, 401, error instanceof TokenRejected ? 'INVALID_TOKEN' : 'MISSING_TOKEN', description);
