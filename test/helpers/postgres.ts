@@ -59,7 +59,8 @@ function grantGroupsSql(version: number, groups: string[]): string {
 const reasonOf = (e: unknown) => (e instanceof LocalPostgresError ? e.reason : (e as Error).message ?? String(e));
 
 export async function startPostgres(opts: { flavor?: Flavor } = {}): Promise<TestPostgres> {
-  const flavor = opts.flavor ?? 'embedded';
+  // PG_TEST_FLAVOR lets a whole suite run again on another server version (see test/pg15/).
+  const flavor = opts.flavor ?? (process.env.PG_TEST_FLAVOR === 'pg15' ? 'pg15' : 'embedded');
   if (!usable(tmpRoot(), postgresIds())) throw fail(flavor, `${tmpRoot()} is not traversable by the postgres user; set PG_TEST_TMPDIR`);
   let templateDir: string | undefined;
   let local: LocalPostgres;
