@@ -1,7 +1,7 @@
-import http from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import type http from 'node:http';
 import { randomUUID } from 'node:crypto';
 import { exportJWK, generateKeyPair, SignJWT, type JWK } from 'jose';
+import { listenHttp } from './http-server.js';
 
 /**
  * DEVELOPMENT ONLY. A tiny OIDC issuer for `pg-broker dev`, `demo` and the compose file: it
@@ -47,7 +47,7 @@ export async function startDevIssuer(options: DevIssuerOptions = {}): Promise<De
     res.end(text);
   };
 
-  const server = http.createServer((req, res) => {
+  const server = await listenHttp((req: http.IncomingMessage, res: http.ServerResponse) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method === 'GET' && path === '/.well-known/openid-configuration') {
       return send(res, 200, { issuer: base, jwks_uri: `${base}/jwks`, token_endpoint: `${base}/token`, id_token_signing_alg_values_supported: ['ES256'] });
@@ -77,26 +77,13 @@ export async function startDevIssuer(options: DevIssuerOptions = {}): Promise<De
       return;
     }
     send(res, 404, { error: 'not found' });
-  });
-  const sockets = new Set<Socket>();
-  server.on('connection', (s) => {
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(options.port ?? 0, host, resolve);
-  });
-  const { port } = server.address() as AddressInfo;
+  }, host, options.port ?? 0);
+  const { port } = server;
   base = options.publicUrl ?? `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
   return {
     issuer: base,
     jwksUri: `${base}/jwks`,
     mint,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        for (const s of sockets) s.destroy();
-      }),
+    close: server.close,
   };
 }

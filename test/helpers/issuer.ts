@@ -1,5 +1,5 @@
 import http from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { listenHttp } from '../../src/dev/http-server.js';
 import { KeyObject, randomUUID } from 'node:crypto';
 import { exportJWK, exportSPKI, generateKeyPair, SignJWT, type JWK } from 'jose';
 
@@ -36,26 +36,10 @@ type KeyAlg = 'RS256' | 'ES256';
 // A KeyObject (not the WebCrypto key jose generates) lets an RSA key sign RS384/PS256 etc. too.
 interface Key { kid: string; alg: KeyAlg; privateKey: KeyObject; jwk: JWK; pem: string; published: boolean }
 
-/** Start a plain HTTP server on 127.0.0.1 whose open sockets (even mid-request) die with close(). */
+/** A plain HTTP server on 127.0.0.1 whose open sockets (even mid-request) die with close(). */
 async function listen(handler: http.RequestListener): Promise<{ url: string; close(): Promise<void> }> {
-  const server = http.createServer(handler);
-  const sockets = new Set<Socket>();
-  server.on('connection', (s) => {
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
-  const { port } = server.address() as AddressInfo;
-  return {
-    url: `http://127.0.0.1:${port}`,
-    close: () => new Promise<void>((resolve) => {
-      server.close(() => resolve());
-      for (const s of sockets) s.destroy(); // keep-alive and 'hang' sockets would otherwise block close
-    }),
-  };
+  const server = await listenHttp(handler);
+  return { url: `http://127.0.0.1:${server.port}`, close: server.close };
 }
 
 function json(res: http.ServerResponse, status: number, body: unknown): void {
