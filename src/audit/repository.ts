@@ -40,11 +40,16 @@ export function auditParams(event: AuditEvent): unknown[] {
   return INSERT_COLUMNS.map((c) => record[c]);
 }
 
-/** SQL inserting every event of a jsonb array parameter ($n), for one round trip per batch. */
-export function insertAuditFromJson(param: number): string {
+/**
+ * SQL inserting every event of a jsonb array parameter ($n), for one round trip per batch.
+ * `where` (a condition on the events, alias `e`) lets a caller record only the events whose
+ * state change really happened in the same statement.
+ */
+export function insertAuditFromJson(param: number, where?: string): string {
   return `INSERT INTO broker.audit_events (${INSERT_COLUMNS.join(', ')})
     SELECT ${INSERT_COLUMNS.join(', ')} FROM jsonb_to_recordset($${param}::jsonb) AS e(type text, issuer text, subject text,
-      actor_verified boolean, lease_id uuid, policy text, username text, reason text, request_id text, client_ip text, detail jsonb)`;
+      actor_verified boolean, lease_id uuid, policy text, username text, reason text, request_id text, client_ip text, detail jsonb)
+    ${where ? `WHERE ${where}` : ''}`;
 }
 
 export function auditJson(events: AuditEvent[]): string {
@@ -64,7 +69,7 @@ export async function recordAudit(db: Queryable, event: AuditEvent): Promise<voi
 export async function listAudit(db: Queryable, q: AuditQueryBody): Promise<{ items: AuditEventBody[]; next_cursor: string | null }> {
   const limit = q.limit ?? 100;
   const after = q.cursor ? decodeCursor(q.cursor, 1) : null;
-  if (q.cursor && !after) throw new Error('INVALID_CURSOR');
+  if (q.cursor && !(after && /^[1-9]\d{0,18}$/.test(String(after[0])))) throw new Error('INVALID_CURSOR');
   const where: string[] = [];
   const params: unknown[] = [];
   const add = (sql: string, value: unknown) => {
@@ -79,12 +84,14 @@ export async function listAudit(db: Queryable, q: AuditQueryBody): Promise<{ ite
   if (q.username !== undefined) add('username = ?', q.username);
   if (q.since !== undefined) add('at >= ?', q.since);
   if (q.until !== undefined) add('at < ?', q.until);
-  if (after) add('id < ?', after[0]);
+  if (after) add('e.id < ?', after[0]);
   params.push(limit + 1);
   const { rows } = await db.query(
-    `SELECT id::text AS id, at, type, issuer, subject, actor_verified, lease_id, policy, username, reason, request_id, client_ip, detail
-       FROM broker.audit_events ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
-      ORDER BY id DESC LIMIT $${params.length}`,
+    // Sort on the bigint column: an unqualified `id` here would mean the text alias, whose
+    // order ('999' > '1000') disagrees with the `id < cursor` filter and loses whole pages.
+    `SELECT e.id::text AS id, at, type, issuer, subject, actor_verified, lease_id, policy, username, reason, request_id, client_ip, detail
+       FROM broker.audit_events e ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
+      ORDER BY e.id DESC LIMIT $${params.length}`,
     params,
   );
   const items = rows.slice(0, limit).map((r) => isoRow<AuditEventBody>(r));

@@ -73,11 +73,15 @@ export interface Owner {
   subject: string;
 }
 
+const isTimestamp = (v: unknown) => typeof v === 'string' && /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$/.test(v) && !Number.isNaN(Date.parse(v));
+const isUuid = (v: unknown) => typeof v === 'string' && /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(v);
+
 /** Newest first, keyset-paginated on (created_at, id) so concurrent inserts never shift a page. */
 export async function listLeases(db: Queryable, q: LeaseQueryBody, owner?: Owner): Promise<{ items: Lease[]; next_cursor: string | null }> {
   const limit = q.limit ?? 100;
   const after = q.cursor ? decodeCursor(q.cursor, 2) : null;
-  if (q.cursor && !after) throw new Error('INVALID_CURSOR');
+  // A forged cursor must be a 400, not a cast error from PostgreSQL.
+  if (q.cursor && !(after && isTimestamp(after[0]) && isUuid(after[1]))) throw new Error('INVALID_CURSOR');
   const where: string[] = [];
   const params: unknown[] = [];
   const add = (sql: string, ...values: unknown[]) => {
@@ -94,12 +98,16 @@ export async function listLeases(db: Queryable, q: LeaseQueryBody, owner?: Owner
   if (q.until !== undefined) add('created_at < ?', q.until);
   if (after) add('(created_at, id) < (?::timestamptz, ?::uuid)', after[0], after[1]);
   params.push(limit + 1);
+  // The cursor carries created_at to the microsecond, as text: a JavaScript Date keeps only
+  // milliseconds, and a rounded key would skip or repeat rows that differ below that.
   const { rows } = await db.query(
-    `SELECT ${LEASE_COLUMNS} FROM broker.leases ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
+    `SELECT ${LEASE_COLUMNS}, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS cursor_at
+       FROM broker.leases ${where.length ? 'WHERE ' + where.join(' AND ') : ''}
       ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
     params,
   );
-  const items = rows.slice(0, limit).map((r) => isoRow<Lease>(r));
-  const last = items[items.length - 1];
-  return { items, next_cursor: rows.length > limit ? encodeCursor([last.created_at, last.id]) : null };
+  const page = rows.slice(0, limit);
+  const last = page[page.length - 1];
+  const items = page.map(({ cursor_at: _, ...r }) => isoRow<Lease>(r));
+  return { items, next_cursor: rows.length > limit ? encodeCursor([last.cursor_at, last.id]) : null };
 }

@@ -1,4 +1,4 @@
-import { auditJson, insertAuditFromJson } from '../audit/repository.js';
+import { auditJson, insertAuditFromJson, recordAudit } from '../audit/repository.js';
 import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
 import { teardownRoles, type TeardownDeps } from './teardown.js';
@@ -7,6 +7,8 @@ import { teardownRoles, type TeardownDeps } from './teardown.js';
 export const MAX_ATTEMPTS = 5;
 /** A lease claimed for teardown is hidden from other claimers this long, then retried. */
 export const CLAIM_SECONDS = 120;
+/** Roles per teardown batch: thousands of DROP ROLEs in one transaction exhaust max_locks_per_transaction. */
+export const TEARDOWN_BATCH = 200;
 
 export interface EndingLease {
   id: string;
@@ -33,7 +35,15 @@ export interface Actor {
   clientIp?: string | null;
 }
 
-const ENDING_COLUMNS = 'id, username, grant_role, end_reason, issuer, subject, policy, attempts';
+/**
+ * SQL condition on lease `l`: its teardown is free to take. A claim lapses when its time is up,
+ * or at once when the backend that made it is gone: the broker that claimed the lease was killed
+ * (or lost the database) mid-teardown, and nobody will finish it but the next claimer.
+ */
+const CLAIM_LAPSED = `(l.next_attempt_at IS NULL OR l.next_attempt_at <= now()
+  OR (l.claimed_by_pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.claimed_by_pid)))`;
+
+const ENDING_COLUMNS = ['id', 'username', 'grant_role', 'end_reason', 'issuer', 'subject', 'policy', 'attempts'].map((c) => `l.${c}`).join(', ');
 
 /**
  * Step one of any revocation, committed on its own: the matching active leases now read
@@ -47,29 +57,65 @@ export async function markRevoking(db: Queryable, filter: EndFilter, endedBy: st
     if (filter[key] !== undefined) where.push(`${key} = $${params.push(filter[key])}`);
   }
   const { rows } = await db.query<EndingLease>(
-    `UPDATE broker.leases SET state = 'revoking', ended_at = now(), ended_by = $1, end_reason = $2,
-            next_attempt_at = now() + make_interval(secs => $3)
-      WHERE id IN (SELECT id FROM broker.leases WHERE ${where.join(' AND ')} FOR UPDATE)
-      RETURNING ${ENDING_COLUMNS}`,
+    `WITH target AS MATERIALIZED (SELECT id FROM broker.leases WHERE ${where.join(' AND ')} FOR UPDATE)
+     UPDATE broker.leases l SET state = 'revoking', ended_at = now(), ended_by = $1, end_reason = $2,
+            next_attempt_at = now() + make_interval(secs => $3), claimed_by_pid = pg_backend_pid()
+       FROM target WHERE l.id = target.id AND l.state = 'active'
+     RETURNING ${ENDING_COLUMNS}`,
     params,
   );
   return rows;
 }
 
+/**
+ * Claims one ended lease whose teardown is due or has failed before, so an owner or admin can
+ * have it finished now instead of at the next retry. A `revoking` lease that never failed, is not
+ * yet due and whose claimer's connection still lives is being torn down by someone else right
+ * now: that one is left to them (the caller waits with awaitEnded).
+ */
+export async function claimEnded(db: Queryable, id: string): Promise<EndingLease[]> {
+  const { rows } = await db.query<EndingLease>(
+    `UPDATE broker.leases l SET next_attempt_at = now() + make_interval(secs => $2), claimed_by_pid = pg_backend_pid()
+      WHERE l.id = $1 AND l.state IN ('revoking', 'revoke_failed')
+        AND (l.attempts > 0 OR ${CLAIM_LAPSED})
+      RETURNING ${ENDING_COLUMNS}`,
+    [id, CLAIM_SECONDS],
+  );
+  return rows;
+}
+
+/** Waits until a lease being torn down elsewhere reads expired or revoked; its final state, or null. */
+export async function awaitEnded(db: Queryable, id: string, timeoutMs: number): Promise<string | null> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { rows } = await db.query<{ state: string }>('SELECT state FROM broker.leases WHERE id = $1', [id]);
+    const state = rows[0]?.state;
+    if (state === 'expired' || state === 'revoked') return state;
+    if (state !== 'revoking' || Date.now() > deadline) return null;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 /** Claims ended leases whose teardown is due: expired ones first become `revoking`. */
 export async function claimDueLeases(db: Queryable, limit: number): Promise<EndingLease[]> {
+  // MATERIALIZED: the locking subquery runs exactly once, so LIMIT and SKIP LOCKED mean what
+  // they say; an inlined or re-scanned subquery could claim rows another reaper has locked.
   await db.query(
-    `UPDATE broker.leases SET state = 'revoking', ended_at = expires_at, ended_by = 'reaper', end_reason = 'expired', next_attempt_at = now()
-      WHERE id IN (SELECT id FROM broker.leases WHERE state = 'active' AND expires_at <= now()
-                    ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)`,
+    `WITH due AS MATERIALIZED (
+       SELECT id FROM broker.leases WHERE state = 'active' AND expires_at <= now()
+        ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+     UPDATE broker.leases l SET state = 'revoking', ended_at = l.expires_at, ended_by = 'reaper', end_reason = 'expired', next_attempt_at = now()
+       FROM due WHERE l.id = due.id`,
     [limit * 5],
   );
   const { rows } = await db.query<EndingLease>(
-    `UPDATE broker.leases SET next_attempt_at = now() + make_interval(secs => $2)
-      WHERE id IN (SELECT id FROM broker.leases
-                    WHERE state IN ('revoking', 'revoke_failed') AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                    ORDER BY next_attempt_at NULLS FIRST LIMIT $1 FOR UPDATE SKIP LOCKED)
-      RETURNING ${ENDING_COLUMNS}`,
+    `WITH due AS MATERIALIZED (
+       SELECT id FROM broker.leases l
+        WHERE state IN ('revoking', 'revoke_failed') AND ${CLAIM_LAPSED}
+        ORDER BY next_attempt_at NULLS FIRST LIMIT $1 FOR UPDATE SKIP LOCKED)
+     UPDATE broker.leases l SET next_attempt_at = now() + make_interval(secs => $2), claimed_by_pid = pg_backend_pid()
+       FROM due WHERE l.id = due.id
+     RETURNING ${ENDING_COLUMNS}`,
     [limit, CLAIM_SECONDS],
   );
   return rows;
@@ -86,7 +132,9 @@ export interface FinishDeps extends TeardownDeps {
 
 /**
  * Tears down the roles of claimed leases and records the outcome: `expired`/`revoked` with an
- * audit event each, or another attempt with backoff (revoke_failed past MAX_ATTEMPTS).
+ * audit event each, or another attempt with backoff (revoke_failed from MAX_ATTEMPTS on, with an
+ * audit event when it first gets there). A lease someone else finished meanwhile gets no second
+ * event: events are written only for the state changes the same statement made.
  */
 export async function finishLeases(deps: FinishDeps, leases: EndingLease[], actor?: Actor): Promise<Map<string, string | null>> {
   const outcome = await teardownRoles(
@@ -108,35 +156,56 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
       client_ip: actor?.clientIp ?? null,
       detail: actor ? { owner_issuer: l.issuer, owner_subject: l.subject } : null,
     }));
-    await deps.pool.query(
+    const { rows } = await deps.pool.query<{ lease_id: string }>(
       `WITH done AS (
          UPDATE broker.leases SET state = CASE WHEN end_reason = 'expired' THEN 'expired' ELSE 'revoked' END,
-                last_error = NULL, next_attempt_at = NULL
+                last_error = NULL, next_attempt_at = NULL, claimed_by_pid = NULL
           WHERE id = ANY($1::uuid[]) AND state IN ('revoking', 'revoke_failed')
+          RETURNING id
        )
-       ${insertAuditFromJson(2)}`,
+       ${insertAuditFromJson(2, 'e.lease_id IN (SELECT id FROM done)')}
+       RETURNING lease_id`,
       [done.map((l) => l.id), auditJson(audit)],
     );
-    for (const l of done) (l.end_reason === 'expired' ? deps.metrics?.expired : deps.metrics?.revoked)?.inc();
+    const finished = new Set(rows.map((r) => r.lease_id));
+    for (const l of done) if (finished.has(l.id)) (l.end_reason === 'expired' ? deps.metrics?.expired : deps.metrics?.revoked)?.inc();
   }
   for (const l of failed) {
-    const attempts = l.attempts + 1;
+    const error = outcome.get(l.username)!;
     deps.metrics?.reaperFailures.inc();
-    deps.log.warn({ lease_id: l.id, username: l.username, attempts, error: outcome.get(l.username) }, 'lease teardown failed; will retry');
-    await deps.pool.query(
-      `UPDATE broker.leases SET attempts = $2, last_error = $3, state = CASE WHEN $2 >= $4 THEN 'revoke_failed' ELSE 'revoking' END,
-              next_attempt_at = now() + make_interval(secs => $5)
-        WHERE id = $1 AND state IN ('revoking', 'revoke_failed')`,
-      [l.id, attempts, outcome.get(l.username), MAX_ATTEMPTS, backoffSeconds(attempts, deps.retryBaseSeconds)],
+    const { rows } = await deps.pool.query<{ attempts: number }>(
+      `UPDATE broker.leases SET attempts = attempts + 1, last_error = $2,
+              state = CASE WHEN attempts + 1 >= $3 THEN 'revoke_failed' ELSE 'revoking' END,
+              next_attempt_at = now() + make_interval(secs => $4), claimed_by_pid = NULL
+        WHERE id = $1 AND state IN ('revoking', 'revoke_failed')
+        RETURNING attempts`,
+      [l.id, error, MAX_ATTEMPTS, backoffSeconds(l.attempts + 1, deps.retryBaseSeconds)],
     );
+    const attempts = rows[0]?.attempts;
+    deps.log.warn({ lease_id: l.id, username: l.username, attempts, error }, 'lease teardown failed; will retry');
+    if (attempts === MAX_ATTEMPTS) {
+      await recordAudit(deps.pool, {
+        type: 'lease.revoke_failed', issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,
+        reason: error, detail: { attempts },
+      });
+    }
   }
   return outcome;
 }
 
-/** Synchronous revocation for the API: mark, tear down, record. Returns the outcome per lease. */
-export async function revokeNow(deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string): Promise<{ leases: EndingLease[]; errors: Map<string, string | null> }> {
-  const leases = await markRevoking(deps.pool, filter, `${actor.issuer} ${actor.subject}`, reason);
-  const errors = leases.length ? await finishLeases(deps, leases, actor) : new Map<string, string | null>();
+/**
+ * Synchronous revocation for the API: mark, tear down, record. With `includeEnding`, a lease whose
+ * teardown is already under way (single id only) is finished now too. Returns the outcome per lease.
+ */
+export async function revokeNow(
+  deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string, options: { includeEnding?: boolean } = {},
+): Promise<{ leases: EndingLease[]; errors: Map<string, string | null> }> {
+  let leases = await markRevoking(deps.pool, filter, `${actor.issuer} ${actor.subject}`, reason);
+  if (leases.length === 0 && options.includeEnding && filter.id !== undefined) leases = await claimEnded(deps.pool, filter.id);
+  const errors = new Map<string, string | null>();
+  // Batches bound the locks one DROP ROLE takes (max_locks_per_transaction).
+  for (let i = 0; i < leases.length; i += TEARDOWN_BATCH) {
+    for (const [name, error] of await finishLeases(deps, leases.slice(i, i + TEARDOWN_BATCH), actor)) errors.set(name, error);
+  }
   return { leases, errors };
 }
-

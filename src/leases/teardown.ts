@@ -19,7 +19,8 @@ export interface TeardownDeps {
 /** username -> null when the role is gone (dropped now or already), or the error that stopped it. */
 export type TeardownResult = Map<string, string | null>;
 
-// Sessions get this long to exit after pg_terminate_backend before we drop the role anyway.
+// Sessions get this long to exit after pg_terminate_backend; a role is never dropped while one
+// survives, because a session outlives DROP ROLE and could then no longer be found by name.
 const TERMINATE_WAIT_MS = 5000;
 
 function urlForDatabase(databaseUrl: string, database: string): string {
@@ -29,8 +30,9 @@ function urlForDatabase(databaseUrl: string, database: string): string {
 }
 
 function describe(err: unknown): string {
-  const { code, message } = err as { code?: string; message?: string };
-  return `${code ? code + ': ' : ''}${message ?? String(err)}`.slice(0, 1000);
+  // PostgreSQL names the blocking objects and their databases only in DETAIL.
+  const { code, message, detail } = err as { code?: string; message?: string; detail?: string };
+  return `${code ? code + ': ' : ''}${message ?? String(err)}${detail ? ` (${detail.replace(/\s*\n\s*/g, '; ')})` : ''}`.slice(0, 1000);
 }
 
 async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
@@ -45,75 +47,103 @@ async function inDatabase(deps: TeardownDeps, database: string, sql: string): Pr
 }
 
 /**
+ * Runs `step` for all roles at once and, if that fails, once per role, so one stubborn role
+ * never holds back the rest of its batch. Returns the roles the step succeeded for; failures
+ * are written to `result` prefixed with `where`.
+ */
+async function stepEach(
+  roles: RoleToDrop[], result: TeardownResult, where: string, step: (batch: RoleToDrop[]) => Promise<void>,
+): Promise<RoleToDrop[]> {
+  if (roles.length === 0) return roles;
+  try {
+    await step(roles);
+    return roles;
+  } catch (batchErr) {
+    if (roles.length === 1) {
+      result.set(roles[0].username, `${where}: ${describe(batchErr)}`);
+      return [];
+    }
+  }
+  const ok: RoleToDrop[] = [];
+  for (const role of roles) {
+    try {
+      await step([role]);
+      ok.push(role);
+    } catch (err) {
+      result.set(role.username, `${where}: ${describe(err)}`);
+    }
+  }
+  return ok;
+}
+
+/**
  * Ends a batch of issued roles: NOLOGIN, terminate their sessions, reassign and drop what they
  * own in every database where they own or hold anything, then DROP ROLE. Only members of this
- * deployment's marker role are touched; a role that no longer exists counts as done.
+ * deployment's marker role are touched; a role that no longer exists counts as done. Never
+ * throws for a single role's trouble: each role gets its own outcome.
  */
 export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
   const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
   if (roles.length === 0) return result;
-  const { rows: present } = await deps.pool.query<{ rolname: string; oid: number }>(
-    `SELECT r.rolname, r.oid::int AS oid FROM pg_roles r
-      WHERE r.rolname = ANY($1) AND ${issuedRoleCondition('r', '$2')}`,
+  const { rows: present } = await deps.pool.query<{ rolname: string; issued: boolean }>(
+    `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued FROM pg_roles r WHERE r.rolname = ANY($1)`,
     [roles.map((r) => r.username), deps.managedRole],
   );
-  const live = roles.filter((r) => present.some((p) => p.rolname === r.username));
-  if (live.length === 0) return result;
-  const names = live.map((r) => r.username);
+  for (const p of present) {
+    // Never drop what this deployment did not issue, and never pretend such a role is gone.
+    if (!p.issued) result.set(p.rolname, `role ${p.rolname} exists but is not a plain member of ${deps.managedRole}; left alone`);
+  }
+  let live = roles.filter((r) => present.some((p) => p.rolname === r.username && p.issued));
 
   // Login first, sessions second: otherwise a client could reconnect between the two steps.
-  await deps.pool.query(names.map((n) => `ALTER ROLE ${escapeIdent(n)} NOLOGIN`).join(';\n'));
-  await deps.pool.query(
-    `SELECT pg_terminate_backend(pid, $2) FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()`,
-    [names, TERMINATE_WAIT_MS],
-  );
+  live = await stepEach(live, result, 'NOLOGIN', (batch) =>
+    deps.pool.query(batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n')).then(() => undefined));
+  live = await stepEach(live, result, 'terminate sessions', async (batch) => {
+    const names = batch.map((r) => r.username);
+    // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
+    // before the usename filter, and it would then terminate every backend it can signal.
+    const { rows: signalled } = await deps.pool.query<{ ok: boolean }>(
+      `WITH t AS MATERIALIZED (SELECT pid, pg_terminate_backend(pid, $2) AS ok FROM pg_stat_activity
+                                WHERE usename = ANY($1) AND pid <> pg_backend_pid())
+       SELECT ok FROM t`,
+      [names, TERMINATE_WAIT_MS],
+    );
+    if (signalled.every((r) => r.ok)) return;
+    // false also means the session ended by itself in the meantime: look again before failing.
+    const { rows } = await deps.pool.query<{ usename: string }>(
+      'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
+    if (rows.length > 0) throw new Error(`sessions of ${rows.map((r) => r.usename).join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
+  });
+  if (live.length === 0) return result;
 
   // pg_shdepend lists, per database, every object a role owns or holds a privilege on (tables,
-  // grants, default privileges). Visiting exactly those databases is the same as visiting every
-  // database that accepts connections, without connecting to the ones that hold nothing.
-  const { rows: deps_ } = await deps.pool.query<{ datname: string; rolname: string }>(
-    `SELECT DISTINCT d.datname, r.rolname
-       FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.refobjid
-      WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND d.datallowconn`,
-    [names],
+  // grants, default privileges); dbid 0 marks shared objects (databases, tablespaces), which
+  // REASSIGN/DROP OWNED handle from any database, so those run in the broker's own. Visiting
+  // exactly these databases is the same as visiting every database that accepts connections,
+  // without connecting to the ones that hold nothing.
+  const { rows: depRows } = await deps.pool.query<{ datname: string; rolname: string; datallowconn: boolean }>(
+    `SELECT DISTINCT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname
+       FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
+      WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)`,
+    [live.map((r) => r.username)],
   );
   const byDatabase = new Map<string, Set<string>>();
-  for (const row of deps_) {
+  for (const row of depRows) {
+    // A database that refuses connections cannot be cleaned; DROP ROLE below then names it.
+    if (!row.datallowconn) continue;
     if (!byDatabase.has(row.datname)) byDatabase.set(row.datname, new Set());
     byDatabase.get(row.datname)!.add(row.rolname);
   }
   const failed = new Set<string>();
   for (const [database, owners] of byDatabase) {
     const batch = live.filter((r) => owners.has(r.username));
-    try {
-      await inDatabase(deps, database, ownedObjectsSql(batch));
-    } catch (batchErr) {
-      // Retry one by one so a single stubborn role does not hold back the others.
-      for (const role of batch) {
-        try {
-          await inDatabase(deps, database, ownedObjectsSql([role]));
-        } catch (err) {
-          failed.add(role.username);
-          result.set(role.username, `${database}: ${describe(err)}`);
-        }
-      }
-      deps.log.debug({ database, err: describe(batchErr) }, 'batch cleanup failed, retried per role');
-    }
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset)));
+    for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
 
-  const droppable = names.filter((n) => !failed.has(n));
-  if (droppable.length === 0) return result;
-  try {
-    await deps.pool.query(`DROP ROLE IF EXISTS ${droppable.map(escapeIdent).join(', ')}`);
-  } catch {
-    for (const name of droppable) {
-      try {
-        await deps.pool.query(`DROP ROLE IF EXISTS ${escapeIdent(name)}`);
-      } catch (err) {
-        result.set(name, describe(err));
-      }
-    }
-  }
+  const droppable = live.filter((r) => !failed.has(r.username));
+  await stepEach(droppable, result, 'DROP ROLE', (batch) =>
+    deps.pool.query(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined));
   return result;
 }
 

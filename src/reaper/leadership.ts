@@ -19,8 +19,21 @@ export class Leadership {
     return this.leader;
   }
 
+  /**
+   * True when this replica holds the lock. A leader proves it still does with a round trip on
+   * the lock's connection: a connection killed since the last run may not have reported its
+   * death yet, and its lock is already someone else's.
+   */
   async acquire(): Promise<boolean> {
-    if (this.leader && this.client) return true;
+    if (this.leader && this.client) {
+      const client = this.client;
+      try {
+        await client.query('SELECT 1');
+        return true;
+      } catch (err) {
+        this.lost(client, (err as Error).message);
+      }
+    }
     try {
       if (!this.client) {
         const client = new pg.Client({ connectionString: this.databaseUrl, application_name: 'pg-credential-broker leader', keepAlive: true });

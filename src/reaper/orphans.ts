@@ -6,30 +6,48 @@ import type { FinishDeps } from '../leases/revoke.js';
 /** A role whose lease ended longer ago than this is an orphan even though a lease row exists. */
 export const ORPHAN_GRACE_SECONDS = 300;
 
+// Roles already reported as out of reach, so the warning is not repeated every run.
+const reportedUnmanageable = new Set<string>();
+
 /**
  * Drops members of this deployment's marker role that have no live lease: created by hand, or
  * left behind by something outside the broker. Lease and role are created in one transaction,
  * so a committed role without a lease row is never one being issued right now. Objects such a
  * role owns go to the first group it belongs to, or to the broker's own role.
+ *
+ * On PostgreSQL 16+ a CREATEROLE broker may only alter or drop roles it holds ADMIN OPTION on.
+ * It has that on every role it created; a member someone else put into the marker role without
+ * granting it is reported once and left alone, so it cannot stall the sweep for the others.
  */
 export async function reapOrphans(deps: FinishDeps & { brokerRole: string }): Promise<number> {
-  const { rows } = await deps.pool.query<{ rolname: string; reassign_to: string | null }>(
+  const { rows } = await deps.pool.query<{ rolname: string; reassign_to: string | null; manageable: boolean }>(
     `SELECT r.rolname,
             (SELECT g2.rolname FROM pg_auth_members m2 JOIN pg_roles g2 ON g2.oid = m2.roleid
-              WHERE m2.member = r.oid AND g2.rolname <> $1 ORDER BY g2.rolname LIMIT 1) AS reassign_to
+              WHERE m2.member = r.oid AND g2.rolname <> $1 ORDER BY g2.rolname LIMIT 1) AS reassign_to,
+            (pg_has_role(r.oid, 'MEMBER WITH ADMIN OPTION')
+             OR (current_setting('server_version_num')::int < 160000
+                 AND (SELECT rolcreaterole FROM pg_roles WHERE rolname = current_user))) AS manageable
        FROM pg_roles r
       WHERE ${issuedRoleCondition('r', '$1')}
         AND NOT EXISTS (
         SELECT 1 FROM broker.leases l
          WHERE l.username = r.rolname
            AND (l.state IN ('pending', 'active', 'revoking', 'revoke_failed') OR l.ended_at > now() - make_interval(secs => $2)))
+      ORDER BY manageable DESC, rolname
       LIMIT 200`,
     [deps.managedRole, ORPHAN_GRACE_SECONDS],
   );
-  if (rows.length === 0) return 0;
-  const outcome = await teardownRoles(deps, rows.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? deps.brokerRole })));
-  const dropped = rows.filter((r) => outcome.get(r.rolname) === null);
-  for (const r of rows) {
+  const unmanageable = rows.filter((r) => !r.manageable && !reportedUnmanageable.has(r.rolname));
+  if (unmanageable.length > 0) {
+    for (const r of unmanageable) reportedUnmanageable.add(r.rolname);
+    deps.log.warn({ usernames: unmanageable.map((r) => r.rolname), managed_role: deps.managedRole },
+      'members of the managed role without a lease that the broker holds no ADMIN OPTION on; drop them by hand');
+  }
+  const candidates = rows.filter((r) => r.manageable);
+  if (candidates.length === 0) return 0;
+  const outcome = await teardownRoles(deps, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? deps.brokerRole })));
+  const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
+  for (const r of candidates) {
     if (outcome.get(r.rolname) !== null) deps.log.warn({ username: r.rolname, error: outcome.get(r.rolname) }, 'could not drop orphaned managed role');
   }
   if (dropped.length > 0) {

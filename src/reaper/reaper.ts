@@ -1,3 +1,4 @@
+import { EventEmitter } from 'node:events';
 import cron, { type ScheduledTask } from 'node-cron';
 import type pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
@@ -13,6 +14,8 @@ export interface ReaperDeps {
   log: FastifyBaseLogger;
   metrics?: Metrics;
   brokerRole: () => Promise<string>;
+  /** Leases per claim; defaults to REAP_BATCH. */
+  batchSize?: number;
 }
 
 export interface ReapStats {
@@ -30,15 +33,16 @@ const MAX_BATCHES_PER_RUN = 50;
 /**
  * Ends what has ended: expired and revoked leases lose their roles, and managed roles without
  * a live lease are dropped. One replica at a time, through an advisory lock on a dedicated
- * connection (see Leadership).
+ * connection (see Leadership). Emits 'batch' ({ended, failed}) after each batch it finishes.
  */
-export class Reaper {
+export class Reaper extends EventEmitter {
   private task: ScheduledTask | null = null;
   private running: Promise<ReapStats> | null = null;
   private stopping = false;
   readonly leadership: Leadership;
 
   constructor(private readonly deps: ReaperDeps) {
+    super();
     this.leadership = new Leadership(deps.config.databaseUrl, deps.log);
   }
 
@@ -72,6 +76,8 @@ export class Reaper {
   /** One run, callable directly (tests call this instead of waiting for cron). */
   reap(options: { requireLeadership?: boolean } = {}): Promise<ReapStats> {
     if (this.running) return this.running;
+    // stop() ends the schedule, not the object: an explicit later run does its full work.
+    if (!this.task) this.stopping = false;
     this.running = this.run(options.requireLeadership ?? true).finally(() => {
       this.running = null;
     });
@@ -84,14 +90,18 @@ export class Reaper {
     stats.leader = true;
     const { pool, config, log, metrics } = this.deps;
     const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
-    for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping; batch++) {
-      if (requireLeadership && !this.leadership.isLeader) break;
-      const leases = await claimDueLeases(pool, REAP_BATCH);
+    const stillLeader = () => !requireLeadership || this.leadership.isLeader;
+    for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping && stillLeader(); batch++) {
+      const leases = await claimDueLeases(pool, this.deps.batchSize ?? REAP_BATCH);
       if (leases.length === 0) break;
       const outcome = await finishLeases(finishDeps, leases);
-      for (const error of outcome.values()) error === null ? stats.ended++ : stats.failed++;
+      const counts = { ended: 0, failed: 0 };
+      for (const error of outcome.values()) error === null ? counts.ended++ : counts.failed++;
+      stats.ended += counts.ended;
+      stats.failed += counts.failed;
+      this.emit('batch', counts);
     }
-    if (!this.stopping) stats.orphans = await reapOrphans({ ...finishDeps, brokerRole: await this.deps.brokerRole() });
+    if (!this.stopping && stillLeader()) stats.orphans = await reapOrphans({ ...finishDeps, brokerRole: await this.deps.brokerRole() });
     await this.updateGauges();
     return stats;
   }

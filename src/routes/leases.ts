@@ -3,7 +3,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Errors } from '../errors.js';
 import { renewLease } from '../leases/renew.js';
 import { getLease, listLeases, type Lease } from '../leases/repository.js';
-import { revokeNow, type FinishDeps } from '../leases/revoke.js';
+import { awaitEnded, revokeNow, type FinishDeps } from '../leases/revoke.js';
 import { problemResponses } from '../schemas/common.js';
 import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest } from '../schemas/lease.js';
 import { requestContext } from './context.js';
@@ -14,6 +14,9 @@ export function visibleTo(request: FastifyRequest, lease: Lease | null): Lease {
   if (!lease || !who || !(who.admin || (lease.issuer === who.issuer && lease.subject === who.subject))) throw new Errors.LeaseNotFound();
   return lease;
 }
+
+// Longer than one teardown normally takes, sessions' exit wait included.
+const HANDOVER_WAIT_MS = 10_000;
 
 export function invalidCursor(err: unknown): never {
   if ((err as Error).message === 'INVALID_CURSOR') throw new Errors.BadRequest('cursor is not valid');
@@ -78,10 +81,13 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { errors } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request');
-      const error = errors.get(lease.username);
-      if (error) throw new Errors.RevokeIncomplete();
-      return visibleTo(request, await getLease(app.db, lease.id));
+      const { leases } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request', { includeEnding: true });
+      // A reaper already tearing it down gets a moment to finish, so 200 still means "gone".
+      if (leases.length === 0) await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
+      // Judge by the lease, not by this attempt: someone else may have finished it meanwhile.
+      const now = visibleTo(request, await getLease(app.db, lease.id));
+      if (now.state !== 'revoked' && now.state !== 'expired') throw new Errors.RevokeIncomplete();
+      return now;
     },
   );
 

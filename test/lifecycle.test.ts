@@ -1,0 +1,222 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { Reaper, type ReapStats } from '../src/reaper/reaper.js';
+import {
+  api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
+} from './helpers/broker.js';
+
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_REAPER_INTERVAL: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+  await b.putPolicy('svc', { claims: { sub: 'svc:*' }, default_ttl: 60, max_ttl: 120, max_active_leases: 50 });
+  await b.putPolicy('migrate', { claims: { sub: 'mig:*' }, grant_role: 'app_migrators', database: 'otherdb' });
+  await b.putPolicy('migrate-assume', { claims: { sub: 'assume:*' }, grant_role: 'app_migrators', database: 'otherdb', assume_role: true });
+});
+after(async () => b?.close());
+
+// expires_at is cut to a whole second, so a lease lives between ttl - 1 and ttl seconds: tests
+// that log in before expiry use ttl >= 3, to stay clear of that even on a loaded machine.
+async function issueOk(sub: string, body: Record<string, unknown> = {}): Promise<any> {
+  const res = await b.issue(await b.token({ sub }), body);
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  return res.body;
+}
+
+async function tableOwner(database: string, table: string): Promise<string | undefined> {
+  const rows = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = $1`, [table], database);
+  return rows[0]?.tableowner;
+}
+
+describe('expiry', () => {
+  test('a reaper run disconnects the open session of an expired lease, drops its role and records lease.expired', async () => {
+    const cred = await issueOk('svc:expiry', { ttl: 3 });
+    const session = await connectAs(b.pg, cred);
+    try {
+      await untilPast(cred.expires_at);
+      // VALID UNTIL only stops new logins: the session survives expiry until the reaper acts.
+      assert.equal((await session.query('SELECT 1 AS one')).rows[0].one, 1);
+      assert.equal(await roleExists(b.pg, cred.username), true);
+
+      const stats = await b.reaper.reap();
+      assert.equal(stats.leader, true);
+      assert.ok(stats.ended >= 1, JSON.stringify(stats));
+      await assert.rejects(session.query('SELECT 1'));
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    const lease = await leaseRow(b.pg, cred.lease_id);
+    assert.equal(lease.state, 'expired');
+    assert.equal(lease.end_reason, 'expired');
+    assert.equal(lease.ended_by, 'reaper');
+    assert.equal(new Date(lease.ended_at).toISOString(), cred.expires_at);
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.expired']);
+    const viaApi = await api(b, 'GET', `/leases/${cred.lease_id}`, await b.token({ sub: 'svc:expiry' }));
+    assert.equal(viaApi.status, 200);
+    assert.equal(viaApi.body.state, 'expired');
+  });
+
+  test('with BROKER_REAPER_INTERVAL=1 the scheduled reaper does the same on its own', async () => {
+    assert.equal(b.config.reaperIntervalSeconds, 1);
+    const cred = await issueOk('svc:cron', { ttl: 3 });
+    const session = await connectAs(b.pg, cred);
+    b.reaper.start();
+    try {
+      await waitFor('the cron-driven reaper to drop the role', async () => !(await roleExists(b.pg, cred.username)), 8000, 100);
+      await assert.rejects(session.query('SELECT 1'));
+      assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'expired');
+      assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.expired']);
+    } finally {
+      await b.reaper.stop();
+      await session.end().catch(() => undefined);
+    }
+  });
+});
+
+describe('owned objects', () => {
+  test('a table created in a second database and granted onward survives the lease, owned by grant_role', async () => {
+    const cred = await issueOk('mig:ci', { ttl: 4 });
+    assert.equal(cred.database, 'otherdb');
+    const other = await connectAs(b.pg, cred);
+    const home = await connectAs(b.pg, { ...cred, database: 'broker' });
+    try {
+      await other.query('CREATE TABLE public.made_by_lease (id int PRIMARY KEY)');
+      await other.query('INSERT INTO public.made_by_lease VALUES (1), (2)');
+      await other.query('GRANT SELECT ON public.made_by_lease TO app_readers');
+      await home.query('CREATE TABLE public.also_by_lease (id int)');
+    } finally {
+      await home.end();
+    }
+    assert.equal(await tableOwner('otherdb', 'made_by_lease'), cred.username);
+
+    await untilPast(cred.expires_at);
+    const stats = await b.reaper.reap();
+    assert.equal(stats.failed, 0, JSON.stringify(stats));
+    await assert.rejects(other.query('SELECT 1'));
+    await other.end().catch(() => undefined);
+
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    const lease = await leaseRow(b.pg, cred.lease_id);
+    assert.equal(lease.state, 'expired');
+    assert.equal(lease.last_error, null);
+    assert.equal(await tableOwner('otherdb', 'made_by_lease'), 'app_migrators');
+    assert.equal(await tableOwner('broker', 'also_by_lease'), 'app_migrators');
+    const [kept] = await b.pg.query(
+      `SELECT (SELECT count(*)::int FROM public.made_by_lease) AS n, has_table_privilege('app_readers', 'public.made_by_lease', 'SELECT') AS readable`,
+      [], 'otherdb');
+    assert.deepEqual(kept, { n: 2, readable: true });
+  });
+
+  test('with assume_role the session runs as grant_role, so its table belongs to grant_role from creation', async () => {
+    const cred = await issueOk('assume:ci', { ttl: 60 });
+    const session = await connectAs(b.pg, cred);
+    try {
+      const { rows } = await session.query('SELECT current_user AS cur, session_user AS ses');
+      assert.deepEqual(rows[0], { cur: 'app_migrators', ses: cred.username });
+      await session.query('CREATE TABLE public.assumed_table (id int)');
+      assert.equal(await tableOwner('otherdb', 'assumed_table'), 'app_migrators');
+      // A session may still drop the group role; what it creates then is reassigned on teardown.
+      await session.query('SET ROLE NONE');
+      await session.query('CREATE TABLE public.own_table (id int)');
+      assert.equal(await tableOwner('otherdb', 'own_table'), cred.username);
+    } finally {
+      await session.end();
+    }
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, await b.token({ sub: 'assume:ci' }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.equal(res.body.state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.equal(await tableOwner('otherdb', 'assumed_table'), 'app_migrators');
+    assert.equal(await tableOwner('otherdb', 'own_table'), 'app_migrators');
+  });
+});
+
+describe('renew', () => {
+  const validUntil = async (username: string) =>
+    new Date((await b.pg.query('SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1', [username]))[0].rolvaliduntil).toISOString();
+
+  test('moves VALID UNTIL, is capped at max_expires_at, and is only for the owner', async () => {
+    const owner = await b.token({ sub: 'svc:renew' });
+    const cred = await issueOk('svc:renew', { ttl: 30 });
+    assert.equal(await validUntil(cred.username), cred.expires_at);
+
+    const stranger = await api(b, 'POST', `/leases/${cred.lease_id}/renew`, await b.token({ sub: 'svc:someone-else' }), { ttl: 90 });
+    assert.equal(stranger.status, 404);
+    assert.equal(stranger.body.code, 'LEASE_NOT_FOUND');
+    assert.equal(await validUntil(cred.username), cred.expires_at, 'a refused renew changes nothing');
+
+    const renewed = await api(b, 'POST', `/leases/${cred.lease_id}/renew`, owner, { ttl: 90 });
+    assert.equal(renewed.status, 200, JSON.stringify(renewed.body));
+    assert.equal(renewed.body.capped, false);
+    assert.ok(new Date(renewed.body.expires_at).getTime() >= new Date(cred.expires_at).getTime() + 59_000, renewed.body.expires_at);
+    assert.ok(new Date(renewed.body.expires_at) < new Date(cred.max_expires_at));
+    assert.equal(await validUntil(cred.username), renewed.body.expires_at);
+
+    const capped = await api(b, 'POST', `/leases/${cred.lease_id}/renew`, owner, { ttl: 3600 });
+    assert.equal(capped.status, 200, JSON.stringify(capped.body));
+    assert.equal(capped.body.capped, true);
+    assert.equal(capped.body.expires_at, cred.max_expires_at);
+    assert.equal(await validUntil(cred.username), cred.max_expires_at);
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).expires_at.toISOString(), cred.max_expires_at);
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.renewed', 'lease.renewed']);
+  });
+
+  test('an ended lease cannot be renewed: 409, whether revoked or merely past its expiry', async () => {
+    const owner = await b.token({ sub: 'svc:renew-ended' });
+    const revoked = await issueOk('svc:renew-ended', { ttl: 60 });
+    assert.equal((await api(b, 'POST', `/leases/${revoked.lease_id}/renew`, owner, { ttl: 60 })).status, 200);
+    assert.equal((await api(b, 'DELETE', `/leases/${revoked.lease_id}`, owner)).status, 200);
+    const afterRevoke = await api(b, 'POST', `/leases/${revoked.lease_id}/renew`, owner, { ttl: 60 });
+    assert.equal(afterRevoke.status, 409);
+    assert.equal(afterRevoke.body.code, 'LEASE_ENDED');
+
+    const lapsed = await issueOk('svc:renew-ended', { ttl: 1 });
+    await untilPast(lapsed.expires_at);
+    const late = await api(b, 'POST', `/leases/${lapsed.lease_id}/renew`, owner, { ttl: 60 });
+    assert.equal(late.status, 409, 'past expires_at it has ended even before the reaper ran');
+    assert.equal(await validUntil(lapsed.username), lapsed.expires_at);
+  });
+});
+
+describe('graceful shutdown', () => {
+  test('stop() during a run finishes the batch in hand and resolves; a later run picks up the rest', async () => {
+    await b.reaper.reap(); // leftovers of earlier tests would otherwise share the batches below
+    const creds = [];
+    for (let i = 0; i < 10; i++) creds.push(await issueOk(`svc:shutdown-${i}`, { ttl: 1 }));
+    await untilPast(creds[creds.length - 1].expires_at);
+    await b.reaper.stop(); // hand leadership over to the reapers below
+    const deps = { pool: b.app.db, config: b.config, log: b.app.log, brokerRole: () => b.app.brokerRole() };
+    const first = new Reaper({ ...deps, batchSize: 2 });
+    let runDone = false;
+    let stopping: Promise<void> | undefined;
+    first.once('batch', () => {
+      assert.equal(runDone, false);
+      stopping = first.stop();
+    });
+    const stats: ReapStats = await first.reap().finally(() => (runDone = true));
+    assert.ok(stopping, 'stop() was called while the run was in progress');
+    await stopping;
+    assert.equal(stats.ended, 2, JSON.stringify(stats));
+    const ids = creds.map((c) => c.lease_id);
+    const left = await b.pg.query(`SELECT count(*)::int AS n FROM broker.leases WHERE id = ANY($1) AND state <> 'expired'`, [ids]);
+    assert.equal(left[0].n, 8);
+
+    const later = new Reaper(deps);
+    try {
+      const again = await later.reap();
+      assert.equal(again.leader, true, 'the stopped reaper released leadership');
+      assert.equal(again.ended, 8, JSON.stringify(again));
+    } finally {
+      await later.stop();
+    }
+    const counts = await b.pg.query(
+      `SELECT l.id, l.state, (SELECT count(*)::int FROM broker.audit_events a WHERE a.lease_id = l.id AND a.type = 'lease.expired') AS n
+         FROM broker.leases l WHERE l.id = ANY($1)`, [ids]);
+    assert.deepEqual(counts.map((c) => [c.state, c.n]), ids.map(() => ['expired', 1]));
+    for (const c of creds) {
+      assert.equal(await roleExists(b.pg, c.username), false);
+      assert.equal(await loginError(b.pg, c), '28P01');
+    }
+  });
+});

@@ -1,0 +1,274 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { REAPER_LOCK_KEY } from '../src/reaper/leadership.js';
+import { Reaper, type ReapStats } from '../src/reaper/reaper.js';
+import {
+  api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
+} from './helpers/broker.js';
+
+const ENV = { BROKER_REAPER_INTERVAL: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' };
+let b1: TestBroker;
+let b2: TestBroker;
+
+before(async () => {
+  b1 = await startTestBroker({ env: ENV });
+  // A second replica: its own app, pool and reaper over the same database.
+  b2 = await startTestBroker({ pg: b1.pg, issuer: b1.issuer, env: ENV });
+  await b1.putPolicy('bulk', { claims: { sub: 'rep:*' }, max_active_leases: 100 });
+  await b1.putPolicy('fragile', { claims: { sub: 'frag:*' } });
+});
+after(async () => {
+  await b2?.close();
+  await b1?.close();
+});
+
+async function issueMany(n: number, prefix: string, ttl = 1): Promise<any[]> {
+  const creds = await Promise.all(Array.from({ length: n }, async (_, i) => {
+    const broker = i % 2 ? b2 : b1;
+    const res = await broker.issue(await broker.token({ sub: `${prefix}:${i % 6}` }), { ttl });
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    return res.body;
+  }));
+  await untilPast(creds.map((c) => c.expires_at).sort().at(-1));
+  return creds;
+}
+
+async function expiredEventsPerLease(ids: string[]): Promise<number[]> {
+  const rows = await b1.pg.query(
+    `SELECT l.id, (SELECT count(*)::int FROM broker.audit_events a WHERE a.lease_id = l.id AND a.type = 'lease.expired') AS n
+       FROM broker.leases l WHERE l.id = ANY($1) AND l.state = 'expired'`, [ids]);
+  return rows.map((r) => r.n);
+}
+
+async function rolesLeft(creds: any[]): Promise<string[]> {
+  const rows = await b1.pg.query('SELECT rolname FROM pg_roles WHERE rolname = ANY($1)', [creds.map((c) => c.username)]);
+  return rows.map((r) => r.rolname);
+}
+
+const leaderPid = async (): Promise<number | undefined> =>
+  (await b1.pg.query(
+    `SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+      WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'pg-credential-broker leader'
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = 'broker')
+        AND (l.classid::bigint << 32) + l.objid::bigint = $1`, [REAPER_LOCK_KEY]))[0]?.pid;
+
+const setDue = (id: string) => b1.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [id]);
+
+describe('two replicas', () => {
+  test('60 short leases, two reapers at once: one leader, each lease reaped exactly once, no roles left', async () => {
+    const creds = await issueMany(60, 'rep');
+    const rounds: ReapStats[][] = [];
+    for (let i = 0; i < 5; i++) rounds.push(await Promise.all([b1.reaper.reap(), b2.reaper.reap()]));
+    for (const [s1, s2] of rounds) {
+      assert.ok(s1.leader !== s2.leader, `exactly one leader per round: ${JSON.stringify([s1, s2])}`);
+      assert.equal(s1.failed + s2.failed, 0);
+    }
+    const leader = rounds[0][0].leader ? 0 : 1;
+    assert.ok(rounds.every((r) => r[leader].leader), 'leadership stays put while its connection lives');
+    assert.equal(rounds.reduce((n, r) => n + r[0].ended + r[1].ended, 0), 60);
+    assert.deepEqual(await expiredEventsPerLease(creds.map((c) => c.lease_id)), creds.map(() => 1));
+    assert.deepEqual(await rolesLeft(creds), []);
+    const stray = await b1.pg.query(
+      `SELECT r.rolname FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid JOIN pg_roles g ON g.oid = m.roleid
+        WHERE g.rolname = 'credential_broker_managed' AND NOT m.admin_option
+          AND NOT EXISTS (SELECT 1 FROM broker.leases l WHERE l.username = r.rolname AND l.state = 'active')`);
+    assert.deepEqual(stray, [], 'no managed role outlived its lease');
+    assert.equal(await leaderPid() !== undefined, true);
+  });
+
+  test('even without leadership, SKIP LOCKED claims hand each lease to one reaper only', async () => {
+    const creds = await issueMany(60, 'rep:free');
+    const r1 = new Reaper({ pool: b1.app.db, config: b1.config, log: b1.app.log, brokerRole: () => b1.app.brokerRole(), batchSize: 4 });
+    const r2 = new Reaper({ pool: b2.app.db, config: b2.config, log: b2.app.log, brokerRole: () => b2.app.brokerRole(), batchSize: 4 });
+    try {
+      const [s1, s2] = await Promise.all([r1.reap({ requireLeadership: false }), r2.reap({ requireLeadership: false })]);
+      assert.equal(s1.failed + s2.failed, 0);
+      assert.equal(s1.ended + s2.ended, 60, JSON.stringify([s1, s2]));
+    } finally {
+      await Promise.all([r1.stop(), r2.stop()]);
+    }
+    assert.deepEqual(await expiredEventsPerLease(creds.map((c) => c.lease_id)), creds.map(() => 1));
+    assert.deepEqual(await rolesLeft(creds), []);
+  });
+
+  test('killing the leader\'s connection hands leadership to the other replica on its next run', async () => {
+    await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+    const [leader, follower] = b1.reaper.leadership.isLeader ? [b1, b2] : [b2, b1];
+    assert.equal(leader.reaper.leadership.isLeader, true);
+    assert.equal((await follower.reaper.reap()).leader, false, 'the follower cannot lead while the leader lives');
+
+    const pid = await leaderPid();
+    assert.ok(pid);
+    await b1.pg.query('SELECT pg_terminate_backend($1, 5000)', [pid], 'postgres');
+    const creds = await issueMany(4, 'rep:handover');
+    const taken = await follower.reaper.reap();
+    assert.equal(taken.leader, true);
+    assert.equal(taken.ended, 4);
+    assert.equal((await leader.reaper.reap()).leader, false, 'the old leader learns it lost the lock');
+    assert.deepEqual(await rolesLeft(creds), []);
+  });
+});
+
+describe('a second deployment on the same cluster', () => {
+  test('keeps its own managed role, and neither reaper touches the other\'s roles', async () => {
+    await b1.pg.query('CREATE DATABASE broker2 OWNER broker', [], 'postgres');
+    const d2 = await startTestBroker({
+      pg: b1.pg, issuer: b1.issuer,
+      env: { ...ENV, DATABASE_URL: b1.pg.brokerUrl.replace(/\/broker$/, '/broker2'), BROKER_MANAGED_ROLE: 'second_broker_managed' },
+    });
+    try {
+      await d2.putPolicy('d2', { claims: { sub: 'd2:*' } });
+      const mine = await b1.issue(await b1.token({ sub: 'rep:d1-long' }), { ttl: 300 });
+      const theirs = await d2.issue(await d2.token({ sub: 'd2:short' }), { ttl: 3 });
+      assert.equal(theirs.status, 201, JSON.stringify(theirs.body));
+      await d2.app.db.query('CREATE ROLE d2_orphan LOGIN IN ROLE second_broker_managed ROLE broker');
+      await b1.app.db.query('CREATE ROLE d1_orphan LOGIN IN ROLE credential_broker_managed ROLE broker');
+      const theirSession = await connectAs(b1.pg, theirs.body);
+      try {
+        await untilPast(theirs.body.expires_at);
+        const runs = await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+        assert.equal(runs[0].orphans + runs[1].orphans, 1, JSON.stringify(runs));
+        assert.equal(await roleExists(b1.pg, 'd1_orphan'), false, 'this deployment cleaned its own orphan');
+        assert.equal(await roleExists(b1.pg, 'd2_orphan'), true);
+        assert.equal(await roleExists(b1.pg, theirs.body.username), true);
+        assert.equal((await theirSession.query('SELECT 1 AS one')).rows[0].one, 1, 'their session was left alone');
+        assert.equal((await leaseRow(b1.pg, theirs.body.lease_id, 'broker2')).state, 'active');
+
+        const own = await d2.reaper.reap();
+        assert.equal(own.leader, true, 'the lock is per database, so each deployment has its own leader');
+        assert.deepEqual([own.ended, own.orphans, own.failed], [1, 1, 0]);
+        await assert.rejects(theirSession.query('SELECT 1'));
+      } finally {
+        await theirSession.end().catch(() => undefined);
+      }
+      assert.equal(await roleExists(b1.pg, 'd2_orphan'), false);
+      assert.equal((await leaseRow(b1.pg, theirs.body.lease_id, 'broker2')).state, 'expired');
+      assert.equal(await roleExists(b1.pg, mine.body.username), true, 'their sweep did not take our live role for an orphan');
+      assert.equal(await loginError(b1.pg, mine.body), undefined);
+    } finally {
+      await d2.close();
+    }
+  });
+});
+
+describe('recovery', () => {
+  async function reapUntil(state: string, id: string, maxRuns = 8): Promise<any> {
+    for (let i = 0; i < maxRuns; i++) {
+      await setDue(id);
+      await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+      const lease = await leaseRow(b1.pg, id);
+      if (lease.state === state) return lease;
+    }
+    throw new Error(`lease ${id} never reached ${state}`);
+  }
+
+  test('a role the reaper cannot drop ends in revoke_failed with last_error, and completes once the obstacle is gone', async () => {
+    const res = await b1.issue(await b1.token({ sub: 'frag:sealed' }), { ttl: 1 });
+    const cred = res.body;
+    // An object in a database the broker may not connect to: REASSIGN/DROP OWNED cannot reach it.
+    await b1.pg.query('CREATE DATABASE sealed', [], 'postgres');
+    await b1.pg.query('REVOKE CONNECT ON DATABASE sealed FROM PUBLIC', [], 'postgres');
+    await b1.pg.query(`CREATE TABLE public.kept (id int); ALTER TABLE public.kept OWNER TO "${cred.username}"`, [], 'sealed');
+    await untilPast(cred.expires_at);
+
+    const firstRun = Date.now();
+    await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+    let lease = await leaseRow(b1.pg, cred.lease_id);
+    assert.deepEqual([lease.state, lease.attempts], ['revoking', 1]);
+    assert.match(lease.last_error, /sealed/);
+    assert.ok(lease.next_attempt_at.getTime() >= firstRun + 1500, 'the next attempt waits out a backoff (2 s at a 1 s interval)');
+    assert.equal(await roleExists(b1.pg, cred.username), true);
+    assert.equal(await loginError(b1.pg, cred), '28P01', 'but it can no longer log in');
+
+    lease = await reapUntil('revoke_failed', cred.lease_id);
+    assert.equal(lease.attempts, 5);
+    assert.match(lease.last_error, /sealed/);
+    const listed = await api(b1, 'GET', '/leases?state=revoke_failed', await b1.adminToken());
+    assert.deepEqual(listed.body.items.map((l: any) => [l.id, l.last_error !== null]), [[cred.lease_id, true]]);
+    await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+    assert.equal((await leaseRow(b1.pg, cred.lease_id)).attempts, 5, 'still backing off: not retried before next_attempt_at');
+
+    await b1.pg.query('GRANT CONNECT ON DATABASE sealed TO broker', [], 'postgres');
+    lease = await reapUntil('expired', cred.lease_id, 1);
+    assert.equal(lease.last_error, null);
+    assert.equal(await roleExists(b1.pg, cred.username), false);
+    const [kept] = await b1.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'kept'`, [], 'sealed');
+    assert.equal(kept.tableowner, 'app_readers');
+    assert.deepEqual(await auditTypes(b1.pg, cred.lease_id), ['credential.issued', 'lease.revoke_failed', 'lease.expired']);
+  });
+
+  test('a database that refuses connections blocks teardown until it accepts them again', async () => {
+    const cred = (await b1.issue(await b1.token({ sub: 'frag:noconn' }), { ttl: 1 })).body;
+    await b1.pg.query('CREATE DATABASE closed_db', [], 'postgres');
+    await b1.pg.query(`CREATE TABLE public.stuck (id int); ALTER TABLE public.stuck OWNER TO "${cred.username}"`, [], 'closed_db');
+    await b1.pg.query('ALTER DATABASE closed_db ALLOW_CONNECTIONS false', [], 'postgres');
+    await untilPast(cred.expires_at);
+    await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+    const lease = await leaseRow(b1.pg, cred.lease_id);
+    assert.equal(lease.state, 'revoking');
+    assert.match(lease.last_error, /DROP ROLE: .*closed_db/);
+
+    await b1.pg.query('ALTER DATABASE closed_db ALLOW_CONNECTIONS true', [], 'postgres');
+    // An admin need not wait for the backoff: DELETE retries a failing teardown right away.
+    const res = await api(b1, 'DELETE', `/leases/${cred.lease_id}`, await b1.adminToken());
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.equal(res.body.state, 'expired', 'it keeps the reason it ended for');
+    assert.equal(res.body.last_error, null);
+    assert.equal(await roleExists(b1.pg, cred.username), false);
+    assert.deepEqual(await auditTypes(b1.pg, cred.lease_id), ['credential.issued', 'lease.expired']);
+  });
+});
+
+describe('orphans', () => {
+  test('managed roles without a lease are dropped with an audit event; everything else is left alone', async () => {
+    const su = (sql: string, db = 'postgres') => b1.pg.query(sql, [], db);
+    // As PostgreSQL 16+ requires, the broker holds ADMIN OPTION on an orphan it is to drop.
+    await su(`CREATE ROLE orphan_by_hand LOGIN PASSWORD 'orphan-pw' IN ROLE credential_broker_managed ADMIN broker`);
+    // What a lost lease row leaves: a role the broker made itself, owning a table elsewhere.
+    await b1.app.db.query('CREATE ROLE orphan_lost IN ROLE app_readers, credential_broker_managed ROLE broker');
+    await su('CREATE TABLE public.orphan_table (id int); ALTER TABLE public.orphan_table OWNER TO orphan_lost', 'otherdb');
+    // A member nobody gave the broker ADMIN on: it cannot drop it and must not stall on it.
+    await su('CREATE ROLE orphan_foreign LOGIN IN ROLE credential_broker_managed');
+    await su('CREATE ROLE bystander LOGIN');
+    await su('CREATE ROLE marker_admin NOLOGIN');
+    await su('GRANT credential_broker_managed TO marker_admin WITH ADMIN OPTION');
+    const live = (await b1.issue(await b1.token({ sub: 'rep:orphan-neighbour' }), { ttl: 300 })).body;
+    // Lease rows that say "ended" while the role lives on: long ago is an orphan, just now is not yet.
+    const stale = (await b1.issue(await b1.token({ sub: 'rep:orphan-stale' }), { ttl: 300 })).body;
+    const fresh = (await b1.issue(await b1.token({ sub: 'rep:orphan-fresh' }), { ttl: 300 })).body;
+    await b1.pg.query(`UPDATE broker.leases SET state = 'expired', ended_at = now() - interval '1 hour' WHERE id = $1`, [stale.lease_id]);
+    await b1.pg.query(`UPDATE broker.leases SET state = 'revoked', ended_at = now() WHERE id = $1`, [fresh.lease_id]);
+
+    const session = await connectAs(b1.pg, { username: 'orphan_by_hand', password: 'orphan-pw' });
+    try {
+      const runs = await Promise.all([b1.reaper.reap(), b2.reaper.reap()]);
+      // PostgreSQL 15 lets CREATEROLE drop any plain role, so there the foreign member goes too.
+      assert.equal(runs[0].orphans + runs[1].orphans, b1.pg.version >= 16 ? 3 : 4, JSON.stringify(runs));
+      await assert.rejects(session.query('SELECT 1'));
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await roleExists(b1.pg, 'orphan_by_hand'), false);
+    assert.equal(await roleExists(b1.pg, 'orphan_lost'), false);
+    assert.equal(await roleExists(b1.pg, stale.username), false, 'a role whose lease ended past the grace period is an orphan');
+    assert.equal(await roleExists(b1.pg, fresh.username), true, 'within the grace period it is not');
+    const [table] = await su(`SELECT tableowner FROM pg_tables WHERE tablename = 'orphan_table'`, 'otherdb');
+    assert.equal(table.tableowner, 'app_readers', 'its table went to its group role');
+    const events = await b1.pg.query(
+      `SELECT username, detail->>'reassigned_to' AS target FROM broker.audit_events
+        WHERE type = 'role.orphan_dropped' AND username IN ('orphan_by_hand', 'orphan_lost') ORDER BY username`);
+    assert.deepEqual(events.map((e) => [e.username, e.target]), [['orphan_by_hand', 'broker'], ['orphan_lost', 'app_readers']]);
+    const [staleEvent] = await b1.pg.query(`SELECT detail->>'reassigned_to' AS target FROM broker.audit_events WHERE type = 'role.orphan_dropped' AND username = $1`, [stale.username]);
+    assert.equal(staleEvent.target, 'app_readers');
+
+    for (const role of ['broker', 'bystander', 'marker_admin', 'credential_broker_managed', live.username]) {
+      assert.equal(await roleExists(b1.pg, role), true, role);
+    }
+    assert.equal(await loginError(b1.pg, live), undefined, 'a leased role is not an orphan');
+    assert.equal(await roleExists(b1.pg, 'orphan_foreign'), b1.pg.version >= 16);
+    if (b1.pg.version >= 16) {
+      await waitFor('a warning naming the unmanageable role', async () =>
+        [...b1.logs, ...b2.logs].some((l) => l.includes('orphan_foreign') && l.includes('ADMIN OPTION')), 2000);
+    }
+  });
+});

@@ -1,0 +1,180 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import {
+  ADMIN_SUB, api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
+} from './helpers/broker.js';
+
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_REAPER_INTERVAL: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+  // Two policies admitting the same people: bulk revocation must cross policy boundaries.
+  await b.putPolicy('app', { claims: { sub: 'user:*' }, max_active_leases: 10 });
+  await b.putPolicy('app2', { claims: { sub: 'user:*' }, max_active_leases: 10 });
+});
+after(async () => b?.close());
+
+async function issueOk(sub: string, policy = 'app', ttl = 300): Promise<any> {
+  const res = await b.issue(await b.token({ sub }), { policy, ttl });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  return res.body;
+}
+
+describe('DELETE /leases/{id}', () => {
+  test('ends the open session, the role and future logins before answering 200 revoked', async () => {
+    const owner = await b.token({ sub: 'user:alice' });
+    const cred = await issueOk('user:alice');
+    const session = await connectAs(b.pg, cred);
+    try {
+      assert.equal((await session.query('SELECT count(*)::int AS n FROM public.widgets')).rows[0].n, 3);
+      const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.id, cred.lease_id);
+      assert.equal(res.body.state, 'revoked');
+      assert.equal(res.body.ended_by, `${b.issuer.issuer} user:alice`);
+      assert.equal(res.body.end_reason, 'revoked by request');
+      assert.ok(res.body.ended_at);
+      await assert.rejects(session.query('SELECT 1'), 'the very next query on the open session fails');
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await loginError(b.pg, cred), '28P01');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.revoked']);
+
+    const again = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(again.status, 200, 'revoking twice is harmless');
+    assert.equal(again.body.state, 'revoked');
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.revoked'], 'and records nothing twice');
+  });
+
+  test('a non-owner gets 404 and changes nothing; an admin can revoke anyone\'s lease', async () => {
+    const cred = await issueOk('user:carol');
+    const session = await connectAs(b.pg, cred);
+    try {
+      const stranger = await api(b, 'DELETE', `/leases/${cred.lease_id}`, await b.token({ sub: 'user:mallory' }));
+      assert.equal(stranger.status, 404);
+      assert.equal(stranger.body.code, 'LEASE_NOT_FOUND');
+      const unknown = await api(b, 'DELETE', '/leases/00000000-0000-4000-8000-000000000000', await b.token({ sub: 'user:carol' }));
+      assert.equal(unknown.status, 404, 'the same answer as for a lease that does not exist');
+      assert.equal((await session.query('SELECT 1 AS one')).rows[0].one, 1, 'the session survived');
+      assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'active');
+
+      const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, await b.adminToken());
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.state, 'revoked');
+      assert.equal(res.body.ended_by, `${b.issuer.issuer} ${ADMIN_SUB}`);
+      await assert.rejects(session.query('SELECT 1'));
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    const [event] = await b.pg.query(`SELECT subject, detail FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.revoked'`, [cred.lease_id]);
+    assert.equal(event.subject, ADMIN_SUB, 'the audit event names the admin who acted');
+    assert.equal(event.detail.owner_subject, 'user:carol');
+  });
+});
+
+describe('DELETE racing the reaper', () => {
+  test('a lease past expiry revoked while the reaper reaps it ends once, and DELETE still answers 200', async () => {
+    const owner = await b.token({ sub: 'user:racer' });
+    const creds = [];
+    for (let i = 0; i < 6; i++) creds.push(await issueOk('user:racer', 'app', 1));
+    await untilPast(creds[5].expires_at);
+    for (const cred of creds) {
+      const [del] = await Promise.all([api(b, 'DELETE', `/leases/${cred.lease_id}`, owner), b.reaper.reap()]);
+      assert.equal(del.status, 200, JSON.stringify(del.body));
+      assert.ok(['expired', 'revoked'].includes(del.body.state), del.body.state);
+      assert.equal(await roleExists(b.pg, cred.username), false);
+      const ends = (await auditTypes(b.pg, cred.lease_id)).filter((t) => t !== 'credential.issued');
+      assert.equal(ends.length, 1, `one end event, not ${JSON.stringify(ends)}`);
+    }
+  });
+
+  test('DELETE of a lease the reaper is tearing down waits for that teardown, then answers 200', async () => {
+    const cred = await issueOk('user:slow', 'app', 1);
+    await b.pg.query(`CREATE TABLE public.slow_table (id int); ALTER TABLE public.slow_table OWNER TO "${cred.username}"`, [], 'otherdb');
+    // A superuser transaction holding the table stalls the reaper's REASSIGN OWNED mid-teardown.
+    const blocker = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/postgres$/, '/otherdb') });
+    blocker.on('error', () => undefined);
+    await blocker.connect();
+    try {
+      await blocker.query('BEGIN; LOCK TABLE public.slow_table IN ACCESS EXCLUSIVE MODE');
+      await untilPast(cred.expires_at);
+      const reaping = b.reaper.reap();
+      await waitFor('the reaper to wait on the lock', async () => (await b.pg.query(
+        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`)).length > 0);
+      assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoking');
+      const deleting = api(b, 'DELETE', `/leases/${cred.lease_id}`, await b.token({ sub: 'user:slow' }));
+      await new Promise((r) => setTimeout(r, 300));
+      await blocker.query('COMMIT');
+      const del = await deleting;
+      assert.equal(del.status, 200, JSON.stringify(del.body));
+      assert.equal(del.body.state, 'expired');
+      assert.equal((await reaping).ended, 1);
+    } finally {
+      await blocker.end();
+    }
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.expired']);
+  });
+});
+
+describe('POST /leases/revoke', () => {
+  test('revoking by subject ends exactly that subject\'s active leases, across policies', async () => {
+    const alice = [await issueOk('user:bulk-alice', 'app'), await issueOk('user:bulk-alice', 'app'), await issueOk('user:bulk-alice', 'app2')];
+    const dave = [await issueOk('user:bulk-dave', 'app'), await issueOk('user:bulk-dave', 'app2')];
+    // Already ended leases of the subject are not counted again.
+    const ended = await issueOk('user:bulk-alice', 'app2');
+    assert.equal((await api(b, 'DELETE', `/leases/${ended.lease_id}`, await b.token({ sub: 'user:bulk-alice' }))).status, 200);
+    const session = await connectAs(b.pg, alice[2]);
+    try {
+      const res = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-alice', reason: 'left the company' });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.revoked, 3);
+      assert.deepEqual([...res.body.lease_ids].sort(), alice.map((c) => c.lease_id).sort());
+      await assert.rejects(session.query('SELECT 1'));
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    for (const c of alice) {
+      assert.equal(await roleExists(b.pg, c.username), false);
+      const lease = await leaseRow(b.pg, c.lease_id);
+      assert.equal(lease.state, 'revoked');
+      assert.equal(lease.end_reason, 'left the company');
+    }
+    for (const c of dave) {
+      assert.equal((await leaseRow(b.pg, c.lease_id)).state, 'active');
+      assert.equal(await loginError(b.pg, c), undefined, 'someone else\'s credential still works');
+    }
+
+    const narrowed = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-dave', policy: 'app2' });
+    assert.equal(narrowed.status, 200);
+    assert.deepEqual(narrowed.body, { revoked: 1, lease_ids: [dave[1].lease_id] });
+    assert.equal((await leaseRow(b.pg, dave[0].lease_id)).state, 'active');
+    assert.equal(await loginError(b.pg, dave[1]), '28P01');
+  });
+
+  test('needs an admin (403) and at least one of subject, issuer or policy (400)', async () => {
+    const victim = await issueOk('user:bulk-erin');
+    const notAdmin = await api(b, 'POST', '/leases/revoke', await b.token({ sub: 'user:bulk-erin' }), { subject: 'user:bulk-erin' });
+    assert.equal(notAdmin.status, 403);
+    assert.equal(notAdmin.body.code, 'NOT_ADMIN');
+    const anonymous = await api(b, 'POST', '/leases/revoke', undefined, { subject: 'user:bulk-erin' });
+    assert.equal(anonymous.status, 401);
+    for (const body of [{}, { reason: 'no selector' }, { subject: '' }, { subject: 'user:bulk-erin', extra: 1 }]) {
+      const res = await api(b, 'POST', '/leases/revoke', await b.adminToken(), body);
+      assert.equal(res.status, 400, JSON.stringify(body));
+      assert.equal(res.body.code, 'BAD_REQUEST');
+    }
+    assert.equal((await leaseRow(b.pg, victim.lease_id)).state, 'active', 'nothing was revoked by the refused calls');
+
+    const byIssuer = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { issuer: 'https://nobody.example' });
+    assert.deepEqual(byIssuer.body, { revoked: 0, lease_ids: [] });
+    const ok = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-erin' });
+    assert.equal(ok.status, 200);
+    assert.deepEqual(ok.body, { revoked: 1, lease_ids: [victim.lease_id] });
+  });
+});
