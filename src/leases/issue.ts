@@ -61,8 +61,9 @@ export function choosePolicy(evaluations: PolicyEvaluation[], named?: string): P
   return admitted[0].policy;
 }
 
-function wholeSecond(ms: number): Date {
-  return new Date(Math.floor(ms / 1000) * 1000);
+/** VALID UNTIL in whole seconds, rounded up so a lease never lives shorter than its ttl. */
+export function wholeSecondAfter(ms: number): Date {
+  return new Date(Math.ceil(ms / 1000) * 1000);
 }
 
 function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<string, unknown> {
@@ -88,8 +89,8 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     const password = generatePassword();
     const verifier = await scramVerifierAsync(password, deps.config.scramIterations);
     const now = Date.now();
-    const expiresAt = wholeSecond(now + ttl * 1000);
-    const maxExpiresAt = wholeSecond(now + policy.max_ttl * 1000);
+    const expiresAt = wholeSecondAfter(now + ttl * 1000);
+    const maxExpiresAt = wholeSecondAfter(now + policy.max_ttl * 1000);
     const leaseId = randomUUID();
     const chosen = policy;
     await withTransaction(deps.pool, async (client) => {

@@ -6,6 +6,7 @@ import { getPolicy } from '../policy/repository.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
 import { isoRow } from '../postgres/rows.js';
+import { wholeSecondAfter } from './issue.js';
 import { LEASE_COLUMNS, type Lease } from './repository.js';
 
 const FALLBACK_TTL_SECONDS = 900;
@@ -27,7 +28,7 @@ export async function renewLease(
     if (!row || row.issuer !== owner.issuer || row.subject !== owner.subject) throw new Errors.LeaseNotFound();
     if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
     const ttl = ttlSeconds ?? (await getPolicy(client, row.policy))?.default_ttl ?? FALLBACK_TTL_SECONDS;
-    const wanted = Math.floor(Date.now() / 1000) * 1000 + ttl * 1000;
+    const wanted = wholeSecondAfter(Date.now() + ttl * 1000).getTime();
     const max = (row.max_expires_at as Date).getTime();
     const capped = wanted > max;
     const expiresAt = new Date(Math.min(wanted, max));

@@ -49,9 +49,15 @@ export class Reaper extends EventEmitter {
   start(): void {
     if (this.task) return;
     this.stopping = false;
-    const seconds = this.deps.config.reaperIntervalSeconds;
-    const expression = seconds < 60 ? `*/${seconds} * * * * *` : `0 */${Math.max(1, Math.round(seconds / 60))} * * * *`;
-    this.task = cron.schedule(expression, () => this.tick(), {
+    const intervalMs = this.deps.config.reaperIntervalSeconds * 1000;
+    // A cron step like */7 restarts at every minute (…49, 56, 0), so the job ticks every second
+    // and runs once a full interval has passed since the last run began: even spacing for any N.
+    let lastRun = 0;
+    this.task = cron.schedule('* * * * * *', () => {
+      if (Date.now() - lastRun < intervalMs - 500) return;
+      lastRun = Date.now();
+      return this.tick();
+    }, {
       noOverlap: true,
       name: 'pg-credential-broker-reaper',
       suppressMissedWarning: true,
