@@ -23,12 +23,21 @@ export async function startBroker(config: Config, options: BuildOptions & { migr
   app.addHook('onReady', async () => reaper.start());
   app.addHook('onClose', async () => reaper.stop());
   let metricsServer: FastifyInstance | null = null;
-  if (config.metricsPort !== undefined) {
-    metricsServer = Fastify({ logger: false });
-    metricsServer.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
-    await metricsServer.listen({ host: config.host, port: config.metricsPort });
+  let url: string;
+  try {
+    if (config.metricsPort !== undefined) {
+      metricsServer = Fastify({ logger: false });
+      metricsServer.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
+      await metricsServer.listen({ host: config.host, port: config.metricsPort });
+    }
+    url = await app.listen({ host: config.host, port: config.port });
+  } catch (err) {
+    // listen() has already made the app ready, which started the reaper: a broker that cannot
+    // serve (port taken) must not linger as a headless reaper holding the pool. Stop it all.
+    await metricsServer?.close().catch(() => undefined);
+    await app.close().catch(() => undefined);
+    throw err;
   }
-  const url = await app.listen({ host: config.host, port: config.port });
   return {
     app,
     url,
@@ -51,7 +60,12 @@ export async function serve(config: Config): Promise<void> {
     broker.app.log.info({ signal }, 'shutting down');
     const force = setTimeout(() => process.exit(1), 15_000);
     force.unref();
-    await broker.close();
+    try {
+      await broker.close();
+    } catch (err) {
+      broker.app.log.error({ err: { message: (err as Error).message } }, 'shutdown failed');
+      process.exit(1);
+    }
     process.exit(0);
   };
   process.on('SIGINT', () => void shutdown('SIGINT'));

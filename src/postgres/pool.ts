@@ -37,14 +37,15 @@ export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClie
   }
 }
 
-const CONNECTION_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'EAI_AGAIN']);
+const CONNECTION_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'EHOSTDOWN', 'ENETUNREACH', 'EAI_AGAIN']);
 
 /** True when the error means PostgreSQL itself is unreachable, not that a statement failed. */
 export function isConnectionError(err: unknown): boolean {
   if (!err || typeof err !== 'object') return false;
   const { code, message } = err as { code?: string; message?: string };
   if (code && CONNECTION_CODES.has(code)) return true;
-  // 57P01-03: admin shutdown, crash shutdown, cannot connect now; class 08: connection exceptions.
-  if (code && (/^57P0[123]$/.test(code) || code.startsWith('08'))) return true;
+  // 57P01-03: admin shutdown, crash shutdown, cannot connect now (starting up, shutting down,
+  // recovery); 53300: too many connections, i.e. full for now; class 08: connection exceptions.
+  if (code && (/^57P0[123]$/.test(code) || code === '53300' || code.startsWith('08'))) return true;
   return typeof message === 'string' && /Connection terminated|timeout exceeded when trying to connect|Client has encountered a connection error|Connection terminated unexpectedly/.test(message);
 }

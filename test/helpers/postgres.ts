@@ -17,7 +17,8 @@ export interface TestPostgres {
   /** Runs as superuser in `database` (default: 'broker'). */
   query<T = any>(sql: string, params?: unknown[], database?: string): Promise<T[]>;
   stop(): Promise<void>;
-  restart(): Promise<void>;
+  /** Stops the server and starts it again on the same port, `downMs` (default 0) later. */
+  restart(opts?: { downMs?: number }): Promise<void>;
 }
 
 type Flavor = 'embedded' | 'pg15';
@@ -125,8 +126,8 @@ export async function startPostgres(opts: { flavor?: Flavor } = {}): Promise<Tes
     logLines: () => local.logLines(),
     query,
     stop: () => local.stop(),
-    async restart() {
-      await local.restart().catch((e) => { throw e instanceof LocalPostgresError ? fail(flavor, e.reason) : e; });
+    async restart(opts) {
+      await local.restart(opts).catch((e) => { throw e instanceof LocalPostgresError ? fail(flavor, e.reason) : e; });
     },
   };
 }

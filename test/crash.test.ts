@@ -1,0 +1,307 @@
+// Crash safety: `pg-broker serve` as a child process, SIGKILLed at random moments while clients
+// issue and revoke credentials and the reaper tears down expiring leases, then started again.
+// CRASH_TRIALS sets the number of kills (default 50; `npm run test:soak` runs more), CRASH_SEED
+// replays a run. The per-trial and final checks are the invariants of ../shared/DESIGN.md.
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { AUDIENCE, brokerEnv, connectAs } from './helpers/broker.js';
+import { startIssuer, type TestIssuer } from './helpers/issuer.js';
+import { startPostgres, type TestPostgres } from './helpers/postgres.js';
+import { http, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
+
+const TRIALS = Number(process.env.CRASH_TRIALS ?? 50);
+const SEED = Number(process.env.CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
+const WORKERS = 6;
+const MANAGED_ROLE = 'credential_broker_managed';
+
+// A seeded PRNG (mulberry32), so a failing run can be replayed with CRASH_SEED.
+let state = SEED >>> 0;
+function random(): number {
+  state = (state + 0x6d2b79f5) >>> 0;
+  let t = state;
+  t = Math.imul(t ^ (t >>> 15), t | 1);
+  t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+  return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+}
+const between = (lo: number, hi: number) => Math.floor(lo + random() * (hi - lo + 1));
+
+interface Received {
+  lease_id: string;
+  username: string;
+  password: string;
+  expires_at: string;
+  subject: string;
+  trial: number;
+}
+
+let pgs: TestPostgres;
+let issuer: TestIssuer;
+let env: Record<string, string>;
+let current: BrokerProcess | undefined;
+const received: Received[] = [];
+const interruptedDeletes: Received[] = [];
+const statuses = new Map<string, number>();
+const serverErrors: string[] = [];
+const badDeletes: string[] = [];
+const summary = { bootKills: 0, trials: 0, issuanceKills: 0, reapingKills: 0, killedMidIssue: 0, killedMidTeardown: 0, interruptedTeardowns: 0, reapedDuringTrials: 0, loginsChecked: 0 };
+
+let inFlight = 0; // requests sent and not yet answered
+
+const count = (key: string) => statuses.set(key, (statuses.get(key) ?? 0) + 1);
+
+function token(sub: string): Promise<string> {
+  return issuer.sign({ aud: AUDIENCE, sub });
+}
+
+before(async () => {
+  pgs = await startPostgres();
+  issuer = await startIssuer();
+  env = brokerEnv(pgs, issuer, {
+    BROKER_REAPER_INTERVAL: '1',
+    BROKER_SCRAM_ITERATIONS: '1',
+    BROKER_RATE_LIMIT_IP: '1000000',
+    BROKER_RATE_LIMIT_IDENTITY: '1000000',
+    LOG_LEVEL: 'info',
+  });
+  current = await spawnBroker(env);
+  const res = await http(`${current.url}/policies/crash`, {
+    method: 'PUT',
+    token: await issuer.sign({ aud: AUDIENCE, sub: 'admin:crash' }),
+    body: { issuer: issuer.issuer, database: pgs.database, grant_role: 'app_readers', claims: { sub: 'crash:*' }, default_ttl: 2, max_ttl: 3, max_active_leases: 1000 },
+  });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+});
+
+after(async () => {
+  await current?.kill();
+  await issuer?.close();
+  await pgs?.stop();
+});
+
+/**
+ * Clients: each worker issues credentials (ttl 1-3 s) in a loop and revokes about a quarter of
+ * them at once, until `stop` is set or the broker stops answering.
+ */
+async function drive(broker: BrokerProcess, trial: number, stop: { now: boolean; killing: boolean }): Promise<void> {
+  // No answer is expected only from a process being killed; from a live one it is a failure.
+  const lost = (what: string, res: { error?: string }) => {
+    if (!stop.killing) serverErrors.push(`trial ${trial} ${what}: no answer from a live broker (${res.error})`);
+  };
+  const worker = async (w: number) => {
+    const subject = `crash:w${w}`;
+    const tok = await token(subject);
+    while (!stop.now) {
+      inFlight++;
+      const res = await http(`${broker.url}/credentials`, { method: 'POST', token: tok, body: { ttl: between(1, 3) }, timeoutMs: 10_000 });
+      inFlight--;
+      if (res.status === 0) return lost('POST /credentials', res);
+      count(`POST ${res.status}`);
+      if (res.status >= 500) serverErrors.push(`trial ${trial} POST /credentials ${res.status} ${JSON.stringify(res.body)}`);
+      if (res.status !== 201) continue;
+      const cred: Received = { ...res.body, subject, trial };
+      received.push(cred);
+      if (random() < 0.25) {
+        inFlight++;
+        const del = await http(`${broker.url}/leases/${cred.lease_id}`, { method: 'DELETE', token: tok, timeoutMs: 10_000 });
+        inFlight--;
+        if (del.status === 0) {
+          interruptedDeletes.push(cred);
+          return lost('DELETE /leases', del);
+        }
+        count(`DELETE ${del.status} ${del.body?.state ?? del.body?.code}`);
+        if (del.status >= 500) serverErrors.push(`trial ${trial} DELETE /leases ${del.status} ${JSON.stringify(del.body)}`);
+        // A 200 means the teardown is over: revoked, or expired when the reaper got there first (ttl 1 s).
+        else if (del.status !== 200 || !['revoked', 'expired'].includes(del.body.state)) badDeletes.push(`trial ${trial}: DELETE ${cred.lease_id} ${del.status} ${JSON.stringify(del.body)}`);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: WORKERS }, (_, w) => worker(w)));
+}
+
+interface Snapshot {
+  inTeardown: Set<string>;
+  ended: number;
+}
+
+async function snapshot(): Promise<Snapshot> {
+  const rows = await pgs.query<{ id: string }>(`SELECT id FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')`);
+  const [ended] = await pgs.query<{ n: number }>(`SELECT count(*)::int AS n FROM broker.leases WHERE state IN ('expired', 'revoked')`);
+  return { inTeardown: new Set(rows.map((r) => r.id)), ended: ended.n };
+}
+
+/** Members of the marker role (that the broker issued) without any lease row. */
+async function rolesWithoutLease(): Promise<string[]> {
+  const rows = await pgs.query<{ rolname: string }>(
+    `SELECT r.rolname FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid JOIN pg_roles g ON g.oid = m.roleid
+      WHERE g.rolname = $1 AND NOT m.admin_option AND NOT r.rolsuper AND NOT r.rolcreaterole AND r.rolname <> 'broker'
+        AND NOT EXISTS (SELECT 1 FROM broker.leases l WHERE l.username = r.rolname)`,
+    [MANAGED_ROLE],
+  );
+  return rows.map((r) => r.rolname);
+}
+
+/** Active leases not yet past expiry whose role is missing, cannot log in, or has another VALID UNTIL. */
+async function activeLeasesWithoutLogin(): Promise<string[]> {
+  const rows = await pgs.query<{ id: string; problem: string }>(
+    `SELECT l.id, CASE WHEN r.oid IS NULL THEN 'no role' WHEN NOT r.rolcanlogin THEN 'NOLOGIN'
+                       ELSE 'VALID UNTIL ' || r.rolvaliduntil || ' <> ' || l.expires_at END AS problem
+       FROM broker.leases l LEFT JOIN pg_roles r ON r.rolname = l.username
+      WHERE l.state = 'active' AND l.expires_at > now()
+        AND (r.oid IS NULL OR NOT r.rolcanlogin OR r.rolvaliduntil IS DISTINCT FROM l.expires_at)`,
+  );
+  return rows.map((r) => `${r.id}: ${r.problem}`);
+}
+
+/** Logs in with the credential; true when it worked. */
+async function canLogIn(cred: Received): Promise<boolean> {
+  try {
+    const client = await connectAs(pgs, cred);
+    await client.end();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Every credential of this trial whose lease still reads `active` (and has not reached its
+ * expiry) must log in: the broker died, PostgreSQL did not, and the lease says the login works.
+ */
+async function checkReceivedLogins(trial: number): Promise<void> {
+  const mine = received.filter((c) => c.trial === trial);
+  if (mine.length === 0) return;
+  const leases = await pgs.query<{ id: string; state: string; expires_at: Date }>(
+    'SELECT id, state, expires_at FROM broker.leases WHERE id = ANY($1)', [mine.map((c) => c.lease_id)]);
+  const byId = new Map(leases.map((l) => [l.id, l]));
+  for (const cred of mine) assert.ok(byId.has(cred.lease_id), `trial ${trial}: credential ${cred.username} was answered 201 but has no lease row`);
+  const live = mine.filter((c) => byId.get(c.lease_id)!.state === 'active' && byId.get(c.lease_id)!.expires_at.getTime() > Date.now() + 400);
+  for (const cred of live.sort(() => random() - 0.5).slice(0, 12)) {
+    summary.loginsChecked++;
+    if (await canLogIn(cred)) continue;
+    // A lease may have ended in the meantime (another process's reaper); only an active one is a failure.
+    const [now] = await pgs.query<{ state: string; lapsed: boolean }>('SELECT state, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1', [cred.lease_id]);
+    assert.ok(now.state !== 'active' || now.lapsed, `trial ${trial}: lease ${cred.lease_id} reads active but ${cred.username} cannot log in`);
+  }
+}
+
+describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, () => {
+  test('every trial: after the kill no role lacks a lease, and every active lease can log in', async () => {
+    for (let trial = 1; trial <= TRIALS; trial++) {
+      // Odd trials kill during an issuance burst; even ones wait for the reaper to be at work
+      // on the leases earlier trials left expiring, then kill while it tears them down.
+      const reaping = trial % 2 === 0;
+      const broker = current!;
+      const before = await snapshot();
+      const stop = { now: false, killing: false };
+      const load = drive(broker, trial, stop);
+      await sleep(reaping ? between(300, 1800) : between(50, 900));
+      const inFlightAtKill = inFlight;
+      stop.killing = true;
+      await broker.kill('SIGKILL');
+      stop.now = true;
+      await load;
+      summary.trials++;
+      if (reaping) summary.reapingKills++;
+      else summary.issuanceKills++;
+      if (inFlightAtKill > 0) summary.killedMidIssue++;
+
+      // Every tenth restart is itself killed at a random moment while it boots (module loading,
+      // the migration check under its advisory lock, plugin setup), and started once more.
+      if (trial % 10 === 0) {
+        const doomed = await spawnBroker(env, { noWait: true });
+        await sleep(between(100, 1500));
+        await doomed.kill('SIGKILL');
+        summary.bootKills++;
+      }
+      // Restart at once (a supervisor would), and check the state the dead process left while
+      // the new one is still booting: its reaper has not started yet.
+      const next = spawnBroker(env);
+      next.catch(() => undefined);
+      try {
+        const orphans = await rolesWithoutLease();
+        assert.deepEqual(orphans, [], `trial ${trial}: managed roles without a lease row`);
+        assert.deepEqual(await activeLeasesWithoutLogin(), [], `trial ${trial}: active leases whose role cannot log in`);
+        const afterKill = await snapshot();
+        const claimedByDead = [...afterKill.inTeardown].filter((id) => !before.inTeardown.has(id));
+        if (claimedByDead.length > 0) summary.killedMidTeardown++;
+        summary.interruptedTeardowns += claimedByDead.length;
+        summary.reapedDuringTrials += Math.max(0, afterKill.ended - before.ended);
+        await checkReceivedLogins(trial);
+        assert.deepEqual(badDeletes, [], `trial ${trial}: answered DELETEs whose lease has not ended`);
+        assert.deepEqual(serverErrors, [], `trial ${trial}: 5xx answers, or none from a live broker`);
+        assert.equal(broker.stderr.filter((l) => !/ExperimentalWarning|--trace-warnings/.test(l)).length, 0, `trial ${trial} stderr: ${broker.stderr.join('\n')}`);
+      } finally {
+        const t0 = Date.now();
+        current = await next;
+        if (process.env.CRASH_DEBUG) console.log(`trial ${trial} ${reaping ? 'reaping' : 'issuance'} waited ${Date.now() - t0} ms for the restart`);
+      }
+    }
+  });
+
+  test('after the restarts and a full reaper pass: nothing stuck, every credential works or its lease has ended', async () => {
+    // Clients retry what a crash interrupted: a DELETE that got no answer is sent again.
+    for (const cred of interruptedDeletes) {
+      const res = await http(`${current!.url}/leases/${cred.lease_id}`, { method: 'DELETE', token: await token(cred.subject) });
+      const why = async () => `retried DELETE ${cred.lease_id}: ${res.status} ${JSON.stringify(res.body)}; lease ${JSON.stringify((await pgs.query('SELECT * FROM broker.leases WHERE id = $1', [cred.lease_id]))[0])};`
+        + ` broker log: ${current!.logs.filter((l) => l.level >= 40).slice(-5).map((l) => JSON.stringify(l)).join('\n')}`;
+      if (res.status !== 200) assert.fail(await why());
+      assert.ok(['revoked', 'expired'].includes(res.body.state), `retried DELETE of ${cred.lease_id} answered 200 but the lease reads ${res.body.state}`);
+    }
+
+    // Every lease ever issued has a TTL of at most 3 s and nobody issues any more, so once the
+    // last one has expired the reaper must end them all, including every teardown a kill
+    // interrupted (its claim died with the process that made it).
+    const lastExpiry = Math.max(...(await pgs.query<{ e: Date }>('SELECT max(expires_at) AS e FROM broker.leases')).map((r) => r.e.getTime()));
+    await sleep(Math.max(0, lastExpiry - Date.now()));
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const [left] = await pgs.query<{ n: number }>(`SELECT count(*)::int AS n FROM broker.leases WHERE state NOT IN ('expired', 'revoked')`);
+      if (left.n === 0) break;
+      if (Date.now() > deadline) break; // the assertions below name what is stuck
+      await sleep(200);
+    }
+    await sleep(1500); // one more whole reaper pass, which also sweeps orphaned roles
+
+    assert.deepEqual(await rolesWithoutLease(), [], 'managed roles without a lease row');
+    const leases = await pgs.query<{ id: string; username: string; state: string; role: boolean; last_error: string | null }>(
+      `SELECT l.id, l.username, l.state, l.last_error, r.oid IS NOT NULL AS role
+         FROM broker.leases l LEFT JOIN pg_roles r ON r.rolname = l.username`);
+    const byId = new Map(leases.map((l) => [l.id, l]));
+    // Stuck: anything not ended and torn down although every lease is past its expiry.
+    assert.deepEqual(leases.filter((l) => l.state !== 'expired' && l.state !== 'revoked').map((l) => `${l.id} ${l.state} ${l.last_error ?? ''}`), [], 'stuck leases');
+    assert.deepEqual(leases.filter((l) => l.role).map((l) => l.username), [], 'ended leases whose role still exists');
+
+    for (const cred of received) {
+      const lease = byId.get(cred.lease_id);
+      assert.ok(lease, `credential ${cred.username} has no lease row`);
+    }
+    // A sample of those credentials really is refused now.
+    for (const cred of [...received].sort(() => random() - 0.5).slice(0, 30)) {
+      assert.equal(await canLogIn(cred), false, `${cred.username} still logs in after its lease ended`);
+    }
+
+    // Each lease that ended was recorded ending exactly once, however many processes died around it.
+    const audit = await pgs.query<{ lease_id: string; n: number }>(
+      `SELECT l.id AS lease_id, count(a.id)::int AS n FROM broker.leases l
+         LEFT JOIN broker.audit_events a ON a.lease_id = l.id AND a.type IN ('lease.expired', 'lease.revoked')
+        GROUP BY l.id`);
+    const wrong = audit.filter((a) => a.n !== (['expired', 'revoked'].includes(byId.get(a.lease_id)!.state) ? 1 : 0));
+    assert.deepEqual(wrong, [], 'leases with a wrong number of lease.expired/lease.revoked events');
+
+    assert.deepEqual(serverErrors, [], '5xx answers');
+    const finished = leases.filter((l) => l.state === 'expired' || l.state === 'revoked').length;
+    console.log(`crash safety: seed ${SEED}; ${summary.trials} SIGKILL trials (${summary.issuanceKills} during issuance bursts, ${summary.reapingKills} while the reaper worked) plus ${summary.bootKills} kills during boot;`
+      + ` ${summary.killedMidIssue} kills with requests in flight, ${summary.killedMidTeardown} kills interrupted teardowns (${summary.interruptedTeardowns} leases left revoking, all finished later);`
+      + ` ${summary.reapedDuringTrials} leases reaped between kills;`
+      + ` ${received.length} credentials received (each has its lease row; ${summary.loginsChecked} live logins verified right after a kill; a sample of 30 refused at the end),`
+      + ` ${interruptedDeletes.length} interrupted DELETEs retried (all 200, ended); ${leases.length} leases, ${finished} ended and torn down, ${leases.length - finished} left;`
+      + ` responses ${JSON.stringify(Object.fromEntries([...statuses].sort()))}; 0 roles without a lease, 0 stuck leases, 0 5xx`);
+  });
+
+  test('the last broker shuts down cleanly on SIGTERM', async () => {
+    const status = await current!.kill('SIGTERM');
+    assert.deepEqual(status, { code: 0, signal: null });
+    assert.ok(current!.logged('shutting down').length === 1);
+    current = undefined;
+  });
+});

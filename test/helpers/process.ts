@@ -1,0 +1,211 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { freePort } from './ports.js';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
+const HOST = '127.0.0.1';
+
+export interface ExitStatus {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/** A `pg-broker serve` child process on 127.0.0.1, with its JSON log captured line by line. */
+export interface BrokerProcess {
+  pid: number;
+  port: number;
+  /** http://127.0.0.1:<port> */
+  url: string;
+  /** Every stdout line parsed as JSON (pino); lines that are not JSON are kept as { raw }. */
+  logs: Array<Record<string, any>>;
+  /** stderr lines: anything here from a broker that did not crash on purpose is worth reading. */
+  stderr: string[];
+  /** Resolves when the process has exited, however that happened. */
+  exited: Promise<ExitStatus>;
+  alive(): boolean;
+  /** Sends `signal` (default SIGKILL) and waits for the exit; harmless on a process already gone. */
+  kill(signal?: NodeJS.Signals): Promise<ExitStatus>;
+  /** Log lines whose `msg` equals or matches `msg`. */
+  logged(msg: string | RegExp): Array<Record<string, any>>;
+}
+
+export interface SpawnOptions {
+  /** How long to wait for GET /readyz to answer 200 (default 30 s). */
+  readyTimeoutMs?: number;
+  /** Do not wait for /readyz (the caller polls, e.g. while PostgreSQL is down). */
+  noWait?: boolean;
+  /** Listen on this port instead of a free one (no retry when it is taken). */
+  port?: number;
+}
+
+// Children still running when the test process ends (a failed assertion, a signal) are killed,
+// so a test run never leaves a broker behind holding PostgreSQL connections.
+const children = new Set<ChildProcess>();
+const killChildren = () => {
+  for (const child of children) child.kill('SIGKILL');
+};
+process.on('exit', killChildren);
+// A signal ends the test process without 'exit' (helpers/postgres.ts re-raises it): kill the
+// brokers first, then let the signal do what it would have done had we not listened.
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  const onSignal = () => {
+    killChildren();
+    process.removeListener(sig, onSignal);
+    if (process.listenerCount(sig) <= 1) process.kill(process.pid, sig);
+  };
+  process.on(sig, onSignal);
+}
+
+function lines(into: (line: string) => void): (chunk: Buffer) => void {
+  let buf = '';
+  return (chunk) => {
+    buf += chunk.toString('utf8');
+    const parts = buf.split('\n');
+    buf = parts.pop() ?? '';
+    for (const p of parts) if (p.trim()) into(p);
+  };
+}
+
+function tail(list: string[], n = 5): string {
+  return list.slice(-n).join(' | ');
+}
+
+async function startOnce(env: Record<string, string>, port: number): Promise<BrokerProcess> {
+  // Only what the broker needs (PATH, HOME for tsx's cache) plus `env`: the test's own environment stays out.
+  const child = spawn(process.execPath, [BIN, 'serve'], {
+    cwd: ROOT,
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/tmp', LOG_LEVEL: 'info', ...env, HOST, PORT: String(port) },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  children.add(child);
+  const logs: Array<Record<string, any>> = [];
+  const stderr: string[] = [];
+  child.stdout!.on('data', lines((l) => {
+    try {
+      logs.push(JSON.parse(l));
+    } catch {
+      logs.push({ raw: l });
+    }
+  }));
+  child.stderr!.on('data', lines((l) => stderr.push(l)));
+  const exited = new Promise<ExitStatus>((resolve) => {
+    child.once('exit', (code, signal) => {
+      children.delete(child);
+      resolve({ code, signal });
+    });
+  });
+  const alive = () => child.exitCode === null && child.signalCode === null;
+  return {
+    pid: child.pid!,
+    port,
+    url: `http://${HOST}:${port}`,
+    logs,
+    stderr,
+    exited,
+    alive,
+    async kill(signal: NodeJS.Signals = 'SIGKILL') {
+      if (alive()) child.kill(signal);
+      return exited;
+    },
+    logged: (msg) => logs.filter((l) => (typeof msg === 'string' ? l.msg === msg : typeof l.msg === 'string' && msg.test(l.msg))),
+  };
+}
+
+/** Polls GET /readyz until it answers 200, the process exits, or the deadline passes. */
+export async function waitReady(broker: BrokerProcess, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!broker.alive()) {
+      const status = await broker.exited;
+      throw new Error(`broker exited before it was ready (code ${status.code}, signal ${status.signal}): ${tail(broker.stderr)} ${tail(broker.logs.map((l) => JSON.stringify(l)), 3)}`);
+    }
+    try {
+      const res = await fetch(`${broker.url}/readyz`, { signal: AbortSignal.timeout(1000) });
+      await res.arrayBuffer();
+      if (res.status === 200) return;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) {
+      await broker.kill();
+      throw new Error(`broker not ready after ${timeoutMs} ms: ${tail(broker.stderr)}`);
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/**
+ * Starts `node bin/pg-broker.js serve` with `env` on a free loopback port and waits until
+ * /readyz answers 200. A port lost to another process between choosing and binding is retried.
+ */
+export async function spawnBroker(env: Record<string, string>, opts: SpawnOptions = {}): Promise<BrokerProcess> {
+  for (let attempt = 1; ; attempt++) {
+    const broker = await startOnce(env, opts.port ?? (await freePort(HOST)));
+    if (opts.noWait) return broker;
+    try {
+      await waitReady(broker, opts.readyTimeoutMs);
+      return broker;
+    } catch (err) {
+      const lostPort = broker.logs.some((l) => /EADDRINUSE/.test(JSON.stringify(l))) || broker.stderr.some((l) => /EADDRINUSE/.test(l));
+      if (attempt < 3 && lostPort && opts.port === undefined) continue;
+      throw err;
+    }
+  }
+}
+
+/** Stops every given broker that is still running (SIGKILL unless told otherwise). */
+export async function killAll(brokers: Iterable<BrokerProcess | undefined>, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+  await Promise.all([...brokers].map((b) => b?.kill(signal)));
+}
+
+export interface HttpResult {
+  /** HTTP status, or 0 when the request failed without an answer (connection refused or reset). */
+  status: number;
+  headers: Headers | null;
+  body: any;
+  error?: string;
+}
+
+/**
+ * One HTTP request with a hard timeout. Never throws: a broker killed mid-request gives status 0,
+ * which is exactly what a client of a crashed process sees.
+ */
+export async function http(
+  url: string,
+  init: { method?: string; token?: string; body?: unknown; timeoutMs?: number } = {},
+): Promise<HttpResult> {
+  const headers: Record<string, string> = {};
+  if (init.token) headers.authorization = `Bearer ${init.token}`;
+  if (init.body !== undefined) headers['content-type'] = 'application/json';
+  try {
+    const res = await fetch(url, {
+      method: init.method ?? 'GET',
+      headers,
+      body: init.body === undefined ? undefined : JSON.stringify(init.body),
+      signal: AbortSignal.timeout(init.timeoutMs ?? 15_000),
+    });
+    const text = await res.text();
+    let body: any = text;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch {
+      // keep the text
+    }
+    return { status: res.status, headers: res.headers, body };
+  } catch (err) {
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    return { status: 0, headers: null, body: null, error: cause?.code ?? cause?.message ?? (err as Error).message };
+  }
+}
+
+/** Waits for `ms` milliseconds. */
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Fails, with the child's stderr, when a broker that should still be running has died. */
+export async function expectAlive(broker: BrokerProcess, what: string): Promise<void> {
+  if (!broker.alive()) {
+    const status = await broker.exited;
+    throw new Error(`${what}: broker pid ${broker.pid} died (code ${status.code}, signal ${status.signal}); stderr: ${tail(broker.stderr, 10)}`);
+  }
+}
