@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import { AUDIENCE, brokerEnv, connectAs } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { http, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
+import { http, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
 
 const TRIALS = Number(process.env.CRASH_TRIALS ?? 50);
 const SEED = Number(process.env.CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
@@ -304,4 +304,10 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
     assert.ok(current!.logged('shutting down').length === 1);
     current = undefined;
   });
+});
+
+test('no token or password the clients saw reached a broker log or the PostgreSQL statement log', () => {
+  const { leaks, secrets } = loggedSecrets(pgs.logLines());
+  assert.ok(secrets > 0, 'the suite saw secrets to look for');
+  assert.deepEqual(leaks, []);
 });

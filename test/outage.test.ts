@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import { AUDIENCE, brokerEnv, connectAs } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { expectAlive, http, sleep, spawnBroker, type BrokerProcess, type HttpResult } from './helpers/process.js';
+import { expectAlive, http, loggedSecrets, sleep, spawnBroker, type BrokerProcess, type HttpResult } from './helpers/process.js';
 
 const DOWN_MS = 2000;
 // OUTAGE_ROUNDS restarts PostgreSQL that many times in a row (`npm run test:soak` runs several).
@@ -225,4 +225,10 @@ describe('PostgreSQL restarted mid-load', () => {
     assert.deepEqual(await b.kill('SIGTERM'), { code: 0, signal: null });
     broker = undefined;
   });
+});
+
+test('no token or password the clients saw reached a broker log or the PostgreSQL statement log', () => {
+  const { leaks, secrets } = loggedSecrets(pgs.logLines());
+  assert.ok(secrets > 0, 'the suite saw secrets to look for');
+  assert.deepEqual(leaks, []);
 });

@@ -9,7 +9,7 @@ import { REAPER_LOCK_KEY } from '../src/reaper/leadership.js';
 import { AUDIENCE, brokerEnv } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { http, killAll, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
+import { http, killAll, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
 
 const REPLICAS = 3;
 const LOAD_MS = Number(process.env.REPLICA_LOAD_MS ?? 4000);
@@ -278,4 +278,10 @@ describe(`${REPLICAS} broker processes on one database`, () => {
       assert.deepEqual(b.stderr, []);
     }
   });
+});
+
+test('no token or password the clients saw reached a broker log or the PostgreSQL statement log', () => {
+  const { leaks, secrets } = loggedSecrets(pgs.logLines());
+  assert.ok(secrets > 0, 'the suite saw secrets to look for');
+  assert.deepEqual(leaks, []);
 });

@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { findLeaks } from './broker.js';
 import { freePort } from './ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -142,6 +143,7 @@ export async function waitReady(broker: BrokerProcess, timeoutMs = 30_000): Prom
 export async function spawnBroker(env: Record<string, string>, opts: SpawnOptions = {}): Promise<BrokerProcess> {
   for (let attempt = 1; ; attempt++) {
     const broker = await startOnce(env, opts.port ?? (await freePort(HOST)));
+    spawned.push(broker);
     if (opts.noWait) return broker;
     try {
       await waitReady(broker, opts.readyTimeoutMs);
@@ -176,7 +178,10 @@ export async function http(
   init: { method?: string; token?: string; body?: unknown; timeoutMs?: number } = {},
 ): Promise<HttpResult> {
   const headers: Record<string, string> = {};
-  if (init.token) headers.authorization = `Bearer ${init.token}`;
+  if (init.token) {
+    headers.authorization = `Bearer ${init.token}`;
+    seenSecrets.add(init.token);
+  }
   if (init.body !== undefined) headers['content-type'] = 'application/json';
   try {
     const res = await fetch(url, {
@@ -192,11 +197,23 @@ export async function http(
     } catch {
       // keep the text
     }
+    if (typeof body?.password === 'string') seenSecrets.add(body.password);
     return { status: res.status, headers: res.headers, body };
   } catch (err) {
     const cause = (err as { cause?: { code?: string; message?: string } }).cause;
     return { status: 0, headers: null, body: null, error: cause?.code ?? cause?.message ?? (err as Error).message };
   }
+}
+
+// Every broker this test process started, and every token sent and password received through
+// http(): the secrets invariant is checked against all of them at the end of a suite.
+const spawned: BrokerProcess[] = [];
+const seenSecrets = new Set<string>();
+
+/** Secrets (abbreviated) that reached any spawned broker's log or the PostgreSQL log. */
+export function loggedSecrets(serverLog: string[]): { leaks: string[]; secrets: number } {
+  const brokerLines = spawned.flatMap((b) => [...b.logs.map((l) => JSON.stringify(l)), ...b.stderr]);
+  return { leaks: findLeaks(seenSecrets, brokerLines, serverLog), secrets: seenSecrets.size };
 }
 
 /** Waits for `ms` milliseconds. */
