@@ -25,13 +25,19 @@ function suite(flavor: 'embedded' | 'pg15') {
       const { attrs, memberships } = await brokerGrants(b);
       assert.deepEqual(attrs, { rolsuper: false, rolcreaterole: true, rolcreatedb: false, rolbypassrls: false, rolreplication: false });
       const admin = pgs.version >= 16;
-      const expected = [
-        { role: 'app_migrators', admin },
-        { role: 'app_readers', admin },
-        // On 16+ the creator of the marker role becomes its ADMIN member automatically.
-        ...(admin ? [{ role: b.config.managedRole, admin: true }] : []),
-      ].sort((x, y) => x.role.localeCompare(y.role));
+      // 16+: ADMIN OPTION on each group (no INHERIT, no SET), and the marker role's creator is
+      // its ADMIN member automatically. 15: no membership at all; CREATEROLE covers granting.
+      const expected = admin
+        ? [{ role: 'app_migrators', admin }, { role: 'app_readers', admin }, { role: b.config.managedRole, admin: true }].sort((x, y) => x.role.localeCompare(y.role))
+        : [];
       assert.deepEqual(memberships, expected);
+      if (admin) {
+        const [flags] = await pgs.query(
+          `SELECT bool_or(m.inherit_option) AS inherit, bool_or(m.set_option) AS set FROM pg_auth_members m
+             JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
+            WHERE r.rolname = 'broker' AND g.rolname IN ('app_readers', 'app_migrators')`);
+        assert.deepEqual(flags, { inherit: false, set: false }, 'the broker neither inherits nor can SET ROLE to the groups');
+      }
 
       const adminToken = await b.adminToken();
       const put = (grantRole: string) => api(b, 'PUT', '/policies/lp', adminToken, { issuer: b.issuer.issuer, claims: { sub: 'lp:*' }, grant_role: grantRole, database: pgs.database });

@@ -37,7 +37,8 @@ async function asSuperuser(local: SuperuserAccess, database: string, statements:
 export async function seedLocalCluster(local: SuperuserAccess): Promise<SeededCluster> {
   const password = generatePassword();
   const verifier = escapeLit(scramVerifier(password, 4096));
-  const groupGrant = local.version >= 16 ? 'GRANT app_readers TO credential_broker WITH ADMIN OPTION' : 'GRANT app_readers TO credential_broker';
+  // The README's least-privilege setup: ADMIN OPTION only on 16+, nothing beyond CREATEROLE on 15.
+  const groupGrant = local.version >= 16 ? 'GRANT app_readers TO credential_broker WITH ADMIN OPTION, INHERIT FALSE, SET FALSE' : 'SELECT 1';
   await asSuperuser(local, 'postgres', [
     `DO $$ BEGIN
        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'credential_broker') THEN CREATE ROLE credential_broker LOGIN CREATEROLE; END IF;

@@ -53,8 +53,9 @@ async function ensureTemplate(engine: Engine, ids: Ids): Promise<{ dataDir: stri
 
 function grantGroupsSql(version: number, groups: string[]): string {
   const list = groups.map(quoteIdent).join(', ');
-  // PG 16+ needs ADMIN OPTION to grant a group onward; on 15 CREATEROLE is enough (and too much).
-  return version >= 16 ? `GRANT ${list} TO broker WITH ADMIN OPTION` : `GRANT ${list} TO broker`;
+  // The least the README documents: PG 16+ needs ADMIN OPTION to grant a group onward, and no
+  // INHERIT or SET; on 15 CREATEROLE alone may grant any non-superuser role (and is too much).
+  return version >= 16 ? `GRANT ${list} TO broker WITH ADMIN OPTION, INHERIT FALSE, SET FALSE` : 'SELECT 1';
 }
 
 const reasonOf = (e: unknown) => (e instanceof LocalPostgresError ? e.reason : (e as Error).message ?? String(e));
