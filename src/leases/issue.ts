@@ -8,12 +8,12 @@ import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { readClaim } from '../policy/match.js';
 import { enabledPoliciesForIssuer, type Policy } from '../policy/repository.js';
-import { withTransaction } from '../postgres/pool.js';
+import { withBatchedTransaction } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
-import { createRole } from '../postgres/roles.js';
+import { createRoleSql } from '../postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../postgres/scram.js';
 import type { CredentialBody } from '../schemas/lease.js';
-import { insertLeaseWithinQuota, lockIdentity } from './repository.js';
+import { insertLeaseWithinQuota, lockIdentitySql } from './repository.js';
 
 export interface IssueDeps {
   pool: pg.Pool;
@@ -87,14 +87,19 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     }
     const username = roleNameFor(identity.subject);
     const password = generatePassword();
-    const verifier = await scramVerifierAsync(password, deps.config.scramIterations);
+    // PBKDF2 for the verifier runs on libuv's pool while the transaction takes its lock and
+    // inserts the lease; only CREATE ROLE needs it. (Awaited below; the catch only keeps an early
+    // transaction failure from leaving it as an unhandled rejection.)
+    const verifier = scramVerifierAsync(password, deps.config.scramIterations);
+    verifier.catch(() => undefined);
     const now = Date.now();
     const expiresAt = wholeSecondAfter(now + ttl * 1000);
     const maxExpiresAt = wholeSecondAfter(now + policy.max_ttl * 1000);
     const leaseId = randomUUID();
     const chosen = policy;
-    await withTransaction(deps.pool, async (client) => {
-      await lockIdentity(client, identity.issuer, identity.subject, chosen.name);
+    // Three round trips: BEGIN with the identity lock, the lease + audit INSERT, then CREATE ROLE
+    // and its comment with COMMIT.
+    await withBatchedTransaction(deps.pool, lockIdentitySql(identity.issuer, identity.subject, chosen.name), async (client, commit) => {
       const inserted = await insertLeaseWithinQuota(
         client,
         {
@@ -109,11 +114,11 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       if (!inserted) {
         throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}`));
       }
-      await createRole(client, {
-        username, verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
+      await commit(createRoleSql({
+        username, verifier: await verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
         grantRole: chosen.grant_role, managedRole: deps.config.managedRole, brokerRole: deps.brokerRole,
         assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
-      });
+      }));
     });
     deps.log.info({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl }, 'credential issued');
     const { publicPgHost: host, publicPgPort: port } = deps.config;

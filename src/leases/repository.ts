@@ -1,6 +1,7 @@
 import type { AuditEvent } from '../audit/repository.js';
 import { auditParams } from '../audit/repository.js';
 import type { Queryable } from '../postgres/pool.js';
+import { escapeLit } from '../postgres/sql.js';
 import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
 import type { LeaseBody, LeaseQueryBody } from '../schemas/lease.js';
 
@@ -31,7 +32,20 @@ export interface NewLease {
  * INSERT would not see leases committed while it waited.
  */
 export async function lockIdentity(db: Queryable, issuer: string, subject: string, policy: string): Promise<void> {
-  await db.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [`${issuer}\u001f${subject}\u001f${policy}`]);
+  await db.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [lockKey(issuer, subject, policy)]);
+}
+
+function lockKey(issuer: string, subject: string, policy: string): string {
+  return `${issuer}\u001f${subject}\u001f${policy}`;
+}
+
+/**
+ * lockIdentity as parameter-free SQL, to travel with BEGIN in one simple query (see
+ * withBatchedTransaction). The key is the same text hashed the same way, so replicas running
+ * either form serialise on the same lock.
+ */
+export function lockIdentitySql(issuer: string, subject: string, policy: string): string {
+  return `SELECT pg_advisory_xact_lock(hashtextextended(${escapeLit(lockKey(issuer, subject, policy))}, 0))`;
 }
 
 /**

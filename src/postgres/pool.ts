@@ -37,6 +37,42 @@ export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClie
   }
 }
 
+/**
+ * A transaction in the fewest round trips: `begin` (statements without parameters) travels with
+ * BEGIN in one simple query, and `fn` ends the transaction by calling `commit(sql)`, which sends
+ * `sql` and COMMIT in one simple query (a multi-statement simple query stops at the first error,
+ * so COMMIT never runs after a failed `sql`). Each statement still gets its own snapshot. Any
+ * error rolls back; if `fn` returns without committing, COMMIT is sent on its own.
+ */
+export async function withBatchedTransaction<T>(
+  pool: pg.Pool,
+  begin: string,
+  fn: (client: pg.PoolClient, commit: (sql?: string) => Promise<void>) => Promise<T>,
+): Promise<T> {
+  const client = await pool.connect();
+  let broken = false;
+  let committed = false;
+  const commit = async (sql?: string) => {
+    await client.query(sql ? `${sql};\nCOMMIT` : 'COMMIT');
+    committed = true;
+  };
+  try {
+    await client.query(begin ? `BEGIN;\n${begin}` : 'BEGIN');
+    const result = await fn(client, commit);
+    if (!committed) await commit();
+    return result;
+  } catch (err) {
+    try {
+      await client.query('ROLLBACK');
+    } catch {
+      broken = true;
+    }
+    throw err;
+  } finally {
+    client.release(broken ? true : undefined);
+  }
+}
+
 const CONNECTION_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'EHOSTDOWN', 'ENETUNREACH', 'EAI_AGAIN']);
 
 /** True when the error means PostgreSQL itself is unreachable, not that a statement failed. */

@@ -1,0 +1,210 @@
+import autocannon from 'autocannon';
+import { randomUUID } from 'node:crypto';
+import pg from 'pg';
+import { insertLeaseWithinQuota } from '../../src/leases/repository.js';
+import { roleNameFor } from '../../src/postgres/role-name.js';
+import { createRoleSql } from '../../src/postgres/roles.js';
+import { generatePassword, scramVerifierAsync } from '../../src/postgres/scram.js';
+import { escapeLit } from '../../src/postgres/sql.js';
+import { summarize, type Summary } from './stats.js';
+
+/** One timed load run, broker or floor. Latencies are in milliseconds (float). */
+export interface LoadRun {
+  ok: number;
+  errors: number;
+  statusCounts: Record<string, number>;
+  seconds: number;
+  rps: number;
+  latency: Summary;
+  /** [completion time (ms, performance.now), latency ms] of each success, for windowed views. */
+  timeline: Array<[number, number]>;
+  firstError?: string;
+}
+
+export function finish(start: number, lat: Array<[number, number]>, errors: number, statusCounts: Record<string, number>, firstError?: string): LoadRun {
+  // Up to the last answer: autocannon only notices it is done on its next 1-second tick.
+  const last = lat.length ? lat.reduce((m, l) => Math.max(m, l[0]), 0) : performance.now();
+  const seconds = (last - start) / 1000;
+  return {
+    ok: lat.length,
+    errors,
+    statusCounts,
+    seconds,
+    rps: lat.length / seconds,
+    latency: summarize(lat.map((l) => l[1])),
+    timeline: lat,
+    firstError,
+  };
+}
+
+/** Cycles through pre-signed tokens, so concurrent requests never share an identity. */
+export class TokenPool {
+  private i = 0;
+  constructor(readonly tokens: string[]) {
+    if (tokens.length === 0) throw new Error('empty token pool');
+  }
+  next(): string {
+    const t = this.tokens[this.i];
+    this.i = (this.i + 1) % this.tokens.length;
+    return t;
+  }
+}
+
+export interface HttpLoadOptions {
+  url: string;
+  path: string;
+  method?: string;
+  body?: string;
+  connections: number;
+  /** Bounded by time... */
+  seconds?: number;
+  /** ...or by request count (takes precedence). */
+  amount?: number;
+  tokens: TokenPool;
+  /** Requests per second over all connections (open loop); default: as fast as answers come. */
+  rate?: number;
+  /** Status that counts as success. */
+  expect: number;
+  /** Resolve early when this promise settles (the run is stopped). */
+  until?: Promise<unknown>;
+}
+
+/** autocannon against the broker; each request carries the next token of the pool. */
+export async function httpLoad(o: HttpLoadOptions): Promise<LoadRun> {
+  const lat: Array<[number, number]> = [];
+  const statusCounts: Record<string, number> = {};
+  let errors = 0;
+  const start = performance.now();
+  const instance = autocannon({
+    url: o.url,
+    connections: o.connections,
+    ...(o.amount ? { amount: o.amount } : { duration: o.seconds ?? 1 }),
+    timeout: 30,
+    ...(o.rate ? { overallRate: o.rate } : {}),
+    requests: [
+      {
+        method: o.method ?? 'POST',
+        path: o.path,
+        ...(o.body !== undefined ? { body: o.body } : {}),
+        setupRequest: (req) => {
+          req.headers = {
+            ...(req.headers ?? {}),
+            ...(o.body !== undefined ? { 'content-type': 'application/json' } : {}),
+            authorization: `Bearer ${o.tokens.next()}`,
+          };
+          return req;
+        },
+      },
+    ],
+  });
+  // autocannon's own histogram keeps whole milliseconds; the raw response times are floats.
+  instance.on('response', (_client: unknown, status: number, _bytes: number, responseTime: number) => {
+    statusCounts[status] = (statusCounts[status] ?? 0) + 1;
+    if (status === o.expect) lat.push([performance.now(), responseTime]);
+    else errors++;
+  });
+  instance.on('reqError', () => {
+    errors++;
+  });
+  if (o.until) o.until.then(() => instance.stop(), () => instance.stop());
+  const result = await instance;
+  errors += result.timeouts ?? 0;
+  return finish(start, lat, errors, statusCounts);
+}
+
+export interface FloorSpec {
+  databaseUrl: string;
+  iterations: number;
+  issuer: string;
+  policy: string;
+  grantRole: string;
+  database: string;
+  managedRole: string;
+  brokerRole: string;
+  ttlSeconds: number;
+  maxTtlSeconds: number;
+  subjects: () => string;
+}
+
+function wholeSecond(ms: number): Date {
+  return new Date(Math.floor(ms / 1000) * 1000);
+}
+
+/**
+ * One credential the way PostgreSQL needs it, through a plain pg connection, with the broker's
+ * own SQL (lockIdentity's advisory lock, insertLeaseWithinQuota's lease + audit INSERT, and
+ * createRoleSql's CREATE ROLE + COMMENT) and the same client-side verifier computation
+ * (scramVerifierAsync, PBKDF2 on libuv's pool) per credential. Three round trips: the least a
+ * client can use while keeping the INSERT parameterised and the lock in its own statement.
+ */
+export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<void> {
+  const subject = spec.subjects();
+  const password = generatePassword();
+  const verifier = await scramVerifierAsync(password, spec.iterations);
+  const username = roleNameFor(subject);
+  const leaseId = randomUUID();
+  const now = Date.now();
+  const expiresAt = wholeSecond(now + spec.ttlSeconds * 1000);
+  const maxExpiresAt = wholeSecond(now + spec.maxTtlSeconds * 1000);
+  const lockKey = `${spec.issuer}\u001f${subject}\u001f${spec.policy}`;
+  await client.query(`BEGIN; SELECT pg_advisory_xact_lock(hashtextextended(${escapeLit(lockKey)}, 0))`);
+  const inserted = await insertLeaseWithinQuota(
+    client,
+    {
+      id: leaseId, username, policy: spec.policy, grant_role: spec.grantRole, database: spec.database,
+      issuer: spec.issuer, subject, claims: { sub: subject }, expires_at: expiresAt, max_expires_at: maxExpiresAt,
+      client_ip: '127.0.0.1', user_agent: 'bench-floor', request_id: randomUUID(),
+    },
+    100_000,
+    {
+      type: 'credential.issued', issuer: spec.issuer, subject, request_id: leaseId, client_ip: '127.0.0.1',
+      lease_id: leaseId, policy: spec.policy, username, detail: { ttl: spec.ttlSeconds, grant_role: spec.grantRole },
+    },
+  );
+  if (!inserted) throw new Error('floor: quota exceeded');
+  await client.query(
+    createRoleSql({
+      username, verifier, validUntil: expiresAt, connectionLimit: -1, grantRole: spec.grantRole,
+      managedRole: spec.managedRole, brokerRole: spec.brokerRole, assumeRole: false, comment: `lease ${leaseId} sub ${subject}`,
+    }) + ';\nCOMMIT',
+  );
+}
+
+/** `connections` plain pg clients issuing floor credentials back to back, `amount` in all (or for `seconds`). */
+export async function floorLoad(spec: FloorSpec, connections: number, bound: { amount?: number; seconds?: number }): Promise<LoadRun> {
+  const clients = await Promise.all(
+    Array.from({ length: connections }, async () => {
+      const client = new pg.Client({ connectionString: spec.databaseUrl, application_name: 'bench floor' });
+      client.on('error', () => undefined);
+      await client.connect();
+      return client;
+    }),
+  );
+  const lat: Array<[number, number]> = [];
+  let errors = 0;
+  let firstError: string | undefined;
+  const start = performance.now();
+  const deadline = start + (bound.amount ? 600 : bound.seconds ?? 1) * 1000;
+  let left = bound.amount ?? Number.POSITIVE_INFINITY;
+  try {
+    await Promise.all(
+      clients.map(async (client) => {
+        while (performance.now() < deadline && left-- > 0) {
+          const t = performance.now();
+          try {
+            await floorIssue(client, spec);
+            const done = performance.now();
+            lat.push([done, done - t]);
+          } catch (err) {
+            errors++;
+            firstError ??= (err as Error).message;
+            await client.query('ROLLBACK').catch(() => undefined);
+          }
+        }
+      }),
+    );
+    return finish(start, lat, errors, { ok: lat.length, error: errors }, firstError);
+  } finally {
+    await Promise.all(clients.map((c) => c.end().catch(() => undefined)));
+  }
+}

@@ -1,0 +1,107 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+/**
+ * The benchmark script runs end to end in quick mode and writes a well-formed report. Nothing
+ * here looks at how fast anything was: timings on a shared CI machine are not a test.
+ */
+
+const ROOT = fileURLToPath(new URL('../', import.meta.url));
+const TIMEOUT_MS = 90_000;
+
+let dir: string;
+let report = '';
+let json: any;
+let run: { code: number | null; signal: NodeJS.Signals | null; output: string };
+
+before(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'pgcb-bench-'));
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith('NODE_TEST')) env[k] = v;
+  run = await new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/run.ts'], {
+      cwd: ROOT,
+      env: { ...env, BENCH_QUICK: '1', BENCH_REPORT: path.join(dir, 'REPORT.md'), BENCH_BASELINE: '' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let output = '';
+    child.stdout.on('data', (c: Buffer) => (output += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (output += c.toString()));
+    const timer = setTimeout(() => child.kill('SIGTERM'), TIMEOUT_MS);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, output });
+    });
+  });
+  report = await readFile(path.join(dir, 'REPORT.md'), 'utf8').catch(() => '');
+  json = JSON.parse(await readFile(path.join(dir, 'REPORT.json'), 'utf8').catch(() => 'null'));
+}, { timeout: TIMEOUT_MS + 10_000 });
+
+after(async () => {
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+/** The cells of the markdown table row whose first cell is `id`. */
+function row(id: string): string[] | undefined {
+  const line = report.split('\n').find((l) => l.startsWith(`| ${id} |`));
+  return line?.split('|').slice(1, -1).map((c) => c.trim());
+}
+
+describe('npm run bench (BENCH_QUICK=1)', () => {
+  test('exits 0 within the time bound and writes the report', () => {
+    assert.equal(run.signal, null, `bench was killed after ${TIMEOUT_MS} ms:\n${run.output.slice(-2000)}`);
+    assert.equal(run.code, 0, `bench exited ${run.code}:\n${run.output.slice(-2000)}`);
+    assert.ok(report.length > 0, 'REPORT.md was not written');
+    assert.ok(json, 'REPORT.json was not written');
+    assert.deepEqual(json.errors, {}, 'every scenario ran');
+  });
+
+  test('has a target row for P1 to P7 with a numeric measurement and a verdict', () => {
+    for (const id of ['P1', 'P1b', 'P2', 'P3', 'P4', 'P5', 'P6', 'P7']) {
+      const cells = row(id);
+      assert.ok(cells, `no row for ${id}`);
+      assert.equal(cells.length, 5, `${id} row has 5 columns`);
+      assert.match(cells[3], /\d/, `${id} has a measured value: ${cells[3]}`);
+      assert.doesNotMatch(cells[3], /not measured|NaN/, `${id} was measured: ${cells[3]}`);
+      assert.match(cells[4], /\*\*(PASS|MISS)\*\*/, `${id} has a verdict: ${cells[4]}`);
+    }
+  });
+
+  test('records the environment and the command', () => {
+    assert.match(report, /^## Environment$/m);
+    for (const item of ['date', 'command', 'Node.js', 'PostgreSQL', 'CPUs', 'fastify', 'pg', '@fastify/jwt', 'get-jwks']) {
+      const cells = row(item);
+      assert.ok(cells && cells[1].length > 0, `environment lists ${item}`);
+    }
+    assert.match(row('command')![1], /BENCH_QUICK=1/);
+    assert.match(row('Node.js')![1], /^v\d+\./);
+    assert.match(row('PostgreSQL')![1], /PostgreSQL \d+/);
+    assert.match(row('CPUs')![1], /^\d+ ×/);
+    assert.match(report, /fsync=off/);
+  });
+
+  test('has the issuance tables at every concurrency level, with the floor ratio', () => {
+    assert.equal(json.issuance.length, 2, 'default and tuned verifier settings');
+    for (const set of json.issuance) {
+      assert.deepEqual(set.levels.map((l: any) => l.connections), [1, 4, 16, 64]);
+      for (const l of set.levels) {
+        for (const v of [l.floor.rps, l.broker.rps, l.ratio, l.floor.latency.p50, l.broker.latency.p99]) assert.ok(Number.isFinite(v), `finite: ${JSON.stringify(l)}`);
+        assert.ok(l.broker.ok > 0 && l.floor.ok > 0);
+      }
+    }
+    for (const heading of ['## Issuance: POST /credentials vs the floor', '## Reaping (P4)', '## GET /leases over a large table (P5)', '## JWT verification: RS256 vs ES256 through the full request path', '## Memory (P6) and start-up (P7)']) {
+      assert.ok(report.includes(heading), `report has "${heading}"`);
+    }
+    assert.match(report, /\| 64 \| [\d.]+ \|/);
+  });
+
+  test('shows the lease-listing query plans using an index', () => {
+    assert.ok(json.leases.shapes.length > 0);
+    for (const shape of json.leases.shapes) for (const plan of shape.plans) assert.ok(plan.indexUsed, `${shape.name}: ${plan.plan}`);
+  });
+});
