@@ -18,23 +18,7 @@ export function createPool(connectionString: string, logger: Logger, max = 10): 
 }
 
 export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient) => Promise<T>): Promise<T> {
-  const client = await pool.connect();
-  let broken = false;
-  try {
-    await client.query('BEGIN');
-    const result = await fn(client);
-    await client.query('COMMIT');
-    return result;
-  } catch (err) {
-    try {
-      await client.query('ROLLBACK');
-    } catch {
-      broken = true;
-    }
-    throw err;
-  } finally {
-    client.release(broken ? true : undefined);
-  }
+  return withBatchedTransaction(pool, '', (client) => fn(client));
 }
 
 /**

@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox';
-import { Cursor, Limit, Timestamp } from './common.js';
+import { ListFilters, Timestamp } from './common.js';
 
 const Nullable = (t: ReturnType<typeof Type.String>) => Type.Union([t, Type.Null()]);
 export const AuditEventSchema = Type.Object({
@@ -20,16 +20,9 @@ export const AuditEventSchema = Type.Object({
 
 export const AuditQuery = Type.Object(
   {
-    subject: Type.Optional(Type.String({ maxLength: 1024 })),
-    issuer: Type.Optional(Type.String({ maxLength: 1024 })),
-    policy: Type.Optional(Type.String({ maxLength: 63 })),
+    ...ListFilters,
     type: Type.Optional(Type.String({ maxLength: 64 })),
     lease_id: Type.Optional(Type.String({ format: 'uuid' })),
-    username: Type.Optional(Type.String({ maxLength: 63 })),
-    since: Type.Optional(Timestamp),
-    until: Type.Optional(Timestamp),
-    limit: Type.Optional(Limit),
-    cursor: Type.Optional(Cursor),
   },
   { additionalProperties: false },
 );

@@ -26,6 +26,18 @@ export const ClaimPatternsSchema = Type.Record(
 export const Cursor = Type.String({ maxLength: 512, description: 'Opaque cursor from a previous page' });
 export const Limit = Type.Integer({ minimum: 1, maximum: 1000, default: 100 });
 
+/** The filters and paging GET /leases and GET /audit share. */
+export const ListFilters = {
+  subject: Type.Optional(Type.String({ maxLength: 1024 })),
+  issuer: Type.Optional(Type.String({ maxLength: 1024 })),
+  policy: Type.Optional(Type.String({ maxLength: 63 })),
+  username: Type.Optional(Type.String({ maxLength: 63 })),
+  since: Type.Optional(Timestamp),
+  until: Type.Optional(Timestamp),
+  limit: Type.Optional(Limit),
+  cursor: Type.Optional(Cursor),
+};
+
 export function problemResponses(...statuses: number[]): Record<number, typeof Problem> {
   return Object.fromEntries(statuses.map((s) => [s, Problem]));
 }

@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox';
-import { Cursor, Limit, NullableTimestamp, Timestamp } from './common.js';
+import { ListFilters, NullableTimestamp, Timestamp } from './common.js';
 
 export const LeaseState = Type.Union(
   ['pending', 'active', 'revoking', 'expired', 'revoked', 'revoke_failed'].map((s) => Type.Literal(s)),
@@ -66,15 +66,8 @@ export const RenewRequest = Type.Object(
 
 export const LeaseQuery = Type.Object(
   {
-    subject: Type.Optional(Type.String({ maxLength: 1024 })),
-    issuer: Type.Optional(Type.String({ maxLength: 1024 })),
-    policy: Type.Optional(Type.String({ maxLength: 63 })),
+    ...ListFilters,
     state: Type.Optional(LeaseState),
-    username: Type.Optional(Type.String({ maxLength: 63 })),
-    since: Type.Optional(Timestamp),
-    until: Type.Optional(Timestamp),
-    limit: Type.Optional(Limit),
-    cursor: Type.Optional(Cursor),
   },
   { additionalProperties: false },
 );
