@@ -11,7 +11,7 @@ import {
 } from '../../src/policy/match.js';
 
 function fixture(name: string): Record<string, Record<string, unknown>> {
-  return JSON.parse(readFileSync(new URL(`../../../shared/fixtures/${name}`, import.meta.url), 'utf8'));
+  return JSON.parse(readFileSync(new URL(`../fixtures/${name}`, import.meta.url), 'utf8'));
 }
 
 const github = fixture('github-actions-claims.json');
