@@ -1,0 +1,38 @@
+import type { CpuPerOp, Results } from '../results.js';
+import { fmt } from '../stats.js';
+import { table } from './markdown.js';
+
+/** Issuance: POST /credentials vs the floor, one table per BROKER_SCRAM_ITERATIONS setting. */
+export function renderIssuance(r: Results): string[] {
+  const out: string[] = [];
+  const m = r.meta;
+  out.push('## Issuance: POST /credentials vs the floor');
+  out.push('');
+  out.push('**What each side includes.** Both generate a 256-bit password and compute its SCRAM-SHA-256 verifier per credential with the same iteration count (`scramVerifierAsync`: PBKDF2 on libuv\'s thread pool, inline at ≤ 256 iterations; not precomputed), then run the same SQL as the non-superuser `broker` role in one transaction: `pg_advisory_xact_lock(hashtextextended(issuer‖subject‖policy))`, the lease INSERT with its audit event in a CTE (`insertLeaseWithinQuota`), and `CREATE ROLE … LOGIN PASSWORD \'<verifier>\' VALID UNTIL … CONNECTION LIMIT … IN ROLE <grant>, <marker> ROLE broker; COMMENT ON ROLE …` (`createRoleSql`), then COMMIT. PostgreSQL re-runs the verifier\'s PBKDF2 once in CREATE ROLE on both sides.');
+  out.push('');
+  out.push('- **Floor**: one plain `pg` connection per concurrent client, no pool, in three round trips — `BEGIN; SELECT pg_advisory_xact_lock(…)` as one simple query, the parameterised INSERT, then `CREATE ROLE …; COMMENT …; COMMIT` as one simple query. Latency is measured from the verifier computation to COMMIT.');
+  out.push('- **Broker**: autocannon sends `POST /credentials` over HTTP/1.1 keep-alive connections; every request carries the next token from a pool of pre-signed RS256 JWTs with distinct `sub` claims (so no two in-flight requests share an identity and the policy\'s `max_active_leases` of 100,000 never trips). On top of the floor the broker does: HTTP parsing and Fastify routing/validation/serialisation, JWT verification (signature + claims, key from the cached JWKS), the policy lookup (one more round trip, before the transaction) and evaluation, the pool checkout, metrics and three JSON log lines; its transaction goes in the same three round trips as the floor\'s (`withBatchedTransaction`). Latency is autocannon\'s per-request response time (float ms from its `response` event).');
+  const s0 = m.settings as { burst?: number; repeats?: number; warmup?: number };
+  out.push(`- **Bursts from a controlled role population.** On PostgreSQL 16+ each role statement the (non-superuser) broker runs costs time proportional to the number of live issued roles (see "Live issued roles" below), so a duration-bound run would mostly measure how many roles earlier runs left behind. Every measurement is therefore a burst of ${s0.burst} credentials — the size of the "200 pods restart at once" case — starting with no issued roles; each level runs ${s0.repeats} such bursts per side, alternating floor and broker (floor first) so drift on the shared machine does not land on one side, issued roles dropped (as superuser) before each burst${s0.warmup ? `, after a ${s0.warmup}-credential warm-up per side` : ''}. Throughput = credentials ÷ summed burst time.`);
+  out.push('- CPU columns are milliseconds of CPU per issuance (from /proc): broker process / all PostgreSQL processes / bench process (autocannon or the floor\'s pg clients). With 2 cores, 2000 ÷ their sum is the throughput ceiling.');
+  out.push('');
+  for (const set of r.issuance) {
+    out.push(`### BROKER_SCRAM_ITERATIONS=${set.iterations}${set.iterations === 4096 ? ' (default)' : ' (tuned)'}`);
+    out.push('');
+    out.push(table(
+      ['clients', 'floor req/s', 'floor p50 ms', 'floor p99 ms', 'broker req/s', 'broker p50 ms', 'broker p99 ms', 'ratio broker/floor', 'broker errors', 'CPU ms/op floor (broker/pg/client)', 'CPU ms/op broker (broker/pg/client)', 'broker max RSS MB'],
+      set.levels.map((l) => [
+        String(l.connections), fmt(l.floor.rps, 0), fmt(l.floor.latency.p50, 2), fmt(l.floor.latency.p99, 2),
+        fmt(l.broker.rps, 0), fmt(l.broker.latency.p50, 2), fmt(l.broker.latency.p99, 2), `**${fmt(l.ratio, 2)}**`,
+        String(l.broker.errors + l.floor.errors), cpuCell(l.floorCpu), cpuCell(l.brokerCpu), fmt(l.maxRssMb, 0),
+      ]),
+    ));
+    out.push('');
+  }
+  return out;
+}
+
+/** CPU ms per operation as a table cell: broker / PostgreSQL / client. */
+function cpuCell(c: CpuPerOp): string {
+  return `${fmt(c.broker, 2)} / ${fmt(c.pg, 2)} / ${fmt(c.client, 2)}`;
+}

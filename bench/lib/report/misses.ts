@@ -1,0 +1,84 @@
+import type { CpuPerOp, Results } from '../results.js';
+import { fmt } from '../stats.js';
+import type { Target } from './targets.js';
+
+/** Misses: each missed target, by how much, and a data-driven explanation of what is in the way. */
+export function renderMisses(r: Results, ts: Target[]): string[] {
+  const out: string[] = [];
+  out.push('## Misses: by how much, and what is in the way');
+  out.push('');
+  const missed = ts.filter((t) => t.pass === false);
+  if (missed.length === 0) out.push('No target missed in this run.');
+  for (const t of missed) out.push(`- **${t.id}** ${t.miss ?? ''}: ${explain(t, r)}`);
+  out.push('');
+  return out;
+}
+
+/** A data-driven explanation of a miss, from the CPU breakdown and the profile. */
+function explain(t: Target, r: Results): string {
+  const cpus = r.meta.cpus;
+  const lvl = (i: number, c: number) => r.issuance[i]?.levels.find((l) => l.connections === c);
+  switch (t.id) {
+    case 'P1':
+    case 'P1b': {
+      const l = lvl(t.id === 'P1' ? 0 : 1, 16);
+      if (!l) return 'not measured';
+      const extra = l.brokerCpu.broker + l.brokerCpu.pg + l.brokerCpu.client - (l.floorCpu.pg + l.floorCpu.client);
+      return `the run is CPU-bound on ${cpus} cores shared by the load generator, the broker and PostgreSQL. Per issuance the floor costs ${fmt(l.floorCpu.pg, 2)} ms of PostgreSQL CPU + ${fmt(l.floorCpu.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(l.floorCpu, cpus), 0)}/s); the broker path costs ${fmt(l.brokerCpu.broker, 2)} ms in the broker process + ${fmt(l.brokerCpu.pg, 2)} ms in PostgreSQL + ${fmt(l.brokerCpu.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(l.brokerCpu, cpus), 0)}/s), i.e. ${fmt(extra, 2)} ms more CPU per credential. ${busyProfile(r)} On a machine where the broker has its own cores, only the PostgreSQL column competes with the floor.`;
+    }
+    case 'P2': {
+      const l = lvl(0, 1);
+      return l ? `broker p50 ${fmt(l.broker.latency.p50, 2)} ms vs floor ${fmt(l.floor.latency.p50, 2)} ms; broker CPU per request ${fmt(l.brokerCpu.broker, 2)} ms (HTTP, JWT, policy lookup, pool, extra round trips).` : 'not measured';
+    }
+    case 'P3': {
+      const d = lvl(0, 16);
+      const tu = lvl(1, 16);
+      if (!d || !tu) return 'not measured';
+      const floorGain = tu.floor.rps / d.floor.rps;
+      const ddl = r.ddl?.[0];
+      return `the floor itself only gains ${fmt(floorGain, 1)}× (${fmt(d.floor.rps, 0)} → ${fmt(tu.floor.rps, 0)} /s), so no broker change can reach 5× here. Dropping PBKDF2 from 4096 iterations to 1 saves about ${fmt(d.floorCpu.pg - tu.floorCpu.pg, 2)} ms of PostgreSQL CPU and ${fmt(d.floorCpu.client - tu.floorCpu.client, 2)} ms of client CPU per credential (PostgreSQL: ${fmt(d.floorCpu.pg, 2)} → ${fmt(tu.floorCpu.pg, 2)} ms), but on PostgreSQL 16+ what remains is dominated by CREATE ROLE's ADMIN membership walk, which grows with the number of live issued roles even within one ${(r.meta.settings as { burst?: number }).burst}-credential burst${ddl ? ` (${fmt(ddl.createAsToday, 2)} ms per CREATE ROLE with no background roles; see the "Live issued roles" tables)` : ''}. The 230/s → 3,250/s (14×) in PITFALLS was measured with pgbench on PostgreSQL 15, where CREATEROLE bypasses that walk. The broker's own ${fmt(tu.brokerCpu.broker, 2)} ms and autocannon's ${fmt(tu.brokerCpu.client, 2)} ms per credential also stay on the same ${cpus} cores.`;
+    }
+    case 'P4': {
+      const rp = r.reaping;
+      if (!rp) return 'not measured';
+      const main = Math.max(...(r.ddl ?? []).map((d) => d.server));
+      const big = r.ddl?.filter((d) => d.server === main).pop();
+      const old = r.ddl?.filter((d) => d.server < 16).pop();
+      const perRole = rp.rolesPerSecond > 0 ? 1000 / rp.rolesPerSecond : Number.NaN;
+      return `the reaper ended ${rp.ended} of ${rp.backlog} leases in ${fmt(rp.seconds, 1)} s (${fmt(perRole, 1)} ms per role). Its SQL is batched already (one claim, one multi-statement ALTER ROLE … NOLOGIN, one pg_terminate_backend and one DROP ROLE per batch of claimed leases); the time is inside PostgreSQL: each ALTER ROLE and DROP ROLE by the non-superuser broker re-walks its membership list, which holds every live issued role (${rp.backlog.toLocaleString('en-US')} + the load's), so the cost per role is proportional to the backlog itself and draining it is quadratic${big ? ` — with ${big.live.toLocaleString('en-US')} live roles: ${fmt(big.alterNologin, 2)} ms per ALTER ROLE NOLOGIN and ${fmt(big.dropAsBroker, 2)} ms per DROP ROLE as the broker vs ${fmt(big.dropAsSuperuser, 3)} ms as superuser` : ''}${old ? ` (PostgreSQL ${old.server} with ${old.live.toLocaleString('en-US')} live roles, same statements: ${fmt(old.alterNologin, 3)} and ${fmt(old.dropAsBroker, 3)} ms)` : ''}. The same walk makes issuance with the backlog present slow (${fmt(rp.probeRps, 1)} req/s closed-loop), which is why the idle p99 is already ${fmt(rp.idle.latency.p99, 0)} ms. Things that would help, outside this bench's files: skip NOLOGIN for leases whose VALID UNTIL has passed (their logins already fail), the cheaper of the two walked statements per role; only a shorter membership list (fewer live roles per creating role, or a superuser-run reaper) changes the slope.`;
+    }
+    case 'P5':
+      return r.leases ? `see the per-shape table: the slowest shape is ${[...r.leases.shapes].sort((a, b) => b.latency.p95 - a.latency.p95)[0]?.name}.` : 'not measured';
+    case 'P6': {
+      const u = r.memory?.usage?.[r.memory.usage.length - 1];
+      const st = r.startup;
+      const mb = (b: number) => fmt(b / 1024 ** 2, 0);
+      return `${u ? `of ${mb(u.rss)} MB RSS right after the 64-client run, the V8 heap is ${mb(u.heapTotal)} MB (${mb(u.heapUsed)} MB live) and external memory ${mb(u.external)} MB; the rest is code, stacks, native allocations and the tsx loader — bin/pg-broker.js registers tsx, whose ESM hooks run in a second V8 isolate on a worker thread. ` : ''}${st?.bundled && st.idleRssMb ? `Idle, before any load, the broker started through tsx already takes ${fmt(st.idleRssMb, 0)} MB; the same code bundled to plain JavaScript (esbuild, measured in this run) takes ${fmt(st.bundled.idleRssMb, 0)} MB, i.e. ${fmt(st.idleRssMb - st.bundled.idleRssMb, 0)} MB less. ` : ''}Shipping compiled JavaScript (package.json / bin / Dockerfile, outside this bench's files), and if still needed a smaller young generation (--max-semi-space-size), is the way under 150 MB; the request path itself holds little (64 in-flight requests, a 10-connection pool).`;
+    }
+    case 'P7': {
+      const st = r.startup;
+      return `start-up is dominated by loading the TypeScript sources through tsx: a V8 CPU profile of \`node --cpu-prof bin/pg-broker.js serve\` puts ~45 % of it in node:internal module loading (every import resolved and transformed through tsx's hooks on a loader thread), then ajv/fast-json-stringify compiling route schemas; the migration check and the first SELECT 1 take a few ms. ${st?.bundled ? `Measured in this run, the same CLI bundled to plain JavaScript with esbuild reaches /readyz in ${fmt(st.bundled.medianMs / 1000, 2)} s (median) vs ${fmt(st.medianMs / 1000, 2)} s through tsx. ` : ''}Shipping compiled JavaScript (package.json / bin, outside this bench's files) is the fix.`;
+    }
+    default:
+      return '';
+  }
+}
+
+/** The broker profile as shares of its busy (non-idle) time. */
+function busyProfile(r: Results): string {
+  const p = r.profile;
+  if (!p) return '';
+  const busy = p.byPackage.filter((x) => x.name !== '(idle)');
+  const busyMs = p.totalMs - (p.byPackage.find((x) => x.name === '(idle)')?.ms ?? 0);
+  if (busyMs <= 0) return '';
+  const share = (ms: number) => `${((ms / busyMs) * 100).toFixed(0)} %`;
+  const fns = p.byFunction.filter((x) => x.name !== '(idle)').slice(0, 5);
+  const fnName = (name: string) => name.replace(/ \S+:\d+$/, '');
+  return `Of the broker's busy time in the profile (tuned, 16 clients, ${fmt(busyMs / Math.max(1, p.requests), 2)} ms per request): ${busy.slice(0, 6).map((x) => `${x.name} ${share(x.ms)}`).join(', ')}; top functions ${fns.map((x) => `\`${fnName(x.name)}\` ${share(x.ms)}`).join(', ')} — \`writev\`/\`writeBuffer\` are socket writes (one per round trip to PostgreSQL and per HTTP response), \`writeString\` the log lines.`;
+}
+
+/** The throughput ceiling CPU time allows: cores × 1000 ms ÷ CPU ms per operation. */
+function ceiling(c: CpuPerOp, cpus: number): number {
+  const total = (Number.isFinite(c.broker) ? c.broker : 0) + c.pg + c.client;
+  return (cpus * 1000) / total;
+}

@@ -1,0 +1,27 @@
+import type { Results } from '../results.js';
+import { fmt } from '../stats.js';
+import { table } from './markdown.js';
+
+/** Reaping (P4): draining an expired backlog while issuance runs. */
+export function renderReaping(r: Results): string[] {
+  const out: string[] = [];
+  out.push('## Reaping (P4)');
+  out.push('');
+  if (r.reaping) {
+    const rp = r.reaping;
+    out.push(`${rp.backlog.toLocaleString('en-US')} active leases with their roles were created directly in SQL (${fmt(rp.createSeconds, 1)} s; as superuser, each role granted to the broker WITH ADMIN OPTION exactly as a broker-created one — created by the broker itself this would take quadratic time, see above), then expired all at once (\`UPDATE … SET expires_at = now() - 1 minute\`). \`Reaper.reap()\` (the production code path, leadership included, in the broker process, default BROKER_SCRAM_ITERATIONS) was then called until a run found nothing due or ${rp.capSeconds} s had passed, while an open-loop issuance load of ${rp.rate} req/s over ${rp.connections} connections ran against the same broker (30 % of the ${fmt(rp.probeRps, 0)} req/s a short closed-loop probe reached with the backlog present). "Idle" is the same load for ${fmt(rp.idle.seconds, 0)} s before, backlog present but not being reaped. Latencies are raw response times (no coordinated-omission correction).`);
+    out.push('');
+    out.push(table(['measure', 'value'], [
+      ['leases ended / failed', `${rp.ended} / ${rp.failed} in ${rp.runs} reap() runs`],
+      ['time to drain', `${fmt(rp.seconds, 2)} s`],
+      ['roles dropped per second', `**${fmt(rp.rolesPerSecond, 0)}**`],
+      ['backlog roles left afterwards', `${rp.rolesLeft}${rp.rolesLeft ? ` (stopped at the ${rp.capSeconds} s cap; draining the rest at this rate would take ≈ ${fmt(rp.rolesLeft / rp.rolesPerSecond, 0)} s more)` : ''}`],
+      ['issuance idle: p50 / p99 (n)', `${fmt(rp.idle.latency.p50, 2)} / ${fmt(rp.idle.latency.p99, 2)} ms (${rp.idle.latency.n})`],
+      ['issuance while reaping: p50 / p99 (n)', `${fmt(rp.during.latency.p50, 2)} / ${fmt(rp.during.latency.p99, 2)} ms (${rp.during.latency.n})`],
+      ['p99 while reaping ÷ idle', `**${fmt(rp.during.latency.p99 / rp.idle.latency.p99, 2)}×**`],
+      ['issuance errors idle / while reaping', `${rp.idle.errors} / ${rp.during.errors}`],
+    ]));
+  } else out.push('Not measured (see failed scenarios).');
+  out.push('');
+  return out;
+}

@@ -1,0 +1,24 @@
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The bench's configuration: where it writes, how big each scenario is, and the fixed names it uses. */
+
+export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+export const QUICK = process.env.BENCH_QUICK === '1';
+export const REPORT_PATH = path.resolve(process.env.BENCH_REPORT || path.join(ROOT, 'bench/REPORT.md'));
+export const JSON_PATH = REPORT_PATH.replace(/\.md$/i, '') + '.json';
+export const PROFILE = process.env.BENCH_PROFILE !== '0';
+const ONLY = new Set((process.env.BENCH_ONLY ?? '').split(',').map((x) => x.trim()).filter(Boolean));
+/** BENCH_ONLY: whether a scenario (by the first word of its name) is to run. */
+export const wanted = (name: string) => ONLY.size === 0 || ONLY.has(name);
+
+export const SETTINGS = QUICK
+  ? { burst: 40, repeats: 1, warmup: 0, tokens: 300, population: [0, 100], populationBurst: 40, ddlProbe: 10, backlog: 200, reapCapSeconds: 60, rows: 10_000, subjects: 200, idleSeconds: 1, jwtSeconds: 0.75, jwtWarmSeconds: 0, listRequests: 40, startupRuns: 1, profileBursts: 1 }
+  : { burst: 300, repeats: 3, warmup: 50, tokens: 3000, population: [0, 1000, 3000], populationBurst: 100, ddlProbe: 40, backlog: 10_000, reapCapSeconds: 240, rows: 1_000_000, subjects: 20_000, idleSeconds: 20, jwtSeconds: 5, jwtWarmSeconds: 1, listRequests: 700, startupRuns: 3, profileBursts: 3 };
+export const LEVELS = [1, 4, 16, 64];
+export const DEFAULT_ITERATIONS = 4096;
+export const TUNED_ITERATIONS = 1;
+export const AUDIENCE = 'pg-broker';
+export const POLICY = 'bench';
+export const MANAGED_ROLE = 'credential_broker_managed';
+export const TOKEN_TTL_SECONDS = 3 * 3600;

@@ -1,0 +1,45 @@
+import type { BrokerChild } from '../lib/broker.js';
+import { cpuMark } from '../lib/cpu.js';
+import { floorLoad, httpLoad, type LoadRun } from '../lib/load.js';
+import { dropIssuedRoles } from '../lib/population.js';
+import * as proc from '../lib/proc.js';
+import type { CpuPerOp } from '../lib/results.js';
+import { combine } from '../lib/runs.js';
+import { SETTINGS } from '../lib/settings.js';
+import type { BenchContext } from './context.js';
+
+/**
+ * Floor and broker, burst after burst in turn (floor first), `repeats` bursts of `burst`
+ * credentials each, every burst starting from the same role population; alternating keeps
+ * drift on a shared machine from landing on one side only.
+ */
+export async function compare(ctx: BenchContext, broker: BrokerChild, iterations: number, connections: number, burst = SETTINGS.burst, repeats = SETTINGS.repeats) {
+  const { pgs, pmPid, tokens } = ctx;
+  const sides = {
+    floor: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp },
+    broker: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp },
+  };
+  let maxRss = 0;
+  const amount = Math.max(burst, connections);
+  for (let r = 0; r < repeats; r++) {
+    for (const side of ['floor', 'broker'] as const) {
+      await dropIssuedRoles(pgs, 'runs');
+      const sampler = side === 'broker' ? proc.sampleRss(broker.pid) : null;
+      const mark = cpuMark(broker.pid, pmPid);
+      const run = side === 'floor'
+        ? await floorLoad(ctx.floorSpec(iterations), connections, { amount })
+        : await httpLoad({ url: broker.url, path: '/credentials', body: '{}', connections, amount, tokens, expect: 201 });
+      const after = cpuMark(broker.pid, pmPid);
+      if (sampler) maxRss = Math.max(maxRss, sampler.stop().maxRss);
+      const acc = sides[side];
+      acc.cpu = { broker: acc.cpu.broker + after.broker - mark.broker, pg: acc.cpu.pg + after.pg - mark.pg, client: acc.cpu.client + after.client - mark.client };
+      acc.runs.push(run);
+    }
+  }
+  await dropIssuedRoles(pgs, 'runs');
+  const done = (acc: { runs: LoadRun[]; cpu: CpuPerOp }) => {
+    const run = combine(acc.runs);
+    return { run, cpu: { broker: acc.cpu.broker / run.ok, pg: acc.cpu.pg / run.ok, client: acc.cpu.client / run.ok } };
+  };
+  return { floor: done(sides.floor), broker: done(sides.broker), maxRss };
+}
