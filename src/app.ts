@@ -10,6 +10,7 @@ import { createLogger, type LogDestination } from './logger.js';
 import { Metrics } from './metrics.js';
 import { createPool } from './postgres/pool.js';
 import { installProblemHandler } from './problem.js';
+import { OneLinePerRequest } from './request-log.js';
 import auditRoutes from './routes/audit.js';
 import credentialRoutes from './routes/credentials.js';
 import healthRoutes from './routes/health.js';
@@ -67,6 +68,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
+    logController: new OneLinePerRequest(),
     bodyLimit: MAX_BODY_BYTES,
     http: { maxHeaderSize: MAX_HEADER_BYTES },
     requestIdHeader: false,
