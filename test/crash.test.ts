@@ -4,10 +4,10 @@
 // replays a run. The per-trial and final checks are the invariants of ../shared/DESIGN.md.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { AUDIENCE, brokerEnv, connectAs } from './helpers/broker.js';
+import { AUDIENCE, connectAs } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { http, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
+import { childBrokerEnv, http, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
 
 const TRIALS = Number(process.env.CRASH_TRIALS ?? 50);
 const SEED = Number(process.env.CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
@@ -56,11 +56,7 @@ function token(sub: string): Promise<string> {
 before(async () => {
   pgs = await startPostgres();
   issuer = await startIssuer();
-  env = brokerEnv(pgs, issuer, {
-    BROKER_REAPER_INTERVAL: '1',
-    BROKER_SCRAM_ITERATIONS: '1',
-    BROKER_RATE_LIMIT_IP: '1000000',
-    BROKER_RATE_LIMIT_IDENTITY: '1000000',
+  env = childBrokerEnv(pgs, issuer, {
     LOG_LEVEL: 'info',
   });
   current = await spawnBroker(env);

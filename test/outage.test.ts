@@ -4,10 +4,10 @@
 // problem+json with Retry-After until the database is back, then the service resumes by itself.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { AUDIENCE, brokerEnv, connectAs } from './helpers/broker.js';
+import { AUDIENCE, connectAs } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { expectAlive, http, loggedSecrets, sleep, spawnBroker, type BrokerProcess, type HttpResult } from './helpers/process.js';
+import { childBrokerEnv, expectAlive, http, loggedSecrets, sleep, spawnBroker, type BrokerProcess, type HttpResult } from './helpers/process.js';
 
 const DOWN_MS = 2000;
 // OUTAGE_ROUNDS restarts PostgreSQL that many times in a row (`npm run test:soak` runs several).
@@ -33,11 +33,7 @@ interface Sample {
 before(async () => {
   pgs = await startPostgres();
   issuer = await startIssuer();
-  broker = await spawnBroker(brokerEnv(pgs, issuer, {
-    BROKER_REAPER_INTERVAL: '1',
-    BROKER_SCRAM_ITERATIONS: '1',
-    BROKER_RATE_LIMIT_IP: '1000000',
-    BROKER_RATE_LIMIT_IDENTITY: '1000000',
+  broker = await spawnBroker(childBrokerEnv(pgs, issuer, {
     LOG_LEVEL: 'info',
   }));
   const put = await http(`${broker.url}/policies/outage`, {

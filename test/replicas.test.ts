@@ -6,10 +6,10 @@ import fs from 'node:fs';
 import pg from 'pg';
 import { after, before, describe, test } from 'node:test';
 import { REAPER_LOCK_KEY } from '../src/reaper/leadership.js';
-import { AUDIENCE, brokerEnv } from './helpers/broker.js';
+import { AUDIENCE } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { http, killAll, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
+import { childBrokerEnv, http, killAll, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
 
 const REPLICAS = 3;
 const LOAD_MS = Number(process.env.REPLICA_LOAD_MS ?? 4000);
@@ -27,11 +27,7 @@ const pick = <T>(list: T[]) => list[Math.floor(Math.random() * list.length)];
 before(async () => {
   pgs = await startPostgres();
   issuer = await startIssuer();
-  env = brokerEnv(pgs, issuer, {
-    BROKER_REAPER_INTERVAL: '1',
-    BROKER_SCRAM_ITERATIONS: '1',
-    BROKER_RATE_LIMIT_IP: '1000000',
-    BROKER_RATE_LIMIT_IDENTITY: '1000000',
+  env = childBrokerEnv(pgs, issuer, {
     LOG_LEVEL: 'info',
   });
 });

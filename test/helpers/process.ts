@@ -1,6 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { findLeaks } from './broker.js';
+import { brokerEnv, findLeaks } from './broker.js';
+import type { TestIssuer } from './issuer.js';
+import type { TestPostgres } from './postgres.js';
 import { freePort } from './ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -214,6 +216,20 @@ const seenSecrets = new Set<string>();
 export function loggedSecrets(serverLog: string[]): { leaks: string[]; secrets: number } {
   const brokerLines = spawned.flatMap((b) => [...b.logs.map((l) => JSON.stringify(l)), ...b.stderr]);
   return { leaks: findLeaks(seenSecrets, brokerLines, serverLog), secrets: seenSecrets.size };
+}
+
+/**
+ * The environment of a broker child process in the fault suites: reaping every second, the
+ * cheapest verifier, and rate limits out of the way of their bounded load.
+ */
+export function childBrokerEnv(pgs: TestPostgres, issuer: TestIssuer, extra: Record<string, string> = {}): Record<string, string> {
+  return brokerEnv(pgs, issuer, {
+    BROKER_REAPER_INTERVAL: '1',
+    BROKER_SCRAM_ITERATIONS: '1',
+    BROKER_RATE_LIMIT_IP: '1000000',
+    BROKER_RATE_LIMIT_IDENTITY: '1000000',
+    ...extra,
+  });
 }
 
 /** Waits for `ms` milliseconds. */
