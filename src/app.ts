@@ -8,6 +8,7 @@ import type { Config } from './config.js';
 import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
 import { Metrics } from './metrics.js';
+import { prepareCreators } from './postgres/migrate.js';
 import { createPool } from './postgres/pool.js';
 import { installProblemHandler } from './problem.js';
 import { OneLinePerRequest } from './request-log.js';
@@ -26,6 +27,8 @@ declare module 'fastify' {
     metrics: Metrics;
     /** The role the broker connects as; issued roles are granted to it so it can tear them down. */
     brokerRole(): Promise<string>;
+    /** The creator roles issued roles are created as (PostgreSQL 16+), [] on 15. */
+    roleCreators(): Promise<string[]>;
   }
 }
 
@@ -85,6 +88,16 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   app.decorate('brokerRole', async () => {
     brokerRole ??= (await pool.query<{ current_user: string }>('SELECT current_user')).rows[0].current_user;
     return brokerRole;
+  });
+  let creators: Promise<string[]> | null = null;
+  app.decorate('roleCreators', () => {
+    // Usually a no-op check, since migrate() set them up; a failure (database down) is retried
+    // on the next call rather than remembered.
+    creators ??= prepareCreators(pool, config.managedRole).catch((err) => {
+      creators = null;
+      throw err;
+    });
+    return creators;
   });
   if (!options.pool) app.addHook('onClose', async () => pool.end());
   app.addSchema(Problem);

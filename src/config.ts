@@ -4,7 +4,7 @@ import { validatePatterns } from './policy/match.js';
 
 // Role names must be plain identifiers: they reach DDL through escapeIdentifier, and
 // PostgreSQL reserves the pg_ prefix for its own roles.
-const RoleName = Type.String({ pattern: '^(?!pg_)[a-z_][a-z0-9_]{0,62}$' });
+const RoleName = Type.String({ pattern: '^(?!pg_)[a-z_][a-z0-9_]{0,58}$' });
 const Url = Type.String({ pattern: '^https?://[^\\s]+$' });
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const Port = Type.Integer({ minimum: 1, maximum: 65535 });
@@ -149,7 +149,7 @@ function hint(field: string, leaf: string, message: string): string {
   if (/Expected required property/i.test(message)) return `${leaf} is required`;
   if (/to match/.test(message)) {
     if (leaf === 'issuer' || leaf === 'jwks_uri') return `${leaf} must be an http(s) URL`;
-    if (field === 'managedRole') return 'must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 63 characters) not starting with pg_, which PostgreSQL reserves';
+    if (field === 'managedRole') return 'must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 59 characters, leaving room for the _cNN suffix of its creator roles) not starting with pg_, which PostgreSQL reserves';
     if (field === 'databaseUrl') return 'must be a postgres:// or postgresql:// URL';
   }
   if (field === 'logLevel') return `must be one of ${LOG_LEVELS.join(', ')}`;

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { describe, test } from 'node:test';
+import { creatorNames } from '../src/postgres/creators.js';
 import { api, connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { startPostgres } from './helpers/postgres.js';
 
@@ -13,8 +14,27 @@ async function brokerGrants(b: TestBroker) {
   const memberships = await b.pg.query<{ role: string; admin: boolean }>(
     `SELECT g.rolname AS role, m.admin_option AS admin FROM pg_auth_members m
        JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
-      WHERE r.rolname = 'broker' AND g.rolname NOT LIKE 'lease\\_%' ORDER BY 1`);
+      WHERE r.rolname = 'broker' AND g.rolname NOT LIKE 'lease\\_%' AND g.rolname NOT LIKE $1 ORDER BY 1`, [`${b.config.managedRole}\\_c%`]);
   return { attrs, memberships };
+}
+
+/** 16+: the creator roles, their attributes, and every membership edge to or from them. */
+async function creatorGrants(b: TestBroker) {
+  const names = creatorNames(b.config.managedRole);
+  const roles = await b.pg.query(
+    `SELECT rolname, rolsuper, rolcreaterole, rolcanlogin, rolcreatedb, rolbypassrls, rolreplication FROM pg_roles WHERE rolname = ANY($1) ORDER BY 1`, [names]);
+  const edges = await b.pg.query<{ role: string; member: string; admin: boolean; inherit: boolean; set: boolean }>(
+    `SELECT g.rolname AS role, r.rolname AS member, bool_or(m.admin_option) AS admin, bool_or(m.inherit_option) AS inherit, bool_or(m.set_option) AS set
+       FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
+      WHERE g.rolname = ANY($1) OR r.rolname = ANY($1) GROUP BY 1, 2 ORDER BY 1, 2`, [names]);
+  return { names, roles, edges };
+}
+
+function creatorEdges(names: string[], handedOut: string[]) {
+  return names.flatMap((c) => [
+    { role: c, member: 'broker', admin: true, inherit: false, set: true },
+    ...handedOut.map((g) => ({ role: g, member: c, admin: true, inherit: false, set: false })),
+  ]).sort((x, y) => x.role.localeCompare(y.role) || x.member.localeCompare(y.member));
 }
 
 function suite(flavor: 'embedded' | 'pg15') {
@@ -37,6 +57,12 @@ function suite(flavor: 'embedded' | 'pg15') {
              JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
             WHERE r.rolname = 'broker' AND g.rolname IN ('app_readers', 'app_migrators')`);
         assert.deepEqual(flags, { inherit: false, set: false }, 'the broker neither inherits nor can SET ROLE to the groups');
+
+        // The creators: NOLOGIN CREATEROLE roles the broker may SET ROLE to (never inherit from),
+        // each able to hand out the marker (ADMIN only), and no group before a policy maps onto it.
+        const { names, roles, edges } = await creatorGrants(b);
+        assert.deepEqual(roles, names.map((rolname) => ({ rolname, rolsuper: false, rolcreaterole: true, rolcanlogin: false, rolcreatedb: false, rolbypassrls: false, rolreplication: false })));
+        assert.deepEqual(edges, creatorEdges(names, [b.config.managedRole]));
       }
 
       const adminToken = await b.adminToken();
@@ -66,10 +92,27 @@ function suite(flavor: 'embedded' | 'pg15') {
       }
       const ok = await put('app_readers');
       assert.equal(ok.status, 201, JSON.stringify(ok.body));
+      if (admin) {
+        // Storing the policy handed its group on to the creators, ADMIN only; app_migrators, which
+        // no policy names, stays out of their reach.
+        const { names, edges } = await creatorGrants(b);
+        assert.deepEqual(edges, creatorEdges(names, ['app_readers', b.config.managedRole]));
+        // A group the broker may not grant is refused with the GRANT that would fix it.
+        await pgs.query('CREATE ROLE lp_ungranted NOLOGIN');
+        const refusedGroup = await put('lp_ungranted');
+        assert.equal(refusedGroup.status, 400);
+        assert.match(refusedGroup.body.detail, /holds no ADMIN OPTION on grant_role lp_ungranted.*GRANT lp_ungranted TO broker WITH ADMIN OPTION/);
+      }
 
       // The non-superuser broker can issue, and the credential works on this server version.
       const issued = await b.issue(await b.token({ sub: 'lp:ci' }));
       assert.equal(issued.status, 201, JSON.stringify(issued.body));
+      // 16+: the issued role is no member of the broker's at all (its creator holds ADMIN on it);
+      // 15: the broker made itself a plain member, to end the role's sessions later.
+      const brokerIn = await pgs.query(
+        `SELECT m.admin_option AS admin FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
+          WHERE g.rolname = $1 AND r.rolname = 'broker'`, [issued.body.username]);
+      assert.deepEqual(brokerIn, admin ? [] : [{ admin: false }]);
       const client = await connectAs(pgs, issued.body);
       const { rows } = await client.query('SELECT count(*)::int AS n FROM public.widgets');
       assert.ok(rows[0].n > 0);

@@ -235,7 +235,7 @@ describe(`${REPLICAS} broker processes on one database`, () => {
       await blocker.query('BEGIN');
       await blocker.query(`ALTER ROLE ${pg.escapeIdentifier(first.username)} CONNECTION LIMIT 7`);
       const stuck = async () => (await pgs.query(
-        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock' AND query LIKE 'ALTER ROLE%NOLOGIN%'`)).length > 0;
+        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock' AND query LIKE '%ALTER ROLE%NOLOGIN%'`)).length > 0;
       for (const deadline = Date.now() + 8000; !(await stuck()); await sleep(50)) {
         assert.ok(Date.now() < deadline, 'the leader never started tearing the expired leases down');
       }

@@ -2,6 +2,7 @@ import autocannon from 'autocannon';
 import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { insertLeaseWithinQuota } from '../../src/leases/repository.js';
+import { pickCreator } from '../../src/postgres/creators.js';
 import { roleNameFor } from '../../src/postgres/role-name.js';
 import { createRoleSql } from '../../src/postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../../src/postgres/scram.js';
@@ -121,6 +122,8 @@ export interface FloorSpec {
   database: string;
   managedRole: string;
   brokerRole: string;
+  /** The broker's creator roles (PostgreSQL 16+, see src/postgres/creators.ts); [] on 15. */
+  creators: string[];
   ttlSeconds: number;
   maxTtlSeconds: number;
   subjects: () => string;
@@ -165,7 +168,7 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   await client.query(
     createRoleSql({
       username, verifier, validUntil: expiresAt, connectionLimit: -1, grantRole: spec.grantRole,
-      managedRole: spec.managedRole, brokerRole: spec.brokerRole, assumeRole: false, comment: `lease ${leaseId} sub ${subject}`,
+      managedRole: spec.managedRole, creator: pickCreator(spec.creators), brokerRole: spec.brokerRole, assumeRole: false, comment: `lease ${leaseId} sub ${subject}`,
     }) + ';\nCOMMIT',
   );
 }

@@ -1,6 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import pg from 'pg';
+import { teardownRoles } from '../../src/leases/teardown.js';
+import { createLogger } from '../../src/logger.js';
+import { pickCreator } from '../../src/postgres/creators.js';
 import { roleNameFor } from '../../src/postgres/role-name.js';
+import { createRoleSql } from '../../src/postgres/roles.js';
 import { scramVerifier } from '../../src/postgres/scram.js';
 import { escapeIdent, escapeLit } from '../../src/postgres/sql.js';
 import type { TestPostgres } from '../../test/helpers/postgres.js';
@@ -15,6 +19,8 @@ import type { TestPostgres } from '../../test/helpers/postgres.js';
  * issued roles. Measurements are only comparable when that number is controlled, so every
  * issuance run starts from an empty population, and a separate scenario sets it explicitly.
  */
+
+const silentLog = createLogger('silent');
 
 function superClient(pgs: TestPostgres): pg.Client {
   const client = new pg.Client({ connectionString: pgs.superuserUrl.replace(/\/postgres$/, `/${pgs.database}`), application_name: 'bench population' });
@@ -51,6 +57,8 @@ export interface PopulationOptions {
   grantRole: string;
   managedRole: string;
   brokerRole: string;
+  /** The broker's creator roles on 16+ (src/postgres/creators.ts); [] on 15. */
+  creators: string[];
   database: string;
   /** Subject prefix: `pop` for live background leases, `bench:reap` for the reaping backlog. */
   prefix: string;
@@ -60,9 +68,10 @@ export interface PopulationOptions {
 
 /**
  * Creates `count` issued roles with active lease rows, as superuser: the same role attributes,
- * IN ROLE and comment as createRoleSql, and a `GRANT … TO broker WITH ADMIN OPTION` standing in
- * for the implicit ADMIN grant plus `ROLE broker` a broker-created role has. Done by the broker
- * itself this would take quadratic time (see above); as superuser it takes seconds.
+ * IN ROLE and comment as createRoleSql, and the grant that stands in for how the broker made it:
+ * on 16+ ADMIN OPTION for one of the creator roles, round robin (what PostgreSQL gives a role's
+ * creator), on 15 plain membership for the broker (its `ROLE broker` clause). As superuser this
+ * takes seconds and does not depend on how fast the broker's own path is.
  */
 export async function createPopulation(pgs: TestPostgres, count: number, o: PopulationOptions): Promise<number> {
   const start = performance.now();
@@ -94,7 +103,9 @@ export async function createPopulation(pgs: TestPostgres, count: number, o: Popu
           .map((n, k) => {
             const name = escapeIdent(n);
             return `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(verifier)} VALID UNTIL ${validUntil} IN ROLE ${escapeIdent(o.grantRole)}, ${escapeIdent(o.managedRole)};
-                    GRANT ${name} TO ${escapeIdent(o.brokerRole)} WITH ADMIN OPTION;
+                    ${o.creators.length
+                      ? `GRANT ${name} TO ${escapeIdent(o.creators[(from + k) % o.creators.length])} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE`
+                      : `GRANT ${name} TO ${escapeIdent(o.brokerRole)}`};
                     COMMENT ON ROLE ${name} IS ${escapeLit(`lease ${ids[k]} sub ${subjects[k]}`)}`;
           })
           .join(';\n'),
@@ -115,106 +126,56 @@ export interface DdlProbe {
   /** PostgreSQL major version. */
   server: number;
   live: number;
-  /** Milliseconds per statement batch, as the broker unless noted. */
-  createAsToday: number;
-  createViaGranter: number;
-  createViaGranterNoBrokerGrant: number;
-  alterNologin: number;
-  dropAsBroker: number;
-  /** DROP ROLE as the broker once the population is in state (b). */
-  dropAsBrokerNoBrokerGrant: number;
+  /** Milliseconds per issued role: its CREATE ROLE transaction exactly as the broker sends it. */
+  create: number;
+  /** Milliseconds per issued role: teardownRoles() for that one role, the reaper's production path. */
+  teardown: number;
+  /** Milliseconds per DROP ROLE as superuser, which checks no ADMIN rights at all: the reference. */
   dropAsSuperuser: number;
 }
 
-const GRANTER = 'bench_granter';
-
 /**
- * Cost of one issued role's DDL with `live` issued roles in place, `n` statements of each kind:
- * CREATE ROLE exactly as createRoleSql writes it; the same role with its IN ROLE grants made
- * while SET ROLE to a helper role that holds ADMIN on the groups but created no roles (so its
- * membership list stays short); ALTER ROLE … NOLOGIN and DROP ROLE as the broker (the reaper's
- * statements) and DROP ROLE as superuser (no ADMIN check).
+ * Cost of one issued role's DDL with `live` issued roles in place, `n` roles of each kind, one
+ * session, no other load: creating it as the broker does (createRoleSql in a transaction, as a
+ * random creator on 16+), ending it as the reaper does (teardownRoles, one role per call), and a
+ * superuser's DROP ROLE of an identical role for reference.
  */
-export async function probeRoleDdl(pgs: TestPostgres, live: number, n: number, o: PopulationOptions, sqlAsToday: (username: string) => string): Promise<DdlProbe> {
+export async function probeRoleDdl(pgs: TestPostgres, live: number, n: number, o: PopulationOptions): Promise<DdlProbe> {
   const su = superClient(pgs);
   await su.connect();
-  const broker = new pg.Client({ connectionString: pgs.brokerUrl, application_name: 'bench ddl probe' });
-  broker.on('error', () => undefined);
-  await broker.connect();
+  const pool = new pg.Pool({ connectionString: pgs.brokerUrl, max: 2, application_name: 'bench ddl probe' });
+  pool.on('error', () => undefined);
   const time = async (fn: () => Promise<unknown>) => {
     const t = performance.now();
     await fn();
     return (performance.now() - t) / n;
   };
   try {
-    const [{ exists }] = (await su.query<{ exists: boolean }>('SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS exists', [GRANTER])).rows;
-    if (!exists) {
-      await su.query(`CREATE ROLE ${GRANTER} NOLOGIN`);
-      await su.query(`GRANT ${escapeIdent(o.grantRole)}, ${escapeIdent(o.managedRole)} TO ${GRANTER} WITH ADMIN OPTION`);
-      await su.query(`GRANT ${GRANTER} TO ${escapeIdent(o.brokerRole)}`);
-    }
-    const verifier = escapeLit(scramVerifier('bench-ddl-probe', 1));
-    const until = escapeLit(new Date(Date.now() + 3600_000).toISOString());
+    const verifier = scramVerifier('bench-ddl-probe', 1);
     const names = (tag: string) => Array.from({ length: n }, (_, i) => roleNameFor(`bench:ddl:${tag}:${i}`));
-    const today = names('today');
-    const granted = names('granter');
-    const bare = names('bare');
-    const createAsToday = await time(async () => {
-      for (const name of today) await broker.query(sqlAsToday(name));
+    const issued = names('issued');
+    const reference = names('reference');
+    const roleSql = (username: string) => createRoleSql({
+      username, verifier, validUntil: new Date(Date.now() + 3600_000), connectionLimit: -1, grantRole: o.grantRole,
+      managedRole: o.managedRole, creator: pickCreator(o.creators), brokerRole: o.brokerRole, assumeRole: false, comment: 'bench ddl probe',
     });
-    const createViaGranter = await time(async () => {
-      for (const name of granted) {
-        const id = escapeIdent(name);
-        await broker.query(`BEGIN;
-          CREATE ROLE ${id} LOGIN PASSWORD ${verifier} VALID UNTIL ${until} ROLE ${escapeIdent(o.brokerRole)};
-          SET LOCAL ROLE ${GRANTER};
-          GRANT ${escapeIdent(o.grantRole)}, ${escapeIdent(o.managedRole)} TO ${id};
-          RESET ROLE;
-          COMMENT ON ROLE ${id} IS 'bench ddl probe';
-          COMMIT`);
+    const create = await time(async () => {
+      for (const name of issued) await pool.query(`BEGIN;\n${roleSql(name)};\nCOMMIT`);
+    });
+    for (const name of reference) await pool.query(`BEGIN;\n${roleSql(name)};\nCOMMIT`);
+    const deps = { pool, databaseUrl: pgs.brokerUrl, managedRole: o.managedRole, log: silentLog };
+    const teardown = await time(async () => {
+      for (const name of issued) {
+        const outcome = await teardownRoles(deps, [{ username: name, reassign_to: o.grantRole }]);
+        if (outcome.get(name) !== null) throw new Error(`ddl probe: teardown of ${name} failed: ${outcome.get(name)}`);
       }
-    });
-    const alterNologin = await time(() => broker.query(today.map((name) => `ALTER ROLE ${escapeIdent(name)} NOLOGIN`).join(';\n')));
-    const dropAsBroker = await time(async () => {
-      for (const name of today) await broker.query(`DROP ROLE ${escapeIdent(name)}`);
     });
     const dropAsSuperuser = await time(async () => {
-      for (const name of granted) await su.query(`DROP ROLE ${escapeIdent(name)}`);
+      for (const name of reference) await su.query(`DROP ROLE ${escapeIdent(name)}`);
     });
-    // (b) models a deployment whose every live role was issued without ROLE broker: the broker
-    // then holds only the implicit ADMIN grant (no INHERIT, no SET) on them on 16+, and no
-    // membership at all on 15. The background population is switched to that state first.
-    const { rows: pop } = await su.query<{ rolname: string }>(
-      `SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles b ON b.oid = m.member
-        WHERE b.rolname = $1 AND r.rolname LIKE 'lease\\_%'`,
-      [o.brokerRole],
-    );
-    for (let i = 0; i < pop.length; i += 500) {
-      const chunk = pop.slice(i, i + 500).map((r) => escapeIdent(r.rolname));
-      await su.query(
-        pgs.version >= 16
-          ? chunk.map((r) => `GRANT ${r} TO ${escapeIdent(o.brokerRole)} WITH INHERIT FALSE, SET FALSE`).join(';\n')
-          : `REVOKE ${chunk.join(', ')} FROM ${escapeIdent(o.brokerRole)}`,
-      );
-    }
-    const createViaGranterNoBrokerGrant = await time(async () => {
-      for (const name of bare) {
-        const id = escapeIdent(name);
-        await broker.query(`BEGIN;
-          CREATE ROLE ${id} LOGIN PASSWORD ${verifier} VALID UNTIL ${until};
-          SET LOCAL ROLE ${GRANTER};
-          GRANT ${escapeIdent(o.grantRole)}, ${escapeIdent(o.managedRole)} TO ${id};
-          RESET ROLE;
-          COMMENT ON ROLE ${id} IS 'bench ddl probe';
-          COMMIT`);
-      }
-    });
-    const dropAsBrokerNoBrokerGrant = await time(async () => {
-      for (const name of bare) await broker.query(`DROP ROLE ${escapeIdent(name)}`);
-    });
-    return { server: pgs.version, live, createAsToday, createViaGranter, createViaGranterNoBrokerGrant, alterNologin, dropAsBroker, dropAsBrokerNoBrokerGrant, dropAsSuperuser };
+    return { server: pgs.version, live, create, teardown, dropAsSuperuser };
   } finally {
-    await broker.end().catch(() => undefined);
+    await pool.end().catch(() => undefined);
     await su.end().catch(() => undefined);
   }
 }

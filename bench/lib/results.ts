@@ -1,3 +1,4 @@
+import type { DdlProbe } from './population.js';
 import type { LoadRun } from './load.js';
 import type { ProfileSummary } from './profile.js';
 import type { Summary } from './stats.js';
@@ -34,6 +35,15 @@ export interface LeaseShape {
   plans: Array<{ page: string; plan: string; indexUsed: boolean }>;
 }
 
+/** 'compiled': JavaScript bundled by scripts/build.ts on plain node, as production runs it; 'tsx': TypeScript through the tsx loader. */
+export type Runtime = 'compiled' | 'tsx';
+
+export interface StartupSeries {
+  runsMs: number[];
+  medianMs: number;
+  idleRssMb: number;
+}
+
 export interface Results {
   meta: {
     date: string;
@@ -50,6 +60,8 @@ export interface Results {
     logStatement: string;
     settings: Record<string, unknown>;
     durationSeconds: number;
+    /** How bench/broker-process.ts ran; absent in results from before the build step, which ran it through tsx. */
+    brokerRuntime?: Runtime;
   };
   issuance: Array<{ iterations: number; levels: IssuanceLevel[] }>;
   reaping?: {
@@ -69,11 +81,15 @@ export interface Results {
     during: Run;
   };
   population?: Array<{ live: number; createSeconds: number; iterations: number; connections: number; floor: Run; broker: Run; floorCpu: CpuPerOp; brokerCpu: CpuPerOp; ratio: number }>;
-  ddl?: Array<{ server: number; live: number; createAsToday: number; createViaGranter: number; createViaGranterNoBrokerGrant?: number; alterNologin: number; dropAsBroker: number; dropAsBrokerNoBrokerGrant?: number; dropAsSuperuser: number }>;
+  ddl?: DdlProbe[];
   leases?: { rows: number; loadSeconds: number; requests: number; failures: number; latency: Summary; shapes: LeaseShape[] };
   jwt?: Array<{ alg: string; connections: number; run: Run; cpu: CpuPerOp }>;
   memory?: { maxRssMbAt64: number; perRun: number[]; usage?: Array<{ rss: number; heapTotal: number; heapUsed: number; external: number; arrayBuffers: number }> };
-  startup?: { runsMs: number[]; medianMs: number; idleRssMb?: number; bundled?: { runsMs: number[]; medianMs: number; idleRssMb: number } };
+  /**
+   * `entry`: what the target figures time; absent in older results, which timed bin/pg-broker.js
+   * through tsx and measured the compiled CLI only as `bundled`. Newer results put tsx in `tsx`.
+   */
+  startup?: { entry?: Runtime; runsMs: number[]; medianMs: number; idleRssMb?: number; bundled?: StartupSeries; tsx?: StartupSeries };
   profile?: ProfileSummary & { scenario: string; file: string; requests: number };
   errors: Record<string, string>;
 }

@@ -1,3 +1,4 @@
+import { creatorNames } from '../../src/postgres/creators.js';
 import type { TestIssuer } from '../../test/helpers/issuer.js';
 import type { TestPostgres } from '../../test/helpers/postgres.js';
 import { TokenPool, type FloorSpec } from '../lib/load.js';
@@ -54,13 +55,15 @@ export async function createContext(pgs: TestPostgres, pmPid: number, issuer: Te
   const userSubjects = Array.from({ length: SETTINGS.tokens }, (_, i) => `bench:user:${i}`);
   const tokens = new TokenPool(await signTokens(issuer, userSubjects));
   let floorSubject = 0;
+  // The names the broker's migration creates on 16+ (it runs before any floor or population work).
+  const creators = pgs.version >= 16 ? creatorNames(MANAGED_ROLE) : [];
   const floorSpec = (iterations: number): FloorSpec => ({
     databaseUrl: pgs.brokerUrl, iterations, issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', database: pgs.database,
-    managedRole: MANAGED_ROLE, brokerRole: 'broker', ttlSeconds: 3600, maxTtlSeconds: 7200,
+    managedRole: MANAGED_ROLE, brokerRole: 'broker', creators, ttlSeconds: 3600, maxTtlSeconds: 7200,
     subjects: () => `bench:floor:${floorSubject++ % SETTINGS.tokens}`,
   });
   const popOptions = (prefix: string, expired = false) => ({
-    issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', managedRole: MANAGED_ROLE, brokerRole: 'broker', database: pgs.database, prefix, expired,
+    issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', managedRole: MANAGED_ROLE, brokerRole: 'broker', creators, database: pgs.database, prefix, expired,
   });
 
   return { pgs, pmPid, issuer, results, adminToken, userSubjects, tokens, brokerEnv, floorSpec, popOptions };

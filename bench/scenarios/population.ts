@@ -1,7 +1,5 @@
 import { createLogger } from '../../src/logger.js';
 import { migrate } from '../../src/postgres/migrate.js';
-import { createRoleSql } from '../../src/postgres/roles.js';
-import { scramVerifier } from '../../src/postgres/scram.js';
 import { startPostgres } from '../../test/helpers/postgres.js';
 import type { BrokerChild } from '../lib/broker.js';
 import { log } from '../lib/log.js';
@@ -23,7 +21,7 @@ export async function runPopulation(ctx: BenchContext, broker: BrokerChild): Pro
     await dropIssuedRoles(pgs, 'all');
     const createSeconds = live ? await createPopulation(pgs, live, popOptions('pop')) : 0;
     const { floor, broker: b } = await compare(ctx, broker, TUNED_ITERATIONS, 16, SETTINGS.populationBurst, 1);
-    results.ddl = [...(results.ddl ?? []), await probeRoleDdl(pgs, live, SETTINGS.ddlProbe, popOptions('bench:ddl'), roleSqlAsToday)];
+    results.ddl = [...(results.ddl ?? []), await probeRoleDdl(pgs, live, SETTINGS.ddlProbe, popOptions('bench:ddl'))];
     results.population.push({ live, createSeconds, iterations: TUNED_ITERATIONS, connections: 16, floor: strip(floor.run), broker: strip(b.run), floorCpu: floor.cpu, brokerCpu: b.cpu, ratio: b.run.rps / floor.run.rps });
     log(`population ${live}: floor ${floor.run.rps.toFixed(0)}/s (${floor.cpu.pg.toFixed(2)} ms PG CPU/op) | broker ${b.run.rps.toFixed(0)}/s ratio ${(b.run.rps / floor.run.rps).toFixed(2)}`);
   }
@@ -38,20 +36,13 @@ export async function runPopulation(ctx: BenchContext, broker: BrokerChild): Pro
       await pg15.query(`ALTER ROLE ALL SET log_statement = 'none'`, [], 'postgres');
       await migrate(pg15.brokerUrl, MANAGED_ROLE, createLogger('silent'));
       const live = SETTINGS.population[SETTINGS.population.length - 1];
-      await createPopulation(pg15, live, popOptions('pop'));
-      const probe = await probeRoleDdl(pg15, live, SETTINGS.ddlProbe, popOptions('bench:ddl'), roleSqlAsToday);
+      // No creator roles on 15: the broker creates issued roles itself there.
+      await createPopulation(pg15, live, { ...popOptions('pop'), creators: [] });
+      const probe = await probeRoleDdl(pg15, live, SETTINGS.ddlProbe, { ...popOptions('bench:ddl'), creators: [] });
       results.ddl = [...(results.ddl ?? []), probe];
-      log(`PostgreSQL ${pg15.version}, ${live} live roles: CREATE ROLE ${probe.createAsToday.toFixed(2)} ms, DROP ROLE ${probe.dropAsBroker.toFixed(3)} ms`);
+      log(`PostgreSQL ${pg15.version}, ${live} live roles: CREATE ROLE ${probe.create.toFixed(2)} ms, teardown ${probe.teardown.toFixed(2)} ms`);
     } finally {
       await pg15.stop();
     }
   }
-}
-
-/** CREATE ROLE exactly as the broker writes it (createRoleSql), for the DDL probe. */
-function roleSqlAsToday(username: string): string {
-  return createRoleSql({
-    username, verifier: scramVerifier('bench-ddl-probe', 1), validUntil: new Date(Date.now() + 3600_000), connectionLimit: -1,
-    grantRole: 'app_readers', managedRole: MANAGED_ROLE, brokerRole: 'broker', assumeRole: false, comment: 'bench ddl probe',
-  });
 }

@@ -8,6 +8,7 @@ import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { readClaim } from '../policy/match.js';
 import { enabledPoliciesForIssuer, type Policy } from '../policy/repository.js';
+import { grantToCreators, pickCreator } from '../postgres/creators.js';
 import { withBatchedTransaction } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
 import { createRoleSql } from '../postgres/roles.js';
@@ -19,6 +20,8 @@ export interface IssueDeps {
   pool: pg.Pool;
   config: Config;
   brokerRole: string;
+  /** Creator roles to create issued roles as (PostgreSQL 16+), [] to create them as the broker. */
+  creators: string[];
   log: FastifyBaseLogger;
 }
 
@@ -99,7 +102,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     const chosen = policy;
     // Three round trips: BEGIN with the identity lock, the lease + audit INSERT, then CREATE ROLE
     // and its comment with COMMIT.
-    await withBatchedTransaction(deps.pool, lockIdentitySql(identity.issuer, identity.subject, chosen.name), async (client, commit) => {
+    const attempt = (creator: string | null) => withBatchedTransaction(deps.pool, lockIdentitySql(identity.issuer, identity.subject, chosen.name), async (client, commit) => {
       const inserted = await insertLeaseWithinQuota(
         client,
         {
@@ -116,10 +119,20 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       }
       await commit(createRoleSql({
         username, verifier: await verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
-        grantRole: chosen.grant_role, managedRole: deps.config.managedRole, brokerRole: deps.brokerRole,
+        grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator, brokerRole: deps.brokerRole,
         assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
       }));
     });
+    const creator = pickCreator(deps.creators);
+    try {
+      await attempt(creator);
+    } catch (err) {
+      // 42501: the creators lack ADMIN OPTION on a group the broker was granted after they were
+      // set up. Hand it on (a no-op when the broker lacks it too) and try once more.
+      if (!creator || (err as { code?: string }).code !== '42501') throw err;
+      await grantToCreators(deps.pool, deps.creators, [chosen.grant_role, deps.config.managedRole]);
+      await attempt(creator);
+    }
     deps.log.info({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl }, 'credential issued');
     const { publicPgHost: host, publicPgPort: port } = deps.config;
     return {

@@ -3,6 +3,7 @@ import { recordAudit } from '../audit/repository.js';
 import type { Identity } from '../auth/verify.js';
 import { Errors } from '../errors.js';
 import { getPolicy } from '../policy/repository.js';
+import { creatorOf } from '../postgres/creators.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
 import { isoRow } from '../postgres/rows.js';
@@ -21,6 +22,7 @@ export async function renewLease(
   owner: Identity,
   ttlSeconds: number | undefined,
   ctx: { requestId: string; clientIp: string | null },
+  creators: string[],
 ): Promise<Lease & { capped: boolean }> {
   return withTransaction(pool, async (client) => {
     const { rows } = await client.query(`SELECT ${LEASE_COLUMNS}, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1 FOR UPDATE`, [id]);
@@ -32,7 +34,9 @@ export async function renewLease(
     const max = (row.max_expires_at as Date).getTime();
     const capped = wanted > max;
     const expiresAt = new Date(Math.min(wanted, max));
-    await setValidUntil(client, row.username, expiresAt);
+    const { rows: [role] } = await client.query<{ creator: string | null }>(
+      `SELECT ${creatorOf('r', '$2')} AS creator FROM pg_roles r WHERE r.rolname = $1`, [row.username, creators]);
+    await setValidUntil(client, row.username, expiresAt, role?.creator ?? null);
     const updated = await client.query(`UPDATE broker.leases SET expires_at = $2 WHERE id = $1 RETURNING ${LEASE_COLUMNS}`, [id, expiresAt]);
     await recordAudit(client, {
       type: 'lease.renewed', issuer: owner.issuer, subject: owner.subject, lease_id: id, policy: row.policy, username: row.username,

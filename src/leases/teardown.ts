@@ -1,5 +1,7 @@
 import pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
+import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
+import { withBatchedTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 
@@ -76,33 +78,59 @@ async function stepEach(
   return ok;
 }
 
+/** Runs one statement as `creator` (in a transaction, SET LOCAL ROLE), or as the broker for null. */
+type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
+function runAs(pool: pg.Pool, creator: string | null): Run {
+  if (!creator) return (sql, params) => pool.query(sql, params);
+  return (sql, params) => withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params));
+}
+
 /**
  * Ends a batch of issued roles: NOLOGIN, terminate their sessions, reassign and drop what they
  * own in every database where they own or hold anything, then DROP ROLE. Only members of this
  * deployment's marker role are touched; a role that no longer exists counts as done. Never
  * throws for a single role's trouble: each role gets its own outcome.
+ *
+ * Each role is ended by whoever holds ADMIN OPTION on it: its creator role on PostgreSQL 16+
+ * (see creators.ts), else the broker itself.
  */
 export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
   const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
   if (roles.length === 0) return result;
-  const { rows: present } = await deps.pool.query<{ rolname: string; issued: boolean }>(
-    `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued FROM pg_roles r WHERE r.rolname = ANY($1)`,
-    [roles.map((r) => r.username), deps.managedRole],
+  const { rows: present } = await deps.pool.query<{ rolname: string; issued: boolean; creator: string | null }>(
+    `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued, ${creatorOf('r', '$3')} AS creator
+       FROM pg_roles r WHERE r.rolname = ANY($1)`,
+    [roles.map((r) => r.username), deps.managedRole, creatorNames(deps.managedRole)],
   );
+  const byCreator = new Map<string | null, RoleToDrop[]>();
   for (const p of present) {
     // Never drop what this deployment did not issue, and never pretend such a role is gone.
-    if (!p.issued) result.set(p.rolname, `role ${p.rolname} exists but is not a plain member of ${deps.managedRole}; left alone`);
+    if (!p.issued) {
+      result.set(p.rolname, `role ${p.rolname} exists but is not a plain member of ${deps.managedRole}; left alone`);
+      continue;
+    }
+    if (!byCreator.has(p.creator)) byCreator.set(p.creator, []);
+    byCreator.get(p.creator)!.push(...roles.filter((r) => r.username === p.rolname));
   }
-  let live = roles.filter((r) => present.some((p) => p.rolname === r.username && p.issued));
+  for (const [creator, live] of byCreator) await teardownAs(deps, creator, live, result);
+  return result;
+}
 
-  // Login first, sessions second: otherwise a client could reconnect between the two steps.
-  live = await stepEach(live, result, 'NOLOGIN', (batch) =>
-    deps.pool.query(batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n')).then(() => undefined));
+async function teardownAs(deps: TeardownDeps, creator: string | null, roles: RoleToDrop[], result: TeardownResult): Promise<void> {
+  const run = runAs(deps.pool, creator);
+  // Login first, sessions second: otherwise a client could reconnect between the two steps. A
+  // creator holds only ADMIN OPTION on its roles; terminating their sessions and DROP OWNED need
+  // their privileges too, so it takes the membership now, for the few statements left.
+  let live = await stepEach(roles, result, 'NOLOGIN', async (batch) => {
+    const names = batch.map((r) => escapeIdent(r.username));
+    const grant = creator ? [`GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`] : [];
+    await run([...grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
+  });
   live = await stepEach(live, result, 'terminate sessions', async (batch) => {
     const names = batch.map((r) => r.username);
     // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
     // before the usename filter, and it would then terminate every backend it can signal.
-    const { rows: signalled } = await deps.pool.query<{ ok: boolean }>(
+    const { rows: signalled } = await run(
       `WITH t AS MATERIALIZED (SELECT pid, pg_terminate_backend(pid, $2) AS ok FROM pg_stat_activity
                                 WHERE usename = ANY($1) AND pid <> pg_backend_pid())
        SELECT ok FROM t`,
@@ -114,7 +142,7 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
       'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
     if (rows.length > 0) throw new Error(`sessions of ${rows.map((r) => r.usename).join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
   });
-  if (live.length === 0) return result;
+  if (live.length === 0) return;
 
   // pg_shdepend lists, per database, every object a role owns or holds a privilege on (tables,
   // grants, default privileges); dbid 0 marks shared objects (databases, tablespaces), which
@@ -137,23 +165,23 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
   const failed = new Set<string>();
   for (const [database, owners] of byDatabase) {
     const batch = live.filter((r) => owners.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset)));
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator)));
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
 
   const droppable = live.filter((r) => !failed.has(r.username));
   await stepEach(droppable, result, 'DROP ROLE', (batch) =>
-    deps.pool.query(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined));
-  return result;
+    run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined));
 }
 
-function ownedObjectsSql(roles: RoleToDrop[]): string {
+function ownedObjectsSql(roles: RoleToDrop[], creator: string | null): string {
   const byTarget = new Map<string, string[]>();
   for (const role of roles) {
     if (!byTarget.has(role.reassign_to)) byTarget.set(role.reassign_to, []);
     byTarget.get(role.reassign_to)!.push(role.username);
   }
   const statements = ['BEGIN'];
+  if (creator) statements.push(actAs(creator).replace(/;\n$/, ''));
   for (const [target, owners] of byTarget) {
     statements.push(`REASSIGN OWNED BY ${owners.map(escapeIdent).join(', ')} TO ${escapeIdent(target)}`);
   }

@@ -2,6 +2,8 @@ import { readdir, readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Logger } from 'pino';
+import { ensureCreators } from './creators.js';
+import { withTransaction } from './pool.js';
 import { escapeIdent } from './sql.js';
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('../../migrations/', import.meta.url));
@@ -14,7 +16,7 @@ export interface MigrationResult {
 
 /**
  * Applies pending migrations under an advisory lock, so replicas starting together take turns,
- * then makes sure the deployment's marker role exists.
+ * then makes sure the deployment's marker role and (16+) its creator roles exist.
  */
 export async function migrate(databaseUrl: string, managedRole: string, logger: Logger): Promise<MigrationResult> {
   const client = new pg.Client({ connectionString: databaseUrl, application_name: 'pg-credential-broker migrate' });
@@ -45,11 +47,23 @@ export async function migrate(databaseUrl: string, managedRole: string, logger: 
       logger.info({ migration: file }, 'applied migration');
     }
     await ensureManagedRole(client, managedRole);
+    await ensureCreators(client, managedRole, await policyGroups(client));
   } finally {
     await client.query('SELECT pg_advisory_unlock_all()').catch(() => undefined);
     await client.end().catch(() => undefined);
   }
   return { applied };
+}
+
+const policyGroups = async (db: Pick<pg.Client, 'query'>) =>
+  (await db.query<{ grant_role: string }>('SELECT DISTINCT grant_role FROM broker.policies')).rows.map((r) => r.grant_role);
+
+/** ensureCreators for a running broker, taking the migration lock so replicas take turns. */
+export async function prepareCreators(pool: pg.Pool, managedRole: string): Promise<string[]> {
+  return withTransaction(pool, async (client) => {
+    await client.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
+    return ensureCreators(client, managedRole, await policyGroups(client));
+  });
 }
 
 async function ensureManagedRole(client: pg.Client, role: string): Promise<void> {

@@ -1,3 +1,4 @@
+import { actAs } from './creators.js';
 import type { Queryable } from './pool.js';
 import { escapeIdent, escapeLit } from './sql.js';
 
@@ -9,23 +10,30 @@ export interface NewRole {
   connectionLimit: number;
   grantRole: string;
   managedRole: string;
-  /** The broker's own role, made a member so it may later terminate sessions and DROP OWNED. */
+  /**
+   * The creator role to act as (PostgreSQL 16+, see creators.ts), or null on 15, where the
+   * broker creates the role itself and joins it as a member (`brokerRole`) so it may later
+   * terminate its sessions and DROP OWNED. A creator gets that membership at teardown instead.
+   */
+  creator: string | null;
   brokerRole: string;
   assumeRole: boolean;
   comment: string;
 }
 
 /**
- * DDL for one issued role. Utility statements take no bind parameters, so every identifier
- * goes through escapeIdent and every literal through escapeLit; the role name itself comes
- * from our own alphabet.
+ * DDL for one issued role, to run inside a transaction (SET LOCAL ROLE to the creator lasts until
+ * its end). Utility statements take no bind parameters, so every identifier goes through
+ * escapeIdent and every literal through escapeLit; the role name itself comes from our own
+ * alphabet.
  */
 export function createRoleSql(role: NewRole): string {
   const name = escapeIdent(role.username);
   const statements = [
-    `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
+    `${actAs(role.creator)}CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
       ` CONNECTION LIMIT ${Math.trunc(role.connectionLimit)}` +
-      ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)} ROLE ${escapeIdent(role.brokerRole)}`,
+      ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)}` +
+      (role.creator ? '' : ` ROLE ${escapeIdent(role.brokerRole)}`),
   ];
   if (role.assumeRole) statements.push(`ALTER ROLE ${name} SET role = ${escapeLit(role.grantRole)}`);
   statements.push(`COMMENT ON ROLE ${name} IS ${escapeLit(role.comment)}`);
@@ -36,8 +44,9 @@ export async function createRole(client: Queryable, role: NewRole): Promise<void
   await client.query(createRoleSql(role));
 }
 
-export async function setValidUntil(client: Queryable, username: string, validUntil: Date): Promise<void> {
-  await client.query(`ALTER ROLE ${escapeIdent(username)} VALID UNTIL ${escapeLit(validUntil.toISOString())}`);
+/** Within a transaction: RESET ROLE hands the rest of it back to the broker. */
+export async function setValidUntil(client: Queryable, username: string, validUntil: Date, creator: string | null): Promise<void> {
+  await client.query(`${actAs(creator)}ALTER ROLE ${escapeIdent(username)} VALID UNTIL ${escapeLit(validUntil.toISOString())}${creator ? ';\nRESET ROLE' : ''}`);
 }
 
 const FORBIDDEN_ATTRIBUTES = { rolsuper: 'SUPERUSER', rolcreaterole: 'CREATEROLE', rolbypassrls: 'BYPASSRLS', rolreplication: 'REPLICATION' } as const;

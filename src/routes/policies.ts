@@ -6,6 +6,7 @@ import { Errors } from '../errors.js';
 import { evaluatePolicies } from '../policy/evaluate.js';
 import { validatePatterns } from '../policy/match.js';
 import { deletePolicy, enabledPoliciesForIssuer, getPolicy, listPolicies, putPolicy } from '../policy/repository.js';
+import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
 import { databaseExists, grantRoleProblem } from '../postgres/roles.js';
 import { problemResponses } from '../schemas/common.js';
 import { Evaluation, Policy, PolicyInput, POLICY_DEFAULTS, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
@@ -25,6 +26,12 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     if (defaultTtl > maxTtl) return `default_ttl (${defaultTtl}) must not exceed max_ttl (${maxTtl})`;
     const role = await grantRoleProblem(app.db, input.grant_role, app.config.managedRole);
     if (role) return role;
+    // 16+ only: on 15 CREATEROLE alone may grant any non-superuser role.
+    if ((await app.roleCreators()).length > 0 && !(await brokerHoldsAdmin(app.db, input.grant_role))) {
+      const broker = await app.brokerRole();
+      return `the broker role ${broker} holds no ADMIN OPTION on grant_role ${input.grant_role}, which PostgreSQL 16+ requires to grant it:` +
+        ` GRANT ${input.grant_role} TO ${broker} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE`;
+    }
     if (!(await databaseExists(app.db, input.database))) return `database ${input.database} does not exist or does not accept connections`;
     return null;
   }
@@ -67,6 +74,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       const problem = await policyProblem(request.body);
       if (problem) throw new Errors.InvalidPolicy(problem);
       const { policy, created } = await putPolicy(app.db, request.params.name, request.body);
+      await grantToCreators(app.db, await app.roleCreators(), [policy.grant_role]);
       const ctx = requestContext(request);
       await recordAudit(app.db, {
         type: created ? 'policy.created' : 'policy.updated',
