@@ -1,7 +1,8 @@
 /**
  * The broker as the bench runs it: its own process (as in production), started through
  * startBroker from src/server.ts with configuration from the environment, so its CPU and RSS
- * can be read from /proc and the load generator does not share its event loop.
+ * can be read from /proc and the load generator does not share its event loop. The bench runs
+ * it compiled (bench/lib/bundle.ts), on plain node like dist/pg-broker.mjs.
  *
  * Talks to bench/run.ts over the IPC channel:
  *   -> { id, cmd: 'reap' }                 drain the expired backlog with Reaper.reap(), timed
@@ -15,7 +16,7 @@ import fs from 'node:fs';
 import { Session } from 'node:inspector/promises';
 import { loadConfig } from '../src/config.js';
 import { startBroker } from '../src/server.js';
-import { summarizeProfile, type CpuProfile } from './lib/profile.js';
+import { mapToSources, summarizeProfile, type CpuProfile } from './lib/profile.js';
 
 interface Command {
   id: number;
@@ -77,6 +78,7 @@ async function main(): Promise<void> {
         const { profile } = (await session.post('Profiler.stop')) as unknown as { profile: CpuProfile };
         session.disconnect();
         session = null;
+        mapToSources(profile);
         if (msg.file) fs.writeFileSync(msg.file, JSON.stringify(profile));
         return summarizeProfile(profile, 20);
       }

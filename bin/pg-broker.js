@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// The published entry point: load the TypeScript CLI through tsx.
+// The entry for a checkout (`npx pg-broker`, the tests): loads the TypeScript CLI through tsx, so
+// nothing needs building first. Production runs the compiled dist/pg-broker.mjs (`npm run build`).
 import { register } from 'tsx/esm/api';
 
 register();

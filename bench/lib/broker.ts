@@ -1,11 +1,9 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { fileURLToPath } from 'node:url';
+import { compiledEntries } from './bundle.js';
+import { ROOT } from './settings.js';
 
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const ENTRY = fileURLToPath(new URL('../broker-process.ts', import.meta.url));
-
-/** A broker in its own process (bench/broker-process.ts), driven over IPC. */
+/** A broker in its own process (bench/broker-process.ts, compiled: see bundle.ts), driven over IPC. */
 export class BrokerChild {
   private nextId = 1;
   private readonly pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
@@ -18,9 +16,10 @@ export class BrokerChild {
   }
 
   static async start(env: Record<string, string>, timeoutMs = 60_000): Promise<BrokerChild> {
-    const child = fork(ENTRY, [], {
+    const child = fork((await compiledEntries()).broker, [], {
       cwd: ROOT,
-      execArgv: ['--import', 'tsx'],
+      // Not the bench's own flags, which load tsx: the broker runs on plain node, as in production.
+      execArgv: [],
       env,
       // JSON logs go nowhere, as they would to a log shipper; pino still formats every line.
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],

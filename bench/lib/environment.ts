@@ -38,6 +38,7 @@ export function machineMeta(): Results['meta'] {
     logStatement: '',
     settings: { ...SETTINGS, levels: LEVELS },
     durationSeconds: 0,
+    brokerRuntime: 'compiled',
   };
 }
 

@@ -1,9 +1,13 @@
 /** Summaries of a V8 .cpuprofile: self time by function and by package, for the report. */
+import fs from 'node:fs';
+import { SourceMap } from 'node:module';
+import { fileURLToPath } from 'node:url';
 
 interface CallFrame {
   functionName: string;
   url: string;
   lineNumber: number;
+  columnNumber?: number;
 }
 interface ProfileNode {
   id: number;
@@ -57,6 +61,34 @@ function shortUrl(url: string): string {
   const src = /\/((?:src|bench|test)\/.*)$/.exec(url);
   if (src) return src[1];
   return url.replace(/^file:\/\//, '').split('/').slice(-2).join('/');
+}
+
+/**
+ * Points frames in compiled bundles back at their TypeScript sources, through the source map
+ * beside each bundle, so the summary (and a saved .cpuprofile) names src/leases/issue.ts rather
+ * than a chunk file. Frames without a map, or outside any mapped range, stay as they are.
+ */
+export function mapToSources(profile: CpuProfile): void {
+  const maps = new Map<string, SourceMap | null>();
+  const mapOf = (url: string) => {
+    if (!maps.has(url)) {
+      try {
+        maps.set(url, new SourceMap(JSON.parse(fs.readFileSync(`${fileURLToPath(url)}.map`, 'utf8'))));
+      } catch {
+        maps.set(url, null);
+      }
+    }
+    return maps.get(url);
+  };
+  for (const { callFrame: f } of profile.nodes) {
+    if (!f.url.startsWith('file:') || f.url.includes('/node_modules/')) continue;
+    const entry = mapOf(f.url)?.findEntry(f.lineNumber, f.columnNumber ?? 0);
+    if (!entry || !('originalSource' in entry)) continue;
+    // Map sources are relative to the map file, which sits beside the bundle.
+    f.url = new URL(entry.originalSource, f.url).href;
+    f.lineNumber = entry.originalLine;
+    f.columnNumber = entry.originalColumn;
+  }
 }
 
 export function summarizeProfile(profile: CpuProfile, top = 15): ProfileSummary {

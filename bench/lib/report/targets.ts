@@ -1,6 +1,7 @@
 import type { IssuanceLevel, Results } from '../results.js';
 import { fmt } from '../stats.js';
 import { pct } from './markdown.js';
+import { startupCommand } from './memory-and-startup.js';
 
 /** The performance targets P1–P7: what each measures, its threshold, and this run's verdict. */
 
@@ -75,7 +76,7 @@ export function targets(r: Results): Target[] {
   });
   const st = r.startup;
   push({
-    id: 'P7', measure: 'start to ready against a running PostgreSQL (`node bin/pg-broker.js serve` → /readyz 200, median)', target: '≤ 1.5 s',
+    id: 'P7', measure: `start to ready against a running PostgreSQL (${startupCommand(r)} → /readyz 200, median)`, target: '≤ 1.5 s',
     measured: st ? `${fmt(st.medianMs / 1000, 2)} s (runs: ${st.runsMs.map((m) => fmt(m / 1000, 2)).join(', ')} s)` : 'not measured',
     value: st ? st.medianMs / 1000 : Number.NaN, ok: st ? st.medianMs <= 1500 : null, miss: st && st.medianMs > 1500 ? `${fmt((st.medianMs - 1500) / 1000, 2)} s over` : undefined,
   });
