@@ -1,12 +1,11 @@
 import autocannon from 'autocannon';
 import { randomUUID } from 'node:crypto';
 import pg from 'pg';
-import { insertLeaseWithinQuota } from '../../src/leases/repository.js';
+import { insertLeaseWithinQuota, lockIdentitySql } from '../../src/leases/repository.js';
 import { pickCreator } from '../../src/postgres/creators.js';
 import { roleNameFor } from '../../src/postgres/role-name.js';
 import { createRoleSql } from '../../src/postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../../src/postgres/scram.js';
-import { escapeLit } from '../../src/postgres/sql.js';
 import { summarize, type Summary } from './stats.js';
 
 /** One timed load run, broker or floor. Latencies are in milliseconds (float). */
@@ -135,7 +134,7 @@ function wholeSecond(ms: number): Date {
 
 /**
  * One credential the way PostgreSQL needs it, through a plain pg connection, with the broker's
- * own SQL (lockIdentity's advisory lock, insertLeaseWithinQuota's lease + audit INSERT, and
+ * own SQL (lockIdentitySql's advisory lock, insertLeaseWithinQuota's lease + audit INSERT, and
  * createRoleSql's CREATE ROLE + COMMENT) and the same client-side verifier computation
  * (scramVerifierAsync, PBKDF2 on libuv's pool) per credential. Three round trips: the least a
  * client can use while keeping the INSERT parameterised and the lock in its own statement.
@@ -149,8 +148,7 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   const now = Date.now();
   const expiresAt = wholeSecond(now + spec.ttlSeconds * 1000);
   const maxExpiresAt = wholeSecond(now + spec.maxTtlSeconds * 1000);
-  const lockKey = `${spec.issuer}\u001f${subject}\u001f${spec.policy}`;
-  await client.query(`BEGIN; SELECT pg_advisory_xact_lock(hashtextextended(${escapeLit(lockKey)}, 0))`);
+  await client.query(`BEGIN; ${lockIdentitySql(spec.issuer, subject)}`);
   const inserted = await insertLeaseWithinQuota(
     client,
     {

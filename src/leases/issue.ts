@@ -7,7 +7,7 @@ import type { Config } from '../config.js';
 import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { readClaim } from '../policy/match.js';
-import { enabledPoliciesForIssuer, type Policy } from '../policy/repository.js';
+import { enabledPoliciesSql, policyRows, type Policy } from '../policy/repository.js';
 import { grantToCreators, pickCreator } from '../postgres/creators.js';
 import { withBatchedTransaction } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
@@ -80,29 +80,32 @@ function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<
 export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body: IssueRequest): Promise<CredentialBody> {
   const { identity } = ctx;
   const base: AuditEvent = { issuer: identity.issuer, subject: identity.subject, request_id: ctx.requestId, client_ip: ctx.clientIp, type: '' };
-  let policy: Policy | null = null;
+  // Set inside the transaction; read by the retry and by the audit of a failure.
+  const picked: { policy?: Policy } = {};
   try {
-    const evaluations = evaluatePolicies(await enabledPoliciesForIssuer(deps.pool, identity.issuer), identity.claims);
-    policy = choosePolicy(evaluations, body.policy);
-    const ttl = body.ttl ?? policy.default_ttl;
-    if (ttl > policy.max_ttl) {
-      throw new IssueDenied('ttl_too_long', policy.name, new Errors.BadRequest(`ttl ${ttl} exceeds the policy max_ttl of ${policy.max_ttl} seconds`));
-    }
     const username = roleNameFor(identity.subject);
     const password = generatePassword();
-    // PBKDF2 for the verifier runs on libuv's pool while the transaction takes its lock and
-    // inserts the lease; only CREATE ROLE needs it. (Awaited below; the catch only keeps an early
-    // transaction failure from leaving it as an unhandled rejection.)
+    // PBKDF2 for the verifier runs on libuv's pool while the transaction takes its lock, reads the
+    // policies and inserts the lease; only CREATE ROLE needs it. (Awaited below; the catch only
+    // keeps an early failure or denial from leaving it as an unhandled rejection.)
     const verifier = scramVerifierAsync(password, deps.config.scramIterations);
     verifier.catch(() => undefined);
-    const now = Date.now();
-    const expiresAt = wholeSecondAfter(now + ttl * 1000);
-    const maxExpiresAt = wholeSecondAfter(now + policy.max_ttl * 1000);
     const leaseId = randomUUID();
-    const chosen = policy;
-    // Three round trips: BEGIN with the identity lock, the lease + audit INSERT, then CREATE ROLE
-    // and its comment with COMMIT.
-    const attempt = (creator: string | null) => withBatchedTransaction(deps.pool, lockIdentitySql(identity.issuer, identity.subject, chosen.name), async (client, commit) => {
+    let issued: { chosen: Policy; ttl: number; expiresAt: Date; maxExpiresAt: Date } | null = null;
+    // Three round trips: BEGIN with the identity lock and the issuer's policies, the lease + audit
+    // INSERT, then CREATE ROLE and its comment with COMMIT. Policies are read after the lock, so a
+    // request that waited on it sees what was committed meanwhile.
+    const begin = `${lockIdentitySql(identity.issuer, identity.subject)};\n${enabledPoliciesSql(identity.issuer)}`;
+    const attempt = (creator: string | null) => withBatchedTransaction(deps.pool, begin, async (client, commit, begun) => {
+      const chosen = choosePolicy(evaluatePolicies(policyRows(begun.rows), identity.claims), body.policy);
+      picked.policy = chosen;
+      const ttl = body.ttl ?? chosen.default_ttl;
+      if (ttl > chosen.max_ttl) {
+        throw new IssueDenied('ttl_too_long', chosen.name, new Errors.BadRequest(`ttl ${ttl} exceeds the policy max_ttl of ${chosen.max_ttl} seconds`));
+      }
+      const now = Date.now();
+      const expiresAt = wholeSecondAfter(now + ttl * 1000);
+      const maxExpiresAt = wholeSecondAfter(now + chosen.max_ttl * 1000);
       const inserted = await insertLeaseWithinQuota(
         client,
         {
@@ -122,6 +125,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
         grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator, brokerRole: deps.brokerRole,
         assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
       }));
+      issued = { chosen, ttl, expiresAt, maxExpiresAt };
     });
     const creator = pickCreator(deps.creators);
     try {
@@ -129,10 +133,11 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     } catch (err) {
       // 42501: the creators lack ADMIN OPTION on a group the broker was granted after they were
       // set up. Hand it on (a no-op when the broker lacks it too) and try once more.
-      if (!creator || (err as { code?: string }).code !== '42501') throw err;
-      await grantToCreators(deps.pool, deps.creators, [chosen.grant_role, deps.config.managedRole]);
+      if (!creator || !picked.policy || (err as { code?: string }).code !== '42501') throw err;
+      await grantToCreators(deps.pool, deps.creators, [picked.policy.grant_role, deps.config.managedRole]);
       await attempt(creator);
     }
+    const { chosen, ttl, expiresAt, maxExpiresAt } = issued!;
     deps.log.info({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl }, 'credential issued');
     const { publicPgHost: host, publicPgPort: port } = deps.config;
     return {
@@ -153,7 +158,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     await recordAudit(deps.pool, {
       ...base,
       type: denied ? 'credential.denied' : 'credential.failed',
-      policy: denied ? err.policy : policy?.name ?? null,
+      policy: denied ? err.policy : picked.policy?.name ?? null,
       reason: denied ? err.reason : ((err as { code?: string }).code ?? 'error'),
     }).catch((auditErr: Error) => deps.log.warn({ err: { message: auditErr.message } }, 'could not record audit event'));
     // The catalogue error goes to the client; the denial rides along for metrics.

@@ -27,30 +27,19 @@ export interface NewLease {
 }
 
 /**
- * Serialises issuance per identity and policy for the rest of the transaction. It must be its
- * own statement: a statement's snapshot is taken when it starts, so a lock taken inside the
- * INSERT would not see leases committed while it waited.
+ * Parameter-free SQL that serialises issuance per identity (issuer and subject, whatever the
+ * policy) for the rest of the transaction, to travel with BEGIN in one simple query (see
+ * withBatchedTransaction). It must be its own statement: a statement's snapshot is taken when it
+ * starts, so a lock taken inside the INSERT would not see leases committed while it waited. Values
+ * travel through escapeLiteral here, the price of sharing BEGIN's round trip.
  */
-export async function lockIdentity(db: Queryable, issuer: string, subject: string, policy: string): Promise<void> {
-  await db.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [lockKey(issuer, subject, policy)]);
-}
-
-function lockKey(issuer: string, subject: string, policy: string): string {
-  return `${issuer}\u001f${subject}\u001f${policy}`;
-}
-
-/**
- * lockIdentity as parameter-free SQL, to travel with BEGIN in one simple query (see
- * withBatchedTransaction). The key is the same text hashed the same way, so replicas running
- * either form serialise on the same lock.
- */
-export function lockIdentitySql(issuer: string, subject: string, policy: string): string {
-  return `SELECT pg_advisory_xact_lock(hashtextextended(${escapeLit(lockKey(issuer, subject, policy))}, 0))`;
+export function lockIdentitySql(issuer: string, subject: string): string {
+  return `SELECT pg_advisory_xact_lock(hashtextextended(${escapeLit(`${issuer}\u001f${subject}`)}, 0))`;
 }
 
 /**
  * Inserts an active lease and its audit event in one statement, but only while the identity
- * holds fewer than `maxActive` live leases under the policy (call lockIdentity first). Returns
+ * holds fewer than `maxActive` live leases under the policy (take lockIdentitySql first). Returns
  * false when the quota is full; nothing is written then.
  */
 export async function insertLeaseWithinQuota(db: Queryable, lease: NewLease, maxActive: number, audit: AuditEvent): Promise<boolean> {

@@ -1,4 +1,5 @@
 import type { Queryable } from '../postgres/pool.js';
+import { escapeLit } from '../postgres/sql.js';
 import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
 import type { PolicyBody, PolicyInputBody } from '../schemas/policy.js';
 import { POLICY_DEFAULTS } from '../schemas/policy.js';
@@ -17,6 +18,13 @@ export async function enabledPoliciesForIssuer(db: Queryable, issuer: string): P
   const { rows } = await db.query(`SELECT ${COLUMNS} FROM broker.policies WHERE issuer = $1 AND enabled ORDER BY name`, [issuer]);
   return rows.map((r) => isoRow<Policy>(r));
 }
+
+/** enabledPoliciesForIssuer as parameter-free SQL, to share a simple query with BEGIN. */
+export function enabledPoliciesSql(issuer: string): string {
+  return `SELECT ${COLUMNS} FROM broker.policies WHERE issuer = ${escapeLit(issuer)} AND enabled ORDER BY name`;
+}
+
+export const policyRows = (rows: Record<string, unknown>[]): Policy[] => rows.map((r) => isoRow<Policy>(r));
 
 export async function listPolicies(db: Queryable, limit: number, cursor?: string): Promise<{ items: Policy[]; next_cursor: string | null }> {
   const after = cursor ? decodeCursor(cursor, 1) : null;

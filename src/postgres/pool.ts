@@ -23,15 +23,15 @@ export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClie
 
 /**
  * A transaction in the fewest round trips: `begin` (statements without parameters) travels with
- * BEGIN in one simple query, and `fn` ends the transaction by calling `commit(sql)`, which sends
- * `sql` and COMMIT in one simple query (a multi-statement simple query stops at the first error,
+ * BEGIN in one simple query, whose last result `fn` receives, and `fn` ends the transaction by
+ * calling `commit(sql)`, which sends `sql` and COMMIT in one simple query (a multi-statement simple query stops at the first error,
  * so COMMIT never runs after a failed `sql`). Each statement still gets its own snapshot. Any
  * error rolls back; if `fn` returns without committing, COMMIT is sent on its own.
  */
 export async function withBatchedTransaction<T>(
   pool: pg.Pool,
   begin: string,
-  fn: (client: pg.PoolClient, commit: (sql?: string) => Promise<void>) => Promise<T>,
+  fn: (client: pg.PoolClient, commit: (sql?: string) => Promise<void>, begun: pg.QueryResult) => Promise<T>,
 ): Promise<T> {
   const client = await pool.connect();
   let broken = false;
@@ -41,8 +41,9 @@ export async function withBatchedTransaction<T>(
     committed = true;
   };
   try {
-    await client.query(begin ? `BEGIN;\n${begin}` : 'BEGIN');
-    const result = await fn(client, commit);
+    const begun = await client.query(begin ? `BEGIN;\n${begin}` : 'BEGIN');
+    // A multi-statement simple query answers with one result per statement.
+    const result = await fn(client, commit, Array.isArray(begun) ? begun[begun.length - 1] : begun);
     if (!committed) await commit();
     return result;
   } catch (err) {
