@@ -107,12 +107,18 @@ function suite(flavor: 'embedded' | 'pg15') {
       // The non-superuser broker can issue, and the credential works on this server version.
       const issued = await b.issue(await b.token({ sub: 'lp:ci' }));
       assert.equal(issued.status, 201, JSON.stringify(issued.body));
-      // 16+: the issued role is no member of the broker's at all (its creator holds ADMIN on it);
-      // 15: the broker made itself a plain member, to end the role's sessions later.
-      const brokerIn = await pgs.query(
-        `SELECT m.admin_option AS admin FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
-          WHERE g.rolname = $1 AND r.rolname = 'broker'`, [issued.body.username]);
-      assert.deepEqual(brokerIn, admin ? [] : [{ admin: false }]);
+      // While the lease lives, neither the broker nor any creator is a plain member of the issued
+      // role: 16+ only its creator holds ADMIN OPTION on it, 15 nobody. Teardown takes membership.
+      const members = await pgs.query(
+        `SELECT r.rolname AS member, m.admin_option AS admin${admin ? ', m.inherit_option AS inherit' : ''} FROM pg_auth_members m
+           JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member WHERE g.rolname = $1`, [issued.body.username]);
+      if (admin) {
+        assert.equal(members.length, 1, JSON.stringify(members));
+        assert.ok(creatorNames(b.config.managedRole).includes(members[0].member), JSON.stringify(members));
+        assert.deepEqual({ admin: members[0].admin, inherit: members[0].inherit }, { admin: true, inherit: false });
+      } else {
+        assert.deepEqual(members, []);
+      }
       const client = await connectAs(pgs, issued.body);
       const { rows } = await client.query('SELECT count(*)::int AS n FROM public.widgets');
       assert.ok(rows[0].n > 0);

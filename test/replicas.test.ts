@@ -224,8 +224,9 @@ describe(`${REPLICAS} broker processes on one database`, () => {
       creds.push(res.body);
     }));
     // Catch the leader in the middle of tearing them down: an open transaction that has altered
-    // the first role to expire makes the leader's ALTER ROLE ... NOLOGIN wait, after it claimed
-    // the batch.
+    // the first role to expire makes the leader's first teardown statement (GRANT of membership,
+    // then ALTER ROLE ... NOLOGIN) wait, after it claimed the batch. pg_stat_activity.query is cut
+    // at 1 kB, so a long batch may show only its GRANT.
     const first = creds.reduce((a, c) => (c.expires_at < a.expires_at ? c : a));
     const blocker = new pg.Client({ connectionString: pgs.superuserUrl.replace(/\/postgres$/, `/${pgs.database}`) });
     blocker.on('error', () => undefined);
@@ -235,7 +236,7 @@ describe(`${REPLICAS} broker processes on one database`, () => {
       await blocker.query('BEGIN');
       await blocker.query(`ALTER ROLE ${pg.escapeIdentifier(first.username)} CONNECTION LIMIT 7`);
       const stuck = async () => (await pgs.query(
-        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock' AND query LIKE '%ALTER ROLE%NOLOGIN%'`)).length > 0;
+        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock' AND query ~ '^GRANT|ALTER ROLE.*NOLOGIN'`)).length > 0;
       for (const deadline = Date.now() + 8000; !(await stuck()); await sleep(50)) {
         assert.ok(Date.now() < deadline, 'the leader never started tearing the expired leases down');
       }

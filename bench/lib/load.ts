@@ -120,7 +120,6 @@ export interface FloorSpec {
   grantRole: string;
   database: string;
   managedRole: string;
-  brokerRole: string;
   /** The broker's creator roles (PostgreSQL 16+, see src/postgres/creators.ts); [] on 15. */
   creators: string[];
   ttlSeconds: number;
@@ -166,7 +165,7 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   await client.query(
     createRoleSql({
       username, verifier, validUntil: expiresAt, connectionLimit: -1, grantRole: spec.grantRole,
-      managedRole: spec.managedRole, creator: pickCreator(spec.creators), brokerRole: spec.brokerRole, assumeRole: false, comment: `lease ${leaseId} sub ${subject}`,
+      managedRole: spec.managedRole, creator: pickCreator(spec.creators), assumeRole: false, comment: `lease ${leaseId} sub ${subject}`,
     }) + ';\nCOMMIT',
   );
 }

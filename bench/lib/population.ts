@@ -56,7 +56,6 @@ export interface PopulationOptions {
   policy: string;
   grantRole: string;
   managedRole: string;
-  brokerRole: string;
   /** The broker's creator roles on 16+ (src/postgres/creators.ts); [] on 15. */
   creators: string[];
   database: string;
@@ -70,7 +69,7 @@ export interface PopulationOptions {
  * Creates `count` issued roles with active lease rows, as superuser: the same role attributes,
  * IN ROLE and comment as createRoleSql, and the grant that stands in for how the broker made it:
  * on 16+ ADMIN OPTION for one of the creator roles, round robin (what PostgreSQL gives a role's
- * creator), on 15 plain membership for the broker (its `ROLE broker` clause). As superuser this
+ * creator), on 15 none (there the broker creates roles itself and holds nothing on them). As superuser this
  * takes seconds and does not depend on how fast the broker's own path is.
  */
 export async function createPopulation(pgs: TestPostgres, count: number, o: PopulationOptions): Promise<number> {
@@ -105,7 +104,7 @@ export async function createPopulation(pgs: TestPostgres, count: number, o: Popu
             return `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(verifier)} VALID UNTIL ${validUntil} IN ROLE ${escapeIdent(o.grantRole)}, ${escapeIdent(o.managedRole)};
                     ${o.creators.length
                       ? `GRANT ${name} TO ${escapeIdent(o.creators[(from + k) % o.creators.length])} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE`
-                      : `GRANT ${name} TO ${escapeIdent(o.brokerRole)}`};
+                      : 'SELECT 1'};
                     COMMENT ON ROLE ${name} IS ${escapeLit(`lease ${ids[k]} sub ${subjects[k]}`)}`;
           })
           .join(';\n'),
@@ -157,7 +156,7 @@ export async function probeRoleDdl(pgs: TestPostgres, live: number, n: number, o
     const reference = names('reference');
     const roleSql = (username: string) => createRoleSql({
       username, verifier, validUntil: new Date(Date.now() + 3600_000), connectionLimit: -1, grantRole: o.grantRole,
-      managedRole: o.managedRole, creator: pickCreator(o.creators), brokerRole: o.brokerRole, assumeRole: false, comment: 'bench ddl probe',
+      managedRole: o.managedRole, creator: pickCreator(o.creators), assumeRole: false, comment: 'bench ddl probe',
     });
     const create = await time(async () => {
       for (const name of issued) await pool.query(`BEGIN;\n${roleSql(name)};\nCOMMIT`);

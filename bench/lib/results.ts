@@ -62,6 +62,8 @@ export interface Results {
     durationSeconds: number;
     /** How bench/broker-process.ts ran; absent in results from before the build step, which ran it through tsx. */
     brokerRuntime?: Runtime;
+    /** NODE_OPTIONS the broker process ran with (the Docker image's). */
+    brokerNodeOptions?: string;
   };
   issuance: Array<{ iterations: number; levels: IssuanceLevel[] }>;
   reaping?: {

@@ -1,9 +1,12 @@
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** The bench's configuration: where it writes, how big each scenario is, and the fixed names it uses. */
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+/** NODE_OPTIONS as the Docker image sets them: read from the Dockerfile, so the bench runs its broker as production does. */
+export const PRODUCTION_NODE_OPTIONS = /^\s*NODE_OPTIONS=(\S+)$/m.exec(fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8'))?.[1] ?? '';
 export const QUICK = process.env.BENCH_QUICK === '1';
 export const REPORT_PATH = path.resolve(process.env.BENCH_REPORT || path.join(ROOT, 'bench/REPORT.md'));
 export const JSON_PATH = REPORT_PATH.replace(/\.md$/i, '') + '.json';

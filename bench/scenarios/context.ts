@@ -5,7 +5,7 @@ import { TokenPool, type FloorSpec } from '../lib/load.js';
 import { log } from '../lib/log.js';
 import type { PopulationOptions } from '../lib/population.js';
 import type { Results } from '../lib/results.js';
-import { AUDIENCE, MANAGED_ROLE, POLICY, SETTINGS } from '../lib/settings.js';
+import { AUDIENCE, MANAGED_ROLE, POLICY, PRODUCTION_NODE_OPTIONS, SETTINGS } from '../lib/settings.js';
 import { signTokens } from '../lib/tokens.js';
 
 /** What every scenario works with: the servers, the results being filled in, tokens and specs. */
@@ -33,6 +33,7 @@ export async function createContext(pgs: TestPostgres, pmPid: number, issuer: Te
     for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith('NODE_TEST')) env[k] = v;
     return {
       ...env,
+      NODE_OPTIONS: PRODUCTION_NODE_OPTIONS,
       DATABASE_URL: pgs.brokerUrl,
       BROKER_ISSUERS: JSON.stringify([{ issuer: issuer.issuer, jwks_uri: issuer.jwksUri }]),
       BROKER_AUDIENCE: AUDIENCE,
@@ -59,11 +60,11 @@ export async function createContext(pgs: TestPostgres, pmPid: number, issuer: Te
   const creators = pgs.version >= 16 ? creatorNames(MANAGED_ROLE) : [];
   const floorSpec = (iterations: number): FloorSpec => ({
     databaseUrl: pgs.brokerUrl, iterations, issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', database: pgs.database,
-    managedRole: MANAGED_ROLE, brokerRole: 'broker', creators, ttlSeconds: 3600, maxTtlSeconds: 7200,
+    managedRole: MANAGED_ROLE, creators, ttlSeconds: 3600, maxTtlSeconds: 7200,
     subjects: () => `bench:floor:${floorSubject++ % SETTINGS.tokens}`,
   });
   const popOptions = (prefix: string, expired = false) => ({
-    issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', managedRole: MANAGED_ROLE, brokerRole: 'broker', creators, database: pgs.database, prefix, expired,
+    issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', managedRole: MANAGED_ROLE, creators, database: pgs.database, prefix, expired,
   });
 
   return { pgs, pmPid, issuer, results, adminToken, userSubjects, tokens, brokerEnv, floorSpec, popOptions };

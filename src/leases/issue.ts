@@ -19,7 +19,6 @@ import { insertLeaseWithinQuota, lockIdentitySql } from './repository.js';
 export interface IssueDeps {
   pool: pg.Pool;
   config: Config;
-  brokerRole: string;
   /** Creator roles to create issued roles as (PostgreSQL 16+), [] to create them as the broker. */
   creators: string[];
   log: FastifyBaseLogger;
@@ -122,7 +121,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       }
       await commit(createRoleSql({
         username, verifier: await verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
-        grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator, brokerRole: deps.brokerRole,
+        grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator,
         assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
       }));
       issued = { chosen, ttl, expiresAt, maxExpiresAt };

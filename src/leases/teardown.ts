@@ -118,13 +118,17 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
 
 async function teardownAs(deps: TeardownDeps, creator: string | null, roles: RoleToDrop[], result: TeardownResult): Promise<void> {
   const run = runAs(deps.pool, creator);
-  // Login first, sessions second: otherwise a client could reconnect between the two steps. A
-  // creator holds only ADMIN OPTION on its roles; terminating their sessions and DROP OWNED need
-  // their privileges too, so it takes the membership now, for the few statements left.
+  // Login first, sessions second: otherwise a client could reconnect between the two steps.
+  // Terminating a role's sessions and DROP OWNED need its privileges, which nobody holds while it
+  // is live (a creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it
+  // takes the membership now, for the few statements left, so no membership graph walked by
+  // other statements ever holds every live role.
   let live = await stepEach(roles, result, 'NOLOGIN', async (batch) => {
     const names = batch.map((r) => escapeIdent(r.username));
-    const grant = creator ? [`GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`] : [];
-    await run([...grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
+    const grant = creator
+      ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
+      : `GRANT ${names.join(', ')} TO CURRENT_USER`;
+    await run([grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
   });
   live = await stepEach(live, result, 'terminate sessions', async (batch) => {
     const names = batch.map((r) => r.username);

@@ -12,11 +12,10 @@ export interface NewRole {
   managedRole: string;
   /**
    * The creator role to act as (PostgreSQL 16+, see creators.ts), or null on 15, where the
-   * broker creates the role itself and joins it as a member (`brokerRole`) so it may later
-   * terminate its sessions and DROP OWNED. A creator gets that membership at teardown instead.
+   * broker creates the role itself. Either way nobody is made a member of the issued role: the
+   * teardown takes the membership it needs to end its sessions and DROP OWNED.
    */
   creator: string | null;
-  brokerRole: string;
   assumeRole: boolean;
   comment: string;
 }
@@ -32,8 +31,7 @@ export function createRoleSql(role: NewRole): string {
   const statements = [
     `${actAs(role.creator)}CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
       ` CONNECTION LIMIT ${Math.trunc(role.connectionLimit)}` +
-      ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)}` +
-      (role.creator ? '' : ` ROLE ${escapeIdent(role.brokerRole)}`),
+      ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)}`,
   ];
   if (role.assumeRole) statements.push(`ALTER ROLE ${name} SET role = ${escapeLit(role.grantRole)}`);
   statements.push(`COMMENT ON ROLE ${name} IS ${escapeLit(role.comment)}`);

@@ -22,7 +22,7 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
       const stopTimer = app.metrics.issueSeconds.startTimer();
       try {
         const credential = await issueCredential(
-          { pool: app.db, config: app.config, brokerRole: await app.brokerRole(), creators: await app.roleCreators(), log: request.log },
+          { pool: app.db, config: app.config, creators: await app.roleCreators(), log: request.log },
           requestContext(request),
           request.body ?? {},
         );

@@ -14,7 +14,7 @@ export function renderRemedies(r: Results): string[] {
   // Results from before the build step, where the compiled CLI was only a comparison.
   const shipCompiled = r.startup?.entry !== 'compiled' && r.startup?.bundled;
   if (shipCompiled) out.push(`${big ? '2' : '1'}. **Ship compiled JavaScript** instead of loading TypeScript through tsx at run time: measured here, start to ready ${fmt(r.startup!.medianMs / 1000, 2)} s → ${fmt(shipCompiled.medianMs / 1000, 2)} s and idle RSS ${fmt(r.startup!.idleRssMb, 0)} MB → ${fmt(shipCompiled.idleRssMb, 0)} MB (P6, P7).`);
-  out.push(`${big ? (shipCompiled ? '3' : '2') : shipCompiled ? '2' : '1'}. **Fewer log writes per request.** Every issuance writes three JSON lines (Fastify's two request lines and "credential issued"), each a separate write through sonic-boom (\`writeString\` in the profile); one line per request, or a buffered destination, trims the broker's CPU per credential, which is what P1/P1b measure on a CPU-bound 2-core machine.`);
+  out.push(`${big ? (shipCompiled ? '3' : '2') : shipCompiled ? '2' : '1'}. **Fewer log writes per request.** Every issuance writes two JSON lines (the request line and "credential issued"), each a separate write through sonic-boom (\`writeString\` in the profile); folding the lease fields into the request line, or a buffered destination, trims the broker's CPU per credential, which is what P1/P1b measure on a CPU-bound 2-core machine.`);
   out.push('');
   return out;
 }
