@@ -22,9 +22,10 @@ function explain(t: Target, r: Results): string {
     case 'P1':
     case 'P1b': {
       const l = lvl(t.id === 'P1' ? 0 : 1, 16);
+      const hi = lvl(t.id === 'P1' ? 0 : 1, 64);
       if (!l) return 'not measured';
       const extra = l.brokerCpu.broker + l.brokerCpu.pg + l.brokerCpu.client - (l.floorCpu.pg + l.floorCpu.client);
-      return `the run is CPU-bound on ${cpus} cores shared by the load generator, the broker and PostgreSQL. Per issuance the floor costs ${fmt(l.floorCpu.pg, 2)} ms of PostgreSQL CPU + ${fmt(l.floorCpu.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(l.floorCpu, cpus), 0)}/s); the broker path costs ${fmt(l.brokerCpu.broker, 2)} ms in the broker process + ${fmt(l.brokerCpu.pg, 2)} ms in PostgreSQL + ${fmt(l.brokerCpu.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(l.brokerCpu, cpus), 0)}/s), i.e. ${fmt(extra, 2)} ms more CPU per credential. ${busyProfile(r)} On a machine where the broker has its own cores, only the PostgreSQL column competes with the floor.`;
+      return `the load generator, the broker and PostgreSQL share ${cpus} cores. Per issuance the floor costs ${fmt(l.floorCpu.pg, 2)} ms of PostgreSQL CPU + ${fmt(l.floorCpu.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(l.floorCpu, cpus), 0)}/s); the broker path costs ${fmt(l.brokerCpu.broker, 2)} ms in the broker process + ${fmt(l.brokerCpu.pg, 2)} ms in PostgreSQL + ${fmt(l.brokerCpu.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(l.brokerCpu, cpus), 0)}/s), i.e. ${fmt(extra, 2)} ms more CPU per credential. ${busyProfile(r)} The two ceilings alone would allow ${fmt(ceiling(l.brokerCpu, cpus) / ceiling(l.floorCpu, cpus), 2)}×; the measured ratio is lower because at 16 clients neither side keeps both cores busy all the time, and the broker's path has one more hop (autocannon → broker → PostgreSQL) in which a request waits${hi ? `; with 64 clients, where queues stay full, the ratio is ${fmt(hi.broker.rps / hi.floor.rps, 2)}×` : ''}. On a machine where the broker has its own cores, only the PostgreSQL column competes with the floor.`;
     }
     case 'P2': {
       const l = lvl(0, 1);
