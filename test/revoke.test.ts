@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { scramVerifier } from '../src/postgres/scram.js';
 import {
   ADMIN_SUB, api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
 } from './helpers/broker.js';
@@ -176,5 +177,37 @@ describe('POST /leases/revoke', () => {
     const ok = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-erin' });
     assert.equal(ok.status, 200);
     assert.deepEqual(ok.body, { revoked: 1, lease_ids: [victim.lease_id] });
+  });
+});
+
+describe('a lease issued before creator roles existed', () => {
+  test('its role, created by the broker itself with the broker as member, is renewed and revoked as before', async () => {
+    const cred = await issueOk('user:legacy-lee');
+    // Recreate the role exactly as earlier versions did: by the broker's own role, which joins it
+    // (ROLE broker) and, on 16+, holds ADMIN OPTION on it as its creator.
+    await b.pg.query(`DROP ROLE ${pg.escapeIdentifier(cred.username)}`);
+    await b.app.db.query(
+      `CREATE ROLE ${pg.escapeIdentifier(cred.username)} LOGIN PASSWORD ${pg.escapeLiteral(scramVerifier(cred.password, 4096))}` +
+      ` VALID UNTIL ${pg.escapeLiteral(cred.expires_at)} IN ROLE app_readers, ${pg.escapeIdentifier(b.config.managedRole)} ROLE broker`);
+    const [{ creators }] = await b.pg.query(
+      `SELECT count(*)::int AS creators FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
+        WHERE g.rolname = $1 AND r.rolname LIKE $2`, [cred.username, `${b.config.managedRole}\\_c%`]);
+    assert.equal(creators, 0, 'no creator role is involved with this role');
+    const session = await connectAs(b.pg, cred);
+    try {
+      const owner = await b.token({ sub: 'user:legacy-lee' });
+      const renewed = await api(b, 'POST', `/leases/${cred.lease_id}/renew`, owner, { ttl: 600 });
+      assert.equal(renewed.status, 200, JSON.stringify(renewed.body));
+      const [{ until }] = await b.pg.query(`SELECT rolvaliduntil AS until FROM pg_roles WHERE rolname = $1`, [cred.username]);
+      assert.equal(new Date(until).toISOString(), renewed.body.expires_at);
+      assert.notEqual(renewed.body.expires_at, cred.expires_at);
+      const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.state, 'revoked');
+      await assert.rejects(session.query('SELECT 1'), 'the open session was ended');
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await roleExists(b.pg, cred.username), false);
   });
 });
