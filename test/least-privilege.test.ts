@@ -40,6 +40,17 @@ function creatorEdges(names: string[], handedOut: string[]) {
 function suite(flavor: 'embedded' | 'pg15') {
   return async () => {
     const pgs = await startPostgres({ flavor });
+    if (pgs.version >= 16) {
+      // createrole_self_grant set cluster-wide must not make the broker a member of its creators,
+      // nor a creator a member of the roles it creates: every edge is checked below.
+      await pgs.query(`ALTER SYSTEM SET createrole_self_grant = 'set, inherit'`, [], 'postgres');
+      await pgs.query('SELECT pg_reload_conf()', [], 'postgres');
+      // The postmaster rereads its configuration asynchronously: wait until new sessions see it.
+      for (let i = 0; (await pgs.query('SHOW createrole_self_grant'))[0].createrole_self_grant !== 'set, inherit'; i++) {
+        assert.ok(i < 100, 'createrole_self_grant never took effect');
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    }
     const b = await startTestBroker({ pg: pgs });
     try {
       const { attrs, memberships } = await brokerGrants(b);

@@ -52,7 +52,8 @@ export async function ensureCreators(db: Queryable, managedRole: string, groups:
   );
   for (const row of rows) {
     if (row.can_login) throw new Error(`creator role ${row.name} exists and can log in; it must be a NOLOGIN role the broker created`);
-    if (!row.exists) await db.query(`CREATE ROLE ${escapeIdent(row.name)} NOLOGIN CREATEROLE`);
+    // createrole_self_grant set cluster-wide would also make the broker an inheriting member.
+    if (!row.exists) await db.query(`SET LOCAL createrole_self_grant = '';\nCREATE ROLE ${escapeIdent(row.name)} NOLOGIN CREATEROLE`);
     if (!row.broker_can_set) await db.query(`GRANT ${escapeIdent(row.name)} TO CURRENT_USER WITH INHERIT FALSE, SET TRUE`);
   }
   await grantToCreators(db, names, [managedRole, ...groups]);

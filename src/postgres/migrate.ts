@@ -2,7 +2,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Logger } from 'pino';
-import { ensureCreators } from './creators.js';
+import { ensureCreators, usesCreators } from './creators.js';
 import { withTransaction } from './pool.js';
 import { escapeIdent } from './sql.js';
 
@@ -69,7 +69,9 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
 async function ensureManagedRole(client: pg.Client, role: string): Promise<void> {
   const existing = await client.query<{ rolcanlogin: boolean }>('SELECT rolcanlogin FROM pg_roles WHERE rolname = $1', [role]);
   if (existing.rowCount === 0) {
-    await client.query(`CREATE ROLE ${escapeIdent(role)} NOLOGIN`);
+    // 16+: a cluster-wide createrole_self_grant would also make the broker an inheriting member.
+    const noSelfGrant = (await usesCreators(client)) ? `SET LOCAL createrole_self_grant = '';\n` : '';
+    await client.query(`${noSelfGrant}CREATE ROLE ${escapeIdent(role)} NOLOGIN`);
     return;
   }
   // The marker role only tags issued roles; a login-capable marker is a misconfiguration.

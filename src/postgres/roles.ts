@@ -20,6 +20,12 @@ export interface NewRole {
   comment: string;
 }
 
+// A cluster-wide createrole_self_grant ('set, inherit') would make the creator a member of every
+// role it creates: the issued roles' privileges for the creators (and, through SET ROLE, the
+// broker), and every live role back in the membership graph walked by SET ROLE. 16+ only, as are
+// creators: a 15 server refuses the setting.
+const NO_SELF_GRANT = `SET LOCAL createrole_self_grant = '';\n`;
+
 /**
  * DDL for one issued role, to run inside a transaction (SET LOCAL ROLE to the creator lasts until
  * its end). Utility statements take no bind parameters, so every identifier goes through
@@ -29,7 +35,7 @@ export interface NewRole {
 export function createRoleSql(role: NewRole): string {
   const name = escapeIdent(role.username);
   const statements = [
-    `${actAs(role.creator)}CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
+    `${actAs(role.creator)}${role.creator ? NO_SELF_GRANT : ''}CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
       ` CONNECTION LIMIT ${Math.trunc(role.connectionLimit)}` +
       ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)}`,
   ];
