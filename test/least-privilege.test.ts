@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { describe, test } from 'node:test';
+import { createLogger } from '../src/logger.js';
 import { creatorNames } from '../src/postgres/creators.js';
+import { migrate } from '../src/postgres/migrate.js';
 import { api, connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { startPostgres } from './helpers/postgres.js';
 
@@ -148,4 +150,20 @@ function suite(flavor: 'embedded' | 'pg15') {
 describe('the broker runs as a non-superuser with exactly the documented grants', () => {
   test('PostgreSQL 18 (embedded)', suite('embedded'));
   test('PostgreSQL 15 (Debian postgresql-15)', { skip: PG15 ? false : 'postgresql-15 is not installed (.ci/run installs it)' }, suite('pg15'));
+});
+
+test('a creator role name already taken by a role the broker may not manage stops start-up with a clear error (16+)', async () => {
+  const pgs = await startPostgres();
+  try {
+    const [taken] = creatorNames('lp_marker').slice(3, 4);
+    await pgs.query(`CREATE ROLE ${taken} NOLOGIN`, [], 'postgres');
+    await assert.rejects(migrate(pgs.brokerUrl, 'lp_marker', createLogger('silent')),
+      new RegExp(`cannot set up creator role ${taken}: permission denied.*drop it, or let the broker create it`));
+    await pgs.query(`DROP ROLE ${taken}`, [], 'postgres');
+    await migrate(pgs.brokerUrl, 'lp_marker', createLogger('silent'));
+    const made = await pgs.query(`SELECT count(*)::int AS n FROM pg_roles WHERE rolname = ANY($1)`, [creatorNames('lp_marker')]);
+    assert.deepEqual(made, [{ n: 16 }]);
+  } finally {
+    await pgs.stop();
+  }
 });

@@ -17,9 +17,8 @@ import { escapeIdent } from './sql.js';
  * PostgreSQL 15 checks none of this (CREATEROLE alone may create, grant and drop any
  * non-superuser role), and there the broker keeps creating roles itself.
  */
+// Names get a `_cNN` suffix: BROKER_MANAGED_ROLE is limited to 59 characters so they still fit in 63.
 export const CREATOR_COUNT = 16;
-/** Suffix length `_cNN`: BROKER_MANAGED_ROLE is limited so the creator names still fit in 63 bytes. */
-export const CREATOR_SUFFIX_LENGTH = 4;
 
 export function creatorNames(managedRole: string): string[] {
   return Array.from({ length: CREATOR_COUNT }, (_, k) => `${managedRole}_c${String(k).padStart(2, '0')}`);
@@ -52,9 +51,14 @@ export async function ensureCreators(db: Queryable, managedRole: string, groups:
   );
   for (const row of rows) {
     if (row.can_login) throw new Error(`creator role ${row.name} exists and can log in; it must be a NOLOGIN role the broker created`);
-    // createrole_self_grant set cluster-wide would also make the broker an inheriting member.
-    if (!row.exists) await db.query(`SET LOCAL createrole_self_grant = '';\nCREATE ROLE ${escapeIdent(row.name)} NOLOGIN CREATEROLE`);
-    if (!row.broker_can_set) await db.query(`GRANT ${escapeIdent(row.name)} TO CURRENT_USER WITH INHERIT FALSE, SET TRUE`);
+    try {
+      // createrole_self_grant set cluster-wide would also make the broker an inheriting member.
+      if (!row.exists) await db.query(`SET LOCAL createrole_self_grant = '';\nCREATE ROLE ${escapeIdent(row.name)} NOLOGIN CREATEROLE`);
+      if (!row.broker_can_set) await db.query(`GRANT ${escapeIdent(row.name)} TO CURRENT_USER WITH INHERIT FALSE, SET TRUE`);
+    } catch (err) {
+      // Typically a role of that name someone else created, which the broker holds no ADMIN OPTION on.
+      throw new Error(`cannot set up creator role ${row.name}: ${(err as Error).message}; drop it, or let the broker create it`);
+    }
   }
   await grantToCreators(db, names, [managedRole, ...groups]);
   return names;
