@@ -92,6 +92,8 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
       for (const l of set.levels) {
         for (const v of [l.floor.rps, l.broker.rps, l.ratio, l.floor.latency.p50, l.broker.latency.p99]) assert.ok(Number.isFinite(v), `finite: ${JSON.stringify(l)}`);
         assert.ok(l.broker.ok > 0 && l.floor.ok > 0);
+        // The idle share of the machine during each side's bursts, from /proc/stat: a fraction.
+        for (const cpu of [l.floorCpu, l.brokerCpu]) assert.ok(cpu.idle >= 0 && cpu.idle <= 1, `idle share in [0, 1]: ${JSON.stringify(cpu)}`);
       }
     }
     for (const heading of ['## Issuance: POST /credentials vs the floor', '## Reaping (P4)', '## GET /leases over a large table (P5)', '## JWT verification: RS256 vs ES256 through the full request path', '## Memory (P6) and start-up (P7)']) {

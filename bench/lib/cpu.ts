@@ -10,14 +10,18 @@ export interface CpuMark {
   broker: number;
   pg: number;
   client: number;
+  /** The machine's idle and total CPU ticks (all cores), for the idle share between two marks. */
+  machine: { idle: number; total: number };
 }
 
 export function cpuMark(brokerPid: number, pmPid: number): CpuMark {
   const self = process.cpuUsage();
-  return { broker: proc.processCpuMs(brokerPid), pg: proc.serverCpuMs(pmPid), client: (self.user + self.system) / 1000 };
+  return { broker: proc.processCpuMs(brokerPid), pg: proc.serverCpuMs(pmPid), client: (self.user + self.system) / 1000, machine: proc.machineTicks() };
 }
 
 export function cpuPerOp(before: CpuMark, after: CpuMark, ops: number): CpuPerOp {
   const per = (a: number, b: number) => (ops > 0 ? (b - a) / ops : Number.NaN);
-  return { broker: per(before.broker, after.broker), pg: per(before.pg, after.pg), client: per(before.client, after.client) };
+  const total = after.machine.total - before.machine.total;
+  const idle = total > 0 ? (after.machine.idle - before.machine.idle) / total : Number.NaN;
+  return { broker: per(before.broker, after.broker), pg: per(before.pg, after.pg), client: per(before.client, after.client), idle };
 }

@@ -68,6 +68,16 @@ export function serverCpuMs(postmasterPid: number): number {
   return (ticks * 1000) / ticksPerSecond();
 }
 
+/** The whole machine's CPU time so far from /proc/stat, in ticks: idle (idle + iowait) and total. */
+export function machineTicks(): { idle: number; total: number } {
+  try {
+    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0].trim().split(/\s+/).slice(1).map(Number);
+    return { idle: f[3] + (f[4] ?? 0), total: f.reduce((a, b) => a + b, 0) };
+  } catch {
+    return { idle: Number.NaN, total: Number.NaN };
+  }
+}
+
 /** Current and peak resident set size in MB (VmRSS, VmHWM). */
 export function memoryMb(pid: number): { rss: number; hwm: number } {
   try {

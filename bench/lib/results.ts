@@ -15,6 +15,8 @@ export interface CpuPerOp {
   broker: number;
   pg: number;
   client: number;
+  /** Share (0–1) of all cores' time left idle while the operations ran; absent in older results. */
+  idle?: number;
 }
 
 export interface IssuanceLevel {

@@ -16,8 +16,8 @@ import type { BenchContext } from './context.js';
 export async function compare(ctx: BenchContext, broker: BrokerChild, iterations: number, connections: number, burst = SETTINGS.burst, repeats = SETTINGS.repeats) {
   const { pgs, pmPid, tokens } = ctx;
   const sides = {
-    floor: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp },
-    broker: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp },
+    floor: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp, machine: { idle: 0, total: 0 } },
+    broker: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp, machine: { idle: 0, total: 0 } },
   };
   let maxRss = 0;
   const amount = Math.max(burst, connections);
@@ -33,13 +33,15 @@ export async function compare(ctx: BenchContext, broker: BrokerChild, iterations
       if (sampler) maxRss = Math.max(maxRss, sampler.stop().maxRss);
       const acc = sides[side];
       acc.cpu = { broker: acc.cpu.broker + after.broker - mark.broker, pg: acc.cpu.pg + after.pg - mark.pg, client: acc.cpu.client + after.client - mark.client };
+      acc.machine = { idle: acc.machine.idle + after.machine.idle - mark.machine.idle, total: acc.machine.total + after.machine.total - mark.machine.total };
       acc.runs.push(run);
     }
   }
   await dropIssuedRoles(pgs, 'runs');
-  const done = (acc: { runs: LoadRun[]; cpu: CpuPerOp }) => {
+  const done = (acc: (typeof sides)['floor']) => {
     const run = combine(acc.runs);
-    return { run, cpu: { broker: acc.cpu.broker / run.ok, pg: acc.cpu.pg / run.ok, client: acc.cpu.client / run.ok } };
+    const idle = acc.machine.total > 0 ? acc.machine.idle / acc.machine.total : Number.NaN;
+    return { run, cpu: { broker: acc.cpu.broker / run.ok, pg: acc.cpu.pg / run.ok, client: acc.cpu.client / run.ok, idle } };
   };
   return { floor: done(sides.floor), broker: done(sides.broker), maxRss };
 }

@@ -14,7 +14,7 @@ export function renderIssuance(r: Results): string[] {
   out.push('- **Broker**: autocannon sends `POST /credentials` over HTTP/1.1 keep-alive connections; every request carries the next token from a pool of pre-signed RS256 JWTs with distinct `sub` claims (so no two in-flight requests share an identity and the policy\'s `max_active_leases` of 100,000 never trips). On top of the floor the broker does: HTTP parsing and Fastify routing/validation/serialisation, JWT verification (signature + claims, key from the cached JWKS), the policy lookup (a SELECT that rides in the floor\'s first round trip, `BEGIN; SELECT pg_advisory_xact_lock(…); SELECT … FROM broker.policies`) and evaluation, the pool checkout, metrics and two JSON log lines; its transaction goes in the same three round trips as the floor\'s (`withBatchedTransaction`). Latency is autocannon\'s per-request response time (float ms from its `response` event).');
   const s0 = m.settings as { burst?: number; repeats?: number; warmup?: number };
   out.push(`- **Bursts from a controlled role population.** On PostgreSQL 16+ each role statement a non-superuser runs still costs more as live issued roles pile up (see "Live issued roles" below), so a duration-bound run would partly measure how many roles earlier runs left behind. Every measurement is therefore a burst of ${s0.burst} credentials — the size of the "200 pods restart at once" case — starting with no issued roles; each level runs ${s0.repeats} such bursts per side, alternating floor and broker (floor first) so drift on the shared machine does not land on one side, issued roles dropped (as superuser) before each burst${s0.warmup ? `, after a ${s0.warmup}-credential warm-up per side` : ''}. Throughput = credentials ÷ summed burst time.`);
-  out.push('- CPU columns are milliseconds of CPU per issuance (from /proc): broker process / all PostgreSQL processes / bench process (autocannon or the floor\'s pg clients). With 2 cores, 2000 ÷ their sum is the throughput ceiling.');
+  out.push('- CPU columns are milliseconds of CPU per issuance (from /proc): broker process / all PostgreSQL processes / bench process (autocannon or the floor\'s pg clients). With 2 cores, 2000 ÷ their sum is the throughput ceiling. "idle" is the share of both cores\' time that no process used during that side\'s bursts (/proc/stat idle + iowait), i.e. how far the side was from keeping the machine busy.');
   out.push('');
   for (const set of r.issuance) {
     out.push(`### BROKER_SCRAM_ITERATIONS=${set.iterations}${set.iterations === 4096 ? ' (default)' : ' (tuned)'}`);
@@ -34,5 +34,6 @@ export function renderIssuance(r: Results): string[] {
 
 /** CPU ms per operation as a table cell: broker / PostgreSQL / client. */
 function cpuCell(c: CpuPerOp): string {
-  return `${fmt(c.broker, 2)} / ${fmt(c.pg, 2)} / ${fmt(c.client, 2)}`;
+  const idle = c.idle !== undefined && Number.isFinite(c.idle) ? ` (idle ${fmt(c.idle * 100, 0)} %)` : '';
+  return `${fmt(c.broker, 2)} / ${fmt(c.pg, 2)} / ${fmt(c.client, 2)}${idle}`;
 }
