@@ -19,6 +19,7 @@ const ROOT = fileURLToPath(new URL('../', import.meta.url));
 let dir: string;
 let bundle: string;
 let pgs: TestPostgres | undefined;
+const cleanups: Array<() => Promise<unknown>> = [];
 
 interface Run {
   code: number;
@@ -46,6 +47,7 @@ before(async () => {
 });
 
 after(async () => {
+  for (const clean of cleanups) await clean();
   await pgs?.stop();
   if (dir) await fs.rm(dir, { recursive: true, force: true });
 });
@@ -73,6 +75,31 @@ describe('the compiled CLI bundle', () => {
     const files = (await fs.readdir(path.join(ROOT, 'migrations'))).filter((f) => f.endsWith('.sql')).sort();
     const applied = (await pgs.query<{ version: string }>('SELECT version FROM broker.schema_migrations ORDER BY version')).map((x) => x.version);
     assert.deepEqual(applied, files);
+  });
+
+  test('bin/pg-broker.js without tsx (npm ci --omit=dev) runs dist/, or says how to get it', async () => {
+    // A copy of the package's bin with no node_modules above it, so `tsx` cannot be found.
+    const pkg = await fs.mkdtemp(path.join(os.tmpdir(), 'pgcb-omit-dev-'));
+    cleanups.push(() => fs.rm(pkg, { recursive: true, force: true }));
+    await fs.mkdir(path.join(pkg, 'bin'));
+    await fs.writeFile(path.join(pkg, 'package.json'), JSON.stringify({ type: 'module' }));
+    await fs.copyFile(path.join(ROOT, 'bin/pg-broker.js'), path.join(pkg, 'bin/pg-broker.js'));
+    const bin = (args: string[]) => new Promise<Run>((resolve) => {
+      execFile(process.execPath, [path.join(pkg, 'bin/pg-broker.js'), ...args], { cwd: pkg, env: baseEnv(), timeout: 60_000 }, (err, stdout, stderr) => {
+        resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+      });
+    });
+
+    const missing = await bin(['--help']);
+    assert.equal(missing.code, 1);
+    assert.match(missing.stderr, /tsx is not installed .* dist\/pg-broker\.mjs is missing/);
+    assert.match(missing.stderr, /npm run build/);
+
+    // dist/ is the bundle built above (its chunks sit beside it).
+    await fs.symlink(dir, path.join(pkg, 'dist'));
+    const compiled = await bin(['--help']);
+    assert.equal(compiled.code, 0, compiled.stderr);
+    assert.match(compiled.stdout, /^\s+serve\b/m);
   });
 
   test('serve answers /readyz and exits 0 on SIGTERM', async () => {
