@@ -102,6 +102,14 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.match(report, /\| 64 \| [\d.]+ \|/);
   });
 
+  test('runs the floor and the broker with the Docker image\'s UV_THREADPOOL_SIZE', async () => {
+    const dockerfile = await readFile(path.join(ROOT, 'Dockerfile'), 'utf8');
+    const size = /^\s*UV_THREADPOOL_SIZE=(\d+)/m.exec(dockerfile)?.[1];
+    assert.ok(size, 'the Dockerfile sets UV_THREADPOOL_SIZE');
+    assert.equal(json.meta.threadpoolSize, size, 'the bench process ran with it');
+    assert.ok(report.includes(`UV_THREADPOOL_SIZE=${size} as the broker`), 'the report says so');
+  });
+
   test('shows the lease-listing query plans using an index', () => {
     assert.ok(json.leases.shapes.length > 0);
     for (const shape of json.leases.shapes) for (const plan of shape.plans) assert.ok(plan.indexUsed, `${shape.name}: ${plan.plan}`);

@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { TestPostgres } from '../../test/helpers/postgres.js';
 import type { Results } from './results.js';
-import { LEVELS, PRODUCTION_NODE_OPTIONS, QUICK, ROOT, SETTINGS } from './settings.js';
+import { LEVELS, PRODUCTION_ENV, QUICK, ROOT, SETTINGS } from './settings.js';
 
 /** What the report's Environment section shows: the command, the machine, the packages and PostgreSQL. */
 
@@ -39,7 +39,9 @@ export function machineMeta(): Results['meta'] {
     settings: { ...SETTINGS, levels: LEVELS },
     durationSeconds: 0,
     brokerRuntime: 'compiled',
-    brokerNodeOptions: PRODUCTION_NODE_OPTIONS,
+    brokerNodeOptions: PRODUCTION_ENV.NODE_OPTIONS,
+    // What this process (the floor's clients) really runs with; brokerEnv gives the broker the same.
+    threadpoolSize: process.env.UV_THREADPOOL_SIZE || undefined,
   };
 }
 

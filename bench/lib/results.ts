@@ -66,6 +66,8 @@ export interface Results {
     brokerRuntime?: Runtime;
     /** NODE_OPTIONS the broker process ran with (the Docker image's). */
     brokerNodeOptions?: string;
+    /** UV_THREADPOOL_SIZE of the broker and of the bench process (the Docker image's); absent: libuv's default of 4. */
+    threadpoolSize?: string;
   };
   issuance: Array<{ iterations: number; levels: IssuanceLevel[] }>;
   reaping?: {

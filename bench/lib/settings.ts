@@ -5,8 +5,17 @@ import { fileURLToPath } from 'node:url';
 /** The bench's configuration: where it writes, how big each scenario is, and the fixed names it uses. */
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-/** NODE_OPTIONS as the Docker image sets them: read from the Dockerfile, so the bench runs its broker as production does. */
-export const PRODUCTION_NODE_OPTIONS = /^\s*NODE_OPTIONS=(\S+)$/m.exec(fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8'))?.[1] ?? '';
+const DOCKERFILE = fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8');
+/** A variable the Docker image's ENV sets (one `NAME=value` per line), or '' when it sets none. */
+export function imageEnv(name: string, dockerfile = DOCKERFILE): string {
+  return new RegExp(`^\\s*(?:ENV\\s+)?${name}=(\\S+?)\\s*\\\\?$`, 'm').exec(dockerfile)?.[1] ?? '';
+}
+/**
+ * The runtime settings the Docker image gives node, read from the Dockerfile so the bench runs its
+ * broker as production does. The bench process itself (the floor's clients) runs with the same
+ * UV_THREADPOOL_SIZE: bench/run.ts restarts itself with it.
+ */
+export const PRODUCTION_ENV = { NODE_OPTIONS: imageEnv('NODE_OPTIONS'), UV_THREADPOOL_SIZE: imageEnv('UV_THREADPOOL_SIZE') };
 export const QUICK = process.env.BENCH_QUICK === '1';
 export const REPORT_PATH = path.resolve(process.env.BENCH_REPORT || path.join(ROOT, 'bench/REPORT.md'));
 export const JSON_PATH = REPORT_PATH.replace(/\.md$/i, '') + '.json';

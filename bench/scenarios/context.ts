@@ -5,7 +5,7 @@ import { TokenPool, type FloorSpec } from '../lib/load.js';
 import { log } from '../lib/log.js';
 import type { PopulationOptions } from '../lib/population.js';
 import type { Results } from '../lib/results.js';
-import { AUDIENCE, MANAGED_ROLE, POLICY, PRODUCTION_NODE_OPTIONS, SETTINGS } from '../lib/settings.js';
+import { AUDIENCE, MANAGED_ROLE, POLICY, PRODUCTION_ENV, SETTINGS } from '../lib/settings.js';
 import { signTokens } from '../lib/tokens.js';
 
 /** What every scenario works with: the servers, the results being filled in, tokens and specs. */
@@ -33,7 +33,7 @@ export async function createContext(pgs: TestPostgres, pmPid: number, issuer: Te
     for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith('NODE_TEST')) env[k] = v;
     return {
       ...env,
-      NODE_OPTIONS: PRODUCTION_NODE_OPTIONS,
+      ...PRODUCTION_ENV,
       DATABASE_URL: pgs.brokerUrl,
       BROKER_ISSUERS: JSON.stringify([{ issuer: issuer.issuer, jwks_uri: issuer.jwksUri }]),
       BROKER_AUDIENCE: AUDIENCE,
