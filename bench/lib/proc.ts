@@ -68,6 +68,19 @@ export function serverCpuMs(postmasterPid: number): number {
   return (ticks * 1000) / ticksPerSecond();
 }
 
+/**
+ * A thread's scheduler statistics (/proc/<pid>/task/<tid>/schedstat) in milliseconds: time on a
+ * CPU and time runnable but waiting for one. For a process's main thread, tid = pid.
+ */
+export function threadSched(pid: number, tid = pid): { run: number; wait: number } {
+  try {
+    const [run, wait] = fs.readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').trim().split(/\s+/).map(Number);
+    return { run: run / 1e6, wait: wait / 1e6 };
+  } catch {
+    return { run: Number.NaN, wait: Number.NaN };
+  }
+}
+
 /** The whole machine's CPU time so far from /proc/stat, in ticks: idle (idle + iowait) and total. */
 export function machineTicks(): { idle: number; total: number } {
   try {

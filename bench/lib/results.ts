@@ -17,6 +17,9 @@ export interface CpuPerOp {
   client: number;
   /** Share (0–1) of all cores' time left idle while the operations ran; absent in older results. */
   idle?: number;
+  /** The broker's event loop (main thread), ms per operation on a CPU and waiting for one; absent in older results. */
+  loopRun?: number;
+  loopWait?: number;
 }
 
 export interface IssuanceLevel {

@@ -16,8 +16,8 @@ import type { BenchContext } from './context.js';
 export async function compare(ctx: BenchContext, broker: BrokerChild, iterations: number, connections: number, burst = SETTINGS.burst, repeats = SETTINGS.repeats) {
   const { pgs, pmPid, tokens } = ctx;
   const sides = {
-    floor: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp, machine: { idle: 0, total: 0 } },
-    broker: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp, machine: { idle: 0, total: 0 } },
+    floor: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp, machine: { idle: 0, total: 0 }, loop: { run: 0, wait: 0 } },
+    broker: { runs: [] as LoadRun[], cpu: { broker: 0, pg: 0, client: 0 } as CpuPerOp, machine: { idle: 0, total: 0 }, loop: { run: 0, wait: 0 } },
   };
   let maxRss = 0;
   const amount = Math.max(burst, connections);
@@ -34,6 +34,7 @@ export async function compare(ctx: BenchContext, broker: BrokerChild, iterations
       const acc = sides[side];
       acc.cpu = { broker: acc.cpu.broker + after.broker - mark.broker, pg: acc.cpu.pg + after.pg - mark.pg, client: acc.cpu.client + after.client - mark.client };
       acc.machine = { idle: acc.machine.idle + after.machine.idle - mark.machine.idle, total: acc.machine.total + after.machine.total - mark.machine.total };
+      acc.loop = { run: acc.loop.run + after.loop.run - mark.loop.run, wait: acc.loop.wait + after.loop.wait - mark.loop.wait };
       acc.runs.push(run);
     }
   }
@@ -41,7 +42,9 @@ export async function compare(ctx: BenchContext, broker: BrokerChild, iterations
   const done = (acc: (typeof sides)['floor']) => {
     const run = combine(acc.runs);
     const idle = acc.machine.total > 0 ? acc.machine.idle / acc.machine.total : Number.NaN;
-    return { run, cpu: { broker: acc.cpu.broker / run.ok, pg: acc.cpu.pg / run.ok, client: acc.cpu.client / run.ok, idle } };
+    // Only the broker side's loop figures mean anything: during the floor's bursts the broker idles.
+    const loop = acc === sides.broker ? { loopRun: acc.loop.run / run.ok, loopWait: acc.loop.wait / run.ok } : {};
+    return { run, cpu: { broker: acc.cpu.broker / run.ok, pg: acc.cpu.pg / run.ok, client: acc.cpu.client / run.ok, idle, ...loop } };
   };
   return { floor: done(sides.floor), broker: done(sides.broker), maxRss };
 }
