@@ -9,7 +9,8 @@ let tsx;
 try {
   tsx = await import('tsx/esm/api');
 } catch (err) {
-  if (err?.code !== 'ERR_MODULE_NOT_FOUND') throw err;
+  // Only tsx itself missing means a production install; a broken tsx install must still fail loudly.
+  if (err?.code !== 'ERR_MODULE_NOT_FOUND' || !err.message.includes("'tsx'")) throw err;
 }
 
 if (tsx) {
