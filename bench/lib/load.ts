@@ -173,8 +173,12 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   );
 }
 
-/** `connections` plain pg clients issuing floor credentials back to back, `amount` in all (or for `seconds`). */
-export async function floorLoad(spec: FloorSpec, connections: number, bound: { amount?: number; seconds?: number }): Promise<LoadRun> {
+/**
+ * `connections` plain pg clients issuing floor credentials back to back, `amount` in all (or for
+ * `seconds`). `around.start` runs once they are connected and `around.end` before they close, so
+ * CPU marks taken there leave out the logins (a SCRAM exchange and a backend start each).
+ */
+export async function floorLoad(spec: FloorSpec, connections: number, bound: { amount?: number; seconds?: number }, around: { start?(): void; end?(): void } = {}): Promise<LoadRun> {
   const clients = await Promise.all(
     Array.from({ length: connections }, async () => {
       const client = new pg.Client({ connectionString: spec.databaseUrl, application_name: 'bench floor' });
@@ -186,6 +190,7 @@ export async function floorLoad(spec: FloorSpec, connections: number, bound: { a
   const lat: Array<[number, number]> = [];
   let errors = 0;
   let firstError: string | undefined;
+  around.start?.();
   const start = performance.now();
   const deadline = start + (bound.amount ? 600 : bound.seconds ?? 1) * 1000;
   let left = bound.amount ?? Number.POSITIVE_INFINITY;
@@ -206,6 +211,7 @@ export async function floorLoad(spec: FloorSpec, connections: number, bound: { a
         }
       }),
     );
+    around.end?.();
     return finish(start, lat, errors, { ok: lat.length, error: errors }, firstError);
   } finally {
     await Promise.all(clients.map((c) => c.end().catch(() => undefined)));

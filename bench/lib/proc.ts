@@ -1,4 +1,3 @@
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 
 /**
@@ -6,24 +5,8 @@ import fs from 'node:fs';
  * issuance to the broker process, to PostgreSQL (postmaster and every backend) and to itself.
  */
 
-let clkTck = 0;
-function ticksPerSecond(): number {
-  if (!clkTck) {
-    try {
-      clkTck = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-    } catch {
-      clkTck = 100;
-    }
-  }
-  return clkTck;
-}
-
 interface Stat {
   ppid: number;
-  utime: number;
-  stime: number;
-  cutime: number;
-  cstime: number;
 }
 
 function readStat(pid: number): Stat | null {
@@ -35,17 +18,11 @@ function readStat(pid: number): Stat | null {
   }
   // The command name (field 2) may contain spaces and parentheses; fields after the last ')' do not.
   const rest = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  return { ppid: Number(rest[1]), utime: Number(rest[11]), stime: Number(rest[12]), cutime: Number(rest[13]), cstime: Number(rest[14]) };
+  return { ppid: Number(rest[1]) };
 }
 
 export function available(): boolean {
   return fs.existsSync('/proc/self/stat');
-}
-
-/** User + system CPU of one process, in milliseconds. */
-export function processCpuMs(pid: number): number {
-  const s = readStat(pid);
-  return s ? ((s.utime + s.stime) * 1000) / ticksPerSecond() : Number.NaN;
 }
 
 export function parentPid(pid: number): number {
@@ -53,19 +30,50 @@ export function parentPid(pid: number): number {
 }
 
 /**
- * CPU of a PostgreSQL server in milliseconds: the postmaster, its reaped children (cutime/cstime:
- * backends that already exited) and its live children (backends, walwriter, checkpointer...).
+ * CPU time of one process in milliseconds, summed over its threads from the scheduler's own
+ * accounting (/proc/<pid>/task/<tid>/schedstat, in ns). /proc/<pid>/stat's utime and stime are
+ * tick-sampled and smoothed, and on this machine lagged a busy process by whole bursts.
  */
-export function serverCpuMs(postmasterPid: number): number {
-  const pm = readStat(postmasterPid);
-  if (!pm) return Number.NaN;
-  let ticks = pm.utime + pm.stime + pm.cutime + pm.cstime;
+export function processRunMs(pid: number): number {
+  let tasks: string[];
+  try {
+    tasks = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return Number.NaN;
+  }
+  let ms = 0;
+  for (const tid of tasks) {
+    const t = threadSched(pid, Number(tid));
+    if (Number.isFinite(t.run)) ms += t.run;
+  }
+  return ms;
+}
+
+/**
+ * The CPU milliseconds so far of each live PostgreSQL process (the postmaster and its children:
+ * backends, walwriter, checkpointer...), by pid. Two snapshots are compared by serverDeltaMs.
+ */
+export function serverRunMs(postmasterPid: number): Map<number, number> {
+  const byPid = new Map<number, number>();
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
-    const s = readStat(Number(entry));
-    if (s && s.ppid === postmasterPid) ticks += s.utime + s.stime;
+    const pid = Number(entry);
+    if (pid !== postmasterPid && readStat(pid)?.ppid !== postmasterPid) continue;
+    const ms = processRunMs(pid);
+    if (Number.isFinite(ms)) byPid.set(pid, ms);
   }
-  return (ticks * 1000) / ticksPerSecond();
+  return byPid;
+}
+
+/**
+ * PostgreSQL's CPU between two snapshots: what each process alive at the end used since the
+ * first (all of it, for one started in between). A process that exits in between loses its last
+ * stretch; the bench keeps the connections it measures open across both snapshots.
+ */
+export function serverDeltaMs(before: Map<number, number>, after: Map<number, number>): number {
+  let ms = 0;
+  for (const [pid, run] of after) ms += run - (before.get(pid) ?? 0);
+  return ms;
 }
 
 /**

@@ -24,19 +24,18 @@ function explain(t: Target, r: Results): string {
       const l = lvl(t.id === 'P1' ? 0 : 1, 16);
       const hi = lvl(t.id === 'P1' ? 0 : 1, 64);
       if (!l) return 'not measured';
-      const extra = l.brokerCpu.broker + l.brokerCpu.pg + l.brokerCpu.client - (l.floorCpu.pg + l.floorCpu.client);
-      const idle = (c: CpuPerOp) => (c.idle !== undefined && Number.isFinite(c.idle) ? c.idle : undefined);
-      const bi = idle(l.brokerCpu);
-      const fi = idle(l.floorCpu);
-      const idleText = bi !== undefined && fi !== undefined
-        ? `During the bursts ${fmt(bi * 100, 0)} % of both cores' time stayed idle on the broker side against ${fmt(fi * 100, 0)} % on the floor side: the broker's path has one more hop (autocannon → broker → PostgreSQL), and at 16 clients a request waiting in it leaves a core with nothing to run`
-        : 'The measured ratio is lower still because at 16 clients neither side keeps both cores busy all the time, and the broker\'s path has one more hop (autocannon → broker → PostgreSQL) in which a request waits';
-      const lr = l.brokerCpu.loopRun;
-      const lw = l.brokerCpu.loopWait;
-      const loopText = lr !== undefined && lw !== undefined && Number.isFinite(lr) && Number.isFinite(lw)
-        ? ` The broker's event loop, which every request passes through four or five times (the HTTP request, three PostgreSQL answers and, when it finishes last, the verifier), ran ${fmt(lr, 2)} ms per credential and waited ${fmt(lw, 2)} ms per credential for a core (/proc schedstat of its main thread): it is one thread queued behind PostgreSQL's backends, the verifier's PBKDF2 and autocannon on the same ${cpus} cores, and every request waits for it.`
+      const b = l.brokerCpu;
+      const f = l.floorCpu;
+      const extra = b.broker + b.pg + b.client - (f.pg + f.client);
+      const known = (v: number | undefined): v is number => v !== undefined && Number.isFinite(v);
+      const idleText = known(b.idle) && known(f.idle)
+        ? ` Both sides keep the cores busy (${fmt(b.idle * 100, 0)} % idle during the broker's bursts, ${fmt(f.idle * 100, 0)} % during the floor's), so throughput follows CPU per credential.`
         : '';
-      return `the load generator, the broker and PostgreSQL share ${cpus} cores. Per issuance the floor costs ${fmt(l.floorCpu.pg, 2)} ms of PostgreSQL CPU + ${fmt(l.floorCpu.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(l.floorCpu, cpus), 0)}/s); the broker path costs ${fmt(l.brokerCpu.broker, 2)} ms in the broker process + ${fmt(l.brokerCpu.pg, 2)} ms in PostgreSQL + ${fmt(l.brokerCpu.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(l.brokerCpu, cpus), 0)}/s), i.e. ${fmt(extra, 2)} ms more CPU per credential, ${fmt(l.brokerCpu.client, 2)} ms of it in the HTTP load generator, which the floor does not need. ${busyProfile(r)} The two ceilings alone would allow ${fmt(ceiling(l.brokerCpu, cpus) / ceiling(l.floorCpu, cpus), 2)}×. ${idleText}${hi ? `; with 64 clients, where queues stay full, the ratio is ${fmt(hi.broker.rps / hi.floor.rps, 2)}×` : ''}.${loopText} On a machine where the broker and the load generator have their own cores, only the PostgreSQL column competes with the floor.`;
+      const loopText = known(b.loopRun) && known(b.loopWait)
+        ? ` Of the broker process's ${fmt(b.broker, 2)} ms, its event loop ran ${fmt(b.loopRun, 2)} ms (the rest is mostly the verifier's PBKDF2 on libuv's pool), and it waited ${fmt(b.loopWait, 2)} ms per credential for a core behind PostgreSQL's backends (/proc schedstat of its main thread), which shows in latency, not throughput.`
+        : '';
+      const profile = busyProfile(r);
+      return `the load generator, the broker and PostgreSQL share ${cpus} cores.${idleText} Per issuance the floor costs ${fmt(f.pg, 2)} ms of PostgreSQL CPU + ${fmt(f.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(f, cpus), 0)}/s); the broker path costs ${fmt(b.broker, 2)} ms in the broker process + ${fmt(b.pg, 2)} ms in PostgreSQL + ${fmt(b.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(b, cpus), 0)}/s): ${fmt(extra, 2)} ms more CPU per credential, of which ${fmt(b.broker - f.client, 2)} ms is the broker's own work beyond the floor client's (HTTP parsing and the response, JWT verification, Fastify routing and serialisation, the policy check, metrics and log lines, around the same pg and PBKDF2 work), ${fmt(b.pg - f.pg, 2)} ms PostgreSQL's, and ${fmt(b.client, 2)} ms the HTTP load generator's, which the floor does not need. The two ceilings give ${fmt(ceiling(b, cpus) / ceiling(f, cpus), 2)}× against the measured ${fmt(l.ratio, 2)}×${hi ? `; with 64 clients the ratio is ${fmt(hi.ratio, 2)}×` : ''}.${loopText}${profile ? ` ${profile}` : ''} On a machine where the broker and the load generator have their own cores, only the PostgreSQL column competes with the floor.`;
     }
     case 'P2': {
       const l = lvl(0, 1);
