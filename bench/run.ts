@@ -9,8 +9,8 @@
  *                        (default: bench/baseline.json when present, except in quick mode)
  *   BENCH_PROFILE=0      skip the CPU profile of the broker
  *   BENCH_RENDER=file    only re-render the report from a saved results JSON
- *   BENCH_ONLY=a,b       run only these scenarios (issuance, reaping, population, profile, jwt,
- *                        leases, startup); the others read "not measured"
+ *   BENCH_ONLY=a,b       run only these scenarios (issuance, reaping, threadpool, population,
+ *                        profile, jwt, leases, startup); the others read "not measured"
  */
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -36,6 +36,7 @@ import { runPopulation } from './scenarios/population.js';
 import { runProfile } from './scenarios/profile.js';
 import { runReaping } from './scenarios/reaping.js';
 import { runStartup } from './scenarios/startup.js';
+import { runThreadpool } from './scenarios/threadpool.js';
 
 /** The baseline results shown as "before", and its path relative to the repository. */
 function loadBaseline(quick: boolean): { baseline?: Results; name?: string } {
@@ -127,6 +128,9 @@ async function main(): Promise<void> {
     });
     await dropIssuedRoles(pgs, 'all');
     await stopBroker(broker);
+    await scenario(errors, 'threadpool', async () => {
+      results.threadpool = await runThreadpool(ctx);
+    });
 
     log(`broker with BROKER_SCRAM_ITERATIONS=${TUNED_ITERATIONS}`);
     broker = await startBroker(TUNED_ITERATIONS);

@@ -22,6 +22,16 @@ export interface CpuPerOp {
   loopWait?: number;
 }
 
+/** Issuance at 16 clients, default iterations, with the broker's libuv pool at `size` threads. */
+export interface ThreadpoolRun {
+  size: string;
+  /** Means over the rounds. */
+  floorRps: number;
+  brokerRps: number;
+  /** broker/floor, one per round. */
+  ratios: number[];
+}
+
 export interface IssuanceLevel {
   connections: number;
   floor: Run;
@@ -93,6 +103,7 @@ export interface Results {
   ddl?: DdlProbe[];
   leases?: { rows: number; loadSeconds: number; requests: number; failures: number; latency: Summary; shapes: LeaseShape[] };
   jwt?: Array<{ alg: string; connections: number; run: Run; cpu: CpuPerOp }>;
+  threadpool?: ThreadpoolRun[];
   memory?: { maxRssMbAt64: number; perRun: number[]; usage?: Array<{ rss: number; heapTotal: number; heapUsed: number; external: number; arrayBuffers: number }> };
   /**
    * `entry`: what the target figures time; absent in older results, which timed bin/pg-broker.js

@@ -29,6 +29,22 @@ export function renderIssuance(r: Results): string[] {
     ));
     out.push('');
   }
+  out.push(...renderThreadpool(r));
+  return out;
+}
+
+/** The broker with the Docker image's libuv pool size against libuv's default. */
+function renderThreadpool(r: Results): string[] {
+  const runs = r.threadpool;
+  if (!runs?.length) return [];
+  const out = ['### libuv pool size (UV_THREADPOOL_SIZE)', ''];
+  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool. Two brokers at the default iteration count, one with libuv\'s default pool of 4 threads and one with the Docker image\'s size, each warmed up and then measured against the floor at 16 clients as above, in turn; the floor keeps the image\'s size throughout. Ratios are per round.');
+  out.push('');
+  out.push(table(
+    ['UV_THREADPOOL_SIZE (broker)', 'floor req/s', 'broker req/s', 'ratio broker/floor'],
+    runs.map((t) => [t.size, fmt(t.floorRps, 0), fmt(t.brokerRps, 0), t.ratios.map((x) => fmt(x, 2)).join(', ')]),
+  ));
+  out.push('');
   return out;
 }
 
