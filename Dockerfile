@@ -83,10 +83,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 # the other subcommands too: `docker run IMAGE migrate`, `... creds --format env`, and the
 # compose file's `dev-issuer`. `serve` applies pending migrations, then listens on HOST:PORT,
 # and shuts down gracefully on SIGTERM.
-# --single-threaded-gc: V8 collects garbage on the main thread only, instead of also on helper
-# threads (Node starts four whatever the pod's CPU limit), which on a small CPU share take turns with the event loop and the pool, and add their own synchronisation. Measured
-# on 2 cores shared with PostgreSQL at 16 clients: 1-4 % more credentials/s ("Runtime settings"
-# in bench/REPORT.md). Node refuses this flag in NODE_OPTIONS, hence node here; the bench reads it
-# from this line. Drop it when the broker gets several cores of its own.
-ENTRYPOINT ["node", "--single-threaded-gc", "/app/dist/pg-broker.mjs"]
+ENTRYPOINT ["pg-broker"]
 CMD ["serve"]

@@ -10,7 +10,7 @@
  *   -> { id, cmd: 'profile-stop', file }   stop it, write the .cpuprofile, answer a summary
  *   -> { id, cmd: 'memory' }               process.memoryUsage()
  *   -> { id, cmd: 'close' }                graceful shutdown
- *   <- { ready: url, execArgv } once listening; { id, ok, result | error } per command
+ *   <- { ready: url } once listening; { id, ok, result | error } per command
  */
 import fs from 'node:fs';
 import { Session } from 'node:inspector/promises';
@@ -103,7 +103,7 @@ async function main(): Promise<void> {
   process.on('disconnect', () => {
     broker.close().finally(() => process.exit(0));
   });
-  send({ ready: broker.url, execArgv: process.execArgv });
+  send({ ready: broker.url });
 }
 
 main().catch((err: Error) => {

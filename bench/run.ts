@@ -26,7 +26,7 @@ import { elapsedSeconds, log } from './lib/log.js';
 import { dropIssuedRoles } from './lib/population.js';
 import { postmasterPid, quietPostgres } from './lib/postgres.js';
 import { writeReport, type Results } from './lib/report.js';
-import { DEFAULT_ITERATIONS, JSON_PATH, POLICY, PRODUCTION_ENV, PRODUCTION_NODE_FLAGS, PROFILE, QUICK, REPORT_PATH, ROOT, TUNED_ITERATIONS, wanted } from './lib/settings.js';
+import { DEFAULT_ITERATIONS, JSON_PATH, POLICY, PRODUCTION_ENV, PROFILE, QUICK, REPORT_PATH, ROOT, TUNED_ITERATIONS, wanted } from './lib/settings.js';
 import { createContext } from './scenarios/context.js';
 import { runIssuance } from './scenarios/issuance.js';
 import { runJwt } from './scenarios/jwt.js';
@@ -55,18 +55,15 @@ function render(file: string): void {
 }
 
 /**
- * The floor's clients and autocannon run in this process, which should run as the broker does:
- * libuv sizes its pool once, at its first use, from UV_THREADPOOL_SIZE, and V8 takes its GC
- * flags only at start. Runs the bench again in a child with the Docker image's pool size and
- * ENTRYPOINT node flags unless it already has them; resolves to the child's exit code, or null
- * when this process is the one to measure.
+ * The floor's clients compute their verifiers in this process, on libuv's pool; libuv sizes the
+ * pool once, at its first use, from UV_THREADPOOL_SIZE. Runs the bench again in a child with the
+ * Docker image's value unless it already has it; resolves to the child's exit code, or null when
+ * this process is the one to measure.
  */
-async function inImageRuntime(): Promise<number | null> {
+async function inImageThreadpool(): Promise<number | null> {
   const size = PRODUCTION_ENV.UV_THREADPOOL_SIZE;
-  const missingFlags = PRODUCTION_NODE_FLAGS.filter((f) => !process.execArgv.includes(f));
-  if ((!size || process.env.UV_THREADPOOL_SIZE === size) && missingFlags.length === 0) return null;
-  const env = size ? { ...process.env, UV_THREADPOOL_SIZE: size } : process.env;
-  const child = spawn(process.execPath, [...process.execArgv, ...missingFlags, ...process.argv.slice(1)], { stdio: 'inherit', env });
+  if (!size || process.env.UV_THREADPOOL_SIZE === size) return null;
+  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: size } });
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => child.kill(sig));
   const [code, signal] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];
   return code ?? 128 + (signal ? os.constants.signals[signal] : 0);
@@ -74,7 +71,7 @@ async function inImageRuntime(): Promise<number | null> {
 
 async function main(): Promise<void> {
   if (process.env.BENCH_RENDER) return render(process.env.BENCH_RENDER);
-  const childCode = await inImageRuntime();
+  const childCode = await inImageThreadpool();
   if (childCode !== null) {
     process.exitCode = childCode;
     return;
@@ -107,7 +104,6 @@ async function main(): Promise<void> {
 
     const startBroker = async (iterations: number) => {
       const b = await BrokerChild.start(ctx.brokerEnv(iterations));
-      results.meta.brokerNodeFlags = b.execArgv;
       brokers.add(b);
       return b;
     };

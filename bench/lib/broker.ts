@@ -1,7 +1,7 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { compiledEntries } from './bundle.js';
-import { PRODUCTION_NODE_FLAGS, ROOT } from './settings.js';
+import { ROOT } from './settings.js';
 
 /** A broker in its own process (bench/broker-process.ts, compiled: see bundle.ts), driven over IPC. */
 export class BrokerChild {
@@ -9,22 +9,17 @@ export class BrokerChild {
   private readonly pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
   private readonly stderr: string[] = [];
 
-  /** The node flags the broker process reports it runs with. */
-  execArgv: string[] = [];
-
   private constructor(private readonly child: ChildProcess, readonly url: string) {}
 
   get pid(): number {
     return this.child.pid!;
   }
 
-  static async start(env: Record<string, string>, options: { timeoutMs?: number; nodeFlags?: string[] } = {}): Promise<BrokerChild> {
-    const { timeoutMs = 60_000, nodeFlags = PRODUCTION_NODE_FLAGS } = options;
+  static async start(env: Record<string, string>, timeoutMs = 60_000): Promise<BrokerChild> {
     const child = fork((await compiledEntries()).broker, [], {
       cwd: ROOT,
-      // Not the bench's own flags, which load tsx: the broker runs on plain node with the image's
-      // ENTRYPOINT flags, as in production.
-      execArgv: nodeFlags,
+      // Not the bench's own flags, which load tsx: the broker runs on plain node, as in production.
+      execArgv: [],
       env,
       // JSON logs go nowhere, as they would to a log shipper; pino still formats every line.
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
@@ -34,12 +29,10 @@ export class BrokerChild {
       stderr.push(...chunk.toString().split('\n').filter(Boolean));
       if (stderr.length > 200) stderr.splice(0, stderr.length - 200);
     });
-    let execArgv: string[] = [];
     const url = await new Promise<string>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`broker not ready after ${timeoutMs} ms: ${stderr.slice(-5).join(' | ')}`)), timeoutMs);
-      child.on('message', (msg: { ready?: string; execArgv?: string[] }) => {
+      child.on('message', (msg: { ready?: string }) => {
         if (msg.ready) {
-          execArgv = msg.execArgv ?? [];
           clearTimeout(timer);
           resolve(msg.ready);
         }
@@ -51,7 +44,6 @@ export class BrokerChild {
     });
     const broker = new BrokerChild(child, url.replace('0.0.0.0', '127.0.0.1'));
     broker.stderr.push(...stderr);
-    broker.execArgv = execArgv;
     child.on('message', (msg: { id?: number; ok?: boolean; result?: unknown; error?: string }) => {
       if (msg.id === undefined) return;
       const waiter = broker.pending.get(msg.id);

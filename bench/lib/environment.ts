@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { TestPostgres } from '../../test/helpers/postgres.js';
 import type { Results } from './results.js';
-import { LEVELS, PRODUCTION_ENV, PRODUCTION_NODE_FLAGS, QUICK, ROOT, SETTINGS } from './settings.js';
+import { LEVELS, PRODUCTION_ENV, QUICK, ROOT, SETTINGS } from './settings.js';
 
 /** What the report's Environment section shows: the command, the machine, the packages and PostgreSQL. */
 
@@ -42,8 +42,6 @@ export function machineMeta(): Results['meta'] {
     brokerNodeOptions: PRODUCTION_ENV.NODE_OPTIONS,
     // What this process (the floor's clients) really runs with; brokerEnv gives the broker the same.
     threadpoolSize: process.env.UV_THREADPOOL_SIZE || undefined,
-    // Likewise: the node flags this process runs with, of those the image's ENTRYPOINT gives the broker.
-    nodeFlags: PRODUCTION_NODE_FLAGS.filter((f) => process.execArgv.includes(f)),
   };
 }
 

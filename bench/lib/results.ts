@@ -22,11 +22,9 @@ export interface CpuPerOp {
   loopWait?: number;
 }
 
-/** Issuance at 16 clients, default iterations, with the broker's libuv pool at `size` threads and the given node flags. */
+/** Issuance at 16 clients, default iterations, with the broker's libuv pool at `size` threads. */
 export interface ThreadpoolRun {
   size: string;
-  /** The broker's node flags ([] for V8's default, parallel and concurrent GC); absent in older results. */
-  nodeFlags?: string[];
   /** Means over the rounds. */
   floorRps: number;
   brokerRps: number;
@@ -83,10 +81,6 @@ export interface Results {
     brokerNodeOptions?: string;
     /** UV_THREADPOOL_SIZE of the broker and of the bench process (the Docker image's); absent: libuv's default of 4. */
     threadpoolSize?: string;
-    /** The image's ENTRYPOINT node flags, which the broker and this process ran with. */
-    nodeFlags?: string[];
-    /** The node flags the broker process reported. */
-    brokerNodeFlags?: string[];
   };
   issuance: Array<{ iterations: number; levels: IssuanceLevel[] }>;
   reaping?: {

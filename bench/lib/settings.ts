@@ -16,20 +16,6 @@ export function imageEnv(name: string, dockerfile = DOCKERFILE): string {
  * UV_THREADPOOL_SIZE: bench/run.ts restarts itself with it.
  */
 export const PRODUCTION_ENV = { NODE_OPTIONS: imageEnv('NODE_OPTIONS'), UV_THREADPOOL_SIZE: imageEnv('UV_THREADPOOL_SIZE') };
-/** The node flags of the image's ENTRYPOINT (`["node", "--flag", ..., "/app/dist/pg-broker.mjs"]`), [] when it runs no node. */
-export function imageNodeFlags(dockerfile = DOCKERFILE): string[] {
-  const entry = /^ENTRYPOINT\s+(\[.*\])\s*$/m.exec(dockerfile)?.[1];
-  const argv = entry ? (JSON.parse(entry) as string[]) : [];
-  if (argv[0] !== 'node') return [];
-  const flags: string[] = [];
-  for (const arg of argv.slice(1)) {
-    if (!arg.startsWith('--')) break;
-    flags.push(arg);
-  }
-  return flags;
-}
-/** Flags Node refuses in NODE_OPTIONS (--single-threaded-gc): the broker's execArgv, and this process's. */
-export const PRODUCTION_NODE_FLAGS = imageNodeFlags();
 export const QUICK = process.env.BENCH_QUICK === '1';
 export const REPORT_PATH = path.resolve(process.env.BENCH_REPORT || path.join(ROOT, 'bench/REPORT.md'));
 export const JSON_PATH = REPORT_PATH.replace(/\.md$/i, '') + '.json';

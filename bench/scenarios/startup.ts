@@ -6,7 +6,7 @@ import { freePort } from '../../test/helpers/ports.js';
 import { compiledEntries } from '../lib/bundle.js';
 import { log } from '../lib/log.js';
 import * as proc from '../lib/proc.js';
-import { DEFAULT_ITERATIONS, PRODUCTION_NODE_FLAGS, ROOT, SETTINGS } from '../lib/settings.js';
+import { DEFAULT_ITERATIONS, ROOT, SETTINGS } from '../lib/settings.js';
 import { median } from '../lib/stats.js';
 import type { BenchContext } from './context.js';
 
@@ -31,14 +31,13 @@ export async function runStartup(ctx: BenchContext): Promise<void> {
 }
 
 /**
- * Spawns `node <image flags> <entry> serve` and times it until GET /readyz answers 200; then, after a short
+ * Spawns `node <entry> serve` and times it until GET /readyz answers 200; then, after a short
  * pause, reads its idle RSS.
  */
 async function timeStartup(env: Record<string, string>, entry: string): Promise<{ ms: number; idleRssMb: number }> {
   const port = await freePort();
   const start = performance.now();
-  // With the image's ENTRYPOINT flags, as `docker run` starts it.
-  const child = spawn(process.execPath, [...PRODUCTION_NODE_FLAGS, entry, 'serve'], {
+  const child = spawn(process.execPath, [entry, 'serve'], {
     cwd: ROOT,
     env: { ...env, PORT: String(port) },
     stdio: ['ignore', 'ignore', 'pipe'],

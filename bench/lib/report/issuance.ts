@@ -33,16 +33,16 @@ export function renderIssuance(r: Results): string[] {
   return out;
 }
 
-/** The broker with the Docker image's runtime settings against Node's defaults, one step at a time. */
+/** The broker with the Docker image's libuv pool size against libuv's default. */
 function renderThreadpool(r: Results): string[] {
   const runs = r.threadpool;
   if (!runs?.length) return [];
-  const out = ['### Runtime settings: libuv pool size and GC threads', ''];
-  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool (UV_THREADPOOL_SIZE, 4 by default), and V8 collects garbage on helper threads as well as the main thread unless node runs with `--single-threaded-gc`. Brokers at the default iteration count, with Node\'s defaults, with the Docker image\'s pool size only, and with the image\'s pool size and ENTRYPOINT node flags, each warmed up and then measured against the floor at 16 clients as above, in turn (every other round in reverse order); the floor keeps the image\'s settings throughout. Ratios are per round.');
+  const out = ['### libuv pool size (UV_THREADPOOL_SIZE)', ''];
+  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool. Two brokers at the default iteration count, one with libuv\'s default pool of 4 threads and one with the Docker image\'s size, each warmed up and then measured against the floor at 16 clients as above, in turn; the floor keeps the image\'s size throughout. Ratios are per round.');
   out.push('');
   out.push(table(
-    ['UV_THREADPOOL_SIZE (broker)', 'node flags (broker)', 'floor req/s', 'broker req/s', 'ratio broker/floor'],
-    runs.map((t) => [t.size, t.nodeFlags === undefined ? '–' : t.nodeFlags.length ? t.nodeFlags.map((f) => `\`${f}\``).join(' ') : 'none (V8 default GC)', fmt(t.floorRps, 0), fmt(t.brokerRps, 0), t.ratios.map((x) => fmt(x, 2)).join(', ')]),
+    ['UV_THREADPOOL_SIZE (broker)', 'floor req/s', 'broker req/s', 'ratio broker/floor'],
+    runs.map((t) => [t.size, fmt(t.floorRps, 0), fmt(t.brokerRps, 0), t.ratios.map((x) => fmt(x, 2)).join(', ')]),
   ));
   out.push('');
   return out;

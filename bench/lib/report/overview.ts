@@ -29,10 +29,9 @@ export function renderOverview(r: Results, ts: Target[]): string[] {
   out.push(`- PostgreSQL is the test helper's embedded server (test/helpers/postgres.ts), with **fsync=off, synchronous_commit=off and full_page_writes=off**: commits cost no disk flush here, for the floor and the broker alike, so both numbers are CPU-bound upper bounds a durable server will not reach. Statement logging: ${m.logStatement}.`);
   const runtime = m.brokerRuntime === 'compiled' ? 'compiled to JavaScript by scripts/build.ts and run by plain node, without the tsx loader, as production runs dist/pg-broker.mjs' : 'TypeScript loaded through tsx';
   const imageVars = [m.brokerNodeOptions ? `NODE_OPTIONS=${m.brokerNodeOptions}` : '', m.threadpoolSize ? `UV_THREADPOOL_SIZE=${m.threadpoolSize}` : ''].filter(Boolean);
-  const flags = m.brokerNodeFlags?.length ? `${imageVars.length ? ',' : ''} with node's ${m.brokerNodeFlags.join(' ')} as the image's ENTRYPOINT runs it` : '';
-  const nodeOptions = `${imageVars.length ? ` with ${imageVars.join(' and ')} as the Docker image sets them` : ''}${flags}`;
+  const nodeOptions = imageVars.length ? ` with ${imageVars.join(' and ')} as the Docker image sets them` : '';
   out.push(`- The broker runs in its own process (bench/broker-process.ts → \`startBroker\` from src/server.ts, ${runtime}${nodeOptions}, configured from the environment like \`pg-broker serve\`), on 127.0.0.1, with LOG_LEVEL=info written to /dev/null, its default pool, the reaper schedule pushed to 1 h (the reaper is driven explicitly for P4) and the rate limits raised out of the way. Both sides connect as the non-superuser \`broker\` role (CREATEROLE), as in production.`);
-  out.push(`- The load generator (autocannon, and the floor's pg clients) runs in the bench process on the same 2 cores as the broker and PostgreSQL${m.threadpoolSize ? `, with the same UV_THREADPOOL_SIZE=${m.threadpoolSize} as the broker, so the floor's PBKDF2 runs on a pool of the same size` : ''}${m.nodeFlags?.length ? `, and the same node flags (${m.nodeFlags.join(' ')})` : ''}.`);
+  out.push(`- The load generator (autocannon, and the floor's pg clients) runs in the bench process on the same 2 cores as the broker and PostgreSQL${m.threadpoolSize ? `, with the same UV_THREADPOOL_SIZE=${m.threadpoolSize} as the broker, so the floor's PBKDF2 runs on a pool of the same size` : ''}.`);
   out.push('');
 
   out.push('## Targets');
