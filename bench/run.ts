@@ -32,6 +32,7 @@ import { runIssuance } from './scenarios/issuance.js';
 import { runJwt } from './scenarios/jwt.js';
 import { runLeaseListing } from './scenarios/leases.js';
 import { MemoryAt64 } from './scenarios/memory.js';
+import { runPerfProfile } from './scenarios/perf-profile.js';
 import { runPopulation } from './scenarios/population.js';
 import { runProfile } from './scenarios/profile.js';
 import { runReaping } from './scenarios/reaping.js';
@@ -130,6 +131,9 @@ async function main(): Promise<void> {
     await stopBroker(broker);
     await scenario(errors, 'threadpool', async () => {
       results.threadpool = await runThreadpool(ctx);
+    });
+    await scenario(errors, 'perf', async () => {
+      results.perfProfile = await runPerfProfile(ctx);
     });
 
     log(`broker with BROKER_SCRAM_ITERATIONS=${TUNED_ITERATIONS}`);

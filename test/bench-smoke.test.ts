@@ -114,6 +114,32 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.match(report, /^### libuv pool size \(UV_THREADPOOL_SIZE\)$/m);
   });
 
+  test('warms each broker up before measuring it, and reports its CPU per request chunk by chunk', () => {
+    assert.equal(json.issuance.length, 2, 'default and tuned');
+    for (const set of json.issuance) {
+      assert.ok(set.warmup, `iterations ${set.iterations} has a warm-up`);
+      assert.ok(set.warmup.requests > 0 && set.warmup.brokerMsPerRequest.length >= 1, JSON.stringify(set.warmup));
+      for (const ms of set.warmup.brokerMsPerRequest) assert.ok(Number.isFinite(ms) && ms > 0, JSON.stringify(set.warmup));
+    }
+    assert.match(report, /^JIT warm-up before these runs \(\d+ credentials at 16 clients, in chunks of \d+\): broker CPU per request [\d.]+( → [\d.]+)* ms\.$/m);
+  });
+
+  test('has the on-CPU perf profile of a broker, or says why perf could not take one', () => {
+    const p = json.perfProfile;
+    assert.ok(p, 'the perf scenario ran');
+    assert.match(report, /^### On the CPU only \(Linux perf\)$/m);
+    if ('unavailable' in p) {
+      // A machine without perf (or without permission to sample) still gets a well-formed report.
+      assert.ok(report.includes(`Not measured in this run: ${p.unavailable}.`));
+      return;
+    }
+    assert.ok(p.samples > 0 && p.brokerMsPerRequest > 0, JSON.stringify(p));
+    const total = p.categories.reduce((a: number, c: { share: number }) => a + c.share, 0);
+    assert.ok(Math.abs(total - 1) < 1e-9, `shares add up to 1: ${total}`);
+    assert.ok(p.categories.some((c: { thread: string }) => c.thread === 'main'), 'the event loop was sampled');
+    assert.match(report, /\| \*\*main thread \(event loop\)\*\* \| \*\*\d+ %\*\* \|/);
+  });
+
   test('shows the lease-listing query plans using an index', () => {
     assert.ok(json.leases.shapes.length > 0);
     for (const shape of json.leases.shapes) for (const plan of shape.plans) assert.ok(plan.indexUsed, `${shape.name}: ${plan.plan}`);

@@ -15,11 +15,13 @@ export class BrokerChild {
     return this.child.pid!;
   }
 
-  static async start(env: Record<string, string>, timeoutMs = 60_000): Promise<BrokerChild> {
+  static async start(env: Record<string, string>, options: { timeoutMs?: number; nodeFlags?: string[] } = {}): Promise<BrokerChild> {
+    const { timeoutMs = 60_000, nodeFlags = [] } = options;
     const child = fork((await compiledEntries()).broker, [], {
       cwd: ROOT,
-      // Not the bench's own flags, which load tsx: the broker runs on plain node, as in production.
-      execArgv: [],
+      // Not the bench's own flags, which load tsx: the broker runs on plain node, as in production
+      // (nodeFlags only for a profiler's needs).
+      execArgv: nodeFlags,
       env,
       // JSON logs go nowhere, as they would to a log shipper; pino still formats every line.
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],

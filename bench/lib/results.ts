@@ -1,5 +1,6 @@
 import type { DdlProbe } from './population.js';
 import type { LoadRun } from './load.js';
+import type { PerfSummary } from './perf.js';
 import type { ProfileSummary } from './profile.js';
 import type { Summary } from './stats.js';
 
@@ -30,6 +31,17 @@ export interface ThreadpoolRun {
   brokerRps: number;
   /** broker/floor, one per round. */
   ratios: number[];
+}
+
+/** The perf (on-CPU) profile of a broker at P1's point, or why none was taken. */
+export type PerfProfile = { unavailable: string } | (PerfSummary & { scenario: string; requests: number; brokerMsPerRequest: number });
+
+/** A fresh broker's warm-up before it is measured: its CPU per request, chunk by chunk. */
+export interface JitWarmup {
+  requests: number;
+  connections: number;
+  chunk: number;
+  brokerMsPerRequest: number[];
 }
 
 export interface IssuanceLevel {
@@ -82,7 +94,7 @@ export interface Results {
     /** UV_THREADPOOL_SIZE of the broker and of the bench process (the Docker image's); absent: libuv's default of 4. */
     threadpoolSize?: string;
   };
-  issuance: Array<{ iterations: number; levels: IssuanceLevel[] }>;
+  issuance: Array<{ iterations: number; levels: IssuanceLevel[]; warmup?: JitWarmup }>;
   reaping?: {
     backlog: number;
     createSeconds: number;
@@ -111,5 +123,6 @@ export interface Results {
    */
   startup?: { entry?: Runtime; runsMs: number[]; medianMs: number; idleRssMb?: number; bundled?: StartupSeries; tsx?: StartupSeries };
   profile?: ProfileSummary & { scenario: string; file: string; requests: number };
+  perfProfile?: PerfProfile;
   errors: Record<string, string>;
 }

@@ -6,6 +6,7 @@ import { strip } from '../lib/runs.js';
 import { LEVELS, SETTINGS } from '../lib/settings.js';
 import type { BenchContext } from './context.js';
 import { compare } from './floor-vs-broker.js';
+import { jitWarmup } from './warmup.js';
 import type { MemoryAt64 } from './memory.js';
 
 /**
@@ -15,6 +16,8 @@ import type { MemoryAt64 } from './memory.js';
  */
 export async function runIssuance(ctx: BenchContext, broker: BrokerChild, iterations: number, memory: MemoryAt64): Promise<void> {
   const levels: IssuanceLevel[] = [];
+  const warmup = await jitWarmup(ctx, broker, iterations);
+  if (warmup) log(`JIT warm-up, ${warmup.requests} credentials: broker CPU per request by chunk ${warmup.brokerMsPerRequest.map((ms) => ms.toFixed(2)).join(', ')} ms`);
   for (const connections of LEVELS) {
     if (SETTINGS.warmup) {
       await floorLoad(ctx.floorSpec(iterations), connections, { amount: SETTINGS.warmup });
@@ -28,5 +31,5 @@ export async function runIssuance(ctx: BenchContext, broker: BrokerChild, iterat
     if (b.run.errors > 0) log(`  broker non-201 answers: ${JSON.stringify(b.run.statusCounts)}`);
     if (floor.run.errors > 0) log(`  floor errors: ${floor.run.errors} (${floor.run.firstError})`);
   }
-  ctx.results.issuance.push({ iterations, levels });
+  ctx.results.issuance.push({ iterations, levels, warmup });
 }

@@ -1,10 +1,10 @@
 import { BrokerChild } from '../lib/broker.js';
-import { httpLoad } from '../lib/load.js';
 import { log } from '../lib/log.js';
 import type { ThreadpoolRun } from '../lib/results.js';
 import { DEFAULT_ITERATIONS, PRODUCTION_ENV, SETTINGS } from '../lib/settings.js';
 import type { BenchContext } from './context.js';
 import { compare } from './floor-vs-broker.js';
+import { jitWarmup } from './warmup.js';
 
 const LIBUV_DEFAULT = '4';
 const CONNECTIONS = 16;
@@ -19,8 +19,8 @@ export async function runThreadpool(ctx: BenchContext): Promise<ThreadpoolRun[]>
   const brokers: BrokerChild[] = [];
   try {
     for (const size of sizes) brokers.push(await BrokerChild.start({ ...ctx.brokerEnv(DEFAULT_ITERATIONS), UV_THREADPOOL_SIZE: size }));
-    // JIT warm-up; the policy the issuance scenario stored is in the database already.
-    for (const b of brokers) await httpLoad({ url: b.url, path: '/credentials', body: '{}', connections: CONNECTIONS, amount: SETTINGS.warmup * 20 || CONNECTIONS, tokens: ctx.tokens, expect: 201 });
+    // The policy the issuance scenario stored is in the database already; the floor is warm from it.
+    for (const b of brokers) await jitWarmup(ctx, b, DEFAULT_ITERATIONS, false);
     const runs: ThreadpoolRun[] = sizes.map((size) => ({ size, floorRps: 0, brokerRps: 0, ratios: [] }));
     const rounds = SETTINGS.repeats > 1 ? 2 : 1;
     for (let round = 0; round < rounds; round++) {

@@ -16,5 +16,29 @@ export function renderCpuProfile(r: Results): string[] {
     out.push(table(['function', 'self ms', 'share'], p.byFunction.slice(0, 15).map((row) => [`\`${row.name}\``, fmt(row.ms, 0), pct(row.share)])));
     out.push('');
   }
+  out.push(...renderPerfProfile(r));
+  return out;
+}
+
+/** The on-CPU breakdown from perf, by thread and by what the innermost telling frame belongs to. */
+function renderPerfProfile(r: Results): string[] {
+  const p = r.perfProfile;
+  if (!p) return [];
+  const out = ['### On the CPU only (Linux perf)', ''];
+  if ('unavailable' in p) {
+    out.push(`Not measured in this run: ${p.unavailable}.`, '');
+    return out;
+  }
+  out.push(`\`perf record -e cpu-clock -g\` on a broker of its own (started with \`--perf-basic-prof\` so perf can name JavaScript frames) during ${p.scenario}: P1's point. cpu-clock samples a thread only while it is on a core, so unlike the V8 profile above this is CPU time, of every thread of the broker process and of the kernel on its behalf. ${p.samples} samples; the broker process used ${fmt(p.brokerMsPerRequest, 3)} ms of CPU per request over the same bursts (schedstat). A main-thread sample counts for the innermost frame that tells where it is: the package of the innermost JavaScript frame (Node's own stream and timer code is charged to its caller), else GC or the JIT compiler, else the HTTP parser, else the event loop's own native and kernel work.`);
+  out.push('');
+  const rows = (thread: 'main' | 'helper') => p.categories.filter((c) => c.thread === thread);
+  const sum = (thread: 'main' | 'helper') => rows(thread).reduce((a, c) => a + c.share, 0);
+  const body: string[][] = [];
+  for (const [thread, label] of [['main', 'main thread (event loop)'], ['helper', 'other threads']] as const) {
+    body.push([`**${label}**`, `**${pct(sum(thread))}**`, `**${fmt(sum(thread) * p.brokerMsPerRequest, 3)}**`]);
+    for (const c of rows(thread)) body.push([`  ${c.name}`, pct(c.share), fmt(c.share * p.brokerMsPerRequest, 3)]);
+  }
+  out.push(table(['where', 'share of broker CPU', 'ms per request'], body));
+  out.push('');
   return out;
 }

@@ -14,6 +14,8 @@ export function renderIssuance(r: Results): string[] {
   out.push('- **Broker**: autocannon sends `POST /credentials` over HTTP/1.1 keep-alive connections; every request carries the next token from a pool of pre-signed RS256 JWTs with distinct `sub` claims (so no two in-flight requests share an identity and the policy\'s `max_active_leases` of 100,000 never trips). On top of the floor the broker does: HTTP parsing and Fastify routing/validation/serialisation, JWT verification (signature + claims, key from the cached JWKS), the policy lookup (a SELECT that rides in the floor\'s first round trip, `BEGIN; SELECT pg_advisory_xact_lock(…); SELECT … FROM broker.policies`) and evaluation, the pool checkout, metrics and two JSON log lines; its transaction goes in the same three round trips as the floor\'s (`withBatchedTransaction`). Latency is autocannon\'s per-request response time (float ms from its `response` event).');
   const s0 = m.settings as { burst?: number; repeats?: number; warmup?: number };
   out.push(`- **Bursts from a controlled role population.** On PostgreSQL 16+ each role statement a non-superuser runs still costs more as live issued roles pile up (see "Live issued roles" below), so a duration-bound run would partly measure how many roles earlier runs left behind. Every measurement is therefore a burst of ${s0.burst} credentials — the size of the "200 pods restart at once" case — starting with no issued roles; each level runs ${s0.repeats} such bursts per side, alternating floor and broker (floor first) so drift on the shared machine does not land on one side, issued roles dropped (as superuser) before each burst${s0.warmup ? `, after a ${s0.warmup}-credential warm-up per side` : ''}. Throughput = credentials ÷ summed burst time.`);
+  const s1 = m.settings as { jitWarmup?: number };
+  if (s1.jitWarmup) out.push(`- **Warm, as a broker that has been serving for a while.** Each freshly started broker first issues ${s1.jitWarmup} credentials at 16 clients (the floor as many before it, in this process), in chunks with the roles dropped after each: V8 keeps optimising a fresh broker's code for thousands of requests, on compiler threads that take their CPU from the same 2 cores (in a V8 code log of one broker here, TurboFan compilations ran at 35–60 per second in its first 8 s under load and at 1–2 per second after 20 s). The broker's CPU per request over the warm-up's chunks is given under each table.`);
   out.push('- CPU columns are milliseconds of CPU per issuance, from the scheduler\'s own accounting (/proc/<pid>/task/*/schedstat, summed over threads; the tick-sampled utime/stime of /proc/<pid>/stat lagged busy processes by whole bursts here): broker process / all PostgreSQL processes / bench process (autocannon or the floor\'s pg clients). The floor\'s figures leave out its logins, one per connection per burst (marks taken once its connections are open and before they close). With 2 cores, 2000 ÷ their sum is the throughput ceiling. "idle" is the share of both cores\' time that no process used during that side\'s bursts (/proc/stat idle + iowait), i.e. how far the side was from keeping the machine busy.');
   out.push('');
   for (const set of r.issuance) {
@@ -28,6 +30,10 @@ export function renderIssuance(r: Results): string[] {
       ]),
     ));
     out.push('');
+    if (set.warmup) {
+      out.push(`JIT warm-up before these runs (${set.warmup.requests} credentials at ${set.warmup.connections} clients, in chunks of ${set.warmup.chunk}): broker CPU per request ${set.warmup.brokerMsPerRequest.map((ms) => fmt(ms, 2)).join(' → ')} ms.`);
+      out.push('');
+    }
   }
   out.push(...renderThreadpool(r));
   return out;
@@ -38,7 +44,7 @@ function renderThreadpool(r: Results): string[] {
   const runs = r.threadpool;
   if (!runs?.length) return [];
   const out = ['### libuv pool size (UV_THREADPOOL_SIZE)', ''];
-  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool. Two brokers at the default iteration count, one with libuv\'s default pool of 4 threads and one with the Docker image\'s size, each warmed up and then measured against the floor at 16 clients as above, in turn; the floor keeps the image\'s size throughout. Ratios are per round.');
+  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool. Two brokers at the default iteration count, one with libuv\'s default pool of 4 threads and one with the Docker image\'s size, each warmed up as above and then measured against the floor at 16 clients as above, in turn; the floor keeps the image\'s size throughout. Ratios are per round.');
   out.push('');
   out.push(table(
     ['UV_THREADPOOL_SIZE (broker)', 'floor req/s', 'broker req/s', 'ratio broker/floor'],
