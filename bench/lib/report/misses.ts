@@ -34,7 +34,8 @@ function explain(t: Target, r: Results): string {
       const loopText = known(b.loopRun) && known(b.loopWait)
         ? ` Of the broker process's ${fmt(b.broker, 2)} ms, its event loop ran ${fmt(b.loopRun, 2)} ms (the rest is mostly the verifier's PBKDF2 on libuv's pool), and it waited ${fmt(b.loopWait, 2)} ms per credential for a core behind PostgreSQL's backends (/proc schedstat of its main thread), which shows in latency, not throughput.`
         : '';
-      const profile = busyProfile(r);
+      // P1's point is where the perf profile was taken; P1b's (tuned) is the V8 profile's.
+      const profile = (t.id === 'P1' && perfProfileText(r)) || busyProfile(r);
       return `the load generator, the broker and PostgreSQL share ${cpus} cores.${idleText} Per issuance the floor costs ${fmt(f.pg, 2)} ms of PostgreSQL CPU + ${fmt(f.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(f, cpus), 0)}/s); the broker path costs ${fmt(b.broker, 2)} ms in the broker process + ${fmt(b.pg, 2)} ms in PostgreSQL + ${fmt(b.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(b, cpus), 0)}/s): ${fmt(extra, 2)} ms more CPU per credential, of which ${fmt(b.broker - f.client, 2)} ms is the broker's own work beyond the floor client's (HTTP parsing and the response, JWT verification, Fastify routing and serialisation, the policy check, metrics and log lines, around the same pg and PBKDF2 work), ${fmt(b.pg - f.pg, 2)} ms PostgreSQL's, and ${fmt(b.client, 2)} ms the HTTP load generator's, which the floor does not need. The two ceilings give ${fmt(ceiling(b, cpus) / ceiling(f, cpus), 2)}× against the measured ${fmt(l.ratio, 2)}×${hi ? `; with 64 clients the ratio is ${fmt(hi.ratio, 2)}×` : ''}.${loopText}${profile ? ` ${profile}` : ''} On a machine where the broker and the load generator have their own cores, only the PostgreSQL column competes with the floor.`;
     }
     case 'P2': {
@@ -78,6 +79,16 @@ function explain(t: Target, r: Results): string {
     default:
       return '';
   }
+}
+
+/** The perf (on-CPU) profile in one sentence: where the broker process's CPU per request goes. */
+function perfProfileText(r: Results): string {
+  const p = r.perfProfile;
+  if (!p || 'unavailable' in p || p.samples === 0) return '';
+  const ms = (share: number) => fmt(share * p.brokerMsPerRequest, 3);
+  const part = (thread: 'main' | 'helper') => p.categories.filter((c) => c.thread === thread && c.share >= 0.005);
+  const sum = (thread: 'main' | 'helper') => p.categories.filter((c) => c.thread === thread).reduce((a, c) => a + c.share, 0);
+  return `On the CPU only (perf, a warmed-up broker at this point; "On the CPU only" below), the broker process used ${fmt(p.brokerMsPerRequest, 2)} ms per request: its event loop ${ms(sum('main'))} ms — ${part('main').map((c) => `${c.name} ${ms(c.share)}`).join(', ')} — and its other threads ${ms(sum('helper'))} ms — ${part('helper').map((c) => `${c.name} ${ms(c.share)}`).join(', ')}. The pg client's share and the PBKDF2 are work the floor's client does too; no single part of the rest is large enough to close the gap alone.`;
 }
 
 /** The broker profile as shares of its busy (non-idle) time. */
