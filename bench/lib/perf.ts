@@ -21,10 +21,10 @@ export interface PerfSummary {
 }
 
 /** perf's own version line, or why it cannot profile here (not installed, not permitted). */
-export function perfProblem(): string | null {
-  const version = spawnSync('perf', ['--version'], { encoding: 'utf8' });
+export function perfProblem(env: NodeJS.ProcessEnv = process.env): string | null {
+  const version = spawnSync('perf', ['--version'], { encoding: 'utf8', env });
   if (version.error || version.status !== 0) return `perf is not installed (${version.error?.message ?? version.stderr.trim()})`;
-  const probe = spawnSync('perf', ['stat', '-e', 'cpu-clock', '--', 'true'], { encoding: 'utf8' });
+  const probe = spawnSync('perf', ['stat', '-e', 'cpu-clock', '--', 'true'], { encoding: 'utf8', env });
   if (probe.status !== 0) return `perf may not sample here: ${probe.stderr.trim().split('\n')[0]}`;
   return null;
 }

@@ -35,7 +35,14 @@ export async function runPerfProfile(ctx: BenchContext): Promise<PerfProfile> {
     await jitWarmup(ctx, broker, DEFAULT_ITERATIONS, false);
     let requests = 0;
     let brokerMs = 0;
-    const recording = await PerfRecording.start(broker.pid, data);
+    let recording: PerfRecording;
+    try {
+      recording = await PerfRecording.start(broker.pid, data);
+    } catch (err) {
+      // perf installed but not allowed to attach (a container's seccomp, perf_event_paranoid).
+      log(`perf profile left out: ${(err as Error).message}`);
+      return { unavailable: `perf record could not attach: ${(err as Error).message.split('\n')[0]}` };
+    }
     try {
       for (let i = 0; i < SETTINGS.profileBursts; i++) {
         await dropIssuedRoles(pgs, 'runs');

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { summarizePerf } from '../../bench/lib/perf.js';
+import { spawnSync } from 'node:child_process';
+import { perfProblem, summarizePerf } from '../../bench/lib/perf.js';
 
 // Blocks as `perf script -F pid,tid,ip,sym` prints them: "pid/tid", then frames, innermost first.
 const sample = (pid: number, tid: number, ...frames: string[]) => `${pid}/${tid} \n${frames.map((f, i) => `\t    ${(0x1000 + i).toString(16)} ${f}`).join('\n')}\n`;
@@ -43,4 +44,11 @@ test('perf samples are charged to the thread and the innermost telling frame', (
 
 test('an empty recording summarises to nothing rather than dividing by zero', () => {
   assert.deepEqual(summarizePerf('', BROKER), { samples: 0, categories: [] });
+});
+
+test('without perf on the PATH the bench says so instead of failing', () => {
+  assert.match(perfProblem({ PATH: '/nonexistent' }) ?? '', /^perf is not installed/);
+  // Where perf is installed and may sample (this machine), the same check lets it run.
+  const sampling = spawnSync('perf', ['stat', '-e', 'cpu-clock', '--', 'true']).status === 0;
+  assert.equal(perfProblem() === null, sampling);
 });
