@@ -63,7 +63,7 @@ RUN chmod 0755 dist/pg-broker.mjs \
 # One libuv pool thread instead of four: the pool runs the verifiers' PBKDF2 back to back, and the
 # event loop, which every request passes through several times, competes with one busy thread
 # instead of four for the pod's CPU (the manifests give it 1). Measured on 2 cores at 16 clients:
-# 2-13 % more credentials/s over several runs ("libuv pool size" in bench/REPORT.md). DNS lookups share the pool and may queue behind a few PBKDF2 runs
+# 2-13 % more credentials/s over several runs ("Runtime settings" in bench/REPORT.md). DNS lookups share the pool and may queue behind a few PBKDF2 runs
 # (under 1 ms each at the default 4096 iterations). Raise it with the cores the broker gets.
 # The bench reads NODE_OPTIONS and UV_THREADPOOL_SIZE from here and runs its broker the same way.
 ENV HOST=0.0.0.0 \

@@ -80,7 +80,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
   app.setValidatorCompiler(validatorCompiler);
 
-  const pool = options.pool ?? createPool(config.databaseUrl, logger);
+  const pool = options.pool ?? createPool(config.databaseUrl, logger, config.dbPoolSize);
   app.decorate('config', config);
   app.decorate('db', pool);
   app.decorate('metrics', options.metrics ?? new Metrics());

@@ -108,10 +108,10 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.ok(size, 'the Dockerfile sets UV_THREADPOOL_SIZE');
     assert.equal(json.meta.threadpoolSize, size, 'the bench process ran with it');
     assert.ok(report.includes(`UV_THREADPOOL_SIZE=${size} as the broker`), 'the report says so');
-    // ...and compares the broker with libuv's default pool of 4 against the floor.
-    assert.deepEqual(json.threadpool.map((t: any) => t.size), ['4', size]);
+    // ...and compares the broker with libuv's default pool of 4, then other database pool sizes, against the floor.
+    assert.deepEqual(json.threadpool.map((t: any) => [t.size, t.dbPoolSize]), [['4', 10], [size, 10], [size, 5], [size, 16]]);
     for (const t of json.threadpool) for (const v of [t.floorRps, t.brokerRps, ...t.ratios]) assert.ok(Number.isFinite(v) && v > 0, JSON.stringify(t));
-    assert.match(report, /^### libuv pool size \(UV_THREADPOOL_SIZE\)$/m);
+    assert.match(report, /^### Runtime settings: libuv pool size and database pool size$/m);
   });
 
   test('warms each broker up before measuring it, and reports its CPU per request chunk by chunk', () => {

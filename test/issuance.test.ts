@@ -155,6 +155,25 @@ describe('POST /credentials', () => {
     assert.match(log, /LOGIN PASSWORD 'SCRAM-SHA-256\$16:[^']+' VALID UNTIL[^\n]*IN ROLE "doomed_group"/, 'the failed statement was logged, with a verifier only');
   });
 
+  test('BROKER_DB_POOL_SIZE bounds the connections a burst opens; every request is still served', async () => {
+    assert.equal((b.app.db as unknown as { options: { max: number } }).options.max, 10, 'the default');
+    const small = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { BROKER_DB_POOL_SIZE: '2' } });
+    try {
+      const pool = small.app.db as unknown as { options: { max: number }; totalCount: number };
+      assert.equal(pool.options.max, 2);
+      let most = 0;
+      const burst = Array.from({ length: 8 }, async (_, i) => {
+        const res = await small.issue(await small.token({ sub: `repo:octo-org/octo-repo:ref:refs/heads/pool-${i}` }));
+        most = Math.max(most, pool.totalCount);
+        return res.status;
+      });
+      assert.deepEqual(await Promise.all(burst), Array(8).fill(201));
+      assert.ok(most >= 1 && most <= 2, `at most 2 connections open, saw ${most}`);
+    } finally {
+      await small.close();
+    }
+  });
+
   test('every issued role has a lease row', async () => {
     const orphans = await b.pg.query(
       `SELECT r.rolname FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid JOIN pg_roles g ON g.oid = m.roleid

@@ -23,9 +23,11 @@ export interface CpuPerOp {
   loopWait?: number;
 }
 
-/** Issuance at 16 clients, default iterations, with the broker's libuv pool at `size` threads. */
+/** Issuance at 16 clients, default iterations, with the broker's libuv pool at `size` threads and its database pool at `dbPoolSize`. */
 export interface ThreadpoolRun {
   size: string;
+  /** BROKER_DB_POOL_SIZE; absent in older results, which ran the default of 10. */
+  dbPoolSize?: number;
   /** Means over the rounds. */
   floorRps: number;
   brokerRps: number;

@@ -45,6 +45,7 @@ describe('loadConfig: good values', () => {
     assert.ok(!('metricsPort' in c));
     assert.equal(c.rateLimitIp, 600);
     assert.equal(c.rateLimitIdentity, 120);
+    assert.equal(c.dbPoolSize, 10);
     assert.equal(c.host, '0.0.0.0');
     assert.equal(c.port, 8080);
     assert.equal(c.logLevel, 'info');
@@ -89,6 +90,7 @@ describe('loadConfig: good values', () => {
       BROKER_METRICS_PORT: '9464',
       BROKER_RATE_LIMIT_IP: '50',
       BROKER_RATE_LIMIT_IDENTITY: '5',
+      BROKER_DB_POOL_SIZE: '4',
       HOST: '127.0.0.1',
       PORT: ' 9000 ',
       LOG_LEVEL: 'debug',
@@ -102,6 +104,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.metricsPort, 9464);
     assert.equal(c.rateLimitIp, 50);
     assert.equal(c.rateLimitIdentity, 5);
+    assert.equal(c.dbPoolSize, 4);
     assert.equal(c.host, '127.0.0.1');
     assert.equal(c.port, 9000);
     assert.equal(c.logLevel, 'debug');
@@ -170,6 +173,9 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_REAPER_INTERVAL: '1e3' }, 'BROKER_REAPER_INTERVAL');
     rejects({ BROKER_RATE_LIMIT_IP: '0' }, 'BROKER_RATE_LIMIT_IP');
     rejects({ BROKER_RATE_LIMIT_IDENTITY: 'lots' }, 'BROKER_RATE_LIMIT_IDENTITY');
+    rejects({ BROKER_DB_POOL_SIZE: '0' }, 'BROKER_DB_POOL_SIZE');
+    rejects({ BROKER_DB_POOL_SIZE: '2.5' }, 'BROKER_DB_POOL_SIZE');
+    rejects({ BROKER_DB_POOL_SIZE: '1001' }, 'BROKER_DB_POOL_SIZE');
     rejects({ BROKER_SCRAM_ITERATIONS: '0' }, 'BROKER_SCRAM_ITERATIONS');
   });
 
