@@ -15,9 +15,10 @@ const DB_POOL_OTHERS = [5, 16];
 /**
  * The broker's runtime settings, one change at a time, for the broker only: libuv's default pool
  * of 4 threads against the Docker image's UV_THREADPOOL_SIZE, then, with the image's size, other
- * BROKER_DB_POOL_SIZE values against the default. Each broker runs at the default iteration count,
- * is warmed up, and is then compared with the floor at 16 clients, in turn (every other round in
- * reverse order), twice. The floor (this process) keeps the image's pool size throughout.
+ * BROKER_DB_POOL_SIZE values against the default. One broker at a time (an idle broker's pooled
+ * connections would still cost PostgreSQL CPU on every role created meanwhile): started at the
+ * default iteration count, warmed up, compared with the floor at 16 clients twice, closed. The
+ * floor (this process) keeps the image's libuv pool size throughout.
  */
 export async function runThreadpool(ctx: BenchContext): Promise<ThreadpoolRun[]> {
   const image = PRODUCTION_ENV.UV_THREADPOOL_SIZE || LIBUV_DEFAULT;
@@ -26,28 +27,25 @@ export async function runThreadpool(ctx: BenchContext): Promise<ThreadpoolRun[]>
     ...(image === LIBUV_DEFAULT ? [] : [{ size: image, dbPoolSize: DB_POOL_DEFAULT }]),
     ...DB_POOL_OTHERS.map((dbPoolSize) => ({ size: image, dbPoolSize })),
   ];
-  const brokers: BrokerChild[] = [];
-  try {
-    for (const arm of arms) {
-      brokers.push(await BrokerChild.start({ ...ctx.brokerEnv(DEFAULT_ITERATIONS), UV_THREADPOOL_SIZE: arm.size, BROKER_DB_POOL_SIZE: String(arm.dbPoolSize) }));
-    }
-    // The policy the issuance scenario stored is in the database already; the floor is warm from it.
-    for (const b of brokers) await jitWarmup(ctx, b, DEFAULT_ITERATIONS, false);
-    const runs: ThreadpoolRun[] = arms.map((arm) => ({ ...arm, floorRps: 0, brokerRps: 0, ratios: [] }));
-    const rounds = SETTINGS.repeats > 1 ? 2 : 1;
-    for (let round = 0; round < rounds; round++) {
-      const order = round % 2 === 0 ? [...brokers.keys()] : [...brokers.keys()].reverse();
-      for (const i of order) {
-        const { floor, broker } = await compare(ctx, brokers[i], DEFAULT_ITERATIONS, CONNECTIONS);
-        const run = runs[i];
+  const rounds = SETTINGS.repeats > 1 ? 2 : 1;
+  const runs: ThreadpoolRun[] = [];
+  for (const arm of arms) {
+    const b = await BrokerChild.start({ ...ctx.brokerEnv(DEFAULT_ITERATIONS), UV_THREADPOOL_SIZE: arm.size, BROKER_DB_POOL_SIZE: String(arm.dbPoolSize) });
+    try {
+      // The policy the issuance scenario stored is in the database already; the floor is warm from it.
+      await jitWarmup(ctx, b, DEFAULT_ITERATIONS, false);
+      const run: ThreadpoolRun = { ...arm, floorRps: 0, brokerRps: 0, ratios: [] };
+      for (let round = 0; round < rounds; round++) {
+        const { floor, broker } = await compare(ctx, b, DEFAULT_ITERATIONS, CONNECTIONS);
         run.ratios.push(broker.run.rps / floor.run.rps);
         run.floorRps += floor.run.rps / rounds;
         run.brokerRps += broker.run.rps / rounds;
         log(`UV_THREADPOOL_SIZE=${run.size} BROKER_DB_POOL_SIZE=${run.dbPoolSize}: floor ${floor.run.rps.toFixed(0)}/s, broker ${broker.run.rps.toFixed(0)}/s, ratio ${run.ratios.at(-1)!.toFixed(2)}`);
       }
+      runs.push(run);
+    } finally {
+      await b.close().catch(() => b.kill());
     }
-    return runs;
-  } finally {
-    for (const b of brokers) await b.close().catch(() => b.kill());
   }
+  return runs;
 }
