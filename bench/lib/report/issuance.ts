@@ -44,7 +44,7 @@ function renderThreadpool(r: Results): string[] {
   const runs = r.threadpool;
   if (!runs?.length) return [];
   const out = ['### Runtime settings: libuv pool size and database pool size', ''];
-  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool (UV_THREADPOOL_SIZE, 4 by default; the Docker image sets its own), and runs each issuance\'s transaction on one of BROKER_DB_POOL_SIZE connections (10 by default). Brokers at the default iteration count, with one setting changed at a time, one after the other (an idle broker\'s pooled connections would cost PostgreSQL CPU on every role created meanwhile): each started, warmed up as above, measured against the floor at 16 clients as above twice, and closed; the floor keeps the image\'s libuv pool size throughout. Ratios are per round.');
+  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool (UV_THREADPOOL_SIZE, 4 by default; the Docker image sets its own), and runs each issuance\'s transaction on one of BROKER_DB_POOL_SIZE connections (10 by default). Brokers at the default iteration count, with one setting changed at a time, one after the other (side by side, the same arms read lower in one run: an idle broker keeps its pooled connections open for 30 s, and every open backend has to absorb each new role\'s catalogue invalidations): each started, warmed up as above, measured against the floor at 16 clients as above twice, and closed; the floor keeps the image\'s libuv pool size throughout. Ratios are per round.');
   out.push('');
   out.push(table(
     ['UV_THREADPOOL_SIZE (broker)', 'BROKER_DB_POOL_SIZE', 'floor req/s', 'broker req/s', 'ratio broker/floor'],
