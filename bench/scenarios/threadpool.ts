@@ -16,7 +16,7 @@ const DB_POOL_OTHERS = [5, 16];
  * The broker's runtime settings, one change at a time, for the broker only: libuv's default pool
  * of 4 threads against the Docker image's UV_THREADPOOL_SIZE, then, with the image's size, other
  * BROKER_DB_POOL_SIZE values against the default. One broker at a time (side by side, some arms
- * read far lower; a broker idle for 30 s closes its pooled connections, and its next burst pays
+ * read lower; a broker idle for 30 s closes its pooled connections, and its next burst pays
  * for new logins and cold backends): started at the
  * default iteration count, warmed up, compared with the floor at 16 clients twice, closed. The
  * floor (this process) keeps the image's libuv pool size throughout.
