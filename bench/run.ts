@@ -9,8 +9,8 @@
  *                        (default: bench/baseline.json when present, except in quick mode)
  *   BENCH_PROFILE=0      skip the CPU profile of the broker
  *   BENCH_RENDER=file    only re-render the report from a saved results JSON
- *   BENCH_ONLY=a,b       run only these scenarios (issuance, reaping, threadpool, population,
- *                        profile, jwt, leases, startup); the others read "not measured"
+ *   BENCH_ONLY=a,b       run only these scenarios (issuance, reaping, threadpool, perf, population,
+ *                        profile, jwt, startup, pg15, leases); the others read "not measured"
  */
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -33,6 +33,7 @@ import { runJwt } from './scenarios/jwt.js';
 import { runLeaseListing } from './scenarios/leases.js';
 import { MemoryAt64 } from './scenarios/memory.js';
 import { runPerfProfile } from './scenarios/perf-profile.js';
+import { runOnPg15 } from './scenarios/pg15.js';
 import { runPopulation } from './scenarios/population.js';
 import { runProfile } from './scenarios/profile.js';
 import { runReaping } from './scenarios/reaping.js';
@@ -103,11 +104,12 @@ async function main(): Promise<void> {
     cleanups.unshift(() => issuer.close());
     const ctx = await createContext(pgs, pmPid, issuer, results);
 
-    const startBroker = async (iterations: number) => {
-      const b = await BrokerChild.start(ctx.brokerEnv(iterations));
+    const startBrokerWith = async (env: Record<string, string>) => {
+      const b = await BrokerChild.start(env);
       brokers.add(b);
       return b;
     };
+    const startBroker = (iterations: number) => startBrokerWith(ctx.brokerEnv(iterations));
     const stopBroker = async (b: BrokerChild) => {
       await b.close();
       brokers.delete(b);
@@ -146,6 +148,10 @@ async function main(): Promise<void> {
     await scenario(errors, 'jwt', () => runJwt(ctx, broker));
     // Before the million-row load, whose aftermath (checkpoints, autovacuum) would be timed too.
     await scenario(errors, 'startup', () => runStartup(ctx));
+    // A server of its own, so also before the million-row load's aftermath.
+    await scenario(errors, 'pg15', async () => {
+      results.pg15 = await runOnPg15(issuer, results, startBrokerWith, stopBroker);
+    });
     await scenario(errors, 'leases', async () => {
       results.leases = await runLeaseListing(pgs, broker, issuer, ctx.adminToken);
     });

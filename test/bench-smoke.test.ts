@@ -140,6 +140,23 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.match(report, /\| \*\*main thread \(event loop\)\*\* \| \*\*\d+ %\*\* \|/);
   });
 
+  test('repeats P1, P3 and P1b on PostgreSQL 15, or says why it could not', () => {
+    const p = json.pg15;
+    assert.ok(p, 'the pg15 scenario ran');
+    assert.match(report, /^### The same on PostgreSQL 15: P1, P3 and P1b$/m);
+    if ('unavailable' in p) {
+      assert.ok(report.includes(`Not measured in this run: ${p.unavailable}.`));
+      return;
+    }
+    assert.match(p.postgres, /^PostgreSQL 15\./);
+    assert.deepEqual(p.runs.map((x: any) => [x.iterations, x.level.connections]), json.issuance.map((s: any) => [s.iterations, 16]));
+    for (const { level: l } of p.runs) {
+      assert.ok(l.broker.ok > 0 && l.floor.ok > 0 && Number.isFinite(l.ratio), JSON.stringify(l));
+      assert.equal(l.broker.errors, 0, 'every credential request was answered 201');
+    }
+    assert.match(report, /^On PostgreSQL 15: P1 [\d.]+× \(target ≥ 0\.9×: (pass|miss)\), P3 [\d.]+× \(target ≥ 5×: (pass|miss);/m);
+  });
+
   test('shows the lease-listing query plans using an index', () => {
     assert.ok(json.leases.shapes.length > 0);
     for (const shape of json.leases.shapes) for (const plan of shape.plans) assert.ok(plan.indexUsed, `${shape.name}: ${plan.plan}`);

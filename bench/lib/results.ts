@@ -46,6 +46,11 @@ export interface JitWarmup {
   brokerMsPerRequest: number[];
 }
 
+/** P1, P3 and P1b's measurement (16 clients) on Debian's PostgreSQL 15, or why it was not taken. */
+export type Pg15Issuance =
+  | { unavailable: string }
+  | { postgres: string; runs: Array<{ iterations: number; level: IssuanceLevel; warmup?: JitWarmup }> };
+
 export interface IssuanceLevel {
   connections: number;
   floor: Run;
@@ -126,5 +131,6 @@ export interface Results {
   startup?: { entry?: Runtime; runsMs: number[]; medianMs: number; idleRssMb?: number; bundled?: StartupSeries; tsx?: StartupSeries };
   profile?: ProfileSummary & { scenario: string; file: string; requests: number };
   perfProfile?: PerfProfile;
+  pg15?: Pg15Issuance;
   errors: Record<string, string>;
 }

@@ -1,6 +1,7 @@
-import type { CpuPerOp, Results } from '../results.js';
+import type { Results } from '../results.js';
 import { fmt } from '../stats.js';
-import { table } from './markdown.js';
+import { cpuCell, table } from './markdown.js';
+import { renderPg15 } from './pg15.js';
 
 /** Issuance: POST /credentials vs the floor, one table per BROKER_SCRAM_ITERATIONS setting. */
 export function renderIssuance(r: Results): string[] {
@@ -36,6 +37,7 @@ export function renderIssuance(r: Results): string[] {
     }
   }
   out.push(...renderThreadpool(r));
+  out.push(...renderPg15(r));
   return out;
 }
 
@@ -52,10 +54,4 @@ function renderThreadpool(r: Results): string[] {
   ));
   out.push('');
   return out;
-}
-
-/** CPU ms per operation as a table cell: broker / PostgreSQL / client. */
-function cpuCell(c: CpuPerOp): string {
-  const idle = c.idle !== undefined && Number.isFinite(c.idle) ? ` (idle ${fmt(c.idle * 100, 0)} %)` : '';
-  return `${fmt(c.broker, 2)} / ${fmt(c.pg, 2)} / ${fmt(c.client, 2)}${idle}`;
 }

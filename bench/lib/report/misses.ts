@@ -1,5 +1,6 @@
-import type { CpuPerOp, Results } from '../results.js';
+import type { CpuPerOp, IssuanceLevel, Results } from '../results.js';
 import { fmt } from '../stats.js';
+import { pg15Targets } from './pg15.js';
 import type { Target } from './targets.js';
 
 /** Misses: each missed target, by how much, and a data-driven explanation of what is in the way. */
@@ -36,7 +37,8 @@ function explain(t: Target, r: Results): string {
         : '';
       // P1's point is where the perf profile was taken; P1b's (tuned) is the V8 profile's.
       const profile = (t.id === 'P1' && perfProfileText(r)) || busyProfile(r);
-      return `the load generator, the broker and PostgreSQL share ${cpus} cores.${idleText} Per issuance the floor costs ${fmt(f.pg, 2)} ms of PostgreSQL CPU + ${fmt(f.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(f, cpus), 0)}/s); the broker path costs ${fmt(b.broker, 2)} ms in the broker process + ${fmt(b.pg, 2)} ms in PostgreSQL + ${fmt(b.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(b, cpus), 0)}/s): ${fmt(extra, 2)} ms more CPU per credential, of which ${fmt(b.broker - f.client, 2)} ms is the broker's own work beyond the floor client's (HTTP parsing and the response, JWT verification, Fastify routing and serialisation, the policy check, metrics and log lines, around the same pg and PBKDF2 work), ${fmt(b.pg - f.pg, 2)} ms PostgreSQL's, and ${fmt(b.client, 2)} ms the HTTP load generator's, which the floor does not need. The two ceilings give ${fmt(ceiling(b, cpus) / ceiling(f, cpus), 2)}× against the measured ${fmt(l.ratio, 2)}×${hi ? `; with 64 clients the ratio is ${fmt(hi.ratio, 2)}×` : ''}.${loopText}${profile ? ` ${profile}` : ''} On a machine where the broker and the load generator have their own cores, only the PostgreSQL column competes with the floor.`;
+      const on15 = pg15Targets(r);
+      return `the load generator, the broker and PostgreSQL share ${cpus} cores.${idleText} Per issuance the floor costs ${fmt(f.pg, 2)} ms of PostgreSQL CPU + ${fmt(f.client, 2)} ms in its client (ceiling ≈ ${fmt(ceiling(f, cpus), 0)}/s); the broker path costs ${fmt(b.broker, 2)} ms in the broker process + ${fmt(b.pg, 2)} ms in PostgreSQL + ${fmt(b.client, 2)} ms in autocannon (ceiling ≈ ${fmt(ceiling(b, cpus), 0)}/s): ${fmt(extra, 2)} ms more CPU per credential, of which ${fmt(b.broker - f.client, 2)} ms is the broker's own work beyond the floor client's (HTTP parsing and the response, JWT verification, Fastify routing and serialisation, the policy check, metrics and log lines, around the same pg and PBKDF2 work), ${fmt(b.pg - f.pg, 2)} ms PostgreSQL's, and ${fmt(b.client, 2)} ms the HTTP load generator's, which the floor does not need. The two ceilings give ${fmt(ceiling(b, cpus) / ceiling(f, cpus), 2)}× against the measured ${fmt(l.ratio, 2)}×${hi ? `; with 64 clients the ratio is ${fmt(hi.ratio, 2)}×` : ''}.${loopText}${profile ? ` ${profile}` : ''} On a machine where the broker and the load generator have their own cores, only the PostgreSQL column competes with the floor.${on15 ? ` On PostgreSQL 15 in this run ("The same on PostgreSQL 15" above) it reads ${fmt(t.id === 'P1' ? on15.p1 : on15.p1b, 2)}×.` : ''}`;
     }
     case 'P2': {
       const l = lvl(0, 1);
@@ -48,7 +50,7 @@ function explain(t: Target, r: Results): string {
       if (!d || !tu) return 'not measured';
       const floorGain = tu.floor.rps / d.floor.rps;
       const ddl = r.ddl?.[0];
-      return `the floor itself gains ${fmt(floorGain, 1)}× (${fmt(d.floor.rps, 0)} → ${fmt(tu.floor.rps, 0)} /s), so no broker change can reach 5× here. Dropping PBKDF2 from 4096 iterations to 1 saves ${fmt(d.floorCpu.pg - tu.floorCpu.pg, 2)} ms of PostgreSQL CPU and ${fmt(d.floorCpu.client - tu.floorCpu.client, 2)} ms of client CPU per credential (PostgreSQL: ${fmt(d.floorCpu.pg, 2)} → ${fmt(tu.floorCpu.pg, 2)} ms): on this CPU (SHA extensions) 4096 iterations cost well under the ~7 ms PITFALLS measured, so they are a smaller share of the whole. What stays is the rest of a role's creation in PostgreSQL${ddl ? ` (${fmt(ddl.create, 2)} ms per CREATE ROLE transaction with no background roles)` : ''}, the lease and audit inserts, and the broker's own ${fmt(tu.brokerCpu.broker, 2)} ms and autocannon's ${fmt(tu.brokerCpu.client, 2)} ms per credential on the same ${cpus} cores. The 230/s → 3,250/s (14×) in PITFALLS was measured with pgbench on PostgreSQL 15, with a slower PBKDF2.`;
+      return `the floor itself gains ${fmt(floorGain, 1)}× (${fmt(d.floor.rps, 0)} → ${fmt(tu.floor.rps, 0)} /s), so no broker change can reach 5× here. Dropping PBKDF2 from 4096 iterations to 1 saves ${fmt(d.floorCpu.pg - tu.floorCpu.pg, 2)} ms of PostgreSQL CPU and ${fmt(d.floorCpu.client - tu.floorCpu.client, 2)} ms of client CPU per credential (PostgreSQL: ${fmt(d.floorCpu.pg, 2)} → ${fmt(tu.floorCpu.pg, 2)} ms): on this CPU (SHA extensions) 4096 iterations cost well under the ~7 ms PITFALLS measured, so they are a smaller share of the whole. What stays is the rest of a role's creation in PostgreSQL${ddl ? ` (${fmt(ddl.create, 2)} ms per CREATE ROLE transaction with no background roles)` : ''}, the lease and audit inserts, and the broker's own ${fmt(tu.brokerCpu.broker, 2)} ms and autocannon's ${fmt(tu.brokerCpu.client, 2)} ms per credential on the same ${cpus} cores. The 230/s → 3,250/s (14×) in PITFALLS was measured with pgbench on PostgreSQL 15, with a slower PBKDF2.${pg15Text(r, d)}`;
     }
     case 'P4': {
       const rp = r.reaping;
@@ -79,6 +81,13 @@ function explain(t: Target, r: Results): string {
     default:
       return '';
   }
+}
+
+/** P3 on PostgreSQL 15, from the same run, beside the embedded server's figures. */
+function pg15Text(r: Results, here: IssuanceLevel): string {
+  const s = pg15Targets(r);
+  if (!s) return '';
+  return ` On that server in this run ("The same on PostgreSQL 15" above), 4096 iterations cost ${fmt(s.d.floorCpu.pg, 2)} ms of PostgreSQL CPU per credential against ${fmt(here.floorCpu.pg, 2)} ms here, the floor gains ${fmt(s.floorGain, 1)}× and the broker ${fmt(s.p3, 1)}× (${s.p3 >= 5 ? 'which meets' : 'short of'} the 5× target).`;
 }
 
 /** The perf (on-CPU) profile in one sentence: where the broker process's CPU per request goes. */
