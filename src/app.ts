@@ -11,7 +11,7 @@ import { Metrics } from './metrics.js';
 import { prepareCreators } from './postgres/migrate.js';
 import { createPool } from './postgres/pool.js';
 import { installProblemHandler } from './problem.js';
-import { OneLinePerRequest } from './request-log.js';
+import { decorateLogNote, OneLinePerRequest } from './request-log.js';
 import auditRoutes from './routes/audit.js';
 import credentialRoutes from './routes/credentials.js';
 import healthRoutes from './routes/health.js';
@@ -101,6 +101,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   });
   if (!options.pool) app.addHook('onClose', async () => pool.end());
   app.addSchema(Problem);
+  decorateLogNote(app);
 
   installProblemHandler(app);
   await app.register(swagger, {

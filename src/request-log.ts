@@ -1,9 +1,26 @@
-import { LogController, type FastifyReply, type FastifyRequest } from 'fastify';
+import { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** What a route has to say about the request, written in its one log line instead of a line of its own. */
+    logNote: LogNote | null;
+  }
+}
+
+export interface LogNote {
+  msg: string;
+  fields: Record<string, unknown>;
+}
+
+export function decorateLogNote(app: FastifyInstance): void {
+  app.decorateRequest('logNote', null);
+}
 
 /**
  * One log line per request instead of Fastify's two ("incoming request" and "request
  * completed"): the completed line already carries the request id, method, path and status, and
- * logging costs measurable CPU per issuance (see bench/REPORT.md).
+ * logging costs measurable CPU per issuance (see bench/REPORT.md). A route's note (an issued
+ * lease, say) rides in the same line rather than a second one.
  */
 export class OneLinePerRequest extends LogController {
   override incomingRequest(): void {}
@@ -17,7 +34,9 @@ export class OneLinePerRequest extends LogController {
       ip: request.ip,
       responseTime: reply.elapsedTime,
     };
-    if (error) reply.log.error({ ...line, err: error }, 'request errored');
+    const note = request.logNote;
+    if (error) reply.log.error({ ...line, ...note?.fields, err: error }, 'request errored');
+    else if (note) reply.log.info({ ...line, ...note.fields }, note.msg);
     else reply.log.info(line, 'request completed');
   }
 }

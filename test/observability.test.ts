@@ -57,6 +57,10 @@ test('request logs carry request ids, and no token, password or connection passw
   const issued = lines.find((l) => l.msg === 'credential issued' && l.lease_id === res.body.lease_id);
   assert.ok(issued, 'issuance is logged');
   assert.ok(issued.reqId, 'with the request id');
+  // One line per request: the issuance rides in the request's own line, not a second one.
+  assert.equal(issued.path, '/credentials');
+  assert.equal(issued.status, 201);
+  assert.deepEqual(lines.filter((l) => l.reqId === issued.reqId).map((l) => l.msg), ['credential issued']);
   const all = b.logs.join('\n');
   assert.ok(!all.includes(token) && !all.includes(token.split('.')[2]));
   assert.ok(!all.includes(res.body.password));

@@ -22,6 +22,8 @@ export interface IssueDeps {
   /** Creator roles to create issued roles as (PostgreSQL 16+), [] to create them as the broker. */
   creators: string[];
   log: FastifyBaseLogger;
+  /** Receives what to log about an issued credential (the route puts it in the request's log line). */
+  noteIssued: (fields: Record<string, unknown>) => void;
 }
 
 export interface RequestContext {
@@ -137,7 +139,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       await attempt(creator);
     }
     const { chosen, ttl, expiresAt, maxExpiresAt } = issued!;
-    deps.log.info({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl }, 'credential issued');
+    deps.noteIssued({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl });
     const { publicPgHost: host, publicPgPort: port } = deps.config;
     return {
       lease_id: leaseId,

@@ -22,7 +22,10 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
       const stopTimer = app.metrics.issueSeconds.startTimer();
       try {
         const credential = await issueCredential(
-          { pool: app.db, config: app.config, creators: await app.roleCreators(), log: request.log },
+          {
+            pool: app.db, config: app.config, creators: await app.roleCreators(), log: request.log,
+            noteIssued: (fields) => (request.logNote = { msg: 'credential issued', fields }),
+          },
           requestContext(request),
           request.body ?? {},
         );
