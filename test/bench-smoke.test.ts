@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { readdirSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -18,9 +19,13 @@ let dir: string;
 let report = '';
 let json: any;
 let run: { code: number | null; signal: NodeJS.Signals | null; output: string };
+// V8 logs in the checkout (a profiling flag turns one on per process): none may be left behind.
+const v8Logs = () => readdirSync(ROOT).filter((f) => /^isolate-.*-v8\.log$/.test(f)).sort();
+let v8LogsBefore: string[] = [];
 
 before(async () => {
   dir = await mkdtemp(path.join(os.tmpdir(), 'pgcb-bench-'));
+  v8LogsBefore = v8Logs();
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) if (v !== undefined && !k.startsWith('NODE_TEST')) env[k] = v;
   run = await new Promise((resolve) => {
@@ -59,6 +64,7 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.ok(report.length > 0, 'REPORT.md was not written');
     assert.ok(json, 'REPORT.json was not written');
     assert.deepEqual(json.errors, {}, 'every scenario ran');
+    assert.deepEqual(v8Logs(), v8LogsBefore, 'no V8 log files left in the checkout');
   });
 
   test('has a target row for P1 to P7 with a numeric measurement and a verdict', () => {

@@ -8,7 +8,7 @@ import { log } from '../lib/log.js';
 import { PerfRecording, perfProblem, perfScript, summarizePerf } from '../lib/perf.js';
 import { dropIssuedRoles } from '../lib/population.js';
 import type { PerfProfile } from '../lib/results.js';
-import { DEFAULT_ITERATIONS, SETTINGS } from '../lib/settings.js';
+import { DEFAULT_ITERATIONS, ROOT, SETTINGS } from '../lib/settings.js';
 import type { BenchContext } from './context.js';
 import { jitWarmup } from './warmup.js';
 
@@ -66,7 +66,9 @@ export async function runPerfProfile(ctx: BenchContext): Promise<PerfProfile> {
     await broker.close().catch(() => broker.kill());
     fs.rmSync(data, { force: true });
     fs.rmSync(data + '.old', { force: true });
-    // --perf-basic-prof's symbol map, which V8 always writes to /tmp.
+    // --perf-basic-prof's symbol map, which V8 always writes to /tmp, and the V8 log the flag
+    // also turns on, written to the broker's working directory (the checkout).
     fs.rmSync(`/tmp/perf-${broker.pid}.map`, { force: true });
+    for (const f of fs.readdirSync(ROOT)) if (f.startsWith('isolate-') && f.endsWith(`-${broker.pid}-v8.log`)) fs.rmSync(path.join(ROOT, f), { force: true });
   }
 }
