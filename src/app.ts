@@ -67,6 +67,8 @@ function limitPerIdentity(app: FastifyInstance, max: number): void {
   };
 }
 
+const OPTIONAL_BODIES = [['/credentials', 'post'], ['/leases/{id}/renew', 'post']] as const;
+
 export async function buildApp(config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
   const app = Fastify({
@@ -115,6 +117,15 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
       },
       components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer', bearerFormat: 'JWT' } } },
       security: [{ bearer: [] }],
+    },
+    // @fastify/swagger marks every body required; these POSTs also take none (noBodyMeansNoOptions).
+    transformObject: (doc) => {
+      if (!('openapiObject' in doc)) return doc.swaggerObject;
+      for (const [path, method] of OPTIONAL_BODIES) {
+        const body = doc.openapiObject.paths?.[path]?.[method]?.requestBody;
+        if (body && !('$ref' in body)) body.required = false;
+      }
+      return doc.openapiObject;
     },
   });
   // Per client IP before anything else, so floods are refused before token verification.

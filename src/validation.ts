@@ -1,6 +1,6 @@
 import { Ajv, type Options } from 'ajv';
 import addFormats from 'ajv-formats';
-import type { FastifySchemaCompiler } from 'fastify';
+import type { FastifyRequest, FastifySchemaCompiler } from 'fastify';
 
 function makeAjv(options: Options): Ajv {
   const ajv = new Ajv({ removeAdditional: false, useDefaults: true, allErrors: false, strict: false, ...options });
@@ -15,3 +15,12 @@ const strict = makeAjv({ coerceTypes: false });
 
 export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, httpPart }) =>
   (httpPart === 'body' ? strict : coercing).compile(schema as object) as ReturnType<FastifySchemaCompiler<unknown>>;
+
+/**
+ * preValidation for POST routes whose body fields are all optional: a request that sends no
+ * body at all (`curl -X POST`, fetch without a body) asks for the defaults. A body that is sent,
+ * even `null` or an empty one labelled JSON, must still be a valid object.
+ */
+export async function noBodyMeansNoOptions(request: FastifyRequest): Promise<void> {
+  if (request.body === undefined) request.body = {};
+}

@@ -85,6 +85,19 @@ describe('POST /credentials', () => {
     }
   });
 
+  test('a request with no body at all is a request with no options (curl -X POST, fetch without body)', async () => {
+    const tok = await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/no-body' });
+    const res = await b.app.inject({ method: 'POST', url: '/credentials', headers: { authorization: `Bearer ${tok}` } });
+    assert.equal(res.statusCode, 201, res.body);
+    assert.equal(res.json().policy, 'ci-main');
+    // A body that says it is JSON must still be JSON.
+    const empty = await b.app.inject({ method: 'POST', url: '/credentials', headers: { authorization: `Bearer ${tok}`, 'content-type': 'application/json' }, payload: '' });
+    assert.equal(empty.statusCode, 400, empty.body);
+    assert.match(String(empty.headers['content-type']), /application\/problem\+json/);
+    const nul = await b.app.inject({ method: 'POST', url: '/credentials', headers: { authorization: `Bearer ${tok}`, 'content-type': 'application/json' }, payload: 'null' });
+    assert.equal(nul.statusCode, 400, nul.body);
+  });
+
   test('max_active_leases is enforced per subject: the fourth concurrent lease is a 429', async () => {
     const tok = await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/quota' });
     const results = await Promise.all([1, 2, 3, 4, 5].map(() => b.issue(tok)));

@@ -162,6 +162,18 @@ describe('renew', () => {
     assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.renewed', 'lease.renewed']);
   });
 
+  test('a renew with no body at all extends by the policy default_ttl', async () => {
+    const owner = await b.token({ sub: 'svc:renew-nobody' });
+    const cred = await issueOk('svc:renew-nobody', { ttl: 5 });
+    const before = Date.now();
+    const res = await b.app.inject({ method: 'POST', url: `/leases/${cred.lease_id}/renew`, headers: { authorization: `Bearer ${owner}` } });
+    assert.equal(res.statusCode, 200, res.body);
+    // default_ttl is 60 s: well past the 5 s the lease was issued with.
+    const expires = new Date(res.json().expires_at).getTime();
+    assert.ok(expires >= before + 59_000 && expires <= Date.now() + 61_000, res.json().expires_at);
+    assert.equal(await validUntil(cred.username), res.json().expires_at);
+  });
+
   test('an ended lease cannot be renewed: 409, whether revoked or merely past its expiry', async () => {
     const owner = await b.token({ sub: 'svc:renew-ended' });
     const revoked = await issueOk('svc:renew-ended', { ttl: 60 });

@@ -18,4 +18,8 @@ test('the document describes the contract routes with snake_case fields', async 
   const credential = doc.paths['/credentials'].post.responses['201'].content['application/json'].schema;
   assert.deepEqual(Object.keys(credential.properties).sort(), ['database', 'expires_at', 'grant_role', 'host', 'lease_id', 'max_expires_at', 'password', 'policy', 'port', 'uri', 'username']);
   assert.ok(doc.paths['/credentials'].post.responses['403'], 'denials are documented');
+  // Both take no body at all as "no options"; a body is still required where it carries the request.
+  assert.equal(doc.paths['/credentials'].post.requestBody.required, false);
+  assert.equal(doc.paths['/leases/{id}/renew'].post.requestBody.required, false);
+  assert.equal(doc.paths['/leases/revoke'].post.requestBody.required, true);
 });

@@ -4,6 +4,7 @@ import { issueCredential, IssueDenied } from '../leases/issue.js';
 import { problemResponses } from '../schemas/common.js';
 import { Credential, CredentialRequest } from '../schemas/lease.js';
 import { requestContext } from './context.js';
+import { noBodyMeansNoOptions } from '../validation.js';
 
 export default async function credentialRoutes(fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
@@ -16,6 +17,7 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
         body: CredentialRequest,
         response: { 201: Credential, ...problemResponses(400, 401, 403, 409, 429, 503) },
       },
+      preValidation: noBodyMeansNoOptions,
       preHandler: app.authenticate,
     },
     async (request, reply) => {

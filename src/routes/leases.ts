@@ -7,6 +7,7 @@ import { awaitEnded, revokeNow, type FinishDeps } from '../leases/revoke.js';
 import { problemResponses } from '../schemas/common.js';
 import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest } from '../schemas/lease.js';
 import { requestContext } from './context.js';
+import { noBodyMeansNoOptions } from '../validation.js';
 
 /** Owners see their own leases; admins see all; everyone else gets the same 404 as for a missing id. */
 export function visibleTo(request: FastifyRequest, lease: Lease | null): Lease {
@@ -125,6 +126,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         body: RenewRequest,
         response: { 200: LeaseSchema, ...problemResponses(400, 401, 404, 409, 503) },
       },
+      preValidation: noBodyMeansNoOptions,
       preHandler: app.authenticate,
     },
     async (request) => {
