@@ -35,13 +35,17 @@ test('/metrics parses as Prometheus text and the issued and denied counters move
   assert.equal((await b.issue(await b.token({ sub: 'nobody' }))).status, 403);
   assert.equal((await b.issue(await b.token({ sub: 'obs:ok2' }), { ttl: 999_999 })).status, 400);
   assert.equal((await b.issue(await b.token({ sub: 'obs:ok3', aud: 'someone-else' }))).status, 401);
+  // A policy name the caller made up never becomes a label (one time series per request would
+  // grow without bound); the name of the policy that admitted the token, as above, does.
+  assert.equal((await b.issue(await b.token({ sub: 'obs:ok4' }), { policy: 'made-up-name-1' })).status, 403);
   const afterScrape = await scrape();
+  assert.ok(![...afterScrape.keys()].some((k) => k.includes('made-up-name-1')), 'no series for a made-up policy name');
   const delta = (name: string) => (afterScrape.get(name) ?? 0) - (before.get(name) ?? 0);
   assert.equal(delta('broker_credentials_issued_total{policy="obs"}'), 1);
-  assert.equal(delta('broker_credentials_denied_total{policy="",reason="no_policy"}'), 1);
+  assert.equal(delta('broker_credentials_denied_total{policy="",reason="no_policy"}'), 2);
   assert.equal(delta('broker_credentials_denied_total{policy="obs",reason="ttl_too_long"}'), 1);
   assert.equal(delta('broker_credentials_denied_total{policy="",reason="invalid_token"}'), 1);
-  assert.equal(delta('broker_issue_duration_seconds_count'), 3, 'the histogram times requests that reached issuance');
+  assert.equal(delta('broker_issue_duration_seconds_count'), 4, 'the histogram times requests that reached issuance');
   for (const name of ['broker_active_leases', 'broker_reaper_lag_seconds', 'broker_reaper_failures_total', 'broker_leases_revoked_total', 'broker_leases_expired_total']) {
     assert.ok(afterScrape.has(name), `${name} is exported`);
   }

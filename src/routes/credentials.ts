@@ -36,7 +36,10 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
         return reply.code(201).send(credential);
       } catch (err) {
         const denial = (err as { denial?: IssueDenied }).denial;
-        app.metrics.denied.inc({ policy: denial?.policy ?? '', reason: denial?.reason ?? 'error' });
+        // A no_policy denial's name is whatever the caller asked for: as a label it would add a
+        // time series per made-up name. The other denials name the policy that admitted the token.
+        const policy = denial && denial.reason !== 'no_policy' ? denial.policy ?? '' : '';
+        app.metrics.denied.inc({ policy, reason: denial?.reason ?? 'error' });
         throw err;
       } finally {
         stopTimer();
