@@ -135,6 +135,9 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     timeWindow: 60_000,
     hook: 'onRequest',
     allowList: (request) => PROBE_PATHS.has(request.url.split('?')[0]),
+    // Our catalogue error, so the answer carries code RATE_LIMITED like the per-identity limit's.
+    errorResponseBuilder: (_request, context) =>
+      new Errors.RateLimited(`More than ${context.max} requests a minute from this address; retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`),
   });
   await app.register(authPlugin, { config, onFetchError: (issuer) => app.metrics.jwksFetchErrors.inc({ issuer }) });
   limitPerIdentity(app, config.rateLimitIdentity);

@@ -35,6 +35,8 @@ test('one client IP gets BROKER_RATE_LIMIT_IP requests a minute before authentic
   const limited = await b.app.inject({ method: 'GET', url: '/leases', remoteAddress: '192.0.2.7' });
   assert.ok(Number(limited.headers['retry-after']) > 0);
   assert.match(String(limited.headers['content-type']), /problem\+json/);
+  assert.equal(limited.json().code, 'RATE_LIMITED', 'the same code as the per-identity limit');
+  assert.match(limited.json().detail, /^More than 40 requests a minute from this address; retry in \d+ s$/);
   assert.equal((await b.app.inject({ method: 'GET', url: '/healthz', remoteAddress: '192.0.2.7' })).statusCode, 200);
   assert.equal((await b.app.inject({ method: 'GET', url: '/leases', remoteAddress: '192.0.2.8' })).statusCode, 401, 'another IP is not limited');
 });
