@@ -9,8 +9,9 @@
  *                        (default: bench/baseline.json when present, except in quick mode)
  *   BENCH_PROFILE=0      skip the CPU profile of the broker
  *   BENCH_RENDER=file    only re-render the report from a saved results JSON
- *   BENCH_ONLY=a,b       run only these scenarios (issuance, reaping, threadpool, perf, population,
- *                        profile, jwt, startup, pg15, leases); the others read "not measured"
+ *   BENCH_ONLY=a,b       run only these scenarios (issuance, reaping, threadpool, perf, memory,
+ *                        population, profile, jwt, startup, pg15, leases); the others read
+ *                        "not measured"
  */
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -31,7 +32,7 @@ import { createContext } from './scenarios/context.js';
 import { runIssuance } from './scenarios/issuance.js';
 import { runJwt } from './scenarios/jwt.js';
 import { runLeaseListing } from './scenarios/leases.js';
-import { MemoryAt64 } from './scenarios/memory.js';
+import { MemoryAt64, withoutOldSpaceCap } from './scenarios/memory.js';
 import { runPerfProfile } from './scenarios/perf-profile.js';
 import { runOnPg15 } from './scenarios/pg15.js';
 import { runPopulation } from './scenarios/population.js';
@@ -141,6 +142,19 @@ async function main(): Promise<void> {
     log(`broker with BROKER_SCRAM_ITERATIONS=${TUNED_ITERATIONS}`);
     broker = await startBroker(TUNED_ITERATIONS);
     await scenario(errors, 'issuance (tuned)', () => runIssuance(ctx, broker, TUNED_ITERATIONS, memory));
+    // At the tuned setting, where the broker allocates fastest; then the same without the image's
+    // old-generation cap, on a broker of its own.
+    await scenario(errors, 'memory', async () => {
+      await memory.sustain(ctx, broker, PRODUCTION_ENV.NODE_OPTIONS);
+      const uncapped = withoutOldSpaceCap(PRODUCTION_ENV.NODE_OPTIONS);
+      if (uncapped === PRODUCTION_ENV.NODE_OPTIONS) return;
+      const b = await startBrokerWith({ ...ctx.brokerEnv(TUNED_ITERATIONS), NODE_OPTIONS: uncapped });
+      try {
+        await memory.sustain(ctx, b, uncapped);
+      } finally {
+        await stopBroker(b);
+      }
+    });
     memory.writeTo(results);
 
     await scenario(errors, 'population', () => runPopulation(ctx, broker));

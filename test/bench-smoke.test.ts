@@ -163,6 +163,20 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.match(report, /^On PostgreSQL 15: P1 [\d.]+× \(target ≥ 0\.9×: (pass|miss)\), P3 [\d.]+× \(target ≥ 5×: (pass|miss);/m);
   });
 
+  test('samples RSS over a sustained 64-client run, with and without the image\'s old-generation cap', async () => {
+    const dockerfile = await readFile(path.join(ROOT, 'Dockerfile'), 'utf8');
+    const nodeOptions = /^\s*NODE_OPTIONS="([^"]*)"/m.exec(dockerfile)?.[1];
+    assert.ok(nodeOptions?.includes('--max-old-space-size='), 'the image caps the old generation');
+    const sustained = json.memory.sustained;
+    assert.deepEqual(sustained.map((x: any) => x.nodeOptions), [nodeOptions, nodeOptions!.replace(/\s*--max-old-space-size=\d+/, '').trim()]);
+    for (const x of sustained) {
+      assert.ok(x.credentials > 0 && x.errors === 0 && x.maxRssMb > 0 && x.after.rss > 0, JSON.stringify(x));
+    }
+    // P6 counts the capped (image) run, and the 64-client issuance runs.
+    assert.equal(json.memory.maxRssMbAt64, Math.max(...json.memory.perRun, sustained[0].maxRssMb));
+    assert.match(report, /^\| `--max-semi-space-size=\d+ --max-old-space-size=\d+` \| \d+ \| \d+ \| \d+ \| \d+ \| \d+ \(\d+\) \|$/m);
+  });
+
   test('shows the lease-listing query plans using an index', () => {
     assert.ok(json.leases.shapes.length > 0);
     for (const shape of json.leases.shapes) for (const plan of shape.plans) assert.ok(plan.indexUsed, `${shape.name}: ${plan.plan}`);

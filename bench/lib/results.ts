@@ -51,6 +51,24 @@ export type Pg15Issuance =
   | { unavailable: string }
   | { postgres: string; runs: Array<{ iterations: number; level: IssuanceLevel; warmup?: JitWarmup }> };
 
+export interface MemoryUsage {
+  rss: number;
+  heapTotal: number;
+  heapUsed: number;
+  external: number;
+  arrayBuffers: number;
+}
+
+/** A long run at 64 clients, RSS sampled throughout; `after` read when it ended. */
+export interface SustainedMemory {
+  nodeOptions: string;
+  credentials: number;
+  errors: number;
+  seconds: number;
+  maxRssMb: number;
+  after: MemoryUsage;
+}
+
 export interface IssuanceLevel {
   connections: number;
   floor: Run;
@@ -123,7 +141,8 @@ export interface Results {
   leases?: { rows: number; loadSeconds: number; requests: number; failures: number; latency: Summary; shapes: LeaseShape[] };
   jwt?: Array<{ alg: string; connections: number; run: Run; cpu: CpuPerOp }>;
   threadpool?: ThreadpoolRun[];
-  memory?: { maxRssMbAt64: number; perRun: number[]; usage?: Array<{ rss: number; heapTotal: number; heapUsed: number; external: number; arrayBuffers: number }> };
+  /** maxRssMbAt64: P6, over the 64-client issuance runs and the first sustained run (the image's settings). */
+  memory?: { maxRssMbAt64: number; perRun: number[]; usage?: MemoryUsage[]; sustained?: SustainedMemory[] };
   /**
    * `entry`: what the target figures time; absent in older results, which timed bin/pg-broker.js
    * through tsx and measured the compiled CLI only as `bundled`. Newer results put tsx in `tsx`.
