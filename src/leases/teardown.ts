@@ -1,4 +1,5 @@
 import pg from 'pg';
+import { parseIntoClientConfig } from 'pg-connection-string';
 import type { FastifyBaseLogger } from 'fastify';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
 import { withBatchedTransaction } from '../postgres/pool.js';
@@ -25,10 +26,13 @@ export type TeardownResult = Map<string, string | null>;
 // survives, because a session outlives DROP ROLE and could then no longer be found by name.
 const TERMINATE_WAIT_MS = 5000;
 
-function urlForDatabase(databaseUrl: string, database: string): string {
-  const url = new URL(databaseUrl);
-  url.pathname = `/${encodeURIComponent(database)}`;
-  return url.toString();
+/**
+ * The broker's connection settings, in another database. Parsed as pg parses DATABASE_URL, so
+ * libpq's socket form (`postgres://broker@/broker?host=/run/postgresql`), which WHATWG URL
+ * refuses, works here as it does for the pool.
+ */
+export function clientConfigForDatabase(databaseUrl: string, database: string): pg.ClientConfig {
+  return { ...(parseIntoClientConfig(databaseUrl) as pg.ClientConfig), database };
 }
 
 function describe(err: unknown): string {
@@ -38,7 +42,7 @@ function describe(err: unknown): string {
 }
 
 async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
-  const client = new pg.Client({ connectionString: urlForDatabase(deps.databaseUrl, database), application_name: 'pg-credential-broker reaper' });
+  const client = new pg.Client({ ...clientConfigForDatabase(deps.databaseUrl, database), application_name: 'pg-credential-broker reaper' });
   client.on('error', () => undefined);
   await client.connect();
   try {
