@@ -230,6 +230,9 @@ describe('orphans', () => {
     // A member nobody gave the broker ADMIN on: it cannot drop it and must not stall on it.
     await su('CREATE ROLE orphan_foreign LOGIN IN ROLE credential_broker_managed');
     await su('CREATE ROLE bystander LOGIN');
+    // Privileged members the broker never issues: never taken for orphans, whatever ADMIN it holds.
+    await su('CREATE ROLE member_replication LOGIN REPLICATION IN ROLE credential_broker_managed ADMIN broker');
+    await su('CREATE ROLE member_bypassrls LOGIN BYPASSRLS IN ROLE credential_broker_managed ADMIN broker');
     await su('CREATE ROLE marker_admin NOLOGIN');
     await su('GRANT credential_broker_managed TO marker_admin WITH ADMIN OPTION');
     const live = (await b1.issue(await b1.token({ sub: 'rep:orphan-neighbour' }), { ttl: 300 })).body;
@@ -261,7 +264,7 @@ describe('orphans', () => {
     const [staleEvent] = await b1.pg.query(`SELECT detail->>'reassigned_to' AS target FROM broker.audit_events WHERE type = 'role.orphan_dropped' AND username = $1`, [stale.username]);
     assert.equal(staleEvent.target, 'app_readers');
 
-    for (const role of ['broker', 'bystander', 'marker_admin', 'credential_broker_managed', live.username]) {
+    for (const role of ['broker', 'bystander', 'marker_admin', 'credential_broker_managed', 'member_replication', 'member_bypassrls', live.username]) {
       assert.equal(await roleExists(b1.pg, role), true, role);
     }
     assert.equal(await loginError(b1.pg, live), undefined, 'a leased role is not an orphan');

@@ -104,11 +104,13 @@ export async function databaseExists(client: Queryable, database: string): Promi
 /**
  * SQL condition: the pg_roles row `alias` is a role this deployment issued, i.e. a plain member
  * of the marker role named by parameter `param`. On PG 16+ the broker itself is a member of the
- * marker role it created (with ADMIN OPTION), so ADMIN members, the current user and any
- * privileged role are excluded: the reaper must never be able to drop them.
+ * marker role it created (with ADMIN OPTION), so ADMIN members, the current user and any role
+ * with SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS (none of which the broker ever issues) are
+ * excluded: the reaper must never be able to drop them.
  */
 export function issuedRoleCondition(alias: string, param: string): string {
   return `EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
                    WHERE m.member = ${alias}.oid AND g.rolname = ${param} AND NOT m.admin_option)
-          AND ${alias}.rolname <> current_user AND NOT ${alias}.rolsuper AND NOT ${alias}.rolcreaterole`;
+          AND ${alias}.rolname <> current_user AND NOT ${alias}.rolsuper AND NOT ${alias}.rolcreaterole
+          AND NOT ${alias}.rolreplication AND NOT ${alias}.rolbypassrls`;
 }
