@@ -28,6 +28,7 @@ function bearerChallenge(description: string): string {
 
 /** Turns every error into RFC 9457 problem+json; 5xx details stay in the log. */
 export function installProblemHandler(app: FastifyInstance): void {
+  app.decorateRequest('audited', false);
   app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'NOT_FOUND', `No route for ${request.method} ${request.url.split('?')[0]}`));
 
   app.setErrorHandler(async (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
@@ -63,8 +64,34 @@ export function installProblemHandler(app: FastifyInstance): void {
     if (status === 429 && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
     // Errors of our catalogue and of Fastify itself (body too large, bad JSON) carry safe texts.
     const code = error.code?.startsWith('FST_') ? fastifyCode(status) : (error.code ?? 'ERROR');
+    // A verified caller refused (not an admin, rate-limited, not their lease, an ended lease)
+    // leaves an audit event like every other denial, unless the route recorded its own.
+    if (request.identity && !request.audited) await auditDenied(app, request, status, code);
     return sendProblem(reply, status, code, error.message);
   });
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Set by a route that recorded its own audit event for this request's failure. */
+    audited: boolean;
+  }
+}
+
+async function auditDenied(app: FastifyInstance, request: FastifyRequest, status: number, code: string): Promise<void> {
+  try {
+    await recordAudit(app.db, {
+      type: 'request.denied',
+      issuer: request.identity!.issuer,
+      subject: request.identity!.subject,
+      reason: code,
+      request_id: String(request.id),
+      client_ip: request.ip,
+      detail: { method: request.method, path: request.url.split('?')[0], status },
+    });
+  } catch (err) {
+    request.log.warn({ err: { message: (err as Error).message } }, 'could not record audit event');
+  }
 }
 
 // Data exceptions PostgreSQL raises for values that came from the request as bind parameters: NUL

@@ -71,6 +71,42 @@ test('request logs carry request ids, and no token, password or connection passw
   assert.ok(!all.includes(decodeURIComponent(new URL(b.config.databaseUrl).password)));
 });
 
+test('every refusal of a verified caller leaves one audit event with its issuer and subject', async () => {
+  const call = async (method: string, url: string, token: string, payload?: Record<string, unknown>) => {
+    const res = await b.app.inject({ method: method as 'POST', url, headers: { authorization: `Bearer ${token}` }, payload });
+    return { status: res.statusCode, body: res.json(), requestId: res.json().request_id as string | undefined };
+  };
+  const events = (requestId: string) =>
+    b.pg.query('SELECT type, issuer, subject, reason, detail FROM broker.audit_events WHERE request_id = $1', [requestId]);
+  const user = await b.token({ sub: 'obs:audited' });
+  const owner = await b.token({ sub: 'obs:owner' });
+  const lease = (await b.issue(owner)).body;
+
+  const refusals = [
+    { req: await call('POST', '/leases/revoke', user, { subject: 'obs:owner' }), status: 403, reason: 'NOT_ADMIN' },
+    { req: await call('POST', `/leases/${lease.lease_id}/renew`, user, { ttl: 60 }), status: 404, reason: 'LEASE_NOT_FOUND' },
+    { req: await call('PUT', '/policies/obs-nope', user, { issuer: b.issuer.issuer, claims: { sub: 'x' }, grant_role: 'app_readers', database: b.pg.database }), status: 403, reason: 'NOT_ADMIN' },
+  ];
+  for (const { req, status, reason } of refusals) {
+    assert.equal(req.status, status, JSON.stringify(req.body));
+    const rows = await events(req.body.request_id);
+    assert.equal(rows.length, 1, JSON.stringify(rows));
+    assert.deepEqual({ ...rows[0], detail: undefined }, { type: 'request.denied', issuer: b.issuer.issuer, subject: 'obs:audited', reason, detail: undefined });
+    assert.equal(rows[0].detail.status, status);
+  }
+  // An issuance denial is recorded once, by issuance itself.
+  const denied = await call('POST', '/credentials', user, { policy: 'made-up-name-2' });
+  assert.equal(denied.status, 403);
+  assert.deepEqual((await events(denied.body.request_id)).map((e) => e.type), ['credential.denied']);
+  // The same requests by those allowed to make them succeed, and leave no denial.
+  const renewed = await call('POST', `/leases/${lease.lease_id}/renew`, owner, { ttl: 60 });
+  assert.equal(renewed.status, 200, JSON.stringify(renewed.body));
+  const revoked = await call('POST', '/leases/revoke', await b.adminToken(), { subject: 'obs:owner' });
+  assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+  const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.audit_events WHERE type = 'request.denied' AND subject <> 'obs:audited'`);
+  assert.equal(n, 0);
+});
+
 test('the logger censors secrets wherever they appear in a log object', () => {
   const out: string[] = [];
   const log = createLogger('info', { write: (l: string) => void out.push(l) });
