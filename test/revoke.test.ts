@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { CLAIM_SECONDS, finishLeases, markRevoking, renewClaim, type EndingLease } from '../src/leases/revoke.js';
 import { scramVerifier } from '../src/postgres/scram.js';
 import {
   ADMIN_SUB, api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
@@ -177,6 +178,37 @@ describe('POST /leases/revoke', () => {
     const ok = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-erin' });
     assert.equal(ok.status, 200);
     assert.deepEqual(ok.body, { revoked: 1, lease_ids: [victim.lease_id] });
+  });
+});
+
+describe('a long bulk revocation', () => {
+  test('renews its claim batch by batch and leaves a lease a reaper took over after a lapse to it', async () => {
+    const creds = [await issueOk('user:claim-a'), await issueOk('user:claim-b'), await issueOk('user:claim-c')];
+    const ids = creds.map((c) => c.lease_id);
+    const marked = await markRevoking(b.app.db, { subject: 'user:claim-a' }, 'test', 'revoked');
+    // Two more, marked by the same statement as a bulk revoke would, then one taken over by "another
+    // claimer" after the claim lapsed; the third still ours, its claim about to run out.
+    const more = await b.app.db.query<EndingLease>(
+      `UPDATE broker.leases l SET state = 'revoking', ended_at = now(), ended_by = 'test', end_reason = 'revoked',
+              next_attempt_at = now() + interval '1 second', claimed_by_pid = pg_backend_pid()
+        WHERE id = ANY($1::uuid[]) RETURNING l.id, l.username, l.grant_role, l.end_reason, l.issuer, l.subject, l.policy, l.attempts, l.claimed_by_pid`,
+      [ids.slice(1)]);
+    const all = [...marked, ...more.rows];
+    assert.equal(all.length, 3);
+    await b.pg.query('UPDATE broker.leases SET claimed_by_pid = -1 WHERE id = $1', [ids[1]]);
+    const kept = await renewClaim(b.app.db, all);
+    assert.deepEqual(kept.map((l) => l.id).sort(), [ids[0], ids[2]].sort(), 'the taken-over lease is left out');
+    const rows = await b.pg.query<{ id: string; left: number; claimed_by_pid: number }>(
+      `SELECT id, extract(epoch FROM next_attempt_at - now())::float8 AS left, claimed_by_pid FROM broker.leases WHERE id = ANY($1::uuid[])`, [ids]);
+    for (const r of rows) {
+      if (r.id === ids[1]) assert.equal(r.claimed_by_pid, -1, 'not stolen back');
+      else assert.ok(r.left > CLAIM_SECONDS - 10, `claim renewed: ${r.left} s left`);
+    }
+    // Finish what is ours, and hand the other back to the reaper as a lapsed claim would.
+    await finishLeases({ pool: b.app.db, databaseUrl: b.config.databaseUrl, log: b.app.log, retryBaseSeconds: 1, managedRole: b.config.managedRole }, kept);
+    await b.pg.query('UPDATE broker.leases SET claimed_by_pid = NULL, next_attempt_at = now() WHERE id = $1', [ids[1]]);
+    await b.reaper.reap({ requireLeadership: false });
+    for (const c of creds) assert.equal(await roleExists(b.pg, c.username), false, c.username);
   });
 });
 

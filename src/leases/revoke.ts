@@ -19,6 +19,8 @@ export interface EndingLease {
   subject: string;
   policy: string;
   attempts: number;
+  /** The backend that holds the claim, as of the statement that returned the lease. */
+  claimed_by_pid: number | null;
 }
 
 export interface EndFilter {
@@ -43,7 +45,7 @@ export interface Actor {
 const CLAIM_LAPSED = `(l.next_attempt_at IS NULL OR l.next_attempt_at <= now()
   OR (l.claimed_by_pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.claimed_by_pid)))`;
 
-const ENDING_COLUMNS = ['id', 'username', 'grant_role', 'end_reason', 'issuer', 'subject', 'policy', 'attempts'].map((c) => `l.${c}`).join(', ');
+const ENDING_COLUMNS = ['id', 'username', 'grant_role', 'end_reason', 'issuer', 'subject', 'policy', 'attempts', 'claimed_by_pid'].map((c) => `l.${c}`).join(', ');
 
 /**
  * Step one of any revocation, committed on its own: the matching active leases now read
@@ -205,7 +207,27 @@ export async function revokeNow(
   const errors = new Map<string, string | null>();
   // Batches bound the locks one DROP ROLE takes (max_locks_per_transaction).
   for (let i = 0; i < leases.length; i += TEARDOWN_BATCH) {
-    for (const [name, error] of await finishLeases(deps, leases.slice(i, i + TEARDOWN_BATCH), actor)) errors.set(name, error);
+    // A long bulk revoke can outlast the claim markRevoking took; renewed batch by batch, the
+    // claim holds while we work, and what a reaper took over after a lapse is left to it.
+    const batch = await renewClaim(deps.pool, leases.slice(i, i + TEARDOWN_BATCH));
+    for (const [name, error] of await finishLeases(deps, batch, actor)) errors.set(name, error);
   }
   return { leases, errors };
+}
+
+/**
+ * Extends the claim on leases this caller claimed (still ending, still claimed by the same
+ * backend) by CLAIM_SECONDS from now; returns those, leaving out any another claimer has taken.
+ */
+export async function renewClaim(db: Queryable, leases: EndingLease[]): Promise<EndingLease[]> {
+  if (leases.length === 0) return leases;
+  const { rows } = await db.query<{ id: string }>(
+    `UPDATE broker.leases l SET next_attempt_at = now() + make_interval(secs => $2), claimed_by_pid = pg_backend_pid()
+      FROM unnest($1::uuid[], $3::int[]) AS mine(id, pid)
+      WHERE l.id = mine.id AND l.state IN ('revoking', 'revoke_failed') AND l.claimed_by_pid = mine.pid
+      RETURNING l.id`,
+    [leases.map((l) => l.id), CLAIM_SECONDS, leases.map((l) => l.claimed_by_pid)],
+  );
+  const kept = new Set(rows.map((r) => r.id));
+  return leases.filter((l) => kept.has(l.id));
 }
