@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
+import { identityLockKey, LEASE_COLUMNS } from '../src/leases/repository.js';
 import { CLAIM_SECONDS, finishLeases, markRevoking, renewClaim, type EndingLease } from '../src/leases/revoke.js';
 import { scramVerifier } from '../src/postgres/scram.js';
 import {
@@ -157,6 +158,34 @@ describe('POST /leases/revoke', () => {
     assert.deepEqual(narrowed.body, { revoked: 1, lease_ids: [dave[1].lease_id] });
     assert.equal((await leaseRow(b.pg, dave[0].lease_id)).state, 'active');
     assert.equal(await loginError(b.pg, dave[1]), '28P01');
+  });
+
+  test('a credential being issued to the subject at that moment is revoked too, not left behind', async () => {
+    const first = await issueOk('user:bulk-race');
+    // Stand in for an issuance mid-transaction: its identity lock held, its lease not committed yet.
+    const issuing = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/postgres$/, '/broker') });
+    issuing.on('error', () => undefined);
+    await issuing.connect();
+    try {
+      await issuing.query('BEGIN');
+      await issuing.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, 'user:bulk-race')]);
+      const revoking = api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-race' });
+      await waitFor('the revocation to wait on the issuance lock', async () => (await b.pg.query(
+        `SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' AND pid <> pg_backend_pid()`)).length > 0);
+      const cols = LEASE_COLUMNS.split(',').map((c) => c.trim());
+      const [late] = (await issuing.query(
+        `INSERT INTO broker.leases (${cols.join(', ')})
+         SELECT ${cols.map((c) => (c === 'id' ? 'gen_random_uuid()' : c === 'username' ? `username || '_late'` : c)).join(', ')}
+           FROM broker.leases WHERE id = $1 RETURNING id`, [first.lease_id])).rows;
+      await issuing.query('COMMIT');
+      const res = await revoking;
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.deepEqual([...res.body.lease_ids].sort(), [first.lease_id, late.id].sort());
+      assert.equal((await leaseRow(b.pg, late.id)).state, 'revoked');
+    } finally {
+      await issuing.end();
+    }
+    assert.equal(await roleExists(b.pg, first.username), false);
   });
 
   test('needs an admin (403) and at least one of subject, issuer or policy (400)', async () => {

@@ -1,6 +1,8 @@
 import { auditJson, insertAuditFromJson, recordAudit } from '../audit/repository.js';
 import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
+import { withTransaction } from '../postgres/pool.js';
+import { identityLockKey } from './repository.js';
 import { teardownRoles, type TeardownDeps } from './teardown.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
@@ -196,13 +198,34 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
 }
 
 /**
+ * The per-identity issuance locks a revocation by subject waits on: that subject under the named
+ * issuer, or under every allowed issuer. Sorted, so two revocations take them in the same order.
+ * An issuer- or policy-wide revocation cannot name its identities beforehand and takes none.
+ */
+function identityLockKeys(filter: EndFilter, issuers: string[]): string[] {
+  const subject = filter.subject;
+  if (subject === undefined || filter.id !== undefined) return [];
+  const under = filter.issuer !== undefined ? [filter.issuer] : issuers;
+  return [...new Set(under)].sort().map((issuer) => identityLockKey(issuer, subject));
+}
+
+/**
  * Synchronous revocation for the API: mark, tear down, record. With `includeEnding`, a lease whose
  * teardown is already under way (single id only) is finished now too. Returns the outcome per lease.
  */
 export async function revokeNow(
-  deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string, options: { includeEnding?: boolean } = {},
+  deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string, options: { includeEnding?: boolean; issuers?: string[] } = {},
 ): Promise<{ leases: EndingLease[]; errors: Map<string, string | null> }> {
-  let leases = await markRevoking(deps.pool, filter, `${actor.issuer} ${actor.subject}`, reason);
+  const endedBy = `${actor.issuer} ${actor.subject}`;
+  const keys = identityLockKeys(filter, options.issuers ?? []);
+  let leases = keys.length === 0
+    ? await markRevoking(deps.pool, filter, endedBy, reason)
+    : await withTransaction(deps.pool, async (client) => {
+      // Issuance holds this lock from its first statement to COMMIT: taking it first means a
+      // credential being issued to the subject right now is committed, and revoked, here.
+      await client.query('SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k', [keys]);
+      return markRevoking(client, filter, endedBy, reason);
+    });
   if (leases.length === 0 && options.includeEnding && filter.id !== undefined) leases = await claimEnded(deps.pool, filter.id);
   const errors = new Map<string, string | null>();
   // Batches bound the locks one DROP ROLE takes (max_locks_per_transaction).

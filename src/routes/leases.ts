@@ -110,7 +110,9 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       }
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation');
+      const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
+        issuers: app.config.issuers.map((i) => i.issuer),
+      });
       if ([...errors.values()].some((e) => e !== null)) throw new Errors.RevokeIncomplete();
       return { revoked: leases.length, lease_ids: leases.map((l) => l.id) };
     },
