@@ -5,6 +5,13 @@ import { validatePatterns } from './policy/match.js';
 // Role names must be plain identifiers: they reach DDL through escapeIdentifier, and
 // PostgreSQL reserves the pg_ prefix for its own roles.
 const RoleName = Type.String({ pattern: '^(?!pg_)[a-z_][a-z0-9_]{0,58}$' });
+
+/** BROKER_MANAGED_ROLE for commands that need no other setting (`pg-broker migrate`), checked as loadConfig checks it. */
+export function managedRoleFrom(env: NodeJS.ProcessEnv): string {
+  const value = env.BROKER_MANAGED_ROLE?.trim() || 'credential_broker_managed';
+  if (!Value.Check(RoleName, value)) throw new ConfigError('BROKER_MANAGED_ROLE', hint('managedRole', '', 'to match'));
+  return value;
+}
 const Url = Type.String({ pattern: '^https?://[^\\s]+$' });
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const Port = Type.Integer({ minimum: 1, maximum: 65535 });

@@ -207,5 +207,9 @@ ${extra}`;
     const serve = await cli(['serve'], { DATABASE_URL: '' });
     assert.equal(serve.code, 1);
     assert.equal(serve.stderr.trim(), 'pg-broker: configuration error: DATABASE_URL: is required');
+    // migrate checks the marker role name as serve does, before it touches the database.
+    const badRole = await cli(['migrate'], { DATABASE_URL: 'postgres://broker@127.0.0.1:1/broker', BROKER_MANAGED_ROLE: 'Managed' });
+    assert.equal(badRole.code, 1);
+    assert.match(badRole.stderr.trim(), /^pg-broker: configuration error: BROKER_MANAGED_ROLE: must be a lowercase identifier/);
   });
 });

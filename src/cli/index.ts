@@ -1,5 +1,5 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { ConfigError, loadConfig } from '../config.js';
+import { ConfigError, loadConfig, managedRoleFrom } from '../config.js';
 import { createLogger } from '../logger.js';
 import { migrate } from '../postgres/migrate.js';
 import { CliError } from './client.js';
@@ -50,7 +50,7 @@ export function buildCli(): Command {
     .action(async () => {
       const url = process.env.DATABASE_URL?.trim();
       if (!url) throw new ConfigError('DATABASE_URL', 'is required');
-      const managed = process.env.BROKER_MANAGED_ROLE?.trim() || 'credential_broker_managed';
+      const managed = managedRoleFrom(process.env);
       const { applied } = await migrate(url, managed, createLogger(process.env.LOG_LEVEL?.trim() || 'warn'));
       console.log(applied.length ? `applied ${applied.join(', ')}` : 'database is up to date');
     });

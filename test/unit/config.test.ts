@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { audienceFor, ConfigError, loadConfig } from '../../src/config.js';
+import { audienceFor, ConfigError, loadConfig, managedRoleFrom } from '../../src/config.js';
 
 const SECRET = 's3cr3t-pw';
 const GOOD: Record<string, string> = {
@@ -195,4 +195,12 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     const err = rejects({ PORT: 'x' }, 'PORT');
     assert.equal(err.name, 'ConfigError');
   });
+});
+
+test('BROKER_MANAGED_ROLE alone is checked as loadConfig checks it (pg-broker migrate)', () => {
+  assert.equal(managedRoleFrom({}), 'credential_broker_managed');
+  assert.equal(managedRoleFrom({ BROKER_MANAGED_ROLE: ' team_a_managed ' }), 'team_a_managed');
+  for (const bad of ['Managed', 'pg_managed', 'a-b', 'x'.repeat(60)]) {
+    assert.throws(() => managedRoleFrom({ BROKER_MANAGED_ROLE: bad }), (e: unknown) => e instanceof ConfigError && e.variable === 'BROKER_MANAGED_ROLE', bad);
+  }
 });
