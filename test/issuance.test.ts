@@ -109,6 +109,18 @@ describe('POST /credentials', () => {
     assert.equal(other.status, 201, 'another subject is not affected');
   });
 
+  test('a lease past its expiry no longer counts against max_active_leases, reaped or not', async () => {
+    const tok = await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/quota-expired' });
+    const short = await Promise.all([1, 2, 3].map(() => b.issue(tok, { ttl: 1 })));
+    assert.deepEqual(short.map((r) => r.status), [201, 201, 201]);
+    assert.equal((await b.issue(tok)).status, 429, 'three live leases fill the quota');
+    await sleep(Math.max(0, new Date(short[2].body.expires_at).getTime() - Date.now()) + 50);
+    // No reaper runs in this test broker: the rows still read active.
+    const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.leases WHERE subject = $1 AND state = 'active'`, ['repo:octo-org/octo-repo:ref:refs/heads/quota-expired']);
+    assert.equal(n, 3);
+    assert.equal((await b.issue(tok)).status, 201);
+  });
+
   test('no matching policy is 403 and leaves a denial audit event; two matches need a name (409)', async () => {
     const stranger = await b.issue(await b.token({ sub: 'repo:evil/repo:ref:refs/heads/main' }));
     assert.equal(stranger.status, 403);

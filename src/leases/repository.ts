@@ -61,7 +61,7 @@ export async function insertLeaseWithinQuota(db: Queryable, lease: NewLease, max
     name: 'broker_insert_lease_within_quota',
     text: `WITH live AS (
        SELECT count(*) AS n FROM broker.leases
-        WHERE issuer = $6 AND subject = $7 AND policy = $3 AND state IN ('pending', 'active')
+        WHERE issuer = $6 AND subject = $7 AND policy = $3 AND state IN ('pending', 'active') AND expires_at > now()
      ), lease AS (
        INSERT INTO broker.leases (id, username, policy, grant_role, database, issuer, subject, claims, state,
                                   expires_at, max_expires_at, client_ip, user_agent, request_id)
