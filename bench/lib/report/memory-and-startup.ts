@@ -25,7 +25,7 @@ export function renderMemoryAndStartup(r: Results): string[] {
     }
     const sustained = r.memory.sustained ?? [];
     if (sustained.length) {
-      out.push(`- Sustained: ${fmt(sustained[0].credentials, 0)} credentials at 64 clients and the tuned setting (where the broker allocates fastest), in chunks of ${fmt(SUSTAINED_CHUNK(r), 0)} with the issued roles dropped after each, RSS sampled throughout; P6 is the largest of these maxima and the 64-client runs' above. The second row, if any, is a broker of its own without the image's old-generation cap, for comparison.`);
+      out.push(`- Sustained: ${fmt(sustained[0].credentials, 0)} credentials at 64 clients and the tuned setting (where the broker allocates fastest), in chunks of ${fmt(SUSTAINED_CHUNK(r), 0)} with the issued roles dropped after each, RSS sampled throughout; P6 is the largest of these maxima and the 64-client runs' above. The second row, if any, is a broker of its own without the image's old-generation cap, for comparison of memory (started fresh, without the JIT warm-up, so its credentials/s says nothing about the cap's cost: paired runs put that at about 0.05 ms of broker CPU per credential).`);
       out.push('');
       out.push(table(
         ['NODE_OPTIONS', 'credentials', 'credentials/s', 'max RSS MB', 'RSS after MB', 'V8 heap after MB (used)'],
