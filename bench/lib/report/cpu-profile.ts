@@ -1,6 +1,6 @@
 import type { Results } from '../results.js';
 import { fmt } from '../stats.js';
-import { pct, table } from './markdown.js';
+import { notMeasured, pct, table } from './markdown.js';
 
 /** Where the broker's CPU goes: the V8 CPU profile by package and by function (only when profiled). */
 export function renderCpuProfile(r: Results): string[] {
@@ -24,11 +24,9 @@ export function renderCpuProfile(r: Results): string[] {
 function renderPerfProfile(r: Results): string[] {
   const p = r.perfProfile;
   if (!p) return [];
-  const out = ['### On the CPU only (Linux perf)', ''];
-  if ('unavailable' in p) {
-    out.push(`Not measured in this run: ${p.unavailable}.`, '');
-    return out;
-  }
+  const heading = '### On the CPU only (Linux perf)';
+  if ('unavailable' in p) return notMeasured(heading, p.unavailable);
+  const out = [heading, ''];
   out.push(`\`perf record -e cpu-clock -g\` on a broker of its own (started with \`--perf-basic-prof\` so perf can name JavaScript frames) during ${p.scenario}: P1's point. cpu-clock samples a thread only while it is on a core, so unlike the V8 profile above this is CPU time, of every thread of the broker process and of the kernel on its behalf. ${p.samples} samples; the broker process used ${fmt(p.brokerMsPerRequest, 3)} ms of CPU per request over the same bursts (schedstat). A main-thread sample counts for the innermost frame that tells where it is: the package of the innermost JavaScript frame (Node's own stream and timer code is charged to its caller), else GC or the JIT compiler, else the HTTP parser, else the event loop's own native and kernel work.`);
   out.push('');
   const rows = (thread: 'main' | 'helper') => p.categories.filter((c) => c.thread === thread);

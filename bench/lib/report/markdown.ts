@@ -14,3 +14,8 @@ export function cpuCell(c: CpuPerOp): string {
   const idle = c.idle !== undefined && Number.isFinite(c.idle) ? ` (idle ${fmt(c.idle * 100, 0)} %)` : '';
   return `${fmt(c.broker, 2)} / ${fmt(c.pg, 2)} / ${fmt(c.client, 2)}${idle}`;
 }
+
+/** A report section that was not measured in this run: its heading and the reason. */
+export function notMeasured(heading: string, reason: string): string[] {
+  return [heading, '', `Not measured in this run: ${reason}.`, ''];
+}

@@ -1,6 +1,6 @@
 import type { IssuanceLevel, Results } from '../results.js';
 import { fmt } from '../stats.js';
-import { cpuCell, table } from './markdown.js';
+import { cpuCell, notMeasured, table } from './markdown.js';
 
 /** P1, P3 and P1b read at 16 clients on PostgreSQL 15, when that run took place. */
 export function pg15Targets(r: Results): { p1: number; p3: number; p1b: number; floorGain: number; d: IssuanceLevel; t: IssuanceLevel } | undefined {
@@ -18,11 +18,9 @@ const verdict = (ok: boolean) => (ok ? 'pass' : 'miss');
 export function renderPg15(r: Results): string[] {
   const p = r.pg15;
   if (!p) return [];
-  const out = ['### The same on PostgreSQL 15: P1, P3 and P1b', ''];
-  if ('unavailable' in p) {
-    out.push(`Not measured in this run: ${p.unavailable}.`, '');
-    return out;
-  }
+  const heading = '### The same on PostgreSQL 15: P1, P3 and P1b';
+  if ('unavailable' in p) return notMeasured(heading, p.unavailable);
+  const out = [heading, ''];
   const s = pg15Targets(r);
   out.push(`PITFALLS' floor figures (230/s at 4096 iterations and 3,250/s at 1, 16 clients: 14×) come from pgbench on PostgreSQL 15. This is the 16-client measurement above, repeated on Debian's server (${p.postgres.replace(/ on x86_64.*$/, '')}), started by the same test helper with the same flags, as a server of its own (the embedded one sits idle meanwhile): a fresh broker per iteration count, warmed up as above, then floor and broker bursts in turn. On 15, CREATE ROLE's PBKDF2 costs more and CREATEROLE skips the membership checks of 16+ (the broker creates roles as itself, with no creator roles), so the verifier setting is a larger share of each credential.`);
   out.push('');
