@@ -63,7 +63,7 @@ RUN chmod 0755 dist/pg-broker.mjs \
 # A 256 MB old generation instead of V8's default of several GB: with a large limit V8 lets the
 # heap grow under sustained load (RSS 165-210 MB over 50,000 credentials, most at 64 clients),
 # with this one it stays near 115 MB, for about 0.05 ms more CPU per credential in more frequent
-# collections. The broker's live heap is 30-50 MB under load; should a log ever show "JavaScript
+# collections. The broker's live heap is about 30-40 MB under load; should a log ever show "JavaScript
 # heap out of memory", raise the limit.
 # One libuv pool thread instead of four: the pool runs the verifiers' PBKDF2 back to back, and the
 # event loop, which every request passes through several times, competes with one busy thread
