@@ -8,6 +8,7 @@ import type { Config } from './config.js';
 import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
 import { Metrics } from './metrics.js';
+import { GrantRoleGuard } from './postgres/grant-guard.js';
 import { prepareCreators } from './postgres/migrate.js';
 import { createPool } from './postgres/pool.js';
 import { installProblemHandler } from './problem.js';
@@ -29,6 +30,8 @@ declare module 'fastify' {
     brokerRole(): Promise<string>;
     /** The creator roles issued roles are created as (PostgreSQL 16+), [] on 15. */
     roleCreators(): Promise<string[]>;
+    /** Whether each policy's grant_role is still safe to hand out, re-checked at issuance. */
+    grantRoles: GrantRoleGuard;
   }
 }
 
@@ -101,6 +104,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     });
     return creators;
   });
+  app.decorate('grantRoles', new GrantRoleGuard(config.managedRole, config.grantRecheckSeconds * 1000));
   if (!options.pool) app.addHook('onClose', async () => pool.end());
   app.addSchema(Problem);
   decorateLogNote(app);

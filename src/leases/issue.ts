@@ -9,6 +9,7 @@ import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { readClaim } from '../policy/match.js';
 import { enabledPoliciesSql, policyRows, type Policy } from '../policy/repository.js';
 import { grantToCreators, pickCreator } from '../postgres/creators.js';
+import type { GrantRoleGuard } from '../postgres/grant-guard.js';
 import { withBatchedTransaction } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
 import { createRoleSql } from '../postgres/roles.js';
@@ -21,6 +22,7 @@ export interface IssueDeps {
   config: Config;
   /** Creator roles to create issued roles as (PostgreSQL 16+), [] to create them as the broker. */
   creators: string[];
+  grantRoles: GrantRoleGuard;
   log: FastifyBaseLogger;
   /** Receives what to log about an issued credential (the route puts it in the request's log line). */
   noteIssued: (fields: Record<string, unknown>) => void;
@@ -38,7 +40,7 @@ export interface IssueRequest {
   ttl?: number;
 }
 
-export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded';
+export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded' | 'grant_role_unsafe';
 
 export class IssueDenied extends Error {
   constructor(readonly reason: DenialReason, readonly policy: string | null, readonly error: Error) {
@@ -103,6 +105,12 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       const ttl = body.ttl ?? chosen.default_ttl;
       if (ttl > chosen.max_ttl) {
         throw new IssueDenied('ttl_too_long', chosen.name, new Errors.BadRequest(`ttl ${ttl} exceeds the policy max_ttl of ${chosen.max_ttl} seconds`));
+      }
+      const unsafe = await deps.grantRoles.problem(client, chosen.grant_role);
+      if (unsafe) {
+        deps.log.warn({ policy: chosen.name, grant_role: chosen.grant_role, problem: unsafe }, 'policy grant_role is no longer safe to hand out; issuance refused');
+        throw new IssueDenied('grant_role_unsafe', chosen.name, new Errors.UnsafeGrantRole(
+          `Policy ${chosen.name} cannot issue credentials until an admin fixes it: ${unsafe}`));
       }
       const now = Date.now();
       const expiresAt = wholeSecondAfter(now + ttl * 1000);

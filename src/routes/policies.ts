@@ -25,6 +25,8 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     const maxTtl = input.max_ttl ?? POLICY_DEFAULTS.max_ttl;
     if (defaultTtl > maxTtl) return `default_ttl (${defaultTtl}) must not exceed max_ttl (${maxTtl})`;
     const role = await grantRoleProblem(app.db, input.grant_role, app.config.managedRole);
+    // Fresh news for issuance too, which otherwise trusts its last answer for a while.
+    app.grantRoles.remember(input.grant_role, role);
     if (role) return role;
     // 16+ only: on 15 CREATEROLE alone may grant any non-superuser role.
     if ((await app.roleCreators()).length > 0 && !(await brokerHoldsAdmin(app.db, input.grant_role))) {

@@ -40,6 +40,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.publicPgHost, 'db.internal');
     assert.equal(c.publicPgPort, 5433);
     assert.equal(c.reaperIntervalSeconds, 10);
+    assert.equal(c.grantRecheckSeconds, 60);
     assert.equal(c.managedRole, 'credential_broker_managed');
     assert.equal(c.metricsPort, undefined);
     assert.ok(!('metricsPort' in c));
@@ -86,6 +87,7 @@ describe('loadConfig: good values', () => {
       BROKER_PUBLIC_PG_HOST: 'pg.example.com',
       BROKER_PUBLIC_PG_PORT: '6432',
       BROKER_REAPER_INTERVAL: '3',
+      BROKER_GRANT_RECHECK_INTERVAL: '0',
       BROKER_MANAGED_ROLE: 'broker_prod_managed',
       BROKER_METRICS_PORT: '9464',
       BROKER_RATE_LIMIT_IP: '50',
@@ -100,6 +102,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.publicPgHost, 'pg.example.com');
     assert.equal(c.publicPgPort, 6432);
     assert.equal(c.reaperIntervalSeconds, 3);
+    assert.equal(c.grantRecheckSeconds, 0);
     assert.equal(c.managedRole, 'broker_prod_managed');
     assert.equal(c.metricsPort, 9464);
     assert.equal(c.rateLimitIp, 50);
@@ -171,6 +174,8 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_METRICS_PORT: '8080' }, 'BROKER_METRICS_PORT', /PORT/);
     rejects({ BROKER_REAPER_INTERVAL: '0' }, 'BROKER_REAPER_INTERVAL');
     rejects({ BROKER_REAPER_INTERVAL: '1e3' }, 'BROKER_REAPER_INTERVAL');
+    rejects({ BROKER_GRANT_RECHECK_INTERVAL: '-1' }, 'BROKER_GRANT_RECHECK_INTERVAL');
+    rejects({ BROKER_GRANT_RECHECK_INTERVAL: '3601' }, 'BROKER_GRANT_RECHECK_INTERVAL');
     rejects({ BROKER_RATE_LIMIT_IP: '0' }, 'BROKER_RATE_LIMIT_IP');
     rejects({ BROKER_RATE_LIMIT_IDENTITY: 'lots' }, 'BROKER_RATE_LIMIT_IDENTITY');
     rejects({ BROKER_DB_POOL_SIZE: '0' }, 'BROKER_DB_POOL_SIZE');

@@ -1,0 +1,89 @@
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { GrantRoleGuard } from '../src/postgres/grant-guard.js';
+import { startTestBroker, type TestBroker } from './helpers/broker.js';
+import { addGroupRole } from './helpers/postgres.js';
+
+// PUT /policies refuses an unsafe grant_role; these tests cover a group that becomes unsafe
+// after its policy was stored.
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_GRANT_RECHECK_INTERVAL: '0' } });
+  await addGroupRole(b.pg, 'gr_group');
+  await b.putPolicy('gr', { claims: { sub: 'gr:*' }, grant_role: 'gr_group' });
+});
+after(async () => b?.close());
+
+const deniedMetric = async () => {
+  const res = await b.app.inject({ method: 'GET', url: '/metrics' });
+  const line = res.body.split('\n').find((l) => l.startsWith('broker_credentials_denied_total{policy="gr",reason="grant_role_unsafe"}'));
+  return line ? Number(line.split(' ').pop()) : 0;
+};
+
+test('a group granted a predefined role after its policy was stored issues nothing until it is fixed', async () => {
+  const ok = await b.issue(await b.token({ sub: 'gr:before' }));
+  assert.equal(ok.status, 201, JSON.stringify(ok.body));
+
+  await b.pg.query('GRANT pg_read_server_files TO gr_group', [], 'postgres');
+  try {
+    const refused = await b.issue(await b.token({ sub: 'gr:during' }));
+    assert.equal(refused.status, 403, JSON.stringify(refused.body));
+    assert.equal(refused.body.code, 'GRANT_ROLE_UNSAFE');
+    assert.match(refused.body.detail, /Policy gr .*grant_role gr_group inherits from pg_read_server_files, which is a predefined PostgreSQL role/);
+    // Nothing was created for the refused request; the refusal is audited, counted and logged.
+    assert.deepEqual(await b.pg.query(`SELECT 1 FROM broker.leases WHERE subject = 'gr:during'`), []);
+    assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname LIKE 'lease_gr_during%'`), []);
+    const [audit] = await b.pg.query(`SELECT type, policy, reason FROM broker.audit_events WHERE subject = 'gr:during'`);
+    assert.deepEqual(audit, { type: 'credential.denied', policy: 'gr', reason: 'grant_role_unsafe' });
+    assert.equal(await deniedMetric(), 1);
+    assert.ok(b.logs.some((l) => l.includes('issuance refused') && l.includes('pg_read_server_files')), 'a warning names the problem');
+  } finally {
+    await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');
+  }
+
+  const again = await b.issue(await b.token({ sub: 'gr:after' }));
+  assert.equal(again.status, 201, JSON.stringify(again.body));
+});
+
+test('the answer is kept for the interval, and a fresh check replaces it', async () => {
+  const client = new pg.Client({ connectionString: b.pg.brokerUrl });
+  await client.connect();
+  let now = 1_000_000;
+  const guard = new GrantRoleGuard(b.config.managedRole, 60_000, () => now);
+  try {
+    assert.equal(await guard.problem(client, 'gr_group'), null);
+    await b.pg.query('GRANT pg_read_server_files TO gr_group', [], 'postgres');
+    now += 59_999;
+    assert.equal(await guard.problem(client, 'gr_group'), null, 'still within the interval');
+    now += 1;
+    assert.match(String(await guard.problem(client, 'gr_group')), /inherits from pg_read_server_files/);
+    await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');
+    assert.match(String(await guard.problem(client, 'gr_group')), /pg_read_server_files/, 'the unsafe answer is kept too');
+    guard.remember('gr_group', null);
+    assert.equal(await guard.problem(client, 'gr_group'), null, 'remember() replaces it at once');
+  } finally {
+    await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres').catch(() => undefined);
+    await client.end();
+  }
+});
+
+test('with the default interval, storing a policy refreshes the answer issuance uses', async () => {
+  const d = await startTestBroker({ pg: b.pg, issuer: b.issuer });
+  try {
+    assert.equal(d.config.grantRecheckSeconds, 60);
+    assert.equal((await d.issue(await d.token({ sub: 'gr:cached' }), { policy: 'gr' })).status, 201);
+    await b.pg.query('GRANT pg_read_server_files TO gr_group', [], 'postgres');
+    // Within the interval the last answer stands...
+    assert.equal((await d.issue(await d.token({ sub: 'gr:cached2' }), { policy: 'gr' })).status, 201);
+    // ...until an admin stores a policy on that group, which the broker refuses and now knows.
+    await assert.rejects(d.putPolicy('gr2', { claims: { sub: 'gr2:*' }, grant_role: 'gr_group' }), /400/);
+    const refused = await d.issue(await d.token({ sub: 'gr:cached3' }), { policy: 'gr' });
+    assert.equal(refused.status, 403);
+    assert.equal(refused.body.code, 'GRANT_ROLE_UNSAFE');
+  } finally {
+    await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');
+    await d.close();
+  }
+});
