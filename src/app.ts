@@ -61,7 +61,9 @@ function limitPerIdentity(app: FastifyInstance, max: number): void {
   const authenticate = app.authenticate;
   app.authenticate = async (request, reply) => {
     await authenticate(request, reply);
-    if (request.identity?.admin) return;
+    // Admins page through leases and audit events in bulk; minting credentials is limited for
+    // everyone, since a leaked admin token must not be able to mint thousands of roles either.
+    if (request.identity?.admin && request.routeOptions.url !== '/credentials') return;
     const limit = await check(request);
     if (!limit.isAllowed && limit.isExceeded) {
       reply.header('Retry-After', String(limit.ttlInSeconds));

@@ -39,36 +39,41 @@ export function installProblemHandler(app: FastifyInstance): void {
       reply.header('WWW-Authenticate', bearerChallenge(description));
       return sendProblem(reply, 401, error instanceof TokenRejected ? 'INVALID_TOKEN' : 'MISSING_TOKEN', description);
     }
-    if (error.validation) {
-      return sendProblem(reply, 400, 'BAD_REQUEST', `${error.validationContext ?? 'request'}${error.message.replace(/^(body|querystring|params|headers)/, '')}`);
-    }
-    if (isRejectedInput(error)) {
-      // Logged in full for the operator; the client gets no PostgreSQL text.
-      request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL refused a value from the request');
-      return sendProblem(reply, 400, 'BAD_REQUEST', 'The request holds a value that cannot be used (for example a NUL character or a malformed cursor)');
-    }
     if (isConnectionError(error)) {
+      // Nothing can be audited with PostgreSQL down; this log line is the record.
       request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL unavailable');
       reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
       return sendProblem(reply, 503, 'DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly');
     }
-    const status = error.statusCode ?? 500;
-    if (error.code === 'REVOKE_INCOMPLETE') {
-      request.log.error({ err: error }, 'revocation incomplete');
-      return sendProblem(reply, 500, error.code, error.message);
-    }
-    if (status >= 500) {
-      request.log.error({ err: error }, 'request failed');
-      return sendProblem(reply, 500, 'INTERNAL', 'Internal error; see the broker log for this request_id');
-    }
+    const { status, code, detail } = answerFor(error, request);
     if (status === 429 && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
-    // Errors of our catalogue and of Fastify itself (body too large, bad JSON) carry safe texts.
-    const code = error.code?.startsWith('FST_') ? fastifyCode(status) : (error.code ?? 'ERROR');
-    // A verified caller refused (not an admin, rate-limited, not their lease, an ended lease)
-    // leaves an audit event like every other denial, unless the route recorded its own.
-    if (request.identity && !request.audited) await auditDenied(app, request, status, code);
-    return sendProblem(reply, status, code, error.message);
+    // A verified caller refused (a bad body, not an admin, rate-limited, not their lease, an ended
+    // lease) or failed leaves an audit event like every other outcome, unless the route recorded its own.
+    if (request.identity && !request.audited) await auditOutcome(app, request, status, code);
+    return sendProblem(reply, status, code, detail);
   });
+}
+
+function answerFor(error: FastifyError, request: FastifyRequest): { status: number; code: string; detail: string } {
+  if (error.validation) {
+    return { status: 400, code: 'BAD_REQUEST', detail: `${error.validationContext ?? 'request'}${error.message.replace(/^(body|querystring|params|headers)/, '')}` };
+  }
+  if (isRejectedInput(error)) {
+    // Logged in full for the operator; the client gets no PostgreSQL text.
+    request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL refused a value from the request');
+    return { status: 400, code: 'BAD_REQUEST', detail: 'The request holds a value that cannot be used (for example a NUL character or a malformed cursor)' };
+  }
+  const status = error.statusCode ?? 500;
+  if (error.code === 'REVOKE_INCOMPLETE') {
+    request.log.error({ err: error }, 'revocation incomplete');
+    return { status: 500, code: error.code, detail: error.message };
+  }
+  if (status >= 500) {
+    request.log.error({ err: error }, 'request failed');
+    return { status: 500, code: 'INTERNAL', detail: 'Internal error; see the broker log for this request_id' };
+  }
+  // Errors of our catalogue and of Fastify itself (body too large, bad JSON) carry safe texts.
+  return { status, code: error.code?.startsWith('FST_') ? fastifyCode(status) : (error.code ?? 'ERROR'), detail: error.message };
 }
 
 declare module 'fastify' {
@@ -78,10 +83,10 @@ declare module 'fastify' {
   }
 }
 
-async function auditDenied(app: FastifyInstance, request: FastifyRequest, status: number, code: string): Promise<void> {
+async function auditOutcome(app: FastifyInstance, request: FastifyRequest, status: number, code: string): Promise<void> {
   try {
     await recordAudit(app.db, {
-      type: 'request.denied',
+      type: status >= 500 ? 'request.failed' : 'request.denied',
       issuer: request.identity!.issuer,
       subject: request.identity!.subject,
       reason: code,

@@ -141,6 +141,33 @@ describe('admins', () => {
     assert.equal(stillThere.status, 200, 'DELETE as non-admin did nothing');
   });
 
+  test('who is asking is settled before the body is: no token is 401 and a non-admin 403, whatever the body', async () => {
+    const badBodies: Array<['POST' | 'PUT', string, unknown]> = [
+      ['POST', '/credentials', { ttl: 0, surprise: true }],
+      ['PUT', '/policies/ci', { claims: 'not an object' }],
+      ['POST', '/leases/revoke', { nothing: 'to match' }],
+      ['GET' as 'POST', '/audit?limit=0', undefined],
+    ];
+    for (const [method, url, payload] of badBodies) {
+      assertUnauthorized(await call(method, url, undefined, payload), `${method} ${url} without a token`, 'MISSING_TOKEN');
+    }
+    const user = await b.token();
+    for (const [method, url, payload] of badBodies.slice(1)) {
+      const res = await call(method, url, user, payload);
+      assert.equal(res.status, 403, `${method} ${url} as a non-admin: ${res.body}`);
+      assert.equal(res.json().code, 'NOT_ADMIN');
+    }
+    // The caller allowed to ask gets the 400 that explains the body.
+    const admin = await b.adminToken();
+    for (const [method, url, payload] of badBodies.slice(1)) {
+      const res = await call(method, url, admin, payload);
+      assert.equal(res.status, 400, `${method} ${url} as an admin: ${res.body}`);
+      assert.equal(res.json().code, 'BAD_REQUEST');
+    }
+    const res = await call('POST', '/credentials', user, badBodies[0][2]);
+    assert.equal(res.status, 400, res.body);
+  });
+
   test('the same endpoints answer an admin token', async () => {
     const admin = await b.adminToken();
     for (const url of ['/policies', '/policies/ci', '/audit']) {

@@ -86,12 +86,15 @@ test('every refusal of a verified caller leaves one audit event with its issuer 
     { req: await call('POST', '/leases/revoke', user, { subject: 'obs:owner' }), status: 403, reason: 'NOT_ADMIN' },
     { req: await call('POST', `/leases/${lease.lease_id}/renew`, user, { ttl: 60 }), status: 404, reason: 'LEASE_NOT_FOUND' },
     { req: await call('PUT', '/policies/obs-nope', user, { issuer: b.issuer.issuer, claims: { sub: 'x' }, grant_role: 'app_readers', database: b.pg.database }), status: 403, reason: 'NOT_ADMIN' },
+    // A body that fails validation is refused too, once the caller is known.
+    { req: await call('POST', '/credentials', user, { ttl: 0 }), status: 400, reason: 'BAD_REQUEST' },
+    { req: await call('POST', `/leases/${lease.lease_id}/renew`, owner, { ttl: 'soon' }), status: 400, reason: 'BAD_REQUEST', subject: 'obs:owner' },
   ];
-  for (const { req, status, reason } of refusals) {
+  for (const { req, status, reason, subject = 'obs:audited' } of refusals) {
     assert.equal(req.status, status, JSON.stringify(req.body));
     const rows = await events(req.body.request_id);
     assert.equal(rows.length, 1, JSON.stringify(rows));
-    assert.deepEqual({ ...rows[0], detail: undefined }, { type: 'request.denied', issuer: b.issuer.issuer, subject: 'obs:audited', reason, detail: undefined });
+    assert.deepEqual({ ...rows[0], detail: undefined }, { type: 'request.denied', issuer: b.issuer.issuer, subject, reason, detail: undefined });
     assert.equal(rows[0].detail.status, status);
   }
   // An issuance denial is recorded once, by issuance itself.
@@ -103,8 +106,10 @@ test('every refusal of a verified caller leaves one audit event with its issuer 
   assert.equal(renewed.status, 200, JSON.stringify(renewed.body));
   const revoked = await call('POST', '/leases/revoke', await b.adminToken(), { subject: 'obs:owner' });
   assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
-  const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.audit_events WHERE type = 'request.denied' AND subject <> 'obs:audited'`);
+  const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.audit_events WHERE type = 'request.denied' AND subject NOT IN ('obs:audited', 'obs:owner')`);
   assert.equal(n, 0);
+  const [{ m }] = await b.pg.query(`SELECT count(*)::int AS m FROM broker.audit_events WHERE type = 'request.denied' AND subject = 'obs:owner'`);
+  assert.equal(m, 1, "the owner's bad renew only: its valid renew and the admin's revoke left no denial");
 });
 
 test('the logger censors secrets wherever they appear in a log object', () => {

@@ -24,6 +24,20 @@ test('one identity gets BROKER_RATE_LIMIT_IDENTITY requests a minute, then 429 w
   assert.equal((await evaluate(await b.token({ sub: 'rl:bob' }), '10.0.0.1')).statusCode, 200, 'another identity still passes');
 });
 
+test('admins are exempt from the per-identity limit, except when minting credentials', async () => {
+  await b.putPolicy('rl-admin', { claims: { sub: 'admin:*' }, max_active_leases: 100 });
+  const admin = await b.adminToken();
+  const evaluations: number[] = [];
+  for (let i = 0; i < 7; i++) evaluations.push((await evaluate(admin, `10.1.0.${i + 1}`)).statusCode);
+  assert.deepEqual(evaluations, [200, 200, 200, 200, 200, 200, 200]);
+  const issued: number[] = [];
+  for (let i = 0; i < 6; i++) {
+    const res = await b.app.inject({ method: 'POST', url: '/credentials', headers: { authorization: `Bearer ${admin}` }, remoteAddress: `10.1.1.${i + 1}`, payload: {} });
+    issued.push(res.statusCode);
+  }
+  assert.deepEqual(issued, [201, 201, 201, 201, 201, 429]);
+});
+
 test('one client IP gets BROKER_RATE_LIMIT_IP requests a minute before authentication; health probes are exempt', async () => {
   const statuses: number[] = [];
   for (let i = 0; i < 45; i++) {

@@ -53,6 +53,29 @@ describe('DELETE /leases/{id}', () => {
     assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.revoked'], 'and records nothing twice');
   });
 
+  test('a teardown that cannot finish answers 500 REVOKE_INCOMPLETE, audited under the caller; a retry finishes it', async () => {
+    const cred = await issueOk('user:sealed');
+    // An object in a database the broker may not connect to: REASSIGN/DROP OWNED cannot reach it.
+    await b.pg.query('CREATE DATABASE revoke_sealed', [], 'postgres');
+    await b.pg.query('REVOKE CONNECT ON DATABASE revoke_sealed FROM PUBLIC', [], 'postgres');
+    await b.pg.query(`CREATE TABLE public.kept (id int); ALTER TABLE public.kept OWNER TO "${cred.username}"`, [], 'revoke_sealed');
+    const admin = await b.adminToken();
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, admin);
+    assert.equal(res.status, 500, JSON.stringify(res.body));
+    assert.equal(res.body.code, 'REVOKE_INCOMPLETE');
+    assert.equal(await loginError(b.pg, cred), '28000', 'the role is NOLOGIN all the same');
+    const events = await b.pg.query('SELECT type, issuer, subject, reason FROM broker.audit_events WHERE request_id = $1', [res.body.request_id]);
+    assert.deepEqual(events, [{ type: 'request.failed', issuer: b.issuer.issuer, subject: ADMIN_SUB, reason: 'REVOKE_INCOMPLETE' }]);
+
+    await b.pg.query('GRANT CONNECT ON DATABASE revoke_sealed TO broker', [], 'postgres');
+    const retried = await api(b, 'DELETE', `/leases/${cred.lease_id}`, admin);
+    assert.equal(retried.status, 200, JSON.stringify(retried.body));
+    assert.equal(retried.body.state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.audit_events WHERE request_id = $1`, [retried.body.request_id]);
+    assert.equal(n, 1, 'the successful retry records its lease.revoked only');
+  });
+
   test('a non-owner gets 404 and changes nothing; an admin can revoke anyone\'s lease', async () => {
     const cred = await issueOk('user:carol');
     const session = await connectAs(b.pg, cred);

@@ -16,7 +16,7 @@ export default async function auditRoutes(fastify: FastifyInstance): Promise<voi
         querystring: AuditQuery,
         response: { 200: AuditPage, ...problemResponses(400, 401, 403, 503) },
       },
-      preHandler: app.requireAdmin,
+      preValidation: app.requireAdmin,
     },
     async (request) => listAudit(app.db, request.query).catch(invalidCursor),
   );

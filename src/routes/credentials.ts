@@ -17,8 +17,7 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
         body: CredentialRequest,
         response: { 201: Credential, ...problemResponses(400, 401, 403, 409, 429, 503) },
       },
-      preValidation: noBodyMeansNoOptions,
-      preHandler: app.authenticate,
+      preValidation: [app.authenticate, noBodyMeansNoOptions],
     },
     async (request, reply) => {
       const stopTimer = app.metrics.issueSeconds.startTimer();

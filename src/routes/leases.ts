@@ -36,7 +36,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         querystring: LeaseQuery,
         response: { 200: LeasePage, ...problemResponses(400, 401, 503) },
       },
-      preHandler: app.authenticate,
+      preValidation: app.authenticate,
     },
     async (request) => {
       const who = request.identity!;
@@ -53,7 +53,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         params: LeaseIdParams,
         response: { 200: LeaseSchema, ...problemResponses(401, 404, 503) },
       },
-      preHandler: app.authenticate,
+      preValidation: app.authenticate,
     },
     async (request) => visibleTo(request, await getLease(app.db, request.params.id)),
   );
@@ -76,7 +76,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         params: LeaseIdParams,
         response: { 200: LeaseSchema, ...problemResponses(401, 404, 409, 500, 503) },
       },
-      preHandler: app.authenticate,
+      preValidation: app.authenticate,
     },
     async (request) => {
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
@@ -101,7 +101,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         body: BulkRevokeRequest,
         response: { 200: BulkRevokeResult, ...problemResponses(400, 401, 403, 500, 503) },
       },
-      preHandler: app.requireAdmin,
+      preValidation: app.requireAdmin,
     },
     async (request) => {
       const { subject, issuer, policy, reason } = request.body;
@@ -128,8 +128,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         body: RenewRequest,
         response: { 200: LeaseSchema, ...problemResponses(400, 401, 404, 409, 503) },
       },
-      preValidation: noBodyMeansNoOptions,
-      preHandler: app.authenticate,
+      preValidation: [app.authenticate, noBodyMeansNoOptions],
     },
     async (request) => {
       const ctx = requestContext(request);
