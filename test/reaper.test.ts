@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { createLogger } from '../src/logger.js';
+import { migrate } from '../src/postgres/migrate.js';
 import { REAPER_LOCK_KEY } from '../src/reaper/leadership.js';
 import { Reaper, type ReapStats } from '../src/reaper/reaper.js';
 import {
@@ -148,6 +150,19 @@ describe('a second deployment on the same cluster', () => {
     } finally {
       await d2.close();
     }
+  });
+
+  test('cannot share the first deployment\'s database: migrate refuses a second marker role there', async () => {
+    const logger = createLogger('silent');
+    await assert.rejects(
+      migrate(b1.config.databaseUrl, 'intruder_managed', logger),
+      /belongs to the deployment whose BROKER_MANAGED_ROLE is credential_broker_managed, not intruder_managed: give each deployment a database of its own/,
+    );
+    assert.equal(await roleExists(b1.pg, 'intruder_managed'), false, 'refused before it created anything');
+    assert.deepEqual(await b1.pg.query('SELECT managed_role FROM broker.deployment'), [{ managed_role: 'credential_broker_managed' }]);
+    // Its own marker role migrates there as before, and the second deployment's in its own database.
+    assert.deepEqual(await migrate(b1.config.databaseUrl, 'credential_broker_managed', logger), { applied: [] });
+    assert.deepEqual(await b1.pg.query('SELECT managed_role FROM broker.deployment', [], 'broker2'), [{ managed_role: 'second_broker_managed' }]);
   });
 });
 

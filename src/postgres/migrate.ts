@@ -46,6 +46,7 @@ export async function migrate(databaseUrl: string, managedRole: string, logger: 
       applied.push(file);
       logger.info({ migration: file }, 'applied migration');
     }
+    await bindDeployment(client, managedRole);
     await ensureManagedRole(client, managedRole);
     await ensureCreators(client, managedRole, await policyGroups(client));
   } finally {
@@ -64,6 +65,19 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
     await client.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
     return ensureCreators(client, managedRole, await policyGroups(client));
   });
+}
+
+/** The first marker role to migrate this schema owns it; another one is refused, with the way out. */
+async function bindDeployment(client: pg.Client, role: string): Promise<void> {
+  await client.query('INSERT INTO broker.deployment (managed_role) VALUES ($1) ON CONFLICT DO NOTHING', [role]);
+  const { rows: [bound] } = await client.query<{ managed_role: string }>('SELECT managed_role FROM broker.deployment');
+  if (bound.managed_role !== role) {
+    throw new Error(
+      `this database's broker schema belongs to the deployment whose BROKER_MANAGED_ROLE is ${bound.managed_role}, not ${role}: ` +
+        'give each deployment a database of its own (they would otherwise reap each other\'s leases), ' +
+        `or set BROKER_MANAGED_ROLE=${bound.managed_role} if this is the same deployment`,
+    );
+  }
 }
 
 async function ensureManagedRole(client: pg.Client, role: string): Promise<void> {
