@@ -144,6 +144,30 @@ describe('POST /credentials', () => {
     }
   });
 
+  test('POST /policies/evaluate explains each policy of the issuer, disabled ones included', async () => {
+    await b.putPolicy('ev-on', { claims: { sub: 'ev:*', ref: 'refs/heads/main' } });
+    await b.putPolicy('ev-off', { claims: { sub: 'ev:*' }, enabled: false });
+    const evaluate = async (claims: Record<string, unknown>) => {
+      const res = await b.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `Bearer ${await b.token(claims)}` } });
+      assert.equal(res.statusCode, 200, res.body);
+      return Object.fromEntries(res.json().policies.map((p: { name: string }) => [p.name, p]));
+    };
+    try {
+      const refused = await evaluate({ sub: 'ev:one', ref: 'refs/heads/dev' });
+      assert.deepEqual(refused['ev-on'], { name: 'ev-on', admitted: false, failed_claims: [{ claim: 'ref', patterns: ['refs/heads/main'], value: 'refs/heads/dev' }] });
+      assert.deepEqual(refused['ev-off'], { name: 'ev-off', admitted: false, reason: 'policy is disabled', failed_claims: [] });
+      assert.equal((await b.issue(await b.token({ sub: 'ev:one', ref: 'refs/heads/dev' }))).status, 403);
+      const admitted = await evaluate({ sub: 'ev:one', ref: 'refs/heads/main' });
+      assert.equal(admitted['ev-on'].admitted, true);
+      assert.equal(admitted['ev-off'].admitted, false);
+      assert.equal((await b.issue(await b.token({ sub: 'ev:one', ref: 'refs/heads/main' }))).status, 201, 'only the enabled one issues');
+    } finally {
+      for (const name of ['ev-on', 'ev-off']) {
+        await b.app.inject({ method: 'DELETE', url: `/policies/${name}`, headers: { authorization: `Bearer ${await b.adminToken()}` } });
+      }
+    }
+  });
+
   test('hostile subjects still yield a valid role and no SQL error', async () => {
     await b.putPolicy('hostile', { claims: { hostile: 'yes' }, max_active_leases: 50 });
     const subjects = [`it's "quoted"`, 'back\\slash', `x"; DROP ROLE broker; --`, 'ünïcødé-主体-🔑', 'x'.repeat(1000), `$$; SELECT pg_sleep(10); $$`];

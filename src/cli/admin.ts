@@ -66,7 +66,7 @@ export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): P
     console.log(JSON.stringify(body, null, 2));
   } else {
     console.log(`token: iss ${body.issuer}, sub ${body.subject}`);
-    if (body.policies.length === 0) console.log('no enabled policy names this issuer');
+    if (body.policies.length === 0) console.log('no policy names this issuer');
     for (const p of body.policies) {
       const first = p.failed_claims[0];
       const why = p.reason ?? (first ? `claim ${first.claim} is ${JSON.stringify(first.value ?? null)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');

@@ -14,12 +14,13 @@ export async function getPolicy(db: Queryable, name: string): Promise<Policy | n
   return rows[0] ? isoRow<Policy>(rows[0]) : null;
 }
 
-export async function enabledPoliciesForIssuer(db: Queryable, issuer: string): Promise<Policy[]> {
-  const { rows } = await db.query(`SELECT ${COLUMNS} FROM broker.policies WHERE issuer = $1 AND enabled ORDER BY name`, [issuer]);
+/** Every policy of this issuer, disabled ones included, for explaining a token. */
+export async function policiesForIssuer(db: Queryable, issuer: string): Promise<Policy[]> {
+  const { rows } = await db.query(`SELECT ${COLUMNS} FROM broker.policies WHERE issuer = $1 ORDER BY name`, [issuer]);
   return rows.map((r) => isoRow<Policy>(r));
 }
 
-/** enabledPoliciesForIssuer as parameter-free SQL, to share a simple query with BEGIN. */
+/** The issuer's enabled policies as parameter-free SQL, to share a simple query with BEGIN. */
 export function enabledPoliciesSql(issuer: string): string {
   return `SELECT ${COLUMNS} FROM broker.policies WHERE issuer = ${escapeLit(issuer)} AND enabled ORDER BY name`;
 }

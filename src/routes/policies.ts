@@ -5,7 +5,7 @@ import { recordAudit } from '../audit/repository.js';
 import { Errors } from '../errors.js';
 import { evaluatePolicies } from '../policy/evaluate.js';
 import { validatePatterns } from '../policy/match.js';
-import { deletePolicy, enabledPoliciesForIssuer, getPolicy, listPolicies, putPolicy } from '../policy/repository.js';
+import { deletePolicy, getPolicy, listPolicies, policiesForIssuer, putPolicy } from '../policy/repository.js';
 import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
 import { databaseExists, grantRoleProblem } from '../postgres/roles.js';
 import { problemResponses } from '../schemas/common.js';
@@ -124,7 +124,8 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     },
     async (request) => {
       const who = request.identity!;
-      const evaluations = evaluatePolicies(await enabledPoliciesForIssuer(app.db, who.issuer), who.claims);
+      // Disabled policies are listed too, so "why am I refused" has an answer when one is off.
+      const evaluations = evaluatePolicies(await policiesForIssuer(app.db, who.issuer), who.claims);
       return {
         issuer: who.issuer,
         subject: who.subject,
