@@ -13,7 +13,7 @@ export class Metrics {
   readonly orphans = new Counter({ name: 'broker_orphan_roles_dropped_total', help: 'Managed roles without a live lease that were dropped', registers: [this.registry] });
   readonly issueSeconds = new Histogram({
     name: 'broker_issue_duration_seconds',
-    help: 'Time to issue a credential, token verification included',
+    help: 'Time to issue a credential once the token is verified',
     buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
     registers: [this.registry],
   });
