@@ -5,6 +5,7 @@ import type { Config } from './config.js';
 import { createLogger } from './logger.js';
 import { Metrics } from './metrics.js';
 import { migrate } from './postgres/migrate.js';
+import { isConnectionError } from './postgres/pool.js';
 import { Reaper } from './reaper/reaper.js';
 
 export interface RunningBroker {
@@ -14,10 +15,39 @@ export interface RunningBroker {
   close(): Promise<void>;
 }
 
+const FIRST_RETRY_MS = 500;
+const MAX_RETRY_MS = 5000;
+
+/**
+ * Migrates once PostgreSQL accepts connections. Compose and Kubernetes start the broker and the
+ * database together, and a broker that exits on the first refused connection only adds restarts
+ * and noise; so connection failures are retried (and logged) until the process is stopped. Any
+ * other failure (a wrong password, a failed migration) ends start-up at once.
+ */
+async function migrateWhenReachable(config: Config, logger: ReturnType<typeof createLogger>): Promise<void> {
+  for (let attempt = 1, delay = FIRST_RETRY_MS; ; attempt++, delay = Math.min(delay * 2, MAX_RETRY_MS)) {
+    try {
+      await migrate(config.databaseUrl, config.managedRole, logger);
+      return;
+    } catch (err) {
+      if (!isConnectionError(err)) throw err;
+      const { message, code } = err as { message?: string; code?: string };
+      logger.warn({ err: { message, code }, attempt, retry_in_ms: delay }, 'PostgreSQL is not reachable yet; retrying');
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
 /** Migrates, builds the app, starts the reaper and listens. Used by `serve`, `dev` and `demo`. */
-export async function startBroker(config: Config, options: BuildOptions & { migrate?: boolean } = {}): Promise<RunningBroker> {
+export async function startBroker(
+  config: Config,
+  options: BuildOptions & { migrate?: boolean; waitForDatabase?: boolean } = {},
+): Promise<RunningBroker> {
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
-  if (options.migrate !== false) await migrate(config.databaseUrl, config.managedRole, logger);
+  if (options.migrate !== false) {
+    if (options.waitForDatabase) await migrateWhenReachable(config, logger);
+    else await migrate(config.databaseUrl, config.managedRole, logger);
+  }
   const app = await buildApp(config, { ...options, logger });
   const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
   app.addHook('onReady', async () => reaper.start());
@@ -51,7 +81,7 @@ export async function startBroker(config: Config, options: BuildOptions & { migr
 
 /** `pg-broker serve`: run until SIGINT/SIGTERM, then drain requests and the reaper. */
 export async function serve(config: Config): Promise<void> {
-  const broker = await startBroker(config, { metrics: new Metrics(true) });
+  const broker = await startBroker(config, { metrics: new Metrics(true), waitForDatabase: true });
   broker.app.log.info({ url: broker.url }, 'pg-credential-broker listening');
   let closing = false;
   const shutdown = async (signal: string) => {

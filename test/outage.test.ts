@@ -4,10 +4,13 @@
 // problem+json with Retry-After until the database is back, then the service resumes by itself.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
 import { AUDIENCE, connectAs } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { childBrokerEnv, expectAlive, http, loggedSecrets, sleep, spawnBroker, type BrokerProcess, type HttpResult } from './helpers/process.js';
+import {
+  childBrokerEnv, expectAlive, http, loggedSecrets, sleep, spawnBroker, waitReady, type BrokerProcess, type HttpResult,
+} from './helpers/process.js';
 
 const DOWN_MS = 2000;
 // OUTAGE_ROUNDS restarts PostgreSQL that many times in a row (`npm run test:soak` runs several).
@@ -221,6 +224,33 @@ describe('PostgreSQL restarted mid-load', () => {
     assert.deepEqual(await b.kill('SIGTERM'), { code: 0, signal: null });
     broker = undefined;
   });
+});
+
+test('serve started while PostgreSQL is down waits for it, then migrates and becomes ready', async () => {
+  const restarting = pgs.restart({ downMs: 2500 });
+  // Start the broker only once the server really refuses connections.
+  for (let i = 0; ; i++) {
+    const probe = new pg.Client({ connectionString: pgs.brokerUrl, connectionTimeoutMillis: 500 });
+    probe.on('error', () => undefined);
+    const down = await probe.connect().then(() => false, () => true);
+    await probe.end().catch(() => undefined);
+    if (down) break;
+    assert.ok(i < 200, 'PostgreSQL never went down');
+    await sleep(10);
+  }
+  const late = await spawnBroker(childBrokerEnv(pgs, issuer, { LOG_LEVEL: 'info' }), { noWait: true });
+  try {
+    await restarting;
+    await waitReady(late, 30_000);
+    const waits = late.logged('PostgreSQL is not reachable yet; retrying');
+    assert.ok(waits.length >= 1, 'it logged its wait');
+    assert.equal(waits[0].err.code, 'ECONNREFUSED');
+    const res = await http(`${late.url}/credentials`, { method: 'POST', token: await issuer.sign({ aud: AUDIENCE, sub: 'outage:late' }), body: { ttl: 2 } });
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    assert.deepEqual(late.stderr.filter((l) => l.trim()), [], 'the broker wrote to stderr');
+  } finally {
+    await late.kill('SIGTERM');
+  }
 });
 
 test('no token or password the clients saw reached a broker log or the PostgreSQL statement log', () => {
