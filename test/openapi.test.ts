@@ -23,3 +23,25 @@ test('the document describes the contract routes with snake_case fields', async 
   assert.equal(doc.paths['/leases/{id}/renew'].post.requestBody.required, false);
   assert.equal(doc.paths['/leases/revoke'].post.requestBody.required, true);
 });
+
+test('error answers are documented as problem+json, with the headers the broker sends with them', async () => {
+  const doc = parse(await generateOpenApi());
+  let errors = 0;
+  for (const [path, methods] of Object.entries<Record<string, { responses: Record<string, any> }>>(doc.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      for (const [status, response] of Object.entries(op.responses)) {
+        if (Number(status) < 400 || path === '/readyz') continue;
+        errors++;
+        const where = `${method} ${path} ${status}`;
+        assert.deepEqual(Object.keys(response.content), ['application/problem+json'], where);
+        assert.ok(response.content['application/problem+json'].schema.required.includes('code'), where);
+        if (status === '429' || status === '503') assert.equal(response.headers?.['Retry-After']?.schema.type, 'integer', where);
+        if (status === '401') assert.ok(response.headers?.['WWW-Authenticate'], where);
+      }
+    }
+  }
+  assert.ok(errors > 30, `${errors} error answers`);
+  // Success answers and the readiness probe's plain JSON stay application/json.
+  assert.ok(doc.paths['/readyz'].get.responses['503'].content['application/json']);
+  assert.ok(doc.paths['/credentials'].post.responses['201'].content['application/json']);
+});

@@ -38,6 +38,19 @@ export const ListFilters = {
   cursor: Type.Optional(Cursor),
 };
 
-export function problemResponses(...statuses: number[]): Record<number, typeof Problem> {
-  return Object.fromEntries(statuses.map((s) => [s, Problem]));
+// Functions, not shared objects: a shared object would reach openapi.yaml as a YAML anchor.
+const retryAfter = () => ({ 'Retry-After': { type: 'integer', description: 'Seconds to wait before retrying' } });
+const PROBLEM_HEADERS: Record<number, () => object> = {
+  401: () => ({ 'WWW-Authenticate': { type: 'string', description: 'RFC 6750 Bearer challenge with error="invalid_token" and an error_description' } }),
+  429: retryAfter,
+  503: retryAfter,
+};
+
+/** Error answers of a route: problem+json bodies, with the headers that come with some statuses. */
+export function problemResponses(...statuses: number[]): Record<number, object> {
+  return Object.fromEntries(statuses.map((s) => [s, {
+    description: 'RFC 9457 problem details',
+    content: { 'application/problem+json': { schema: Problem } },
+    ...(PROBLEM_HEADERS[s] ? { headers: PROBLEM_HEADERS[s]() } : {}),
+  }]));
 }
