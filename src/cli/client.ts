@@ -3,7 +3,8 @@ import { existsSync } from 'node:fs';
 
 /** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
 export class CliError extends Error {
-  constructor(message: string, readonly exitCode = 1) {
+  /** `status`: the broker's HTTP status, when the broker answered with an error. */
+  constructor(message: string, readonly exitCode = 1, readonly status?: number) {
     super(message);
     this.name = 'CliError';
   }
@@ -84,7 +85,7 @@ export async function callBroker<T = any>(base: string, token: string, method: s
   }
   if (res.status >= 400) {
     const problem = parsed as { detail?: string; code?: string } | null;
-    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`);
+    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status);
   }
   return { status: res.status, body: parsed as T };
 }

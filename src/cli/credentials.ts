@@ -1,9 +1,12 @@
 import { spawn } from 'node:child_process';
-import { writeFile, chmod } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { open, rename, unlink } from 'node:fs/promises';
 import { constants } from 'node:os';
+import path from 'node:path';
 import type { CredentialBody, LeaseBody } from '../schemas/lease.js';
 import { brokerUrl, callBroker, CliError, obtainToken, type TokenOptions } from './client.js';
 import { formatCredential, FORMATS, pgEnvironment, type Format } from './formats.js';
+import { isFinalRenewFailure, nextRenewDelayMs } from './renew-schedule.js';
 
 export interface RequestOptions extends TokenOptions {
   url?: string;
@@ -30,10 +33,31 @@ export async function credsCommand(opts: RequestOptions & { format: string; outp
     process.stdout.write(text);
     return;
   }
-  await writeFile(opts.output, text, { mode: 0o600 });
-  // writeFile keeps the mode of a file that already existed; tighten it explicitly.
-  await chmod(opts.output, 0o600);
+  await writeSecretFile(opts.output, text);
   process.stderr.write(`wrote ${opts.format} credential to ${opts.output} (lease ${credential.lease_id}, expires ${credential.expires_at})\n`);
+}
+
+/**
+ * Puts `text` at `file` readable by its owner only. Writing into `file` itself would expose the
+ * secret under an existing file's old mode until a chmod, and would follow a symlink planted at
+ * that path to wherever it points. So the secret goes into a new file created 0600 and exclusively
+ * ('wx' never opens something already there), which then replaces `file` by rename: rename swaps
+ * the directory entry, so a symlink at `file` is replaced itself, never followed.
+ */
+export async function writeSecretFile(file: string, text: string): Promise<void> {
+  const temp = path.join(path.dirname(file), `.${path.basename(file)}.${randomBytes(6).toString('hex')}.tmp`);
+  const handle = await open(temp, 'wx', 0o600);
+  try {
+    try {
+      await handle.writeFile(text);
+    } finally {
+      await handle.close();
+    }
+    await rename(temp, file);
+  } catch (err) {
+    await unlink(temp).catch(() => undefined);
+    throw err;
+  }
 }
 
 const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'];
@@ -55,29 +79,46 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   const handlers = FORWARDED_SIGNALS.map((s) => [s, forward(s)] as const);
   for (const [s, h] of handlers) process.on(s, h);
 
-  // Renew at two thirds of the remaining lifetime, with a fresh token each time (CI tokens are short-lived).
+  // Renew at two thirds of the remaining lifetime, with a fresh token each time (CI tokens are
+  // short-lived). A failed renew is retried with backoff while the lease still has time: giving up
+  // after one 503 or refused connection would let the lease lapse mid-command, and the reaper
+  // would then kill the command's sessions.
   let timer: NodeJS.Timeout | undefined;
-  const scheduleRenew = () => {
-    if (expiresAt >= maxExpiresAt) return;
-    const delay = Math.max(1000, ((Date.parse(expiresAt) - Date.now()) * 2) / 3);
-    timer = setTimeout(async () => {
-      try {
-        const token = await obtainToken(opts);
-        const { body } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, { ttl });
-        expiresAt = body.expires_at;
-        scheduleRenew();
-      } catch (err) {
-        process.stderr.write(`pg-broker exec: could not renew lease ${credential.lease_id}: ${(err as Error).message}\n`);
-      }
-    }, delay);
+  let childExited = false;
+  let failures = 0;
+  const leaseTimes = () => ({ expiresAtMs: Date.parse(expiresAt), maxExpiresAtMs: Date.parse(maxExpiresAt) });
+  const scheduleRenew = (delayMs: number | null) => {
+    if (childExited || delayMs === null) return;
+    timer = setTimeout(renew, delayMs);
     timer.unref();
   };
-  scheduleRenew();
+  const renew = async () => {
+    try {
+      const token = await obtainToken(opts);
+      const { body } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, { ttl });
+      expiresAt = body.expires_at;
+      failures = 0;
+      scheduleRenew(nextRenewDelayMs(leaseTimes(), Date.now(), failures));
+    } catch (err) {
+      if (childExited) return;
+      failures += 1;
+      const message = (err as Error).message;
+      const final = isFinalRenewFailure(err);
+      const delayMs = final ? null : nextRenewDelayMs(leaseTimes(), Date.now(), failures);
+      const outcome = final ? 'giving up'
+        : delayMs === null ? `giving up, the lease ends at ${expiresAt}`
+        : `retrying in ${Math.ceil(delayMs / 1000)} s (the lease ends at ${expiresAt})`;
+      process.stderr.write(`pg-broker exec: could not renew lease ${credential.lease_id}: ${message}; ${outcome}\n`);
+      scheduleRenew(delayMs);
+    }
+  };
+  scheduleRenew(nextRenewDelayMs(leaseTimes(), Date.now(), 0));
 
   const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
     child.once('error', (err) => reject(new CliError(`cannot run ${command[0]}: ${err.message}`, 127)));
     child.once('exit', (c, s) => resolve([c, s]));
   }).finally(() => {
+    childExited = true;
     clearTimeout(timer);
     for (const [s, h] of handlers) process.removeListener(s, h);
   }).catch(async (err) => {

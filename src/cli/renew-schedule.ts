@@ -1,0 +1,53 @@
+/**
+ * When `pg-broker exec` renews its lease next. Pure, so the timing can be tested without a clock.
+ * All instants are epoch milliseconds (UTC); all delays are milliseconds.
+ */
+
+/** The first retry after a failed renew waits this long; each further failure doubles it… */
+export const RENEW_RETRY_FIRST_MS = 2_000;
+/** …up to this. */
+export const RENEW_RETRY_MAX_MS = 30_000;
+/** A renew sent later than this before expires_at may land after the lease has lapsed. */
+export const RENEW_REQUEST_ALLOWANCE_MS = 1_000;
+/** The shortest wait between attempts, so a failure that comes back at once cannot spin. */
+export const RENEW_RETRY_FLOOR_MS = 250;
+/** The shortest wait before a routine renew. */
+export const RENEW_FLOOR_MS = 1_000;
+
+export interface LeaseTimes {
+  expiresAtMs: number;
+  maxExpiresAtMs: number;
+}
+
+/**
+ * How long to wait before the next renew attempt, or null when no attempt can help: the lease is
+ * already at max_expires_at, or it has lapsed (the broker refuses to renew a lapsed lease).
+ *
+ * `failures` counts the renew attempts that failed since the last success. With none, the renew
+ * is due at two thirds of the remaining lifetime. After a failure the wait backs off
+ * exponentially, but is never put off past the last moment a renew can still land before
+ * expires_at: a lease that runs out while we wait politely is the failure this exists to prevent.
+ */
+export function nextRenewDelayMs(lease: LeaseTimes, nowMs: number, failures: number): number | null {
+  if (lease.expiresAtMs >= lease.maxExpiresAtMs) return null;
+  const remainingMs = lease.expiresAtMs - nowMs;
+  if (remainingMs <= 0) return null;
+  if (failures <= 0) return Math.round(Math.max(RENEW_FLOOR_MS, (remainingMs * 2) / 3));
+  if (remainingMs <= RENEW_RETRY_FLOOR_MS) return null;
+  const backoffMs = Math.min(RENEW_RETRY_MAX_MS, RENEW_RETRY_FIRST_MS * 2 ** (failures - 1));
+  return Math.round(Math.max(RENEW_RETRY_FLOOR_MS, Math.min(backoffMs, remainingMs - RENEW_REQUEST_ALLOWANCE_MS)));
+}
+
+// 400: the request itself is wrong and will be every time; 404: the lease is gone or not ours;
+// 409: LEASE_ENDED (revoked, expired or being torn down). Anything else (5xx, 429, 401 while the
+// IdP's keys are unreachable, a refused connection, a token that could not be fetched) may pass.
+const FINAL_RENEW_STATUSES = new Set([400, 404, 409]);
+
+/**
+ * Whether a failed renew can never succeed: the broker answered one of the statuses above. No
+ * answer at all (unreachable) or a failure before asking (no token) counts as transient.
+ */
+export function isFinalRenewFailure(err: unknown): boolean {
+  const status = (err as { status?: unknown } | null)?.status;
+  return typeof status === 'number' && FINAL_RENEW_STATUSES.has(status);
+}
