@@ -57,9 +57,9 @@ COPY migrations ./migrations
 RUN chmod 0755 dist/pg-broker.mjs \
  && ln -s /app/dist/pg-broker.mjs /usr/local/bin/pg-broker
 
-# A 4 MB young-generation semi-space instead of V8's 16 MB default: about 20 MB less RSS under
-# load at no measurable throughput cost for this service's small, short-lived request objects
-# (P6 in bench/REPORT.md).
+# A 4 MB young-generation semi-space instead of V8's 16 MB default: about 20-25 MB less RSS under
+# load (P6 in bench/REPORT.md), for about 0.065 ms more CPU per credential in four times as many
+# young-generation collections (paired runs, 16 clients). Set 16 where throughput matters more.
 # A 256 MB old generation instead of V8's default of several GB: with a large limit V8 lets the
 # heap grow under sustained load (RSS 165-210 MB over 50,000 credentials, most at 64 clients),
 # with this one it stays near 115 MB, for about 0.05 ms more CPU per credential in more frequent
