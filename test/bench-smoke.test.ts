@@ -114,10 +114,18 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.ok(size, 'the Dockerfile sets UV_THREADPOOL_SIZE');
     assert.equal(json.meta.threadpoolSize, size, 'the bench process ran with it');
     assert.ok(report.includes(`UV_THREADPOOL_SIZE=${size} as the broker`), 'the report says so');
-    // ...and compares the broker with libuv's default pool of 4, then other database pool sizes, against the floor.
-    assert.deepEqual(json.threadpool.map((t: any) => [t.size, t.dbPoolSize]), [['4', 10], [size, 10], [size, 5], [size, 16]]);
-    for (const t of json.threadpool) for (const v of [t.floorRps, t.brokerRps, ...t.ratios]) assert.ok(Number.isFinite(v) && v > 0, JSON.stringify(t));
-    assert.match(report, /^### Runtime settings: libuv pool size and database pool size$/m);
+    // ...and compares the broker with libuv's default pool of 4, then other database pool sizes,
+    // then V8's default young generation instead of the image's, against the floor.
+    const nodeOptions = /NODE_OPTIONS="([^"]+)"/.exec(dockerfile)![1];
+    const semi16 = nodeOptions.replace(/--max-semi-space-size=\d+/, '--max-semi-space-size=16');
+    assert.notEqual(semi16, nodeOptions, 'the image sets its own semi-space size');
+    assert.deepEqual(json.threadpool.map((t: any) => [t.size, t.dbPoolSize, t.nodeOptions]),
+      [['4', 10, undefined], [size, 10, undefined], [size, 5, undefined], [size, 16, undefined], [size, 10, semi16]]);
+    for (const t of json.threadpool) {
+      for (const v of [t.floorRps, t.brokerRps, ...t.ratios, t.brokerCpuMs, t.maxRssMb]) assert.ok(Number.isFinite(v) && v > 0, JSON.stringify(t));
+    }
+    assert.match(report, /^### Runtime settings: libuv pool size, database pool size and young generation$/m);
+    assert.ok(report.includes(`| ${size} | 10 | \`${semi16}\` |`), 'the young-generation row names its NODE_OPTIONS');
   });
 
   test('warms each broker up before measuring it, and reports its CPU per request chunk by chunk', () => {

@@ -28,6 +28,11 @@ export interface ThreadpoolRun {
   size: string;
   /** BROKER_DB_POOL_SIZE; absent in older results, which ran the default of 10. */
   dbPoolSize?: number;
+  /** The broker's NODE_OPTIONS when not the image's (absent: the image's). */
+  nodeOptions?: string;
+  /** Broker process CPU ms per credential and its max RSS, over the rounds (absent in older results). */
+  brokerCpuMs?: number;
+  maxRssMb?: number;
   /** Means over the rounds. */
   floorRps: number;
   brokerRps: number;

@@ -41,16 +41,24 @@ export function renderIssuance(r: Results): string[] {
   return out;
 }
 
-/** The broker's runtime settings, one change at a time: libuv's pool size, then the database pool size. */
+/** The broker's runtime settings, one change at a time: libuv's pool size, the database pool size, V8's young generation. */
 function renderThreadpool(r: Results): string[] {
   const runs = r.threadpool;
   if (!runs?.length) return [];
-  const out = ['### Runtime settings: libuv pool size and database pool size', ''];
-  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool (UV_THREADPOOL_SIZE, 4 by default; the Docker image sets its own), and runs each issuance\'s transaction on one of BROKER_DB_POOL_SIZE connections (10 by default). Brokers at the default iteration count, with one setting changed at a time, one after the other (run side by side in one run, the two default-pool arms read 0.73–0.82 against 0.87–0.90 for the others, and 0.78–0.93 on their own over four later runs; a broker idle for 30 s closes its pooled connections, so its next burst pays for new logins and cold backends, which explains part of that; ten extra idle connections, by contrast, left the floor\'s throughput and PostgreSQL CPU unchanged): each started, warmed up as above, measured against the floor at 16 clients as above twice, and closed; the floor keeps the image\'s libuv pool size throughout. Ratios are per round.');
+  const image = r.meta.brokerNodeOptions;
+  const semi = runs.find((t) => t.nodeOptions);
+  const out = [`### Runtime settings: ${semi ? 'libuv pool size, database pool size and young generation' : 'libuv pool size and database pool size'}`, ''];
+  out.push('The broker computes each verifier\'s PBKDF2 on libuv\'s pool (UV_THREADPOOL_SIZE, 4 by default; the Docker image sets its own), and runs each issuance\'s transaction on one of BROKER_DB_POOL_SIZE connections (10 by default). Brokers at the default iteration count, with one setting changed at a time, one after the other (run side by side in one run, the two default-pool arms read 0.73–0.82 against 0.87–0.90 for the others, and 0.78–0.93 on their own over four later runs; a broker idle for 30 s closes its pooled connections, so its next burst pays for new logins and cold backends, which explains part of that; ten extra idle connections, by contrast, left the floor\'s throughput and PostgreSQL CPU unchanged): each started, warmed up as above, measured against the floor at 16 clients as above twice, and closed; the floor keeps the image\'s libuv pool size throughout. Ratios are per round.' +
+    (semi ? ` The last row runs the broker with V8's default young generation (\`${semi.nodeOptions}\`) instead of the image's NODE_OPTIONS (\`${image ?? ''}\`): fewer young-generation collections for more memory, the trade the image makes the other way (see the README).` : ''));
   out.push('');
+  const withCpu = runs.some((t) => t.brokerCpuMs !== undefined);
   out.push(table(
-    ['UV_THREADPOOL_SIZE (broker)', 'BROKER_DB_POOL_SIZE', 'floor req/s', 'broker req/s', 'ratio broker/floor'],
-    runs.map((t) => [t.size, String(t.dbPoolSize ?? 10), fmt(t.floorRps, 0), fmt(t.brokerRps, 0), t.ratios.map((x) => fmt(x, 2)).join(', ')]),
+    ['UV_THREADPOOL_SIZE (broker)', 'BROKER_DB_POOL_SIZE', ...(semi ? ['NODE_OPTIONS (broker)'] : []), 'floor req/s', 'broker req/s', 'ratio broker/floor', ...(withCpu ? ['broker CPU ms/op', 'broker max RSS MB'] : [])],
+    runs.map((t) => [
+      t.size, String(t.dbPoolSize ?? 10), ...(semi ? [t.nodeOptions ? `\`${t.nodeOptions}\`` : 'the image\'s'] : []),
+      fmt(t.floorRps, 0), fmt(t.brokerRps, 0), t.ratios.map((x) => fmt(x, 2)).join(', '),
+      ...(withCpu ? [t.brokerCpuMs === undefined ? '' : fmt(t.brokerCpuMs, 2), t.maxRssMb === undefined ? '' : fmt(t.maxRssMb, 0)] : []),
+    ]),
   ));
   out.push('');
   return out;
