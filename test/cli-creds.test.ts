@@ -1,37 +1,20 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { lstat, mkdir, mkdtemp, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { callBroker, CliError } from '../src/cli/client.js';
 import {
   isFinalRenewFailure, nextRenewDelayMs, RENEW_REQUEST_ALLOWANCE_MS, RENEW_RETRY_FIRST_MS, RENEW_RETRY_FLOOR_MS, RENEW_RETRY_MAX_MS,
 } from '../src/cli/renew-schedule.js';
-import { api, connectAs, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
+import { api, connectAs, waitFor, type TestBroker } from './helpers/broker.js';
+import { startCliBench, type CliBench } from './helpers/cli.js';
 
-const BIN = fileURLToPath(new URL('../bin/pg-broker.js', import.meta.url));
 let b: TestBroker;
 let url: string;
 let tmp: string;
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(args: string[], env: Record<string, string> = {}): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
 
 /**
  * A TCP forwarder in front of the real broker that can make it unreachable for a while, as a
@@ -75,11 +58,10 @@ async function startCutter(target: URL): Promise<{ url: string; refused: number;
   return state;
 }
 
+let cli: CliBench['cli'];
+
 before(async () => {
-  b = await startTestBroker();
-  url = await b.app.listen({ host: '127.0.0.1', port: 0 });
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'pgcb-cli-creds-'));
-  await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+  ({ b, url, home: tmp, cli } = await startCliBench('pgcb-cli-creds-'));
 });
 after(async () => b?.close());
 

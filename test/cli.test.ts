@@ -1,40 +1,22 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
 import { parseEnv as parseDotenv } from 'node:util';
-import { connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { connectAs, type TestBroker } from './helpers/broker.js';
+import { startCliBench, type CliBench } from './helpers/cli.js';
 
-const BIN = fileURLToPath(new URL('../bin/pg-broker.js', import.meta.url));
 let b: TestBroker;
 let url: string;
 let tmp: string;
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(args: string[], env: Record<string, string> = {}): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
+let cli: CliBench['cli'];
 
 before(async () => {
-  b = await startTestBroker();
-  url = await b.app.listen({ host: '127.0.0.1', port: 0 });
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'pgcb-cli-'));
-  await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+  ({ b, url, home: tmp, cli } = await startCliBench('pgcb-cli-'));
 });
 after(async () => b?.close());
 

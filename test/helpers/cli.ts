@@ -1,0 +1,36 @@
+import { execFile } from 'node:child_process';
+import { mkdtemp } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startTestBroker, type TestBroker } from './broker.js';
+
+const BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
+
+export interface CliRun {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** A broker listening on loopback with policy `cli` (sub `cli:*`), and a scratch HOME for the CLI. */
+export interface CliBench {
+  b: TestBroker;
+  url: string;
+  home: string;
+  /** Runs bin/pg-broker.js with only PATH, HOME and PG_BROKER_URL set, plus `env`. */
+  cli(args: string[], env?: Record<string, string>): Promise<CliRun>;
+}
+
+export async function startCliBench(tmpPrefix: string): Promise<CliBench> {
+  const b = await startTestBroker();
+  const url = await b.app.listen({ host: '127.0.0.1', port: 0 });
+  const home = await mkdtemp(path.join(os.tmpdir(), tmpPrefix));
+  await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+  const cli = (args: string[], env: Record<string, string> = {}) => new Promise<CliRun>((resolve) => {
+    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: home, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+    });
+  });
+  return { b, url, home, cli };
+}
