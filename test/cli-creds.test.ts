@@ -152,8 +152,9 @@ describe('pg-broker exec renewal', () => {
       const t = setInterval(() => { if (require('fs').existsSync(${JSON.stringify(done)})) clearInterval(t); }, 50);`;
     try {
       const token = await b.token({ sub: 'cli:renew-retry' });
-      // ttl 6: the routine renew comes about 4 s in, a first retry 1 s later, before expiry.
-      const running = cli(['exec', '--ttl', '6', '--token', token, '--', process.execPath, '-e', script], { PG_BROKER_URL: cutter.url });
+      // ttl 12: the routine renew comes about 8 s in and its first retry 2 s later, leaving 2 s
+      // before expiry for the retry to land even on a loaded machine.
+      const running = cli(['exec', '--ttl', '12', '--token', token, '--', process.execPath, '-e', script], { PG_BROKER_URL: cutter.url });
       const leaseId = await waitFor('exec to start the command', async () => (existsSync(started) ? readFile(started, 'utf8') : null));
       const [before] = await b.pg.query(`SELECT expires_at FROM broker.leases WHERE id = $1`, [leaseId]);
       const issuedExpiry = (before.expires_at as Date).getTime();
