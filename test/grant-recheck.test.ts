@@ -47,6 +47,33 @@ test('a group granted a predefined role after its policy was stored issues nothi
   assert.equal(again.status, 201, JSON.stringify(again.body));
 });
 
+test('a lease whose group has become unsafe is not renewed, and renews again once it is fixed', async () => {
+  const owner = await b.token({ sub: 'gr:renewer' });
+  const lease = (await b.issue(owner, { ttl: 120 })).body;
+  const renew = async () => {
+    const res = await b.app.inject({ method: 'POST', url: `/leases/${lease.lease_id}/renew`, headers: { authorization: `Bearer ${owner}` }, payload: { ttl: 600 } });
+    return { status: res.statusCode, body: res.json() };
+  };
+  await b.pg.query('GRANT pg_read_server_files TO gr_group', [], 'postgres');
+  try {
+    const refused = await renew();
+    assert.equal(refused.status, 403, JSON.stringify(refused.body));
+    assert.equal(refused.body.code, 'GRANT_ROLE_UNSAFE');
+    assert.match(refused.body.detail, /inherits from pg_read_server_files/);
+    const [row] = await b.pg.query('SELECT expires_at FROM broker.leases WHERE id = $1', [lease.lease_id]);
+    assert.equal((row.expires_at as Date).toISOString(), lease.expires_at, 'the expiry did not move');
+    const [role] = await b.pg.query('SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1', [lease.username]);
+    assert.equal((role.rolvaliduntil as Date).toISOString(), lease.expires_at, 'nor did VALID UNTIL');
+    const [audit] = await b.pg.query(`SELECT type, reason FROM broker.audit_events WHERE request_id = $1`, [refused.body.request_id]);
+    assert.deepEqual(audit, { type: 'request.denied', reason: 'GRANT_ROLE_UNSAFE' });
+  } finally {
+    await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');
+  }
+  const renewed = await renew();
+  assert.equal(renewed.status, 200, JSON.stringify(renewed.body));
+  assert.ok(Date.parse(renewed.body.expires_at) > Date.parse(lease.expires_at));
+});
+
 test('the answer is kept for the interval, and a fresh check replaces it', async () => {
   const client = new pg.Client({ connectionString: b.pg.brokerUrl });
   await client.connect();

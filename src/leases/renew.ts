@@ -4,6 +4,7 @@ import type { Identity } from '../auth/verify.js';
 import { Errors } from '../errors.js';
 import { getPolicy } from '../policy/repository.js';
 import { creatorOf } from '../postgres/creators.js';
+import type { GrantRoleGuard } from '../postgres/grant-guard.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
 import { isoRow } from '../postgres/rows.js';
@@ -23,12 +24,19 @@ export async function renewLease(
   ttlSeconds: number | undefined,
   ctx: { requestId: string; clientIp: string | null },
   creators: string[],
+  grantRoles: GrantRoleGuard,
 ): Promise<Lease & { capped: boolean }> {
   return withTransaction(pool, async (client) => {
     const { rows } = await client.query(`SELECT ${LEASE_COLUMNS}, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1 FOR UPDATE`, [id]);
     const row = rows[0];
     if (!row || row.issuer !== owner.issuer || row.subject !== owner.subject) throw new Errors.LeaseNotFound();
     if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
+    // Issuance refuses a group that has become unsafe; extending a login that holds it would
+    // hand out the same access a little longer.
+    const unsafe = await grantRoles.problem(client, row.grant_role);
+    if (unsafe) {
+      throw new Errors.UnsafeGrantRole(`Lease ${id} cannot be renewed until an admin fixes its group (${unsafe}); it still ends at ${(row.expires_at as Date).toISOString()}`);
+    }
     const ttl = ttlSeconds ?? (await getPolicy(client, row.policy))?.default_ttl ?? FALLBACK_TTL_SECONDS;
     const wanted = wholeSecondAfter(Date.now() + ttl * 1000).getTime();
     const max = (row.max_expires_at as Date).getTime();

@@ -126,13 +126,13 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         tags: ['leases'],
         params: LeaseIdParams,
         body: RenewRequest,
-        response: { 200: LeaseSchema, ...problemResponses(400, 401, 404, 409, 503) },
+        response: { 200: LeaseSchema, ...problemResponses(400, 401, 403, 404, 409, 503) },
       },
       preValidation: [app.authenticate, noBodyMeansNoOptions],
     },
     async (request) => {
       const ctx = requestContext(request);
-      return renewLease(app.db, request.params.id, ctx.identity, request.body?.ttl, ctx, await app.roleCreators());
+      return renewLease(app.db, request.params.id, ctx.identity, request.body?.ttl, ctx, await app.roleCreators(), app.grantRoles);
     },
   );
 }
