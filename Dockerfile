@@ -80,8 +80,10 @@ USER 10001:10001
 EXPOSE 8080
 
 # Liveness only (/healthz): an unreachable database is reported by /readyz and must not get the
-# container restarted. The slim image has no curl, so Node's own fetch does the check.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+# container restarted. The port opens once the migrations have run, and `serve` waits for a
+# database that is not up yet, so start-up gets 5 minutes. The slim image has no curl, so Node's
+# own fetch does the check.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PORT || 8080) + '/healthz', { signal: AbortSignal.timeout(4000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 
 # The entrypoint is the CLI itself and `serve` is the default command, so the same image runs

@@ -45,13 +45,13 @@ export function buildCli(): Command {
 
   program
     .command('migrate')
-    .description('apply pending migrations and create the marker role, then exit')
-    .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker pg-broker migrate'))
+    .description('apply pending migrations and create the marker role (BROKER_MANAGED_ROLE, which then owns this database\'s broker schema), then exit')
+    .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker BROKER_MANAGED_ROLE=team_a_managed pg-broker migrate'))
     .action(async () => {
       const url = process.env.DATABASE_URL?.trim();
       if (!url) throw new ConfigError('DATABASE_URL', 'is required');
       const managed = managedRoleFrom(process.env);
-      const { applied } = await migrate(url, managed, createLogger(process.env.LOG_LEVEL?.trim() || 'warn'));
+      const { applied } = await migrate(url, managed, createLogger(process.env.LOG_LEVEL?.trim().toLowerCase() || 'warn'));
       console.log(applied.length ? `applied ${applied.join(', ')}` : 'database is up to date');
     });
 
