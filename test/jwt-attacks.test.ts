@@ -194,12 +194,13 @@ describe('key removal and the key cache', () => {
   // longer lists it ends its use. Only a JWKS that cannot be fetched keeps an expired key alive.
   test('a cached key keeps working until the cache expires, then a JWKS without it is final', async () => {
     const kid = await issuer.addKey('RS256');
-    const resolver = new KeyResolver([{ issuer: issuer.issuer, jwks_uri: issuer.jwksUri }], { cacheTtlMs: 300, unknownKidCooldownMs: 50 });
+    // Long enough that the "still cached" lookup cannot outlive it on a loaded machine.
+    const resolver = new KeyResolver([{ issuer: issuer.issuer, jwks_uri: issuer.jwksUri }], { cacheTtlMs: 2000, unknownKidCooldownMs: 50 });
     try {
       assert.match(await resolver.publicKeyPem(issuer.issuer, kid, 'RS256'), /BEGIN PUBLIC KEY/);
       issuer.removeKey(kid);
       assert.match(await resolver.publicKeyPem(issuer.issuer, kid, 'RS256'), /BEGIN PUBLIC KEY/, 'still cached');
-      await sleep(400);
+      await sleep(2100);
       await assert.rejects(resolver.publicKeyPem(issuer.issuer, kid, 'RS256'), KeyLookupError, 'refetched JWKS no longer lists it');
       await sleep(100);
       await assert.rejects(resolver.publicKeyPem(issuer.issuer, kid, 'RS256'), KeyLookupError, 'and stays refused');

@@ -13,6 +13,7 @@ import { childBrokerEnv, http, killAll, loggedSecrets, sleep, spawnBroker, type 
 
 const REPLICAS = 3;
 const LOAD_MS = Number(process.env.REPLICA_LOAD_MS ?? 4000);
+const MIN_LEASES = 50;
 const WORKERS = 6;
 const MANAGED_ROLE = 'credential_broker_managed';
 
@@ -169,11 +170,15 @@ describe(`${REPLICAS} broker processes on one database`, () => {
     const problems: string[] = [];
     const statuses: Record<string, number> = {};
     const note = (what: string) => (statuses[what] = (statuses[what] ?? 0) + 1);
+    // Runs for LOAD_MS and until MIN_LEASES leases were issued, however slow the machine is; the
+    // hard stop only keeps a broken broker from looping for ever.
     const until = Date.now() + LOAD_MS;
+    const hardStop = until + 120_000;
+    const running = () => (Date.now() < until || ids.size < MIN_LEASES) && Date.now() < hardStop;
     const worker = async (w: number) => {
       const sub = `rep:w${w}`;
       const tok = await token(sub);
-      while (Date.now() < until) {
+      while (running()) {
         const res = await http(`${pick(brokers).url}/credentials`, { method: 'POST', token: tok, body: { ttl: 1 + Math.floor(Math.random() * 2) } });
         note(`POST ${res.status}`);
         if (res.status !== 201) {
@@ -197,12 +202,13 @@ describe(`${REPLICAS} broker processes on one database`, () => {
     };
     await Promise.all(Array.from({ length: WORKERS }, (_, w) => worker(w)));
     assert.deepEqual(problems, [], 'every request succeeded');
-    assert.ok(ids.size >= 50, `only ${ids.size} leases issued`);
+    assert.ok(ids.size >= MIN_LEASES, `only ${ids.size} leases issued before the hard stop`);
 
     await untilEnded([...ids], 15_000);
     const rows = await endings([...ids]);
     assertEndedOnce(rows, ids.size);
-    await sleep(1500); // a further reaper pass, which would also sweep orphans
+    // Teardown and the orphan sweep run on the leader's schedule: wait for it, bounded.
+    for (const deadline = Date.now() + 15_000; (await managedRolesLeft()).length > 0 && Date.now() < deadline;) await sleep(200);
     assert.deepEqual(await managedRolesLeft(), [], 'managed roles left behind');
     const reapers = brokers.filter((b) => b.logged('became reaper leader').length > 0).length;
     console.log(`replicas: ${ids.size} leases over ${REPLICAS} processes in ${LOAD_MS} ms (${JSON.stringify(statuses)});`

@@ -133,8 +133,12 @@ describe('DELETE racing the reaper', () => {
       await waitFor('the reaper to wait on the lock', async () => (await b.pg.query(
         `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`)).length > 0);
       assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoking');
+      const [{ since }] = await b.pg.query<{ since: Date }>('SELECT clock_timestamp() AS since');
       const deleting = api(b, 'DELETE', `/leases/${cred.lease_id}`, await b.token({ sub: 'user:slow' }));
-      await new Promise((r) => setTimeout(r, 300));
+      // DELETE polls the lease row while the teardown is someone else's: COMMIT only once it does.
+      await waitFor('DELETE to wait for the teardown', async () => (await b.pg.query(
+        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker'
+            AND query = 'SELECT state FROM broker.leases WHERE id = $1' AND query_start > $1`, [since])).length > 0);
       await blocker.query('COMMIT');
       const del = await deleting;
       assert.equal(del.status, 200, JSON.stringify(del.body));
