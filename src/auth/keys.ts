@@ -6,8 +6,8 @@ import type { IssuerConfig } from '../config.js';
 // Asymmetric algorithms only: an HMAC alg would let anyone holding the public key forge tokens.
 export const ALLOWED_ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'];
 
-// The JWK a header alg may be verified with. get-jwks accepts any key with the right kid when
-// the JWKS omits `alg` (Entra ID does), so without this an ES256 header could meet an RSA key.
+// The JWK a header alg may be verified with. A JWKS may omit `alg` (Entra ID does), and then any
+// key with the right kid is a candidate, so without this an ES256 header could meet an RSA key.
 const KEY_TYPE_FOR_ALG: Record<string, { kty: string; crv?: string[] }> = {
   RS256: { kty: 'RSA' }, RS384: { kty: 'RSA' }, RS512: { kty: 'RSA' },
   PS256: { kty: 'RSA' }, PS384: { kty: 'RSA' }, PS512: { kty: 'RSA' },
@@ -45,6 +45,7 @@ export interface KeyResolverOptions {
 const KNOWN_KEYS_PER_ISSUER = 100;
 
 type GetJwks = ReturnType<typeof buildGetJwks>;
+type Jwk = Record<string, unknown>;
 
 interface KnownKey {
   pem: string;
@@ -52,8 +53,13 @@ interface KnownKey {
 }
 
 interface IssuerKeys {
+  issuer: string;
   jwks: GetJwks;
   domain: string;
+  /** The explicit jwks_uri; without one, OIDC discovery on the issuer finds it. */
+  jwksUri: string | null;
+  /** The one JWKS fetch in flight for this issuer, which every cache miss meanwhile shares. */
+  setFetch: Promise<Jwk[]> | null;
   /** Token bucket for cache-miss fetches. */
   missBudget: number;
   missBudgetAt: number;
@@ -63,24 +69,23 @@ interface IssuerKeys {
   lastFetchFailure: number;
 }
 
-function definitiveMiss(err: unknown): boolean {
-  const code = (err as { code?: string }).code;
-  return code === 'JWK_NOT_FOUND' || code === 'NO_JWKS';
-}
+/** A JWKS that answered but does not list the key: unlike a failed fetch, this ends its use. */
+class DefinitiveMiss extends Error {}
 
 /**
  * Finds the public key for a token's (iss, kid, alg). The issuer must be allow-listed before
  * anything is fetched; each issuer gets its own get-jwks instance so an explicit jwks_uri on
  * another host still works, and its allow-list names only that one location.
  *
- * Cache semantics: get-jwks keeps a fetched key for cacheTtlMs, so a key the issuer unpublishes
+ * Cache semantics: every key of a fetched set is kept for cacheTtlMs (in get-jwks' cache, which
+ * also does OIDC discovery; the set itself is fetched here), so a key the issuer unpublishes
  * keeps verifying until then. Past that, the JWKS is asked again: if it answers without the key,
  * the key is refused from then on; if it cannot be reached, the last copy is used (up to
  * staleKeyMaxAgeMs) so an IdP outage does not lock out tokens signed with keys we already know.
  */
 export class KeyResolver {
   private readonly issuers = new Map<string, IssuerKeys>();
-  // PEM conversion of EC keys is slow in get-jwks; convert each JWK object once.
+  // PEM conversion costs more than a verification; convert each JWK object once.
   private readonly pemCache = new WeakMap<object, string>();
   private readonly cooldownMs: number;
   private readonly missBurst: number;
@@ -101,15 +106,19 @@ export class KeyResolver {
 
   private build(entry: IssuerConfig): IssuerKeys {
     const fetchOptions = { dispatcher: this.dispatcher } as Record<string, unknown>;
-    const common = { ttl: this.options.cacheTtlMs ?? 10 * 60_000, max: 50, fetchOptions };
-    const state = { missBudget: this.missBurst, missBudgetAt: Date.now(), knownMisses: new Map<string, number>(), known: new Map<string, KnownKey>(), lastFetchFailure: 0 };
+    // Each fetch caches every key of the set, under each algorithm it may serve: room for a few
+    // dozen keys.
+    const common = { ttl: this.options.cacheTtlMs ?? 10 * 60_000, max: 500, fetchOptions };
+    const state = {
+      issuer: entry.issuer, setFetch: null, missBudget: this.missBurst, missBudgetAt: Date.now(), knownMisses: new Map<string, number>(),
+      known: new Map<string, KnownKey>(), lastFetchFailure: 0,
+    };
     if (entry.jwks_uri) {
       const url = new URL(entry.jwks_uri);
       const domain = `${url.protocol}//${url.host}`;
-      const jwksPath = `${url.pathname}${url.search}`;
-      return { jwks: buildGetJwks({ ...common, issuersWhitelist: [domain], jwksPath }), domain, ...state };
+      return { jwks: buildGetJwks({ ...common, issuersWhitelist: [domain] }), domain, jwksUri: entry.jwks_uri, ...state };
     }
-    return { jwks: buildGetJwks({ ...common, issuersWhitelist: [entry.issuer], providerDiscovery: true }), domain: entry.issuer, ...state };
+    return { jwks: buildGetJwks({ ...common, issuersWhitelist: [entry.issuer], providerDiscovery: true }), domain: entry.issuer, jwksUri: null, ...state };
   }
 
   isAllowed(issuer: unknown): issuer is string {
@@ -120,39 +129,78 @@ export class KeyResolver {
     const keys = this.issuers.get(issuer);
     if (!keys) throw new KeyLookupError('issuer is not allowed');
     if (!KEY_TYPE_FOR_ALG[alg]) throw new KeyLookupError('token algorithm is not allowed');
-    const cacheKey = keys.jwks.generateCacheKey(alg, kid, keys.domain.endsWith('/') ? keys.domain : `${keys.domain}/`);
+    const cacheKey = this.cacheKey(keys, alg, kid);
+    const cached = keys.jwks.cache.get(cacheKey) as Jwk | undefined;
+    if (cached) return this.toPem(cached, alg);
     const known = keys.known.get(cacheKey);
-    // An entry in get-jwks' cache is a fetched key or a fetch already in flight for this kid.
-    const inCache = keys.jwks.cache.get(cacheKey) !== undefined;
-    if (!inCache && !known) this.guardUnknownKid(keys, kid);
     // Right after a failed fetch, known keys are served without waiting on the JWKS again, so
     // an outage costs one timeout per cooldown rather than one per request.
-    if (!inCache && known && Date.now() - keys.lastFetchFailure < this.cooldownMs && this.fresh(known)) return known.pem;
-    // get-jwks answers any failed refetch from its stale cache, even when the JWKS was fetched
-    // fine and simply no longer lists the key, which would keep an unpublished key alive as long
-    // as tokens keep arriving. Its stale copies are dropped; ours is used only on fetch failure.
-    keys.jwks.staleCache.delete(cacheKey);
-    let jwk: Record<string, unknown>;
+    if (known && Date.now() - keys.lastFetchFailure < this.cooldownMs && this.fresh(known)) return known.pem;
+    if (!known) this.guardUnknownKid(keys, kid);
+    let jwk: Jwk;
     try {
-      jwk = (await keys.jwks.getJwk({ domain: keys.domain, alg, kid })) as Record<string, unknown>;
+      jwk = this.pick(await this.fetchKeySet(keys), alg, kid);
     } catch (err) {
-      keys.jwks.staleCache.delete(cacheKey);
-      if (definitiveMiss(err)) {
+      if (err instanceof DefinitiveMiss) {
         keys.known.delete(cacheKey);
         keys.knownMisses.set(kid, Date.now());
         throw new KeyLookupError('signing key not found in the issuer JWKS');
       }
-      keys.lastFetchFailure = Date.now();
-      this.options.onFetchError?.(issuer);
+      // A key we knew keeps verifying through the outage; no stale copy outlives a JWKS that
+      // answered without it (the branch above).
       if (known && this.fresh(known)) return known.pem;
       throw new KeyLookupError('could not fetch the issuer JWKS', true);
     }
     const pem = this.toPem(jwk, alg);
-    if (!inCache) keys.lastFetchFailure = 0;
     keys.known.delete(cacheKey);
     keys.known.set(cacheKey, { pem, confirmedAt: Date.now() });
     if (keys.known.size > KNOWN_KEYS_PER_ISSUER) keys.known.delete(keys.known.keys().next().value!);
     return pem;
+  }
+
+  private cacheKey(keys: IssuerKeys, alg: string, kid: string): string {
+    return keys.jwks.generateCacheKey(alg, kid, keys.domain.endsWith('/') ? keys.domain : `${keys.domain}/`);
+  }
+
+  private pick(set: Jwk[], alg: string, kid: string): Jwk {
+    const jwk = set.find((key) => key.kid === kid && (key.alg === undefined || key.alg === alg));
+    if (!jwk) throw new DefinitiveMiss();
+    return jwk;
+  }
+
+  /**
+   * Fetches the issuer's whole JWKS, at most one fetch at a time, and caches every key in it.
+   * Caching the whole set is what keeps a flood of made-up kids from locking out real ones: the
+   * flood's own fetches bring in a rotated key (or, after a restart, every key) for the tokens
+   * that need it, instead of spending the fetch budget on one kid each.
+   */
+  private fetchKeySet(keys: IssuerKeys): Promise<Jwk[]> {
+    keys.setFetch ??= this.loadKeySet(keys).finally(() => (keys.setFetch = null));
+    return keys.setFetch;
+  }
+
+  private async loadKeySet(keys: IssuerKeys): Promise<Jwk[]> {
+    try {
+      const uri = keys.jwksUri ?? await keys.jwks.getJwksUri(`${keys.issuer.replace(/\/$/, '')}/`);
+      const res = await fetch(uri, { dispatcher: this.dispatcher } as RequestInit);
+      const body = (await res.json()) as { keys?: unknown };
+      if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
+      if (!Array.isArray(body.keys) || body.keys.length === 0) throw new DefinitiveMiss();
+      const set = body.keys.filter((k): k is Jwk => typeof k === 'object' && k !== null && typeof (k as Jwk).kid === 'string');
+      for (const jwk of set) {
+        for (const alg of Object.keys(KEY_TYPE_FOR_ALG)) {
+          if (jwk.alg === undefined || jwk.alg === alg) keys.jwks.cache.set(this.cacheKey(keys, alg, jwk.kid as string), jwk as never);
+        }
+      }
+      keys.lastFetchFailure = 0;
+      return set;
+    } catch (err) {
+      if (!(err instanceof DefinitiveMiss)) {
+        keys.lastFetchFailure = Date.now();
+        this.options.onFetchError?.(keys.issuer);
+      }
+      throw err;
+    }
   }
 
   private fresh(known: KnownKey): boolean {
@@ -181,7 +229,8 @@ export class KeyResolver {
   // list is refused for the cooldown, and each issuer has a small token bucket of cache-miss
   // fetches. A bucket rather than a fixed window: once a flood stops, a genuinely rotated key
   // (or the first token after a JWKS outage) gets a fetch within one refill interval. While a
-  // flood goes on it can use up every refill; the per-IP rate limit in front bounds that.
+  // flood goes on it can use up every refill, but each of those fetches caches the whole key
+  // set, so a real key the JWKS lists is found in the cache rather than refused.
   private guardUnknownKid(keys: IssuerKeys, kid: string): void {
     const now = Date.now();
     const missedAt = keys.knownMisses.get(kid);
@@ -189,6 +238,8 @@ export class KeyResolver {
       throw new KeyLookupError('signing key not found in the issuer JWKS');
     }
     if (keys.knownMisses.size > 1000) keys.knownMisses.clear();
+    // Joining the fetch already in flight costs nothing.
+    if (keys.setFetch) return;
     keys.missBudget = Math.min(this.missBurst, keys.missBudget + (now - keys.missBudgetAt) / this.missIntervalMs);
     keys.missBudgetAt = now;
     if (keys.missBudget < 1) {
