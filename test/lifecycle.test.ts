@@ -189,6 +189,37 @@ describe('renew', () => {
     assert.equal(late.status, 409, 'past expires_at it has ended even before the reaper ran');
     assert.equal(await validUntil(lapsed.username), lapsed.expires_at);
   });
+
+  test('a policy that no longer admits the token stops renewals: disabled, narrowed or deleted', async () => {
+    const policy = { claims: { sub: 'recheck:*' }, default_ttl: 60, max_ttl: 600 };
+    await b.putPolicy('recheck', policy);
+    const owner = await b.token({ sub: 'recheck:a' });
+    const cred = await issueOk('recheck:a', { policy: 'recheck' });
+    const renew = () => api(b, 'POST', `/leases/${cred.lease_id}/renew`, owner, { ttl: 120 });
+    const refused = async (why: RegExp) => {
+      const before = await validUntil(cred.username);
+      const res = await renew();
+      assert.equal(res.status, 403, JSON.stringify(res.body));
+      assert.equal(res.body.code, 'NO_POLICY');
+      assert.match(res.body.detail, why);
+      assert.equal(await validUntil(cred.username), before, 'a refused renew changes nothing');
+      assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'active', 'the lease itself runs on');
+    };
+    assert.equal((await renew()).status, 200);
+
+    await b.putPolicy('recheck', { ...policy, enabled: false });
+    await refused(/policy recheck no longer admits this token \(policy is disabled\)/);
+    await b.putPolicy('recheck', policy);
+    assert.equal((await renew()).status, 200, 'enabled again, it renews again');
+
+    await b.putPolicy('recheck', { ...policy, claims: { sub: 'recheck:b' } });
+    await refused(/claim sub does not match/);
+    await b.putPolicy('recheck', policy);
+    assert.equal((await renew()).status, 200);
+
+    assert.equal((await api(b, 'DELETE', '/policies/recheck', await b.adminToken())).status, 204);
+    await refused(/policy recheck no longer admits this token \(it no longer exists\)/);
+  });
 });
 
 describe('graceful shutdown', () => {

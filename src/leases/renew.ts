@@ -2,6 +2,7 @@ import type pg from 'pg';
 import { recordAudit } from '../audit/repository.js';
 import type { Identity } from '../auth/verify.js';
 import { Errors } from '../errors.js';
+import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { getPolicy } from '../policy/repository.js';
 import { creatorOf } from '../postgres/creators.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
@@ -11,7 +12,11 @@ import { isoRow } from '../postgres/rows.js';
 import { wholeSecondAfter } from './issue.js';
 import { LEASE_COLUMNS, type Lease } from './repository.js';
 
-const FALLBACK_TTL_SECONDS = 900;
+function whyNotAdmitted(verdict: PolicyEvaluation): string | null {
+  if (verdict.admitted) return null;
+  if (verdict.reason) return verdict.reason;
+  return verdict.failed_claims.map((f) => `claim ${f.claim} does not match`).join(', ');
+}
 
 /**
  * Moves an active lease's expiry to now + ttl, never past max_expires_at, in one transaction
@@ -37,7 +42,15 @@ export async function renewLease(
     if (unsafe) {
       throw new Errors.UnsafeGrantRole(`Lease ${id} cannot be renewed until an admin fixes its group (${unsafe}); it still ends at ${(row.expires_at as Date).toISOString()}`);
     }
-    const ttl = ttlSeconds ?? (await getPolicy(client, row.policy))?.default_ttl ?? FALLBACK_TTL_SECONDS;
+    // A renewal is a new grant of time, so the policy must still admit the token presented now:
+    // deleting or disabling a policy, or tightening its claims, stops renewals at once (leases
+    // already issued still run to their expiry; revoke them to end them sooner).
+    const policy = await getPolicy(client, row.policy);
+    const refusal = policy ? whyNotAdmitted(evaluatePolicies([policy], owner.claims)[0]) : 'it no longer exists';
+    if (!policy || refusal) {
+      throw new Errors.NoPolicy(`Lease ${id} cannot be renewed: policy ${row.policy} no longer admits this token (${refusal}); it still ends at ${(row.expires_at as Date).toISOString()}`);
+    }
+    const ttl = ttlSeconds ?? policy.default_ttl;
     const wanted = wholeSecondAfter(Date.now() + ttl * 1000).getTime();
     const max = (row.max_expires_at as Date).getTime();
     const capped = wanted > max;
