@@ -41,11 +41,16 @@ describe('pg-broker CLI', () => {
     assert.equal(roles.length, 0, 'the role is gone');
   });
 
-  test('exec returns the command exit code, and --keep leaves the lease active', async () => {
+  test('exec returns the command exit code, and --keep leaves the lease active; the command never sees the token', async () => {
     const token = await b.token({ sub: 'cli:keep' });
-    const run = await cli(['exec', '--keep', '--token', token, '--', process.execPath, '-e', 'console.log(process.env.PGUSER); process.exit(7)']);
-    assert.equal(run.code, 7);
-    const [lease] = await b.pg.query(`SELECT state FROM broker.leases WHERE username = $1`, [run.stdout.trim()]);
+    const script = 'console.log(JSON.stringify({ user: process.env.PGUSER, token: process.env.PG_BROKER_TOKEN ?? null, other: process.env.PASSED_ON })); process.exit(7)';
+    // The token comes from $PG_BROKER_TOKEN here, the way CI passes it.
+    const run = await cli(['exec', '--keep', '--', process.execPath, '-e', script], { PG_BROKER_TOKEN: token, PASSED_ON: 'yes' });
+    assert.equal(run.code, 7, run.stderr);
+    const seen = JSON.parse(run.stdout.trim());
+    assert.equal(seen.token, null, 'PG_BROKER_TOKEN is not passed to the command');
+    assert.equal(seen.other, 'yes', 'the rest of the environment is');
+    const [lease] = await b.pg.query(`SELECT state FROM broker.leases WHERE username = $1`, [seen.user]);
     assert.equal(lease.state, 'active');
   });
 

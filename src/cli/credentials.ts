@@ -74,7 +74,9 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   const maxExpiresAt = credential.max_expires_at;
   const ttl = opts.ttl ?? Math.max(1, Math.round((Date.parse(credential.expires_at) - Date.now()) / 1000));
 
-  const child = spawn(command[0], command.slice(1), { stdio: 'inherit', env: { ...process.env, ...pgEnvironment(credential), PG_BROKER_LEASE_ID: credential.lease_id } });
+  // The command gets the database login, not the bearer token that obtained it.
+  const { PG_BROKER_TOKEN: _token, ...inherited } = process.env;
+  const child = spawn(command[0], command.slice(1), { stdio: 'inherit', env: { ...inherited, ...pgEnvironment(credential), PG_BROKER_LEASE_ID: credential.lease_id } });
   const forward = (signal: NodeJS.Signals) => () => child.kill(signal);
   const handlers = FORWARDED_SIGNALS.map((s) => [s, forward(s)] as const);
   for (const [s, h] of handlers) process.on(s, h);
