@@ -40,6 +40,7 @@ describe('POST /credentials', () => {
     const [role] = await b.pg.query(`SELECT rolvaliduntil, rolcanlogin, rolconnlimit FROM pg_roles WHERE rolname = $1`, [cred.username]);
     assert.equal(new Date(role.rolvaliduntil).toISOString(), cred.expires_at);
     assert.equal(role.rolcanlogin, true);
+    assert.equal(role.rolconnlimit, -1, 'the policy connection_limit (default: none)');
     const [lease] = await b.pg.query(`SELECT state, expires_at, subject FROM broker.leases WHERE id = $1`, [cred.lease_id], 'broker');
     assert.equal(lease.state, 'active');
     assert.equal(new Date(lease.expires_at).toISOString(), cred.expires_at);
@@ -57,6 +58,21 @@ describe('POST /credentials', () => {
     const log = b.pg.logLines().join('\n');
     assert.ok(log.includes(`CREATE ROLE "${cred.username}"`), 'the statement log captured the CREATE ROLE');
     assert.ok(!log.includes(cred.password), 'the password is not in the server log');
+  });
+
+  test('CONNECTION LIMIT of an issued role is the policy connection_limit', async () => {
+    await b.putPolicy('conn-limited', { claims: { sub: 'conn:*' }, connection_limit: 2 });
+    let deleted: number | undefined;
+    try {
+      const res = await b.issue(await b.token({ sub: 'conn:limited' }));
+      assert.equal(res.status, 201, JSON.stringify(res.body));
+      assert.equal(res.body.policy, 'conn-limited');
+      const [role] = await b.pg.query(`SELECT rolconnlimit FROM pg_roles WHERE rolname = $1`, [res.body.username]);
+      assert.equal(role.rolconnlimit, 2);
+    } finally {
+      deleted = (await b.app.inject({ method: 'DELETE', url: '/policies/conn-limited', headers: { authorization: `Bearer ${await b.adminToken()}` } })).statusCode;
+    }
+    assert.equal(deleted, 204);
   });
 
   test('a short TTL stops working at expiry without any broker action', async () => {
@@ -110,13 +126,18 @@ describe('POST /credentials', () => {
   });
 
   test('a lease past its expiry no longer counts against max_active_leases, reaped or not', async () => {
-    const tok = await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/quota-expired' });
-    const short = await Promise.all([1, 2, 3].map(() => b.issue(tok, { ttl: 1 })));
-    assert.deepEqual(short.map((r) => r.status), [201, 201, 201]);
-    assert.equal((await b.issue(tok)).status, 429, 'three live leases fill the quota');
-    await sleep(Math.max(0, new Date(short[2].body.expires_at).getTime() - Date.now()) + 50);
-    // No reaper runs in this test broker: the rows still read active.
-    const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.leases WHERE subject = $1 AND state = 'active'`, ['repo:octo-org/octo-repo:ref:refs/heads/quota-expired']);
+    const sub = 'repo:octo-org/octo-repo:ref:refs/heads/quota-expired';
+    const tok = await b.token({ sub });
+    const leases = await Promise.all([1, 2, 3].map(() => b.issue(tok, { ttl: 60 })));
+    assert.deepEqual(leases.map((r) => r.status), [201, 201, 201]);
+    const full = await b.issue(tok);
+    assert.equal(full.status, 429, 'three live leases fill the quota');
+    assert.equal(full.body.code, 'LEASE_QUOTA_EXCEEDED');
+    // Their expiry passes; no reaper runs in this test broker, so the rows still read active.
+    const expired = await b.pg.query(
+      `UPDATE broker.leases SET expires_at = now() - interval '1 second' WHERE subject = $1 AND state = 'active' RETURNING id`, [sub]);
+    assert.deepEqual(expired.map((r) => r.id).sort(), leases.map((r) => r.body.lease_id).sort());
+    const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.leases WHERE subject = $1 AND state = 'active'`, [sub]);
     assert.equal(n, 3);
     assert.equal((await b.issue(tok)).status, 201);
   });
@@ -130,6 +151,7 @@ describe('POST /credentials', () => {
     assert.deepEqual(denial, [{ type: 'credential.denied', reason: 'no_policy', actor_verified: true }]);
 
     await b.putPolicy('ci-any-branch', { claims: { sub: 'repo:octo-org/*' } });
+    let deleted: number | undefined;
     try {
       const ambiguous = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/amb' }));
       assert.equal(ambiguous.status, 409);
@@ -140,8 +162,9 @@ describe('POST /credentials', () => {
       const missing = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/amb' }), { policy: 'no-such-policy' });
       assert.equal(missing.status, 403, 'a missing named policy looks like a refusal');
     } finally {
-      await b.app.inject({ method: 'DELETE', url: '/policies/ci-any-branch', headers: { authorization: `Bearer ${await b.adminToken()}` } });
+      deleted = (await b.app.inject({ method: 'DELETE', url: '/policies/ci-any-branch', headers: { authorization: `Bearer ${await b.adminToken()}` } })).statusCode;
     }
+    assert.equal(deleted, 204);
   });
 
   test('POST /policies/evaluate explains each policy of the issuer, disabled ones included', async () => {
@@ -152,6 +175,7 @@ describe('POST /credentials', () => {
       assert.equal(res.statusCode, 200, res.body);
       return Object.fromEntries(res.json().policies.map((p: { name: string }) => [p.name, p]));
     };
+    const deleted: number[] = [];
     try {
       const refused = await evaluate({ sub: 'ev:one', ref: 'refs/heads/dev' });
       assert.deepEqual(refused['ev-on'], { name: 'ev-on', admitted: false, failed_claims: [{ claim: 'ref', patterns: ['refs/heads/main'], value: 'refs/heads/dev' }] });
@@ -163,9 +187,10 @@ describe('POST /credentials', () => {
       assert.equal((await b.issue(await b.token({ sub: 'ev:one', ref: 'refs/heads/main' }))).status, 201, 'only the enabled one issues');
     } finally {
       for (const name of ['ev-on', 'ev-off']) {
-        await b.app.inject({ method: 'DELETE', url: `/policies/${name}`, headers: { authorization: `Bearer ${await b.adminToken()}` } });
+        deleted.push((await b.app.inject({ method: 'DELETE', url: `/policies/${name}`, headers: { authorization: `Bearer ${await b.adminToken()}` } })).statusCode);
       }
     }
+    assert.deepEqual(deleted, [204, 204]);
   });
 
   test('hostile subjects still yield a valid role and no SQL error', async () => {

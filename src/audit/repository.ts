@@ -1,5 +1,5 @@
 import type { Queryable } from '../postgres/pool.js';
-import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
+import { decodeCursor, encodeCursor, isoRow, jsonbText } from '../postgres/rows.js';
 import type { AuditEventBody, AuditQueryBody } from '../schemas/audit.js';
 
 export interface AuditEvent {
@@ -29,7 +29,7 @@ export function auditRecord(event: AuditEvent): Record<(typeof INSERT_COLUMNS)[n
   const record = {} as Record<(typeof INSERT_COLUMNS)[number], unknown>;
   for (const c of INSERT_COLUMNS) {
     if (c === 'actor_verified') record[c] = event.actor_verified ?? true;
-    else if (c === 'detail') record[c] = event.detail ? JSON.stringify(event.detail).replace(/\\u0000/g, '\\ufffd') : null;
+    else if (c === 'detail') record[c] = event.detail ? jsonbText(event.detail) : null;
     else record[c] = clean(event[c] ?? null);
   }
   return record;

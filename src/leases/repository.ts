@@ -2,7 +2,7 @@ import type { AuditEvent } from '../audit/repository.js';
 import { auditParams } from '../audit/repository.js';
 import type { Queryable } from '../postgres/pool.js';
 import { escapeLit } from '../postgres/sql.js';
-import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
+import { decodeCursor, encodeCursor, isoRow, jsonbText } from '../postgres/rows.js';
 import type { LeaseBody, LeaseQueryBody } from '../schemas/lease.js';
 
 export type Lease = LeaseBody;
@@ -50,7 +50,7 @@ export function identityLockKey(issuer: string, subject: string): string {
 export async function insertLeaseWithinQuota(db: Queryable, lease: NewLease, maxActive: number, audit: AuditEvent): Promise<boolean> {
   const leaseParams = [
     lease.id, lease.username, lease.policy, lease.grant_role, lease.database, lease.issuer, lease.subject,
-    JSON.stringify(lease.claims).replace(/\\u0000/g, '\\ufffd'), lease.expires_at, lease.max_expires_at, lease.client_ip,
+    jsonbText(lease.claims), lease.expires_at, lease.max_expires_at, lease.client_ip,
     lease.user_agent, lease.request_id, maxActive,
   ];
   const a = auditParams(audit).map((_, i) => `$${leaseParams.length + i + 1}`);

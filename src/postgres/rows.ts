@@ -1,3 +1,12 @@
+/**
+ * JSON for a jsonb column: PostgreSQL refuses the NUL character (\u0000) in jsonb text, and a
+ * token may carry one, so it becomes U+FFFD. Only a real escape is rewritten: the text
+ * backslash-u-0000 (serialised with its backslash doubled) is left as it is.
+ */
+export function jsonbText(value: unknown): string {
+  return JSON.stringify(value).replace(/(?<=(?:^|[^\\])(?:\\\\)*)\\u0000/g, '\\ufffd');
+}
+
 /** Converts pg's Date values to RFC 3339 UTC strings, leaving everything else alone. */
 export function isoRow<T>(row: Record<string, unknown>): T {
   const out: Record<string, unknown> = {};
