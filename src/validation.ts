@@ -1,6 +1,6 @@
 import { Ajv, type Options } from 'ajv';
 import addFormats from 'ajv-formats';
-import type { FastifyRequest, FastifySchemaCompiler } from 'fastify';
+import type { FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
 
 function makeAjv(options: Options): Ajv {
   const ajv = new Ajv({ removeAdditional: false, useDefaults: true, allErrors: false, strict: false, ...options });
@@ -23,4 +23,16 @@ export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, http
  */
 export async function noBodyMeansNoOptions(request: FastifyRequest): Promise<void> {
   if (request.body === undefined) request.body = {};
+}
+
+/**
+ * Runs a token check as a preParsing hook, before the body is read: a request without a valid
+ * token gets its 401 (or a non-admin its 403) whatever it sends, and no unauthenticated body is
+ * parsed or buffered.
+ */
+export function beforeBody(check: (request: FastifyRequest, reply: FastifyReply) => Promise<void>): preParsingAsyncHookHandler {
+  return async (request, reply, payload) => {
+    await check(request, reply);
+    return payload;
+  };
 }

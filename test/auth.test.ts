@@ -105,11 +105,14 @@ describe('token rejection (issue 2 acceptance)', () => {
     assert.match(rows[0].reason, /expired/);
     assert.equal(rows[0].detail.path, '/credentials');
 
-    // Unreadable tokens are still recorded, with nothing claimed about who sent them.
-    const marker = `/policies/evaluate?unreadable=${Date.now()}`;
-    assertUnauthorized(await call('POST', marker, 'not.a.jwt'), 'garbage');
-    const [garbage] = await b.pg.query(`SELECT issuer, subject, actor_verified FROM broker.audit_events WHERE type = 'token.rejected' ORDER BY id DESC LIMIT 1`);
-    assert.deepEqual(garbage, { issuer: null, subject: null, actor_verified: false });
+    // Unreadable tokens are still recorded, with nothing claimed about who sent them. The event
+    // keeps the path without its query string, so the request_id of the answer is what finds it.
+    const res = await call('POST', '/policies/evaluate?unreadable=1', 'not.a.jwt');
+    assertUnauthorized(res, 'garbage');
+    const requestId = res.json().request_id;
+    assert.equal(typeof requestId, 'string');
+    const garbage = await b.pg.query(`SELECT issuer, subject, actor_verified, detail FROM broker.audit_events WHERE type = 'token.rejected' AND request_id = $1`, [requestId]);
+    assert.deepEqual(garbage, [{ issuer: null, subject: null, actor_verified: false, detail: { method: 'POST', path: '/policies/evaluate' } }]);
   });
 });
 
@@ -168,6 +171,24 @@ describe('admins', () => {
     assert.equal(res.status, 400, res.body);
   });
 
+  test('the token is checked before the body is read: no token is 401 even for a body that cannot be parsed', async () => {
+    const big = JSON.stringify({ pad: 'x'.repeat(70_000) });
+    const bodies: Array<[string, Record<string, string>, string, number, string]> = [
+      ['malformed JSON', { 'content-type': 'application/json' }, '{"ttl": ', 400, 'BAD_REQUEST'],
+      ['a body over the 64 KB limit', { 'content-type': 'application/json' }, big, 413, 'BODY_TOO_LARGE'],
+      ['an unsupported content type', { 'content-type': 'application/xml' }, '<ttl/>', 415, 'UNSUPPORTED_MEDIA_TYPE'],
+    ];
+    const user = await b.token({ sub: 'body-first' });
+    for (const [label, headers, payload, status, code] of bodies) {
+      const anonymous = await b.app.inject({ method: 'POST', url: '/credentials', headers, payload });
+      assertUnauthorized({ status: anonymous.statusCode, headers: anonymous.headers, body: anonymous.body, json: () => anonymous.json() }, `${label} without a token`, 'MISSING_TOKEN');
+      // With a verified token the same body meets the body checks.
+      const verified = await b.app.inject({ method: 'POST', url: '/credentials', headers: { ...headers, authorization: `Bearer ${user}` }, payload });
+      assert.equal(verified.statusCode, status, `${label} with a token: ${verified.body}`);
+      assert.equal(verified.json().code, code);
+    }
+  });
+
   test('the same endpoints answer an admin token', async () => {
     const admin = await b.adminToken();
     for (const url of ['/policies', '/policies/ci', '/audit']) {
@@ -176,6 +197,26 @@ describe('admins', () => {
     }
     const revoke = await call('POST', '/leases/revoke', admin, { subject: 'nobody-holds-leases' });
     assert.equal(revoke.status, 200, revoke.body);
+  });
+
+  test('an admin may PUT and DELETE the policy a non-admin may not', async () => {
+    const admin = await b.adminToken();
+    const [, url, payload] = adminOnly.find(([method, path]) => method === 'PUT' && path === '/policies/sneaky')!;
+    // The non-admin attempt in the test above stored nothing.
+    assert.equal((await call('GET', url, admin)).status, 404);
+    const put = await call('PUT', url, admin, { ...(payload as object), issuer: issuer.issuer, database: b.pg.database });
+    assert.equal(put.status, 201, put.body);
+    assert.equal((await call('GET', url, admin)).status, 200);
+    const deleted = await call('DELETE', url, admin);
+    assert.equal(deleted.status, 204, deleted.body);
+    assert.equal(deleted.body, '');
+    const gone = await call('GET', url, admin);
+    assert.equal(gone.status, 404, gone.body);
+    assert.equal(gone.json().code, 'POLICY_NOT_FOUND');
+    const [row] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.policies WHERE name = 'sneaky'`);
+    assert.equal(row.n, 0);
+    const again = await call('DELETE', url, admin);
+    assert.equal(again.status, 404, 'a second DELETE finds nothing');
   });
 });
 

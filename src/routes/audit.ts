@@ -4,6 +4,7 @@ import { listAudit } from '../audit/repository.js';
 import { problemResponses } from '../schemas/common.js';
 import { AuditPage, AuditQuery } from '../schemas/audit.js';
 import { invalidCursor } from './leases.js';
+import { beforeBody } from '../validation.js';
 
 export default async function auditRoutes(fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
@@ -16,7 +17,7 @@ export default async function auditRoutes(fastify: FastifyInstance): Promise<voi
         querystring: AuditQuery,
         response: { 200: AuditPage, ...problemResponses(400, 401, 403, 503) },
       },
-      preValidation: app.requireAdmin,
+      preParsing: beforeBody(app.requireAdmin),
     },
     async (request) => listAudit(app.db, request.query).catch(invalidCursor),
   );

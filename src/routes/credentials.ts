@@ -4,7 +4,7 @@ import { issueCredential, IssueDenied } from '../leases/issue.js';
 import { problemResponses } from '../schemas/common.js';
 import { Credential, CredentialRequest } from '../schemas/lease.js';
 import { requestContext } from './context.js';
-import { noBodyMeansNoOptions } from '../validation.js';
+import { beforeBody, noBodyMeansNoOptions } from '../validation.js';
 
 export default async function credentialRoutes(fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
@@ -17,7 +17,8 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
         body: CredentialRequest,
         response: { 201: Credential, ...problemResponses(400, 401, 403, 409, 429, 503) },
       },
-      preValidation: [app.authenticate, noBodyMeansNoOptions],
+      preParsing: beforeBody(app.authenticate),
+      preValidation: noBodyMeansNoOptions,
     },
     async (request, reply) => {
       const stopTimer = app.metrics.issueSeconds.startTimer();

@@ -7,7 +7,7 @@ import { awaitEnded, revokeNow, type FinishDeps } from '../leases/revoke.js';
 import { problemResponses } from '../schemas/common.js';
 import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest } from '../schemas/lease.js';
 import { requestContext } from './context.js';
-import { noBodyMeansNoOptions } from '../validation.js';
+import { beforeBody, noBodyMeansNoOptions } from '../validation.js';
 
 /** Owners see their own leases; admins see all; everyone else gets the same 404 as for a missing id. */
 export function visibleTo(request: FastifyRequest, lease: Lease | null): Lease {
@@ -36,7 +36,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         querystring: LeaseQuery,
         response: { 200: LeasePage, ...problemResponses(400, 401, 503) },
       },
-      preValidation: app.authenticate,
+      preParsing: beforeBody(app.authenticate),
     },
     async (request) => {
       const who = request.identity!;
@@ -53,7 +53,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         params: LeaseIdParams,
         response: { 200: LeaseSchema, ...problemResponses(401, 404, 503) },
       },
-      preValidation: app.authenticate,
+      preParsing: beforeBody(app.authenticate),
     },
     async (request) => visibleTo(request, await getLease(app.db, request.params.id)),
   );
@@ -76,7 +76,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         params: LeaseIdParams,
         response: { 200: LeaseSchema, ...problemResponses(401, 404, 409, 500, 503) },
       },
-      preValidation: app.authenticate,
+      preParsing: beforeBody(app.authenticate),
     },
     async (request) => {
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
@@ -101,7 +101,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         body: BulkRevokeRequest,
         response: { 200: BulkRevokeResult, ...problemResponses(400, 401, 403, 500, 503) },
       },
-      preValidation: app.requireAdmin,
+      preParsing: beforeBody(app.requireAdmin),
     },
     async (request) => {
       const { subject, issuer, policy, reason } = request.body;
@@ -128,7 +128,8 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         body: RenewRequest,
         response: { 200: LeaseSchema, ...problemResponses(400, 401, 403, 404, 409, 503) },
       },
-      preValidation: [app.authenticate, noBodyMeansNoOptions],
+      preParsing: beforeBody(app.authenticate),
+      preValidation: noBodyMeansNoOptions,
     },
     async (request) => {
       const ctx = requestContext(request);

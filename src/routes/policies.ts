@@ -12,6 +12,7 @@ import { problemResponses } from '../schemas/common.js';
 import { Evaluation, Policy, PolicyInput, POLICY_DEFAULTS, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
 import { requestContext } from './context.js';
 import { invalidCursor } from './leases.js';
+import { beforeBody } from '../validation.js';
 
 export default async function policyRoutes(fastify: FastifyInstance): Promise<void> {
   const app = fastify.withTypeProvider<TypeBoxTypeProvider>();
@@ -42,7 +43,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     '/policies',
     {
       schema: { summary: 'List policies (admin)', tags: ['policies'], querystring: PolicyListQuery, response: { 200: PolicyPage, ...problemResponses(400, 401, 403, 503) } },
-      preValidation: app.requireAdmin,
+      preParsing: beforeBody(app.requireAdmin),
     },
     async (request) => listPolicies(app.db, request.query.limit ?? 100, request.query.cursor).catch(invalidCursor),
   );
@@ -51,7 +52,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     '/policies/:name',
     {
       schema: { summary: 'One policy (admin)', tags: ['policies'], params: PolicyNameParams, response: { 200: Policy, ...problemResponses(401, 403, 404, 503) } },
-      preValidation: app.requireAdmin,
+      preParsing: beforeBody(app.requireAdmin),
     },
     async (request) => {
       const policy = await getPolicy(app.db, request.params.name);
@@ -70,7 +71,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
         body: PolicyInput,
         response: { 200: Policy, 201: Policy, ...problemResponses(400, 401, 403, 503) },
       },
-      preValidation: app.requireAdmin,
+      preParsing: beforeBody(app.requireAdmin),
     },
     async (request, reply) => {
       const problem = await policyProblem(request.body);
@@ -95,7 +96,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     '/policies/:name',
     {
       schema: { summary: 'Delete a policy; its active leases run until they end (admin)', tags: ['policies'], params: PolicyNameParams, response: { 204: Type.Null(), ...problemResponses(401, 403, 404, 503) } },
-      preValidation: app.requireAdmin,
+      preParsing: beforeBody(app.requireAdmin),
     },
     async (request, reply) => {
       if (!(await deletePolicy(app.db, request.params.name))) throw new Errors.PolicyNotFound();
@@ -120,7 +121,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
         tags: ['policies'],
         response: { 200: Evaluation, ...problemResponses(401, 503) },
       },
-      preValidation: app.authenticate,
+      preParsing: beforeBody(app.authenticate),
     },
     async (request) => {
       const who = request.identity!;
