@@ -1,6 +1,6 @@
 /**
  * `npm run build`: bundles the CLI into dist/pg-broker.mjs, plain JavaScript that `node` runs
- * without tsx: no loader thread, about 30-40 MB less RSS (bench P6) and a faster start. Dependencies
+ * without tsx: no loader thread, less RSS and a faster start (95 vs 123 MB idle, 0.48 vs 0.78 s to ready in one run of the bench's P7 section). Dependencies
  * stay in node_modules.
  * The bench and test/build.test.ts import buildBundle() to compile their own entries the same way.
  */

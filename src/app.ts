@@ -26,7 +26,7 @@ declare module 'fastify' {
     config: Config;
     db: pg.Pool;
     metrics: Metrics;
-    /** The role the broker connects as; issued roles are granted to it so it can tear them down. */
+    /** The role the broker connects as (the policy checks and the orphan sweep need its name). */
     brokerRole(): Promise<string>;
     /** The creator roles issued roles are created as (PostgreSQL 16+), [] on 15. */
     roleCreators(): Promise<string[]>;

@@ -2,7 +2,8 @@ import pino, { type Logger } from 'pino';
 
 export type LogDestination = pino.DestinationStream;
 
-// Anything that can carry a secret is censored wherever it appears in a log object.
+// Fields that can carry a secret are censored at the top level of a log object and one level
+// down (pino's redaction paths take no deeper wildcard); the authorization header at its paths.
 export const REDACT_PATHS = [
   'req.headers.authorization',
   'headers.authorization',
@@ -22,17 +23,6 @@ export const REDACT_PATHS = [
   'connectionString',
   '*.connectionString',
 ];
-
-/** Strips the password from a connection URL so it can be logged. */
-export function redactUrl(url: string): string {
-  try {
-    const parsed = new URL(url);
-    if (parsed.password) parsed.password = '[REDACTED]';
-    return parsed.toString();
-  } catch {
-    return '[unparseable URL]';
-  }
-}
 
 export function createLogger(level: string, destination?: LogDestination): Logger {
   const options: pino.LoggerOptions = { level, redact: { paths: REDACT_PATHS, censor: '[REDACTED]' } };

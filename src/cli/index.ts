@@ -45,7 +45,7 @@ export function buildCli(): Command {
 
   program
     .command('migrate')
-    .description('apply pending migrations and create the marker role (BROKER_MANAGED_ROLE, which then owns this database\'s broker schema), then exit')
+    .description('apply pending migrations, record which BROKER_MANAGED_ROLE this database\'s broker schema belongs to (the first one to migrate it; any other is refused), create that marker role and, on PostgreSQL 16+, its creator roles, then exit')
     .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker BROKER_MANAGED_ROLE=team_a_managed pg-broker migrate'))
     .action(async () => {
       const url = process.env.DATABASE_URL?.trim();
