@@ -140,7 +140,12 @@ test('examples: the GitHub Actions workflow and the Kubernetes init container', 
   const [workflow] = parseYamlFile('examples/github-actions/migrate.yml');
   assert.equal(workflow.permissions['id-token'], 'write');
   const steps = Object.values<any>(workflow.jobs).flatMap((job) => job.steps);
-  assert.ok(steps.some((s) => /pg-broker exec --policy ci-migrate .*-- npm run migrate/.test(s.run ?? '')));
+  // The package is not published: the job checks out the broker's repository and builds its CLI.
+  const checkout = steps.find((s) => s.uses?.startsWith('actions/checkout@') && s.with?.repository);
+  assert.ok(checkout, 'a checkout of the broker repository');
+  const build = steps.find((s) => /npm run build/.test(s.run ?? ''));
+  assert.equal(build?.['working-directory'], checkout.with.path);
+  assert.ok(steps.some((s) => new RegExp(`^node ${checkout.with.path.replace('.', '\\.')}/dist/pg-broker\\.mjs exec --policy ci-migrate .*-- npm run migrate$`).test(s.run ?? '')));
 
   const docs = parseYamlFile('examples/kubernetes/init-container.yaml');
   const pod = docs.find((d) => d.kind === 'Deployment' || d.kind === 'Pod');

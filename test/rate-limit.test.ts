@@ -56,9 +56,17 @@ test('one client IP gets BROKER_RATE_LIMIT_IP requests a minute before authentic
 });
 
 test('oversized headers and bodies are refused', async () => {
-  const big = await b.app.inject({ method: 'POST', url: '/credentials', remoteAddress: '198.51.100.1', headers: { 'content-type': 'application/json' }, payload: JSON.stringify({ ttl: 60, pad: 'x'.repeat(70 * 1024) }) });
+  const post = (payload: string, token?: string) => b.app.inject({
+    method: 'POST', url: '/credentials', remoteAddress: '198.51.100.1',
+    headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, payload,
+  });
+  const oversized = JSON.stringify({ ttl: 60, pad: 'x'.repeat(70 * 1024) });
+  // The token is checked before the body is read: without one, 401 and the body is never parsed.
+  assert.equal((await post(oversized)).statusCode, 401);
+  const big = await post(oversized, await b.token({ sub: 'rl:big' }));
   assert.equal(big.statusCode, 413);
   assert.equal(big.json().code, 'BODY_TOO_LARGE');
+  assert.equal((await post(JSON.stringify({ ttl: 60 }), await b.token({ sub: 'rl:small' }))).statusCode, 201, 'the same request with a small body');
   const url = await b.app.listen({ host: '127.0.0.1', port: 0 });
   const huge = await fetch(`${url}/healthz`, { headers: { 'x-padding': 'x'.repeat(40 * 1024) } });
   assert.equal(huge.status, 431, 'a 40 KB header is refused by the HTTP parser');
