@@ -121,7 +121,7 @@ describe('admins', () => {
     ['GET', '/policies'],
     ['GET', '/policies/ci'],
     ['GET', '/audit'],
-    ['PUT', '/policies/sneaky', { issuer: '', claims: { sub: '*' }, grant_role: 'app_readers', database: 'broker' }],
+    ['PUT', '/policies/sneaky', { issuer: '', claims: { sub: 'sneaky:*' }, grant_role: 'app_readers', database: 'broker' }],
     ['DELETE', '/policies/ci'],
     ['POST', '/leases/revoke', { subject: SUB }],
   ];

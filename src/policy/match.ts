@@ -162,5 +162,10 @@ export function validatePatterns(patterns: ClaimPatterns): string | null {
       }
     }
   }
+  // With a public issuer (anyone can get a GitHub Actions token with any audience) a rule that
+  // only asks for claims every token carries lets in the whole world.
+  if (keys.every((key) => patternList(patterns[key]).some((pattern) => /^\*+$/.test(pattern)))) {
+    return 'every claim accepts any value ("*"), so every token of the issuer would match: narrow at least one claim';
+  }
   return null;
 }

@@ -233,6 +233,15 @@ test('validatePatterns: names the problem', () => {
   }
 });
 
+test('validatePatterns: refuses claims that all accept any value, accepts one narrowed claim', () => {
+  for (const patterns of [{ sub: '*' }, { sub: ['repo:x', '*'] }, { sub: '**', repository_owner: '*' }] as ClaimPatterns[]) {
+    assert.match(validatePatterns(patterns) ?? 'null', /every token of the issuer would match/, JSON.stringify(patterns));
+  }
+  for (const patterns of [{ sub: '*', repository_owner: 'octo-org' }, { sub: '*:*' }, { note: '*', battery: 'free' }] as ClaimPatterns[]) {
+    assert.equal(validatePatterns(patterns), null, JSON.stringify(patterns));
+  }
+});
+
 test('validatePatterns: a tilde in a top-level name is not a pointer escape', () => {
   assert.equal(validatePatterns({ 'a~2': 'x' }), null);
 });
