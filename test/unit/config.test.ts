@@ -161,6 +161,8 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: 5 } }]), 'BROKER_ADMINS');
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: [] } }]), 'BROKER_ADMINS');
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { '/a~2': 'x' } }]), 'BROKER_ADMINS', /pointer/);
+    // An admin rule every token of the issuer meets would make anyone with such a token an admin.
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: '*' } }]), 'BROKER_ADMINS', /every token of the issuer/);
   });
 
   test('ports and counts that are not whole numbers in range', () => {
