@@ -7,6 +7,7 @@ import { Metrics } from './metrics.js';
 import { migrate } from './postgres/migrate.js';
 import { isConnectionError } from './postgres/pool.js';
 import { Reaper } from './reaper/reaper.js';
+import { brokerDatabaseOpenTo } from './postgres/exposure.js';
 
 export interface RunningBroker {
   app: FastifyInstance;
@@ -49,6 +50,11 @@ export async function startBroker(
     else await migrate(config.databaseUrl, config.managedRole, logger);
   }
   const app = await buildApp(config, { ...options, logger });
+  const openTo = await brokerDatabaseOpenTo(app.db, config.managedRole).catch(() => []);
+  if (openTo.length > 0) {
+    logger.warn({ connect: openTo }, 'issued credentials can connect to the broker\'s own database, where a login can take the broker\'s advisory locks and stall issuance or reaping: '
+      + 'REVOKE CONNECT, TEMPORARY ON DATABASE <this database> FROM PUBLIC, and keep the broker schema in a database no policy names (README, Least-privilege setup)');
+  }
   const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
   app.addHook('onReady', async () => reaper.start());
   app.addHook('onClose', async () => reaper.stop());

@@ -3,6 +3,7 @@ import { after, before, describe, test } from 'node:test';
 import type pg from 'pg';
 import { loadConfig } from '../src/config.js';
 import { createLogger } from '../src/logger.js';
+import { brokerDatabaseOpenTo } from '../src/postgres/exposure.js';
 import { startBroker, type RunningBroker } from '../src/server.js';
 import { AUDIENCE, api, brokerEnv, connectAs, leaseRow, loginError, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { freePort } from './helpers/ports.js';
@@ -246,5 +247,25 @@ describe('configuration', () => {
       await served.close();
     }
     assert.deepEqual(logs.filter((l) => JSON.parse(l).level >= 50), [], 'no errors logged');
+    // The test cluster issues credentials for the broker's own database, which start-up flags.
+    const exposed = logs.map((l) => JSON.parse(l)).filter((l) => /can connect to the broker's own database/.test(l.msg));
+    assert.deepEqual(exposed.map((l) => l.connect), [['public']]);
+  });
+
+  test('what start-up checks: PUBLIC or the marker role holding CONNECT on the broker\'s database', async () => {
+    const managed = b.app.config.managedRole;
+    const db = b.pg.database;
+    assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, managed), ['public']);
+    // The broker owns its database, so it keeps CONNECT whatever PUBLIC loses.
+    await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM PUBLIC`, [], 'postgres');
+    try {
+      assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, managed), [], 'closed to issued roles');
+      await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO ${managed}`, [], 'postgres');
+      assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, managed), [managed], 'open to every issued role through the marker');
+    } finally {
+      await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM ${managed}`, [], 'postgres');
+      await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO PUBLIC`, [], 'postgres');
+    }
+    assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, 'no_such_role'), ['public'], 'a marker role not created yet is no error');
   });
 });

@@ -55,6 +55,8 @@ export async function seedLocalCluster(local: SuperuserAccess): Promise<SeededCl
     if (!rowCount) await client.query(`CREATE DATABASE ${db.name} OWNER ${db.owner}`);
     await client.end();
   }
+  // As the README advises: issued roles cannot reach the broker's database or its advisory locks.
+  await asSuperuser(local, 'postgres', ['REVOKE CONNECT, TEMPORARY ON DATABASE broker FROM PUBLIC']);
   await asSuperuser(local, 'app', [
     'CREATE SCHEMA IF NOT EXISTS demo',
     'CREATE TABLE IF NOT EXISTS demo.orders (id int PRIMARY KEY, item text NOT NULL, placed_at timestamptz NOT NULL DEFAULT now())',

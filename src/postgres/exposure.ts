@@ -1,0 +1,19 @@
+import type { Queryable } from './pool.js';
+
+/**
+ * Who besides the broker may connect to the broker's own database: PUBLIC, or the marker role
+ * every issued role belongs to. A login there can take the advisory locks the broker relies on
+ * (migration, reaper leadership, each identity's issuance lock) and so stall it.
+ */
+export async function brokerDatabaseOpenTo(db: Queryable, managedRole: string): Promise<string[]> {
+  // CASE, not AND: has_database_privilege raises on a role that does not exist.
+  const { rows } = await db.query<{ role: string }>(
+    `SELECT r AS role FROM unnest(ARRAY['public', $1]::text[]) AS r
+      WHERE CASE WHEN r = 'public' OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)
+                 THEN has_database_privilege(r, current_database(), 'CONNECT') ELSE false END`,
+    [managedRole],
+  );
+  const roles = rows.map((row) => row.role);
+  // Every role holds what PUBLIC holds: name the marker only for a grant of its own.
+  return roles.includes('public') ? ['public'] : roles;
+}
