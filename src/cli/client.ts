@@ -60,7 +60,27 @@ export async function githubActionsToken(requestUrl: string, requestToken: strin
 }
 
 export function brokerUrl(flag: string | undefined, env: Env = process.env): string {
-  return (flag ?? env.PG_BROKER_URL ?? DEFAULT_BROKER_URL).replace(/\/+$/, '');
+  const url = (flag ?? env.PG_BROKER_URL ?? DEFAULT_BROKER_URL).replace(/\/+$/, '');
+  const warning = plainHttpWarning(url);
+  if (warning) process.stderr.write(`pg-broker: warning: ${warning}\n`);
+  return url;
+}
+
+/**
+ * The token goes to the broker and a password comes back: over plain http to another host both
+ * cross the network readable. Loopback (a port-forward, a sidecar) is fine.
+ */
+export function plainHttpWarning(url: string): string | null {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return null;
+  }
+  if (parsed.protocol !== 'http:') return null;
+  const host = parsed.hostname.replace(/^\[|\]$/g, '');
+  if (host === 'localhost' || host === '::1' || /^127\./.test(host)) return null;
+  return `${url} is plain http: the token and the credential cross the network unencrypted; use https`;
 }
 
 /** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
