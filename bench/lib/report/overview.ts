@@ -36,7 +36,7 @@ export function renderOverview(r: Results, ts: Target[]): string[] {
 
   out.push('## Targets');
   out.push('');
-  out.push(table(['id', 'measure', 'target', 'measured', 'result'], ts.map((t) => [t.id, t.measure, t.target, t.measured, `**${verdict(t)}**${t.miss ? ` (${t.miss})` : ''}`])));
+  out.push(table(['id', 'measure', 'target', 'measured', 'result'], ts.map((t) => [t.id, t.measure, t.target, t.measured, `**${verdict(t)}**${[t.miss, t.note].filter(Boolean).map((x) => ` (${x})`).join('')}`])));
   out.push('');
   if (Object.keys(r.errors).length) {
     out.push('**Scenarios that failed to run:**');
