@@ -156,7 +156,7 @@ describe('JWT attack battery', () => {
       { name: 'invalid JSON in the payload', reason: MALFORMED, token: async () => `${b64({ alg: 'RS256', kid: goodKid })}.${b64('{"sub":')}.c2ln` },
       { name: 'payload that is a JSON array', reason: MALFORMED, token: async () => `${b64({ alg: 'RS256', kid: goodKid })}.${b64('[1,2]')}.c2ln` },
       { name: 'key removed from the JWKS before the broker ever saw it', reason: /signing key not found/, token: () => issuer.sign(claims(), { kid: removedKid }) },
-      { name: 'ES256 header with the RSA kid', reason: KEY, token: async () => unsignedToken({ alg: 'ES256', kid: goodKid }, claims(), 'c2ln') },
+      { name: 'ES256 header with the RSA kid', reason: /signing key does not fit the token algorithm/, token: async () => unsignedToken({ alg: 'ES256', kid: goodKid }, claims(), 'c2ln') },
     ];
     assert.ok(cases.length >= 25, `${cases.length} cases`);
 

@@ -42,51 +42,53 @@ export interface KeyResolverOptions {
   onFetchError?: (issuer: string) => void;
 }
 
-const KNOWN_KEYS_PER_ISSUER = 100;
-
 type GetJwks = ReturnType<typeof buildGetJwks>;
 type Jwk = Record<string, unknown>;
 
-interface KnownKey {
-  pem: string;
-  confirmedAt: number;
-}
-
 interface IssuerKeys {
   issuer: string;
+  /** Used for OIDC discovery only: finding the jwks_uri. */
   jwks: GetJwks;
-  domain: string;
   /** The explicit jwks_uri; without one, OIDC discovery on the issuer finds it. */
   jwksUri: string | null;
-  /** The one JWKS fetch in flight for this issuer, which every cache miss meanwhile shares. */
-  setFetch: Promise<Jwk[]> | null;
-  /** Token bucket for cache-miss fetches. */
+  /** The last key set the JWKS served, by kid, and when; replaced whole by each good fetch. */
+  set: Map<string, Jwk[]> | null;
+  fetchedAt: number;
+  /** The one JWKS fetch in flight for this issuer, which every lookup meanwhile shares. */
+  setFetch: Promise<Map<string, Jwk[]>> | null;
+  /** Token bucket for fetches caused by kids the last set did not list. */
   missBudget: number;
   missBudgetAt: number;
   knownMisses: Map<string, number>;
-  /** The last copy of each (alg, kid) the JWKS served, for riding out a JWKS outage. */
-  known: Map<string, KnownKey>;
   lastFetchFailure: number;
 }
 
-/** A JWKS that answered but does not list the key: unlike a failed fetch, this ends its use. */
-class DefinitiveMiss extends Error {}
+/** Whether a JWK may verify a token with this header alg: key type, curve, use and its own alg. */
+function fits(jwk: Jwk, alg: string): boolean {
+  const wanted = KEY_TYPE_FOR_ALG[alg];
+  if (jwk.kty !== wanted.kty || (wanted.crv && !wanted.crv.includes(jwk.crv as string))) return false;
+  if (jwk.use !== undefined && jwk.use !== 'sig') return false;
+  return jwk.alg === undefined || jwk.alg === alg;
+}
 
 /**
  * Finds the public key for a token's (iss, kid, alg). The issuer must be allow-listed before
- * anything is fetched; each issuer gets its own get-jwks instance so an explicit jwks_uri on
- * another host still works, and its allow-list names only that one location.
+ * anything is fetched: each issuer's JWKS location is its explicit jwks_uri, or what OIDC
+ * discovery on that issuer names.
  *
- * Cache semantics: every key of a fetched set is kept for cacheTtlMs (in get-jwks' cache, which
- * also does OIDC discovery; the set itself is fetched here), so a key the issuer unpublishes
- * keeps verifying until then. Past that, the JWKS is asked again: if it answers without the key,
- * the key is refused from then on; if it cannot be reached, the last copy is used (up to
- * staleKeyMaxAgeMs) so an IdP outage does not lock out tokens signed with keys we already know.
+ * Each fetch takes the issuer's whole key set, which is trusted for cacheTtlMs: a key the issuer
+ * unpublishes keeps verifying until then. Past that, the JWKS is asked again: if it answers
+ * without the key, the key is refused from then on; if it cannot be reached, the last set is used
+ * (up to staleKeyMaxAgeMs) so an IdP outage does not lock out tokens signed with keys we already
+ * know. Keeping whole sets is also what keeps a flood of made-up kids from locking out real ones:
+ * the flood's own fetches bring in a rotated key (or, after a restart, every key) for the tokens
+ * that need it.
  */
 export class KeyResolver {
   private readonly issuers = new Map<string, IssuerKeys>();
   // PEM conversion costs more than a verification; convert each JWK object once.
   private readonly pemCache = new WeakMap<object, string>();
+  private readonly ttlMs: number;
   private readonly cooldownMs: number;
   private readonly missBurst: number;
   private readonly missIntervalMs: number;
@@ -97,6 +99,7 @@ export class KeyResolver {
     const timeout = options.fetchTimeoutMs ?? 3000;
     // The global fetch ignores get-jwks' timeout option; an Agent with its own timeouts does not.
     this.dispatcher = new Agent({ connectTimeout: timeout, headersTimeout: timeout, bodyTimeout: timeout });
+    this.ttlMs = options.cacheTtlMs ?? 10 * 60_000;
     this.cooldownMs = options.unknownKidCooldownMs ?? 5000;
     this.missBurst = options.missFetchBurst ?? 5;
     this.missIntervalMs = options.missFetchIntervalMs ?? 1000;
@@ -105,20 +108,11 @@ export class KeyResolver {
   }
 
   private build(entry: IssuerConfig): IssuerKeys {
-    const fetchOptions = { dispatcher: this.dispatcher } as Record<string, unknown>;
-    // Each fetch caches every key of the set, under each algorithm it may serve: room for a few
-    // dozen keys.
-    const common = { ttl: this.options.cacheTtlMs ?? 10 * 60_000, max: 500, fetchOptions };
-    const state = {
-      issuer: entry.issuer, setFetch: null, missBudget: this.missBurst, missBudgetAt: Date.now(), knownMisses: new Map<string, number>(),
-      known: new Map<string, KnownKey>(), lastFetchFailure: 0,
+    const jwks = buildGetJwks({ issuersWhitelist: [entry.issuer], providerDiscovery: true, fetchOptions: { dispatcher: this.dispatcher } as Record<string, unknown> });
+    return {
+      issuer: entry.issuer, jwks, jwksUri: entry.jwks_uri ?? null, set: null, fetchedAt: 0, setFetch: null,
+      missBudget: this.missBurst, missBudgetAt: Date.now(), knownMisses: new Map<string, number>(), lastFetchFailure: 0,
     };
-    if (entry.jwks_uri) {
-      const url = new URL(entry.jwks_uri);
-      const domain = `${url.protocol}//${url.host}`;
-      return { jwks: buildGetJwks({ ...common, issuersWhitelist: [domain] }), domain, jwksUri: entry.jwks_uri, ...state };
-    }
-    return { jwks: buildGetJwks({ ...common, issuersWhitelist: [entry.issuer], providerDiscovery: true }), domain: entry.issuer, jwksUri: null, ...state };
   }
 
   isAllowed(issuer: unknown): issuer is string {
@@ -129,90 +123,72 @@ export class KeyResolver {
     const keys = this.issuers.get(issuer);
     if (!keys) throw new KeyLookupError('issuer is not allowed');
     if (!KEY_TYPE_FOR_ALG[alg]) throw new KeyLookupError('token algorithm is not allowed');
-    const cacheKey = this.cacheKey(keys, alg, kid);
-    const cached = keys.jwks.cache.get(cacheKey) as Jwk | undefined;
-    if (cached) return this.toPem(cached, alg);
-    const known = keys.known.get(cacheKey);
+    const now = Date.now();
+    const listed = keys.set?.get(kid);
+    if (listed && now - keys.fetchedAt < this.ttlMs) return this.toPem(listed, alg);
+    // A key the last good set listed, while that set is not too old to fall back on.
+    const fallback = listed && now - keys.fetchedAt < this.staleMaxAgeMs ? listed : undefined;
     // Right after a failed fetch, known keys are served without waiting on the JWKS again, so
     // an outage costs one timeout per cooldown rather than one per request.
-    if (known && Date.now() - keys.lastFetchFailure < this.cooldownMs && this.fresh(known)) return known.pem;
-    if (!known) this.guardUnknownKid(keys, kid);
-    let jwk: Jwk;
+    if (fallback && now - keys.lastFetchFailure < this.cooldownMs) return this.toPem(fallback, alg);
+    if (!listed) this.guardUnknownKid(keys, kid);
+    let set: Map<string, Jwk[]>;
     try {
-      jwk = this.pick(await this.fetchKeySet(keys), alg, kid);
-    } catch (err) {
-      if (err instanceof DefinitiveMiss) {
-        keys.known.delete(cacheKey);
-        keys.knownMisses.set(kid, Date.now());
-        throw new KeyLookupError('signing key not found in the issuer JWKS');
-      }
-      // A key we knew keeps verifying through the outage; no stale copy outlives a JWKS that
-      // answered without it (the branch above).
-      if (known && this.fresh(known)) return known.pem;
+      set = await this.fetchKeySet(keys);
+    } catch {
+      if (fallback) return this.toPem(fallback, alg);
       throw new KeyLookupError('could not fetch the issuer JWKS', true);
     }
-    const pem = this.toPem(jwk, alg);
-    keys.known.delete(cacheKey);
-    keys.known.set(cacheKey, { pem, confirmedAt: Date.now() });
-    if (keys.known.size > KNOWN_KEYS_PER_ISSUER) keys.known.delete(keys.known.keys().next().value!);
-    return pem;
-  }
-
-  private cacheKey(keys: IssuerKeys, alg: string, kid: string): string {
-    return keys.jwks.generateCacheKey(alg, kid, keys.domain.endsWith('/') ? keys.domain : `${keys.domain}/`);
-  }
-
-  private pick(set: Jwk[], alg: string, kid: string): Jwk {
-    const jwk = set.find((key) => key.kid === kid && (key.alg === undefined || key.alg === alg));
-    if (!jwk) throw new DefinitiveMiss();
-    return jwk;
+    const found = set.get(kid);
+    if (!found) {
+      keys.knownMisses.set(kid, Date.now());
+      throw new KeyLookupError('signing key not found in the issuer JWKS');
+    }
+    return this.toPem(found, alg);
   }
 
   /**
-   * Fetches the issuer's whole JWKS, at most one fetch at a time, and caches every key in it.
-   * Caching the whole set is what keeps a flood of made-up kids from locking out real ones: the
-   * flood's own fetches bring in a rotated key (or, after a restart, every key) for the tokens
-   * that need it, instead of spending the fetch budget on one kid each.
+   * Fetches the issuer's whole JWKS, at most one fetch at a time: every lookup that needs it
+   * meanwhile waits for the same answer.
    */
-  private fetchKeySet(keys: IssuerKeys): Promise<Jwk[]> {
+  private fetchKeySet(keys: IssuerKeys): Promise<Map<string, Jwk[]>> {
     keys.setFetch ??= this.loadKeySet(keys).finally(() => (keys.setFetch = null));
     return keys.setFetch;
   }
 
-  private async loadKeySet(keys: IssuerKeys): Promise<Jwk[]> {
+  private async loadKeySet(keys: IssuerKeys): Promise<Map<string, Jwk[]>> {
+    let set: Map<string, Jwk[]>;
     try {
       const uri = keys.jwksUri ?? await keys.jwks.getJwksUri(`${keys.issuer.replace(/\/$/, '')}/`);
       const res = await fetch(uri, { dispatcher: this.dispatcher } as RequestInit);
       const body = (await res.json()) as { keys?: unknown };
       if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
-      if (!Array.isArray(body.keys) || body.keys.length === 0) throw new DefinitiveMiss();
-      const set = body.keys.filter((k): k is Jwk => typeof k === 'object' && k !== null && typeof (k as Jwk).kid === 'string');
-      for (const jwk of set) {
-        for (const alg of Object.keys(KEY_TYPE_FOR_ALG)) {
-          if (jwk.alg === undefined || jwk.alg === alg) keys.jwks.cache.set(this.cacheKey(keys, alg, jwk.kid as string), jwk as never);
-        }
+      if (body.keys !== undefined && !Array.isArray(body.keys)) throw new Error('JWKS keys is not an array');
+      set = new Map();
+      for (const jwk of body.keys ?? []) {
+        if (typeof jwk !== 'object' || jwk === null || typeof (jwk as Jwk).kid !== 'string') continue;
+        const kid = (jwk as Jwk).kid as string;
+        set.set(kid, [...(set.get(kid) ?? []), jwk as Jwk]);
       }
-      keys.lastFetchFailure = 0;
-      return set;
     } catch (err) {
-      if (!(err instanceof DefinitiveMiss)) {
-        keys.lastFetchFailure = Date.now();
-        this.options.onFetchError?.(keys.issuer);
-      }
+      keys.lastFetchFailure = Date.now();
+      this.options.onFetchError?.(keys.issuer);
       throw err;
     }
+    // An answer replaces the whole set: a key it no longer lists is gone, outage or not.
+    keys.set = set;
+    keys.fetchedAt = Date.now();
+    keys.lastFetchFailure = 0;
+    return set;
   }
 
-  private fresh(known: KnownKey): boolean {
-    return Date.now() - known.confirmedAt < this.staleMaxAgeMs;
-  }
-
-  private toPem(jwk: Record<string, unknown>, alg: string): string {
-    const wanted = KEY_TYPE_FOR_ALG[alg];
-    if (jwk.kty !== wanted.kty || (wanted.crv && !wanted.crv.includes(jwk.crv as string))) {
-      throw new KeyLookupError('signing key does not fit the token algorithm');
+  /** The PEM of the first of a kid's keys that fits the alg; a clear refusal when none does. */
+  private toPem(candidates: Jwk[], alg: string): string {
+    const jwk = candidates.find((key) => fits(key, alg));
+    if (!jwk) {
+      const forSignatures = candidates.some((key) => key.use === undefined || key.use === 'sig');
+      throw new KeyLookupError(forSignatures ? 'signing key does not fit the token algorithm' : 'signing key is not meant for signatures');
     }
-    if (jwk.use !== undefined && jwk.use !== 'sig') throw new KeyLookupError('signing key is not meant for signatures');
     let pem = this.pemCache.get(jwk);
     if (!pem) {
       try {

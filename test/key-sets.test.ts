@@ -1,0 +1,94 @@
+import assert from 'node:assert/strict';
+import { createPublicKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { KeyLookupError, KeyResolver } from '../src/auth/keys.js';
+
+/**
+ * The key resolver against a JWKS server on 127.0.0.1 that serves whatever key set a test sets,
+ * including what real issuers' sets can hold: kids shared by several keys, encryption keys, and
+ * many keys at once.
+ */
+
+let server: http.Server;
+let jwksUri = '';
+let keys: object[] = [];
+let fetches = 0;
+
+const jwk = (key: KeyObject, extra: Record<string, unknown>) => ({ ...key.export({ format: 'jwk' }), ...extra });
+const rsa = () => generateKeyPairSync('rsa', { modulusLength: 2048 }).publicKey;
+const ec = () => generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey;
+const pemOf = (key: KeyObject) => key.export({ type: 'spki', format: 'pem' }).toString();
+const resolver = (options = {}) => new KeyResolver([{ issuer: 'https://issuer.example', jwks_uri: jwksUri }], options);
+
+before(async () => {
+  server = http.createServer((_req, res) => {
+    fetches++;
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify({ keys }));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  jwksUri = `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks.json`;
+});
+after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+
+describe('key sets as issuers publish them', () => {
+  test('a kid shared by an EC and an RSA key serves each algorithm its own key, every time', async () => {
+    const [e, r] = [ec(), rsa()];
+    keys = [jwk(e, { kid: 'dup' }), jwk(r, { kid: 'dup' })];
+    const keyResolver = resolver();
+    try {
+      for (let i = 0; i < 2; i++) {
+        assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'dup', 'RS256'), pemOf(r));
+        assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'dup', 'ES256'), pemOf(e));
+      }
+      await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'dup', 'ES384'), /does not fit the token algorithm/);
+    } finally {
+      await keyResolver.close();
+    }
+  });
+
+  test('an encryption key sharing a kid with a signing key is never used to verify', async () => {
+    const [enc, sig, only] = [rsa(), rsa(), rsa()];
+    keys = [jwk(enc, { kid: 'mixed', use: 'enc' }), jwk(sig, { kid: 'mixed', use: 'sig' }), jwk(only, { kid: 'enc-only', use: 'enc' })];
+    const keyResolver = resolver();
+    try {
+      for (let i = 0; i < 2; i++) assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'mixed', 'RS256'), pemOf(sig));
+      await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'enc-only', 'RS256'), /not meant for signatures/);
+    } finally {
+      await keyResolver.close();
+    }
+  });
+
+  test('a set of 80 keys is fetched once for lookups of many of them, with a fetch budget of one', async () => {
+    const published = Array.from({ length: 80 }, (_, i) => ({ kid: `k${i}`, key: ec() }));
+    keys = published.map(({ kid, key }) => jwk(key, { kid }));
+    const keyResolver = resolver({ missFetchBurst: 1, missFetchIntervalMs: 3_600_000 });
+    try {
+      const before = fetches;
+      for (const { kid, key } of published.filter((_, i) => i % 8 === 0)) {
+        assert.equal(await keyResolver.publicKeyPem('https://issuer.example', kid, 'ES256'), pemOf(key));
+      }
+      assert.equal(fetches, before + 1);
+      // The budget is spent: a kid the set does not list is refused without another fetch.
+      await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'unlisted', 'ES256'), (err: unknown) => err instanceof KeyLookupError && /cooling down/.test(err.message));
+      assert.equal(fetches, before + 1);
+    } finally {
+      await keyResolver.close();
+    }
+  });
+
+  test('a JWK converts to the same PEM as node:crypto makes of the key', async () => {
+    const key = rsa();
+    keys = [jwk(key, { kid: 'plain', alg: 'RS256' })];
+    const keyResolver = resolver();
+    try {
+      const pem = await keyResolver.publicKeyPem('https://issuer.example', 'plain', 'RS256');
+      assert.equal(createPublicKey(pem).export({ format: 'jwk' }).n, key.export({ format: 'jwk' }).n);
+      await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'plain', 'PS256'), /does not fit/, 'its alg pins it to RS256');
+    } finally {
+      await keyResolver.close();
+    }
+  });
+});
