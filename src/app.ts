@@ -108,6 +108,15 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   });
   app.decorate('grantRoles', new GrantRoleGuard(config.managedRole, config.grantRecheckSeconds * 1000));
   if (!options.pool) app.addHook('onClose', async () => pool.end());
+  // A request refused before its body was read (per-IP limit, token check) leaves the body
+  // unread; on a kept-alive connection those bytes would stall the next request. Such an answer
+  // closes the connection, as Fastify's own answer does when it refuses a body.
+  app.addHook('onSend', async (request, reply) => {
+    const { 'content-length': length, 'transfer-encoding': chunked } = request.headers;
+    if (reply.statusCode >= 400 && request.body === undefined && (chunked || (length !== undefined && length !== '0'))) {
+      reply.header('connection', 'close');
+    }
+  });
   app.addSchema(Problem);
   decorateLogNote(app);
 

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { after, before, test } from 'node:test';
 import { startTestBroker, type TestBroker } from './helpers/broker.js';
 
@@ -55,7 +56,8 @@ test('one client IP gets BROKER_RATE_LIMIT_IP requests a minute before authentic
   assert.equal((await b.app.inject({ method: 'GET', url: '/leases', remoteAddress: '192.0.2.8' })).statusCode, 401, 'another IP is not limited');
 });
 
-test('oversized headers and bodies are refused', async () => {
+// The timeout: a connection left waiting for an unread body would otherwise hang the test.
+test('oversized headers and bodies are refused', { timeout: 60_000 }, async () => {
   const post = (payload: string, token?: string) => b.app.inject({
     method: 'POST', url: '/credentials', remoteAddress: '198.51.100.1',
     headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) }, payload,
@@ -72,4 +74,22 @@ test('oversized headers and bodies are refused', async () => {
   assert.equal(huge.status, 431, 'a 40 KB header is refused by the HTTP parser');
   const fine = await fetch(`${url}/healthz`, { headers: { 'x-padding': 'x'.repeat(20 * 1024) } });
   assert.equal(fine.status, 200, 'a 20 KB header (room for a 16 KB token) is accepted');
+
+  // Over a real kept-alive socket, a refused request whose large body is never read must not
+  // leave the connection waiting for it: the answer closes the connection.
+  const { port } = new URL(url);
+  for (const [label, token] of [['no token', undefined], ['a valid token', await b.token({ sub: 'rl:socket' })]] as const) {
+    const socket = net.connect(Number(port), '127.0.0.1');
+    const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+    let answer = '';
+    socket.on('data', (chunk: Buffer) => (answer += chunk.toString('latin1')));
+    socket.on('error', () => undefined);
+    socket.write(`POST /credentials HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: ${8 * 1024 * 1024}\r\n`
+      + `Connection: keep-alive\r\n${token ? `Authorization: Bearer ${token}\r\n` : ''}\r\n`);
+    socket.write(Buffer.alloc(256 * 1024, 'x'));
+    await closed;
+    const head = answer.split('\r\n\r\n')[0];
+    assert.match(head, token ? /^HTTP\/1\.1 413 / : /^HTTP\/1\.1 401 /, `${label}: ${head}`);
+    assert.match(head, /\r\nconnection: close\r\n/i, `${label}: ${head}`);
+  }
 });
