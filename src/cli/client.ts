@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import { isIPv4 } from 'node:net';
 
 /** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
 export class CliError extends Error {
@@ -79,7 +80,7 @@ export function plainHttpWarning(url: string): string | null {
   }
   if (parsed.protocol !== 'http:') return null;
   const host = parsed.hostname.replace(/^\[|\]$/g, '');
-  if (host === 'localhost' || host === '::1' || /^127\./.test(host)) return null;
+  if (host === 'localhost' || host === '::1' || (isIPv4(host) && host.startsWith('127.'))) return null;
   return `${url} is plain http: the token and the credential cross the network unencrypted; use https`;
 }
 

@@ -21,7 +21,7 @@ export interface Target {
 // section says so): a verdict nearer the threshold than that is not settled by one run.
 const RATIO_SPREAD = 0.05;
 const nearThreshold = (value: number, threshold: number) =>
-  Math.abs(value - threshold) < RATIO_SPREAD ? `within the ±${pct(RATIO_SPREAD)} this ratio varies between runs` : undefined;
+  Math.abs(value / threshold - 1) < RATIO_SPREAD ? `within the ±${pct(RATIO_SPREAD)} this ratio varies between runs` : undefined;
 
 function level(r: Results, iterations: 'default' | 'tuned', connections: number): IssuanceLevel | undefined {
   const set = iterations === 'default' ? r.issuance[0] : r.issuance[1];
