@@ -139,6 +139,8 @@ export function matchClaims(patterns: ClaimPatterns, claims: Record<string, unkn
   return failed;
 }
 
+const REGISTERED_CLAIMS = new Set(['iss', 'aud', 'exp', 'nbf', 'iat']);
+
 /** null when the patterns are acceptable; otherwise a reason fit to show the policy's author. */
 export function validatePatterns(patterns: ClaimPatterns): string | null {
   if (!isPlainObject(patterns)) return 'claims must be an object mapping claim names to patterns';
@@ -163,9 +165,11 @@ export function validatePatterns(patterns: ClaimPatterns): string | null {
     }
   }
   // With a public issuer (anyone can get a GitHub Actions token with any audience) a rule that
-  // only asks for claims every token carries lets in the whole world.
-  if (keys.every((key) => patternList(patterns[key]).some((pattern) => /^\*+$/.test(pattern)))) {
-    return 'every claim accepts any value ("*"), so every token of the issuer would match: narrow at least one claim';
+  // only asks for claims every token carries lets in the whole world. The registered claims do
+  // not narrow: iss is the issuer's own, aud the broker's, and the times say nothing of who.
+  const narrows = (key: string) => !REGISTERED_CLAIMS.has(key) && !patternList(patterns[key]).some((pattern) => /^\*+$/.test(pattern));
+  if (!keys.some(narrows)) {
+    return 'no claim narrows the match (each is "*", or one of iss, aud, exp, nbf, iat), so every token of the issuer would match: bind a claim such as sub or repository';
   }
   return null;
 }

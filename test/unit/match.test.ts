@@ -234,10 +234,10 @@ test('validatePatterns: names the problem', () => {
 });
 
 test('validatePatterns: refuses claims that all accept any value, accepts one narrowed claim', () => {
-  for (const patterns of [{ sub: '*' }, { sub: ['repo:x', '*'] }, { sub: '**', repository_owner: '*' }] as ClaimPatterns[]) {
+  for (const patterns of [{ sub: '*' }, { sub: ['repo:x', '*'] }, { sub: '**', repository_owner: '*' }, { iss: 'https://token.actions.githubusercontent.com' }, { aud: 'pg-broker', sub: '*' }] as ClaimPatterns[]) {
     assert.match(validatePatterns(patterns) ?? 'null', /every token of the issuer would match/, JSON.stringify(patterns));
   }
-  for (const patterns of [{ sub: '*', repository_owner: 'octo-org' }, { sub: '*:*' }, { note: '*', battery: 'free' }] as ClaimPatterns[]) {
+  for (const patterns of [{ sub: '*', repository_owner: 'octo-org' }, { sub: 'repo:octo-org/*' }, { note: '*', battery: 'free' }, { aud: 'pg-broker', repository: 'octo-org/app' }] as ClaimPatterns[]) {
     assert.equal(validatePatterns(patterns), null, JSON.stringify(patterns));
   }
 });
