@@ -202,8 +202,10 @@ describe('renew', () => {
       assert.equal(res.status, 403, JSON.stringify(res.body));
       assert.equal(res.body.code, 'NO_POLICY');
       assert.match(res.body.detail, why);
+      const row = await leaseRow(b.pg, cred.lease_id);
       assert.equal(await validUntil(cred.username), before, 'a refused renew changes nothing');
-      assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'active', 'the lease itself runs on');
+      assert.equal(new Date(row.expires_at).toISOString(), before, 'neither in PostgreSQL nor in the lease');
+      assert.equal(row.state, 'active', 'the lease itself runs on');
     };
     assert.equal((await renew()).status, 200);
 
@@ -216,6 +218,11 @@ describe('renew', () => {
     await refused(/claim sub does not match/);
     await b.putPolicy('recheck', policy);
     assert.equal((await renew()).status, 200);
+
+    await b.putPolicy('recheck', { ...policy, grant_role: 'app_migrators' });
+    await refused(/now grants app_migrators on .*this lease holds app_readers/);
+    await b.putPolicy('recheck', policy);
+    assert.equal((await renew()).status, 200, 'granting the same again, it renews again');
 
     assert.equal((await api(b, 'DELETE', '/policies/recheck', await b.adminToken())).status, 204);
     await refused(/policy recheck no longer admits this token \(it no longer exists\)/);

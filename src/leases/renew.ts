@@ -47,8 +47,15 @@ export async function renewLease(
     // already issued still run to their expiry; revoke them to end them sooner).
     const policy = await getPolicy(client, row.policy);
     const refusal = policy ? whyNotAdmitted(evaluatePolicies([policy], owner.claims)[0]) : 'it no longer exists';
+    const endsAt = (row.expires_at as Date).toISOString();
     if (!policy || refusal) {
-      throw new Errors.NoPolicy(`Lease ${id} cannot be renewed: policy ${row.policy} no longer admits this token (${refusal}); it still ends at ${(row.expires_at as Date).toISOString()}`);
+      throw new Errors.NoPolicy(`Lease ${id} cannot be renewed: policy ${row.policy} no longer admits this token (${refusal}); it still ends at ${endsAt}`);
+    }
+    // Nor is more time given to access the policy no longer hands out: a new credential carries
+    // what it grants now.
+    if (policy.grant_role !== row.grant_role || policy.database !== row.database) {
+      throw new Errors.NoPolicy(`Lease ${id} cannot be renewed: policy ${row.policy} now grants ${policy.grant_role} on ${policy.database}, `
+        + `and this lease holds ${row.grant_role} on ${row.database}; request a new credential (this one still ends at ${endsAt})`);
     }
     const ttl = ttlSeconds ?? policy.default_ttl;
     const wanted = wholeSecondAfter(Date.now() + ttl * 1000).getTime();
