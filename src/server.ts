@@ -50,7 +50,10 @@ export async function startBroker(
     else await migrate(config.databaseUrl, config.managedRole, logger);
   }
   const app = await buildApp(config, { ...options, logger });
-  const openTo = await brokerDatabaseOpenTo(app.db, config.managedRole).catch(() => []);
+  const openTo = await brokerDatabaseOpenTo(app.db, config.managedRole).catch((err: Error) => {
+    logger.warn({ err: { message: err.message } }, 'could not check who may connect to the broker\'s own database');
+    return [];
+  });
   if (openTo.length > 0) {
     logger.warn({ connect: openTo }, 'issued credentials can connect to the broker\'s own database, where a login can take the broker\'s advisory locks and stall issuance or reaping: '
       + 'REVOKE CONNECT, TEMPORARY ON DATABASE <this database> FROM PUBLIC, and keep the broker schema in a database no policy names (README, Least-privilege setup)');

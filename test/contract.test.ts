@@ -262,8 +262,10 @@ describe('configuration', () => {
       assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, managed), [], 'closed to issued roles');
       await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO ${managed}`, [], 'postgres');
       assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, managed), [managed], 'open to every issued role through the marker');
+      await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM ${managed}; GRANT CONNECT ON DATABASE ${db} TO app_readers`, [], 'postgres');
+      assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, managed), ['app_readers'], 'open to the group a policy hands out');
     } finally {
-      await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM ${managed}`, [], 'postgres');
+      await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM ${managed}; REVOKE CONNECT ON DATABASE ${db} FROM app_readers`, [], 'postgres');
       await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO PUBLIC`, [], 'postgres');
     }
     assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, 'no_such_role'), ['public'], 'a marker role not created yet is no error');

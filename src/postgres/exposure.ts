@@ -1,16 +1,18 @@
 import type { Queryable } from './pool.js';
 
 /**
- * Who besides the broker may connect to the broker's own database: PUBLIC, or the marker role
- * every issued role belongs to. A login there can take the advisory locks the broker relies on
- * (migration, reaper leadership, each identity's issuance lock) and so stall it.
+ * Who besides the broker may connect to the broker's own database: PUBLIC, the marker role every
+ * issued role belongs to, or a group a policy hands out. A login there can take the advisory
+ * locks the broker relies on (migration, reaper leadership, each identity's issuance lock) and
+ * so stall it.
  */
 export async function brokerDatabaseOpenTo(db: Queryable, managedRole: string): Promise<string[]> {
   // CASE, not AND: has_database_privilege raises on a role that does not exist.
   const { rows } = await db.query<{ role: string }>(
-    `SELECT r AS role FROM unnest(ARRAY['public', $1]::text[]) AS r
+    `SELECT r AS role FROM (SELECT 'public' AS r UNION SELECT $1 UNION SELECT grant_role FROM broker.policies) AS candidates
       WHERE CASE WHEN r = 'public' OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)
-                 THEN has_database_privilege(r, current_database(), 'CONNECT') ELSE false END`,
+                 THEN has_database_privilege(r, current_database(), 'CONNECT') ELSE false END
+      ORDER BY r`,
     [managedRole],
   );
   const roles = rows.map((row) => row.role);
