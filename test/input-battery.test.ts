@@ -191,6 +191,12 @@ describe('hostile claims', () => {
     assert.deepEqual(await storedNote('\\u0000 literal'), { battery: 'free', note: '\\u0000 literal' });
   });
 
+  // A token's JSON may escape half a surrogate pair; jsonb refuses that, so it is stored as U+FFFD.
+  test('a lone surrogate in a claim is stored as U+FFFD, an emoji as itself', async () => {
+    assert.deepEqual(await storedNote('lone \ud800 half'), { battery: 'free', note: 'lone \uFFFD half' });
+    assert.deepEqual(await storedNote('fire 🔥'), { battery: 'free', note: 'fire 🔥' });
+  });
+
   test('claim names that reach for prototypes are plain data', async () => {
     const token = await b.token({ sub: 'proto', battery: 'yes', __proto__: { admin: true }, constructor: 'x', toString: 'y' } as Record<string, unknown>);
     const res = await send('prototype claims', { token, payload: { policy: 'any-subject' } });

@@ -1,10 +1,11 @@
 /**
- * JSON for a jsonb column: PostgreSQL refuses the NUL character (\u0000) in jsonb text, and a
- * token may carry one, so it becomes U+FFFD. Only a real escape is rewritten: the text
- * backslash-u-0000 (serialised with its backslash doubled) is left as it is.
+ * JSON for a jsonb column. PostgreSQL refuses two things a token's claims may carry: the NUL
+ * character, and a lone UTF-16 surrogate (JSON.stringify writes paired ones as characters and
+ * only lone ones as \udXXX escapes). Both become U+FFFD. Only real escapes are rewritten: the
+ * same text with its backslash doubled by JSON.stringify is data and stays as it is.
  */
 export function jsonbText(value: unknown): string {
-  return JSON.stringify(value).replace(/(?<=(?:^|[^\\])(?:\\\\)*)\\u0000/g, '\\ufffd');
+  return JSON.stringify(value).replace(/(?<=(?:^|[^\\])(?:\\\\)*)\\u(?:0000|d[89a-f][0-9a-f]{2})/g, '\\ufffd');
 }
 
 /** Converts pg's Date values to RFC 3339 UTC strings, leaving everything else alone. */
