@@ -122,7 +122,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
     '/leases/:id/renew',
     {
       schema: {
-        summary: 'Extend an active lease by ttl seconds, never past max_expires_at (owner)',
+        summary: 'Renew an active lease: it now ends ttl seconds from now (default_ttl without one; earlier than before if ttl is short), never past max_expires_at; its policy must still admit the token (owner)',
         tags: ['leases'],
         params: LeaseIdParams,
         body: RenewRequest,
