@@ -15,8 +15,9 @@ before(async () => {
 });
 after(async () => b?.close());
 
-// expires_at is cut to a whole second, so a lease lives between ttl - 1 and ttl seconds: tests
-// that log in before expiry use ttl >= 3, to stay clear of that even on a loaded machine.
+// expires_at is rounded up to a whole second, so a lease lives between ttl and ttl + 1 seconds
+// from issuance; tests that log in before expiry still use ttl >= 3, since a loaded machine can
+// take a second or more between the answer and the login.
 async function issueOk(sub: string, body: Record<string, unknown> = {}): Promise<any> {
   const res = await b.issue(await b.token({ sub }), body);
   assert.equal(res.status, 201, JSON.stringify(res.body));
