@@ -229,17 +229,18 @@ describe('unknown kid flood', () => {
   });
 
   test('once a flood stops, a genuinely rotated key is picked up at the next refill, well before any cooldown', HANG_GUARD, async () => {
-    // Refill every 200 ms, cooldown 60 s: only a working refill lets the rotated key in within the
+    // Refill every 3 s, cooldown 60 s: only a working refill lets the rotated key in within the
     // deadline below; a budget that never refilled would keep refusing it for the whole test.
-    const resolver = new KeyResolver([{ issuer: quiet.issuer, jwks_uri: quiet.jwksUri }], { missFetchBurst: 2, missFetchIntervalMs: 200, unknownKidCooldownMs: 60_000 });
+    const resolver = new KeyResolver([{ issuer: quiet.issuer, jwks_uri: quiet.jwksUri }], { missFetchBurst: 2, missFetchIntervalMs: 3000, unknownKidCooldownMs: 60_000 });
     try {
       await Promise.allSettled(Array.from({ length: 50 }, (_, i) => resolver.publicKeyPem(quiet.issuer, `flood-${i}-${randomUUID()}`, 'RS256')));
       for (let i = 0; i < 3; i++) await resolver.publicKeyPem(quiet.issuer, `flood-more-${randomUUID()}`, 'RS256').catch(() => undefined);
-      const kid = await quiet.addKey('RS256');
-      await assert.rejects(resolver.publicKeyPem(quiet.issuer, kid, 'RS256'), /cooling down/, 'the flood used up the budget');
+      await assert.rejects(resolver.publicKeyPem(quiet.issuer, `flood-last-${randomUUID()}`, 'RS256'), /cooling down/, 'the flood used up the budget');
+      // Published after the flood's last fetch, so only a fetch of its own can bring it in.
+      const kid = await quiet.addKey('ES256');
       let pem: string | undefined;
       for (const deadline = Date.now() + 20_000; !pem && Date.now() < deadline; await sleep(50)) {
-        pem = await resolver.publicKeyPem(quiet.issuer, kid, 'RS256').catch(() => undefined);
+        pem = await resolver.publicKeyPem(quiet.issuer, kid, 'ES256').catch(() => undefined);
       }
       assert.match(pem ?? 'refused', /BEGIN PUBLIC KEY/, 'the rotated key was accepted without a restart');
     } finally {
