@@ -130,3 +130,21 @@ test('the logger censors secrets wherever they appear in a log object', () => {
   assert.match(text, /\[REDACTED\]/);
   assert.match(text, /"msg":"probe"/, 'the rest of the line is kept');
 });
+
+test('/readyz answers every caller, and concurrent calls share one query', async () => {
+  let checkouts = 0;
+  const count = () => void checkouts++;
+  b.app.db.on('acquire', count);
+  try {
+    const answers = await Promise.all(Array.from({ length: 30 }, () => b.app.inject({ method: 'GET', url: '/readyz' })));
+    assert.deepEqual([...new Set(answers.map((a) => a.statusCode))], [200]);
+    assert.deepEqual(answers[0].json(), { status: 'ready' });
+    // One for the 30 readiness calls; one more only if the reaper happened to run meanwhile.
+    assert.ok(checkouts >= 1 && checkouts <= 2, `${checkouts} pool checkouts for 30 concurrent readiness calls`);
+    // A call after those have been answered asks PostgreSQL again.
+    assert.equal((await b.app.inject({ method: 'GET', url: '/readyz' })).statusCode, 200);
+    assert.ok(checkouts >= 2, 'a later call is not served from an old answer');
+  } finally {
+    b.app.db.off('acquire', count);
+  }
+});
