@@ -2,7 +2,8 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { STATUS_CODES } from 'node:http';
 import { recordAudit } from './audit/repository.js';
 import { bearerToken, peekClaims, TokenRejected } from './auth/verify.js';
-import { isConnectionError } from './postgres/pool.js';
+import { Errors } from './errors.js';
+import { isConnectionError, isLockTimeout } from './postgres/pool.js';
 import type { ProblemBody } from './schemas/common.js';
 
 export const RETRY_AFTER_SECONDS = 5;
@@ -45,8 +46,13 @@ export function installProblemHandler(app: FastifyInstance): void {
       reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
       return sendProblem(reply, 503, 'DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly');
     }
+    if (isLockTimeout(error)) {
+      // Logged with PostgreSQL's text, which names no lock holder; pg_locks at the time would.
+      request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL lock wait timed out');
+      error = new Errors.DatabaseBusy(app.config.lockTimeoutSeconds);
+    }
     const { status, code, detail } = answerFor(error, request);
-    if (status === 429 && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
+    if ((status === 429 || status === 503) && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
     // A verified caller refused (a bad body, not an admin, rate-limited, not their lease, an ended
     // lease) or failed leaves an audit event like every other outcome, unless the route recorded its own.
     if (request.identity && !request.audited) await auditOutcome(app, request, status, code);
@@ -68,6 +74,7 @@ function answerFor(error: FastifyError, request: FastifyRequest): { status: numb
     request.log.error({ err: error }, 'revocation incomplete');
     return { status: 500, code: error.code, detail: error.message };
   }
+  if (error.code === 'DATABASE_BUSY') return { status, code: error.code, detail: error.message };
   if (status >= 500) {
     request.log.error({ err: error }, 'request failed');
     return { status: 500, code: 'INTERNAL', detail: 'Internal error; see the broker log for this request_id' };

@@ -3,13 +3,24 @@ import type { Logger } from 'pino';
 
 export type Queryable = Pick<pg.PoolClient, 'query'>;
 
-export function createPool(connectionString: string, logger: Logger, max = 10): pg.Pool {
+/**
+ * Session settings for every connection the broker opens for its work. A lock wait is bounded
+ * (BROKER_LOCK_TIMEOUT; 0 waits forever): a request blocked by another session's open
+ * transaction answers 503 instead of hanging, and a DROP OWNED queued behind a long query
+ * neither stalls the reaper nor holds up every other query on that table while it waits.
+ */
+export function sessionSettings(lockTimeoutSeconds: number): Pick<pg.ClientConfig, 'lock_timeout'> {
+  return lockTimeoutSeconds > 0 ? { lock_timeout: lockTimeoutSeconds * 1000 } : {};
+}
+
+export function createPool(connectionString: string, logger: Logger, max = 10, lockTimeoutSeconds = 0): pg.Pool {
   const pool = new pg.Pool({
     connectionString,
     max,
     connectionTimeoutMillis: 5000,
     idleTimeoutMillis: 30_000,
     application_name: 'pg-credential-broker',
+    ...sessionSettings(lockTimeoutSeconds),
   });
   // Without these listeners a server restart or a terminated backend crashes the process.
   pool.on('error', (err) => logger.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, 'idle PostgreSQL connection failed'));
@@ -59,6 +70,11 @@ export async function withBatchedTransaction<T>(
 }
 
 const CONNECTION_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'EHOSTDOWN', 'ENETUNREACH', 'EAI_AGAIN']);
+
+/** SQLSTATE 55P03: a lock wait passed lock_timeout; the statement's transaction is rolled back. */
+export function isLockTimeout(err: unknown): boolean {
+  return !!err && typeof err === 'object' && (err as { code?: string }).code === '55P03';
+}
 
 /** True when the error means PostgreSQL itself is unreachable, not that a statement failed. */
 export function isConnectionError(err: unknown): boolean {

@@ -47,6 +47,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.rateLimitIp, 600);
     assert.equal(c.rateLimitIdentity, 120);
     assert.equal(c.dbPoolSize, 10);
+    assert.equal(c.lockTimeoutSeconds, 10);
     assert.equal(c.host, '0.0.0.0');
     assert.equal(c.port, 8080);
     assert.equal(c.logLevel, 'info');
@@ -93,6 +94,7 @@ describe('loadConfig: good values', () => {
       BROKER_RATE_LIMIT_IP: '50',
       BROKER_RATE_LIMIT_IDENTITY: '5',
       BROKER_DB_POOL_SIZE: '4',
+      BROKER_LOCK_TIMEOUT: '0',
       HOST: '127.0.0.1',
       PORT: ' 9000 ',
       LOG_LEVEL: 'debug',
@@ -108,6 +110,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.rateLimitIp, 50);
     assert.equal(c.rateLimitIdentity, 5);
     assert.equal(c.dbPoolSize, 4);
+    assert.equal(c.lockTimeoutSeconds, 0, '0 turns the bound off');
     assert.equal(c.host, '127.0.0.1');
     assert.equal(c.port, 9000);
     assert.equal(c.logLevel, 'debug');
@@ -184,6 +187,9 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_DB_POOL_SIZE: '2.5' }, 'BROKER_DB_POOL_SIZE');
     rejects({ BROKER_DB_POOL_SIZE: '1001' }, 'BROKER_DB_POOL_SIZE');
     rejects({ BROKER_SCRAM_ITERATIONS: '0' }, 'BROKER_SCRAM_ITERATIONS');
+    rejects({ BROKER_LOCK_TIMEOUT: '-1' }, 'BROKER_LOCK_TIMEOUT');
+    rejects({ BROKER_LOCK_TIMEOUT: '1.5' }, 'BROKER_LOCK_TIMEOUT');
+    rejects({ BROKER_LOCK_TIMEOUT: '3601' }, 'BROKER_LOCK_TIMEOUT');
   });
 
   test('BROKER_MANAGED_ROLE must be a plain identifier outside the reserved pg_ namespace', () => {

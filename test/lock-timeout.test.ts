@@ -1,0 +1,96 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { identityLockKey } from '../src/leases/repository.js';
+import { api, connectAs, leaseRow, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+
+// BROKER_LOCK_TIMEOUT bounds every lock wait of the broker's own connections. Without it, each
+// request below waits for as long as another session keeps its transaction open (here: until the
+// test's hang guard fails it).
+const HANG_GUARD = { timeout: 60_000 };
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_LOCK_TIMEOUT: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+  await b.putPolicy('locks', { claims: { sub: 'lock:*' }, grant_role: 'app_migrators' });
+});
+after(async () => b?.close());
+
+/** A superuser session that holds whatever `sql` locks until release() ends its transaction. */
+async function holdLock(sql: string, params: unknown[] = []): Promise<{ release(): Promise<void> }> {
+  const url = new URL(b.pg.superuserUrl);
+  url.pathname = `/${b.pg.database}`;
+  const holder = new pg.Client({ connectionString: url.toString() });
+  await holder.connect();
+  await holder.query('BEGIN');
+  await holder.query(sql, params);
+  return {
+    async release() {
+      await holder.query('ROLLBACK');
+      await holder.end();
+    },
+  };
+}
+
+const count = async (sql: string, params: unknown[]) => (await b.pg.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${sql}`, params))[0].n;
+
+describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
+  test('issuance blocked behind another session answers 503 DATABASE_BUSY with Retry-After, creates nothing, and succeeds once the lock is gone', HANG_GUARD, async () => {
+    const sub = 'lock:issue';
+    const token = await b.token({ sub });
+    // The per-identity lock every issuance for this subject takes first.
+    const held = await holdLock('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
+    let busy;
+    try {
+      busy = await b.issue(token);
+    } finally {
+      await held.release();
+    }
+    assert.equal(busy.status, 503, JSON.stringify(busy.body));
+    assert.equal(busy.body.code, 'DATABASE_BUSY');
+    assert.match(busy.body.detail, /over 1 s \(BROKER_LOCK_TIMEOUT\).*rolled back, retry shortly/);
+    assert.ok(Number(busy.headers['retry-after']) > 0, 'Retry-After is set');
+    assert.equal(await count('broker.leases WHERE subject = $1', [sub]), 0, 'no lease row');
+    const [failed] = await b.pg.query(`SELECT type, reason FROM broker.audit_events WHERE subject = $1 ORDER BY id`, [sub]);
+    assert.deepEqual(failed, { type: 'credential.failed', reason: '55P03' });
+    assert.ok(b.logs.some((l) => l.includes('PostgreSQL lock wait timed out')), 'the lock timeout is logged');
+
+    const ok = await b.issue(token);
+    assert.equal(ok.status, 201, JSON.stringify(ok.body));
+    assert.equal(await roleExists(b.pg, ok.body.username), true);
+  });
+
+  test('a revocation whose teardown waits on a table lock ends the lease and disables the login, answers REVOKE_INCOMPLETE, and the reaper finishes it after the lock is gone', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'lock:revoke' });
+    const res = await b.issue(token);
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    const cred = res.body;
+    const session = await connectAs(b.pg, cred);
+    await session.query('CREATE TABLE public.locked_by_reader (id int)');
+    await session.end();
+
+    // A long reader of the lease's table: REASSIGN OWNED needs that table's ACCESS EXCLUSIVE lock.
+    const reader = await holdLock('SELECT count(*) FROM public.locked_by_reader');
+    let revoked;
+    try {
+      revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+    } finally {
+      await reader.release();
+    }
+    assert.equal(revoked.status, 500, JSON.stringify(revoked.body));
+    assert.equal(revoked.body.code, 'REVOKE_INCOMPLETE');
+    const row = await leaseRow(b.pg, cred.lease_id);
+    assert.equal(row.state, 'revoking');
+    assert.match(row.last_error, /55P03/);
+    const [login] = await b.pg.query('SELECT rolcanlogin FROM pg_roles WHERE rolname = $1', [cred.username]);
+    assert.deepEqual(login, { rolcanlogin: false }, 'the login is disabled while teardown waits');
+
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    const stats = await b.reaper.reap({ requireLeadership: false });
+    assert.equal(stats.failed, 0, JSON.stringify(stats));
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    const [owner] = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'locked_by_reader'`);
+    assert.deepEqual(owner, { tableowner: 'app_migrators' });
+  });
+});
