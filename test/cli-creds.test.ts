@@ -185,6 +185,41 @@ describe('pg-broker exec renewal', () => {
   });
 });
 
+describe('pg-broker exec and a lowered max_ttl', () => {
+  test('exec follows the max_expires_at a renew answers with: once a lowered max_ttl holds the lease at its expiry, it stops renewing', async () => {
+    const policy = { claims: { sub: 'shrinkcli:*' }, default_ttl: 60, max_ttl: 600 };
+    await b.putPolicy('cli-shrink', policy);
+    const dir = await mkdtemp(path.join(tmp, 'exec-'));
+    const started = path.join(dir, 'started');
+    const done = path.join(dir, 'done');
+    const script = `require('fs').writeFileSync(${JSON.stringify(started)}, process.env.PG_BROKER_LEASE_ID);
+      const t = setInterval(() => { if (require('fs').existsSync(${JSON.stringify(done)})) clearInterval(t); }, 50);`;
+    try {
+      const token = await b.token({ sub: 'shrinkcli:a' });
+      // ttl 4: the first renew comes at two thirds of it. Before that, max_ttl drops below what the
+      // lease has already run, so that renew answers with the lease's current expiry as its bound.
+      const running = cli(['exec', '--ttl', '4', '--token', token, '--', process.execPath, '-e', script], { PG_BROKER_URL: url });
+      const leaseId = await waitFor('exec to start the command', async () => (existsSync(started) ? readFile(started, 'utf8') : null));
+      await b.putPolicy('cli-shrink', { ...policy, default_ttl: 1, max_ttl: 1 });
+      const renewals = async () => (await b.pg.query(`SELECT detail FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.renewed'`, [leaseId]));
+      const [first] = await waitFor('the first renew', async () => ((await renewals()).length > 0 ? renewals() : null), 15_000);
+      assert.equal(first.detail.capped, true, JSON.stringify(first.detail));
+      // Past the lease's end, where an exec still steering by the issued bound would have renewed
+      // again (every second or so, at two thirds of what is left).
+      const [row] = await b.pg.query(`SELECT expires_at, max_expires_at FROM broker.leases WHERE id = $1`, [leaseId]);
+      assert.equal(row.max_expires_at.getTime(), row.expires_at.getTime(), 'the bound now is the lease\'s expiry');
+      await waitFor('the lease to reach its expiry', async () => (Date.now() > row.expires_at.getTime() + 1_000 ? true : null), 15_000);
+      await writeFile(done, '');
+      const run = await running;
+      assert.equal(run.code, 0, run.stderr);
+      assert.equal((await renewals()).length, 1, 'one renew, then none');
+      assert.doesNotMatch(run.stderr, /could not renew/);
+    } finally {
+      await writeFile(done, '').catch(() => undefined);
+    }
+  });
+});
+
 describe('pg-broker creds --output', () => {
   test('replaces an existing file or a symlink with a new 0600 file, never writing through either', async () => {
     const token = await b.token({ sub: 'cli:creds-file' });

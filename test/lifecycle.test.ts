@@ -191,6 +191,48 @@ describe('renew', () => {
     assert.equal(await validUntil(lapsed.username), lapsed.expires_at);
   });
 
+  test('a max_ttl lowered after issuance pulls the renewal bound in by as much; raising it again gives nothing back', async () => {
+    const policy = { claims: { sub: 'shrink:*' }, default_ttl: 60, max_ttl: 600 };
+    await b.putPolicy('shrink', policy);
+    const owner = await b.token({ sub: 'shrink:a' });
+    const cred = await issueOk('shrink:a', { policy: 'shrink' });
+    const legacy = await issueOk('shrink:a', { policy: 'shrink' });
+    // A lease issued before its max_ttl was recorded keeps the bound it was issued with.
+    await b.pg.query('UPDATE broker.leases SET max_ttl = NULL WHERE id = $1', [legacy.lease_id]);
+    const issuedMax = Date.parse(cred.max_expires_at);
+    const renew = async (lease: any, ttl: number) => {
+      const res = await api(b, 'POST', `/leases/${lease.lease_id}/renew`, owner, { ttl });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      return res.body;
+    };
+    // Unchanged, the bound is where issuance put it.
+    const before = await renew(cred, 120);
+    assert.equal(before.capped, false);
+    assert.equal(before.max_expires_at, cred.max_expires_at);
+
+    await b.putPolicy('shrink', { ...policy, max_ttl: 300 });
+    const lowered = new Date(issuedMax - 300_000).toISOString();
+    const cut = await renew(cred, 590);
+    assert.deepEqual([cut.capped, cut.expires_at, cut.max_expires_at], [true, lowered, lowered]);
+    assert.equal(await validUntil(cred.username), lowered);
+    const row = await leaseRow(b.pg, cred.lease_id);
+    assert.deepEqual([row.max_expires_at.toISOString(), row.max_ttl], [lowered, 300]);
+    const [event] = await b.pg.query(`SELECT detail FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.renewed' ORDER BY id DESC LIMIT 1`, [cred.lease_id]);
+    assert.deepEqual([event.detail.max_expires_at, event.detail.max_ttl], [lowered, 300]);
+    const old = await renew(legacy, 590);
+    assert.deepEqual([old.capped, old.max_expires_at], [false, legacy.max_expires_at], 'no recorded max_ttl: the issued bound holds');
+
+    await b.putPolicy('shrink', policy);
+    const raised = await renew(cred, 590);
+    assert.deepEqual([raised.capped, raised.expires_at, raised.max_expires_at], [true, lowered, lowered], 'raising max_ttl again extends nothing');
+
+    // Lowered below the current expiry, the bound stops there: a renewal never ends a lease early.
+    await b.putPolicy('shrink', { ...policy, default_ttl: 1, max_ttl: 1 });
+    const floor = await renew(cred, 590);
+    assert.deepEqual([floor.capped, floor.expires_at, floor.max_expires_at], [true, lowered, lowered]);
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'active');
+  });
+
   test('a policy that no longer admits the token stops renewals: disabled, narrowed or deleted', async () => {
     const policy = { claims: { sub: 'recheck:*' }, default_ttl: 60, max_ttl: 600 };
     await b.putPolicy('recheck', policy);

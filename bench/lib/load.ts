@@ -155,7 +155,7 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
     client,
     {
       id: leaseId, username, policy: spec.policy, grant_role: spec.grantRole, database: spec.database,
-      issuer: spec.issuer, subject, claims: { sub: subject }, expires_at: expiresAt, max_expires_at: maxExpiresAt,
+      issuer: spec.issuer, subject, claims: { sub: subject }, expires_at: expiresAt, max_expires_at: maxExpiresAt, max_ttl: spec.maxTtlSeconds,
       client_ip: '127.0.0.1', user_agent: 'bench-floor', request_id: randomUUID(),
     },
     100_000,

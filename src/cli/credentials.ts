@@ -71,7 +71,7 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   if (command.length === 0) throw new CliError('nothing to run: pg-broker exec [options] -- command [args…]');
   const { credential, base } = await requestCredential(opts);
   let expiresAt = credential.expires_at;
-  const maxExpiresAt = credential.max_expires_at;
+  let maxExpiresAt = credential.max_expires_at;
   const ttl = opts.ttl ?? Math.max(1, Math.round((Date.parse(credential.expires_at) - Date.now()) / 1000));
 
   // The command gets the database login, not the bearer token that obtained it.
@@ -99,6 +99,8 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
       const token = await obtainToken(opts);
       const { body } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, { ttl });
       expiresAt = body.expires_at;
+      // The bound moves earlier when the policy's max_ttl was lowered since issuance.
+      maxExpiresAt = body.max_expires_at;
       failures = 0;
       scheduleRenew(nextRenewDelayMs(leaseTimes(), Date.now(), failures));
     } catch (err) {

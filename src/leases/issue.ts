@@ -120,7 +120,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
         {
           id: leaseId, username, policy: chosen.name, grant_role: chosen.grant_role, database: chosen.database,
           issuer: identity.issuer, subject: identity.subject, claims: matchedClaims(chosen, identity.claims),
-          expires_at: expiresAt, max_expires_at: maxExpiresAt,
+          expires_at: expiresAt, max_expires_at: maxExpiresAt, max_ttl: chosen.max_ttl,
           client_ip: ctx.clientIp, user_agent: ctx.userAgent, request_id: ctx.requestId,
         },
         chosen.max_active_leases,

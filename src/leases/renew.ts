@@ -19,6 +19,19 @@ function whyNotAdmitted(verdict: PolicyEvaluation): string | null {
 }
 
 /**
+ * How far a renewal may carry a lease. The bound is set at issuance (issue time + the policy's
+ * max_ttl); a max_ttl lowered since then moves it earlier by as many seconds, counted from the
+ * stored bound rather than from created_at, whose clock (PostgreSQL's) the bound was not taken
+ * on. It never falls before the current expiry: a renewal does not end a lease early because the
+ * policy changed. Leases issued before max_ttl was recorded keep their bound.
+ */
+export function renewalBound(maxExpiresAt: Date, expiresAt: Date, issuedMaxTtl: number | null, policyMaxTtl: number): Date {
+  if (issuedMaxTtl === null || policyMaxTtl >= issuedMaxTtl) return maxExpiresAt;
+  const lowered = maxExpiresAt.getTime() - (issuedMaxTtl - policyMaxTtl) * 1000;
+  return new Date(Math.min(maxExpiresAt.getTime(), Math.max(lowered, expiresAt.getTime())));
+}
+
+/**
  * Moves an active lease's expiry to now + ttl, never past max_expires_at, in one transaction
  * with VALID UNTIL so PostgreSQL and the lease row never disagree.
  */
@@ -32,7 +45,7 @@ export async function renewLease(
   grantRoles: GrantRoleGuard,
 ): Promise<Lease & { capped: boolean }> {
   return withTransaction(pool, async (client) => {
-    const { rows } = await client.query(`SELECT ${LEASE_COLUMNS}, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1 FOR UPDATE`, [id]);
+    const { rows } = await client.query(`SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1 FOR UPDATE`, [id]);
     const row = rows[0];
     if (!row || row.issuer !== owner.issuer || row.subject !== owner.subject) throw new Errors.LeaseNotFound();
     if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
@@ -59,16 +72,23 @@ export async function renewLease(
     }
     const ttl = ttlSeconds ?? policy.default_ttl;
     const wanted = wholeSecondAfter(Date.now() + ttl * 1000).getTime();
-    const max = (row.max_expires_at as Date).getTime();
-    const capped = wanted > max;
-    const expiresAt = new Date(Math.min(wanted, max));
+    const max = renewalBound(row.max_expires_at as Date, row.expires_at as Date, row.max_ttl as number | null, policy.max_ttl);
+    const capped = wanted > max.getTime();
+    const expiresAt = new Date(Math.min(wanted, max.getTime()));
+    const lowered = max.getTime() < (row.max_expires_at as Date).getTime();
     const { rows: [role] } = await client.query<{ creator: string | null }>(
       `SELECT ${creatorOf('r', '$2')} AS creator FROM pg_roles r WHERE r.rolname = $1`, [row.username, creators]);
     await setValidUntil(client, row.username, expiresAt, role?.creator ?? null);
-    const updated = await client.query(`UPDATE broker.leases SET expires_at = $2 WHERE id = $1 RETURNING ${LEASE_COLUMNS}`, [id, expiresAt]);
+    // A lowered bound is kept with the policy's max_ttl it came from, so the next renewal lowers
+    // it only by what max_ttl drops after this one.
+    const updated = await client.query(
+      `UPDATE broker.leases SET expires_at = $2, max_expires_at = $3, max_ttl = CASE WHEN $4 THEN $5::int ELSE max_ttl END
+        WHERE id = $1 RETURNING ${LEASE_COLUMNS}`,
+      [id, expiresAt, max, lowered, policy.max_ttl],
+    );
     await recordAudit(client, {
       type: 'lease.renewed', issuer: owner.issuer, subject: owner.subject, lease_id: id, policy: row.policy, username: row.username,
-      request_id: ctx.requestId, client_ip: ctx.clientIp, detail: { ttl, expires_at: expiresAt.toISOString(), capped },
+      request_id: ctx.requestId, client_ip: ctx.clientIp, detail: { ttl, expires_at: expiresAt.toISOString(), capped, ...(lowered ? { max_expires_at: max.toISOString(), max_ttl: policy.max_ttl } : {}) },
     });
     return { ...isoRow<Lease>(updated.rows[0]), capped };
   });

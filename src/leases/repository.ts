@@ -21,6 +21,8 @@ export interface NewLease {
   claims: Record<string, unknown>;
   expires_at: Date;
   max_expires_at: Date;
+  /** The policy's max_ttl at issuance (see migrations/005_lease_max_ttl.sql). */
+  max_ttl: number;
   client_ip: string | null;
   user_agent: string | null;
   request_id: string | null;
@@ -51,7 +53,7 @@ export async function insertLeaseWithinQuota(db: Queryable, lease: NewLease, max
   const leaseParams = [
     lease.id, lease.username, lease.policy, lease.grant_role, lease.database, lease.issuer, lease.subject,
     jsonbText(lease.claims), lease.expires_at, lease.max_expires_at, lease.client_ip,
-    lease.user_agent, lease.request_id, maxActive,
+    lease.user_agent, lease.request_id, maxActive, lease.max_ttl,
   ];
   const a = auditParams(audit).map((_, i) => `$${leaseParams.length + i + 1}`);
   // A named statement: each pooled connection parses and plans this CTE once instead of on every
@@ -64,8 +66,8 @@ export async function insertLeaseWithinQuota(db: Queryable, lease: NewLease, max
         WHERE issuer = $6 AND subject = $7 AND policy = $3 AND state IN ('pending', 'active') AND expires_at > now()
      ), lease AS (
        INSERT INTO broker.leases (id, username, policy, grant_role, database, issuer, subject, claims, state,
-                                  expires_at, max_expires_at, client_ip, user_agent, request_id)
-       SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $10, $11, $12, $13 FROM live WHERE live.n < $14
+                                  expires_at, max_expires_at, client_ip, user_agent, request_id, max_ttl)
+       SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $10, $11, $12, $13, $15 FROM live WHERE live.n < $14
        RETURNING id
      )
      INSERT INTO broker.audit_events (type, issuer, subject, actor_verified, lease_id, policy, username, reason, request_id, client_ip, detail)
