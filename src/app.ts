@@ -87,7 +87,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
   app.setValidatorCompiler(validatorCompiler);
 
-  const pool = options.pool ?? createPool(config.databaseUrl, logger, config.dbPoolSize, config.lockTimeoutSeconds);
+  const pool = options.pool ?? createPool(config.databaseUrl, logger, config.dbPoolSize, config);
   app.decorate('config', config);
   app.decorate('db', pool);
   app.decorate('metrics', options.metrics ?? new Metrics());

@@ -49,6 +49,7 @@ export const ConfigSchema = Type.Object({
   dbPoolSize: Type.Integer({ minimum: 1, maximum: 1000 }),
   scramIterations: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
   lockTimeoutSeconds: Type.Integer({ minimum: 0, maximum: 3600 }),
+  queryTimeoutSeconds: Type.Integer({ minimum: 0, maximum: 3600 }),
   host: Type.String({ minLength: 1 }),
   port: Type.Integer({ minimum: 0, maximum: 65535 }),
   logLevel: Type.Union(LOG_LEVELS.map((l) => Type.Literal(l))),
@@ -84,6 +85,7 @@ const ENV_NAMES: Record<keyof Config, string> = {
   dbPoolSize: 'BROKER_DB_POOL_SIZE',
   scramIterations: 'BROKER_SCRAM_ITERATIONS',
   lockTimeoutSeconds: 'BROKER_LOCK_TIMEOUT',
+  queryTimeoutSeconds: 'BROKER_QUERY_TIMEOUT',
   host: 'HOST',
   port: 'PORT',
   logLevel: 'LOG_LEVEL',
@@ -200,6 +202,7 @@ export function loadConfig(env: Env = process.env): Config {
     dbPoolSize: integer(env, 'BROKER_DB_POOL_SIZE', 10),
     scramIterations: integer(env, 'BROKER_SCRAM_ITERATIONS', 4096),
     lockTimeoutSeconds: integer(env, 'BROKER_LOCK_TIMEOUT', 10),
+    queryTimeoutSeconds: integer(env, 'BROKER_QUERY_TIMEOUT', 30),
     host: env.HOST?.trim() || '0.0.0.0',
     port: integer(env, 'PORT', 8080),
     logLevel: env.LOG_LEVEL?.trim().toLowerCase() || 'info',
@@ -223,6 +226,11 @@ export function loadConfig(env: Env = process.env): Config {
     const problem = validatePatterns(admin.claims);
     if (problem) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: ${problem}`);
   });
+  // A lock wait that reaches the query timeout first fails as "unavailable" on a discarded
+  // connection instead of as DATABASE_BUSY on a healthy one.
+  if (config.queryTimeoutSeconds > 0 && config.lockTimeoutSeconds > 0 && config.queryTimeoutSeconds <= config.lockTimeoutSeconds) {
+    throw new ConfigError('BROKER_QUERY_TIMEOUT', `must be longer than BROKER_LOCK_TIMEOUT (${config.lockTimeoutSeconds} s), or 0 to wait without limit`);
+  }
   if (config.metricsPort !== undefined && config.metricsPort === config.port) {
     throw new ConfigError('BROKER_METRICS_PORT', `must differ from PORT (${config.port}); leave it unset to serve /metrics on the API port`);
   }

@@ -261,7 +261,7 @@ describe('a long bulk revocation', () => {
       else assert.ok(r.left > CLAIM_SECONDS - 10, `claim renewed: ${r.left} s left`);
     }
     // Finish what is ours, and hand the other back to the reaper as a lapsed claim would.
-    await finishLeases({ pool: b.app.db, databaseUrl: b.config.databaseUrl, log: b.app.log, retryBaseSeconds: 1, managedRole: b.config.managedRole, lockTimeoutSeconds: b.config.lockTimeoutSeconds }, kept);
+    await finishLeases({ pool: b.app.db, databaseUrl: b.config.databaseUrl, log: b.app.log, retryBaseSeconds: 1, managedRole: b.config.managedRole, timeouts: b.config }, kept);
     await b.pg.query('UPDATE broker.leases SET claimed_by_pid = NULL, next_attempt_at = now() WHERE id = $1', [ids[1]]);
     await b.reaper.reap({ requireLeadership: false });
     for (const c of creds) assert.equal(await roleExists(b.pg, c.username), false, c.username);

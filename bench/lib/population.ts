@@ -162,7 +162,7 @@ export async function probeRoleDdl(pgs: TestPostgres, live: number, n: number, o
       for (const name of issued) await pool.query(`BEGIN;\n${roleSql(name)};\nCOMMIT`);
     });
     for (const name of reference) await pool.query(`BEGIN;\n${roleSql(name)};\nCOMMIT`);
-    const deps = { pool, databaseUrl: pgs.brokerUrl, managedRole: o.managedRole, lockTimeoutSeconds: 0, log: silentLog };
+    const deps = { pool, databaseUrl: pgs.brokerUrl, managedRole: o.managedRole, timeouts: { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 }, log: silentLog };
     const teardown = await time(async () => {
       for (const name of issued) {
         const outcome = await teardownRoles(deps, [{ username: name, reassign_to: o.grantRole }]);

@@ -2,7 +2,7 @@ import pg from 'pg';
 import { parseIntoClientConfig } from 'pg-connection-string';
 import type { FastifyBaseLogger } from 'fastify';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
-import { sessionSettings, withBatchedTransaction } from '../postgres/pool.js';
+import { sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 
@@ -17,8 +17,8 @@ export interface TeardownDeps {
   databaseUrl: string;
   managedRole: string;
   log: FastifyBaseLogger;
-  /** BROKER_LOCK_TIMEOUT, for the connections teardown opens in other databases. */
-  lockTimeoutSeconds: number;
+  /** For the connections teardown opens in other databases. */
+  timeouts: DbTimeouts;
 }
 
 /** username -> null when the role is gone (dropped now or already), or the error that stopped it. */
@@ -45,7 +45,7 @@ function describe(err: unknown): string {
 
 async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
   const client = new pg.Client({
-    ...clientConfigForDatabase(deps.databaseUrl, database), ...sessionSettings(deps.lockTimeoutSeconds), application_name: 'pg-credential-broker reaper',
+    ...clientConfigForDatabase(deps.databaseUrl, database), ...sessionSettings(deps.timeouts), application_name: 'pg-credential-broker reaper',
   });
   client.on('error', () => undefined);
   await client.connect();

@@ -3,26 +3,42 @@ import type { Logger } from 'pino';
 
 export type Queryable = Pick<pg.PoolClient, 'query'>;
 
-/**
- * Session settings for every connection the broker opens for its work. A lock wait is bounded
- * (BROKER_LOCK_TIMEOUT; 0 waits forever): a request blocked by another session's open
- * transaction answers 503 instead of hanging, and a DROP OWNED queued behind a long query
- * neither stalls the reaper nor holds up every other query on that table while it waits.
- */
-export function sessionSettings(lockTimeoutSeconds: number): Pick<pg.ClientConfig, 'lock_timeout'> {
-  return lockTimeoutSeconds > 0 ? { lock_timeout: lockTimeoutSeconds * 1000 } : {};
+const CONNECT_TIMEOUT_MS = 5000;
+
+export interface DbTimeouts {
+  /** BROKER_LOCK_TIMEOUT: 0 waits forever. */
+  lockTimeoutSeconds: number;
+  /** BROKER_QUERY_TIMEOUT: 0 waits forever. */
+  queryTimeoutSeconds: number;
 }
 
-export function createPool(connectionString: string, logger: Logger, max = 10, lockTimeoutSeconds = 0): pg.Pool {
+/**
+ * Settings for every connection the broker opens for its work.
+ * - lock_timeout (PostgreSQL's): a request blocked by another session's open transaction answers
+ *   503 instead of hanging, and a DROP OWNED queued behind a long query neither stalls the reaper
+ *   nor holds up every other query on that table while it waits.
+ * - query_timeout (pg's, on the client): a server that stops answering without closing the
+ *   connection (a failover that leaves the old address silent, a dropped route) would otherwise
+ *   hold each request until TCP gives up, many minutes later. The connection is then discarded.
+ */
+export function sessionSettings(t: DbTimeouts): Pick<pg.ClientConfig, 'lock_timeout' | 'query_timeout' | 'connectionTimeoutMillis'> {
+  return {
+    connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+    ...(t.lockTimeoutSeconds > 0 ? { lock_timeout: t.lockTimeoutSeconds * 1000 } : {}),
+    ...(t.queryTimeoutSeconds > 0 ? { query_timeout: t.queryTimeoutSeconds * 1000 } : {}),
+  };
+}
+
+const NO_TIMEOUTS: DbTimeouts = { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 };
+
+export function createPool(connectionString: string, logger: Logger, max = 10, timeouts = NO_TIMEOUTS): pg.Pool {
   const pool = new pg.Pool({
     connectionString,
     max,
-    connectionTimeoutMillis: 5000,
     idleTimeoutMillis: 30_000,
     application_name: 'pg-credential-broker',
-    ...sessionSettings(lockTimeoutSeconds),
+    ...sessionSettings(timeouts),
   });
-  // Without these listeners a server restart or a terminated backend crashes the process.
   pool.on('error', (err) => logger.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, 'idle PostgreSQL connection failed'));
   pool.on('connect', (client) => client.on('error', () => undefined));
   return pool;
@@ -58,6 +74,12 @@ export async function withBatchedTransaction<T>(
     if (!committed) await commit();
     return result;
   } catch (err) {
+    // After a query timeout the connection may still be waiting on its statement: a ROLLBACK
+    // would queue behind it. Discarding the connection rolls back on the server's side.
+    if (isQueryTimeout(err)) {
+      broken = true;
+      throw err;
+    }
     try {
       await client.query('ROLLBACK');
     } catch {
@@ -70,6 +92,11 @@ export async function withBatchedTransaction<T>(
 }
 
 const CONNECTION_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ECONNABORTED', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'EHOSTDOWN', 'ENETUNREACH', 'EAI_AGAIN']);
+
+/** pg's client-side query_timeout fired (see sessionSettings). */
+export function isQueryTimeout(err: unknown): boolean {
+  return err instanceof Error && err.message === 'Query read timeout';
+}
 
 /** SQLSTATE 55P03: a lock wait passed lock_timeout; the statement's transaction is rolled back. */
 export function isLockTimeout(err: unknown): boolean {
@@ -84,5 +111,6 @@ export function isConnectionError(err: unknown): boolean {
   // 57P01-03: admin shutdown, crash shutdown, cannot connect now (starting up, shutting down,
   // recovery); 53300: too many connections, i.e. full for now; class 08: connection exceptions.
   if (code && (/^57P0[123]$/.test(code) || code === '53300' || code.startsWith('08'))) return true;
+  if (isQueryTimeout(err)) return true;
   return typeof message === 'string' && /Connection terminated|timeout exceeded when trying to connect|Client has encountered a connection error|Connection terminated unexpectedly/.test(message);
 }

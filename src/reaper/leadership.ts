@@ -1,5 +1,6 @@
 import pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
+import { sessionSettings, type DbTimeouts } from '../postgres/pool.js';
 
 // Fixed key shared by every replica of a deployment's database.
 export const REAPER_LOCK_KEY = 4_711_020_002;
@@ -13,7 +14,12 @@ export class Leadership {
   private client: pg.Client | null = null;
   private leader = false;
 
-  constructor(private readonly databaseUrl: string, private readonly log: FastifyBaseLogger) {}
+  constructor(
+    private readonly databaseUrl: string,
+    private readonly log: FastifyBaseLogger,
+    // Only the query timeout: a silent server must not hang the reaper on this connection.
+    private readonly timeouts: DbTimeouts = { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 },
+  ) {}
 
   get isLeader(): boolean {
     return this.leader;
@@ -36,7 +42,10 @@ export class Leadership {
     }
     try {
       if (!this.client) {
-        const client = new pg.Client({ connectionString: this.databaseUrl, application_name: 'pg-credential-broker leader', keepAlive: true });
+        const client = new pg.Client({
+          connectionString: this.databaseUrl, application_name: 'pg-credential-broker leader', keepAlive: true,
+          ...sessionSettings({ lockTimeoutSeconds: 0, queryTimeoutSeconds: this.timeouts.queryTimeoutSeconds }),
+        });
         client.on('error', (err) => this.lost(client, err.message));
         client.on('end', () => this.lost(client, 'connection ended'));
         await client.connect();

@@ -43,7 +43,7 @@ export class Reaper extends EventEmitter {
 
   constructor(private readonly deps: ReaperDeps) {
     super();
-    this.leadership = new Leadership(deps.config.databaseUrl, deps.log);
+    this.leadership = new Leadership(deps.config.databaseUrl, deps.log, deps.config);
   }
 
   start(): void {
@@ -95,7 +95,7 @@ export class Reaper extends EventEmitter {
     if (requireLeadership && !(await this.leadership.acquire())) return stats;
     stats.leader = true;
     const { pool, config, log, metrics } = this.deps;
-    const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, lockTimeoutSeconds: config.lockTimeoutSeconds, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
+    const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, timeouts: config, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
     const stillLeader = () => !requireLeadership || this.leadership.isLeader;
     for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping && stillLeader(); batch++) {
       const leases = await claimDueLeases(pool, this.deps.batchSize ?? REAP_BATCH);

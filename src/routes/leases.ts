@@ -62,7 +62,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
     pool: app.db,
     databaseUrl: app.config.databaseUrl,
     managedRole: app.config.managedRole,
-    lockTimeoutSeconds: app.config.lockTimeoutSeconds,
+    timeouts: app.config,
     log: app.log,
     metrics: app.metrics,
     retryBaseSeconds: app.config.reaperIntervalSeconds,

@@ -48,6 +48,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.rateLimitIdentity, 120);
     assert.equal(c.dbPoolSize, 10);
     assert.equal(c.lockTimeoutSeconds, 10);
+    assert.equal(c.queryTimeoutSeconds, 30);
     assert.equal(c.host, '0.0.0.0');
     assert.equal(c.port, 8080);
     assert.equal(c.logLevel, 'info');
@@ -95,6 +96,7 @@ describe('loadConfig: good values', () => {
       BROKER_RATE_LIMIT_IDENTITY: '5',
       BROKER_DB_POOL_SIZE: '4',
       BROKER_LOCK_TIMEOUT: '0',
+      BROKER_QUERY_TIMEOUT: '5',
       HOST: '127.0.0.1',
       PORT: ' 9000 ',
       LOG_LEVEL: 'debug',
@@ -111,6 +113,7 @@ describe('loadConfig: good values', () => {
     assert.equal(c.rateLimitIdentity, 5);
     assert.equal(c.dbPoolSize, 4);
     assert.equal(c.lockTimeoutSeconds, 0, '0 turns the bound off');
+    assert.equal(c.queryTimeoutSeconds, 5, 'any query timeout goes with unbounded lock waits');
     assert.equal(c.host, '127.0.0.1');
     assert.equal(c.port, 9000);
     assert.equal(c.logLevel, 'debug');
@@ -190,6 +193,13 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_LOCK_TIMEOUT: '-1' }, 'BROKER_LOCK_TIMEOUT');
     rejects({ BROKER_LOCK_TIMEOUT: '1.5' }, 'BROKER_LOCK_TIMEOUT');
     rejects({ BROKER_LOCK_TIMEOUT: '3601' }, 'BROKER_LOCK_TIMEOUT');
+    rejects({ BROKER_QUERY_TIMEOUT: '-1' }, 'BROKER_QUERY_TIMEOUT');
+    rejects({ BROKER_QUERY_TIMEOUT: '3601' }, 'BROKER_QUERY_TIMEOUT');
+    // A query timeout must leave lock waits room to end as DATABASE_BUSY.
+    rejects({ BROKER_QUERY_TIMEOUT: '10' }, 'BROKER_QUERY_TIMEOUT', /longer than BROKER_LOCK_TIMEOUT \(10 s\)/);
+    rejects({ BROKER_QUERY_TIMEOUT: '5', BROKER_LOCK_TIMEOUT: '20' }, 'BROKER_QUERY_TIMEOUT');
+    assert.equal(loadConfig(env({ BROKER_QUERY_TIMEOUT: '11' })).queryTimeoutSeconds, 11);
+    assert.equal(loadConfig(env({ BROKER_QUERY_TIMEOUT: '0', BROKER_LOCK_TIMEOUT: '20' })).queryTimeoutSeconds, 0);
   });
 
   test('BROKER_MANAGED_ROLE must be a plain identifier outside the reserved pg_ namespace', () => {

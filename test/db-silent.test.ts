@@ -1,0 +1,89 @@
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { startTestBroker, type TestBroker } from './helpers/broker.js';
+import { startPostgres, type TestPostgres } from './helpers/postgres.js';
+
+// A PostgreSQL that stops answering without closing anything, as a failover that leaves the old
+// address silent does: TCP stays up, bytes go nowhere. Without BROKER_QUERY_TIMEOUT a request
+// then waits until the kernel gives up on the connection, many minutes later (here: until the
+// test's hang guard fails it).
+const HANG_GUARD = { timeout: 60_000 };
+
+/** A TCP relay to PostgreSQL that, while `silent`, accepts connections and drops every byte. */
+async function startRelay(port: number): Promise<{ port: number; silent: boolean; close(): Promise<void> }> {
+  const sockets = new Set<net.Socket>();
+  const track = (s: net.Socket) => {
+    sockets.add(s);
+    s.on('error', () => undefined);
+    s.on('close', () => sockets.delete(s));
+  };
+  const server = net.createServer((client) => {
+    track(client);
+    if (state.silent) return;
+    const upstream = net.connect(port, '127.0.0.1');
+    track(upstream);
+    client.on('data', (d) => { if (!state.silent) upstream.write(d); });
+    upstream.on('data', (d) => { if (!state.silent) client.write(d); });
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const state = {
+    port: (server.address() as net.AddressInfo).port,
+    silent: false,
+    close: () => new Promise<void>((r) => {
+      server.close(() => r());
+      for (const s of sockets) s.destroy();
+    }),
+  };
+  return state;
+}
+
+let pgs: TestPostgres;
+let relay: Awaited<ReturnType<typeof startRelay>>;
+let b: TestBroker;
+
+before(async () => {
+  pgs = await startPostgres();
+  relay = await startRelay(pgs.port);
+  const url = new URL(pgs.brokerUrl);
+  url.port = String(relay.port);
+  b = await startTestBroker({
+    pg: pgs,
+    env: { DATABASE_URL: url.toString(), BROKER_LOCK_TIMEOUT: '1', BROKER_QUERY_TIMEOUT: '2', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' },
+  });
+  await b.putPolicy('silent', { claims: { sub: 'silent:*' } });
+});
+after(async () => {
+  await b?.close();
+  await relay?.close();
+  await pgs?.stop();
+});
+
+describe('a PostgreSQL that goes silent', () => {
+  test('requests answer 503 DATABASE_UNAVAILABLE within BROKER_QUERY_TIMEOUT instead of hanging, and issuance works again once it answers', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'silent:a' });
+    const first = await b.issue(token);
+    assert.equal(first.status, 201, JSON.stringify(first.body));
+
+    relay.silent = true;
+    let during;
+    let ready;
+    try {
+      [during, ready] = await Promise.all([b.issue(token), b.app.inject({ method: 'GET', url: '/readyz' })]);
+    } finally {
+      relay.silent = false;
+    }
+    assert.equal(during.status, 503, JSON.stringify(during.body));
+    assert.equal(during.body.code, 'DATABASE_UNAVAILABLE');
+    assert.ok(Number(during.headers['retry-after']) > 0);
+    assert.equal(ready.statusCode, 503, ready.body);
+
+    // The connections that went silent were discarded, not handed to the next request.
+    const again = await b.issue(token);
+    assert.equal(again.status, 201, JSON.stringify(again.body));
+    const leases = await pgs.query('SELECT id::text FROM broker.leases WHERE subject = $1 ORDER BY created_at', ['silent:a']);
+    assert.deepEqual(leases.map((l) => l.id), [first.body.lease_id, again.body.lease_id], 'the request that got 503 left no lease');
+  });
+});
