@@ -18,11 +18,7 @@ export const Errors = {
   InvalidPolicy: createError<[string]>('INVALID_POLICY', '%s', 400),
   RevokeIncomplete: createError('REVOKE_INCOMPLETE', 'The lease is ended and its login disabled, but teardown did not finish; the reaper retries it', 500),
   DatabaseUnavailable: createError('DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly', 503),
-  DatabaseBusy: createError<[number]>(
-    'DATABASE_BUSY',
-    'Another PostgreSQL session held a lock this request needed for over %d s (BROKER_LOCK_TIMEOUT); the request\'s transaction was rolled back, retry shortly',
-    503,
-  ),
+  DatabaseBusy: createError<[string]>('DATABASE_BUSY', '%s', 503),
 };
 
 export type BrokerError = InstanceType<(typeof Errors)[keyof typeof Errors]>;

@@ -3,7 +3,7 @@ import { STATUS_CODES } from 'node:http';
 import { recordAudit } from './audit/repository.js';
 import { bearerToken, peekClaims, TokenRejected } from './auth/verify.js';
 import { Errors } from './errors.js';
-import { isConnectionError, isLockTimeout } from './postgres/pool.js';
+import { isCancelledWait, isConnectionError } from './postgres/pool.js';
 import type { ProblemBody } from './schemas/common.js';
 
 export const RETRY_AFTER_SECONDS = 5;
@@ -46,10 +46,14 @@ export function installProblemHandler(app: FastifyInstance): void {
       reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
       return sendProblem(reply, 503, 'DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly');
     }
-    if (isLockTimeout(error)) {
+    const cancelled = isCancelledWait(error);
+    if (cancelled) {
       // Logged with PostgreSQL's text, which names no lock holder; pg_locks at the time would.
-      request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL lock wait timed out');
-      error = new Errors.DatabaseBusy(app.config.lockTimeoutSeconds);
+      request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL cancelled a statement');
+      const { lockTimeoutSeconds: lock, queryTimeoutSeconds: query } = app.config;
+      error = new Errors.DatabaseBusy(cancelled === '55P03'
+        ? `Another PostgreSQL session held a lock this request needed for over ${lock} s (BROKER_LOCK_TIMEOUT); the statement was rolled back, retry shortly`
+        : `PostgreSQL cancelled a statement of this request (statement timeout of ${query} s, BROKER_QUERY_TIMEOUT, or an operator's cancel); the statement was rolled back, retry shortly`);
     }
     const { status, code, detail } = answerFor(error, request);
     if ((status === 429 || status === 503) && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));

@@ -62,10 +62,15 @@ after(async () => {
 });
 
 describe('a PostgreSQL that goes silent', () => {
-  test('requests answer 503 DATABASE_UNAVAILABLE within BROKER_QUERY_TIMEOUT instead of hanging, and issuance works again once it answers', HANG_GUARD, async () => {
+  test('requests on open connections answer 503 DATABASE_UNAVAILABLE instead of hanging; those connections are discarded, and issuance works once it answers', HANG_GUARD, async () => {
     const token = await b.token({ sub: 'silent:a' });
     const first = await b.issue(token);
     assert.equal(first.status, 201, JSON.stringify(first.body));
+    // Idle pooled connections, so the requests below go out on connections that were open
+    // before the silence (new ones would fail at connecting, which the pool bounded already).
+    await Promise.all(Array.from({ length: 4 }, () => b.app.db.query('SELECT pg_sleep(0.05)')));
+    assert.ok(b.app.db.idleCount >= 2, `idle connections: ${b.app.db.idleCount}`);
+    const logged = b.logs.length;
 
     relay.silent = true;
     let during;
@@ -79,6 +84,9 @@ describe('a PostgreSQL that goes silent', () => {
     assert.equal(during.body.code, 'DATABASE_UNAVAILABLE');
     assert.ok(Number(during.headers['retry-after']) > 0);
     assert.equal(ready.statusCode, 503, ready.body);
+    const unavailable = b.logs.slice(logged).filter((l) => l.includes('PostgreSQL unavailable'));
+    assert.ok(unavailable.some((l) => l.includes('Query read timeout')), `the issuance gave up on its silent connection: ${unavailable.join('\n')}`);
+    assert.ok(!b.logs.slice(logged).some((l) => l.includes('could not record audit event')), 'no audit write was tried against the silent server');
 
     // The connections that went silent were discarded, not handed to the next request.
     const again = await b.issue(token);

@@ -53,11 +53,43 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     assert.equal(await count('broker.leases WHERE subject = $1', [sub]), 0, 'no lease row');
     const [failed] = await b.pg.query(`SELECT type, reason FROM broker.audit_events WHERE subject = $1 ORDER BY id`, [sub]);
     assert.deepEqual(failed, { type: 'credential.failed', reason: '55P03' });
-    assert.ok(b.logs.some((l) => l.includes('PostgreSQL lock wait timed out')), 'the lock timeout is logged');
+    assert.ok(b.logs.some((l) => l.includes('PostgreSQL cancelled a statement') && l.includes('55P03')), 'the lock timeout is logged');
 
     const ok = await b.issue(token);
     assert.equal(ok.status, 201, JSON.stringify(ok.body));
     assert.equal(await roleExists(b.pg, ok.body.username), true);
+  });
+
+  test('with lock waits unbounded, BROKER_QUERY_TIMEOUT has PostgreSQL cancel the wait: 503 DATABASE_BUSY, and no session is left waiting behind', HANG_GUARD, async () => {
+    // A second broker on the same database and issuer, without a lock timeout.
+    const patient = await startTestBroker({
+      pg: b.pg, issuer: b.issuer,
+      env: { BROKER_LOCK_TIMEOUT: '0', BROKER_QUERY_TIMEOUT: '2', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' },
+    });
+    try {
+      const sub = 'lock:statement';
+      const token = await b.token({ sub });
+      const held = await holdLock('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
+      let busy;
+      let waiting;
+      try {
+        busy = await patient.issue(token);
+        // Had only the client given up, its session would still be queued on the lock here.
+        waiting = await b.pg.query(`SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock'`);
+      } finally {
+        await held.release();
+      }
+      assert.equal(busy.status, 503, JSON.stringify(busy.body));
+      assert.equal(busy.body.code, 'DATABASE_BUSY');
+      assert.match(busy.body.detail, /statement timeout of 2 s, BROKER_QUERY_TIMEOUT.*rolled back, retry shortly/);
+      assert.deepEqual(waiting, []);
+      assert.equal(await count('broker.leases WHERE subject = $1', [sub]), 0, 'no lease row');
+
+      const ok = await patient.issue(token);
+      assert.equal(ok.status, 201, JSON.stringify(ok.body));
+    } finally {
+      await patient.close();
+    }
   });
 
   test('a revocation whose teardown waits on a table lock ends the lease and disables the login, answers REVOKE_INCOMPLETE, and the reaper finishes it after the lock is gone', HANG_GUARD, async () => {

@@ -10,7 +10,7 @@ import { readClaim } from '../policy/match.js';
 import { enabledPoliciesSql, policyRows, type Policy } from '../policy/repository.js';
 import { grantToCreators, pickCreator } from '../postgres/creators.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
-import { withBatchedTransaction } from '../postgres/pool.js';
+import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
 import { createRoleSql } from '../postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../postgres/scram.js';
@@ -164,6 +164,9 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     };
   } catch (err) {
     const denied = err instanceof IssueDenied;
+    // With PostgreSQL unreachable or silent the event cannot be written either, and trying would
+    // hold the answer for another timeout; the 503's log line is the record (problem.ts).
+    if (isConnectionError(err)) throw err;
     await recordAudit(deps.pool, {
       ...base,
       type: denied ? 'credential.denied' : 'credential.failed',

@@ -2,7 +2,7 @@ import pg from 'pg';
 import { parseIntoClientConfig } from 'pg-connection-string';
 import type { FastifyBaseLogger } from 'fastify';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
-import { sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
+import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 
@@ -45,7 +45,7 @@ function describe(err: unknown): string {
 
 async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
   const client = new pg.Client({
-    ...clientConfigForDatabase(deps.databaseUrl, database), ...sessionSettings(deps.timeouts), application_name: 'pg-credential-broker reaper',
+    ...clientConfigForDatabase(deps.databaseUrl, database), ...sessionSettings(deps.timeouts, false), application_name: 'pg-credential-broker reaper',
   });
   client.on('error', () => undefined);
   await client.connect();
@@ -61,7 +61,7 @@ async function inDatabase(deps: TeardownDeps, database: string, sql: string): Pr
  * never holds back the rest of its batch. Returns the roles the step succeeded for; failures
  * are written to `result` prefixed with `where`.
  */
-async function stepEach(
+export async function stepEach(
   roles: RoleToDrop[], result: TeardownResult, where: string, step: (batch: RoleToDrop[]) => Promise<void>,
 ): Promise<RoleToDrop[]> {
   if (roles.length === 0) return roles;
@@ -69,8 +69,9 @@ async function stepEach(
     await step(roles);
     return roles;
   } catch (batchErr) {
-    if (roles.length === 1) {
-      result.set(roles[0].username, `${where}: ${describe(batchErr)}`);
+    // Unreachable or silent, PostgreSQL would fail each role on its own too, one timeout apiece.
+    if (roles.length === 1 || isConnectionError(batchErr)) {
+      for (const role of roles) result.set(role.username, `${where}: ${describe(batchErr)}`);
       return [];
     }
   }

@@ -1,4 +1,4 @@
-import type { Queryable } from './pool.js';
+import { isCancelledWait, isConnectionError, type Queryable } from './pool.js';
 import { escapeIdent } from './sql.js';
 
 /**
@@ -57,6 +57,8 @@ export async function ensureCreators(db: Queryable, managedRole: string, groups:
       if (!row.broker_can_set) await db.query(`GRANT ${escapeIdent(row.name)} TO CURRENT_USER WITH INHERIT FALSE, SET TRUE`);
     } catch (err) {
       // Typically a role of that name someone else created, which the broker holds no ADMIN OPTION on.
+      // A connection failure or a cancelled wait keeps its own error, and with it its 503.
+      if (isConnectionError(err) || isCancelledWait(err)) throw err;
       throw new Error(`cannot set up creator role ${row.name}: ${(err as Error).message}; drop it, or let the broker create it`);
     }
   }

@@ -12,20 +12,32 @@ export interface DbTimeouts {
   queryTimeoutSeconds: number;
 }
 
+// How much longer than statement_timeout the client waits before it gives up on the server.
+const SILENCE_GRACE_MS = 2000;
+
 /**
  * Settings for every connection the broker opens for its work.
  * - lock_timeout (PostgreSQL's): a request blocked by another session's open transaction answers
  *   503 instead of hanging, and a DROP OWNED queued behind a long query neither stalls the reaper
  *   nor holds up every other query on that table while it waits.
- * - query_timeout (pg's, on the client): a server that stops answering without closing the
- *   connection (a failover that leaves the old address silent, a dropped route) would otherwise
- *   hold each request until TCP gives up, many minutes later. The connection is then discarded.
+ * - statement_timeout (PostgreSQL's, with `cancelOnServer`): a statement that runs too long is
+ *   cancelled and its transaction rolled back by the server, which is still there to do it.
+ * - query_timeout (pg's, on the client, a little later): a server that stops answering without
+ *   closing the connection (a failover that leaves the old address silent, a dropped route) would
+ *   otherwise hold each request until TCP gives up, many minutes later. The connection is then
+ *   discarded. Without `cancelOnServer` (teardown in other databases, where a long DROP OWNED
+ *   should finish rather than fail forever), this is the only bound, and a statement the client
+ *   stopped waiting for still runs to its end on the server.
  */
-export function sessionSettings(t: DbTimeouts): Pick<pg.ClientConfig, 'lock_timeout' | 'query_timeout' | 'connectionTimeoutMillis'> {
+export function sessionSettings(
+  t: DbTimeouts, cancelOnServer: boolean,
+): Pick<pg.ClientConfig, 'lock_timeout' | 'statement_timeout' | 'query_timeout' | 'connectionTimeoutMillis'> {
+  const queryMs = t.queryTimeoutSeconds * 1000;
   return {
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     ...(t.lockTimeoutSeconds > 0 ? { lock_timeout: t.lockTimeoutSeconds * 1000 } : {}),
-    ...(t.queryTimeoutSeconds > 0 ? { query_timeout: t.queryTimeoutSeconds * 1000 } : {}),
+    ...(queryMs > 0 && cancelOnServer ? { statement_timeout: queryMs, query_timeout: queryMs + SILENCE_GRACE_MS } : {}),
+    ...(queryMs > 0 && !cancelOnServer ? { query_timeout: queryMs } : {}),
   };
 }
 
@@ -37,7 +49,7 @@ export function createPool(connectionString: string, logger: Logger, max = 10, t
     max,
     idleTimeoutMillis: 30_000,
     application_name: 'pg-credential-broker',
-    ...sessionSettings(timeouts),
+    ...sessionSettings(timeouts, true),
   });
   pool.on('error', (err) => logger.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, 'idle PostgreSQL connection failed'));
   pool.on('connect', (client) => client.on('error', () => undefined));
@@ -98,9 +110,13 @@ export function isQueryTimeout(err: unknown): boolean {
   return err instanceof Error && err.message === 'Query read timeout';
 }
 
-/** SQLSTATE 55P03: a lock wait passed lock_timeout; the statement's transaction is rolled back. */
-export function isLockTimeout(err: unknown): boolean {
-  return !!err && typeof err === 'object' && (err as { code?: string }).code === '55P03';
+/**
+ * SQLSTATE 55P03 (a lock wait passed lock_timeout) or 57014 (statement_timeout, or a cancel by an
+ * operator): PostgreSQL stopped the statement and rolls its transaction back.
+ */
+export function isCancelledWait(err: unknown): '55P03' | '57014' | null {
+  const code = !!err && typeof err === 'object' ? (err as { code?: string }).code : undefined;
+  return code === '55P03' || code === '57014' ? code : null;
 }
 
 /** True when the error means PostgreSQL itself is unreachable, not that a statement failed. */

@@ -44,7 +44,7 @@ export class Leadership {
       if (!this.client) {
         const client = new pg.Client({
           connectionString: this.databaseUrl, application_name: 'pg-credential-broker leader', keepAlive: true,
-          ...sessionSettings({ lockTimeoutSeconds: 0, queryTimeoutSeconds: this.timeouts.queryTimeoutSeconds }),
+          ...sessionSettings({ lockTimeoutSeconds: 0, queryTimeoutSeconds: this.timeouts.queryTimeoutSeconds }, false),
         });
         client.on('error', (err) => this.lost(client, err.message));
         client.on('end', () => this.lost(client, 'connection ended'));
