@@ -2,7 +2,7 @@ import pg from 'pg';
 import { parseIntoClientConfig } from 'pg-connection-string';
 import type { FastifyBaseLogger } from 'fastify';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
-import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
+import { isConnectionError, sessionSettings, statements, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 
@@ -63,14 +63,20 @@ async function inDatabase(deps: TeardownDeps, database: string, sql: string): Pr
  */
 export async function stepEach(
   roles: RoleToDrop[], result: TeardownResult, where: string, step: (batch: RoleToDrop[]) => Promise<void>,
+  progress: TeardownRun = { unreachable: null },
 ): Promise<RoleToDrop[]> {
   if (roles.length === 0) return roles;
+  // Unreachable or silent, PostgreSQL would fail every further step too, one timeout apiece.
+  if (progress.unreachable) {
+    for (const role of roles) result.set(role.username, progress.unreachable);
+    return [];
+  }
   try {
     await step(roles);
     return roles;
   } catch (batchErr) {
-    // Unreachable or silent, PostgreSQL would fail each role on its own too, one timeout apiece.
-    if (roles.length === 1 || isConnectionError(batchErr)) {
+    if (isConnectionError(batchErr)) progress.unreachable = `${where}: ${describe(batchErr)}`;
+    if (roles.length === 1 || progress.unreachable) {
       for (const role of roles) result.set(role.username, `${where}: ${describe(batchErr)}`);
       return [];
     }
@@ -87,11 +93,17 @@ export async function stepEach(
   return ok;
 }
 
+/** What one teardown learned that concerns all its steps. */
+export interface TeardownRun {
+  /** Set once a step found PostgreSQL unreachable: the later steps fail at once with this. */
+  unreachable: string | null;
+}
+
 /** Runs one statement as `creator` (in a transaction, SET LOCAL ROLE), or as the broker for null. */
 type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
 function runAs(pool: pg.Pool, creator: string | null): Run {
-  if (!creator) return (sql, params) => pool.query(sql, params);
-  return (sql, params) => withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params));
+  if (!creator) return (sql, params) => pool.query(statements(pool, sql, params));
+  return (sql, params) => withBatchedTransaction(pool, actAs(creator), (client) => client.query(statements(pool, sql, params)));
 }
 
 /**
@@ -121,11 +133,14 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
     if (!byCreator.has(p.creator)) byCreator.set(p.creator, []);
     byCreator.get(p.creator)!.push(...roles.filter((r) => r.username === p.rolname));
   }
-  for (const [creator, live] of byCreator) await teardownAs(deps, creator, live, result);
+  const run: TeardownRun = { unreachable: null };
+  for (const [creator, live] of byCreator) await teardownAs(deps, creator, live, result, run);
   return result;
 }
 
-async function teardownAs(deps: TeardownDeps, creator: string | null, roles: RoleToDrop[], result: TeardownResult): Promise<void> {
+async function teardownAs(
+  deps: TeardownDeps, creator: string | null, roles: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
+): Promise<void> {
   const run = runAs(deps.pool, creator);
   // Login first, sessions second: otherwise a client could reconnect between the two steps.
   // Terminating a role's sessions and DROP OWNED need its privileges, which nobody holds while it
@@ -138,7 +153,7 @@ async function teardownAs(deps: TeardownDeps, creator: string | null, roles: Rol
       ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
       : `GRANT ${names.join(', ')} TO CURRENT_USER`;
     await run([grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
-  });
+  }, progress);
   live = await stepEach(live, result, 'terminate sessions', async (batch) => {
     const names = batch.map((r) => r.username);
     // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
@@ -154,7 +169,7 @@ async function teardownAs(deps: TeardownDeps, creator: string | null, roles: Rol
     const { rows } = await deps.pool.query<{ usename: string }>(
       'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
     if (rows.length > 0) throw new Error(`sessions of ${rows.map((r) => r.usename).join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
-  });
+  }, progress);
   if (live.length === 0) return;
 
   // pg_shdepend lists, per database, every object a role owns or holds a privilege on (tables,
@@ -178,13 +193,13 @@ async function teardownAs(deps: TeardownDeps, creator: string | null, roles: Rol
   const failed = new Set<string>();
   for (const [database, owners] of byDatabase) {
     const batch = live.filter((r) => owners.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator)));
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator)), progress);
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
 
   const droppable = live.filter((r) => !failed.has(r.username));
   await stepEach(droppable, result, 'DROP ROLE', (batch) =>
-    run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined));
+    run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined), progress);
 }
 
 function ownedObjectsSql(roles: RoleToDrop[], creator: string | null): string {

@@ -36,9 +36,26 @@ export function sessionSettings(
   return {
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     ...(t.lockTimeoutSeconds > 0 ? { lock_timeout: t.lockTimeoutSeconds * 1000 } : {}),
-    ...(queryMs > 0 && cancelOnServer ? { statement_timeout: queryMs, query_timeout: queryMs + SILENCE_GRACE_MS } : {}),
+    ...(queryMs > 0 && cancelOnServer ? { statement_timeout: queryMs, query_timeout: replyDeadlineMs(queryMs, 1) } : {}),
     ...(queryMs > 0 && !cancelOnServer ? { query_timeout: queryMs } : {}),
   };
+}
+
+function replyDeadlineMs(statementTimeoutMs: number, statements: number): number {
+  return statements * statementTimeoutMs + SILENCE_GRACE_MS;
+}
+
+/**
+ * `sql` as a query whose reply deadline fits all its statements. PostgreSQL's statement_timeout
+ * counts each statement of a multi-statement string on its own, so a client that gave up after
+ * one timeout could report a failure for a transaction whose COMMIT then runs. The statements are
+ * counted by the `;\n` the broker joins them with (a literal that contains one only lengthens
+ * the wait).
+ */
+export function statements(pool: pg.Pool, sql: string, values?: unknown[]): pg.QueryConfig {
+  const statementTimeout = Number(pool.options.statement_timeout) || 0;
+  if (!statementTimeout) return { text: sql, values };
+  return { text: sql, values, query_timeout: replyDeadlineMs(statementTimeout, sql.split(';\n').length) } as pg.QueryConfig;
 }
 
 const NO_TIMEOUTS: DbTimeouts = { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 };
@@ -76,11 +93,11 @@ export async function withBatchedTransaction<T>(
   let broken = false;
   let committed = false;
   const commit = async (sql?: string) => {
-    await client.query(sql ? `${sql};\nCOMMIT` : 'COMMIT');
+    await client.query(statements(pool, sql ? `${sql};\nCOMMIT` : 'COMMIT'));
     committed = true;
   };
   try {
-    const begun = await client.query(begin ? `BEGIN;\n${begin}` : 'BEGIN');
+    const begun = await client.query(statements(pool, begin ? `BEGIN;\n${begin}` : 'BEGIN'));
     // A multi-statement simple query answers with one result per statement.
     const result = await fn(client, commit, Array.isArray(begun) ? begun[begun.length - 1] : begun);
     if (!committed) await commit();
