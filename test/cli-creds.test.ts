@@ -11,51 +11,26 @@ import {
 } from '../src/cli/renew-schedule.js';
 import { api, connectAs, waitFor, type TestBroker } from './helpers/broker.js';
 import { startCliBench, type CliBench } from './helpers/cli.js';
+import { startRelay } from './helpers/relay.js';
 
 let b: TestBroker;
 let url: string;
 let tmp: string;
 
 /**
- * A TCP forwarder in front of the real broker that can make it unreachable for a while, as a
- * broker restart or a network blip does. Nothing in the request path is faked: while `refusing`,
- * connections are cut (including pooled keep-alive ones), and otherwise bytes pass through.
+ * A command for `exec` that writes its lease id to `started` once exec has its credential, then
+ * runs until `finish()` is called (or the test ends).
  */
-async function startCutter(target: URL): Promise<{ url: string; refused: number; refusing: boolean; cut(): void; close(): Promise<void> }> {
-  const sockets = new Set<net.Socket>();
-  const track = (s: net.Socket) => {
-    sockets.add(s);
-    s.on('error', () => undefined);
-    s.on('close', () => sockets.delete(s));
+async function heldCommand(): Promise<{ script: string; leaseId(): Promise<string>; finish(): Promise<void> }> {
+  const dir = await mkdtemp(path.join(tmp, 'exec-'));
+  const started = path.join(dir, 'started');
+  const done = path.join(dir, 'done');
+  return {
+    script: `require('fs').writeFileSync(${JSON.stringify(started)}, process.env.PG_BROKER_LEASE_ID);
+      const t = setInterval(() => { if (require('fs').existsSync(${JSON.stringify(done)})) clearInterval(t); }, 50);`,
+    leaseId: () => waitFor('exec to start the command', async () => (existsSync(started) ? readFile(started, 'utf8') : null)),
+    finish: () => writeFile(done, '').catch(() => undefined),
   };
-  const server = net.createServer((client) => {
-    track(client);
-    if (state.refusing) {
-      state.refused += 1;
-      client.destroy();
-      return;
-    }
-    const upstream = net.connect(Number(target.port), target.hostname);
-    track(upstream);
-    client.pipe(upstream).pipe(client);
-    client.on('close', () => upstream.destroy());
-    upstream.on('close', () => client.destroy());
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const state = {
-    url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    refused: 0,
-    refusing: false,
-    cut() {
-      state.refusing = true;
-      for (const s of sockets) s.destroy();
-    },
-    close: () => new Promise<void>((r) => {
-      server.close(() => r());
-      for (const s of sockets) s.destroy();
-    }),
-  };
-  return state;
 }
 
 let cli: CliBench['cli'];
@@ -142,20 +117,16 @@ describe('exec renew scheduling (pure)', () => {
 
 describe('pg-broker exec renewal', () => {
   test('a renew that fails while the broker is unreachable is retried, and the lease lives on', async () => {
-    const cutter = await startCutter(new URL(url));
-    const dir = await mkdtemp(path.join(tmp, 'exec-'));
-    const started = path.join(dir, 'started');
-    const done = path.join(dir, 'done');
+    const cutter = await startRelay(Number(new URL(url).port));
     // The command signals that exec has its credential (so cutting the link cannot hit issuance),
     // then runs until the test lets it finish.
-    const script = `require('fs').writeFileSync(${JSON.stringify(started)}, process.env.PG_BROKER_LEASE_ID);
-      const t = setInterval(() => { if (require('fs').existsSync(${JSON.stringify(done)})) clearInterval(t); }, 50);`;
+    const command = await heldCommand();
     try {
       const token = await b.token({ sub: 'cli:renew-retry' });
       // ttl 12: the routine renew comes about 8 s in and its first retry 2 s later, leaving 2 s
       // before expiry for the retry to land even on a loaded machine.
-      const running = cli(['exec', '--ttl', '12', '--token', token, '--', process.execPath, '-e', script], { PG_BROKER_URL: cutter.url });
-      const leaseId = await waitFor('exec to start the command', async () => (existsSync(started) ? readFile(started, 'utf8') : null));
+      const running = cli(['exec', '--ttl', '12', '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: cutter.url });
+      const leaseId = await command.leaseId();
       const [before] = await b.pg.query(`SELECT expires_at FROM broker.leases WHERE id = $1`, [leaseId]);
       const issuedExpiry = (before.expires_at as Date).getTime();
 
@@ -170,7 +141,7 @@ describe('pg-broker exec renewal', () => {
       }, 15_000);
       assert.ok((renewed.expires_at as Date).getTime() > Date.now(), 'the lease did not lapse in between');
 
-      await writeFile(done, '');
+      await command.finish();
       const run = await running;
       assert.equal(run.code, 0, run.stderr);
       const failures = run.stderr.split('\n').filter((l) => l.includes('could not renew'));
@@ -179,7 +150,7 @@ describe('pg-broker exec renewal', () => {
       const [after] = await b.pg.query(`SELECT state FROM broker.leases WHERE id = $1`, [leaseId]);
       assert.equal(after.state, 'revoked', 'exec still revokes when the command ends');
     } finally {
-      await writeFile(done, '').catch(() => undefined);
+      await command.finish();
       await cutter.close();
     }
   });
@@ -189,17 +160,13 @@ describe('pg-broker exec and a lowered max_ttl', () => {
   test('exec follows the max_expires_at a renew answers with: once a lowered max_ttl holds the lease at its expiry, it stops renewing', async () => {
     const policy = { claims: { sub: 'shrinkcli:*' }, default_ttl: 60, max_ttl: 600 };
     await b.putPolicy('cli-shrink', policy);
-    const dir = await mkdtemp(path.join(tmp, 'exec-'));
-    const started = path.join(dir, 'started');
-    const done = path.join(dir, 'done');
-    const script = `require('fs').writeFileSync(${JSON.stringify(started)}, process.env.PG_BROKER_LEASE_ID);
-      const t = setInterval(() => { if (require('fs').existsSync(${JSON.stringify(done)})) clearInterval(t); }, 50);`;
+    const command = await heldCommand();
     try {
       const token = await b.token({ sub: 'shrinkcli:a' });
       // ttl 4: the first renew comes at two thirds of it. Before that, max_ttl drops below what the
       // lease has already run, so that renew answers with the lease's current expiry as its bound.
-      const running = cli(['exec', '--ttl', '4', '--token', token, '--', process.execPath, '-e', script], { PG_BROKER_URL: url });
-      const leaseId = await waitFor('exec to start the command', async () => (existsSync(started) ? readFile(started, 'utf8') : null));
+      const running = cli(['exec', '--ttl', '4', '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: url });
+      const leaseId = await command.leaseId();
       await b.putPolicy('cli-shrink', { ...policy, default_ttl: 1, max_ttl: 1 });
       const renewals = async () => (await b.pg.query(`SELECT detail FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.renewed'`, [leaseId]));
       const [first] = await waitFor('the first renew', async () => ((await renewals()).length > 0 ? renewals() : null), 15_000);
@@ -209,13 +176,13 @@ describe('pg-broker exec and a lowered max_ttl', () => {
       const [row] = await b.pg.query(`SELECT expires_at, max_expires_at FROM broker.leases WHERE id = $1`, [leaseId]);
       assert.equal(row.max_expires_at.getTime(), row.expires_at.getTime(), 'the bound now is the lease\'s expiry');
       await waitFor('the lease to reach its expiry', async () => (Date.now() > row.expires_at.getTime() + 1_000 ? true : null), 15_000);
-      await writeFile(done, '');
+      await command.finish();
       const run = await running;
       assert.equal(run.code, 0, run.stderr);
       assert.equal((await renewals()).length, 1, 'one renew, then none');
       assert.doesNotMatch(run.stderr, /could not renew/);
     } finally {
-      await writeFile(done, '').catch(() => undefined);
+      await command.finish();
     }
   });
 });

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { startTestBroker, type TestBroker } from './helpers/broker.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
+import { startRelay, type Relay } from './helpers/relay.js';
 
 // A PostgreSQL that stops answering without closing anything, as a failover that leaves the old
 // address silent does: TCP stays up, bytes go nowhere. Without BROKER_QUERY_TIMEOUT a request
@@ -10,38 +10,8 @@ import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 // test's hang guard fails it).
 const HANG_GUARD = { timeout: 60_000 };
 
-/** A TCP relay to PostgreSQL that, while `silent`, accepts connections and drops every byte. */
-async function startRelay(port: number): Promise<{ port: number; silent: boolean; close(): Promise<void> }> {
-  const sockets = new Set<net.Socket>();
-  const track = (s: net.Socket) => {
-    sockets.add(s);
-    s.on('error', () => undefined);
-    s.on('close', () => sockets.delete(s));
-  };
-  const server = net.createServer((client) => {
-    track(client);
-    if (state.silent) return;
-    const upstream = net.connect(port, '127.0.0.1');
-    track(upstream);
-    client.on('data', (d) => { if (!state.silent) upstream.write(d); });
-    upstream.on('data', (d) => { if (!state.silent) client.write(d); });
-    client.on('close', () => upstream.destroy());
-    upstream.on('close', () => client.destroy());
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const state = {
-    port: (server.address() as net.AddressInfo).port,
-    silent: false,
-    close: () => new Promise<void>((r) => {
-      server.close(() => r());
-      for (const s of sockets) s.destroy();
-    }),
-  };
-  return state;
-}
-
 let pgs: TestPostgres;
-let relay: Awaited<ReturnType<typeof startRelay>>;
+let relay: Relay;
 let b: TestBroker;
 
 before(async () => {
