@@ -117,10 +117,10 @@ describe('exec renew scheduling (pure)', () => {
 
 describe('pg-broker exec renewal', () => {
   test('a renew that fails while the broker is unreachable is retried, and the lease lives on', async () => {
-    const cutter = await startRelay(Number(new URL(url).port));
     // The command signals that exec has its credential (so cutting the link cannot hit issuance),
     // then runs until the test lets it finish.
     const command = await heldCommand();
+    const cutter = await startRelay(Number(new URL(url).port));
     try {
       const token = await b.token({ sub: 'cli:renew-retry' });
       // ttl 12: the routine renew comes about 8 s in and its first retry 2 s later, leaving 2 s

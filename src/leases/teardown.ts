@@ -2,7 +2,7 @@ import pg from 'pg';
 import { parseIntoClientConfig } from 'pg-connection-string';
 import type { FastifyBaseLogger } from 'fastify';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
-import { isConnectionError, sessionSettings, statements, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
+import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 
@@ -60,14 +60,19 @@ async function inDatabase(deps: TeardownDeps, database: string, sql: string): Pr
  * Runs `step` for all roles at once and, if that fails, once per role, so one stubborn role
  * never holds back the rest of its batch. Returns the roles the step succeeded for; failures
  * are written to `result` prefixed with `where`.
+ *
+ * A connection failure is not one role's trouble: the batch fails without a retry per role,
+ * each of which would wait out the same timeout. With `progress`, a step on the broker's own
+ * connections that finds the server itself down or silent also ends the rest of the teardown
+ * (see TeardownRun); steps in other databases pass none, since a database at its connection
+ * limit or a long DROP OWNED there says nothing about the cluster.
  */
 export async function stepEach(
   roles: RoleToDrop[], result: TeardownResult, where: string, step: (batch: RoleToDrop[]) => Promise<void>,
-  progress: TeardownRun = { unreachable: null },
+  progress?: TeardownRun,
 ): Promise<RoleToDrop[]> {
   if (roles.length === 0) return roles;
-  // Unreachable or silent, PostgreSQL would fail every further step too, one timeout apiece.
-  if (progress.unreachable) {
+  if (progress?.unreachable) {
     for (const role of roles) result.set(role.username, progress.unreachable);
     return [];
   }
@@ -75,8 +80,9 @@ export async function stepEach(
     await step(roles);
     return roles;
   } catch (batchErr) {
-    if (isConnectionError(batchErr)) progress.unreachable = `${where}: ${describe(batchErr)}`;
-    if (roles.length === 1 || progress.unreachable) {
+    const connection = isConnectionError(batchErr);
+    if (progress && connection && serverGone(batchErr)) progress.unreachable = `${where}: ${describe(batchErr)}`;
+    if (roles.length === 1 || connection) {
       for (const role of roles) result.set(role.username, `${where}: ${describe(batchErr)}`);
       return [];
     }
@@ -95,15 +101,27 @@ export async function stepEach(
 
 /** What one teardown learned that concerns all its steps. */
 export interface TeardownRun {
-  /** Set once a step found PostgreSQL unreachable: the later steps fail at once with this. */
+  /**
+   * Set once a step on the broker's own connections found PostgreSQL down or silent: the later
+   * steps, which would each wait out the same timeout, fail at once with this.
+   */
   unreachable: string | null;
+}
+
+/**
+ * A connection error that means the server is down or not answering, not that it is busy: too
+ * many connections (53300) and a wait for a free pooled connection both pass by themselves.
+ */
+function serverGone(err: unknown): boolean {
+  const { code, message } = err as { code?: string; message?: string };
+  return code !== '53300' && !/timeout exceeded when trying to connect/.test(message ?? '');
 }
 
 /** Runs one statement as `creator` (in a transaction, SET LOCAL ROLE), or as the broker for null. */
 type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
 function runAs(pool: pg.Pool, creator: string | null): Run {
-  if (!creator) return (sql, params) => pool.query(statements(pool, sql, params));
-  return (sql, params) => withBatchedTransaction(pool, actAs(creator), (client) => client.query(statements(pool, sql, params)));
+  if (!creator) return (sql, params) => pool.query(sql, params);
+  return (sql, params) => withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params));
 }
 
 /**
@@ -193,7 +211,7 @@ async function teardownAs(
   const failed = new Set<string>();
   for (const [database, owners] of byDatabase) {
     const batch = live.filter((r) => owners.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator)), progress);
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator)));
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
 

@@ -25,9 +25,10 @@ const SILENCE_GRACE_MS = 2000;
  * - query_timeout (pg's, on the client, a little later): a server that stops answering without
  *   closing the connection (a failover that leaves the old address silent, a dropped route) would
  *   otherwise hold each request until TCP gives up, many minutes later. The connection is then
- *   discarded. Without `cancelOnServer` (teardown in other databases, where a long DROP OWNED
- *   should finish rather than fail forever), this is the only bound, and a statement the client
- *   stopped waiting for still runs to its end on the server.
+ *   discarded. Without `cancelOnServer` (teardown's REASSIGN/DROP OWNED connections, one per
+ *   database including the broker's own, where a long DROP OWNED should finish rather than fail
+ *   on every attempt), this is the only bound, and a statement the client stopped waiting for
+ *   still runs to its end on the server.
  */
 export function sessionSettings(
   t: DbTimeouts, cancelOnServer: boolean,
@@ -41,21 +42,21 @@ export function sessionSettings(
   };
 }
 
-function replyDeadlineMs(statementTimeoutMs: number, statements: number): number {
-  return statements * statementTimeoutMs + SILENCE_GRACE_MS;
+function replyDeadlineMs(statementTimeoutMs: number, waits: number): number {
+  return waits * statementTimeoutMs + SILENCE_GRACE_MS;
 }
 
 /**
- * `sql` as a query whose reply deadline fits all its statements. PostgreSQL's statement_timeout
- * counts each statement of a multi-statement string on its own, so a client that gave up after
- * one timeout could report a failure for a transaction whose COMMIT then runs. The statements are
- * counted by the `;\n` the broker joins them with (a literal that contains one only lengthens
- * the wait).
+ * `sql` followed by COMMIT, as one query. PostgreSQL times each statement of it on its own, and
+ * two of them can take long on a healthy server: the work (a CREATE ROLE queued on a lock, say)
+ * and the COMMIT. So the client waits for both before it gives up on a silent server; giving up
+ * after one could report a failure for a transaction the server then commits. (The SET LOCAL and
+ * COMMENT statements around the work take no time worth counting.)
  */
-export function statements(pool: pg.Pool, sql: string, values?: unknown[]): pg.QueryConfig {
+export function commitBatch(pool: pg.Pool, sql: string): pg.QueryConfig {
+  const text = `${sql};\nCOMMIT`;
   const statementTimeout = Number(pool.options.statement_timeout) || 0;
-  if (!statementTimeout) return { text: sql, values };
-  return { text: sql, values, query_timeout: replyDeadlineMs(statementTimeout, sql.split(';\n').length) } as pg.QueryConfig;
+  return statementTimeout ? ({ text, query_timeout: replyDeadlineMs(statementTimeout, 2) } as pg.QueryConfig) : { text };
 }
 
 const NO_TIMEOUTS: DbTimeouts = { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 };
@@ -93,11 +94,11 @@ export async function withBatchedTransaction<T>(
   let broken = false;
   let committed = false;
   const commit = async (sql?: string) => {
-    await client.query(statements(pool, sql ? `${sql};\nCOMMIT` : 'COMMIT'));
+    await client.query(sql ? commitBatch(pool, sql) : 'COMMIT');
     committed = true;
   };
   try {
-    const begun = await client.query(statements(pool, begin ? `BEGIN;\n${begin}` : 'BEGIN'));
+    const begun = await client.query(begin ? `BEGIN;\n${begin}` : 'BEGIN');
     // A multi-statement simple query answers with one result per statement.
     const result = await fn(client, commit, Array.isArray(begun) ? begun[begun.length - 1] : begun);
     if (!committed) await commit();

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type pg from 'pg';
-import { sessionSettings, statements } from '../../src/postgres/pool.js';
+import { commitBatch, sessionSettings } from '../../src/postgres/pool.js';
 
 const poolWith = (options: pg.PoolConfig) => ({ options }) as unknown as pg.Pool;
 
@@ -13,12 +13,9 @@ test('the pool cancels on the server first and gives up on a silent server 2 s l
   assert.deepEqual(sessionSettings({ lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 }, true), { connectionTimeoutMillis: 5000 });
 });
 
-test('a multi-statement string waits one statement_timeout per statement before giving up on the server', () => {
-  const pool = poolWith({ statement_timeout: 1000 });
-  assert.equal((statements(pool, 'SELECT 1') as { query_timeout?: number }).query_timeout, 3000);
-  assert.equal((statements(pool, 'BEGIN;\nSELECT 1;\nSELECT 2') as { query_timeout?: number }).query_timeout, 5000);
-  const withValues = statements(pool, 'SELECT $1', [1]);
-  assert.deepEqual([withValues.text, withValues.values], ['SELECT $1', [1]]);
+test('the batch that commits waits for two statement timeouts (the work and the COMMIT) before giving up on the server', () => {
+  const batch = commitBatch(poolWith({ statement_timeout: 1000 }), 'CREATE ROLE x;\nCOMMENT ON ROLE x IS $$y$$') as { text: string; query_timeout?: number };
+  assert.deepEqual([batch.text, batch.query_timeout], ['CREATE ROLE x;\nCOMMENT ON ROLE x IS $$y$$;\nCOMMIT', 4000]);
   // Without a statement timeout, the pool's own setting (if any) applies unchanged.
-  assert.equal((statements(poolWith({}), 'BEGIN;\nSELECT 1') as { query_timeout?: number }).query_timeout, undefined);
+  assert.equal((commitBatch(poolWith({}), 'SELECT 1') as { query_timeout?: number }).query_timeout, undefined);
 });

@@ -32,20 +32,32 @@ test('a batch that fails because PostgreSQL is unreachable or silent is not retr
   }
 });
 
-test('once a step found PostgreSQL unreachable, the later steps of the same teardown fail at once without trying', async () => {
-  const progress: TeardownRun = { unreachable: null };
+test('a step on the broker\'s connections that finds the server gone ends the rest of the teardown; a busy server or another database does not', async () => {
+  const gone: TeardownRun = { unreachable: null };
   const result = fresh();
   let tries = 0;
   const down = async () => {
     tries += 1;
     throw new Error('Query read timeout');
   };
-  assert.deepEqual(await stepEach(roles.slice(0, 2), result, 'NOLOGIN', down, progress), []);
-  assert.equal(progress.unreachable, 'NOLOGIN: Query read timeout');
+  assert.deepEqual(await stepEach(roles.slice(0, 2), result, 'NOLOGIN', down, gone), []);
+  assert.equal(gone.unreachable, 'NOLOGIN: Query read timeout');
   // Another creator's roles, in the same teardown.
-  assert.deepEqual(await stepEach(roles.slice(2), result, 'NOLOGIN', down, progress), []);
+  assert.deepEqual(await stepEach(roles.slice(2), result, 'NOLOGIN', down, gone), []);
   assert.equal(tries, 1);
   assert.equal(result.get('lease_c'), 'NOLOGIN: Query read timeout');
+
+  // Busy, not gone: the batch fails (a retry per role would wait the same), the teardown goes on.
+  for (const busy of [Object.assign(new Error('too many connections for database "x"'), { code: '53300' }), new Error('timeout exceeded when trying to connect')]) {
+    const progress: TeardownRun = { unreachable: null };
+    let calls = 0;
+    await stepEach(roles, fresh(), 'NOLOGIN', async () => { calls += 1; throw busy; }, progress);
+    assert.deepEqual([calls, progress.unreachable], [1, null], busy.message);
+  }
+  // A step in another database is passed no progress: whatever it meets stays its own.
+  const other = fresh();
+  assert.deepEqual(await stepEach(roles.slice(0, 1), other, 'otherdb', down), []);
+  assert.equal(other.get('lease_a'), 'otherdb: Query read timeout');
   // An ordinary failure leaves the next step free to try.
   const healthy: TeardownRun = { unreachable: null };
   await stepEach(roles.slice(0, 1), fresh(), 'DROP ROLE', async () => { throw Object.assign(new Error('in use'), { code: '2BP01' }); }, healthy);
