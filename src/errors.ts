@@ -1,7 +1,8 @@
 import createError from '@fastify/error';
 
 // One catalogue of the errors clients can see. The `code` is the stable contract; messages
-// may improve over time. 5xx messages never reach clients (see problem.ts).
+// may improve over time. 5xx messages never reach clients (see problem.ts), except the few
+// written for them (REVOKE_INCOMPLETE, DATABASE_BUSY).
 export const Errors = {
   BadRequest: createError<[string]>('BAD_REQUEST', '%s', 400),
   InvalidToken: createError<[string]>('INVALID_TOKEN', '%s', 401),
@@ -16,7 +17,7 @@ export const Errors = {
   QuotaExceeded: createError<[string]>('LEASE_QUOTA_EXCEEDED', '%s', 429),
   RateLimited: createError<[string]>('RATE_LIMITED', '%s', 429),
   InvalidPolicy: createError<[string]>('INVALID_POLICY', '%s', 400),
-  RevokeIncomplete: createError('REVOKE_INCOMPLETE', 'The lease is ended and its login disabled, but teardown did not finish; the reaper retries it', 500),
+  RevokeIncomplete: createError<[string]>('REVOKE_INCOMPLETE', '%s', 500),
   DatabaseUnavailable: createError('DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly', 503),
   DatabaseBusy: createError<[string]>('DATABASE_BUSY', '%s', 503),
 };

@@ -32,6 +32,10 @@ async function holdLock(sql: string, params: unknown[] = []): Promise<{ release(
   };
 }
 
+/** Seconds until the reaper's next try at a lease's teardown. */
+const retryIn = async (id: string) =>
+  (await b.pg.query<{ s: number }>('SELECT extract(epoch FROM next_attempt_at - now())::float8 AS s FROM broker.leases WHERE id = $1', [id]))[0].s;
+
 const count = async (sql: string, params: unknown[]) => (await b.pg.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${sql}`, params))[0].n;
 
 describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
@@ -117,6 +121,9 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     const [login] = await b.pg.query('SELECT rolcanlogin FROM pg_roles WHERE rolname = $1', [cred.username]);
     assert.deepEqual(login, { rolcanlogin: false }, 'the login is disabled while teardown waits');
 
+    // Past NOLOGIN, a failure backs off like any other (twice the reaper interval at first).
+    assert.ok(await retryIn(cred.lease_id) > b.config.reaperIntervalSeconds + 2);
+
     await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
     const stats = await b.reaper.reap({ requireLeadership: false });
     assert.equal(stats.failed, 0, JSON.stringify(stats));
@@ -124,5 +131,44 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     assert.equal(await roleExists(b.pg, cred.username), false);
     const [owner] = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'locked_by_reader'`);
     assert.deepEqual(owner, { tableowner: 'app_migrators' });
+  });
+
+  test('a revocation whose NOLOGIN waits on the role itself says the login is still enabled, and the reaper retries at its interval, without backoff, until it gets through', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'lock:nologin' });
+    const res = await b.issue(token);
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    const cred = res.body;
+
+    // An admin's open ALTER ROLE holds the role's catalogue row, which NOLOGIN must update.
+    const admin = await holdLock(`ALTER ROLE "${cred.username}" CONNECTION LIMIT 3`);
+    let revoked;
+    let retryDelays: number[] = [];
+    try {
+      revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+      retryDelays.push(await retryIn(cred.lease_id));
+      // Later attempts keep the short delay while the login stays enabled.
+      for (let i = 0; i < 2; i++) {
+        await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+        const stats = await b.reaper.reap({ requireLeadership: false });
+        assert.equal(stats.failed, 1, JSON.stringify(stats));
+        retryDelays.push(await retryIn(cred.lease_id));
+      }
+    } finally {
+      await admin.release();
+    }
+    assert.equal(revoked.status, 500, JSON.stringify(revoked.body));
+    assert.equal(revoked.body.code, 'REVOKE_INCOMPLETE');
+    assert.match(revoked.body.detail, new RegExp(`its login could not be disabled yet; the reaper tries again every ${b.config.reaperIntervalSeconds} s`));
+    const row = await leaseRow(b.pg, cred.lease_id);
+    assert.deepEqual([row.state, row.attempts], ['revoking', 3]);
+    assert.match(row.last_error, /^NOLOGIN: 55P03/);
+    for (const delay of retryDelays) assert.ok(delay > 0 && delay <= b.config.reaperIntervalSeconds, `retried within the interval, not ${delay} s`);
+    assert.ok(b.logs.some((l) => l.includes('failed before its login was disabled') && l.includes(cred.lease_id)), 'the log says the login is still enabled');
+
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    const stats = await b.reaper.reap({ requireLeadership: false });
+    assert.equal(stats.failed, 0, JSON.stringify(stats));
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
   });
 });

@@ -3,7 +3,7 @@ import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
 import { identityLockKey } from './repository.js';
-import { teardownRoles, type TeardownDeps } from './teardown.js';
+import { loginStillEnabled, teardownRoles, type TeardownDeps } from './teardown.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
 export const MAX_ATTEMPTS = 5;
@@ -129,6 +129,16 @@ function backoffSeconds(attempts: number, baseSeconds: number): number {
   return Math.min(baseSeconds * 2 ** Math.min(attempts, 10), 3600);
 }
 
+/**
+ * When to try a failed teardown again. A role that can still log in is retried at the base
+ * interval, without backoff: what stopped it (a busy pool, a lock held on the role) passes, and
+ * until then an ended lease's credential still works. The attempts count all the same, so one
+ * that keeps failing still reads revoke_failed, with its audit event, after MAX_ATTEMPTS.
+ */
+export function retryDelaySeconds(error: string, attempts: number, baseSeconds: number): number {
+  return loginStillEnabled(error) ? baseSeconds : backoffSeconds(attempts, baseSeconds);
+}
+
 export interface FinishDeps extends TeardownDeps {
   metrics?: Metrics;
   retryBaseSeconds: number;
@@ -183,10 +193,14 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
               next_attempt_at = now() + make_interval(secs => $4), claimed_by_pid = NULL
         WHERE id = $1 AND state IN ('revoking', 'revoke_failed')
         RETURNING attempts`,
-      [l.id, error, MAX_ATTEMPTS, backoffSeconds(l.attempts + 1, deps.retryBaseSeconds)],
+      [l.id, error, MAX_ATTEMPTS, retryDelaySeconds(error, l.attempts + 1, deps.retryBaseSeconds)],
     );
     const attempts = rows[0]?.attempts;
-    deps.log.warn({ lease_id: l.id, username: l.username, attempts, error }, 'lease teardown failed; will retry');
+    const loginEnabled = loginStillEnabled(error);
+    deps.log.warn(
+      { lease_id: l.id, username: l.username, attempts, error, login_enabled: loginEnabled },
+      loginEnabled ? 'lease teardown failed before its login was disabled; will retry' : 'lease teardown failed; will retry',
+    );
     if (attempts === MAX_ATTEMPTS) {
       await recordAudit(deps.pool, {
         type: 'lease.revoke_failed', issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,

@@ -28,6 +28,14 @@ export type TeardownResult = Map<string, string | null>;
 // survives, because a session outlives DROP ROLE and could then no longer be found by name.
 const TERMINATE_WAIT_MS = 5000;
 
+/** The first step, which ends new logins; a failure there is prefixed with this name. */
+export const NOLOGIN_STEP = 'NOLOGIN';
+
+/** True when a teardown error left the role able to log in: it stopped at, or before, NOLOGIN. */
+export function loginStillEnabled(error: string | null | undefined): boolean {
+  return error?.startsWith(`${NOLOGIN_STEP}: `) ?? false;
+}
+
 /**
  * The broker's connection settings, in another database. Parsed as pg parses DATABASE_URL, so
  * libpq's socket form (`postgres://broker@/broker?host=/run/postgresql`), which WHATWG URL
@@ -73,7 +81,8 @@ export async function stepEach(
 ): Promise<RoleToDrop[]> {
   if (roles.length === 0) return roles;
   if (progress?.unreachable) {
-    for (const role of roles) result.set(role.username, progress.unreachable);
+    // Named after this step, not the one that failed: it tells how far these roles got.
+    for (const role of roles) result.set(role.username, `${where}: not tried after ${progress.unreachable}`);
     return [];
   }
   try {
@@ -136,11 +145,19 @@ function runAs(pool: pg.Pool, creator: string | null): Run {
 export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
   const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
   if (roles.length === 0) return result;
-  const { rows: present } = await deps.pool.query<{ rolname: string; issued: boolean; creator: string | null }>(
-    `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued, ${creatorOf('r', '$3')} AS creator
-       FROM pg_roles r WHERE r.rolname = ANY($1)`,
-    [roles.map((r) => r.username), deps.managedRole, creatorNames(deps.managedRole)],
-  );
+  let present: Array<{ rolname: string; issued: boolean; creator: string | null }>;
+  try {
+    ({ rows: present } = await deps.pool.query(
+      `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued, ${creatorOf('r', '$3')} AS creator
+         FROM pg_roles r WHERE r.rolname = ANY($1)`,
+      [roles.map((r) => r.username), deps.managedRole, creatorNames(deps.managedRole)],
+    ));
+  } catch (err) {
+    // Reported as a failure per role, like any later step's, so the caller can still record it
+    // (and retry soon: the logins are still enabled) rather than leave the claim to lapse.
+    for (const role of roles) result.set(role.username, `${NOLOGIN_STEP}: not tried after looking up the roles: ${describe(err)}`);
+    return result;
+  }
   const byCreator = new Map<string | null, RoleToDrop[]>();
   for (const p of present) {
     // Never drop what this deployment did not issue, and never pretend such a role is gone.
@@ -165,7 +182,7 @@ async function teardownAs(
   // is live (a creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it
   // takes the membership now, for the few statements left, so no membership graph walked by
   // other statements ever holds every live role.
-  let live = await stepEach(roles, result, 'NOLOGIN', async (batch) => {
+  let live = await stepEach(roles, result, NOLOGIN_STEP, async (batch) => {
     const names = batch.map((r) => escapeIdent(r.username));
     const grant = creator
       ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`

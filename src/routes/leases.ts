@@ -4,6 +4,7 @@ import { Errors } from '../errors.js';
 import { renewLease } from '../leases/renew.js';
 import { getLease, listLeases, type Lease } from '../leases/repository.js';
 import { awaitEnded, revokeNow, type FinishDeps } from '../leases/revoke.js';
+import { loginStillEnabled } from '../leases/teardown.js';
 import { problemResponses } from '../schemas/common.js';
 import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest } from '../schemas/lease.js';
 import { requestContext } from './context.js';
@@ -18,6 +19,22 @@ export function visibleTo(request: FastifyRequest, lease: Lease | null): Lease {
 
 // Longer than one teardown normally takes, sessions' exit wait included.
 const HANDOVER_WAIT_MS = 10_000;
+
+/**
+ * REVOKE_INCOMPLETE, saying what the caller most needs to know: whether the ended credentials can
+ * still log in (their teardown stopped before NOLOGIN) until the reaper's next try.
+ */
+function revokeIncomplete(errors: Array<string | null>, retrySeconds: number, bulk = false): Error {
+  const enabled = errors.filter(loginStillEnabled).length;
+  if (!bulk) {
+    return new Errors.RevokeIncomplete(enabled > 0
+      ? `The lease is ended, but its login could not be disabled yet; the reaper tries again every ${retrySeconds} s`
+      : 'The lease is ended and its login disabled, but teardown did not finish; the reaper retries it');
+  }
+  return new Errors.RevokeIncomplete(enabled > 0
+    ? `The leases are ended, but ${enabled} of their logins could not be disabled yet (${errors.length} teardowns did not finish); the reaper tries again every ${retrySeconds} s`
+    : `The leases are ended and their logins disabled, but ${errors.length} teardowns did not finish; the reaper retries them`);
+}
 
 export function invalidCursor(err: unknown): never {
   if ((err as Error).message === 'INVALID_CURSOR') throw new Errors.BadRequest('cursor is not valid');
@@ -88,7 +105,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       if (leases.length === 0) await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
       // Judge by the lease, not by this attempt: someone else may have finished it meanwhile.
       const now = visibleTo(request, await getLease(app.db, lease.id));
-      if (now.state !== 'revoked' && now.state !== 'expired') throw new Errors.RevokeIncomplete();
+      if (now.state !== 'revoked' && now.state !== 'expired') throw revokeIncomplete([now.last_error], app.config.reaperIntervalSeconds);
       return now;
     },
   );
@@ -114,7 +131,8 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
         issuers: app.config.issuers.map((i) => i.issuer),
       });
-      if ([...errors.values()].some((e) => e !== null)) throw new Errors.RevokeIncomplete();
+      const failed = [...errors.values()].filter((e) => e !== null);
+      if (failed.length > 0) throw revokeIncomplete(failed, app.config.reaperIntervalSeconds, true);
       return { revoked: leases.length, lease_ids: leases.map((l) => l.id) };
     },
   );

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { stepEach, type RoleToDrop, type TeardownResult, type TeardownRun } from '../../src/leases/teardown.js';
+import { retryDelaySeconds } from '../../src/leases/revoke.js';
+import { loginStillEnabled, stepEach, type RoleToDrop, type TeardownResult, type TeardownRun } from '../../src/leases/teardown.js';
 
 const roles: RoleToDrop[] = ['lease_a', 'lease_b', 'lease_c'].map((username) => ({ username, reassign_to: 'app' }));
 const fresh = (): TeardownResult => new Map(roles.map((r) => [r.username, null]));
@@ -45,7 +46,11 @@ test('a step on the broker\'s connections that finds the server gone ends the re
   // Another creator's roles, in the same teardown.
   assert.deepEqual(await stepEach(roles.slice(2), result, 'NOLOGIN', down, gone), []);
   assert.equal(tries, 1);
-  assert.equal(result.get('lease_c'), 'NOLOGIN: Query read timeout');
+  assert.equal(result.get('lease_c'), 'NOLOGIN: not tried after NOLOGIN: Query read timeout');
+  // Named after the step each role stopped at: these never reached DROP ROLE.
+  const later = fresh();
+  assert.deepEqual(await stepEach(roles, later, 'DROP ROLE', down, gone), []);
+  assert.equal(later.get('lease_a'), 'DROP ROLE: not tried after NOLOGIN: Query read timeout');
 
   // Busy, not gone: the batch fails (a retry per role would wait the same), the teardown goes on.
   for (const busy of [Object.assign(new Error('too many connections for database "x"'), { code: '53300' }), new Error('timeout exceeded when trying to connect')]) {
@@ -62,4 +67,15 @@ test('a step on the broker\'s connections that finds the server gone ends the re
   const healthy: TeardownRun = { unreachable: null };
   await stepEach(roles.slice(0, 1), fresh(), 'DROP ROLE', async () => { throw Object.assign(new Error('in use'), { code: '2BP01' }); }, healthy);
   assert.equal(healthy.unreachable, null);
+});
+
+test('a teardown that stopped before NOLOGIN is retried at the base interval; one that got past it backs off', () => {
+  const lockedRole = 'NOLOGIN: 55P03: canceling statement due to lock timeout';
+  const notTried = 'NOLOGIN: not tried after looking up the roles: timeout exceeded when trying to connect';
+  const afterLogin = 'terminate sessions: sessions of lease_a did not exit within 5000 ms';
+  assert.deepEqual([lockedRole, notTried, afterLogin, null].map(loginStillEnabled), [true, true, false, false]);
+  // Attempts 1..5 with a 10 s base: the login-enabled case never waits longer than the base.
+  assert.deepEqual([1, 2, 3, 4, 5].map((n) => retryDelaySeconds(lockedRole, n, 10)), [10, 10, 10, 10, 10]);
+  assert.deepEqual([1, 2, 3, 4, 5].map((n) => retryDelaySeconds(afterLogin, n, 10)), [20, 40, 80, 160, 320]);
+  assert.equal(retryDelaySeconds(afterLogin, 30, 10), 3600, 'capped at an hour');
 });
