@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { retryDelaySeconds } from '../../src/leases/revoke.js';
-import { loginStillEnabled, stepEach, type RoleToDrop, type TeardownResult, type TeardownRun } from '../../src/leases/teardown.js';
+import { loginStillEnabled, stepEach, teardownRoles, type RoleToDrop, type TeardownDeps, type TeardownResult, type TeardownRun } from '../../src/leases/teardown.js';
 
 const roles: RoleToDrop[] = ['lease_a', 'lease_b', 'lease_c'].map((username) => ({ username, reassign_to: 'app' }));
 const fresh = (): TeardownResult => new Map(roles.map((r) => [r.username, null]));
@@ -78,4 +78,17 @@ test('a teardown that stopped before NOLOGIN is retried at the base interval; on
   assert.deepEqual([1, 2, 3, 4, 5].map((n) => retryDelaySeconds(lockedRole, n, 10)), [10, 10, 10, 10, 10]);
   assert.deepEqual([1, 2, 3, 4, 5].map((n) => retryDelaySeconds(afterLogin, n, 10)), [20, 40, 80, 160, 320]);
   assert.equal(retryDelaySeconds(afterLogin, 30, 10), 3600, 'capped at an hour');
+});
+
+test('a teardown that cannot even look its roles up reports each as stopped before NOLOGIN, instead of throwing', async () => {
+  const busy = new Error('timeout exceeded when trying to connect');
+  // The pool is the only part teardownRoles touches before its first step.
+  const pool = { query: async () => { throw busy; } } as unknown as TeardownDeps['pool'];
+  const deps = { pool, databaseUrl: 'postgres://broker@127.0.0.1/broker', managedRole: 'm', log: console, timeouts: { lockTimeoutSeconds: 1, queryTimeoutSeconds: 2 } } as unknown as TeardownDeps;
+  const result = await teardownRoles(deps, roles);
+  assert.deepEqual([...result.keys()], roles.map((r) => r.username));
+  for (const error of result.values()) {
+    assert.equal(error, 'NOLOGIN: not tried after looking up the roles: timeout exceeded when trying to connect');
+    assert.equal(loginStillEnabled(error), true);
+  }
 });
