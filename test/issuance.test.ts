@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
+import { identityLockKey } from '../src/leases/repository.js';
 import { connectAs, loginError, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { addGroupRole } from './helpers/postgres.js';
 
@@ -123,6 +125,37 @@ describe('POST /credentials', () => {
     assert.equal(denied.body.code, 'LEASE_QUOTA_EXCEEDED');
     const other = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/quota2' }));
     assert.equal(other.status, 201, 'another subject is not affected');
+  });
+
+  test('max_active_leases holds when the broker\'s role defaults to a stricter isolation level; requests queued on the identity lock still see the leases committed meanwhile', async () => {
+    await b.putPolicy('one-at-a-time', { claims: { sub: 'isolation:*' }, max_active_leases: 1 });
+    for (const level of ['repeatable read', 'serializable']) {
+      // A DBA's default for the broker's role; only sessions opened after it see it.
+      await b.pg.query(`ALTER ROLE broker SET default_transaction_isolation = '${level}'`);
+      const strict = await startTestBroker({ pg: b.pg, issuer: b.issuer });
+      const holder = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/[^/?]*(\?|$)/, '/broker$1') });
+      try {
+        const sub = `isolation:${level.replace(' ', '-')}`;
+        const tok = await strict.token({ sub });
+        // Four requests queue on the identity's lock, so each reads the quota after the others commit.
+        await holder.connect();
+        await holder.query('BEGIN');
+        await holder.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
+        const pending = [1, 2, 3, 4].map(() => strict.issue(tok));
+        for (let waiting = 0; waiting < 4; await sleep(50)) {
+          [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE usename = 'broker' AND wait_event_type = 'Lock'`);
+        }
+        await holder.query('COMMIT');
+        const results = await Promise.all(pending);
+        assert.deepEqual(results.map((r) => r.status).sort(), [201, 429, 429, 429], `${level}: ${JSON.stringify(results.map((r) => r.body.code))}`);
+        const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.leases WHERE subject = $1`, [sub]);
+        assert.equal(n, 1, level);
+      } finally {
+        await holder.end().catch(() => undefined);
+        await strict.close();
+        await b.pg.query('ALTER ROLE broker RESET default_transaction_isolation');
+      }
+    }
   });
 
   test('a lease past its expiry no longer counts against max_active_leases, reaped or not', async () => {

@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { insertLeaseWithinQuota, lockIdentitySql } from '../../src/leases/repository.js';
 import { pickCreator } from '../../src/postgres/creators.js';
+import { BEGIN } from '../../src/postgres/pool.js';
 import { roleNameFor } from '../../src/postgres/role-name.js';
 import { createRoleSql } from '../../src/postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../../src/postgres/scram.js';
@@ -150,7 +151,7 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   const now = Date.now();
   const expiresAt = wholeSecond(now + spec.ttlSeconds * 1000);
   const maxExpiresAt = wholeSecond(now + spec.maxTtlSeconds * 1000);
-  await client.query(`BEGIN; ${lockIdentitySql(spec.issuer, subject)}`);
+  await client.query(`${BEGIN}; ${lockIdentitySql(spec.issuer, subject)}`);
   const inserted = await insertLeaseWithinQuota(
     client,
     {

@@ -79,6 +79,14 @@ export async function withTransaction<T>(pool: pg.Pool, fn: (client: pg.PoolClie
 }
 
 /**
+ * Named, not left to the server's default: every transaction here takes a lock (an identity's,
+ * a lease row's) and then reads what the lock guards, which is only fresh if each statement takes
+ * its own snapshot. A DBA's `default_transaction_isolation = 'repeatable read'` for the broker's
+ * role would otherwise freeze the snapshot before the lock wait, and let quotas be overrun.
+ */
+export const BEGIN = 'BEGIN ISOLATION LEVEL READ COMMITTED';
+
+/**
  * A transaction in the fewest round trips: `begin` (statements without parameters) travels with
  * BEGIN in one simple query, whose last result `fn` receives, and `fn` ends the transaction by
  * calling `commit(sql)`, which sends `sql` and COMMIT in one simple query (a multi-statement simple query stops at the first error,
@@ -98,7 +106,7 @@ export async function withBatchedTransaction<T>(
     committed = true;
   };
   try {
-    const begun = await client.query(begin ? `BEGIN;\n${begin}` : 'BEGIN');
+    const begun = await client.query(begin ? `${BEGIN};\n${begin}` : BEGIN);
     // A multi-statement simple query answers with one result per statement.
     const result = await fn(client, commit, Array.isArray(begun) ? begun[begun.length - 1] : begun);
     if (!committed) await commit();
