@@ -167,7 +167,9 @@ export function validatePatterns(patterns: ClaimPatterns): string | null {
   // With a public issuer (anyone can get a GitHub Actions token with any audience) a rule that
   // only asks for claims every token carries lets in the whole world. The registered claims do
   // not narrow: iss is the issuer's own, aud the broker's, and the times say nothing of who.
-  const narrows = (key: string) => !REGISTERED_CLAIMS.has(key) && !patternList(patterns[key]).some((pattern) => /^\*+$/.test(pattern));
+  // Judged by the top-level claim a key reads: `/iss` and `/aud/0` read iss and aud too.
+  const topLevel = (key: string) => (key.startsWith('/') ? pointerTokens(key)?.[0] ?? key : key);
+  const narrows = (key: string) => !REGISTERED_CLAIMS.has(topLevel(key)) && !patternList(patterns[key]).some((pattern) => /^\*+$/.test(pattern));
   if (!keys.some(narrows)) {
     return 'no claim narrows the match (each is "*", or one of iss, aud, exp, nbf, iat), so every token of the issuer would match: bind a claim such as sub or repository';
   }

@@ -234,10 +234,13 @@ test('validatePatterns: names the problem', () => {
 });
 
 test('validatePatterns: refuses claims that all accept any value, accepts one narrowed claim', () => {
-  for (const patterns of [{ sub: '*' }, { sub: ['repo:x', '*'] }, { sub: '**', repository_owner: '*' }, { iss: 'https://token.actions.githubusercontent.com' }, { aud: 'pg-broker', sub: '*' }] as ClaimPatterns[]) {
+  for (const patterns of [{ sub: '*' }, { sub: ['repo:x', '*'] }, { sub: '**', repository_owner: '*' }, { iss: 'https://token.actions.githubusercontent.com' }, { aud: 'pg-broker', sub: '*' },
+    // The same claims spelt as JSON pointers.
+    { '/iss': 'https://token.actions.githubusercontent.com' }, { '/aud': 'pg-broker' }, { '/aud/0': 'pg-broker', '/exp': '*' }] as ClaimPatterns[]) {
     assert.match(validatePatterns(patterns) ?? 'null', /every token of the issuer would match/, JSON.stringify(patterns));
   }
-  for (const patterns of [{ sub: '*', repository_owner: 'octo-org' }, { sub: 'repo:octo-org/*' }, { note: '*', battery: 'free' }, { aud: 'pg-broker', repository: 'octo-org/app' }] as ClaimPatterns[]) {
+  for (const patterns of [{ sub: '*', repository_owner: 'octo-org' }, { sub: 'repo:octo-org/*' }, { note: '*', battery: 'free' }, { aud: 'pg-broker', repository: 'octo-org/app' },
+    { '/aud': 'pg-broker', '/sub': 'repo:octo-org/*' }, { '/kubernetes.io/namespace': 'prod' }, { '/~1iss': 'x' }] as ClaimPatterns[]) {
     assert.equal(validatePatterns(patterns), null, JSON.stringify(patterns));
   }
 });
