@@ -8,6 +8,7 @@ import { migrate } from './postgres/migrate.js';
 import { isConnectionError } from './postgres/pool.js';
 import { Reaper } from './reaper/reaper.js';
 import { brokerDatabaseOpenTo } from './postgres/exposure.js';
+import { policiesRefusedNow } from './policy/repository.js';
 
 export interface RunningBroker {
   app: FastifyInstance;
@@ -57,6 +58,13 @@ export async function startBroker(
   if (openTo.length > 0) {
     logger.warn({ connect: openTo }, 'issued credentials can connect to the broker\'s own database, where a login can take the broker\'s advisory locks and stall issuance or reaping: '
       + 'REVOKE CONNECT, TEMPORARY ON DATABASE <this database> FROM PUBLIC, and keep the broker schema in a database no policy names (README, Least-privilege setup)');
+  }
+  const refused = await policiesRefusedNow(app.db).catch((err: Error) => {
+    logger.warn({ err: { message: err.message } }, 'could not check the stored policies against today\'s rules');
+    return [];
+  });
+  for (const { policy, problem } of refused) {
+    logger.warn({ policy, problem }, 'a stored policy would be refused if stored today, and still issues credentials: fix its claims with PUT /policies/{name}');
   }
   const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
   app.addHook('onReady', async () => reaper.start());

@@ -3,6 +3,7 @@ import { after, before, describe, test } from 'node:test';
 import type pg from 'pg';
 import { loadConfig } from '../src/config.js';
 import { createLogger } from '../src/logger.js';
+import { policiesRefusedNow } from '../src/policy/repository.js';
 import { brokerDatabaseOpenTo } from '../src/postgres/exposure.js';
 import { startBroker, type RunningBroker } from '../src/server.js';
 import { AUDIENCE, api, brokerEnv, connectAs, leaseRow, loginError, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
@@ -269,5 +270,19 @@ describe('configuration', () => {
       await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO PUBLIC`, [], 'postgres');
     }
     assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, 'no_such_role'), ['public'], 'a marker role not created yet is no error');
+  });
+
+  test('what start-up checks: stored policies whose claims today\'s rules refuse', async () => {
+    assert.deepEqual(await policiesRefusedNow(b.app.db), [], 'every policy stored through the API passes');
+    await b.putPolicy('zz-legacy', { claims: { sub: 'legacy:*' } });
+    try {
+      // As a release before the pointer check let it be stored: every token of the issuer matches.
+      await b.pg.query(`UPDATE broker.policies SET claims = $1 WHERE name = 'zz-legacy'`, [{ '/iss': b.issuer.issuer }]);
+      const refused = await policiesRefusedNow(b.app.db);
+      assert.deepEqual(refused.map((r) => r.policy), ['zz-legacy']);
+      assert.match(refused[0].problem, /no claim narrows the match/);
+    } finally {
+      await b.pg.query(`DELETE FROM broker.policies WHERE name = 'zz-legacy'`);
+    }
   });
 });

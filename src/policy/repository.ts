@@ -1,6 +1,7 @@
 import type { Queryable } from '../postgres/pool.js';
 import { escapeLit } from '../postgres/sql.js';
 import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
+import { validatePatterns } from './match.js';
 import type { PolicyBody, PolicyInputBody } from '../schemas/policy.js';
 import { POLICY_DEFAULTS } from '../schemas/policy.js';
 
@@ -63,4 +64,17 @@ export async function putPolicy(db: Queryable, name: string, input: PolicyInputB
 export async function deletePolicy(db: Queryable, name: string): Promise<boolean> {
   const { rowCount } = await db.query('DELETE FROM broker.policies WHERE name = $1', [name]);
   return (rowCount ?? 0) > 0;
+}
+
+/**
+ * Stored policies whose claims today's rules would refuse (a rule stored before a check was
+ * added), with the reason. They still issue: start-up only warns, so that no deployment stops
+ * issuing on an upgrade.
+ */
+export async function policiesRefusedNow(db: Queryable): Promise<Array<{ policy: string; problem: string }>> {
+  const { rows } = await db.query<{ name: string; claims: Record<string, string | string[]> }>('SELECT name, claims FROM broker.policies ORDER BY name');
+  return rows.flatMap((r) => {
+    const problem = validatePatterns(r.claims);
+    return problem ? [{ policy: r.name, problem }] : [];
+  });
 }
