@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { identityLockKey } from '../src/leases/repository.js';
+import { MIGRATION_LOCK_KEY } from '../src/postgres/migrate.js';
 import { api, connectAs, leaseRow, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // BROKER_LOCK_TIMEOUT bounds every lock wait of the broker's own connections. Without it, each
@@ -62,6 +63,32 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     const ok = await b.issue(token);
     assert.equal(ok.status, 201, JSON.stringify(ok.body));
     assert.equal(await roleExists(b.pg, ok.body.username), true);
+  });
+
+  test('a first issuance that cannot set up the creator roles (another replica migrating) is a 503 audited as credential.failed, and the next one succeeds', HANG_GUARD, async () => {
+    // A broker that has not issued yet: its first issuance checks the creator roles, taking the
+    // migration lock as replicas do.
+    const fresh = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { BROKER_LOCK_TIMEOUT: '1' } });
+    try {
+      const sub = 'lock:creators';
+      const token = await fresh.token({ sub });
+      const migrating = await holdLock('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
+      let busy;
+      try {
+        busy = await fresh.issue(token);
+      } finally {
+        await migrating.release();
+      }
+      assert.equal(busy.status, 503, JSON.stringify(busy.body));
+      assert.equal(busy.body.code, 'DATABASE_BUSY');
+      const events = await b.pg.query(`SELECT type, reason FROM broker.audit_events WHERE subject = $1 ORDER BY id`, [sub]);
+      assert.deepEqual(events, [{ type: 'credential.failed', reason: '55P03' }]);
+
+      const ok = await fresh.issue(token);
+      assert.equal(ok.status, 201, JSON.stringify(ok.body));
+    } finally {
+      await fresh.close();
+    }
   });
 
   test('with lock waits unbounded, BROKER_QUERY_TIMEOUT has PostgreSQL cancel the wait: 503 DATABASE_BUSY, and no session is left waiting behind', HANG_GUARD, async () => {

@@ -20,8 +20,11 @@ import { insertLeaseWithinQuota, lockIdentitySql } from './repository.js';
 export interface IssueDeps {
   pool: pg.Pool;
   config: Config;
-  /** Creator roles to create issued roles as (PostgreSQL 16+), [] to create them as the broker. */
-  creators: string[];
+  /**
+   * Creator roles to create issued roles as (PostgreSQL 16+), [] to create them as the broker.
+   * Resolved inside the issuance, so a failure to set them up is audited like any other.
+   */
+  creators: () => Promise<string[]>;
   grantRoles: GrantRoleGuard;
   log: FastifyBaseLogger;
   /** Receives what to log about an issued credential (the route puts it in the request's log line). */
@@ -136,14 +139,15 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       }));
       issued = { chosen, ttl, expiresAt, maxExpiresAt };
     });
-    const creator = pickCreator(deps.creators);
+    const creators = await deps.creators();
+    const creator = pickCreator(creators);
     try {
       await attempt(creator);
     } catch (err) {
       // 42501: the creators lack ADMIN OPTION on a group the broker was granted after they were
       // set up. Hand it on (a no-op when the broker lacks it too) and try once more.
       if (!creator || !picked.policy || (err as { code?: string }).code !== '42501') throw err;
-      await grantToCreators(deps.pool, deps.creators, [picked.policy.grant_role, deps.config.managedRole]);
+      await grantToCreators(deps.pool, creators, [picked.policy.grant_role, deps.config.managedRole]);
       await attempt(creator);
     }
     const { chosen, ttl, expiresAt, maxExpiresAt } = issued!;

@@ -8,7 +8,7 @@ import { escapeIdent } from './sql.js';
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('../../migrations/', import.meta.url));
 // Arbitrary but fixed: every replica of every version takes the same lock before migrating.
-const MIGRATION_LOCK_KEY = 4_711_020_001;
+export const MIGRATION_LOCK_KEY = 4_711_020_001;
 
 export interface MigrationResult {
   applied: string[];
