@@ -61,6 +61,19 @@ describe('exec renew scheduling (pure)', () => {
     assert.deepEqual(delays, [2_000, 4_000, 8_000, 16_000, RENEW_RETRY_MAX_MS, RENEW_RETRY_MAX_MS, RENEW_RETRY_MAX_MS]);
   });
 
+  test('a long lease is renewed within what setTimeout can wait, not in a 1 ms loop', () => {
+    const day = 86_400_000;
+    // setTimeout fires after 1 ms for any delay above 2^31-1 ms (about 24.8 days).
+    const timerLimitMs = 2 ** 31 - 1;
+    for (const days of [38, 60, 365]) {
+      const delay = nextRenewDelayMs(lease(days * day, 400 * day), now, 0)!;
+      assert.ok(delay <= timerLimitMs, `${days}-day lease: ${delay} ms`);
+      assert.ok(delay > 24 * day, `${days}-day lease: still renewed weeks ahead, not at once (${delay} ms)`);
+    }
+    // Up to the limit, two thirds still holds.
+    assert.equal(nextRenewDelayMs(lease(36 * day, 400 * day), now, 0), 24 * day);
+  });
+
   test('a retry is never put off past the last moment it can land before expires_at', () => {
     // 8 s of backoff would overshoot a lease with 5 s left; it goes 1 s before expiry instead.
     assert.equal(nextRenewDelayMs(lease(5_000), now, 3), 5_000 - RENEW_REQUEST_ALLOWANCE_MS);

@@ -13,6 +13,12 @@ export const RENEW_REQUEST_ALLOWANCE_MS = 1_000;
 export const RENEW_RETRY_FLOOR_MS = 250;
 /** The shortest wait before a routine renew. */
 export const RENEW_FLOOR_MS = 1_000;
+/**
+ * The longest wait: setTimeout takes a signed 32-bit delay and fires after 1 ms for anything
+ * larger, so a lease of more than about 37 days (two thirds of it past 24.8 days) would be renewed
+ * in a tight loop. Renewing earlier than two thirds costs one request; the loop floods the broker.
+ */
+export const RENEW_MAX_DELAY_MS = 2 ** 31 - 1;
 
 export interface LeaseTimes {
   expiresAtMs: number;
@@ -24,7 +30,7 @@ export interface LeaseTimes {
  * already at max_expires_at, or it has lapsed (the broker refuses to renew a lapsed lease).
  *
  * `failures` counts the renew attempts that failed since the last success. With none, the renew
- * is due at two thirds of the remaining lifetime. After a failure the wait backs off
+ * is due at two thirds of the remaining lifetime (at most RENEW_MAX_DELAY_MS). After a failure the wait backs off
  * exponentially, but is never put off past the last moment a renew can still land before
  * expires_at: a lease that runs out while we wait politely is the failure this exists to prevent.
  */
@@ -32,7 +38,7 @@ export function nextRenewDelayMs(lease: LeaseTimes, nowMs: number, failures: num
   if (lease.expiresAtMs >= lease.maxExpiresAtMs) return null;
   const remainingMs = lease.expiresAtMs - nowMs;
   if (remainingMs <= 0) return null;
-  if (failures <= 0) return Math.round(Math.max(RENEW_FLOOR_MS, (remainingMs * 2) / 3));
+  if (failures <= 0) return Math.min(RENEW_MAX_DELAY_MS, Math.round(Math.max(RENEW_FLOOR_MS, (remainingMs * 2) / 3)));
   if (remainingMs <= RENEW_RETRY_FLOOR_MS) return null;
   const backoffMs = Math.min(RENEW_RETRY_MAX_MS, RENEW_RETRY_FIRST_MS * 2 ** (failures - 1));
   return Math.round(Math.max(RENEW_RETRY_FLOOR_MS, Math.min(backoffMs, remainingMs - RENEW_REQUEST_ALLOWANCE_MS)));
