@@ -60,7 +60,19 @@ export async function writeSecretFile(file: string, text: string): Promise<void>
   }
 }
 
-const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'];
+/** The signals exec handles while its command runs, rather than dying of them and leaving the lease. */
+export const EXEC_SIGNALS: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2'];
+
+/**
+ * Which of EXEC_SIGNALS exec passes on to its command. At a terminal, Ctrl-C and Ctrl-\ go to the
+ * whole foreground process group, the command included: a copy from exec would make a second
+ * one, and tools such as terraform abort hard on a second SIGINT. Elsewhere (a CI runner,
+ * `kill -INT <pid>`) only exec gets them, so it must pass them on. The rest come from `kill` and
+ * reach exec alone either way.
+ */
+export function signalsToForward(stdinIsTTY: boolean): NodeJS.Signals[] {
+  return EXEC_SIGNALS.filter((s) => !(stdinIsTTY && (s === 'SIGINT' || s === 'SIGQUIT')));
+}
 
 /**
  * `pg-broker exec -- cmd args…`: run a command with a fresh credential in its environment, keep
@@ -77,8 +89,12 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   // The command gets the database login, not the bearer token that obtained it.
   const { PG_BROKER_TOKEN: _token, ...inherited } = process.env;
   const child = spawn(command[0], command.slice(1), { stdio: 'inherit', env: { ...inherited, ...pgEnvironment(credential), PG_BROKER_LEASE_ID: credential.lease_id } });
-  const forward = (signal: NodeJS.Signals) => () => child.kill(signal);
-  const handlers = FORWARDED_SIGNALS.map((s) => [s, forward(s)] as const);
+  // A signal not forwarded is still handled: exec waits for the command to end, then revokes.
+  const forwarded = signalsToForward(process.stdin.isTTY === true);
+  const handle = (signal: NodeJS.Signals) => () => {
+    if (forwarded.includes(signal)) child.kill(signal);
+  };
+  const handlers = EXEC_SIGNALS.map((s) => [s, handle(s)] as const);
   for (const [s, h] of handlers) process.on(s, h);
 
   // Renew at two thirds of the remaining lifetime, with a fresh token each time (CI tokens are

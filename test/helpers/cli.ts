@@ -5,7 +5,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startTestBroker, type TestBroker } from './broker.js';
 
-const BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
+export const BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
 
 export interface CliRun {
   code: number;
