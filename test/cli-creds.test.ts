@@ -200,6 +200,36 @@ describe('pg-broker exec and a lowered max_ttl', () => {
   });
 });
 
+describe('pg-broker exec and a client clock ahead of the broker', () => {
+  test('without --ttl a renew asks for the policy\'s default_ttl, whatever the local clock says; with --ttl it asks for that', async () => {
+    await b.putPolicy('cli-skew', { claims: { sub: 'skewcli:*' }, default_ttl: 6, max_ttl: 600 });
+    // The CLI's clock runs 3 s ahead: preloaded into its process, Date.now() answers 3 s late.
+    const clockAhead = path.join(await mkdtemp(path.join(tmp, 'clock-')), 'ahead.mjs');
+    await writeFile(clockAhead, 'const now = Date.now; Date.now = () => now() + 3_000;\n');
+    const firstRenewTtl = async (ttlArgs: string[]) => {
+      const command = await heldCommand();
+      try {
+        const token = await b.token({ sub: 'skewcli:a' });
+        const running = cli(['exec', ...ttlArgs, '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: url, NODE_OPTIONS: `--import ${clockAhead}` });
+        const leaseId = await command.leaseId();
+        const [renewed] = await waitFor('the first renew', async () => {
+          const rows = await b.pg.query(`SELECT detail FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.renewed'`, [leaseId]);
+          return rows.length > 0 ? rows : null;
+        }, 15_000);
+        await command.finish();
+        const run = await running;
+        assert.equal(run.code, 0, run.stderr);
+        return renewed.detail.ttl;
+      } finally {
+        await command.finish();
+      }
+    };
+    // A ttl worked out from expires_at on this clock would be about 3 s short of the 6 issued.
+    assert.equal(await firstRenewTtl([]), 6);
+    assert.equal(await firstRenewTtl(['--ttl', '5']), 5);
+  });
+});
+
 describe('pg-broker creds --output', () => {
   test('replaces an existing file or a symlink with a new 0600 file, never writing through either', async () => {
     const token = await b.token({ sub: 'cli:creds-file' });

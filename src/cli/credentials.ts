@@ -84,7 +84,10 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   const { credential, base } = await requestCredential(opts);
   let expiresAt = credential.expires_at;
   let maxExpiresAt = credential.max_expires_at;
-  const ttl = opts.ttl ?? Math.max(1, Math.round((Date.parse(credential.expires_at) - Date.now()) / 1000));
+  // Without --ttl a renew names none and the broker applies the policy's default_ttl on its own
+  // clock. A ttl worked out here from expires_at would carry this machine's clock error into
+  // every renewal: a clock running ahead would shorten each one.
+  const renewBody = opts.ttl === undefined ? {} : { ttl: opts.ttl };
 
   // The command gets the database login, not the bearer token that obtained it.
   const { PG_BROKER_TOKEN: _token, ...inherited } = process.env;
@@ -113,7 +116,7 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   const renew = async () => {
     try {
       const token = await obtainToken(opts);
-      const { body } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, { ttl });
+      const { body } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, renewBody);
       expiresAt = body.expires_at;
       // The bound moves earlier when the policy's max_ttl was lowered since issuance.
       maxExpiresAt = body.max_expires_at;

@@ -104,7 +104,7 @@ export function buildCli(): Command {
   withClientOptions(program.command('exec'))
     .description('run a command with PG* variables and DATABASE_URL set; renew while it runs; revoke when it exits')
     .option('--policy <name>', 'policy to use when several admit the token')
-    .option('--ttl <seconds>', 'lease duration (and renewal step)', positiveInt)
+    .option('--ttl <seconds>', 'lease duration and renewal step (default: the policy\'s default_ttl)', positiveInt)
     .option('--keep', 'do not revoke the lease when the command exits')
     .argument('<command...>', 'the command to run, after --')
     .addHelpText('after', example("pg-broker exec --policy ci-migrate -- npm run migrate\npg-broker exec -- psql -c 'select current_user'"))
