@@ -24,8 +24,31 @@ function waitForSignal(): Promise<NodeJS.Signals> {
  * the broker, seeded with a group role and a policy, then copy-paste commands to try it.
  */
 export async function devCommand(opts: DevOptions): Promise<void> {
+  // Whatever has started is stopped, newest first, before a start-up error (a port already taken)
+  // propagates: a running PostgreSQL child or a listening issuer would keep the process alive
+  // after the error was printed.
+  const stops: Array<() => Promise<void>> = [];
+  // One that fails must not leave the others running; the first failure is reported after.
+  const stopAll = async () => {
+    const failures: unknown[] = [];
+    for (const stop of stops.splice(0).reverse()) await stop().catch((err: unknown) => failures.push(err));
+    if (failures.length > 0) throw failures[0];
+  };
+  try {
+    await startAndExplain(opts, stops);
+  } catch (err) {
+    await stopAll().catch(() => undefined);
+    throw err;
+  }
+  await waitForSignal();
+  await stopAll();
+}
+
+async function startAndExplain(opts: DevOptions, stops: Array<() => Promise<void>>): Promise<void> {
   const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort });
+  stops.push(() => local.stop());
   const issuer = await startDevIssuer({ port: opts.issuerPort });
+  stops.push(() => issuer.close());
   const seeded = await seedLocalCluster(local);
   const config = loadConfig({
     ...process.env,
@@ -38,6 +61,7 @@ export async function devCommand(opts: DevOptions): Promise<void> {
     LOG_LEVEL: process.env.LOG_LEVEL ?? 'warn',
   });
   const broker = await startBroker(config);
+  stops.push(() => broker.close());
   const admin = await issuer.mint({ sub: 'admin:dev' });
   const res = await fetch(`${broker.url}/policies/dev`, {
     method: 'PUT',
@@ -69,10 +93,6 @@ Admin:
 
 Ctrl-C stops everything; the PostgreSQL data stays in ${local.dataDir}.
 `);
-  await waitForSignal();
-  await broker.close();
-  await issuer.close();
-  await local.stop();
 }
 
 /** `pg-broker dev-issuer`: only the development issuer, e.g. for docker-compose. */
