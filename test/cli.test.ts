@@ -191,6 +191,10 @@ ${extra}`;
       assert.equal(run.code, 0, cmd.join(' '));
       assert.match(run.stdout, /Examples:/, `${cmd.join(' ')} --help shows examples`);
     }
+    // -o replaces the file it names, so no example may point it at a file holding other entries.
+    const credsHelp = (await cli(['creds', '--help'])).stdout;
+    assert.doesNotMatch(credsHelp, /-o ~\/\.pgpass/);
+    assert.match(credsHelp, /replaces the whole file/);
     const unknown = await cli(['frobnicate']);
     assert.notEqual(unknown.code, 0);
     const serve = await cli(['serve'], { DATABASE_URL: '' });

@@ -94,8 +94,12 @@ export function buildCli(): Command {
     .option('--policy <name>', 'policy to use when several admit the token')
     .option('--ttl <seconds>', 'lease duration', positiveInt)
     .addOption(new Option('--format <format>', 'output format').choices([...FORMATS]).default('env'))
-    .option('-o, --output <file>', 'write to this file (mode 0600) instead of stdout')
-    .addHelpText('after', example('eval "$(pg-broker creds --format env)"\npg-broker creds --format pgpass -o ~/.pgpass\npg-broker creds --token-file /var/run/secrets/tokens/pg-broker --format dotenv -o /credentials/db.env'))
+    .option('-o, --output <file>', 'write to this file (mode 0600) instead of stdout; replaces the whole file')
+    .addHelpText('after', example('eval "$(pg-broker creds --format env)"\n'
+      + '# -o replaces the whole file: give the pgpass line a file of its own, not ~/.pgpass\n'
+      + 'pg-broker creds --format pgpass -o ./broker.pgpass\n'
+      + 'PGPASSFILE=./broker.pgpass psql -h HOST -p PORT -U USER DATABASE   # the fields of that line\n'
+      + 'pg-broker creds --token-file /var/run/secrets/tokens/pg-broker --format dotenv -o /credentials/db.env'))
     .action(async (opts) => {
       const { credsCommand } = await import('./credentials.js');
       await credsCommand(opts);
