@@ -268,4 +268,15 @@ describe('pg-broker creds --output', () => {
     assert.equal(refused.stderr.trim().split('\n').length, 1, refused.stderr);
     assert.deepEqual((await readdir(dir)).sort(), ['db.env', 'elsewhere.txt', 'occupied', 'pgpass']);
   });
+
+  test('a file that cannot be written costs no lease: it is revoked, and the error names the path given', async () => {
+    const token = await b.token({ sub: 'cli:creds-unwritable' });
+    const file = path.join(tmp, 'no-such-dir', 'db.env');
+    const run = await cli(['creds', '--format', 'dotenv', '--token', token, '-o', file]);
+    assert.equal(run.code, 1, run.stderr);
+    const leases = await b.pg.query(`SELECT id, state FROM broker.leases WHERE subject = 'cli:creds-unwritable'`);
+    assert.equal(leases.length, 1);
+    assert.equal(leases[0].state, 'revoked');
+    assert.equal(run.stderr, `pg-broker: cannot write ${file}: ENOENT; lease ${leases[0].id} revoked\n`);
+  });
 });

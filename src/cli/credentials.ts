@@ -27,13 +27,21 @@ export async function requestCredential(opts: RequestOptions): Promise<{ credent
 /** `pg-broker creds`: print a credential, or write it to a file only its owner can read. */
 export async function credsCommand(opts: RequestOptions & { format: string; output?: string }): Promise<void> {
   if (!FORMATS.includes(opts.format as Format)) throw new CliError(`--format must be one of ${FORMATS.join(', ')}`);
-  const { credential } = await requestCredential(opts);
+  const { credential, base, token } = await requestCredential(opts);
   const text = formatCredential(credential, opts.format as Format);
   if (!opts.output) {
     process.stdout.write(text);
     return;
   }
-  await writeSecretFile(opts.output, text);
+  try {
+    await writeSecretFile(opts.output, text);
+  } catch (err) {
+    // A credential nobody received would stay valid until it expires: end it now. The error names
+    // the path the user gave; the temporary file beside it is ours.
+    const reason = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+    const revoked = await revoke(base, { token }, credential.lease_id, 'creds');
+    throw new CliError(`cannot write ${opts.output}: ${reason}${revoked ? `; lease ${credential.lease_id} revoked` : ''}`);
+  }
   process.stderr.write(`wrote ${opts.format} credential to ${opts.output} (lease ${credential.lease_id}, expires ${credential.expires_at})\n`);
 }
 
@@ -145,18 +153,21 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
     clearTimeout(timer);
     for (const [s, h] of handlers) process.removeListener(s, h);
   }).catch(async (err) => {
-    if (!opts.keep) await revoke(base, opts, credential.lease_id);
+    if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
     throw err;
   });
-  if (!opts.keep) await revoke(base, opts, credential.lease_id);
+  if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
   return code ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0);
 }
 
-async function revoke(base: string, opts: TokenOptions, leaseId: string): Promise<void> {
+/** Revokes a lease this command obtained; says so on stderr and answers false when it cannot. */
+async function revoke(base: string, opts: TokenOptions, leaseId: string, command: string): Promise<boolean> {
   try {
     const token = await obtainToken(opts);
     await callBroker(base, token, 'DELETE', `/leases/${leaseId}`);
+    return true;
   } catch (err) {
-    process.stderr.write(`pg-broker exec: could not revoke lease ${leaseId}; it ends at its expiry: ${(err as Error).message}\n`);
+    process.stderr.write(`pg-broker ${command}: could not revoke lease ${leaseId}; it ends at its expiry: ${(err as Error).message}\n`);
+    return false;
   }
 }
