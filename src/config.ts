@@ -1,3 +1,4 @@
+import { isIPv4, isIPv6 } from 'node:net';
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { validatePatterns } from './policy/match.js';
@@ -147,6 +148,41 @@ function databaseHostPort(url: string): { host: string; port: number | string } 
   return { host, port: /^\d+$/.test(port) ? Number(port) : port };
 }
 
+// RFC 1123 labels. A name whose last label is all digits is a malformed IPv4 address
+// (`10.0.0.256`, `1.2.3`), not a name.
+const HOST_LABEL = /^(?!-)[a-z0-9-]{1,63}(?<!-)$/i;
+
+/**
+ * `host` as clients get it (in `host`, and in `uri`, where a colon means IPv6 and is bracketed),
+ * or null when it is more than a bare name or address: a port, scheme, path, userinfo or space
+ * would make a uri that points elsewhere or does not parse. An IPv6 address may come bracketed
+ * and loses its brackets, as libpq's PGHOST wants. A zone id (`%eth0`) names an interface of the
+ * broker's machine, not the client's, so it is refused.
+ */
+function publicHostOrNull(host: string): string | null {
+  const bare = host.replace(/^\[(.*)\]$/, '$1');
+  if (bare !== host || bare.includes(':')) return isIPv6(bare) && !bare.includes('%') ? bare : null;
+  if (isIPv4(host)) return host;
+  const labels = host.split('.');
+  if (host.length > 253 || !labels.every((l) => HOST_LABEL.test(l)) || /^\d+$/.test(labels[labels.length - 1])) return null;
+  return host;
+}
+
+const PUBLIC_HOST_RULE = 'a host name, an IPv4 address or an IPv6 address, with no port, scheme, path or user';
+
+function publicHost(env: Env, fromDatabaseUrl: string): string {
+  const set = env.BROKER_PUBLIC_PG_HOST?.trim();
+  // The value is not echoed: a `user:password@host` typo would put a secret in the log.
+  if (set) return publicHostOrNull(set) ?? fail('BROKER_PUBLIC_PG_HOST', `must be ${PUBLIC_HOST_RULE} (the port goes in BROKER_PUBLIC_PG_PORT)`);
+  // A libpq host list (`?host=a,b`) or a name outside RFC 1123 works for the broker's own
+  // connection but is nothing to hand to clients.
+  return publicHostOrNull(fromDatabaseUrl) ?? fail('DATABASE_URL', `its host is not ${PUBLIC_HOST_RULE}, so clients cannot be given it; set BROKER_PUBLIC_PG_HOST`);
+}
+
+function fail(variable: string, reason: string): never {
+  throw new ConfigError(variable, reason);
+}
+
 function isUrl(value: unknown): boolean {
   if (typeof value !== 'string') return false;
   try {
@@ -191,7 +227,7 @@ export function loadConfig(env: Env = process.env): Config {
     issuers: parseIssuers(env),
     audience: required(env, 'BROKER_AUDIENCE'),
     admins: env.BROKER_ADMINS?.trim() ? json(env, 'BROKER_ADMINS', env.BROKER_ADMINS) : [],
-    publicPgHost: env.BROKER_PUBLIC_PG_HOST?.trim() || dbTarget.host,
+    publicPgHost: publicHost(env, dbTarget.host),
     publicPgPort: env.BROKER_PUBLIC_PG_PORT?.trim() ? integer(env, 'BROKER_PUBLIC_PG_PORT') : dbTarget.port,
     reaperIntervalSeconds: integer(env, 'BROKER_REAPER_INTERVAL', 10),
     grantRecheckSeconds: integer(env, 'BROKER_GRANT_RECHECK_INTERVAL', 60),

@@ -119,6 +119,17 @@ describe('loadConfig: good values', () => {
     assert.equal(c.logLevel, 'debug');
   });
 
+  test('BROKER_PUBLIC_PG_HOST: a name, localhost, IPv4 or IPv6 (brackets dropped) is what clients get', () => {
+    const host = (value: string) => loadConfig(env({ BROKER_PUBLIC_PG_HOST: value })).publicPgHost;
+    assert.equal(host('db.example.com'), 'db.example.com');
+    assert.equal(host(' pg-1.eu-west.example.internal '), 'pg-1.eu-west.example.internal');
+    assert.equal(host('localhost'), 'localhost');
+    assert.equal(host('203.0.113.7'), '203.0.113.7');
+    assert.equal(host('2001:db8::5'), '2001:db8::5');
+    assert.equal(host('::1'), '::1');
+    assert.equal(host('[2001:db8::5]'), '2001:db8::5');
+  });
+
   test('LOG_LEVEL is case-insensitive', () => {
     assert.equal(loadConfig(env({ LOG_LEVEL: 'WARN' })).logLevel, 'warn');
   });
@@ -200,6 +211,18 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_QUERY_TIMEOUT: '5', BROKER_LOCK_TIMEOUT: '20' }, 'BROKER_QUERY_TIMEOUT');
     assert.equal(loadConfig(env({ BROKER_QUERY_TIMEOUT: '11' })).queryTimeoutSeconds, 11);
     assert.equal(loadConfig(env({ BROKER_QUERY_TIMEOUT: '0', BROKER_LOCK_TIMEOUT: '20' })).queryTimeoutSeconds, 0);
+  });
+
+  test('BROKER_PUBLIC_PG_HOST: a port, scheme, path, user, space or malformed address is refused', () => {
+    const bad = [
+      'db.example.com:6432', 'https://db', 'a b/c@d', `broker:${SECRET}@db`, 'db/broker', 'db?x=1',
+      '[db.example.com]', '[2001:db8::5]:5432', '2001:db8::g', 'fe80::1%eth0', '10.0.0.256', '1.2.3',
+      '-db.example.com', 'db-.example.com', 'db..example.com', 'db_1', `${'a'.repeat(64)}.example.com`,
+    ];
+    for (const value of bad) rejects({ BROKER_PUBLIC_PG_HOST: value }, 'BROKER_PUBLIC_PG_HOST', /host name/);
+    // Taken from DATABASE_URL, a host that cannot be handed on names DATABASE_URL and the way out.
+    rejects({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2' }, 'DATABASE_URL', /BROKER_PUBLIC_PG_HOST/);
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2', BROKER_PUBLIC_PG_HOST: 'db.example.com' })).publicPgHost, 'db.example.com');
   });
 
   test('BROKER_MANAGED_ROLE must be a plain identifier outside the reserved pg_ namespace', () => {
