@@ -138,14 +138,17 @@ function parseDatabaseUrl(url: string): URL {
   }
 }
 
-function databaseHostPort(url: string): { host: string; port: number | string } {
+function databaseHostPort(url: string): { host: string; port: number } {
   const parsed = parseDatabaseUrl(url);
   const queryHost = parsed.searchParams.get('host');
   const queryPort = parsed.searchParams.get('port');
   // A socket directory (`?host=/run/postgresql`) is no address for clients elsewhere.
   const host = queryHost && !queryHost.startsWith('/') ? queryHost : parsed.hostname.replace(/^\[(.*)\]$/, '$1') || 'localhost';
   const port = parsed.port || queryPort || '5432';
-  return { host, port: /^\d+$/.test(port) ? Number(port) : port };
+  // Checked here, not by the schema: the schema sees it as publicPgPort and would name
+  // BROKER_PUBLIC_PG_PORT, which the operator never set.
+  if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new ConfigError('DATABASE_URL', 'port must be a whole number 1–65535');
+  return { host, port: Number(port) };
 }
 
 // RFC 1123 labels. A name whose last label is all digits is a malformed IPv4 address

@@ -225,6 +225,15 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2', BROKER_PUBLIC_PG_HOST: 'db.example.com' })).publicPgHost, 'db.example.com');
   });
 
+  test('a bad port inside DATABASE_URL names DATABASE_URL, not BROKER_PUBLIC_PG_PORT', () => {
+    rejects({ DATABASE_URL: `postgres://u:${SECRET}@h/db?port=abc` }, 'DATABASE_URL', /port/);
+    rejects({ DATABASE_URL: `postgres://u:${SECRET}@h/db?port=70000` }, 'DATABASE_URL', /port/);
+    rejects({ DATABASE_URL: `postgres://u:${SECRET}@h:0/db` }, 'DATABASE_URL', /port/);
+    // Even when the public port is set apart: the broker's own connection would use it.
+    rejects({ DATABASE_URL: `postgres://u:${SECRET}@h/db?port=abc`, BROKER_PUBLIC_PG_PORT: '6432' }, 'DATABASE_URL', /port/);
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://u@h/db?port=6432' })).publicPgPort, 6432);
+  });
+
   test('BROKER_MANAGED_ROLE must be a plain identifier outside the reserved pg_ namespace', () => {
     rejects({ BROKER_MANAGED_ROLE: 'pg_broker' }, 'BROKER_MANAGED_ROLE', /pg_/);
     rejects({ BROKER_MANAGED_ROLE: 'Broker' }, 'BROKER_MANAGED_ROLE');
