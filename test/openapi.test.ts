@@ -45,3 +45,31 @@ test('error answers are documented as problem+json, with the headers the broker 
   assert.ok(doc.paths['/readyz'].get.responses['503'].content['application/json']);
   assert.ok(doc.paths['/credentials'].post.responses['201'].content['application/json']);
 });
+
+// Every route but the probes sits behind the per-IP rate limit (app.ts); every route with a path
+// parameter validates it before its handler runs. What each answers is shown in contract-statuses.
+test('429 is documented on every rate-limited route, 400 on every route with a path parameter', async () => {
+  const doc = parse(await generateOpenApi());
+  const probes = new Set(['/healthz', '/readyz']);
+  let limited = 0;
+  let parametrised = 0;
+  for (const [path, methods] of Object.entries<Record<string, { responses: Record<string, unknown> }>>(doc.paths)) {
+    for (const [method, op] of Object.entries(methods)) {
+      const where = `${method} ${path}`;
+      if (probes.has(path)) {
+        assert.equal(op.responses['429'], undefined, `${where}: probes are exempt from rate limits`);
+        continue;
+      }
+      limited++;
+      assert.ok(op.responses['429'], `${where} documents 429`);
+      if (path.includes('{')) {
+        parametrised++;
+        assert.ok(op.responses['400'], `${where} documents 400`);
+      }
+    }
+  }
+  assert.equal(limited, 12);
+  assert.equal(parametrised, 6);
+  // A revocation of an ended lease answers 200 with the lease as it ended; no path answers 409.
+  assert.equal(doc.paths['/leases/{id}'].delete.responses['409'], undefined);
+});

@@ -15,7 +15,7 @@ export default async function auditRoutes(fastify: FastifyInstance): Promise<voi
         summary: 'Audit events, newest first (admin)',
         tags: ['audit'],
         querystring: AuditQuery,
-        response: { 200: AuditPage, ...problemResponses(400, 401, 403, 503) },
+        response: { 200: AuditPage, ...problemResponses(400, 401, 403, 429, 503) },
       },
       preParsing: beforeBody(app.requireAdmin),
     },

@@ -42,7 +42,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
   app.get(
     '/policies',
     {
-      schema: { summary: 'List policies (admin)', tags: ['policies'], querystring: PolicyListQuery, response: { 200: PolicyPage, ...problemResponses(400, 401, 403, 503) } },
+      schema: { summary: 'List policies (admin)', tags: ['policies'], querystring: PolicyListQuery, response: { 200: PolicyPage, ...problemResponses(400, 401, 403, 429, 503) } },
       preParsing: beforeBody(app.requireAdmin),
     },
     async (request) => listPolicies(app.db, request.query.limit ?? 100, request.query.cursor).catch(invalidCursor),
@@ -51,7 +51,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
   app.get(
     '/policies/:name',
     {
-      schema: { summary: 'One policy (admin)', tags: ['policies'], params: PolicyNameParams, response: { 200: Policy, ...problemResponses(401, 403, 404, 503) } },
+      schema: { summary: 'One policy (admin)', tags: ['policies'], params: PolicyNameParams, response: { 200: Policy, ...problemResponses(400, 401, 403, 404, 429, 503) } },
       preParsing: beforeBody(app.requireAdmin),
     },
     async (request) => {
@@ -69,7 +69,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
         tags: ['policies'],
         params: PolicyNameParams,
         body: PolicyInput,
-        response: { 200: Policy, 201: Policy, ...problemResponses(400, 401, 403, 503) },
+        response: { 200: Policy, 201: Policy, ...problemResponses(400, 401, 403, 429, 503) },
       },
       preParsing: beforeBody(app.requireAdmin),
     },
@@ -95,7 +95,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
   app.delete(
     '/policies/:name',
     {
-      schema: { summary: 'Delete a policy; its active leases run until they end (admin)', tags: ['policies'], params: PolicyNameParams, response: { 204: Type.Null(), ...problemResponses(401, 403, 404, 503) } },
+      schema: { summary: 'Delete a policy; its active leases run until they end (admin)', tags: ['policies'], params: PolicyNameParams, response: { 204: Type.Null(), ...problemResponses(400, 401, 403, 404, 429, 503) } },
       preParsing: beforeBody(app.requireAdmin),
     },
     async (request, reply) => {
@@ -119,7 +119,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       schema: {
         summary: 'Explain which policies admit this token, and which claims fail for the others',
         tags: ['policies'],
-        response: { 200: Evaluation, ...problemResponses(401, 503) },
+        response: { 200: Evaluation, ...problemResponses(401, 429, 503) },
       },
       preParsing: beforeBody(app.authenticate),
     },
