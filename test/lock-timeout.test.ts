@@ -2,8 +2,10 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { identityLockKey } from '../src/leases/repository.js';
+import { creatorNames, CREATOR_COUNT } from '../src/postgres/creators.js';
 import { MIGRATION_LOCK_KEY } from '../src/postgres/migrate.js';
 import { api, connectAs, leaseRow, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { addGroupRole } from './helpers/postgres.js';
 
 // BROKER_LOCK_TIMEOUT bounds every lock wait of the broker's own connections. Without it, each
 // request below waits for as long as another session keeps its transaction open (here: until the
@@ -197,5 +199,48 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     assert.equal(stats.failed, 0, JSON.stringify(stats));
     assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
     assert.equal(await roleExists(b.pg, cred.username), false);
+  });
+
+  test('a policy change whose audit event waits on a lock answers 503 and changes nothing; once the lock is gone the same change succeeds with its event', HANG_GUARD, async () => {
+    const admin = await b.adminToken();
+    const name = 'audited-change';
+    const before = await b.putPolicy(name, { claims: { sub: 'lock:audited' }, description: 'before' });
+    const events = () => b.pg.query(`SELECT type FROM broker.audit_events WHERE policy = $1 AND type LIKE 'policy.%' ORDER BY id`, [name]);
+    assert.deepEqual(await events(), [{ type: 'policy.created' }]);
+    // A group no policy used before: on 16+ the change grants it to the creator roles.
+    await addGroupRole(b.pg, 'audited_group');
+    const creatorsHolding = () => count(
+      `pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles c ON c.oid = m.member
+        WHERE g.rolname = 'audited_group' AND m.admin_option AND c.rolname = ANY($1)`, [creatorNames(b.config.managedRole)]);
+    const change = { issuer: b.issuer.issuer, claims: { sub: 'lock:audited' }, grant_role: 'audited_group', database: b.pg.database, description: 'after', default_ttl: 60 };
+
+    // A report holding the audit table in SHARE mode: reads go on, every INSERT waits. The
+    // policy row and the grant are free, so only the step after them can time out.
+    const whileReporting = async (method: 'PUT' | 'DELETE', payload?: unknown) => {
+      const report = await holdLock('LOCK TABLE broker.audit_events IN SHARE MODE');
+      try {
+        return await api(b, method, `/policies/${name}`, admin, payload);
+      } finally {
+        await report.release();
+      }
+    };
+    const busy = (res: { status: number; body: any }) => {
+      assert.equal(res.status, 503, JSON.stringify(res.body));
+      assert.equal(res.body.code, 'DATABASE_BUSY');
+    };
+    busy(await whileReporting('PUT', change));
+    assert.deepEqual((await api(b, 'GET', `/policies/${name}`, admin)).body, before, 'the PUT left the policy as it was');
+    assert.equal(await creatorsHolding(), 0, 'and granted nothing');
+    busy(await whileReporting('DELETE'));
+    assert.equal((await api(b, 'GET', `/policies/${name}`, admin)).status, 200, 'the DELETE left the policy in place');
+    assert.deepEqual(await events(), [{ type: 'policy.created' }], 'and neither left a policy event');
+
+    const ok = await api(b, 'PUT', `/policies/${name}`, admin, change);
+    assert.equal(ok.status, 200, JSON.stringify(ok.body));
+    assert.deepEqual([ok.body.description, ok.body.default_ttl, ok.body.grant_role], ['after', 60, 'audited_group']);
+    assert.equal(await creatorsHolding(), b.pg.version >= 16 ? CREATOR_COUNT : 0);
+    const gone = await api(b, 'DELETE', `/policies/${name}`, admin);
+    assert.equal(gone.status, 204, JSON.stringify(gone.body));
+    assert.deepEqual(await events(), [{ type: 'policy.created' }, { type: 'policy.updated' }, { type: 'policy.deleted' }]);
   });
 });

@@ -7,6 +7,7 @@ import { evaluatePolicies } from '../policy/evaluate.js';
 import { validatePatterns } from '../policy/match.js';
 import { deletePolicy, getPolicy, listPolicies, policiesForIssuer, putPolicy } from '../policy/repository.js';
 import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
+import { withTransaction } from '../postgres/pool.js';
 import { databaseExists, grantRoleProblem } from '../postgres/roles.js';
 import { problemResponses } from '../schemas/common.js';
 import { Evaluation, Policy, PolicyInput, POLICY_DEFAULTS, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
@@ -76,17 +77,26 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
     async (request, reply) => {
       const problem = await policyProblem(request.body);
       if (problem) throw new Errors.InvalidPolicy(problem);
-      const { policy, created } = await putPolicy(app.db, request.params.name, request.body);
-      await grantToCreators(app.db, await app.roleCreators(), [policy.grant_role]);
+      // Before the transaction: setting the creators up (once per process, remembered after)
+      // runs its own transaction on another pooled connection, under the migration lock.
+      const creators = await app.roleCreators();
       const ctx = requestContext(request);
-      await recordAudit(app.db, {
-        type: created ? 'policy.created' : 'policy.updated',
-        issuer: ctx.identity.issuer,
-        subject: ctx.identity.subject,
-        policy: policy.name,
-        request_id: ctx.requestId,
-        client_ip: ctx.clientIp,
-        detail: { policy },
+      // One transaction: a lock timeout or a lost connection in the grant or the audit insert
+      // must not leave a changed policy without its grant or its event (the 503 says nothing
+      // changed).
+      const { policy, created } = await withTransaction(app.db, async (client) => {
+        const stored = await putPolicy(client, request.params.name, request.body);
+        await grantToCreators(client, creators, [stored.policy.grant_role]);
+        await recordAudit(client, {
+          type: stored.created ? 'policy.created' : 'policy.updated',
+          issuer: ctx.identity.issuer,
+          subject: ctx.identity.subject,
+          policy: stored.policy.name,
+          request_id: ctx.requestId,
+          client_ip: ctx.clientIp,
+          detail: { policy: stored.policy },
+        });
+        return stored;
       });
       return reply.code(created ? 201 : 200).send(policy);
     },
@@ -99,15 +109,18 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       preParsing: beforeBody(app.requireAdmin),
     },
     async (request, reply) => {
-      if (!(await deletePolicy(app.db, request.params.name))) throw new Errors.PolicyNotFound();
       const ctx = requestContext(request);
-      await recordAudit(app.db, {
-        type: 'policy.deleted',
-        issuer: ctx.identity.issuer,
-        subject: ctx.identity.subject,
-        policy: request.params.name,
-        request_id: ctx.requestId,
-        client_ip: ctx.clientIp,
+      // The deletion and its event commit together, as for PUT.
+      await withTransaction(app.db, async (client) => {
+        if (!(await deletePolicy(client, request.params.name))) throw new Errors.PolicyNotFound();
+        await recordAudit(client, {
+          type: 'policy.deleted',
+          issuer: ctx.identity.issuer,
+          subject: ctx.identity.subject,
+          policy: request.params.name,
+          request_id: ctx.requestId,
+          client_ip: ctx.clientIp,
+        });
       });
       return reply.code(204).send(null);
     },
