@@ -243,4 +243,51 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     assert.equal(gone.status, 204, JSON.stringify(gone.body));
     assert.deepEqual(await events(), [{ type: 'policy.created' }, { type: 'policy.updated' }, { type: 'policy.deleted' }]);
   });
+
+  test('a bulk revocation disables every creator group\'s logins before any group\'s teardown waits on a lock', HANG_GUARD, async () => {
+    // Lock waits unbounded, so the teardown stays blocked until the test lets it go.
+    const patient = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { BROKER_LOCK_TIMEOUT: '0', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+    let holder: { release(): Promise<void> } | undefined;
+    try {
+      const sub = 'lock:groups';
+      const token = await patient.token({ sub });
+      const creatorOf = async (username: string) => (await b.pg.query<{ creator: string }>(
+        'SELECT member::regrole::text AS creator FROM pg_auth_members WHERE roleid = $1::regrole AND admin_option', [username]))[0].creator;
+      // Two roles made by different creator roles (picked at random per credential).
+      const owners: Array<{ username: string; creator: string }> = [];
+      const issued: string[] = [];
+      while (owners.length < 2 && issued.length < 10) {
+        const res = await patient.issue(token);
+        assert.equal(res.status, 201, JSON.stringify(res.body));
+        issued.push(res.body.username);
+        const creator = await creatorOf(res.body.username);
+        if (owners.some((o) => o.creator === creator)) {
+          await api(patient, 'DELETE', `/leases/${res.body.lease_id}`, token);
+          issued.pop();
+          continue;
+        }
+        owners.push({ username: res.body.username, creator });
+        const session = await connectAs(b.pg, res.body);
+        await session.query(`CREATE TABLE public.groups_${owners.length} (id int)`);
+        await session.end();
+      }
+      assert.equal(owners.length, 2, 'two creator groups');
+      // A reader of both tables: each group's REASSIGN OWNED waits for it.
+      holder = await holdLock('SELECT FROM public.groups_1, public.groups_2');
+      const revoking = api(patient, 'POST', '/leases/revoke', await patient.adminToken(), { subject: sub });
+      for (let waiting = 0; waiting === 0; await new Promise((r) => setTimeout(r, 50))) {
+        [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`);
+      }
+      const logins = await b.pg.query('SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY($1) ORDER BY rolname', [issued]);
+      assert.deepEqual(logins, [...issued].sort().map((rolname) => ({ rolname, rolcanlogin: false })), 'no login left while one group waits');
+      await holder.release();
+      holder = undefined;
+      const revoked = await revoking;
+      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+      for (const name of issued) assert.equal(await roleExists(b.pg, name), false, name);
+    } finally {
+      await holder?.release();
+      await patient.close();
+    }
+  });
 });

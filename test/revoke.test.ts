@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { identityLockKey, LEASE_COLUMNS } from '../src/leases/repository.js';
-import { CLAIM_SECONDS, finishLeases, markRevoking, renewClaim, type EndingLease } from '../src/leases/revoke.js';
+import { CLAIM_SECONDS, claimDueLeases, finishLeases, markRevoking, renewClaim, TEARDOWN_BATCH, type EndingLease } from '../src/leases/revoke.js';
 import { scramVerifier } from '../src/postgres/scram.js';
 import {
   ADMIN_SUB, api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
@@ -103,6 +103,25 @@ describe('DELETE /leases/{id}', () => {
   });
 });
 
+describe('a lease already past its expiry', () => {
+  test('revoked before the reaper reached it, it ends as expired, at its expiry, and says so in its event', async () => {
+    const owner = await b.token({ sub: 'user:late' });
+    const cred = await issueOk('user:late', 'app', 1);
+    await untilPast(cred.expires_at);
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'active', 'not reaped yet');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.deepEqual([res.body.state, res.body.end_reason, res.body.ended_by], ['expired', 'expired', 'reaper']);
+    assert.equal(new Date(res.body.ended_at).getTime(), new Date(cred.expires_at).getTime());
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.expired']);
+    // A live one revoked the same way reads revoked.
+    const live = await issueOk('user:late');
+    const revoked = await api(b, 'DELETE', `/leases/${live.lease_id}`, owner);
+    assert.deepEqual([revoked.body.state, revoked.body.end_reason], ['revoked', 'revoked by request']);
+  });
+});
+
 describe('DELETE racing the reaper', () => {
   test('a lease past expiry revoked while the reaper reaps it ends once, and DELETE still answers 200', async () => {
     const owner = await b.token({ sub: 'user:racer' });
@@ -187,6 +206,15 @@ describe('POST /leases/revoke', () => {
     assert.equal(await loginError(b.pg, dave[1]), '28P01');
   });
 
+  test('the caller\'s reason is only text: "expired" still ends the leases as revoked', async () => {
+    const cred = await issueOk('user:bulk-reason');
+    const res = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'user:bulk-reason', reason: 'expired' });
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    const lease = await leaseRow(b.pg, cred.lease_id);
+    assert.deepEqual([lease.state, lease.end_reason, lease.ended_by], ['revoked', 'expired', `${b.issuer.issuer} ${ADMIN_SUB}`]);
+    assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.revoked']);
+  });
+
   test('a credential being issued to the subject at that moment is revoked too, not left behind', async () => {
     const first = await issueOk('user:bulk-race');
     // Stand in for an issuance mid-transaction: its identity lock held, its lease not committed yet.
@@ -265,6 +293,60 @@ describe('a long bulk revocation', () => {
     await b.pg.query('UPDATE broker.leases SET claimed_by_pid = NULL, next_attempt_at = now() WHERE id = $1', [ids[1]]);
     await b.reaper.reap({ requireLeadership: false });
     for (const c of creds) assert.equal(await roleExists(b.pg, c.username), false, c.username);
+  });
+});
+
+describe('a bulk revocation that loses a claim', () => {
+  test('reports a lease another claimer took over and has not finished as unfinished, not as revoked', async () => {
+    await b.putPolicy('many', { claims: { sub: 'many:*' }, max_active_leases: 300 });
+    const token = await b.token({ sub: 'many:one' });
+    const creds: any[] = [];
+    // One more than a teardown batch, so the revocation has a second batch to reach late.
+    for (let i = 0; i <= TEARDOWN_BATCH; i++) {
+      const res = await b.issue(token, { policy: 'many' });
+      assert.equal(res.status, 201, JSON.stringify(res.body));
+      creds.push(res.body);
+    }
+    creds.sort((x, y) => (x.lease_id < y.lease_id ? -1 : 1));
+    const [first, last] = [creds[0], creds[creds.length - 1]];
+    const session = await connectAs(b.pg, first);
+    await session.query('CREATE TABLE public.many_locked (id int)');
+    await session.end();
+
+    // A reader holds up the first batch's REASSIGN OWNED; meanwhile the claim on a lease of the
+    // second batch lapses and a reaper takes it, and has not finished it when the revocation
+    // gets there.
+    const other = new pg.Pool({ connectionString: b.pg.brokerUrl, max: 1 });
+    const reader = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/[^/?]*(\?|$)/, `/${b.pg.database}$1`) });
+    await reader.connect();
+    let revoked;
+    try {
+      await reader.query('BEGIN');
+      await reader.query('SELECT FROM public.many_locked');
+      const revoking = api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'many:one' });
+      for (let waiting = 0; waiting === 0; await new Promise((r) => setTimeout(r, 50))) {
+        [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`);
+      }
+      await b.pg.query(`UPDATE broker.leases SET next_attempt_at = now() - interval '1 second' WHERE id = $1`, [last.lease_id]);
+      // Another broker's reaper: its own connection, so a claim of its own.
+      const claimed = await claimDueLeases(other, 5);
+      assert.deepEqual(claimed.map((l) => l.id), [last.lease_id]);
+      await reader.query('ROLLBACK');
+      revoked = await revoking;
+      assert.equal(revoked.status, 500, JSON.stringify(revoked.body));
+      assert.equal(revoked.body.code, 'REVOKE_INCOMPLETE');
+      assert.match(revoked.body.detail, /1 of their logins could not be disabled yet/);
+      for (const c of creds.slice(0, -1)) assert.equal((await leaseRow(b.pg, c.lease_id)).state, 'revoked', c.lease_id);
+      assert.equal((await leaseRow(b.pg, last.lease_id)).state, 'revoking', 'left to the claimer that took it');
+
+      // The claimer that took it finishes it.
+      await finishLeases({ pool: b.app.db, databaseUrl: b.config.databaseUrl, log: b.app.log, retryBaseSeconds: 1, managedRole: b.config.managedRole, timeouts: b.config }, claimed);
+      assert.equal((await leaseRow(b.pg, last.lease_id)).state, 'revoked');
+      assert.equal(await roleExists(b.pg, last.username), false);
+    } finally {
+      await reader.end().catch(() => undefined);
+      await other.end();
+    }
   });
 });
 

@@ -3,7 +3,7 @@ import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
 import { identityLockKey } from './repository.js';
-import { loginStillEnabled, teardownRoles, type TeardownDeps } from './teardown.js';
+import { loginStillEnabled, NOLOGIN_STEP, teardownRoles, type TeardownDeps } from './teardown.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
 export const MAX_ATTEMPTS = 5;
@@ -17,6 +17,7 @@ export interface EndingLease {
   username: string;
   grant_role: string;
   end_reason: string;
+  ended_by: string;
   issuer: string;
   subject: string;
   policy: string;
@@ -47,7 +48,16 @@ export interface Actor {
 const CLAIM_LAPSED = `(l.next_attempt_at IS NULL OR l.next_attempt_at <= now()
   OR (l.claimed_by_pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.claimed_by_pid)))`;
 
-const ENDING_COLUMNS = ['id', 'username', 'grant_role', 'end_reason', 'issuer', 'subject', 'policy', 'attempts', 'claimed_by_pid'].map((c) => `l.${c}`).join(', ');
+const ENDING_COLUMNS = ['id', 'username', 'grant_role', 'end_reason', 'ended_by', 'issuer', 'subject', 'policy', 'attempts', 'claimed_by_pid'].map((c) => `l.${c}`).join(', ');
+
+/**
+ * Who ends a lease that ran out: the reaper, or a revocation that found it already past its
+ * expiry. A caller's own reason never decides the state, so `"reason": "expired"` in a bulk
+ * revocation still ends its leases as revoked.
+ */
+const BY_EXPIRY = { endedBy: 'reaper', reason: 'expired' } as const;
+const ENDED_BY_EXPIRY_SQL = `(ended_by = '${BY_EXPIRY.endedBy}' AND end_reason = '${BY_EXPIRY.reason}')`;
+export const endedByExpiry = (l: Pick<EndingLease, 'ended_by' | 'end_reason'>) => l.ended_by === BY_EXPIRY.endedBy && l.end_reason === BY_EXPIRY.reason;
 
 /**
  * Step one of any revocation, committed on its own: the matching active leases now read
@@ -61,14 +71,19 @@ export async function markRevoking(db: Queryable, filter: EndFilter, endedBy: st
     if (filter[key] !== undefined) where.push(`${key} = $${params.push(filter[key])}`);
   }
   const { rows } = await db.query<EndingLease>(
-    `WITH target AS MATERIALIZED (SELECT id FROM broker.leases WHERE ${where.join(' AND ')} FOR UPDATE)
-     UPDATE broker.leases l SET state = 'revoking', ended_at = now(), ended_by = $1, end_reason = $2,
+    `WITH target AS MATERIALIZED (SELECT id FROM broker.leases WHERE ${where.join(' AND ')} ORDER BY id FOR UPDATE)
+     UPDATE broker.leases l SET state = 'revoking',
+            -- One already past its expiry ended then, by itself: it is recorded as expired.
+            ended_at = LEAST(now(), l.expires_at),
+            ended_by = CASE WHEN l.expires_at <= now() THEN '${BY_EXPIRY.endedBy}' ELSE $1 END,
+            end_reason = CASE WHEN l.expires_at <= now() THEN '${BY_EXPIRY.reason}' ELSE $2 END,
             next_attempt_at = now() + make_interval(secs => $3), claimed_by_pid = pg_backend_pid()
        FROM target WHERE l.id = target.id AND l.state = 'active'
      RETURNING ${ENDING_COLUMNS}`,
     params,
   );
-  return rows;
+  // In id order, as locked: batches then follow one order whatever plan the UPDATE took.
+  return rows.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
 }
 
 /**
@@ -108,7 +123,7 @@ export async function claimDueLeases(db: Queryable, limit: number): Promise<Endi
     `WITH due AS MATERIALIZED (
        SELECT id FROM broker.leases WHERE state = 'active' AND expires_at <= now()
         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-     UPDATE broker.leases l SET state = 'revoking', ended_at = l.expires_at, ended_by = 'reaper', end_reason = 'expired', next_attempt_at = now()
+     UPDATE broker.leases l SET state = 'revoking', ended_at = l.expires_at, ended_by = '${BY_EXPIRY.endedBy}', end_reason = '${BY_EXPIRY.reason}', next_attempt_at = now()
        FROM due WHERE l.id = due.id`,
     [limit * 5],
   );
@@ -159,7 +174,7 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
   const failed = leases.filter((l) => outcome.get(l.username) !== null);
   if (done.length > 0) {
     const audit = done.map((l) => ({
-      type: l.end_reason === 'expired' ? 'lease.expired' : 'lease.revoked',
+      type: endedByExpiry(l) ? 'lease.expired' : 'lease.revoked',
       issuer: actor?.issuer ?? l.issuer,
       subject: actor?.subject ?? l.subject,
       lease_id: l.id,
@@ -172,7 +187,7 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
     }));
     const { rows } = await deps.pool.query<{ lease_id: string }>(
       `WITH done AS (
-         UPDATE broker.leases SET state = CASE WHEN end_reason = 'expired' THEN 'expired' ELSE 'revoked' END,
+         UPDATE broker.leases SET state = CASE WHEN ${ENDED_BY_EXPIRY_SQL} THEN 'expired' ELSE 'revoked' END,
                 last_error = NULL, next_attempt_at = NULL, claimed_by_pid = NULL
           WHERE id = ANY($1::uuid[]) AND state IN ('revoking', 'revoke_failed')
           RETURNING id
@@ -182,7 +197,7 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
       [done.map((l) => l.id), auditJson(audit)],
     );
     const finished = new Set(rows.map((r) => r.lease_id));
-    for (const l of done) if (finished.has(l.id)) (l.end_reason === 'expired' ? deps.metrics?.expired : deps.metrics?.revoked)?.inc();
+    for (const l of done) if (finished.has(l.id)) (endedByExpiry(l) ? deps.metrics?.expired : deps.metrics?.revoked)?.inc();
   }
   for (const l of failed) {
     const error = outcome.get(l.username)!;
@@ -242,14 +257,36 @@ export async function revokeNow(
     });
   if (leases.length === 0 && options.includeEnding && filter.id !== undefined) leases = await claimEnded(deps.pool, filter.id);
   const errors = new Map<string, string | null>();
+  const takenOver: EndingLease[] = [];
   // Batches bound the locks one DROP ROLE takes (max_locks_per_transaction).
   for (let i = 0; i < leases.length; i += TEARDOWN_BATCH) {
     // A long bulk revoke can outlast the claim markRevoking took; renewed batch by batch, the
     // claim holds while we work, and what a reaper took over after a lapse is left to it.
-    const batch = await renewClaim(deps.pool, leases.slice(i, i + TEARDOWN_BATCH));
+    const slice = leases.slice(i, i + TEARDOWN_BATCH);
+    const batch = await renewClaim(deps.pool, slice);
+    takenOver.push(...slice.filter((l) => !batch.includes(l)));
     for (const [name, error] of await finishLeases(deps, batch, actor)) errors.set(name, error);
   }
+  for (const [name, error] of await stillEnding(deps.pool, takenOver)) errors.set(name, error);
   return { leases, errors };
+}
+
+/**
+ * Leases whose claim lapsed before this caller reached them (the connection that held it closed,
+ * or the revocation outlasted it) and another claimer took over: done for the caller only once
+ * they read expired or revoked. Until then they are reported unfinished, as possibly still able
+ * to log in, since nothing here knows how far the other claimer got.
+ */
+async function stillEnding(db: Queryable, leases: EndingLease[]): Promise<Map<string, string | null>> {
+  const outcome = new Map<string, string | null>();
+  if (leases.length === 0) return outcome;
+  const { rows } = await db.query<{ username: string; state: string }>(
+    'SELECT username, state FROM broker.leases WHERE id = ANY($1::uuid[])', [leases.map((l) => l.id)]);
+  for (const { username, state } of rows) {
+    const ended = state === 'expired' || state === 'revoked';
+    outcome.set(username, ended ? null : `${NOLOGIN_STEP}: not tried by this revocation: its claim lapsed and the reaper took the teardown over`);
+  }
+  return outcome;
 }
 
 /**

@@ -169,13 +169,18 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
     byCreator.get(p.creator)!.push(...roles.filter((r) => r.username === p.rolname));
   }
   const run: TeardownRun = { unreachable: null };
-  for (const [creator, live] of byCreator) await teardownAs(deps, creator, live, result, run);
+  // Every creator group's logins and sessions end before any group's slow part (lock waits in
+  // REASSIGN OWNED, a large DROP OWNED) starts, so no ended lease's login outlives another's wait.
+  const loggedOut = new Map<string | null, RoleToDrop[]>();
+  for (const [creator, live] of byCreator) loggedOut.set(creator, await endLogins(deps, creator, live, result, run));
+  for (const [creator, live] of loggedOut) await dropRoles(deps, creator, live, result, run);
   return result;
 }
 
-async function teardownAs(
+/** NOLOGIN, then terminate the sessions; returns the roles both steps succeeded for. */
+async function endLogins(
   deps: TeardownDeps, creator: string | null, roles: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
-): Promise<void> {
+): Promise<RoleToDrop[]> {
   const run = runAs(deps.pool, creator);
   // Login first, sessions second: otherwise a client could reconnect between the two steps.
   // Terminating a role's sessions and DROP OWNED need its privileges, which nobody holds while it
@@ -205,7 +210,15 @@ async function teardownAs(
       'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
     if (rows.length > 0) throw new Error(`sessions of ${rows.map((r) => r.usename).join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
   }, progress);
+  return live;
+}
+
+/** What the logged-out roles own, in every database, then the roles themselves. */
+async function dropRoles(
+  deps: TeardownDeps, creator: string | null, live: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
+): Promise<void> {
   if (live.length === 0) return;
+  const run = runAs(deps.pool, creator);
 
   // pg_shdepend lists, per database, every object a role owns or holds a privilege on (tables,
   // grants, default privileges); dbid 0 marks shared objects (databases, tablespaces), which
