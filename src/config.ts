@@ -151,9 +151,10 @@ function databaseHostPort(url: string): { host: string; port: number } {
   return { host, port: Number(port) };
 }
 
-// RFC 1123 labels. A name whose last label is all digits is a malformed IPv4 address
+// RFC 1123 labels, plus the underscore that resolvers accept and Docker and compose service
+// names use (`my_db`). A name whose last label is all digits is a malformed IPv4 address
 // (`10.0.0.256`, `1.2.3`), not a name.
-const HOST_LABEL = /^(?!-)[a-z0-9-]{1,63}(?<!-)$/i;
+const HOST_LABEL = /^(?!-)[a-z0-9_-]{1,63}(?<!-)$/i;
 
 /**
  * `host` as clients get it (in `host`, and in `uri`, where a colon means IPv6 and is bracketed),

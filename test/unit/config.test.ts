@@ -128,6 +128,9 @@ describe('loadConfig: good values', () => {
     assert.equal(host('2001:db8::5'), '2001:db8::5');
     assert.equal(host('::1'), '::1');
     assert.equal(host('[2001:db8::5]'), '2001:db8::5');
+    // A compose service name, and the same taken from DATABASE_URL.
+    assert.equal(host('my_db'), 'my_db');
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@pg_primary:5432/broker' })).publicPgHost, 'pg_primary');
   });
 
   test('LOG_LEVEL is case-insensitive', () => {
@@ -217,7 +220,7 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     const bad = [
       'db.example.com:6432', 'https://db', 'a b/c@d', `broker:${SECRET}@db`, 'db/broker', 'db?x=1',
       '[db.example.com]', '[2001:db8::5]:5432', '2001:db8::g', 'fe80::1%eth0', '10.0.0.256', '1.2.3',
-      '-db.example.com', 'db-.example.com', 'db..example.com', 'db_1', `${'a'.repeat(64)}.example.com`,
+      '-db.example.com', 'db-.example.com', 'db..example.com', `${'a'.repeat(64)}.example.com`,
     ];
     for (const value of bad) rejects({ BROKER_PUBLIC_PG_HOST: value }, 'BROKER_PUBLIC_PG_HOST', /host name/);
     // Taken from DATABASE_URL, a host that cannot be handed on names DATABASE_URL and the way out.
