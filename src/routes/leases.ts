@@ -100,13 +100,17 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request', { includeEnding: true });
+      const { leases, errors } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request', { includeEnding: true });
       // A reaper already tearing it down gets a moment to finish, so 200 still means "gone".
       if (leases.length === 0) await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
       // Judge by the lease, not by this attempt: someone else may have finished it meanwhile.
       const now = visibleTo(request, await getLease(app.db, lease.id));
-      if (now.state !== 'revoked' && now.state !== 'expired') throw revokeIncomplete([now.last_error], app.config.reaperIntervalSeconds);
-      return now;
+      if (now.state === 'revoked' || now.state === 'expired') return now;
+      if (leases.length === 0) {
+        // How far the other teardown got is not known here: claim nothing about the login.
+        throw new Errors.RevokeIncomplete(`The lease is ended; the reaper is tearing it down and had not finished within ${HANDOVER_WAIT_MS / 1000} s`);
+      }
+      throw revokeIncomplete([errors.get(lease.username) ?? now.last_error], app.config.reaperIntervalSeconds);
     },
   );
 
