@@ -1,4 +1,4 @@
-import { auditJson, insertAuditFromJson, recordAudit } from '../audit/repository.js';
+import { auditJson, insertAuditFromJson } from '../audit/repository.js';
 import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
@@ -103,14 +103,19 @@ export async function claimEnded(db: Queryable, id: string): Promise<EndingLease
   return rows;
 }
 
-/** Waits until a lease being torn down elsewhere reads expired or revoked; its final state, or null. */
+/**
+ * Waits until a lease being torn down elsewhere reads expired or revoked; its final state, or
+ * null. Stops early once nobody holds the teardown: the other claimer recorded a failure and
+ * released its claim, so waiting longer changes nothing.
+ */
 export async function awaitEnded(db: Queryable, id: string, timeoutMs: number): Promise<string | null> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const { rows } = await db.query<{ state: string }>('SELECT state FROM broker.leases WHERE id = $1', [id]);
+    const { rows } = await db.query<{ state: string; claimed: boolean }>(
+      'SELECT state, claimed_by_pid IS NOT NULL AS claimed FROM broker.leases WHERE id = $1', [id]);
     const state = rows[0]?.state;
     if (state === 'expired' || state === 'revoked') return state;
-    if (state !== 'revoking' || Date.now() > deadline) return null;
+    if (state !== 'revoking' || !rows[0].claimed || Date.now() > deadline) return null;
     await new Promise((r) => setTimeout(r, 100));
   }
 }
@@ -202,13 +207,24 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
   for (const l of failed) {
     const error = outcome.get(l.username)!;
     deps.metrics?.reaperFailures.inc();
+    // The revoke_failed event commits with the attempt that reaches it, or not at all: written
+    // after it, a crash in between would lose it for good (attempts never read 5 again).
+    const reachedFailed = {
+      type: 'lease.revoke_failed', issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,
+      reason: error, detail: { attempts: MAX_ATTEMPTS },
+    };
     const { rows } = await deps.pool.query<{ attempts: number }>(
-      `UPDATE broker.leases SET attempts = attempts + 1, last_error = $2,
-              state = CASE WHEN attempts + 1 >= $3 THEN 'revoke_failed' ELSE 'revoking' END,
-              next_attempt_at = now() + make_interval(secs => $4), claimed_by_pid = NULL
-        WHERE id = $1 AND state IN ('revoking', 'revoke_failed')
-        RETURNING attempts`,
-      [l.id, error, MAX_ATTEMPTS, retryDelaySeconds(error, l.attempts + 1, deps.retryBaseSeconds)],
+      `WITH failed AS (
+         UPDATE broker.leases SET attempts = attempts + 1, last_error = $2,
+                state = CASE WHEN attempts + 1 >= $3 THEN 'revoke_failed' ELSE 'revoking' END,
+                next_attempt_at = now() + make_interval(secs => $4), claimed_by_pid = NULL
+          WHERE id = $1 AND state IN ('revoking', 'revoke_failed')
+          RETURNING attempts
+       ), event AS (
+         ${insertAuditFromJson(5, '(SELECT attempts FROM failed) = $3')}
+       )
+       SELECT attempts FROM failed`,
+      [l.id, error, MAX_ATTEMPTS, retryDelaySeconds(error, l.attempts + 1, deps.retryBaseSeconds), auditJson([reachedFailed])],
     );
     const attempts = rows[0]?.attempts;
     const loginEnabled = loginStillEnabled(error);
@@ -216,12 +232,6 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
       { lease_id: l.id, username: l.username, attempts, error, login_enabled: loginEnabled },
       loginEnabled ? 'lease teardown failed before its login was disabled; will retry' : 'lease teardown failed; will retry',
     );
-    if (attempts === MAX_ATTEMPTS) {
-      await recordAudit(deps.pool, {
-        type: 'lease.revoke_failed', issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,
-        reason: error, detail: { attempts },
-      });
-    }
   }
   return outcome;
 }

@@ -108,7 +108,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       if (now.state === 'revoked' || now.state === 'expired') return now;
       if (leases.length === 0) {
         // How far the other teardown got is not known here: claim nothing about the login.
-        throw new Errors.RevokeIncomplete(`The lease is ended; the reaper is tearing it down and had not finished within ${HANDOVER_WAIT_MS / 1000} s`);
+        throw new Errors.RevokeIncomplete('The lease is ended; the reaper is tearing it down and has not finished yet');
       }
       throw revokeIncomplete([errors.get(lease.username) ?? now.last_error], app.config.reaperIntervalSeconds);
     },
