@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { identityLockKey, LEASE_COLUMNS } from '../src/leases/repository.js';
-import { CLAIM_SECONDS, claimDueLeases, finishLeases, markRevoking, renewClaim, TEARDOWN_BATCH, type EndingLease } from '../src/leases/revoke.js';
+import { CLAIM_SECONDS, claimDueLeases, markRevoking, renewClaim, type EndingLease } from '../src/leases/claims.js';
+import { finishLeases, TEARDOWN_BATCH } from '../src/leases/revoke.js';
 import { scramVerifier } from '../src/postgres/scram.js';
 import {
   ADMIN_SUB, api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
@@ -157,7 +158,7 @@ describe('DELETE racing the reaper', () => {
       // DELETE polls the lease row while the teardown is someone else's: COMMIT only once it does.
       await waitFor('DELETE to wait for the teardown', async () => (await b.pg.query(
         `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker'
-            AND query = 'SELECT state FROM broker.leases WHERE id = $1' AND query_start > $1`, [since])).length > 0);
+            AND query LIKE 'SELECT state,%FROM broker.leases WHERE id = $1' AND query_start > $1`, [since])).length > 0);
       await blocker.query('COMMIT');
       const del = await deleting;
       assert.equal(del.status, 200, JSON.stringify(del.body));
