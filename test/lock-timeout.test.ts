@@ -35,6 +35,16 @@ async function holdLock(sql: string, params: unknown[] = []): Promise<{ release(
   };
 }
 
+/** An issuance sent while another session holds what `sql` locks. */
+async function issueWhileHeld(broker: TestBroker, token: string, sql: string, params: unknown[]) {
+  const held = await holdLock(sql, params);
+  try {
+    return await broker.issue(token);
+  } finally {
+    await held.release();
+  }
+}
+
 /** Seconds until the reaper's next try at a lease's teardown. */
 const retryIn = async (id: string) =>
   (await b.pg.query<{ s: number }>('SELECT extract(epoch FROM next_attempt_at - now())::float8 AS s FROM broker.leases WHERE id = $1', [id]))[0].s;
@@ -46,13 +56,7 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     const sub = 'lock:issue';
     const token = await b.token({ sub });
     // The per-identity lock every issuance for this subject takes first.
-    const held = await holdLock('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
-    let busy;
-    try {
-      busy = await b.issue(token);
-    } finally {
-      await held.release();
-    }
+    const busy = await issueWhileHeld(b, token, 'SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
     assert.equal(busy.status, 503, JSON.stringify(busy.body));
     assert.equal(busy.body.code, 'DATABASE_BUSY');
     assert.match(busy.body.detail, /over 1 s \(BROKER_LOCK_TIMEOUT\).*rolled back, retry shortly/);
@@ -74,13 +78,7 @@ describe('lock waits are bounded by BROKER_LOCK_TIMEOUT', () => {
     try {
       const sub = 'lock:creators';
       const token = await fresh.token({ sub });
-      const migrating = await holdLock('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
-      let busy;
-      try {
-        busy = await fresh.issue(token);
-      } finally {
-        await migrating.release();
-      }
+      const busy = await issueWhileHeld(fresh, token, 'SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
       assert.equal(busy.status, 503, JSON.stringify(busy.body));
       assert.equal(busy.body.code, 'DATABASE_BUSY');
       const events = await b.pg.query(`SELECT type, reason FROM broker.audit_events WHERE subject = $1 ORDER BY id`, [sub]);
