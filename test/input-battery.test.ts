@@ -117,7 +117,11 @@ describe('hostile claims', () => {
   }
 
   test('subjects that cannot be stored safely are a clean 401', async () => {
-    for (const [label, sub] of [['NUL byte', 'repo:octo-org/a\u0000b'], ['over 1024 chars', `repo:octo-org/${'b'.repeat(1100)}`]] as const) {
+    for (const [label, sub] of [
+      ['NUL byte', 'repo:octo-org/a\u0000b'], ['over 1024 chars', `repo:octo-org/${'b'.repeat(1100)}`],
+      // Both would be stored as 'repo:\uFFFD', one identity; a whole pair (an emoji) is fine, above.
+      ['lone high surrogate', 'repo:\uD800'], ['lone low surrogate', 'repo:\uDC00'],
+    ] as const) {
       const res = await send(`sub ${label}`, { token: await b.token({ sub, battery: 'yes' }), payload: { policy: 'any-subject' } });
       assertProblem(res, 401, label);
     }

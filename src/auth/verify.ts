@@ -54,6 +54,8 @@ export function bearerToken(request: FastifyRequest): string | undefined {
 
 // fast-jwt and @fastify/jwt messages are not a contract, and some echo header values chosen by
 // the caller; error_description only ever gets one of these fixed texts.
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
 const REGISTERED_CLAIMS = new Set(['exp', 'nbf', 'iat', 'iss', 'aud', 'sub', 'jti']);
 
 function describeVerifyError(err: unknown): string {
@@ -126,7 +128,9 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     const issuer = payload.iss as string;
     const subject = payload.sub;
     if (typeof subject !== 'string' || subject.length === 0) throw new TokenRejected('token sub must be a non-empty string');
-    if (subject.includes('\0') || subject.length > 1024) throw new TokenRejected('token sub is not acceptable');
+    // A lone surrogate reaches PostgreSQL as U+FFFD, so two different subjects would share one
+    // identity there: their leases, quota and issuance lock.
+    if (subject.includes('\0') || subject.length > 1024 || LONE_SURROGATE.test(subject)) throw new TokenRejected('token sub is not acceptable');
     if (typeof payload.exp !== 'number') throw new TokenRejected('token exp must be a number');
     // fast-jwt only looks at iat when maxAge is set; DESIGN asks for it with the same leeway.
     if (payload.iat !== undefined && (typeof payload.iat !== 'number' || !Number.isFinite(payload.iat))) throw new TokenRejected('token iat claim has the wrong type');
