@@ -160,6 +160,12 @@ ${extra}`;
     const unsafe = await cli(['policy', 'apply', '-f', file, '--token', admin]);
     assert.equal(unsafe.code, 1);
     assert.match(unsafe.stderr, /policy file-d: .*predefined PostgreSQL role/);
+
+    // Checked before anything is sent, by the same rules as the API.
+    await writeFile(file, doc(`  file-e:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: app_readers\n    database: broker\n    connection_limit: 0\n`));
+    const locked = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(locked.code, 1);
+    assert.match(locked.stderr, /policy file-e: connection_limit 0 would issue credentials that can never log in/);
   });
 
   test('policy evaluate names the failing claim for a denied token, and exits 0 for an admitted one', async () => {

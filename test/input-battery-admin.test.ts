@@ -179,6 +179,7 @@ describe('query strings, path parameters and admin bodies', () => {
       ['unknown field', 'p17', { ...base, superuser: true }, 'BAD_REQUEST', /^body must NOT have additional properties$/],
       ['claims with NUL pattern', 'p18', { ...base, claims: { sub: 'a\u0000b' } }, 'BAD_REQUEST', NUL_REFUSED],
       ['description with NUL', 'p19', { ...base, description: 'a\u0000b' }, 'BAD_REQUEST', NUL_REFUSED],
+      ['connection_limit 0', 'p20', { ...base, connection_limit: 0 }, 'INVALID_POLICY', /^connection_limit 0 would issue credentials that can never log in/],
     ];
     for (const [label, name, payload, code, detail] of cases) {
       const res = await put(label, name, payload);
@@ -186,7 +187,7 @@ describe('query strings, path parameters and admin bodies', () => {
       assert.equal(res.json().code, code, `${label}: ${res.body}`);
       assert.match(res.json().detail, detail, label);
     }
-    for (let i = 1; i <= 19; i++) {
+    for (let i = 1; i <= 20; i++) {
       assertProblem(await send(`p${i} not stored`, { method: 'GET', url: `/policies/p${i}`, token: admin }), 404, `p${i} not stored`);
     }
     const deleted = await send('delete base policy', { method: 'DELETE', url: '/policies/battery-base', token: admin });

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { Value } from '@sinclair/typebox/value';
 import { parse } from 'yaml';
-import { validatePatterns } from '../policy/match.js';
+import { policyShapeProblem } from '../policy/shape.js';
 import { POLICY_DEFAULTS, PolicyInput, type PolicyBody, type PolicyInputBody } from '../schemas/policy.js';
 import { CliError } from './client.js';
 
@@ -31,12 +31,9 @@ export async function readPolicyFile(file: string): Promise<Map<string, PolicyIn
     const { name: _ignored, ...input } = (raw ?? {}) as Record<string, unknown>;
     const error = Value.Errors(PolicyInput, input).First();
     if (error) throw new CliError(`${where}: ${error.path || 'policy'} ${error.message}`);
-    const patterns = validatePatterns((input as PolicyInputBody).claims);
-    if (patterns) throw new CliError(`${where}: ${patterns}`);
     const p = input as PolicyInputBody;
-    if ((p.default_ttl ?? POLICY_DEFAULTS.default_ttl) > (p.max_ttl ?? POLICY_DEFAULTS.max_ttl)) {
-      throw new CliError(`${where}: default_ttl must not exceed max_ttl`);
-    }
+    const problem = policyShapeProblem(p);
+    if (problem) throw new CliError(`${where}: ${problem}`);
     policies.set(name, p);
   }
   return policies;

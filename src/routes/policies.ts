@@ -4,13 +4,13 @@ import { Type } from '@sinclair/typebox';
 import { recordAudit } from '../audit/repository.js';
 import { Errors } from '../errors.js';
 import { evaluatePolicies } from '../policy/evaluate.js';
-import { validatePatterns } from '../policy/match.js';
+import { policyShapeProblem } from '../policy/shape.js';
 import { deletePolicy, getPolicy, listPolicies, policiesForIssuer, putPolicy } from '../policy/repository.js';
 import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
 import { withTransaction } from '../postgres/pool.js';
 import { databaseExists, grantRoleProblem } from '../postgres/roles.js';
 import { problemResponses } from '../schemas/common.js';
-import { Evaluation, Policy, PolicyInput, POLICY_DEFAULTS, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
+import { Evaluation, Policy, PolicyInput, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
 import { requestContext } from './context.js';
 import { invalidCursor } from './leases.js';
 import { beforeBody } from '../validation.js';
@@ -21,11 +21,8 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
   /** Every reason a policy may not be stored, checked against config and the live cluster. */
   async function policyProblem(input: PolicyInputBody): Promise<string | null> {
     if (!app.config.issuers.some((i) => i.issuer === input.issuer)) return `issuer ${input.issuer} is not one of BROKER_ISSUERS`;
-    const patterns = validatePatterns(input.claims);
-    if (patterns) return patterns;
-    const defaultTtl = input.default_ttl ?? POLICY_DEFAULTS.default_ttl;
-    const maxTtl = input.max_ttl ?? POLICY_DEFAULTS.max_ttl;
-    if (defaultTtl > maxTtl) return `default_ttl (${defaultTtl}) must not exceed max_ttl (${maxTtl})`;
+    const shape = policyShapeProblem(input);
+    if (shape) return shape;
     const role = await grantRoleProblem(app.db, input.grant_role, app.config.managedRole);
     // Fresh news for issuance too, which otherwise trusts its last answer for a while.
     app.grantRoles.remember(input.grant_role, role);
