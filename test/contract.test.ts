@@ -281,6 +281,9 @@ describe('configuration', () => {
       const refused = await policiesRefusedNow(b.app.db);
       assert.deepEqual(refused.map((r) => r.policy), ['zz-legacy']);
       assert.match(refused[0].problem, /no claim narrows the match/);
+      // Or stored before connection_limit 0 was refused.
+      await b.pg.query(`UPDATE broker.policies SET claims = '{"sub": "legacy:*"}', connection_limit = 0 WHERE name = 'zz-legacy'`);
+      assert.match((await policiesRefusedNow(b.app.db))[0]?.problem ?? '', /connection_limit 0/);
     } finally {
       await b.pg.query(`DELETE FROM broker.policies WHERE name = 'zz-legacy'`);
     }

@@ -1,7 +1,7 @@
 import type { Queryable } from '../postgres/pool.js';
 import { escapeLit } from '../postgres/sql.js';
 import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
-import { validatePatterns } from './match.js';
+import { policyShapeProblem } from './shape.js';
 import type { PolicyBody, PolicyInputBody } from '../schemas/policy.js';
 import { POLICY_DEFAULTS } from '../schemas/policy.js';
 
@@ -72,9 +72,9 @@ export async function deletePolicy(db: Queryable, name: string): Promise<boolean
  * issuing on an upgrade.
  */
 export async function policiesRefusedNow(db: Queryable): Promise<Array<{ policy: string; problem: string }>> {
-  const { rows } = await db.query<{ name: string; claims: Record<string, string | string[]> }>('SELECT name, claims FROM broker.policies ORDER BY name');
-  return rows.flatMap((r) => {
-    const problem = validatePatterns(r.claims);
+  const { rows } = await db.query(`SELECT ${COLUMNS} FROM broker.policies ORDER BY name`);
+  return rows.map((r) => isoRow<Policy>(r)).flatMap((r) => {
+    const problem = policyShapeProblem(r);
     return problem ? [{ policy: r.name, problem }] : [];
   });
 }
