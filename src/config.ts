@@ -255,6 +255,9 @@ export function loadConfig(env: Env = process.env): Config {
   config.issuers.forEach((entry, i) => {
     // The schema's pattern only checks the shape; new URL() is what get-jwks will call later.
     if (!isUrl(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must be an http(s) URL`);
+    // OIDC: an issuer identifier has no query, fragment or user part, and discovery appends
+    // /.well-known/openid-configuration to it, which such parts would break.
+    if (/[?#@]/.test(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must have no query, fragment or user part`);
     if (entry.jwks_uri !== undefined && !isUrl(entry.jwks_uri)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: jwks_uri must be an http(s) URL`);
     if (seen.has(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `lists ${entry.issuer} twice`);
     seen.add(entry.issuer);

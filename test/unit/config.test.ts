@@ -156,6 +156,10 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_ISSUERS: 'token.actions.githubusercontent.com' }, 'BROKER_ISSUERS', /URL/);
     rejects({ BROKER_ISSUERS: 'ftp://a.example' }, 'BROKER_ISSUERS', /URL/);
     rejects({ BROKER_ISSUERS: 'https://[::1' }, 'BROKER_ISSUERS', /URL/);
+    // Discovery could never work for these (the same without the extra part is accepted above).
+    for (const issuer of ['https://b.example/realms/x?tenant=1', 'https://b.example/realms/x#main', 'https://user@b.example/realms/x']) {
+      rejects({ BROKER_ISSUERS: issuer }, 'BROKER_ISSUERS', /no query, fragment or user part/);
+    }
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'not a url' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://[bad' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwksUri: 'https://a.example/jwks' }]) }, 'BROKER_ISSUERS', /jwksUri/);
