@@ -137,6 +137,36 @@ describe('key cache past its lifetime during an outage', () => {
   });
 });
 
+describe('a JWKS that answers too slowly', () => {
+  test('a discovery document trickling in is given up on too: a new kid is refused, and works once the issuer answers', HANG_GUARD, async () => {
+    disc.mode = 'drip';
+    try {
+      const kid = await disc.addKey('RS256');
+      const token = await disc.sign({ aud: AUDIENCE, sub: 'disc' }, { kid });
+      assert.equal((await evaluate(token)).status, 401);
+      disc.mode = 'ok';
+      assert.equal((await evaluate(token)).status, 200);
+    } finally {
+      disc.mode = 'ok';
+    }
+  });
+
+  test('a body trickling in byte by byte is given up on after the fetch timeout, not after each byte\'s', HANG_GUARD, async () => {
+    const resolver = new KeyResolver([{ issuer: issuer.issuer, jwks_uri: issuer.jwksUri }], { fetchTimeoutMs: 1000 });
+    try {
+      const kid = await issuer.addKey('RS256');
+      issuer.mode = 'drip';
+      // Each byte arrives well within the timeout, so only a bound on the whole fetch ends it.
+      await assert.rejects(resolver.publicKeyPem(issuer.issuer, kid, 'RS256'), (err: unknown) => err instanceof KeyLookupError && err.fetchFailed);
+      issuer.mode = 'ok';
+      assert.match(await resolver.publicKeyPem(issuer.issuer, kid, 'RS256'), /BEGIN PUBLIC KEY/, 'and the same key once it answers');
+    } finally {
+      issuer.mode = 'ok';
+      await resolver.close();
+    }
+  });
+});
+
 describe('the last good key set during an outage', () => {
   test('a key the JWKS stopped listing stays refused through a later outage', HANG_GUARD, async () => {
     const [gone, kept] = [await issuer.addKey('RS256'), await issuer.addKey('RS256')];

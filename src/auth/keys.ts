@@ -42,13 +42,10 @@ export interface KeyResolverOptions {
   onFetchError?: (issuer: string) => void;
 }
 
-type GetJwks = ReturnType<typeof buildGetJwks>;
 type Jwk = Record<string, unknown>;
 
 interface IssuerKeys {
   issuer: string;
-  /** Used for OIDC discovery only: finding the jwks_uri. */
-  jwks: GetJwks;
   /** The explicit jwks_uri; without one, OIDC discovery on the issuer finds it. */
   jwksUri: string | null;
   /** The last key set the JWKS served, by kid, and when; replaced whole by each good fetch. */
@@ -94,10 +91,13 @@ export class KeyResolver {
   private readonly missIntervalMs: number;
   private readonly staleMaxAgeMs: number;
   readonly dispatcher: Agent;
+  private readonly fetchTimeoutMs: number;
 
   constructor(entries: IssuerConfig[], private readonly options: KeyResolverOptions = {}) {
     const timeout = options.fetchTimeoutMs ?? 3000;
+    this.fetchTimeoutMs = timeout;
     // The global fetch ignores get-jwks' timeout option; an Agent with its own timeouts does not.
+    // Its body timeout bounds the wait for each chunk only; loadKeySet bounds the whole fetch.
     this.dispatcher = new Agent({ connectTimeout: timeout, headersTimeout: timeout, bodyTimeout: timeout });
     this.ttlMs = options.cacheTtlMs ?? 10 * 60_000;
     this.cooldownMs = options.unknownKidCooldownMs ?? 5000;
@@ -108,9 +108,8 @@ export class KeyResolver {
   }
 
   private build(entry: IssuerConfig): IssuerKeys {
-    const jwks = buildGetJwks({ issuersWhitelist: [entry.issuer], providerDiscovery: true, fetchOptions: { dispatcher: this.dispatcher } as Record<string, unknown> });
     return {
-      issuer: entry.issuer, jwks, jwksUri: entry.jwks_uri ?? null, set: null, fetchedAt: 0, setFetch: null,
+      issuer: entry.issuer, jwksUri: entry.jwks_uri ?? null, set: null, fetchedAt: 0, setFetch: null,
       missBudget: this.missBurst, missBudgetAt: Date.now(), knownMisses: new Map<string, number>(), lastFetchFailure: 0,
     };
   }
@@ -159,8 +158,11 @@ export class KeyResolver {
   private async loadKeySet(keys: IssuerKeys): Promise<Map<string, Jwk[]>> {
     let set: Map<string, Jwk[]>;
     try {
-      const uri = keys.jwksUri ?? await keys.jwks.getJwksUri(`${keys.issuer.replace(/\/$/, '')}/`);
-      const res = await fetch(uri, { dispatcher: this.dispatcher } as RequestInit);
+      // One deadline for discovery, the JWKS request and its body together: a server sending a
+      // byte now and then would otherwise hold every lookup waiting on this fetch indefinitely.
+      const deadline = AbortSignal.timeout(this.fetchTimeoutMs);
+      const uri = keys.jwksUri ?? await this.discover(keys.issuer, deadline);
+      const res = await fetch(uri, { dispatcher: this.dispatcher, signal: deadline } as RequestInit);
       const body = (await res.json()) as { keys?: unknown };
       if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
       if (body.keys !== undefined && !Array.isArray(body.keys)) throw new Error('JWKS keys is not an array');
@@ -180,6 +182,15 @@ export class KeyResolver {
     keys.fetchedAt = Date.now();
     keys.lastFetchFailure = 0;
     return set;
+  }
+
+  /**
+   * The jwks_uri from the issuer's OIDC discovery document. get-jwks copies its fetch options
+   * when built, so one is built per discovery to carry this fetch's deadline.
+   */
+  private discover(issuer: string, deadline: AbortSignal): Promise<string> {
+    const fetchOptions = { dispatcher: this.dispatcher, signal: deadline } as Record<string, unknown>;
+    return buildGetJwks({ issuersWhitelist: [issuer], providerDiscovery: true, fetchOptions }).getJwksUri(`${issuer.replace(/\/$/, '')}/`);
   }
 
   /** The PEM of the first of a kid's keys that fits the alg; a clear refusal when none does. */

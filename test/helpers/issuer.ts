@@ -8,8 +8,11 @@ export interface TestIssuer {
   jwksUri: string;
   /** Request paths (with query) in arrival order, in every mode, so tests can count fetch attempts. */
   requests: string[];
-  /** 'down' answers 503; 'hang' never answers (close() still works). */
-  mode: 'ok' | 'down' | 'hang';
+  /**
+   * 'down' answers 503; 'hang' never answers; 'drip' answers 200 and sends its body a byte at a
+   * time, 10 per second, never finishing (close() ends all of them).
+   */
+  mode: 'ok' | 'down' | 'hang' | 'drip';
   sign(claims: Record<string, unknown>, opts?: SignOptions): Promise<string>;
   addKey(alg?: KeyAlg): Promise<string>;
   removeKey(kid: string): void;
@@ -69,6 +72,13 @@ export async function startIssuer(opts: { discovery?: boolean } = {}): Promise<T
     issuer.requests.push(url);
     if (issuer.mode === 'hang') return; // leave the socket open without answering
     if (issuer.mode === 'down') return json(res, 503, { error: 'unavailable' });
+    if (issuer.mode === 'drip') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.write('{"keys":[');
+      const drip = setInterval(() => res.write(' '), 100);
+      res.on('close', () => clearInterval(drip));
+      return;
+    }
     const route = url.split('?')[0];
     if (route === '/jwks') {
       return json(res, 200, { keys: [...keys.values()].filter((k) => k.published).map((k) => publicJwk(k.kid)) });
