@@ -215,8 +215,9 @@ async function endLogins(
 
 /** What the logged-out roles own, in every database, then the roles themselves. */
 async function dropRoles(
-  deps: TeardownDeps, creator: string | null, live: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
+  deps: TeardownDeps, creator: string | null, loggedOut: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
 ): Promise<void> {
+  let live = loggedOut;
   if (live.length === 0) return;
   const run = runAs(deps.pool, creator);
 
@@ -225,12 +226,18 @@ async function dropRoles(
   // REASSIGN/DROP OWNED handle from any database, so those run in the broker's own. Visiting
   // exactly these databases is the same as visiting every database that accepts connections,
   // without connecting to the ones that hold nothing.
-  const { rows: depRows } = await deps.pool.query<{ datname: string; rolname: string; datallowconn: boolean }>(
-    `SELECT DISTINCT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname
-       FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
-      WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)`,
-    [live.map((r) => r.username)],
-  );
+  // A step like the others: after another creator group found the server gone it is not tried,
+  // and its own failure is each role's outcome rather than an exception that loses them all.
+  const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean }> = [];
+  live = await stepEach(live, result, 'find owned objects', async (batch) => {
+    const { rows } = await deps.pool.query<{ datname: string; rolname: string; datallowconn: boolean }>(
+      `SELECT DISTINCT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname
+         FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
+        WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)`,
+      [batch.map((r) => r.username)],
+    );
+    depRows.push(...rows);
+  }, progress);
   const byDatabase = new Map<string, Set<string>>();
   for (const row of depRows) {
     // A database that refuses connections cannot be cleaned; DROP ROLE below then names it.

@@ -92,3 +92,39 @@ test('a teardown that cannot even look its roles up reports each as stopped befo
     assert.equal(loginStillEnabled(error), true);
   }
 });
+
+test('when a later creator group finds the server gone, the earlier group\'s roles are reported too, not lost to an exception', async () => {
+  // Two creator groups: c1's logins end; c2's NOLOGIN finds the server silent. Every later
+  // statement would fail the same way.
+  const gone = () => new Error('Connection terminated unexpectedly');
+  let serverUp = true;
+  const client = {
+    creator: '',
+    async query(sql: string) {
+      if (sql.startsWith('BEGIN')) this.creator = /SET LOCAL ROLE "?(\w+)"?/.exec(sql)?.[1] ?? '';
+      if (!serverUp) throw gone();
+      if (/NOLOGIN/.test(sql) && this.creator === 'c2') {
+        serverUp = false;
+        throw new Error('Query read timeout');
+      }
+      return { rows: [] };
+    },
+    release() {},
+  };
+  const pool = {
+    async query(sql: string) {
+      if (!serverUp) throw gone();
+      if (/FROM pg_roles r WHERE r.rolname = ANY/.test(sql)) {
+        return { rows: [{ rolname: 'lease_a', issued: true, creator: 'c1' }, { rolname: 'lease_b', issued: true, creator: 'c2' }] };
+      }
+      return { rows: [] };
+    },
+    async connect() { return client; },
+  } as unknown as TeardownDeps['pool'];
+  const deps = { pool, databaseUrl: 'postgres://broker@127.0.0.1/broker', managedRole: 'm', log: console, timeouts: { lockTimeoutSeconds: 1, queryTimeoutSeconds: 2 } } as unknown as TeardownDeps;
+  const result = await teardownRoles(deps, roles.slice(0, 2));
+  assert.equal(result.get('lease_b'), 'NOLOGIN: Query read timeout');
+  assert.equal(result.get('lease_a'), 'find owned objects: not tried after NOLOGIN: Query read timeout');
+  assert.equal(loginStillEnabled(result.get('lease_b')), true);
+  assert.equal(loginStillEnabled(result.get('lease_a')), false, 'its login did end');
+});
