@@ -142,8 +142,10 @@ function databaseHostPort(url: string): { host: string; port: number } {
   const parsed = parseDatabaseUrl(url);
   const queryHost = parsed.searchParams.get('host');
   const queryPort = parsed.searchParams.get('port');
-  // A socket directory (`?host=/run/postgresql`) is no address for clients elsewhere.
-  const host = queryHost && !queryHost.startsWith('/') ? queryHost : parsed.hostname.replace(/^\[(.*)\]$/, '$1') || 'localhost';
+  // A socket directory (`?host=/run/postgresql`, or percent-encoded in the host part as
+  // `%2Frun%2Fpostgresql`) is no address for clients elsewhere.
+  const urlHost = /^%2f/i.test(parsed.hostname) ? '' : parsed.hostname.replace(/^\[(.*)\]$/, '$1');
+  const host = queryHost && !queryHost.startsWith('/') ? queryHost : urlHost || 'localhost';
   const port = parsed.port || queryPort || '5432';
   // Checked here, not by the schema: the schema sees it as publicPgPort and would name
   // BROKER_PUBLIC_PG_PORT, which the operator never set.
@@ -167,7 +169,8 @@ function publicHostOrNull(host: string): string | null {
   const bare = host.replace(/^\[(.*)\]$/, '$1');
   if (bare !== host || bare.includes(':')) return isIPv6(bare) && !bare.includes('%') ? bare : null;
   if (isIPv4(host)) return host;
-  const labels = host.split('.');
+  // A fully qualified name may end in the root's dot (`db.example.com.`), as Kubernetes' often do.
+  const labels = host.replace(/\.$/, '').split('.');
   if (host.length > 253 || !labels.every((l) => HOST_LABEL.test(l)) || /^\d+$/.test(labels[labels.length - 1])) return null;
   return host;
 }
@@ -185,6 +188,12 @@ function publicHost(env: Env, fromDatabaseUrl: string): string {
 
 function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
+}
+
+/** No query, fragment or user part (an `@` further on, in the path, is no user part). */
+function plainIssuer(issuer: string): boolean {
+  const url = new URL(issuer);
+  return !url.username && !url.password && !url.search && !url.hash && !/[?#]/.test(issuer);
 }
 
 function isUrl(value: unknown): boolean {
@@ -257,7 +266,7 @@ export function loadConfig(env: Env = process.env): Config {
     if (!isUrl(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must be an http(s) URL`);
     // OIDC: an issuer identifier has no query, fragment or user part, and discovery appends
     // /.well-known/openid-configuration to it, which such parts would break.
-    if (/[?#@]/.test(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must have no query, fragment or user part`);
+    if (!plainIssuer(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must have no query, fragment or user part`);
     if (entry.jwks_uri !== undefined && !isUrl(entry.jwks_uri)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: jwks_uri must be an http(s) URL`);
     if (seen.has(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `lists ${entry.issuer} twice`);
     seen.add(entry.issuer);

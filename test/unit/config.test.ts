@@ -65,6 +65,8 @@ describe('loadConfig: good values', () => {
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db.example.com' })).publicPgHost, 'db.example.com');
     // A socket directory is no address to hand to clients.
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=/var/run/postgresql' })).publicPgHost, 'localhost');
+    // The same directory percent-encoded in the host part, as pg also reads it.
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@%2Fvar%2Frun%2Fpostgresql/broker' })).publicPgHost, 'localhost');
   });
 
   test('comma-list BROKER_ISSUERS (discovery) with spaces and an empty item', () => {
@@ -130,6 +132,9 @@ describe('loadConfig: good values', () => {
     assert.equal(host('[2001:db8::5]'), '2001:db8::5');
     // A compose service name, and the same taken from DATABASE_URL.
     assert.equal(host('my_db'), 'my_db');
+    // A fully qualified name ending in the root's dot, as given.
+    assert.equal(host('db.example.com.'), 'db.example.com.');
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@pg.prod.svc.cluster.local.:5432/broker' })).publicPgHost, 'pg.prod.svc.cluster.local.');
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@pg_primary:5432/broker' })).publicPgHost, 'pg_primary');
   });
 
@@ -157,9 +162,11 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_ISSUERS: 'ftp://a.example' }, 'BROKER_ISSUERS', /URL/);
     rejects({ BROKER_ISSUERS: 'https://[::1' }, 'BROKER_ISSUERS', /URL/);
     // Discovery could never work for these (the same without the extra part is accepted above).
-    for (const issuer of ['https://b.example/realms/x?tenant=1', 'https://b.example/realms/x#main', 'https://user@b.example/realms/x']) {
+    for (const issuer of ['https://b.example/realms/x?tenant=1', 'https://b.example/realms/x#main', 'https://user@b.example/realms/x', 'https://b.example/x?']) {
       rejects({ BROKER_ISSUERS: issuer }, 'BROKER_ISSUERS', /no query, fragment or user part/);
     }
+    // An @ in the path is part of the identifier, not a user.
+    assert.deepEqual(loadConfig(env({ BROKER_ISSUERS: 'https://idp.example/tenant@x/v2.0' })).issuers, [{ issuer: 'https://idp.example/tenant@x/v2.0' }]);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'not a url' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://[bad' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwksUri: 'https://a.example/jwks' }]) }, 'BROKER_ISSUERS', /jwksUri/);
