@@ -64,7 +64,7 @@ export async function startBroker(
     return [];
   });
   for (const { policy, problem } of refused) {
-    logger.warn({ policy, problem }, 'a stored policy would be refused if stored today, and still issues credentials: fix its claims with PUT /policies/{name}');
+    logger.warn({ policy, problem }, 'a stored policy would be refused if stored today, and still issues credentials: fix it with PUT /policies/{name}');
   }
   const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
   app.addHook('onReady', async () => reaper.start());

@@ -25,11 +25,12 @@ function backoffSeconds(attempts: number, baseSeconds: number): number {
 /**
  * When to try a failed teardown again. A role that can still log in is retried at the base
  * interval, without backoff: what stopped it (a busy pool, a lock held on the role) passes, and
- * until then an ended lease's credential still works. The attempts count all the same, so one
- * that keeps failing still reads revoke_failed, with its audit event, after MAX_ATTEMPTS.
+ * until then an ended lease's credential still works. The attempts count all the same: one that
+ * keeps failing reads revoke_failed, with its audit event, after MAX_ATTEMPTS, and backs off from
+ * then on like any other, since a failure that lasting will not pass by itself.
  */
 export function retryDelaySeconds(error: string, attempts: number, baseSeconds: number): number {
-  return loginStillEnabled(error) ? baseSeconds : backoffSeconds(attempts, baseSeconds);
+  return loginStillEnabled(error) && attempts < MAX_ATTEMPTS ? baseSeconds : backoffSeconds(attempts, baseSeconds);
 }
 
 export interface FinishDeps extends TeardownDeps {
@@ -167,7 +168,7 @@ async function stillEnding(db: Queryable, leases: EndingLease[]): Promise<Map<st
     'SELECT username, state FROM broker.leases WHERE id = ANY($1::uuid[])', [leases.map((l) => l.id)]);
   for (const { username, state } of rows) {
     const ended = state === 'expired' || state === 'revoked';
-    outcome.set(username, ended ? null : `${NOLOGIN_STEP}: not tried by this revocation: its claim lapsed and the reaper took the teardown over`);
+    outcome.set(username, ended ? null : `${NOLOGIN_STEP}: not tried by this revocation: its claim lapsed and another claimer (the reaper, or another request) took the teardown over`);
   }
   return outcome;
 }

@@ -74,8 +74,9 @@ test('a teardown that stopped before NOLOGIN is retried at the base interval; on
   const notTried = 'NOLOGIN: not tried after looking up the roles: timeout exceeded when trying to connect';
   const afterLogin = 'terminate sessions: sessions of lease_a did not exit within 5000 ms';
   assert.deepEqual([lockedRole, notTried, afterLogin, null].map(loginStillEnabled), [true, true, false, false]);
-  // Attempts 1..5 with a 10 s base: the login-enabled case never waits longer than the base.
-  assert.deepEqual([1, 2, 3, 4, 5].map((n) => retryDelaySeconds(lockedRole, n, 10)), [10, 10, 10, 10, 10]);
+  // Attempts 1..6 with a 10 s base: the login-enabled case waits the base until it reads
+  // revoke_failed (the 5th), then backs off too.
+  assert.deepEqual([1, 2, 3, 4, 5, 6].map((n) => retryDelaySeconds(lockedRole, n, 10)), [10, 10, 10, 10, 320, 640]);
   assert.deepEqual([1, 2, 3, 4, 5].map((n) => retryDelaySeconds(afterLogin, n, 10)), [20, 40, 80, 160, 320]);
   assert.equal(retryDelaySeconds(afterLogin, 30, 10), 3600, 'capped at an hour');
 });
