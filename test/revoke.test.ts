@@ -328,9 +328,10 @@ describe('a bulk revocation that loses a claim', () => {
       for (let waiting = 0; waiting === 0; await new Promise((r) => setTimeout(r, 50))) {
         [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`);
       }
-      await b.pg.query(`UPDATE broker.leases SET next_attempt_at = now() - interval '1 second' WHERE id = $1`, [last.lease_id]);
+      // Lapsed long ago, so it is the first due lease whatever earlier tests left behind.
+      await b.pg.query(`UPDATE broker.leases SET next_attempt_at = now() - interval '1 hour' WHERE id = $1`, [last.lease_id]);
       // Another broker's reaper: its own connection, so a claim of its own.
-      const claimed = await claimDueLeases(other, 5);
+      const claimed = await claimDueLeases(other, 1);
       assert.deepEqual(claimed.map((l) => l.id), [last.lease_id]);
       await reader.query('ROLLBACK');
       revoked = await revoking;
