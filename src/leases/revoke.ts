@@ -4,7 +4,7 @@ import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
 import { claimEnded, endedByExpiry, ENDED_BY_EXPIRY_SQL, markRevoking, renewClaim, type EndFilter, type EndingLease } from './claims.js';
 import { identityLockKey } from './repository.js';
-import { loginStillEnabled, NOLOGIN_STEP, teardownRoles, type TeardownDeps } from './teardown.js';
+import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles, type RoleToDrop, type TeardownDeps } from './teardown.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
 export const MAX_ATTEMPTS = 5;
@@ -17,6 +17,8 @@ export interface Actor {
   requestId?: string | null;
   clientIp?: string | null;
 }
+
+const roleToDrop = (l: EndingLease): RoleToDrop => ({ username: l.username, reassign_to: l.grant_role });
 
 function backoffSeconds(attempts: number, baseSeconds: number): number {
   return Math.min(baseSeconds * 2 ** Math.min(attempts, 10), 3600);
@@ -45,10 +47,7 @@ export interface FinishDeps extends TeardownDeps {
  * event: events are written only for the state changes the same statement made.
  */
 export async function finishLeases(deps: FinishDeps, leases: EndingLease[], actor?: Actor): Promise<Map<string, string | null>> {
-  const outcome = await teardownRoles(
-    deps,
-    leases.map((l) => ({ username: l.username, reassign_to: l.grant_role })),
-  );
+  const outcome = await teardownRoles(deps, leases.map(roleToDrop));
   const done = leases.filter((l) => outcome.get(l.username) === null);
   const failed = leases.filter((l) => outcome.get(l.username) !== null);
   if (done.length > 0) {
@@ -142,6 +141,12 @@ export async function revokeNow(
   if (leases.length === 0 && options.includeEnding && filter.id !== undefined) leases = await claimEnded(deps.pool, filter.id);
   const errors = new Map<string, string | null>();
   const takenOver: EndingLease[] = [];
+  // Each batch's teardown ends its own logins first; the later batches' logins end now, so none
+  // keeps working while an earlier batch waits on a lock. What fails here is tried, and recorded,
+  // again in the batch's own teardown.
+  for (let i = TEARDOWN_BATCH; i < leases.length; i += TEARDOWN_BATCH) {
+    await disableLogins(deps, leases.slice(i, i + TEARDOWN_BATCH).map(roleToDrop));
+  }
   // Batches bound the locks one DROP ROLE takes (max_locks_per_transaction).
   for (let i = 0; i < leases.length; i += TEARDOWN_BATCH) {
     // A long bulk revoke can outlast the claim markRevoking took; renewed batch by batch, the
@@ -158,17 +163,21 @@ export async function revokeNow(
 /**
  * Leases whose claim lapsed before this caller reached them (the connection that held it closed,
  * or the revocation outlasted it) and another claimer took over: done for the caller only once
- * they read expired or revoked. Until then they are reported unfinished, as possibly still able
- * to log in, since nothing here knows how far the other claimer got.
+ * they read expired or revoked. Until then they are reported unfinished, and as still able to
+ * log in unless their role already cannot.
  */
 async function stillEnding(db: Queryable, leases: EndingLease[]): Promise<Map<string, string | null>> {
   const outcome = new Map<string, string | null>();
   if (leases.length === 0) return outcome;
-  const { rows } = await db.query<{ username: string; state: string }>(
-    'SELECT username, state FROM broker.leases WHERE id = ANY($1::uuid[])', [leases.map((l) => l.id)]);
-  for (const { username, state } of rows) {
-    const ended = state === 'expired' || state === 'revoked';
-    outcome.set(username, ended ? null : `${NOLOGIN_STEP}: not tried by this revocation: its claim lapsed and another claimer (the reaper, or another request) took the teardown over`);
+  const { rows } = await db.query<{ username: string; state: string; can_login: boolean | null }>(
+    `SELECT l.username, l.state, r.rolcanlogin AS can_login
+       FROM broker.leases l LEFT JOIN pg_roles r ON r.rolname = l.username WHERE l.id = ANY($1::uuid[])`,
+    [leases.map((l) => l.id)]);
+  const why = 'not finished by this revocation: its claim lapsed and another claimer (the reaper, or another request) took the teardown over';
+  for (const { username, state, can_login } of rows) {
+    if (state === 'expired' || state === 'revoked') outcome.set(username, null);
+    // Reported by whether the role can still log in now, as far as the catalogue says.
+    else outcome.set(username, can_login === true ? `${NOLOGIN_STEP}: ${why}` : why);
   }
   return outcome;
 }

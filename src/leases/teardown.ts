@@ -144,7 +144,34 @@ function runAs(pool: pg.Pool, creator: string | null): Run {
  */
 export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
   const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
-  if (roles.length === 0) return result;
+  const run: TeardownRun = { unreachable: null };
+  // Every creator group's logins and sessions end before any group's slow part (lock waits in
+  // REASSIGN OWNED, a large DROP OWNED) starts, so no ended lease's login outlives another's wait.
+  const loggedOut = new Map<string | null, RoleToDrop[]>();
+  for (const [creator, live] of await issuedByCreator(deps, roles, result)) loggedOut.set(creator, await endLogins(deps, creator, live, result, run));
+  for (const [creator, live] of loggedOut) await dropRoles(deps, creator, live, result, run);
+  return result;
+}
+
+/**
+ * Only the first two steps of a teardown, NOLOGIN and ending the sessions, for roles whose full
+ * teardown comes later (a revocation's later batches), so their logins end now. Same outcomes as
+ * teardownRoles for those steps; a role that passed both has null.
+ */
+export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
+  const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
+  const run: TeardownRun = { unreachable: null };
+  for (const [creator, live] of await issuedByCreator(deps, roles, result)) await endLogins(deps, creator, live, result, run);
+  return result;
+}
+
+/**
+ * The roles this deployment issued, by who ends them. Roles that are gone count as done; one
+ * that is not a plain member of the marker role, or a failed lookup, is each role's outcome.
+ */
+async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: TeardownResult): Promise<Map<string | null, RoleToDrop[]>> {
+  const byCreator = new Map<string | null, RoleToDrop[]>();
+  if (roles.length === 0) return byCreator;
   let present: Array<{ rolname: string; issued: boolean; creator: string | null }>;
   try {
     ({ rows: present } = await deps.pool.query(
@@ -156,9 +183,8 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
     // Reported as a failure per role, like any later step's, so the caller can still record it
     // (and retry soon: the logins are still enabled) rather than leave the claim to lapse.
     for (const role of roles) result.set(role.username, `${NOLOGIN_STEP}: not tried after looking up the roles: ${describe(err)}`);
-    return result;
+    return byCreator;
   }
-  const byCreator = new Map<string | null, RoleToDrop[]>();
   for (const p of present) {
     // Never drop what this deployment did not issue, and never pretend such a role is gone.
     if (!p.issued) {
@@ -168,13 +194,7 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
     if (!byCreator.has(p.creator)) byCreator.set(p.creator, []);
     byCreator.get(p.creator)!.push(...roles.filter((r) => r.username === p.rolname));
   }
-  const run: TeardownRun = { unreachable: null };
-  // Every creator group's logins and sessions end before any group's slow part (lock waits in
-  // REASSIGN OWNED, a large DROP OWNED) starts, so no ended lease's login outlives another's wait.
-  const loggedOut = new Map<string | null, RoleToDrop[]>();
-  for (const [creator, live] of byCreator) loggedOut.set(creator, await endLogins(deps, creator, live, result, run));
-  for (const [creator, live] of loggedOut) await dropRoles(deps, creator, live, result, run);
-  return result;
+  return byCreator;
 }
 
 /** NOLOGIN, then terminate the sessions; returns the roles both steps succeeded for. */
