@@ -8,6 +8,8 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { createRequire } from 'node:module';
 import { parseEnv as parseDotenv } from 'node:util';
+import pg from 'pg';
+import { identityLockKey } from '../src/leases/repository.js';
 import { connectAs, waitFor, type TestBroker } from './helpers/broker.js';
 import { BIN, startCliBench, type CliBench } from './helpers/cli.js';
 
@@ -276,5 +278,37 @@ describe('pg-broker exec and signals', () => {
     const run = await running;
     assert.equal(run.code, 11, run.stderr);
     assert.equal(await leaseState(leaseId), 'revoked');
+  });
+
+  test('a SIGINT while the credential is still being issued: the command never starts, and the credential is revoked once it arrives', async () => {
+    const sub = 'cli:early-int';
+    const token = await b.token({ sub });
+    const marker = path.join(tmp, `early-int-${Date.now()}`);
+    // Issuance for this subject waits on its identity lock while another session holds it.
+    const superuser = new URL(b.pg.superuserUrl);
+    superuser.pathname = `/${b.pg.database}`;
+    const holder = new pg.Client({ connectionString: superuser.toString() });
+    await holder.connect();
+    try {
+      await holder.query('BEGIN');
+      await holder.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
+      const exec = spawn(process.execPath, [BIN, 'exec', '--token', token, '--', process.execPath, '-e', `require('fs').writeFileSync(${JSON.stringify(marker)}, '')`], {
+        env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', 'ignore', 'pipe'],
+      });
+      let stderr = '';
+      exec.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<number | null>((resolve) => exec.once('exit', (code) => resolve(code)));
+      await waitFor('the issuance to wait on the lock', async () => (await b.pg.query(
+        `SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock'`)).length > 0);
+      exec.kill('SIGINT');
+      await waitFor('exec to take the signal', async () => stderr.includes('the command will not start') || null);
+      await holder.query('ROLLBACK');
+      assert.equal(await exited, 130, stderr);
+      assert.equal(existsSync(marker), false, 'the command never ran');
+      const leases = await b.pg.query(`SELECT state FROM broker.leases WHERE subject = $1`, [sub]);
+      assert.deepEqual(leases, [{ state: 'revoked' }], 'issued, then revoked');
+    } finally {
+      await holder.end().catch(() => undefined);
+    }
   });
 });

@@ -89,7 +89,28 @@ export function signalsToForward(stdinIsTTY: boolean): NodeJS.Signals[] {
  */
 export async function execCommand(command: string[], opts: RequestOptions & { keep?: boolean }): Promise<number> {
   if (command.length === 0) throw new CliError('nothing to run: pg-broker exec [options] -- command [args…]');
-  const { credential, base } = await requestCredential(opts);
+  // A signal while the credential is being issued means: do not start the command. Dying of it
+  // would leave the credential, issued a moment later, valid until it expires; so it is revoked
+  // once it arrives. A second signal leaves at once.
+  let early: NodeJS.Signals | null = null;
+  const onEarly = (signal: NodeJS.Signals) => () => {
+    if (early) process.exit(128 + (constants.signals[signal] ?? 0));
+    early = signal;
+    process.stderr.write(`pg-broker exec: ${signal}: the command will not start; the credential is revoked once it arrives\n`);
+  };
+  const earlyHandlers = EXEC_SIGNALS.map((s) => [s, onEarly(s)] as const);
+  for (const [s, h] of earlyHandlers) process.on(s, h);
+  let requested: Awaited<ReturnType<typeof requestCredential>>;
+  try {
+    requested = await requestCredential(opts);
+  } finally {
+    for (const [s, h] of earlyHandlers) process.removeListener(s, h);
+  }
+  const { credential, base } = requested;
+  if (early) {
+    if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
+    return 128 + (constants.signals[early as NodeJS.Signals] ?? 0);
+  }
   let expiresAt = credential.expires_at;
   let maxExpiresAt = credential.max_expires_at;
   // Without --ttl a renew names none and the broker applies the policy's default_ttl on its own
@@ -145,19 +166,20 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   };
   scheduleRenew(nextRenewDelayMs(leaseTimes(), Date.now(), 0));
 
-  const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
-    child.once('error', (err) => reject(new CliError(`cannot run ${command[0]}: ${err.message}`, 127)));
-    child.once('exit', (c, s) => resolve([c, s]));
-  }).finally(() => {
-    childExited = true;
-    clearTimeout(timer);
-    for (const [s, h] of handlers) process.removeListener(s, h);
-  }).catch(async (err) => {
+  try {
+    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
+      child.once('error', (err) => reject(new CliError(`cannot run ${command[0]}: ${err.message}`, 127)));
+      child.once('exit', (c, s) => resolve([c, s]));
+    }).finally(() => {
+      childExited = true;
+      clearTimeout(timer);
+    });
+    return code ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0);
+  } finally {
+    // The handlers stay until the revocation is done: a Ctrl-C now must not leave the lease.
     if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
-    throw err;
-  });
-  if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
-  return code ?? 128 + (signal ? (constants.signals[signal] ?? 0) : 0);
+    for (const [s, h] of handlers) process.removeListener(s, h);
+  }
 }
 
 /** Revokes a lease this command obtained; says so on stderr and answers false when it cannot. */
