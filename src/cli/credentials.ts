@@ -15,7 +15,10 @@ export interface RequestOptions extends TokenOptions {
 }
 
 export async function requestCredential(opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
-  const token = await obtainToken(opts);
+  return issueWith(await obtainToken(opts), opts);
+}
+
+async function issueWith(token: string, opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
   const base = brokerUrl(opts.url);
   const body: Record<string, unknown> = {};
   if (opts.policy) body.policy = opts.policy;
@@ -91,26 +94,36 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   if (command.length === 0) throw new CliError('nothing to run: pg-broker exec [options] -- command [args…]');
   // A signal while the credential is being issued means: do not start the command. Dying of it
   // would leave the credential, issued a moment later, valid until it expires; so it is revoked
-  // once it arrives. A second signal leaves at once.
-  let early: NodeJS.Signals | null = null;
+  // once it arrives (unless --keep). A second signal leaves at once.
+  let early = null as NodeJS.Signals | null;
   const onEarly = (signal: NodeJS.Signals) => () => {
     if (early) process.exit(128 + (constants.signals[signal] ?? 0));
     early = signal;
-    process.stderr.write(`pg-broker exec: ${signal}: the command will not start; the credential is revoked once it arrives\n`);
+    process.stderr.write(`pg-broker exec: ${signal}: the command will not start${opts.keep ? '' : '; a credential being issued is revoked once it arrives'}\n`);
   };
   const earlyHandlers = EXEC_SIGNALS.map((s) => [s, onEarly(s)] as const);
   for (const [s, h] of earlyHandlers) process.on(s, h);
+  const stoppedEarly = () => 128 + (early ? (constants.signals[early] ?? 0) : 0);
   let requested: Awaited<ReturnType<typeof requestCredential>>;
   try {
-    requested = await requestCredential(opts);
+    const token = await obtainToken(opts);
+    // Not asked for at all when the signal came while the token was being fetched.
+    if (early) return stoppedEarly();
+    requested = await issueWith(token, opts);
+    if (early) {
+      if (opts.keep) process.stderr.write(`pg-broker exec: lease ${requested.credential.lease_id} kept (--keep)\n`);
+      else await revoke(requested.base, opts, requested.credential.lease_id, 'exec');
+      return stoppedEarly();
+    }
+  } catch (err) {
+    if (!early) throw err;
+    process.stderr.write(`pg-broker exec: ${(err as Error).message}\n`);
+    return stoppedEarly();
   } finally {
+    // Until here, including the revocation above: a signal during it must not leave the lease.
     for (const [s, h] of earlyHandlers) process.removeListener(s, h);
   }
   const { credential, base } = requested;
-  if (early) {
-    if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
-    return 128 + (constants.signals[early as NodeJS.Signals] ?? 0);
-  }
   let expiresAt = credential.expires_at;
   let maxExpiresAt = credential.max_expires_at;
   // Without --ttl a renew names none and the broker applies the policy's default_ttl on its own

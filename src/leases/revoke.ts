@@ -4,7 +4,7 @@ import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
 import { claimEnded, endedByExpiry, ENDED_BY_EXPIRY_SQL, markRevoking, renewClaim, type EndFilter, type EndingLease } from './claims.js';
 import { identityLockKey } from './repository.js';
-import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles, type RoleToDrop, type TeardownDeps } from './teardown.js';
+import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles, type RoleToDrop, type TeardownDeps, type TeardownRun } from './teardown.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
 export const MAX_ATTEMPTS = 5;
@@ -144,8 +144,9 @@ export async function revokeNow(
   // Each batch's teardown ends its own logins first; the later batches' logins end now, so none
   // keeps working while an earlier batch waits on a lock. What fails here is tried, and recorded,
   // again in the batch's own teardown.
+  const early: TeardownRun = { unreachable: null };
   for (let i = TEARDOWN_BATCH; i < leases.length; i += TEARDOWN_BATCH) {
-    await disableLogins(deps, leases.slice(i, i + TEARDOWN_BATCH).map(roleToDrop));
+    await disableLogins(deps, leases.slice(i, i + TEARDOWN_BATCH).map(roleToDrop), early);
   }
   // Batches bound the locks one DROP ROLE takes (max_locks_per_transaction).
   for (let i = 0; i < leases.length; i += TEARDOWN_BATCH) {

@@ -156,11 +156,11 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
 /**
  * Only the first two steps of a teardown, NOLOGIN and ending the sessions, for roles whose full
  * teardown comes later (a revocation's later batches), so their logins end now. Same outcomes as
- * teardownRoles for those steps; a role that passed both has null.
+ * teardownRoles for those steps; a role that passed both has null. Calls that share `run` stop
+ * trying, one after the other, once one of them finds the server gone.
  */
-export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
+export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[], run: TeardownRun = { unreachable: null }): Promise<TeardownResult> {
   const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
-  const run: TeardownRun = { unreachable: null };
   for (const [creator, live] of await issuedByCreator(deps, roles, result)) await endLogins(deps, creator, live, result, run);
   return result;
 }

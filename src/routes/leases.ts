@@ -29,12 +29,12 @@ function revokeIncomplete(errors: Array<string | null>, retrySeconds: number, bu
   const enabled = errors.filter(loginStillEnabled).length;
   if (!bulk) {
     return new Errors.RevokeIncomplete(enabled > 0
-      ? `The lease is ended, but its login could not be disabled yet; the reaper tries again every ${retrySeconds} s`
+      ? `The lease is ended, but its login could not be disabled yet; the reaper keeps trying (every ${retrySeconds} s at first)`
       : 'The lease is ended and its login disabled, but teardown did not finish; the reaper retries it');
   }
   const unfinished = `${errors.length} ${errors.length === 1 ? 'teardown' : 'teardowns'} did not finish`;
   return new Errors.RevokeIncomplete(enabled > 0
-    ? `The leases are ended, but ${enabled} of their logins could not be disabled yet (${unfinished}); the reaper tries again every ${retrySeconds} s`
+    ? `The leases are ended, but ${enabled} of their logins could not be disabled yet (${unfinished}); the reaper keeps trying (every ${retrySeconds} s at first)`
     : `The leases are ended and their logins disabled, but ${unfinished}; the reaper retries them`);
 }
 
