@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { reapOrphans } from '../src/reaper/orphans.js';
 import { after, before, describe, test } from 'node:test';
 import { createLogger } from '../src/logger.js';
 import { migrate } from '../src/postgres/migrate.js';
@@ -288,5 +289,27 @@ describe('orphans', () => {
       await waitFor('a warning naming the unmanageable role', async () =>
         [...b1.logs, ...b2.logs].some((l) => l.includes('orphan_foreign') && l.includes('ADMIN OPTION')), 2000);
     }
+  });
+
+  test('an orphan whose teardown keeps failing rests between tries, so the sweep reaches the others', async () => {
+    const su = (sql: string, db = 'postgres') => b1.pg.query(sql, [], db);
+    // Sorted first by name; it owns a table in a database the broker may not connect to.
+    await su(`CREATE ROLE a0_orphan_stuck LOGIN IN ROLE credential_broker_managed ADMIN broker`);
+    await su(`CREATE ROLE a1_orphan_free LOGIN IN ROLE credential_broker_managed ADMIN broker`);
+    await su('CREATE DATABASE orphan_sealed');
+    await su('REVOKE CONNECT ON DATABASE orphan_sealed FROM PUBLIC');
+    await su('CREATE TABLE public.stuck (id int); ALTER TABLE public.stuck OWNER TO a0_orphan_stuck', 'orphan_sealed');
+    // One orphan per sweep, as if a whole batch kept failing.
+    const sweep = () => reapOrphans({
+      pool: b1.app.db, databaseUrl: b1.config.databaseUrl, managedRole: b1.config.managedRole, log: b1.app.log,
+      timeouts: b1.config, retryBaseSeconds: 1, brokerRole: 'broker', batchSize: 1,
+    });
+    assert.equal(await sweep(), 0, 'the stuck one fails');
+    assert.equal(await sweep(), 1, 'the next sweep takes the other one instead of the stuck one again');
+    assert.equal(await roleExists(b1.pg, 'a1_orphan_free'), false);
+    assert.equal(await roleExists(b1.pg, 'a0_orphan_stuck'), true);
+    assert.ok([...b1.logs, ...b2.logs].some((l) => l.includes('a0_orphan_stuck') && l.includes('retry_in_seconds')), 'the failure is logged with its rest');
+    await su('DROP TABLE public.stuck', 'orphan_sealed');
+    await su('DROP ROLE a0_orphan_stuck');
   });
 });

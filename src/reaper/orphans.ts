@@ -9,6 +9,14 @@ export const ORPHAN_GRACE_SECONDS = 300;
 // Roles already reported as out of reach, so the warning is not repeated every run.
 const reportedUnmanageable = new Set<string>();
 
+/** How long an orphan whose teardown failed is left out of the sweep, doubling per failure. */
+const ORPHAN_RETRY_SECONDS = 60;
+const ORPHAN_RETRY_MAX_SECONDS = 3600;
+// Orphans whose teardown failed, per deployment (marker role): how often, and when to try again.
+// Without this a batch's worth that always fail would be taken first by every run, by name, and
+// the sweep would never reach the rest.
+const failingByDeployment = new Map<string, Map<string, { failures: number; retryAt: number }>>();
+
 /**
  * Drops members of this deployment's marker role that have no live lease: created by hand, or
  * left behind by something outside the broker. Lease and role are created in one transaction,
@@ -19,7 +27,11 @@ const reportedUnmanageable = new Set<string>();
  * It has that on every role it created; a member someone else put into the marker role without
  * granting it is reported once and left alone, so it cannot stall the sweep for the others.
  */
-export async function reapOrphans(deps: FinishDeps & { brokerRole: string }): Promise<number> {
+export async function reapOrphans(deps: FinishDeps & { brokerRole: string; batchSize?: number }): Promise<number> {
+  const now = Date.now();
+  if (!failingByDeployment.has(deps.managedRole)) failingByDeployment.set(deps.managedRole, new Map());
+  const failing = failingByDeployment.get(deps.managedRole)!;
+  const resting = [...failing].filter(([, f]) => f.retryAt > now).map(([rolname]) => rolname);
   const { rows } = await deps.pool.query<{ rolname: string; reassign_to: string | null; manageable: boolean }>(
     `SELECT r.rolname,
             (SELECT g2.rolname FROM pg_auth_members m2 JOIN pg_roles g2 ON g2.oid = m2.roleid
@@ -33,10 +45,13 @@ export async function reapOrphans(deps: FinishDeps & { brokerRole: string }): Pr
         SELECT 1 FROM broker.leases l
          WHERE l.username = r.rolname
            AND (l.state IN ('pending', 'active', 'revoking', 'revoke_failed') OR l.ended_at > now() - make_interval(secs => $2)))
+        AND r.rolname <> ALL($3::text[])
       ORDER BY manageable DESC, rolname
-      LIMIT 200`,
-    [deps.managedRole, ORPHAN_GRACE_SECONDS],
+      LIMIT $4`,
+    [deps.managedRole, ORPHAN_GRACE_SECONDS, resting, deps.batchSize ?? 200],
   );
+  // A failing one that is gone now (dropped by hand) is forgotten once its rest is over.
+  for (const [rolname, f] of failing) if (f.retryAt <= now && !rows.some((r) => r.rolname === rolname)) failing.delete(rolname);
   const unmanageable = rows.filter((r) => !r.manageable && !reportedUnmanageable.has(r.rolname));
   if (unmanageable.length > 0) {
     for (const r of unmanageable) reportedUnmanageable.add(r.rolname);
@@ -48,7 +63,14 @@ export async function reapOrphans(deps: FinishDeps & { brokerRole: string }): Pr
   const outcome = await teardownRoles(deps, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? deps.brokerRole })));
   const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
   for (const r of candidates) {
-    if (outcome.get(r.rolname) !== null) deps.log.warn({ username: r.rolname, error: outcome.get(r.rolname) }, 'could not drop orphaned managed role');
+    if (outcome.get(r.rolname) === null) {
+      failing.delete(r.rolname);
+      continue;
+    }
+    const failures = (failing.get(r.rolname)?.failures ?? 0) + 1;
+    const restSeconds = Math.min(ORPHAN_RETRY_SECONDS * 2 ** (failures - 1), ORPHAN_RETRY_MAX_SECONDS);
+    failing.set(r.rolname, { failures, retryAt: now + restSeconds * 1000 });
+    deps.log.warn({ username: r.rolname, error: outcome.get(r.rolname), retry_in_seconds: restSeconds }, 'could not drop orphaned managed role');
   }
   if (dropped.length > 0) {
     await deps.pool.query(insertAuditFromJson(1), [
