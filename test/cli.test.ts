@@ -229,7 +229,9 @@ async function sigintCounter(): Promise<{ file: string; started(): Promise<{ exe
     let sigints = 0;
     process.on('SIGINT', () => { sigints += 1; fs.writeFileSync(${JSON.stringify(seen)}, String(sigints)); });
     process.on('SIGTERM', () => process.exit(10 + sigints));
-    fs.writeFileSync(${JSON.stringify(started)}, JSON.stringify({ execPid: process.ppid, leaseId: process.env.PG_BROKER_LEASE_ID }));
+    // Written whole, then renamed into place: the test must never read it half-written.
+    fs.writeFileSync(${JSON.stringify(started + '.tmp')}, JSON.stringify({ execPid: process.ppid, leaseId: process.env.PG_BROKER_LEASE_ID }));
+    fs.renameSync(${JSON.stringify(started + '.tmp')}, ${JSON.stringify(started)});
     setInterval(() => {}, 1000);`);
   return {
     file,
