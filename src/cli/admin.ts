@@ -1,6 +1,6 @@
 import type { LeaseBody } from '../schemas/lease.js';
 import type { PolicyBody } from '../schemas/policy.js';
-import { brokerUrl, callBroker, CliError, obtainToken, type TokenOptions } from './client.js';
+import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
 import { planPolicies, readPolicyFile } from './policy-file.js';
 
 export interface AdminOptions extends TokenOptions {
@@ -88,13 +88,13 @@ export async function leasesList(opts: AdminOptions & { json?: boolean; filters:
 export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {
   const { base, token } = await session(opts);
   if (opts.id) {
-    const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}`);
+    const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}`, undefined, REVOKE_TIMEOUT_MS);
     console.log(`lease ${body.id}: ${body.state}`);
     return;
   }
   if (!opts.subject && !opts.issuer && !opts.policy) throw new CliError('name a lease id, or --subject, --issuer or --policy');
   const { body } = await callBroker<{ revoked: number; lease_ids: string[] }>(base, token, 'POST', '/leases/revoke', {
     subject: opts.subject, issuer: opts.issuer, policy: opts.policy, reason: opts.reason,
-  });
+  }, REVOKE_TIMEOUT_MS);
   console.log(`revoked ${body.revoked} lease(s)${body.lease_ids.length ? `: ${body.lease_ids.join(', ')}` : ''}`);
 }

@@ -84,20 +84,41 @@ export function plainHttpWarning(url: string): string | null {
   return `${url} is plain http: the token and the credential cross the network unencrypted; use https`;
 }
 
+/** How long a call waits for the broker's whole answer. */
+export const CALL_TIMEOUT_MS = 30_000;
+/**
+ * Revocations wait longer: the broker answers only once the role is gone, after waiting up to
+ * BROKER_LOCK_TIMEOUT per lock and BROKER_QUERY_TIMEOUT per statement, and a bulk revocation ends
+ * its leases batch by batch. Giving up earlier reported a failure for a revocation that completed.
+ */
+export const REVOKE_TIMEOUT_MS = 300_000;
+
 /** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
-export async function callBroker<T = any>(base: string, token: string, method: string, path: string, body?: unknown): Promise<{ status: number; body: T }> {
+export async function callBroker<T = any>(
+  base: string, token: string, method: string, path: string, body?: unknown, timeoutMs = CALL_TIMEOUT_MS,
+): Promise<{ status: number; body: T }> {
+  const signal = AbortSignal.timeout(timeoutMs);
+  // The broker got the request and may still carry it out: saying it was unreachable would mislead.
+  const unanswered = () => new CliError(`the broker at ${base} did not answer ${method} ${path} within ${timeoutMs / 1000} s; it may still complete there`);
   let res: Response;
+  let text: string;
   try {
     res = await fetch(`${base}${path}`, {
       method,
       headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
       body: body === undefined ? undefined : JSON.stringify(body),
-      signal: AbortSignal.timeout(30_000),
+      signal,
     });
   } catch (err) {
+    if (signal.aborted) throw unanswered();
     throw new CliError(`cannot reach the broker at ${base}: ${(err as Error).message}`);
   }
-  const text = await res.text();
+  try {
+    text = await res.text();
+  } catch (err) {
+    if (signal.aborted) throw unanswered();
+    throw new CliError(`the broker at ${base} broke off its answer to ${method} ${path}: ${(err as Error).message}`);
+  }
   let parsed: unknown = null;
   try {
     parsed = text ? JSON.parse(text) : null;

@@ -1,0 +1,59 @@
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { callBroker, CliError } from '../../src/cli/client.js';
+import { isFinalRenewFailure } from '../../src/cli/renew-schedule.js';
+
+// A broker that got the request but has not answered yet may still carry it out: the CLI must
+// say so rather than call it unreachable (a slow DELETE used to read "cannot reach the broker").
+describe('callBroker deadline', () => {
+  let server: http.Server;
+  let base: string;
+  const stalled: http.ServerResponse[] = [];
+  before(async () => {
+    server = http.createServer((req, res) => {
+      if (req.url === '/fast') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}');
+      if (req.url === '/half') {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.write('{"ok":');
+      }
+      stalled.push(res);
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    base = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  });
+  after(async () => {
+    for (const res of stalled) res.destroy();
+    server.closeAllConnections();
+    await new Promise((r) => server.close(r));
+  });
+
+  const failure = (p: Promise<unknown>) => p.then(() => assert.fail('expected a failure'), (err: unknown) => {
+    assert.ok(err instanceof CliError, String(err));
+    return err;
+  });
+
+  test('an answer within the deadline is returned', async () => {
+    assert.deepEqual(await callBroker(base, 't', 'DELETE', '/fast', undefined, 2000), { status: 200, body: { ok: true } });
+  });
+
+  test('no answer, or half an answer, within the deadline: it may still complete, and a renewal is retried', async () => {
+    for (const path of ['/never', '/half']) {
+      const err = await failure(callBroker(base, 't', 'DELETE', path, undefined, 300));
+      assert.equal(err.message, `the broker at ${base} did not answer DELETE ${path} within 0.3 s; it may still complete there`);
+      assert.equal(isFinalRenewFailure(err), false);
+    }
+  });
+
+  test('a closed port is still reported as unreachable', async () => {
+    const closed = await new Promise<number>((r) => {
+      const s = net.createServer().listen(0, '127.0.0.1', () => {
+        const port = (s.address() as net.AddressInfo).port;
+        s.close(() => r(port));
+      });
+    });
+    const err = await failure(callBroker(`http://127.0.0.1:${closed}`, 't', 'DELETE', '/fast', undefined, 2000));
+    assert.match(err.message, /^cannot reach the broker at /);
+  });
+});
