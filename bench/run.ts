@@ -104,6 +104,7 @@ async function main(): Promise<void> {
     const issuer = await startIssuer();
     cleanups.unshift(() => issuer.close());
     const ctx = await createContext(pgs, pmPid, issuer, results);
+    cleanups.unshift(() => ctx.close());
 
     const startBrokerWith = async (env: Record<string, string>) => {
       const b = await BrokerChild.start(env);

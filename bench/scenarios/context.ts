@@ -1,7 +1,7 @@
 import { creatorNames } from '../../src/postgres/creators.js';
 import type { TestIssuer } from '../../test/helpers/issuer.js';
 import type { TestPostgres } from '../../test/helpers/postgres.js';
-import { TokenPool, type FloorSpec } from '../lib/load.js';
+import { FloorConnections, TokenPool, type FloorSpec } from '../lib/load.js';
 import { log } from '../lib/log.js';
 import type { PopulationOptions } from '../lib/population.js';
 import type { Results } from '../lib/results.js';
@@ -25,6 +25,8 @@ export interface BenchContext {
   floorSpec(iterations: number): FloorSpec;
   /** Issued roles created directly by the bench as superuser, as the broker would create them. */
   popOptions(prefix: string, expired?: boolean): PopulationOptions;
+  /** Closes the floor's connections. */
+  close(): Promise<void>;
 }
 
 export async function createContext(pgs: TestPostgres, pmPid: number, issuer: TestIssuer, results: Results): Promise<BenchContext> {
@@ -58,8 +60,9 @@ export async function createContext(pgs: TestPostgres, pmPid: number, issuer: Te
   let floorSubject = 0;
   // The names the broker's migration creates on 16+ (it runs before any floor or population work).
   const creators = pgs.version >= 16 ? creatorNames(MANAGED_ROLE) : [];
+  const floorConnections = new FloorConnections(pgs.brokerUrl);
   const floorSpec = (iterations: number): FloorSpec => ({
-    databaseUrl: pgs.brokerUrl, iterations, issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', database: pgs.database,
+    databaseUrl: pgs.brokerUrl, connections: floorConnections, iterations, issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', database: pgs.database,
     managedRole: MANAGED_ROLE, creators, ttlSeconds: 3600, maxTtlSeconds: 7200,
     subjects: () => `bench:floor:${floorSubject++ % SETTINGS.tokens}`,
   });
@@ -67,5 +70,5 @@ export async function createContext(pgs: TestPostgres, pmPid: number, issuer: Te
     issuer: issuer.issuer, policy: POLICY, grantRole: 'app_readers', managedRole: MANAGED_ROLE, creators, database: pgs.database, prefix, expired,
   });
 
-  return { pgs, pmPid, issuer, results, adminToken, userSubjects, tokens, brokerEnv, floorSpec, popOptions };
+  return { pgs, pmPid, issuer, results, adminToken, userSubjects, tokens, brokerEnv, floorSpec, popOptions, close: () => floorConnections.close() };
 }

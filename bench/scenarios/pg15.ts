@@ -27,10 +27,11 @@ export async function runOnPg15(issuer: TestIssuer, results: Results, start: (en
   if (!fs.existsSync(PG15_INITDB)) return { unavailable: `postgresql-15 is not installed (no ${PG15_INITDB})` };
   log('starting PostgreSQL 15 (Debian package)');
   const pgs = await startPostgres({ flavor: 'pg15' });
+  let ctx: Awaited<ReturnType<typeof createContext>> | undefined;
   try {
     await quietPostgres(pgs);
     const pmPid = await postmasterPid(pgs);
-    const ctx = await createContext(pgs, pmPid, issuer, results);
+    ctx = await createContext(pgs, pmPid, issuer, results);
     const [{ version }] = await pgs.query<{ version: string }>('SELECT version()');
     const out: Pg15Issuance = { postgres: version, runs: [] };
     for (const iterations of [DEFAULT_ITERATIONS, TUNED_ITERATIONS]) {
@@ -61,6 +62,7 @@ export async function runOnPg15(issuer: TestIssuer, results: Results, start: (en
     }
     return out;
   } finally {
+    await ctx?.close();
     await pgs.stop();
   }
 }
