@@ -140,6 +140,11 @@ export interface Results {
     connections: number;
     idle: Run;
     during: Run;
+    /** The same load after the drain, with the backlog gone (absent in reports before it existed). */
+    idleAfter?: Run;
+    /** Requests that began in the drain's first and last thirds. */
+    early?: Summary;
+    late?: Summary;
   };
   population?: Array<{ live: number; createSeconds: number; iterations: number; connections: number; floor: Run; broker: Run; floorCpu: CpuPerOp; brokerCpu: CpuPerOp; ratio: number }>;
   ddl?: DdlProbe[];

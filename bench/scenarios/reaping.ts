@@ -42,14 +42,24 @@ export async function runReaping(pgs: TestPostgres, broker: BrokerChild, tokens:
   const reapEnd = performance.now();
   const during = await loadPromise;
   // Every request in flight at some point while the reaper ran: it ended after the start and began before the end.
-  const window = during.timeline.filter(([at, ms]) => at >= reapStart && at - ms <= reapEnd).map(([, ms]) => ms);
+  const inWindow = during.timeline.filter(([at, ms]) => at >= reapStart && at - ms <= reapEnd);
   const [{ left }] = await pgs.query<{ left: number }>(`SELECT count(*)::int AS left FROM pg_roles WHERE rolname LIKE 'lease\\_bench\\_reap\\_%'`);
-  const duringSummary = summarize(window);
+  // Issuance gets cheaper as the backlog shrinks, so the drain is also compared in thirds: its
+  // first third (backlog still ≥ ~2/3) against the baseline with the whole backlog, its last third
+  // against the same load once the backlog is gone.
+  log(`reaping: the same issuance load for ${SETTINGS.idleSeconds} s with the backlog gone`);
+  const afterIdle = await httpLoad({ url: broker.url, path: '/credentials', body: '{}', connections, seconds: SETTINGS.idleSeconds, tokens, rate, expect: 201 });
+  const third = (reapEnd - reapStart) / 3;
+  const began = ([at, ms]: [number, number]) => at - ms;
+  const early = summarize(inWindow.filter((l) => began(l) < reapStart + third).map(([, ms]) => ms));
+  const late = summarize(inWindow.filter((l) => began(l) >= reapEnd - third).map(([, ms]) => ms));
+  const duringSummary = summarize(inWindow.map(([, ms]) => ms));
   const rolesPerSecond = reap.ended / (reap.ms / 1000);
-  log(`reaping: ${reap.ended} ended in ${reap.ms.toFixed(0)} ms (${rolesPerSecond.toFixed(0)}/s), ${left} roles left; issuance p99 idle ${idle.latency.p99.toFixed(1)} ms, during ${duringSummary.p99.toFixed(1)} ms`);
+  log(`reaping: ${reap.ended} ended in ${reap.ms.toFixed(0)} ms (${rolesPerSecond.toFixed(0)}/s), ${left} roles left; issuance p99 idle ${idle.latency.p99.toFixed(1)} ms before, ${afterIdle.latency.p99.toFixed(1)} ms after; during ${duringSummary.p99.toFixed(1)} ms (first third ${early.p99.toFixed(1)}, last third ${late.p99.toFixed(1)})`);
   await dropIssuedRoles(pgs, 'all');
   return {
     backlog, createSeconds, ended: reap.ended, failed: reap.failed, runs: reap.runs, seconds: reap.ms / 1000, rolesPerSecond, rolesLeft: left,
-    capSeconds: SETTINGS.reapCapSeconds, probeRps: probe.rps, rate, connections, idle: strip(idle), during: { ...strip(during), latency: duringSummary, ok: window.length },
+    capSeconds: SETTINGS.reapCapSeconds, probeRps: probe.rps, rate, connections, idle: strip(idle), during: { ...strip(during), latency: duringSummary, ok: inWindow.length },
+    idleAfter: strip(afterIdle), early, late,
   };
 }

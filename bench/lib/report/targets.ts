@@ -2,6 +2,7 @@ import type { IssuanceLevel, Results } from '../results.js';
 import { fmt } from '../stats.js';
 import { pct } from './markdown.js';
 import { startupCommand } from './memory-and-startup.js';
+import { reapingP99Ratio } from './reaping.js';
 
 /** The performance targets P1–P7: what each measures, its threshold, and this run's verdict. */
 
@@ -51,7 +52,7 @@ export function targets(r: Results): Target[] {
   const p3 = d16 && t16 ? t16.broker.rps / d16.broker.rps : Number.NaN;
   push({
     id: 'P3', measure: `issuance throughput, tuned (${r.issuance[1]?.iterations ?? '?'}) vs default (${r.issuance[0]?.iterations ?? '?'}) iterations, 16 clients`, target: '≥ 5×',
-    measured: d16 && t16 ? `${fmt(p3, 1)}× (${fmt(t16.broker.rps, 0)} vs ${fmt(d16.broker.rps, 0)} /s)` : 'not measured', value: p3,
+    measured: d16 && t16 ? `${fmt(p3, 1)}× (${fmt(t16.broker.rps, 0)} vs ${fmt(d16.broker.rps, 0)} /s, two brokers measured minutes apart; the floors of the same windows: ${fmt(t16.floor.rps / d16.floor.rps, 1)}×)` : 'not measured', value: p3,
     ok: d16 && t16 ? p3 >= 5 : null, miss: d16 && t16 && p3 < 5 ? `${fmt(5 - p3, 1)}× short` : undefined,
   });
   const p1b = t16 ? t16.ratio : Number.NaN;
@@ -62,11 +63,11 @@ export function targets(r: Results): Target[] {
     note: t16 ? nearThreshold(p1b, 0.5) : undefined,
   });
   const rp = r.reaping;
-  const p99Ratio = rp ? rp.during.latency.p99 / rp.idle.latency.p99 : Number.NaN;
+  const p99Ratio = rp ? reapingP99Ratio(rp) : Number.NaN;
   const p4ok = rp ? rp.rolesPerSecond >= 200 && p99Ratio <= 1.5 && rp.rolesLeft === 0 : null;
   push({
     id: 'P4', measure: `reaping a ${rp?.backlog ?? '10k'} backlog: roles dropped/s; issuance p99 while reaping vs idle`, target: '≥ 200 roles/s, p99 ≤ 1.5× idle',
-    measured: rp ? `${fmt(rp.rolesPerSecond, 0)} roles/s; p99 ${fmt(rp.during.latency.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle = ${fmt(p99Ratio, 2)}×` : 'not measured',
+    measured: rp ? `${fmt(rp.rolesPerSecond, 0)} roles/s; ${rp.early && rp.late && rp.idleAfter ? `p99 ${fmt(rp.early.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle in the drain's first third, ${fmt(rp.late.p99, 1)} vs ${fmt(rp.idleAfter.latency.p99, 1)} ms in its last: worse ${fmt(p99Ratio, 2)}×` : `p99 ${fmt(rp.during.latency.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle = ${fmt(p99Ratio, 2)}×`}` : 'not measured',
     value: rp ? rp.rolesPerSecond : Number.NaN, ok: p4ok,
     miss: rp && !p4ok ? [rp.rolesPerSecond < 200 ? `${fmt(200 - rp.rolesPerSecond, 0)} roles/s short` : '', p99Ratio > 1.5 ? `p99 ${fmt(p99Ratio, 2)}× idle (${fmt(p99Ratio - 1.5, 2)}× over)` : '', rp.rolesLeft ? `${rp.rolesLeft} roles left` : ''].filter(Boolean).join('; ') : undefined,
   });
@@ -74,13 +75,13 @@ export function targets(r: Results): Target[] {
   const allIndexed = ls ? ls.shapes.every((s) => s.plans.every((p) => p.indexUsed)) : false;
   push({
     id: 'P5', measure: `GET /leases p95 at ${ls ? ls.rows.toLocaleString('en-US') : '1M'} rows (filters + cursor)`, target: '≤ 10 ms, index used',
-    measured: ls ? `p95 ${fmt(ls.latency.p95, 2)} ms (p50 ${fmt(ls.latency.p50, 2)} ms); index used in ${ls.shapes.reduce((n, s) => n + s.plans.filter((p) => p.indexUsed).length, 0)}/${ls.shapes.reduce((n, s) => n + s.plans.length, 0)} plans` : 'not measured',
+    measured: ls ? `p95 ${fmt(ls.latency.p95, 2)} ms (p50 ${fmt(ls.latency.p50, 2)} ms; slowest shape ${slowest(ls.shapes)}); index used in ${ls.shapes.reduce((n, s) => n + s.plans.filter((p) => p.indexUsed).length, 0)}/${ls.shapes.reduce((n, s) => n + s.plans.length, 0)} plans` : 'not measured',
     value: ls ? ls.latency.p95 : Number.NaN, ok: ls ? ls.latency.p95 <= 10 && allIndexed && ls.failures === 0 : null,
     miss: ls && ls.latency.p95 > 10 ? `${fmt(ls.latency.p95 - 10, 2)} ms over` : ls && !allIndexed ? 'a plan does not use an index' : undefined,
   });
   const mem = r.memory;
   push({
-    id: 'P6', measure: `broker RSS at 64 concurrent issuers (max sampled${mem?.sustained?.length ? ', including a sustained run' : ''})`, target: '≤ 150 MB',
+    id: 'P6', measure: `broker RSS at 64 concurrent issuers (peak: 100 ms samples and the kernel's VmHWM${mem?.sustained?.length ? ', including a sustained run' : ''})`, target: '≤ 150 MB',
     measured: mem ? `${fmt(mem.maxRssMbAt64, 0)} MB` : 'not measured', value: mem ? mem.maxRssMbAt64 : Number.NaN,
     ok: mem ? mem.maxRssMbAt64 <= 150 : null, miss: mem && mem.maxRssMbAt64 > 150 ? `${fmt(mem.maxRssMbAt64 - 150, 0)} MB over` : undefined,
   });
@@ -95,4 +96,9 @@ export function targets(r: Results): Target[] {
 
 export function verdict(t: Target): string {
   return t.pass === null ? 'NOT MEASURED' : t.pass ? 'PASS' : 'MISS';
+}
+
+function slowest(shapes: NonNullable<Results['leases']>['shapes']): string {
+  const worst = [...shapes].sort((a, b) => b.latency.p95 - a.latency.p95)[0];
+  return worst ? `"${worst.name}" p95 ${fmt(worst.latency.p95, 2)} ms` : 'none';
 }
