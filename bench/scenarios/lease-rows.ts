@@ -4,6 +4,9 @@ import type { TestPostgres } from '../../test/helpers/postgres.js';
 /**
  * P5's table: `rows` lease rows bulk-loaded into broker.leases, spread over `subjects` subjects,
  * 20 policies and three states, with the migration's indexes rebuilt afterwards. Returns seconds.
+ * Policy and state vary independently (state from g mod 100, policy from g div 100): every policy
+ * holds about 1 % active, 9 % revoked and 90 % expired rows, so a policy + state filter is as
+ * selective as the state alone.
  */
 export async function insertLeaseRows(pgs: TestPostgres, issuer: string, rows: number, subjects: number): Promise<number> {
   const start = performance.now();
@@ -27,7 +30,7 @@ export async function insertLeaseRows(pgs: TestPostgres, issuer: string, rows: n
       await client.query(
         `INSERT INTO broker.leases (id, username, policy, grant_role, database, issuer, subject, claims, state, created_at,
                                     expires_at, max_expires_at, ended_at, ended_by, end_reason, client_ip, user_agent, request_id)
-         SELECT gen_random_uuid(), 'lease_p5_' || g, 'p5-policy-' || (g % 20), 'app_readers', 'broker', $3,
+         SELECT gen_random_uuid(), 'lease_p5_' || g, 'p5-policy-' || ((g / 100) % 20), 'app_readers', 'broker', $3,
                 'p5-subject-' || (g % $4), jsonb_build_object('sub', 'p5-subject-' || (g % $4)),
                 s.state, c.at,
                 CASE WHEN s.state = 'active' THEN now() + interval '1 day' ELSE c.at + interval '15 minutes' END,

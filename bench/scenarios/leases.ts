@@ -44,7 +44,9 @@ export async function runLeaseListing(pgs: TestPostgres, broker: BrokerChild, is
   const shapes: Array<() => ShapeSpec> = [
     () => ({ name: 'all leases, newest first', query: { limit: 100 }, pages: 5 }),
     () => ({ name: 'subject', query: { subject: subjectAt(), limit: 20 }, pages: 3 }),
-    () => ({ name: 'policy + state', query: { policy: `p5-policy-${Math.floor(Math.random() * 20)}`, state: 'expired', limit: 100 }, pages: 5 }),
+    () => ({ name: 'policy + state=expired', query: { policy: `p5-policy-${Math.floor(Math.random() * 20)}`, state: 'expired', limit: 100 }, pages: 5 }),
+    // Selective: about 1 % (active) or 9 % (revoked) of a policy's rows match.
+    () => ({ name: 'policy + state=active or revoked', query: { policy: `p5-policy-${Math.floor(Math.random() * 20)}`, state: pick(['active', 'revoked']), limit: 100 }, pages: 5 }),
     () => ({ name: 'state=active', query: { state: 'active', limit: 100 }, pages: 5 }),
     () => ({ name: 'issuer + time window', query: { issuer: issuer.issuer, since: new Date(now - spanMs * 0.6).toISOString(), until: new Date(now - spanMs * 0.3).toISOString(), limit: 100 }, pages: 5 }),
     () => ({ name: 'username', query: { username: `lease_p5_${1 + Math.floor(Math.random() * rows)}` }, pages: 1 }),
