@@ -26,7 +26,7 @@ export function renderOverview(r: Results, ts: Target[]): string[] {
     ...Object.entries(m.postgresSettings).map(([k, v]) => [`pg: ${k}`, v]),
   ]));
   out.push('');
-  out.push(`- PostgreSQL is the test helper's embedded server (test/helpers/postgres.ts), with **fsync=off, synchronous_commit=off and full_page_writes=off**: commits cost no disk flush here, for the floor and the broker alike, so both numbers are CPU-bound upper bounds a durable server will not reach. Statement logging: ${m.logStatement}.`);
+  out.push(`- PostgreSQL is the test helper's embedded server (test/helpers/postgres.ts), ${durability(m.postgresSettings)} Statement logging: ${m.logStatement}.`);
   const runtime = m.brokerRuntime === 'compiled' ? 'compiled to JavaScript by scripts/build.ts and run by plain node, without the tsx loader, as production runs dist/pg-broker.mjs' : 'TypeScript loaded through tsx';
   const imageVars = [m.brokerNodeOptions ? `NODE_OPTIONS=${m.brokerNodeOptions}` : '', m.threadpoolSize ? `UV_THREADPOOL_SIZE=${m.threadpoolSize}` : ''].filter(Boolean);
   const nodeOptions = imageVars.length ? ` with ${imageVars.join(' and ')} as the Docker image sets them` : '';
@@ -45,4 +45,14 @@ export function renderOverview(r: Results, ts: Target[]): string[] {
     out.push('');
   }
   return out;
+}
+
+/** What the server's own settings (read from it, not assumed) mean for commit cost. */
+export function durability(settings: Record<string, string>): string {
+  const off = ['fsync', 'synchronous_commit', 'full_page_writes'].filter((k) => settings[k] === 'off');
+  if (off.length === 0) return 'with durable commits (fsync and synchronous_commit on).';
+  const names = off.map((k) => `${k}=off`);
+  const list = names.length > 1 ? `${names.slice(0, -1).join(', ')} and ${names[names.length - 1]}` : names[0];
+  const flushFree = settings.fsync === 'off' || settings.synchronous_commit === 'off';
+  return `with **${list}**${flushFree ? ': commits wait for no disk flush here, for the floor and the broker alike, so both numbers are CPU-bound upper bounds a durable server will not reach.' : '.'}`;
 }
