@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { createLogger } from '../src/logger.js';
+import { REAPER_LOCK_KEY } from '../src/reaper/leadership.js';
 import { startTestBroker, type TestBroker } from './helpers/broker.js';
 
 let b: TestBroker;
@@ -51,6 +53,27 @@ test('/metrics parses as Prometheus text and the issued and denied counters move
   }
   await b.reaper.reap({ requireLeadership: false });
   assert.ok(((await scrape()).get('broker_active_leases') ?? 0) >= 1, 'the reaper publishes the active lease gauge');
+});
+
+test('a replica that does not lead still publishes the lease gauges after its run', async () => {
+  const gauge = async () => parseMetrics((await b.app.inject({ method: 'GET', url: '/metrics' })).body).get('broker_active_leases');
+  const other = new pg.Client(b.pg.superuserUrl.replace(/\/postgres$/, '/broker'));
+  await other.connect();
+  try {
+    // Another replica leads.
+    await b.reaper.leadership.release();
+    const [{ taken }] = (await other.query('SELECT pg_try_advisory_lock($1) AS taken', [REAPER_LOCK_KEY])).rows;
+    assert.equal(taken, true);
+    await b.reaper.reap();
+    assert.equal((await b.issue(await b.token({ sub: 'obs:gauge' }))).status, 201);
+    const [{ active }] = await b.pg.query<{ active: number }>(`SELECT count(*)::int AS active FROM broker.leases WHERE state = 'active'`);
+    assert.notEqual(await gauge(), active, 'the new lease is not counted yet');
+    const stats = await b.reaper.reap();
+    assert.equal(stats.leader, false);
+    assert.equal(await gauge(), active);
+  } finally {
+    await other.end();
+  }
 });
 
 test('request logs carry request ids, and no token, password or connection password', async () => {

@@ -85,9 +85,13 @@ export class Reaper extends EventEmitter {
     if (this.running) return this.running;
     // stop() ends the schedule, not the object: an explicit later run does its full work.
     if (!this.task) this.stopping = false;
-    this.running = this.run(options.requireLeadership ?? true).finally(() => {
-      this.running = null;
-    });
+    // Every replica publishes the gauges after every run, led or not, failed or not: a lag only the
+    // leader reported would stand still, not grow, when no replica leads or its runs keep failing.
+    this.running = this.run(options.requireLeadership ?? true)
+      .finally(() => this.updateGauges().catch((err: Error) => this.deps.log.debug({ err: { message: err.message } }, 'could not update the lease gauges')))
+      .finally(() => {
+        this.running = null;
+      });
     return this.running;
   }
 
@@ -109,7 +113,6 @@ export class Reaper extends EventEmitter {
       this.emit('batch', counts);
     }
     if (!this.stopping && stillLeader()) stats.orphans = await reapOrphans({ ...finishDeps, brokerRole: await this.deps.brokerRole() });
-    await this.updateGauges();
     return stats;
   }
 
