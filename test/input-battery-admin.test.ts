@@ -180,6 +180,9 @@ describe('query strings, path parameters and admin bodies', () => {
       ['claims with NUL pattern', 'p18', { ...base, claims: { sub: 'a\u0000b' } }, 'BAD_REQUEST', NUL_REFUSED],
       ['description with NUL', 'p19', { ...base, description: 'a\u0000b' }, 'BAD_REQUEST', NUL_REFUSED],
       ['connection_limit 0', 'p20', { ...base, connection_limit: 0 }, 'INVALID_POLICY', /^connection_limit 0 would issue credentials that can never log in/],
+      // 40 characters pass the schema's maxLength of 63, but PostgreSQL counts 80 bytes and would cut them.
+      ['grant_role over 63 bytes', 'p21', { ...base, grant_role: '\u00e9'.repeat(40) }, 'INVALID_POLICY', /^grant_role is 80 bytes in UTF-8; PostgreSQL names hold at most 63$/],
+      ['claim name over 256 characters', 'p22', { ...base, claims: { sub: 'x', ['c'.repeat(257)]: 'y' } }, 'INVALID_POLICY', /^claim name "c{40}"… is longer than 256 characters$/],
     ];
     for (const [label, name, payload, code, detail] of cases) {
       const res = await put(label, name, payload);
@@ -187,7 +190,7 @@ describe('query strings, path parameters and admin bodies', () => {
       assert.equal(res.json().code, code, `${label}: ${res.body}`);
       assert.match(res.json().detail, detail, label);
     }
-    for (let i = 1; i <= 20; i++) {
+    for (let i = 1; i <= 22; i++) {
       assertProblem(await send(`p${i} not stored`, { method: 'GET', url: `/policies/p${i}`, token: admin }), 404, `p${i} not stored`);
     }
     const deleted = await send('delete base policy', { method: 'DELETE', url: '/policies/battery-base', token: admin });

@@ -130,7 +130,9 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     if (typeof subject !== 'string' || subject.length === 0) throw new TokenRejected('token sub must be a non-empty string');
     // A lone surrogate reaches PostgreSQL as U+FFFD, so two different subjects would share one
     // identity there: their leases, quota and issuance lock.
-    if (subject.includes('\0') || subject.length > 1024 || LONE_SURROGATE.test(subject)) throw new TokenRejected('token sub is not acceptable');
+    if (subject.includes('\0')) throw new TokenRejected('token sub holds a NUL character');
+    if (subject.length > 1024) throw new TokenRejected('token sub is longer than 1024 UTF-16 code units');
+    if (LONE_SURROGATE.test(subject)) throw new TokenRejected('token sub holds an unpaired UTF-16 surrogate');
     if (typeof payload.exp !== 'number') throw new TokenRejected('token exp must be a number');
     // fast-jwt only looks at iat when maxAge is set; DESIGN asks for it with the same leeway.
     if (payload.iat !== undefined && (typeof payload.iat !== 'number' || !Number.isFinite(payload.iat))) throw new TokenRejected('token iat claim has the wrong type');
