@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { GrantRoleGuard } from '../src/postgres/grant-guard.js';
-import { startTestBroker, type TestBroker } from './helpers/broker.js';
+import { api, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { addGroupRole } from './helpers/postgres.js';
 
 // PUT /policies refuses an unsafe grant_role; these tests cover a group that becomes unsafe
@@ -111,6 +111,48 @@ test('with the default interval, storing a policy refreshes the answer issuance 
     assert.equal(refused.body.code, 'GRANT_ROLE_UNSAFE');
   } finally {
     await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');
+    await d.close();
+  }
+});
+
+test('a group dropped within the interval: issuance and renewal answer 403 GRANT_ROLE_UNSAFE, not 500, and the guard forgets its answer', async () => {
+  // The default interval: the guard would trust "safe" for 60 s after the policies were stored.
+  const d = await startTestBroker({ pg: b.pg, issuer: b.issuer });
+  try {
+    await addGroupRole(b.pg, 'gr_drop_issue');
+    await addGroupRole(b.pg, 'gr_drop_renew');
+    await d.putPolicy('grdi', { claims: { sub: 'grdi:*' }, grant_role: 'gr_drop_issue' });
+    await d.putPolicy('grdr', { claims: { sub: 'grdr:*' }, grant_role: 'gr_drop_renew' });
+    const issued = await d.issue(await d.token({ sub: 'grdi:before' }), { policy: 'grdi' });
+    assert.equal(issued.status, 201, JSON.stringify(issued.body));
+    const owner = await d.token({ sub: 'grdr:owner' });
+    const lease = (await d.issue(owner, { policy: 'grdr', ttl: 120 })).body;
+    const renew = () => api(d, 'POST', `/leases/${lease.lease_id}/renew`, owner, { ttl: 600 });
+    assert.equal((await renew()).status, 200, 'renewable while the group exists');
+    const [{ expires_at: before }] = await b.pg.query('SELECT expires_at FROM broker.leases WHERE id = $1', [lease.lease_id]);
+
+    await b.pg.query('DROP ROLE gr_drop_issue', [], 'postgres');
+    await b.pg.query('DROP ROLE gr_drop_renew', [], 'postgres');
+
+    const refused = await d.issue(await d.token({ sub: 'grdi:after' }), { policy: 'grdi' });
+    assert.equal(refused.status, 403, JSON.stringify(refused.body));
+    assert.equal(refused.body.code, 'GRANT_ROLE_UNSAFE');
+    assert.match(refused.body.detail, /Policy grdi .*grant_role gr_drop_issue does not exist/);
+    assert.deepEqual(await b.pg.query(`SELECT 1 FROM broker.leases WHERE subject = 'grdi:after'`), []);
+    const [audit] = await b.pg.query(`SELECT type, policy, reason FROM broker.audit_events WHERE subject = 'grdi:after'`);
+    assert.deepEqual(audit, { type: 'credential.denied', policy: 'grdi', reason: 'grant_role_unsafe' });
+    // The answer was read again and is now remembered: the guard gives it without a query.
+    const noQueries = { query: () => { throw new Error('the guard queried instead of remembering'); } };
+    assert.match(String(await d.app.grantRoles.problem(noQueries as never, 'gr_drop_issue')), /does not exist/);
+
+    const notRenewed = await renew();
+    assert.equal(notRenewed.status, 403, JSON.stringify(notRenewed.body));
+    assert.equal(notRenewed.body.code, 'GRANT_ROLE_UNSAFE');
+    assert.match(notRenewed.body.detail, /grant_role gr_drop_renew does not exist/);
+    const [{ expires_at: after }] = await b.pg.query('SELECT expires_at FROM broker.leases WHERE id = $1', [lease.lease_id]);
+    assert.equal((after as Date).toISOString(), (before as Date).toISOString(), 'the expiry did not move');
+    assert.match(String(await d.app.grantRoles.problem(noQueries as never, 'gr_drop_renew')), /does not exist/);
+  } finally {
     await d.close();
   }
 });

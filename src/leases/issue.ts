@@ -79,6 +79,26 @@ function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<
   return Object.fromEntries(Object.keys(policy.claims).map((key) => [key, readClaim(claims, key) ?? null]));
 }
 
+function unsafeGrantRole(deps: IssueDeps, policy: Policy, problem: string): IssueDenied {
+  deps.log.warn({ policy: policy.name, grant_role: policy.grant_role, problem }, 'policy grant_role is no longer safe to hand out; issuance refused');
+  return new IssueDenied('grant_role_unsafe', policy.name, new Errors.UnsafeGrantRole(
+    `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`));
+}
+
+/**
+ * 42704 from CREATE ROLE … IN ROLE: most likely an operator dropped the group after the guard last
+ * looked (it trusts its answer for BROKER_GRANT_RECHECK_INTERVAL). The remembered answer is
+ * dropped and the group checked afresh, so this request gets the refusal the guard would give
+ * (403, not 500) and the next ones are refused before anything is written. Any other error, or a
+ * group that turns out fine, is returned as it was.
+ */
+async function groupGoneSince(deps: IssueDeps, policy: Policy | undefined, err: unknown): Promise<unknown> {
+  if (!policy || (err as { code?: string }).code !== '42704') return err;
+  deps.grantRoles.forget(policy.grant_role);
+  const problem = await deps.grantRoles.problem(deps.pool, policy.grant_role);
+  return problem ? unsafeGrantRole(deps, policy, problem) : err;
+}
+
 /**
  * The whole of POST /credentials after authentication. A credential is returned only after
  * the transaction holding both the lease row and the role has committed.
@@ -110,11 +130,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
         throw new IssueDenied('ttl_too_long', chosen.name, new Errors.BadRequest(`ttl ${ttl} exceeds the policy max_ttl of ${chosen.max_ttl} seconds`));
       }
       const unsafe = await deps.grantRoles.problem(client, chosen.grant_role);
-      if (unsafe) {
-        deps.log.warn({ policy: chosen.name, grant_role: chosen.grant_role, problem: unsafe }, 'policy grant_role is no longer safe to hand out; issuance refused');
-        throw new IssueDenied('grant_role_unsafe', chosen.name, new Errors.UnsafeGrantRole(
-          `Policy ${chosen.name} cannot issue credentials until an admin fixes it: ${unsafe}`));
-      }
+      if (unsafe) throw unsafeGrantRole(deps, chosen, unsafe);
       const now = Date.now();
       const expiresAt = wholeSecondAfter(now + ttl * 1000);
       const maxExpiresAt = wholeSecondAfter(now + chosen.max_ttl * 1000);
@@ -142,13 +158,17 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     const creators = await deps.creators();
     const creator = pickCreator(creators);
     try {
-      await attempt(creator);
+      try {
+        await attempt(creator);
+      } catch (err) {
+        // 42501: the creators lack ADMIN OPTION on a group the broker was granted after they were
+        // set up. Hand it on (a no-op when the broker lacks it too) and try once more.
+        if (!creator || !picked.policy || (err as { code?: string }).code !== '42501') throw err;
+        await grantToCreators(deps.pool, creators, [picked.policy.grant_role, deps.config.managedRole]);
+        await attempt(creator);
+      }
     } catch (err) {
-      // 42501: the creators lack ADMIN OPTION on a group the broker was granted after they were
-      // set up. Hand it on (a no-op when the broker lacks it too) and try once more.
-      if (!creator || !picked.policy || (err as { code?: string }).code !== '42501') throw err;
-      await grantToCreators(deps.pool, creators, [picked.policy.grant_role, deps.config.managedRole]);
-      await attempt(creator);
+      throw await groupGoneSince(deps, picked.policy, err);
     }
     const { chosen, ttl, expiresAt, maxExpiresAt } = issued!;
     deps.noteIssued({ lease_id: leaseId, username, policy: chosen.name, subject: identity.subject, ttl });

@@ -51,10 +51,10 @@ export async function renewLease(
     if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
     // Issuance refuses a group that has become unsafe; extending a login that holds it would
     // hand out the same access a little longer.
+    const unsafeGroup = (problem: string) => new Errors.UnsafeGrantRole(
+      `Lease ${id} cannot be renewed until an admin fixes its group (${problem}); it still ends at ${(row.expires_at as Date).toISOString()}`);
     const unsafe = await grantRoles.problem(client, row.grant_role);
-    if (unsafe) {
-      throw new Errors.UnsafeGrantRole(`Lease ${id} cannot be renewed until an admin fixes its group (${unsafe}); it still ends at ${(row.expires_at as Date).toISOString()}`);
-    }
+    if (unsafe) throw unsafeGroup(unsafe);
     // A renewal is a new grant of time, so the policy must still admit the token presented now:
     // deleting or disabling a policy, or tightening its claims, stops renewals at once (leases
     // already issued still run to their expiry; revoke them to end them sooner).
@@ -76,8 +76,17 @@ export async function renewLease(
     const capped = wanted > max.getTime();
     const expiresAt = new Date(Math.min(wanted, max.getTime()));
     const lowered = max.getTime() < (row.max_expires_at as Date).getTime();
-    const { rows: [role] } = await client.query<{ creator: string | null }>(
-      `SELECT ${creatorOf('r', '$2')} AS creator FROM pg_roles r WHERE r.rolname = $1`, [row.username, creators]);
+    // The guard's answer may predate an operator's DROP ROLE of the group (it trusts it for
+    // BROKER_GRANT_RECHECK_INTERVAL); whether the group still exists rides along with this query
+    // for free, and a missing one gets the guard's own refusal at once, as issuance does.
+    const { rows: [role] } = await client.query<{ creator: string | null; group_exists: boolean }>(
+      `SELECT ${creatorOf('r', '$2')} AS creator, EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = $3) AS group_exists
+         FROM pg_roles r WHERE r.rolname = $1`, [row.username, creators, row.grant_role]);
+    if (role && !role.group_exists) {
+      grantRoles.forget(row.grant_role);
+      const problem = await grantRoles.problem(client, row.grant_role);
+      if (problem) throw unsafeGroup(problem);
+    }
     await setValidUntil(client, row.username, expiresAt, role?.creator ?? null);
     // A lowered bound is kept with the policy's max_ttl it came from, so the next renewal lowers
     // it only by what max_ttl drops after this one.

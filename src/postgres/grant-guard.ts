@@ -30,6 +30,14 @@ export class GrantRoleGuard {
     return problem;
   }
 
+  /**
+   * Drops the remembered answer, so the next check reads the catalogue: for when something else
+   * showed it stale (CREATE ROLE … IN ROLE found the group gone).
+   */
+  forget(grantRole: string): void {
+    this.answers.delete(grantRole);
+  }
+
   /** Records an answer found elsewhere (PUT /policies has just checked the role). */
   remember(grantRole: string, problem: string | null, at = this.now()): void {
     this.answers.delete(grantRole);
