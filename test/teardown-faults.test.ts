@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { api, leaseRow, loginError, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { addGroupRole } from './helpers/postgres.js';
 
 let b: TestBroker;
 
@@ -43,5 +44,26 @@ describe('teardown with one database refusing connections', () => {
     assert.equal(await roleExists(b.pg, stuck.username), false);
     const [owner] = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'kept'`, [], 'faults_full');
     assert.deepEqual(owner, { tableowner: 'app_migrators' });
+  });
+});
+
+describe('teardown of a lease whose grant_role was dropped', () => {
+  test('what its role owns goes to the broker\'s own role, as for an orphan, and the revocation completes', async () => {
+    await addGroupRole(b.pg, 'faults_gone');
+    await b.putPolicy('gone', { claims: { sub: 'gone:*' }, grant_role: 'faults_gone' });
+    const owner = await b.token({ sub: 'gone:owner' });
+    const cred = (await b.issue(owner, { ttl: 300 })).body;
+    const session = await connectAs(b.pg, cred);
+    await session.query('CREATE TABLE public.gone_kept (id int)');
+    await session.end();
+    await b.pg.query('DROP ROLE faults_gone', [], 'postgres');
+
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 200, JSON.stringify({ ...res.body, last_error: (await leaseRow(b.pg, cred.lease_id)).last_error }));
+    assert.equal(res.body.state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    // The table outlives the lease, as it would have with its group.
+    const [kept] = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'gone_kept'`);
+    assert.deepEqual(kept, { tableowner: 'broker' });
   });
 });

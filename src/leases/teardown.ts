@@ -5,6 +5,7 @@ import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
 import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
+import { ownedObjectsSql, reassignTargets, type ReassignTargets } from './owned-objects.js';
 
 export interface RoleToDrop {
   username: string;
@@ -249,6 +250,7 @@ async function dropRoles(
   // A step like the others: after another creator group found the server gone it is not tried,
   // and its own failure is each role's outcome rather than an exception that loses them all.
   const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean }> = [];
+  const targets: ReassignTargets = { to: new Map(), broker: '' };
   live = await stepEach(live, result, 'find owned objects', async (batch) => {
     const { rows } = await deps.pool.query<{ datname: string; rolname: string; datallowconn: boolean }>(
       `SELECT DISTINCT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname
@@ -257,6 +259,11 @@ async function dropRoles(
       [batch.map((r) => r.username)],
     );
     depRows.push(...rows);
+    const owners = batch.filter((r) => rows.some((row) => row.rolname === r.username));
+    if (owners.length === 0) return;
+    const found = await reassignTargets(deps.pool, owners, deps.managedRole);
+    for (const [username, target] of found.to) targets.to.set(username, target);
+    targets.broker = found.broker;
   }, progress);
   const byDatabase = new Map<string, Set<string>>();
   for (const row of depRows) {
@@ -268,27 +275,11 @@ async function dropRoles(
   const failed = new Set<string>();
   for (const [database, owners] of byDatabase) {
     const batch = live.filter((r) => owners.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator)));
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator, targets)));
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
 
   const droppable = live.filter((r) => !failed.has(r.username));
   await stepEach(droppable, result, 'DROP ROLE', (batch) =>
     run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined), progress);
-}
-
-function ownedObjectsSql(roles: RoleToDrop[], creator: string | null): string {
-  const byTarget = new Map<string, string[]>();
-  for (const role of roles) {
-    if (!byTarget.has(role.reassign_to)) byTarget.set(role.reassign_to, []);
-    byTarget.get(role.reassign_to)!.push(role.username);
-  }
-  const statements = ['BEGIN'];
-  if (creator) statements.push(actAs(creator).replace(/;\n$/, ''));
-  for (const [target, owners] of byTarget) {
-    statements.push(`REASSIGN OWNED BY ${owners.map(escapeIdent).join(', ')} TO ${escapeIdent(target)}`);
-  }
-  statements.push(`DROP OWNED BY ${roles.map((r) => escapeIdent(r.username)).join(', ')}`);
-  statements.push('COMMIT');
-  return statements.join(';\n');
 }
