@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+import pg from 'pg';
+import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
 import { addGroupRole } from './helpers/postgres.js';
 
 let b: TestBroker;
@@ -65,5 +66,53 @@ describe('teardown of a lease whose grant_role was dropped', () => {
     // The table outlives the lease, as it would have with its group.
     const [kept] = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'gone_kept'`);
     assert.deepEqual(kept, { tableowner: 'broker' });
+  });
+});
+
+describe('PostgreSQL lost during a synchronous revocation\'s teardown, and back when it is recorded', () => {
+  // The teardown's REASSIGN OWNED waits on a lock held here; its connection is then terminated
+  // as in a server restart (57P01), while the pool's connections that record the attempt live on.
+  async function revokeDuringOutage(sub: string, send: (owner: string, leaseId: string) => Promise<{ statusCode: number; headers: Record<string, unknown>; json(): any }>) {
+    const owner = await b.token({ sub });
+    const cred = (await b.issue(owner, { ttl: 300 })).body;
+    const table = `outage_${sub.replace(/\W/g, '_')}`;
+    const session = await connectAs(b.pg, cred);
+    await session.query(`CREATE TABLE public.${table} (id int)`);
+    await session.end();
+    const holder = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/postgres$/, '/broker') });
+    holder.on('error', () => undefined);
+    await holder.connect();
+    try {
+      await holder.query(`BEGIN; LOCK TABLE public.${table} IN ACCESS EXCLUSIVE MODE`);
+      const answer = send(owner, cred.lease_id);
+      const { pid } = await waitFor('the teardown waiting on the lock', async () => (await b.pg.query(
+        `SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`))[0]);
+      await b.pg.query('SELECT pg_terminate_backend($1)', [pid]);
+      const res = await answer;
+      assert.equal(res.statusCode, 503, JSON.stringify(res.json()));
+      assert.equal(res.json().code, 'DATABASE_UNAVAILABLE');
+      assert.equal(res.headers['retry-after'], '5');
+    } finally {
+      await holder.end();
+    }
+    // The failed attempt is recorded, and the reaper finishes the teardown.
+    const row = await leaseRow(b.pg, cred.lease_id);
+    assert.equal(row.state, 'revoking');
+    assert.equal(row.attempts, 1);
+    assert.match(row.last_error, /57P01/);
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+  }
+
+  test('DELETE /leases/{id} answers 503 DATABASE_UNAVAILABLE with Retry-After, not 500', async () => {
+    await revokeDuringOutage('faults:outage1', (owner, id) => b.app.inject({ method: 'DELETE', url: `/leases/${id}`, headers: { authorization: `Bearer ${owner}` } }));
+  });
+
+  test('POST /leases/revoke answers 503 DATABASE_UNAVAILABLE with Retry-After, not 500', async () => {
+    const admin = await b.adminToken();
+    await revokeDuringOutage('faults:outage2', () => b.app.inject({
+      method: 'POST', url: '/leases/revoke', headers: { authorization: `Bearer ${admin}` }, payload: { subject: 'faults:outage2' } }));
   });
 });

@@ -4,7 +4,7 @@ import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
 import { claimEnded, endedByExpiry, ENDED_BY_EXPIRY_SQL, markRevoking, renewClaim, type EndFilter, type EndingLease } from './claims.js';
 import { identityLockKey } from './repository.js';
-import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles, type RoleToDrop, type TeardownDeps, type TeardownRun } from './teardown.js';
+import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles, type RoleToDrop, type TeardownDeps, type TeardownResult, type TeardownRun } from './teardown.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
 export const MAX_ATTEMPTS = 5;
@@ -46,7 +46,7 @@ export interface FinishDeps extends TeardownDeps {
  * audit event when it first gets there). A lease someone else finished meanwhile gets no second
  * event: events are written only for the state changes the same statement made.
  */
-export async function finishLeases(deps: FinishDeps, leases: EndingLease[], actor?: Actor): Promise<Map<string, string | null>> {
+export async function finishLeases(deps: FinishDeps, leases: EndingLease[], actor?: Actor): Promise<TeardownResult> {
   const outcome = await teardownRoles(deps, leases.map(roleToDrop));
   const done = leases.filter((l) => outcome.get(l.username) === null);
   const failed = leases.filter((l) => outcome.get(l.username) !== null);
@@ -127,7 +127,7 @@ function identityLockKeys(filter: EndFilter, issuers: string[]): string[] {
  */
 export async function revokeNow(
   deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string, options: { includeEnding?: boolean; issuers?: string[] } = {},
-): Promise<{ leases: EndingLease[]; errors: Map<string, string | null> }> {
+): Promise<{ leases: EndingLease[]; errors: Map<string, string | null>; outage: Map<string, unknown> }> {
   const endedBy = `${actor.issuer} ${actor.subject}`;
   const keys = identityLockKeys(filter, options.issuers ?? []);
   let leases = keys.length === 0
@@ -140,6 +140,8 @@ export async function revokeNow(
     });
   if (leases.length === 0 && options.includeEnding && filter.id !== undefined) leases = await claimEnded(deps.pool, filter.id);
   const errors = new Map<string, string | null>();
+  // Teardown failures that came from PostgreSQL going away: the caller answers them 503, not 500.
+  const outage = new Map<string, unknown>();
   const takenOver: EndingLease[] = [];
   // Each batch's teardown ends its own logins first; the later batches' logins end now, so none
   // keeps working while an earlier batch waits on a lock. What fails here is tried, and recorded,
@@ -155,10 +157,12 @@ export async function revokeNow(
     const slice = leases.slice(i, i + TEARDOWN_BATCH);
     const batch = await renewClaim(deps.pool, slice);
     takenOver.push(...slice.filter((l) => !batch.includes(l)));
-    for (const [name, error] of await finishLeases(deps, batch, actor)) errors.set(name, error);
+    const outcome = await finishLeases(deps, batch, actor);
+    for (const [name, error] of outcome) errors.set(name, error);
+    for (const [name, err] of outcome.outage) outage.set(name, err);
   }
   for (const [name, error] of await stillEnding(deps.pool, takenOver)) errors.set(name, error);
-  return { leases, errors };
+  return { leases, errors, outage };
 }
 
 /**

@@ -23,7 +23,13 @@ export interface TeardownDeps {
 }
 
 /** username -> null when the role is gone (dropped now or already), or the error that stopped it. */
-export type TeardownResult = Map<string, string | null>;
+export class TeardownResult extends Map<string, string | null> {
+  /**
+   * username -> the connection error (PostgreSQL down or silent) its failure came from: a caller
+   * answering a request gives that the outage's 503, not a 500, once the attempt is recorded.
+   */
+  readonly outage = new Map<string, unknown>();
+}
 
 // Sessions get this long to exit after pg_terminate_backend; a role is never dropped while one
 // survives, because a session outlives DROP ROLE and could then no longer be found by name.
@@ -83,7 +89,10 @@ export async function stepEach(
   if (roles.length === 0) return roles;
   if (progress?.unreachable) {
     // Named after this step, not the one that failed: it tells how far these roles got.
-    for (const role of roles) result.set(role.username, `${where}: not tried after ${progress.unreachable}`);
+    for (const role of roles) {
+      result.set(role.username, `${where}: not tried after ${progress.unreachable}`);
+      result.outage.set(role.username, progress.cause);
+    }
     return [];
   }
   try {
@@ -91,9 +100,13 @@ export async function stepEach(
     return roles;
   } catch (batchErr) {
     const connection = isConnectionError(batchErr);
-    if (progress && connection && serverGone(batchErr)) progress.unreachable = `${where}: ${describe(batchErr)}`;
+    const gone = connection && serverGone(batchErr);
+    if (progress && gone) Object.assign(progress, { unreachable: `${where}: ${describe(batchErr)}`, cause: batchErr });
     if (roles.length === 1 || connection) {
-      for (const role of roles) result.set(role.username, `${where}: ${describe(batchErr)}`);
+      for (const role of roles) {
+        result.set(role.username, `${where}: ${describe(batchErr)}`);
+        if (gone) result.outage.set(role.username, batchErr);
+      }
       return [];
     }
   }
@@ -116,6 +129,8 @@ export interface TeardownRun {
    * steps, which would each wait out the same timeout, fail at once with this.
    */
   unreachable: string | null;
+  /** The error behind `unreachable`. */
+  cause?: unknown;
 }
 
 /**
@@ -144,7 +159,7 @@ function runAs(pool: pg.Pool, creator: string | null): Run {
  * (see creators.ts), else the broker itself.
  */
 export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Promise<TeardownResult> {
-  const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
+  const result = new TeardownResult(roles.map((r) => [r.username, null]));
   const run: TeardownRun = { unreachable: null };
   // Every creator group's logins and sessions end before any group's slow part (lock waits in
   // REASSIGN OWNED, a large DROP OWNED) starts, so no ended lease's login outlives another's wait.
@@ -161,7 +176,7 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
  * trying, one after the other, once one of them finds the server gone.
  */
 export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[], run: TeardownRun = { unreachable: null }): Promise<TeardownResult> {
-  const result: TeardownResult = new Map(roles.map((r) => [r.username, null]));
+  const result = new TeardownResult(roles.map((r) => [r.username, null]));
   for (const [creator, live] of await issuedByCreator(deps, roles, result)) await endLogins(deps, creator, live, result, run);
   return result;
 }
@@ -183,7 +198,10 @@ async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: 
   } catch (err) {
     // Reported as a failure per role, like any later step's, so the caller can still record it
     // (and retry soon: the logins are still enabled) rather than leave the claim to lapse.
-    for (const role of roles) result.set(role.username, `${NOLOGIN_STEP}: not tried after looking up the roles: ${describe(err)}`);
+    for (const role of roles) {
+      result.set(role.username, `${NOLOGIN_STEP}: not tried after looking up the roles: ${describe(err)}`);
+      if (isConnectionError(err) && serverGone(err)) result.outage.set(role.username, err);
+    }
     return byCreator;
   }
   for (const p of present) {

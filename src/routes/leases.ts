@@ -102,7 +102,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases, errors } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request', { includeEnding: true });
+      const { leases, errors, outage } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request', { includeEnding: true });
       // A reaper already tearing it down gets a moment to finish, so 200 still means "gone".
       if (leases.length === 0) await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
       // Judge by the lease, not by this attempt: someone else may have finished it meanwhile.
@@ -112,6 +112,9 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         // How far the other teardown got is not known here: claim nothing about the login.
         throw new Errors.RevokeIncomplete('The lease is ended; the reaper is tearing it down and has not finished yet');
       }
+      // PostgreSQL went away mid-teardown and is back: the failed attempt is recorded for the
+      // reaper, and the caller gets the outage's 503 with Retry-After, never a 500 (problem.ts).
+      if (outage.has(lease.username)) throw outage.get(lease.username);
       throw revokeIncomplete([errors.get(lease.username) ?? now.last_error], app.config.reaperIntervalSeconds);
     },
   );
@@ -134,10 +137,13 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       }
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
+      const { leases, errors, outage } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
         issuers: app.config.issuers.map((i) => i.issuer),
       });
       const failed = [...errors.values()].filter((e) => e !== null);
+      // As for a single lease: an outage during the teardown answers 503, the reaper finishes it.
+      const lost = [...outage].find(([name]) => errors.get(name) != null);
+      if (lost) throw lost[1];
       if (failed.length > 0) throw revokeIncomplete(failed, app.config.reaperIntervalSeconds, true);
       return { revoked: leases.length, lease_ids: leases.map((l) => l.id) };
     },

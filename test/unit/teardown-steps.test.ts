@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { retryDelaySeconds } from '../../src/leases/revoke.js';
-import { loginStillEnabled, stepEach, teardownRoles, type RoleToDrop, type TeardownDeps, type TeardownResult, type TeardownRun } from '../../src/leases/teardown.js';
+import { loginStillEnabled, stepEach, teardownRoles, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown.js';
 
 const roles: RoleToDrop[] = ['lease_a', 'lease_b', 'lease_c'].map((username) => ({ username, reassign_to: 'app' }));
-const fresh = (): TeardownResult => new Map(roles.map((r) => [r.username, null]));
+const fresh = (): TeardownResult => new TeardownResult(roles.map((r) => [r.username, null]));
 
 test('a batch that fails for one role is retried role by role, so the others still get through', async () => {
   const calls: string[][] = [];
