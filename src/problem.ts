@@ -40,6 +40,13 @@ export function installProblemHandler(app: FastifyInstance): void {
       reply.header('WWW-Authenticate', bearerChallenge(description));
       return sendProblem(reply, 401, error instanceof TokenRejected ? 'INVALID_TOKEN' : 'MISSING_TOKEN', description);
     }
+    if (error === request.raw.errored) {
+      // The request stream itself failed: the client hung up before its body was complete. Node
+      // gives that error code ECONNRESET, as it does a PostgreSQL connection reset, but nothing is
+      // wrong on our side and nobody is left to answer, so it is no outage and no audited refusal.
+      request.log.info({ err: { message: error.message, code: error.code } }, 'client went away before its request was read');
+      return sendProblem(reply, 400, 'BAD_REQUEST', 'The request ended before its body was complete');
+    }
     if (isConnectionError(error)) {
       // Nothing can be audited with PostgreSQL down; this log line is the record.
       request.log.warn({ err: { message: error.message, code: error.code } }, 'PostgreSQL unavailable');
