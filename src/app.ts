@@ -11,7 +11,7 @@ import { Metrics } from './metrics.js';
 import { GrantRoleGuard } from './postgres/grant-guard.js';
 import { prepareCreators } from './postgres/migrate.js';
 import { createPool } from './postgres/pool.js';
-import { installProblemHandler } from './problem.js';
+import { clientErrorProblem, frameworkProblem, installProblemHandler } from './problem.js';
 import { decorateLogNote, OneLinePerRequest } from './request-log.js';
 import auditRoutes from './routes/audit.js';
 import credentialRoutes from './routes/credentials.js';
@@ -83,6 +83,8 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     http: { maxHeaderSize: MAX_HEADER_BYTES },
     requestIdHeader: false,
     genReqId: () => crypto.randomUUID(),
+    frameworkErrors: frameworkProblem,
+    clientErrorHandler: clientErrorProblem(logger as FastifyBaseLogger),
   });
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
   app.setValidatorCompiler(validatorCompiler);

@@ -1,4 +1,5 @@
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyBaseLogger, FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { Socket } from 'node:net';
 import { STATUS_CODES } from 'node:http';
 import { recordAudit } from './audit/repository.js';
 import { bearerToken, peekClaims, TokenRejected } from './auth/verify.js';
@@ -8,16 +9,28 @@ import type { ProblemBody } from './schemas/common.js';
 
 export const RETRY_AFTER_SECONDS = 5;
 
-function sendProblem(reply: FastifyReply, status: number, code: string, detail: string): FastifyReply {
-  const body: ProblemBody = {
+function problemBody(status: number, code: string, detail: string, instance?: string, requestId?: string): ProblemBody {
+  return {
     type: `https://pg-credential-broker.dev/problems/${code.toLowerCase().replace(/_/g, '-')}`,
     title: STATUS_CODES[status] ?? 'Error',
     status,
     detail,
     code,
-    instance: reply.request.url.split('?')[0],
-    request_id: String(reply.request.id),
+    ...(instance === undefined ? {} : { instance }),
+    ...(requestId === undefined ? {} : { request_id: requestId }),
   };
+}
+
+// A path can be some 32 KB long (the header limit); an answer need not carry all of it back.
+const MAX_ECHOED_PATH = 200;
+
+function requestPath(request: FastifyRequest): string {
+  const path = request.url.split('?')[0];
+  return path.length > MAX_ECHOED_PATH ? `${path.slice(0, MAX_ECHOED_PATH)}…` : path;
+}
+
+function sendProblem(reply: FastifyReply, status: number, code: string, detail: string): FastifyReply {
+  const body = problemBody(status, code, detail, requestPath(reply.request), String(reply.request.id));
   return reply.code(status).type('application/problem+json').send(body);
 }
 
@@ -27,10 +40,50 @@ function bearerChallenge(description: string): string {
   return `Bearer realm="pg-credential-broker", error="invalid_token", error_description="${description.replace(/[^\x20\x21\x23-\x5B\x5D-\x7E]/g, '')}"`;
 }
 
+/**
+ * Fastify's own answers for a URL its router cannot take (a path parameter over maxParamLength,
+ * a malformed percent-escape) are plain JSON that echo the whole path; these are problem+json.
+ * They are answered before any hook runs: no rate limit, no token check, no audit event.
+ */
+export function frameworkProblem(error: FastifyError, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+  // No onResponse runs for these, so this is the request's one log line.
+  request.log.info({ method: request.method, path: requestPath(request), code: error.code }, 'router refused the request');
+  if (error.code === 'FST_ERR_BAD_URL') return sendProblem(reply, 400, 'BAD_REQUEST', 'The path holds a malformed percent-encoding');
+  // 400 rather than Fastify's 414: no path parameter of ours is valid at that length (a lease id
+  // is a uuid, a policy name at most 63 characters), so this is the schema failure it would be.
+  if (error.code === 'FST_ERR_MAX_PARAM_LENGTH') return sendProblem(reply, 400, 'BAD_REQUEST', 'A path parameter is too long');
+  request.log.error({ err: error }, 'request failed');
+  return sendProblem(reply, 500, 'INTERNAL', 'Internal error; see the broker log for this request_id');
+}
+
+/**
+ * Node's HTTP parser refuses some requests before Fastify sees them (headers over the limit, a
+ * malformed request line, Content-Length with Transfer-Encoding). Fastify's default answer is plain
+ * JSON; this one is problem+json, written by hand since there is no request to reply through.
+ */
+export function clientErrorProblem(log: FastifyBaseLogger): (err: Error & { code?: string }, socket: Socket) => void {
+  return (err, socket) => {
+    if (err.code === 'ECONNRESET' || socket.destroyed) return;
+    const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
+    const detail = status === 431 ? 'The request headers are too large'
+      : status === 408 ? 'The request headers took too long to arrive' : 'The request is not valid HTTP';
+    const requestId = crypto.randomUUID();
+    log.debug({ err: { message: err.message, code: err.code }, request_id: requestId }, 'HTTP parser refused a request');
+    const body = JSON.stringify(problemBody(status, 'BAD_REQUEST', detail, undefined, requestId));
+    // As Node's own handler: no answer on a socket where a response has already begun.
+    const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
+    if (socket.writable && !inFlight?.headersSent) {
+      socket.write(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Type: application/problem+json\r\n`
+        + `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+    }
+    socket.destroy(err);
+  };
+}
+
 /** Turns every error into RFC 9457 problem+json; 5xx details stay in the log. */
 export function installProblemHandler(app: FastifyInstance): void {
   app.decorateRequest('audited', false);
-  app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'NOT_FOUND', `No route for ${request.method} ${request.url.split('?')[0]}`));
+  app.setNotFoundHandler((request, reply) => sendProblem(reply, 404, 'NOT_FOUND', `No route for ${request.method} ${requestPath(request)}`));
 
   app.setErrorHandler(async (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof TokenRejected || error.code === 'MISSING_TOKEN') {
