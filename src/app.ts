@@ -18,7 +18,7 @@ import credentialRoutes from './routes/credentials.js';
 import healthRoutes from './routes/health.js';
 import leaseRoutes from './routes/leases.js';
 import policyRoutes from './routes/policies.js';
-import { Problem } from './schemas/common.js';
+import { Problem, problemResponses } from './schemas/common.js';
 import { validatorCompiler } from './validation.js';
 
 declare module 'fastify' {
@@ -118,6 +118,14 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     if (reply.statusCode >= 400 && request.body === undefined && (chunked || (length !== undefined && length !== '0'))) {
       reply.header('connection', 'close');
     }
+  });
+  // Fastify reads a body on every method but GET and HEAD, whatever the route's schema says, so
+  // each such route can answer 400 (malformed JSON), 413 (over 64 KB) and 415 (neither JSON nor
+  // text/plain). Added here rather than route by route, so no route's document can leave them out.
+  app.addHook('onRoute', (route) => {
+    const methods = [route.method].flat();
+    if (!route.schema?.response || methods.every((m) => m === 'GET' || m === 'HEAD')) return;
+    route.schema.response = { ...problemResponses(400, 413, 415), ...(route.schema.response as object) };
   });
   app.addSchema(Problem);
   decorateLogNote(app);

@@ -77,3 +77,33 @@ test('revoking a lease that has already ended answers 200 with it, not the 409 o
   assert.equal(again.json().state, 'revoked');
   assert.ok(!documented('DELETE', '/leases/{id}', 409));
 });
+
+// Fastify reads the body of every method but GET and HEAD, whether or not the route declares one.
+test('every route that reads a body answers 400 for malformed JSON, 413 past 64 KB and 415 for another type, and documents them', async () => {
+  const admin = await b.adminToken();
+  let routes = 0;
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    const url = path.replace('{id}', randomUUID()).replace('{name}', 'some-policy');
+    for (const method of Object.keys(methods).map((m) => m.toUpperCase() as Method).filter((m) => m !== 'GET')) {
+      routes++;
+      const send = (contentType: string, payload: string) => b.app.inject({
+        method, url, payload, headers: { authorization: `Bearer ${admin}`, 'content-type': contentType }, remoteAddress: freshIp(),
+      });
+      const answers: Array<[number, string, string]> = [
+        [400, 'application/json', '{"ttl":'],
+        [413, 'application/json', JSON.stringify({ pad: 'x'.repeat(70 * 1024) })],
+        [415, 'application/xml', '<ttl/>'],
+      ];
+      for (const [status, contentType, payload] of answers) {
+        const res = await send(contentType, payload);
+        assert.equal(res.statusCode, status, `${method} ${path} with ${contentType} ${payload.slice(0, 10)}: ${res.body}`);
+        if (status === 400) assert.match(res.json().detail, /not valid JSON/, `${method} ${path}`);
+        assert.ok(documented(method, path, status), `${method} ${path} answered ${status}, which it does not document`);
+      }
+      // A small, well-formed JSON body is read: whatever the route says of it, it is none of those.
+      const fine = await send('application/json', '{}');
+      assert.ok(![413, 415].includes(fine.statusCode) && !/not valid JSON/.test(fine.body), `${method} ${path} with {}: ${fine.body}`);
+    }
+  }
+  assert.equal(routes, 7);
+});
