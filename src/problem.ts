@@ -63,7 +63,12 @@ export function frameworkProblem(error: FastifyError, request: FastifyRequest, r
  */
 export function clientErrorProblem(log: FastifyBaseLogger): (err: Error & { code?: string }, socket: Socket) => void {
   return (err, socket) => {
-    if (err.code === 'ECONNRESET' || socket.destroyed) return;
+    // A client that closed its side mid-request (EOF before the announced body ended) has gone
+    // away; the request, if one was under way, logs that itself. It is no malformed request.
+    if (err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || socket.destroyed) {
+      socket.destroy();
+      return;
+    }
     const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
     const detail = status === 431 ? 'The request headers are too large'
       : status === 408 ? 'The request headers took too long to arrive' : 'The request is not valid HTTP';
