@@ -15,9 +15,10 @@ export class BrokerChild {
     return this.child.pid!;
   }
 
-  static async start(env: Record<string, string>, options: { timeoutMs?: number; nodeFlags?: string[] } = {}): Promise<BrokerChild> {
+  /** `entry`: another compiled bench/broker-process.ts (e.g. an older commit's), for A/B runs. */
+  static async start(env: Record<string, string>, options: { timeoutMs?: number; nodeFlags?: string[]; entry?: string } = {}): Promise<BrokerChild> {
     const { timeoutMs = 60_000, nodeFlags = [] } = options;
-    const child = fork((await compiledEntries()).broker, [], {
+    const child = fork(options.entry ?? (await compiledEntries()).broker, [], {
       cwd: ROOT,
       // Not the bench's own flags, which load tsx: the broker runs on plain node, as in production
       // (nodeFlags only for a profiler's needs).
