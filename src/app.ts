@@ -19,7 +19,7 @@ import healthRoutes from './routes/health.js';
 import leaseRoutes from './routes/leases.js';
 import policyRoutes from './routes/policies.js';
 import { Problem, problemResponses } from './schemas/common.js';
-import { validatorCompiler } from './validation.js';
+import { schemaErrors, validatorCompiler } from './validation.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -85,6 +85,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     genReqId: () => crypto.randomUUID(),
     frameworkErrors: frameworkProblem,
     clientErrorHandler: clientErrorProblem(logger as FastifyBaseLogger),
+    schemaErrorFormatter: schemaErrors,
   });
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
   app.setValidatorCompiler(validatorCompiler);

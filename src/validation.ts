@@ -1,5 +1,6 @@
 import { Ajv, type Options } from 'ajv';
 import addFormats from 'ajv-formats';
+import type { ErrorObject } from 'ajv';
 import type { FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
 
 function makeAjv(options: Options): Ajv {
@@ -15,6 +16,18 @@ const strict = makeAjv({ coerceTypes: false });
 
 export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, httpPart }) =>
   (httpPart === 'body' ? strict : coercing).compile(schema as object) as ReturnType<FastifySchemaCompiler<unknown>>;
+
+/**
+ * Fastify's own wording (`body/ttl must be >= 1`), except that a value outside an enum also names
+ * the values allowed: "must be equal to one of the allowed values" alone leaves the caller guessing.
+ */
+export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: string): Error {
+  const text = errors.map((e) => {
+    const allowed = e.keyword === 'enum' ? (e.params as { allowedValues?: unknown[] } | undefined)?.allowedValues : undefined;
+    return `${dataVar}${e.instancePath ?? ''} ${e.message}${allowed ? ` (${allowed.join(', ')})` : ''}`;
+  }).join(', ');
+  return new Error(text);
+}
 
 /**
  * preValidation for POST routes whose body fields are all optional: a request that sends no

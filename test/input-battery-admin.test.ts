@@ -42,6 +42,10 @@ describe('query strings, path parameters and admin bodies', () => {
     for (const [label, url, token] of cases) {
       assertProblem(await send(label, { method: 'GET', url, token }), 400, label);
     }
+    // One sentence naming the allowed values, not one "must be equal to constant" per value.
+    const state = await send('state in capitals', { method: 'GET', url: '/leases?state=ACTIVE' });
+    assertProblem(state, 400, 'state in capitals');
+    assert.equal(state.json().detail, 'querystring/state must be equal to one of the allowed values (pending, active, revoking, expired, revoked, revoke_failed)');
   });
 
   test('the well-formed counterparts of those queries → 200', async () => {
