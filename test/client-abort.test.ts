@@ -2,27 +2,21 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, before, test } from 'node:test';
 import { startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
-import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { startRelay, type Relay } from './helpers/relay.js';
+import { startRelayedPostgres, type RelayedPostgres } from './helpers/relay.js';
 
-let pgs: TestPostgres;
-let relay: Relay;
+let db: RelayedPostgres;
 let b: TestBroker;
 let port: number;
 
 before(async () => {
-  pgs = await startPostgres();
-  relay = await startRelay(pgs.port);
-  const url = new URL(pgs.brokerUrl);
-  url.port = String(relay.port);
-  b = await startTestBroker({ pg: pgs, env: { DATABASE_URL: url.toString() } });
+  db = await startRelayedPostgres();
+  b = await startTestBroker({ pg: db.pgs, env: { DATABASE_URL: db.url } });
   await b.putPolicy('abort', { claims: { sub: 'abort:*' } });
   port = Number(new URL(await b.app.listen({ host: '127.0.0.1', port: 0 })).port);
 });
 after(async () => {
   await b?.close();
-  await relay?.close();
-  await pgs?.stop();
+  await db?.stop();
 });
 
 /**
@@ -72,13 +66,13 @@ test('a client that hangs up mid-body is logged as gone, not as a PostgreSQL out
 
 test('a PostgreSQL that refuses connections is still logged and answered as an outage', async () => {
   const from = b.logs.length;
-  relay.cut();
+  db.relay.cut();
   try {
     const res = await b.issue(await b.token({ sub: 'abort:outage' }));
     assert.equal(res.status, 503, JSON.stringify(res.body));
     assert.equal(res.body.code, 'DATABASE_UNAVAILABLE');
   } finally {
-    relay.refusing = false;
+    db.relay.refusing = false;
   }
   assert.ok(parsed().slice(from).some((l) => l.msg === 'PostgreSQL unavailable' && l.level === 40));
   assert.equal((await b.issue(await b.token({ sub: 'abort:outage' }))).status, 201, 'and it resumes');

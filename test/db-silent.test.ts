@@ -1,8 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { startTestBroker, type TestBroker } from './helpers/broker.js';
-import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { startRelay, type Relay } from './helpers/relay.js';
+import { startRelayedPostgres, type RelayedPostgres } from './helpers/relay.js';
 
 // A PostgreSQL that stops answering without closing anything, as a failover that leaves the old
 // address silent does: TCP stays up, bytes go nowhere. Without BROKER_QUERY_TIMEOUT a request
@@ -10,25 +9,20 @@ import { startRelay, type Relay } from './helpers/relay.js';
 // test's hang guard fails it).
 const HANG_GUARD = { timeout: 60_000 };
 
-let pgs: TestPostgres;
-let relay: Relay;
+let db: RelayedPostgres;
 let b: TestBroker;
 
 before(async () => {
-  pgs = await startPostgres();
-  relay = await startRelay(pgs.port);
-  const url = new URL(pgs.brokerUrl);
-  url.port = String(relay.port);
+  db = await startRelayedPostgres();
   b = await startTestBroker({
-    pg: pgs,
-    env: { DATABASE_URL: url.toString(), BROKER_LOCK_TIMEOUT: '1', BROKER_QUERY_TIMEOUT: '2', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' },
+    pg: db.pgs,
+    env: { DATABASE_URL: db.url, BROKER_LOCK_TIMEOUT: '1', BROKER_QUERY_TIMEOUT: '2', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' },
   });
   await b.putPolicy('silent', { claims: { sub: 'silent:*' } });
 });
 after(async () => {
   await b?.close();
-  await relay?.close();
-  await pgs?.stop();
+  await db?.stop();
 });
 
 describe('a PostgreSQL that goes silent', () => {
@@ -42,13 +36,13 @@ describe('a PostgreSQL that goes silent', () => {
     assert.ok(b.app.db.idleCount >= 2, `idle connections: ${b.app.db.idleCount}`);
     const logged = b.logs.length;
 
-    relay.silent = true;
+    db.relay.silent = true;
     let during;
     let ready;
     try {
       [during, ready] = await Promise.all([b.issue(token), b.app.inject({ method: 'GET', url: '/readyz' })]);
     } finally {
-      relay.silent = false;
+      db.relay.silent = false;
     }
     assert.equal(during.status, 503, JSON.stringify(during.body));
     assert.equal(during.body.code, 'DATABASE_UNAVAILABLE');
@@ -61,7 +55,7 @@ describe('a PostgreSQL that goes silent', () => {
     // The connections that went silent were discarded, not handed to the next request.
     const again = await b.issue(token);
     assert.equal(again.status, 201, JSON.stringify(again.body));
-    const leases = await pgs.query('SELECT id::text FROM broker.leases WHERE subject = $1 ORDER BY created_at', ['silent:a']);
+    const leases = await db.pgs.query('SELECT id::text FROM broker.leases WHERE subject = $1 ORDER BY created_at', ['silent:a']);
     assert.deepEqual(leases.map((l) => l.id), [first.body.lease_id, again.body.lease_id], 'the request that got 503 left no lease');
   });
 });

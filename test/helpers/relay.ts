@@ -1,4 +1,5 @@
 import net from 'node:net';
+import { startPostgres, type TestPostgres } from './postgres.js';
 
 /**
  * A TCP relay on 127.0.0.1 in front of a real server, for outages nothing in the request path
@@ -57,4 +58,26 @@ export async function startRelay(targetPort: number, targetHost = '127.0.0.1'): 
     }),
   };
   return state;
+}
+
+/** A PostgreSQL of its own with a relay in front; `url` reaches its broker database through the relay. */
+export interface RelayedPostgres {
+  pgs: TestPostgres;
+  relay: Relay;
+  url: string;
+  stop(): Promise<void>;
+}
+
+export async function startRelayedPostgres(): Promise<RelayedPostgres> {
+  const pgs = await startPostgres();
+  const relay = await startRelay(pgs.port);
+  const url = new URL(pgs.brokerUrl);
+  url.port = String(relay.port);
+  return {
+    pgs, relay, url: url.toString(),
+    async stop() {
+      await relay.close();
+      await pgs.stop();
+    },
+  };
 }
