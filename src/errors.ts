@@ -19,6 +19,8 @@ export const Errors = {
   InvalidPolicy: createError<[string]>('INVALID_POLICY', '%s', 400),
   RevokeIncomplete: createError<[string]>('REVOKE_INCOMPLETE', '%s', 500),
   DatabaseUnavailable: createError('DATABASE_UNAVAILABLE', 'PostgreSQL is unavailable, retry shortly', 503),
+  /** DATABASE_UNAVAILABLE with a detail of its own: what an interrupted revocation got done. */
+  DatabaseUnavailableDuring: createError<[string]>('DATABASE_UNAVAILABLE', '%s', 503),
   DatabaseBusy: createError<[string]>('DATABASE_BUSY', '%s', 503),
 };
 

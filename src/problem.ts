@@ -143,7 +143,7 @@ function answerFor(error: FastifyError, request: FastifyRequest): { status: numb
     request.log.error({ err: error }, 'revocation incomplete');
     return { status: 500, code: error.code, detail: error.message };
   }
-  if (error.code === 'DATABASE_BUSY') return { status, code: error.code, detail: error.message };
+  if (error.code === 'DATABASE_BUSY' || error.code === 'DATABASE_UNAVAILABLE') return { status, code: error.code, detail: error.message };
   if (status >= 500) {
     request.log.error({ err: error }, 'request failed');
     return { status: 500, code: 'INTERNAL', detail: 'Internal error; see the broker log for this request_id' };

@@ -66,7 +66,7 @@ export async function startBroker(
   for (const { policy, problem } of refused) {
     logger.warn({ policy, problem }, 'a stored policy would be refused if stored today, and still issues credentials: fix it with PUT /policies/{name}');
   }
-  const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
+  const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics });
   app.addHook('onReady', async () => reaper.start());
   app.addHook('onClose', async () => reaper.stop());
   let metricsServer: FastifyInstance | null = null;

@@ -81,8 +81,8 @@ describe('two replicas', () => {
 
   test('even without leadership, SKIP LOCKED claims hand each lease to one reaper only', async () => {
     const creds = await issueMany(60, 'rep:free');
-    const r1 = new Reaper({ pool: b1.app.db, config: b1.config, log: b1.app.log, brokerRole: () => b1.app.brokerRole(), batchSize: 4 });
-    const r2 = new Reaper({ pool: b2.app.db, config: b2.config, log: b2.app.log, brokerRole: () => b2.app.brokerRole(), batchSize: 4 });
+    const r1 = new Reaper({ pool: b1.app.db, config: b1.config, log: b1.app.log, batchSize: 4 });
+    const r2 = new Reaper({ pool: b2.app.db, config: b2.config, log: b2.app.log, batchSize: 4 });
     try {
       const [s1, s2] = await Promise.all([r1.reap({ requireLeadership: false }), r2.reap({ requireLeadership: false })]);
       assert.equal(s1.failed + s2.failed, 0);
@@ -276,7 +276,7 @@ describe('orphans', () => {
     const events = await b1.pg.query(
       `SELECT username, detail->>'reassigned_to' AS target FROM broker.audit_events
         WHERE type = 'role.orphan_dropped' AND username IN ('orphan_by_hand', 'orphan_lost') ORDER BY username`);
-    assert.deepEqual(events.map((e) => [e.username, e.target]), [['orphan_by_hand', 'broker'], ['orphan_lost', 'app_readers']]);
+    assert.deepEqual(events.map((e) => [e.username, e.target]), [['orphan_by_hand', null], ['orphan_lost', 'app_readers']]);
     const [staleEvent] = await b1.pg.query(`SELECT detail->>'reassigned_to' AS target FROM broker.audit_events WHERE type = 'role.orphan_dropped' AND username = $1`, [stale.username]);
     assert.equal(staleEvent.target, 'app_readers');
 
@@ -302,7 +302,7 @@ describe('orphans', () => {
     // One orphan per sweep, as if a whole batch kept failing.
     const sweep = () => reapOrphans({
       pool: b1.app.db, databaseUrl: b1.config.databaseUrl, managedRole: b1.config.managedRole, log: b1.app.log,
-      timeouts: b1.config, retryBaseSeconds: 1, brokerRole: 'broker', batchSize: 1,
+      timeouts: b1.config, retryBaseSeconds: 1, batchSize: 1,
     });
     assert.equal(await sweep(), 0, 'the stuck one fails');
     assert.equal(await sweep(), 1, 'the next sweep takes the other one instead of the stuck one again');

@@ -48,51 +48,91 @@ describe('teardown with one database refusing connections', () => {
   });
 });
 
-describe('teardown of a lease whose grant_role was dropped', () => {
-  test('what its role owns goes to the broker\'s own role, as for an orphan, and the revocation completes', async () => {
-    await addGroupRole(b.pg, 'faults_gone');
-    await b.putPolicy('gone', { claims: { sub: 'gone:*' }, grant_role: 'faults_gone' });
-    const owner = await b.token({ sub: 'gone:owner' });
+describe('teardown of a role that created a function', () => {
+  test('the function goes to its group like its tables, and the revocation completes', async () => {
+    const owner = await b.token({ sub: 'faults:fn' });
     const cred = (await b.issue(owner, { ttl: 300 })).body;
     const session = await connectAs(b.pg, cred);
-    await session.query('CREATE TABLE public.gone_kept (id int)');
+    await session.query(`CREATE FUNCTION public.faults_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'`);
     await session.end();
-    await b.pg.query('DROP ROLE faults_gone', [], 'postgres');
-
     const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
     assert.equal(res.status, 200, JSON.stringify({ ...res.body, last_error: (await leaseRow(b.pg, cred.lease_id)).last_error }));
-    assert.equal(res.body.state, 'revoked');
     assert.equal(await roleExists(b.pg, cred.username), false);
-    // The table outlives the lease, as it would have with its group.
-    const [kept] = await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'gone_kept'`);
-    assert.deepEqual(kept, { tableowner: 'broker' });
+    const [fn] = await b.pg.query(`SELECT pg_get_userbyid(proowner) AS owner FROM pg_proc WHERE proname = 'faults_fn'`);
+    assert.deepEqual(fn, { owner: 'app_migrators' });
+  });
+});
+
+describe('teardown of a lease whose grant_role was dropped', () => {
+  async function leaseOwningObjects(group: string, sub: string) {
+    await addGroupRole(b.pg, group);
+    await b.putPolicy(group, { claims: { sub: `${sub}:*` }, grant_role: group });
+    const owner = await b.token({ sub: `${sub}:owner` });
+    const cred = (await b.issue(owner, { ttl: 300 })).body;
+    const session = await connectAs(b.pg, cred);
+    await session.query(`CREATE TABLE public.${group}_kept (id int)`);
+    // Run by anyone as its owner: whoever ends up owning it lends that role to every caller.
+    await session.query(`CREATE FUNCTION public.${group}_definer() RETURNS text SECURITY DEFINER LANGUAGE sql AS 'SELECT current_user::text'`);
+    await session.end();
+    return { owner, cred };
+  }
+  const owners = async (group: string) => (await b.pg.query(
+    `SELECT (SELECT tableowner FROM pg_tables WHERE tablename = $1) AS tableowner,
+            (SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE proname = $2) AS proowner`, [`${group}_kept`, `${group}_definer`]))[0];
+
+  test('with another group it inherits from, its objects go there and the revocation completes', async () => {
+    const { owner, cred } = await leaseOwningObjects('faults_gone_a', 'gone-a');
+    await b.pg.query(`GRANT app_readers TO "${cred.username}"`, [], 'postgres');
+    await b.pg.query('DROP ROLE faults_gone_a', [], 'postgres');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 200, JSON.stringify({ ...res.body, last_error: (await leaseRow(b.pg, cred.lease_id)).last_error }));
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.deepEqual(await owners('faults_gone_a'), { tableowner: 'app_readers', proowner: 'app_readers' });
+  });
+
+  test('with none, nothing goes to the broker\'s own role: the teardown stops with its login disabled, says what to do, and finishes once that is done', async () => {
+    const { owner, cred } = await leaseOwningObjects('faults_gone_b', 'gone-b');
+    await b.pg.query('DROP ROLE faults_gone_b', [], 'postgres');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 500, JSON.stringify(res.body));
+    assert.equal(res.body.code, 'REVOKE_INCOMPLETE');
+    assert.match(res.body.detail, /login disabled/);
+    const row = await leaseRow(b.pg, cred.lease_id);
+    assert.match(row.last_error, /owns objects and belongs to no group that could take them .*REASSIGN OWNED BY/);
+    assert.ok(await loginError(b.pg, cred), 'its login is refused');
+    // Nothing was handed to the broker, and nothing was dropped.
+    assert.deepEqual(await owners('faults_gone_b'), { tableowner: cred.username, proowner: cred.username });
+
+    await b.pg.query(`REASSIGN OWNED BY "${cred.username}" TO app_readers`);
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.deepEqual(await owners('faults_gone_b'), { tableowner: 'app_readers', proowner: 'app_readers' });
   });
 });
 
 describe('PostgreSQL lost during a synchronous revocation\'s teardown, and back when it is recorded', () => {
-  // The teardown's REASSIGN OWNED waits on a lock held here; its connection is then terminated
-  // as in a server restart (57P01), while the pool's connections that record the attempt live on.
+  // Another session's open ALTER ROLE holds the issued role, so the teardown's NOLOGIN waits; its
+  // pooled connection is then terminated as in a server restart (57P01), while the pool's other
+  // connections, which record the attempt, live on.
   async function revokeDuringOutage(sub: string, send: (owner: string, leaseId: string) => Promise<{ statusCode: number; headers: Record<string, unknown>; json(): any }>) {
     const owner = await b.token({ sub });
     const cred = (await b.issue(owner, { ttl: 300 })).body;
-    const table = `outage_${sub.replace(/\W/g, '_')}`;
-    const session = await connectAs(b.pg, cred);
-    await session.query(`CREATE TABLE public.${table} (id int)`);
-    await session.end();
-    const holder = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/postgres$/, '/broker') });
+    const holder = new pg.Client({ connectionString: b.pg.superuserUrl });
     holder.on('error', () => undefined);
     await holder.connect();
+    let res;
     try {
-      await holder.query(`BEGIN; LOCK TABLE public.${table} IN ACCESS EXCLUSIVE MODE`);
+      await holder.query(`BEGIN; ALTER ROLE "${cred.username}" CONNECTION LIMIT 7`);
       const answer = send(owner, cred.lease_id);
-      const { pid } = await waitFor('the teardown waiting on the lock', async () => (await b.pg.query(
-        `SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`))[0]);
+      const { pid } = await waitFor('the teardown waiting on the role', async () => (await b.pg.query(
+        `SELECT pid FROM pg_stat_activity WHERE application_name = 'pg-credential-broker' AND wait_event_type = 'Lock' AND query LIKE '%NOLOGIN%'`))[0]);
       await b.pg.query('SELECT pg_terminate_backend($1)', [pid]);
-      const res = await answer;
-      assert.equal(res.statusCode, 503, JSON.stringify(res.json()));
-      assert.equal(res.json().code, 'DATABASE_UNAVAILABLE');
-      assert.equal(res.headers['retry-after'], '5');
+      res = await answer;
+      assert.equal(await loginError(b.pg, cred), undefined, 'the login still works at this point');
     } finally {
+      await holder.query('ROLLBACK').catch(() => undefined);
       await holder.end();
     }
     // The failed attempt is recorded, and the reaper finishes the teardown.
@@ -104,15 +144,23 @@ describe('PostgreSQL lost during a synchronous revocation\'s teardown, and back 
     assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
     assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
     assert.equal(await roleExists(b.pg, cred.username), false);
+    return res;
   }
 
-  test('DELETE /leases/{id} answers 503 DATABASE_UNAVAILABLE with Retry-After, not 500', async () => {
-    await revokeDuringOutage('faults:outage1', (owner, id) => b.app.inject({ method: 'DELETE', url: `/leases/${id}`, headers: { authorization: `Bearer ${owner}` } }));
+  test('DELETE /leases/{id} answers 503 DATABASE_UNAVAILABLE with Retry-After, saying the login is not disabled yet', async () => {
+    const res = await revokeDuringOutage('faults:outage1', (owner, id) => b.app.inject({ method: 'DELETE', url: `/leases/${id}`, headers: { authorization: `Bearer ${owner}` } }));
+    assert.equal(res.statusCode, 503, JSON.stringify(res.json()));
+    assert.equal(res.json().code, 'DATABASE_UNAVAILABLE');
+    assert.match(res.json().detail, /^PostgreSQL went away during the teardown: the lease is ended, but its login could not be disabled yet/);
+    assert.equal(res.headers['retry-after'], '5');
   });
 
-  test('POST /leases/revoke answers 503 DATABASE_UNAVAILABLE with Retry-After, not 500', async () => {
+  test('POST /leases/revoke keeps its 500 REVOKE_INCOMPLETE: a retry would find nothing active and answer {revoked: 0}', async () => {
     const admin = await b.adminToken();
-    await revokeDuringOutage('faults:outage2', () => b.app.inject({
+    const res = await revokeDuringOutage('faults:outage2', () => b.app.inject({
       method: 'POST', url: '/leases/revoke', headers: { authorization: `Bearer ${admin}` }, payload: { subject: 'faults:outage2' } }));
+    assert.equal(res.statusCode, 500, JSON.stringify(res.json()));
+    assert.equal(res.json().code, 'REVOKE_INCOMPLETE');
+    assert.match(res.json().detail, /1 of their logins could not be disabled yet/);
   });
 });

@@ -93,6 +93,12 @@ export const CALL_TIMEOUT_MS = 30_000;
  */
 export const REVOKE_TIMEOUT_MS = 300_000;
 
+/** fetch's own header and body timeouts (undici's, 300 s each) fire like ours: no answer in time. */
+function undiciTimedOut(err: unknown): boolean {
+  const code = (err as { cause?: { code?: unknown } })?.cause?.code;
+  return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
+}
+
 /** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
 export async function callBroker<T = any>(
   base: string, token: string, method: string, path: string, body?: unknown, timeoutMs = CALL_TIMEOUT_MS,
@@ -110,14 +116,14 @@ export async function callBroker<T = any>(
       signal,
     });
   } catch (err) {
-    if (signal.aborted) throw unanswered();
+    if (signal.aborted || undiciTimedOut(err)) throw unanswered();
     throw new CliError(`cannot reach the broker at ${base}: ${(err as Error).message}`);
   }
   try {
     text = await res.text();
   } catch (err) {
-    if (signal.aborted) throw unanswered();
-    throw new CliError(`the broker at ${base} broke off its answer to ${method} ${path}: ${(err as Error).message}`);
+    if (signal.aborted || undiciTimedOut(err)) throw unanswered();
+    throw new CliError(`the broker at ${base} broke off its ${res.status} answer to ${method} ${path}: ${(err as Error).message}`);
   }
   let parsed: unknown = null;
   try {

@@ -5,7 +5,7 @@ import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
 import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
-import { ownedObjectsSql, reassignTargets, type ReassignTargets } from './owned-objects.js';
+import { ownedObjectsSql, reassignTargets } from './owned-objects.js';
 
 export interface RoleToDrop {
   username: string;
@@ -105,7 +105,9 @@ export async function stepEach(
     if (roles.length === 1 || connection) {
       for (const role of roles) {
         result.set(role.username, `${where}: ${describe(batchErr)}`);
-        if (gone) result.outage.set(role.username, batchErr);
+        // Only the cluster-wide steps (those given `progress`) speak for the server: a per-database
+        // step's client-side timeout means a slow DROP OWNED there, not an outage.
+        if (gone && progress) result.outage.set(role.username, batchErr);
       }
       return [];
     }
@@ -225,11 +227,13 @@ async function endLogins(
   // Terminating a role's sessions and DROP OWNED need its privileges, which nobody holds while it
   // is live (a creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it
   // takes the membership now, for the few statements left, so no membership graph walked by
-  // other statements ever holds every live role.
+  // other statements ever holds every live role. With SET: handing a function, schema or type to
+  // another role (REASSIGN OWNED) needs the right to SET ROLE to it, which the creator reaches only
+  // through the issued role's own memberships.
   let live = await stepEach(roles, result, NOLOGIN_STEP, async (batch) => {
     const names = batch.map((r) => escapeIdent(r.username));
     const grant = creator
-      ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
+      ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET TRUE`
       : `GRANT ${names.join(', ')} TO CURRENT_USER`;
     await run([grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
   }, progress);
@@ -268,7 +272,7 @@ async function dropRoles(
   // A step like the others: after another creator group found the server gone it is not tried,
   // and its own failure is each role's outcome rather than an exception that loses them all.
   const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean }> = [];
-  const targets: ReassignTargets = { to: new Map(), broker: '' };
+  const targets = new Map<string, string | null>();
   live = await stepEach(live, result, 'find owned objects', async (batch) => {
     const { rows } = await deps.pool.query<{ datname: string; rolname: string; datallowconn: boolean }>(
       `SELECT DISTINCT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname
@@ -279,9 +283,7 @@ async function dropRoles(
     depRows.push(...rows);
     const owners = batch.filter((r) => rows.some((row) => row.rolname === r.username));
     if (owners.length === 0) return;
-    const found = await reassignTargets(deps.pool, owners, deps.managedRole);
-    for (const [username, target] of found.to) targets.to.set(username, target);
-    targets.broker = found.broker;
+    for (const [username, target] of await reassignTargets(deps.pool, owners, deps.managedRole)) targets.set(username, target);
   }, progress);
   const byDatabase = new Map<string, Set<string>>();
   for (const row of depRows) {

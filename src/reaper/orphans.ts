@@ -21,13 +21,14 @@ const failingByDeployment = new Map<string, Map<string, { failures: number; retr
  * Drops members of this deployment's marker role that have no live lease: created by hand, or
  * left behind by something outside the broker. Lease and role are created in one transaction,
  * so a committed role without a lease row is never one being issued right now. Objects such a
- * role owns go to the first group it belongs to, or to the broker's own role.
+ * role owns go to the first group it inherits from; with none, it is left for an operator (see
+ * leases/owned-objects.ts).
  *
  * On PostgreSQL 16+ a CREATEROLE broker may only alter or drop roles it holds ADMIN OPTION on.
  * It has that on every role it created; a member someone else put into the marker role without
  * granting it is reported once and left alone, so it cannot stall the sweep for the others.
  */
-export async function reapOrphans(deps: FinishDeps & { brokerRole: string; batchSize?: number }): Promise<number> {
+export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Promise<number> {
   const now = Date.now();
   if (!failingByDeployment.has(deps.managedRole)) failingByDeployment.set(deps.managedRole, new Map());
   const failing = failingByDeployment.get(deps.managedRole)!;
@@ -35,7 +36,8 @@ export async function reapOrphans(deps: FinishDeps & { brokerRole: string; batch
   const { rows } = await deps.pool.query<{ rolname: string; reassign_to: string | null; manageable: boolean }>(
     `SELECT r.rolname,
             (SELECT g2.rolname FROM pg_auth_members m2 JOIN pg_roles g2 ON g2.oid = m2.roleid
-              WHERE m2.member = r.oid AND g2.rolname <> $1 ORDER BY g2.rolname LIMIT 1) AS reassign_to,
+              WHERE m2.member = r.oid AND g2.rolname <> $1 AND COALESCE((to_jsonb(m2) ->> 'inherit_option')::boolean, true)
+              ORDER BY g2.rolname LIMIT 1) AS reassign_to,
             (pg_has_role(r.oid, 'MEMBER WITH ADMIN OPTION')
              OR (current_setting('server_version_num')::int < 160000
                  AND (SELECT rolcreaterole FROM pg_roles WHERE rolname = current_user))) AS manageable
@@ -60,7 +62,7 @@ export async function reapOrphans(deps: FinishDeps & { brokerRole: string; batch
   }
   const candidates = rows.filter((r) => r.manageable);
   if (candidates.length === 0) return 0;
-  const outcome = await teardownRoles(deps, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? deps.brokerRole })));
+  const outcome = await teardownRoles(deps, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? '' })));
   const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
   for (const r of candidates) {
     if (outcome.get(r.rolname) === null) {
@@ -74,7 +76,7 @@ export async function reapOrphans(deps: FinishDeps & { brokerRole: string; batch
   }
   if (dropped.length > 0) {
     await deps.pool.query(insertAuditFromJson(1), [
-      auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to ?? deps.brokerRole } }))),
+      auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } }))),
     ]);
     deps.metrics?.orphans.inc(dropped.length);
     deps.log.info({ count: dropped.length }, 'dropped orphaned managed roles');

@@ -14,7 +14,6 @@ export interface ReaperDeps {
   config: Config;
   log: FastifyBaseLogger;
   metrics?: Metrics;
-  brokerRole: () => Promise<string>;
   /** Leases per claim; defaults to REAP_BATCH. */
   batchSize?: number;
 }
@@ -112,7 +111,7 @@ export class Reaper extends EventEmitter {
       stats.failed += counts.failed;
       this.emit('batch', counts);
     }
-    if (!this.stopping && stillLeader()) stats.orphans = await reapOrphans({ ...finishDeps, brokerRole: await this.deps.brokerRole() });
+    if (!this.stopping && stillLeader()) stats.orphans = await reapOrphans(finishDeps);
     return stats;
   }
 

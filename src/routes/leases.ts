@@ -112,10 +112,16 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         // How far the other teardown got is not known here: claim nothing about the login.
         throw new Errors.RevokeIncomplete('The lease is ended; the reaper is tearing it down and has not finished yet');
       }
+      const error = errors.get(lease.username) ?? now.last_error;
       // PostgreSQL went away mid-teardown and is back: the failed attempt is recorded for the
-      // reaper, and the caller gets the outage's 503 with Retry-After, never a 500 (problem.ts).
-      if (outage.has(lease.username)) throw outage.get(lease.username);
-      throw revokeIncomplete([errors.get(lease.username) ?? now.last_error], app.config.reaperIntervalSeconds);
+      // reaper, and the caller gets a 503 with Retry-After, never a 500, saying how far it got.
+      if (outage.has(lease.username)) {
+        request.log.warn({ lease_id: lease.id, error }, 'PostgreSQL went away during a revocation');
+        throw new Errors.DatabaseUnavailableDuring(loginStillEnabled(error)
+          ? 'PostgreSQL went away during the teardown: the lease is ended, but its login could not be disabled yet; retry shortly, or the reaper finishes it'
+          : 'PostgreSQL went away during the teardown: the lease is ended and its login disabled; retry shortly, or the reaper finishes it');
+      }
+      throw revokeIncomplete([error], app.config.reaperIntervalSeconds);
     },
   );
 
@@ -137,13 +143,12 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       }
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases, errors, outage } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
+      const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
         issuers: app.config.issuers.map((i) => i.issuer),
       });
       const failed = [...errors.values()].filter((e) => e !== null);
-      // As for a single lease: an outage during the teardown answers 503, the reaper finishes it.
-      const lost = [...outage].find(([name]) => errors.get(name) != null);
-      if (lost) throw lost[1];
+      // No 503 here, even after an outage: a retry would find these leases no longer active and
+      // answer {revoked: 0}, and the caller would lose which leases were ended and how far.
       if (failed.length > 0) throw revokeIncomplete(failed, app.config.reaperIntervalSeconds, true);
       return { revoked: leases.length, lease_ids: leases.map((l) => l.id) };
     },

@@ -60,7 +60,7 @@ export async function startTestBroker(opts: TestBrokerOptions = {}): Promise<Tes
   const secrets = trackSecrets(app);
   secrets.add(decodeURIComponent(new URL(config.databaseUrl).password));
   await app.ready();
-  const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics, brokerRole: () => app.brokerRole() });
+  const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics });
   const token = (claims: Record<string, unknown> = {}, signOpts?: Parameters<TestIssuer['sign']>[1]) =>
     issuer.sign({ aud: AUDIENCE, sub: 'repo:octo-org/octo-repo:ref:refs/heads/main', ...claims }, signOpts);
   const broker: TestBroker = {
