@@ -94,7 +94,7 @@ export const CALL_TIMEOUT_MS = 30_000;
 export const REVOKE_TIMEOUT_MS = 300_000;
 
 /** fetch's own header and body timeouts (undici's, 300 s each) fire like ours: no answer in time. */
-function undiciTimedOut(err: unknown): boolean {
+export function undiciTimedOut(err: unknown): boolean {
   const code = (err as { cause?: { code?: unknown } })?.cause?.code;
   return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
 }

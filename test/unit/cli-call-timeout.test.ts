@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
-import { callBroker, CliError } from '../../src/cli/client.js';
+import { callBroker, CliError, undiciTimedOut } from '../../src/cli/client.js';
 import { isFinalRenewFailure } from '../../src/cli/renew-schedule.js';
 
 // A broker that got the request but has not answered yet may still carry it out: the CLI must
@@ -56,4 +56,15 @@ describe('callBroker deadline', () => {
     const err = await failure(callBroker(`http://127.0.0.1:${closed}`, 't', 'DELETE', '/fast', undefined, 2000));
     assert.match(err.message, /^cannot reach the broker at /);
   });
+});
+
+// fetch (undici) has header and body timeouts of its own, 300 s each, as long as a revocation's
+// deadline: whichever fires first, the answer did not come in time.
+test('fetch\'s own header and body timeouts count as no answer; other failures do not', () => {
+  const failed = (code: string) => Object.assign(new TypeError('fetch failed'), { cause: Object.assign(new Error(code), { code }) });
+  assert.equal(undiciTimedOut(failed('UND_ERR_HEADERS_TIMEOUT')), true);
+  assert.equal(undiciTimedOut(failed('UND_ERR_BODY_TIMEOUT')), true);
+  assert.equal(undiciTimedOut(failed('ECONNREFUSED')), false);
+  assert.equal(undiciTimedOut(new Error('no cause')), false);
+  assert.equal(undiciTimedOut(undefined), false);
 });
