@@ -61,6 +61,25 @@ describe('teardown of a role that created a function', () => {
     const [fn] = await b.pg.query(`SELECT pg_get_userbyid(proowner) AS owner FROM pg_proc WHERE proname = 'faults_fn'`);
     assert.deepEqual(fn, { owner: 'app_migrators' });
   });
+
+  test('a function met before its own schema in the catalogue goes over with it', async () => {
+    await b.pg.query('GRANT CREATE ON DATABASE broker TO app_migrators', [], 'postgres');
+    const owner = await b.token({ sub: 'faults:schema' });
+    const cred = (await b.issue(owner, { ttl: 300 })).body;
+    const session = await connectAs(b.pg, cred);
+    // Created before the schema, then moved into it: its catalogue entry comes first, and handing
+    // it over needs CREATE on a schema its new owner does not own yet.
+    await session.query(`CREATE FUNCTION public.faults_moved() RETURNS int LANGUAGE sql AS 'SELECT 1'`);
+    await session.query('CREATE SCHEMA faults_own');
+    await session.query('REVOKE ALL ON SCHEMA faults_own FROM PUBLIC');
+    await session.query('ALTER FUNCTION public.faults_moved() SET SCHEMA faults_own');
+    await session.end();
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 200, JSON.stringify({ ...res.body, last_error: (await leaseRow(b.pg, cred.lease_id)).last_error }));
+    const [moved] = await b.pg.query(
+      `SELECT pg_get_userbyid(p.proowner) AS fn, pg_get_userbyid(n.nspowner) AS schema FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = 'faults_moved'`);
+    assert.deepEqual(moved, { fn: 'app_migrators', schema: 'app_migrators' });
+  });
 });
 
 describe('teardown of a lease whose grant_role was dropped', () => {
@@ -90,6 +109,36 @@ describe('teardown of a lease whose grant_role was dropped', () => {
     assert.deepEqual(await owners('faults_gone_a'), { tableowner: 'app_readers', proowner: 'app_readers' });
   });
 
+  test('privileges and default privileges alone need no group: the revocation completes', async () => {
+    await addGroupRole(b.pg, 'faults_gone_c');
+    await b.putPolicy('faults_gone_c', { claims: { sub: 'gone-c:*' }, grant_role: 'faults_gone_c' });
+    const owner = await b.token({ sub: 'gone-c:owner' });
+    const cred = (await b.issue(owner, { ttl: 300 })).body;
+    const session = await connectAs(b.pg, cred);
+    await session.query('ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO app_readers');
+    await session.end();
+    await b.pg.query('DROP ROLE faults_gone_c', [], 'postgres');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 200, JSON.stringify({ ...res.body, last_error: (await leaseRow(b.pg, cred.lease_id)).last_error }));
+    assert.equal(await roleExists(b.pg, cred.username), false);
+  });
+
+  test('a group joined without INHERIT takes nothing (16+; 15 has no such option)', async (t) => {
+    if (b.pg.version < 16) return t.skip('PostgreSQL 15 has no INHERIT option on a membership');
+    const { owner, cred } = await leaseOwningObjects('faults_gone_d', 'gone-d');
+    await b.pg.query(`GRANT app_readers TO "${cred.username}" WITH INHERIT FALSE`, [], 'postgres');
+    await b.pg.query('DROP ROLE faults_gone_d', [], 'postgres');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 500, JSON.stringify(res.body));
+    assert.match((await leaseRow(b.pg, cred.lease_id)).last_error, /belongs to no group that could take them/);
+    assert.deepEqual(await owners('faults_gone_d'), { tableowner: cred.username, proowner: cred.username });
+    // The same group with INHERIT takes them.
+    await b.pg.query(`GRANT app_readers TO "${cred.username}" WITH INHERIT TRUE`, [], 'postgres');
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
+    assert.deepEqual(await owners('faults_gone_d'), { tableowner: 'app_readers', proowner: 'app_readers' });
+  });
+
   test('with none, nothing goes to the broker\'s own role: the teardown stops with its login disabled, says what to do, and finishes once that is done', async () => {
     const { owner, cred } = await leaseOwningObjects('faults_gone_b', 'gone-b');
     await b.pg.query('DROP ROLE faults_gone_b', [], 'postgres');
@@ -98,7 +147,7 @@ describe('teardown of a lease whose grant_role was dropped', () => {
     assert.equal(res.body.code, 'REVOKE_INCOMPLETE');
     assert.match(res.body.detail, /login disabled/);
     const row = await leaseRow(b.pg, cred.lease_id);
-    assert.match(row.last_error, /owns objects and belongs to no group that could take them .*REASSIGN OWNED BY/);
+    assert.match(row.last_error, /owns objects and belongs to no group that could take them; reassign them by hand \(REASSIGN OWNED BY/);
     assert.ok(await loginError(b.pg, cred), 'its login is refused');
     // Nothing was handed to the broker, and nothing was dropped.
     assert.deepEqual(await owners('faults_gone_b'), { tableowner: cred.username, proowner: cred.username });
@@ -153,6 +202,31 @@ describe('PostgreSQL lost during a synchronous revocation\'s teardown, and back 
     assert.equal(res.json().code, 'DATABASE_UNAVAILABLE');
     assert.match(res.json().detail, /^PostgreSQL went away during the teardown: the lease is ended, but its login could not be disabled yet/);
     assert.equal(res.headers['retry-after'], '5');
+  });
+
+  test('a slow DROP OWNED in one database is no outage: 500 REVOKE_INCOMPLETE, not 503', async () => {
+    // No lock timeout, and a client that stops waiting after 3 s: the teardown's per-database
+    // statement then times out on the client while PostgreSQL itself is fine.
+    const slow = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { BROKER_LOCK_TIMEOUT: '0', BROKER_QUERY_TIMEOUT: '3' } });
+    const holder = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/postgres$/, '/broker') });
+    holder.on('error', () => undefined);
+    await holder.connect();
+    try {
+      const owner = await slow.token({ sub: 'faults:slow' });
+      const cred = (await slow.issue(owner, { ttl: 300 })).body;
+      const session = await connectAs(b.pg, cred);
+      await session.query('CREATE TABLE public.faults_slow (id int)');
+      await session.end();
+      await holder.query('BEGIN; LOCK TABLE public.faults_slow IN ACCESS EXCLUSIVE MODE');
+      const res = await api(slow, 'DELETE', `/leases/${cred.lease_id}`, owner);
+      assert.equal(res.status, 500, JSON.stringify(res.body));
+      assert.equal(res.body.code, 'REVOKE_INCOMPLETE');
+      assert.match((await leaseRow(b.pg, cred.lease_id)).last_error, /Query read timeout/);
+    } finally {
+      await holder.query('ROLLBACK').catch(() => undefined);
+      await holder.end();
+      await slow.close();
+    }
   });
 
   test('POST /leases/revoke keeps its 500 REVOKE_INCOMPLETE: a retry would find nothing active and answer {revoked: 0}', async () => {

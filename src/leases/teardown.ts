@@ -5,7 +5,7 @@ import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
 import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
-import { ownedObjectsSql, reassignTargets } from './owned-objects.js';
+import { ownedObjectsSql, reassignTargets, type OwnedHere } from './owned-objects.js';
 
 export interface RoleToDrop {
   username: string;
@@ -227,13 +227,12 @@ async function endLogins(
   // Terminating a role's sessions and DROP OWNED need its privileges, which nobody holds while it
   // is live (a creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it
   // takes the membership now, for the few statements left, so no membership graph walked by
-  // other statements ever holds every live role. With SET: handing a function, schema or type to
-  // another role (REASSIGN OWNED) needs the right to SET ROLE to it, which the creator reaches only
-  // through the issued role's own memberships.
+  // other statements ever holds every live role. (SET is added only inside the transaction that
+  // hands the role's objects over: see owned-objects.ts.)
   let live = await stepEach(roles, result, NOLOGIN_STEP, async (batch) => {
     const names = batch.map((r) => escapeIdent(r.username));
     const grant = creator
-      ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET TRUE`
+      ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
       : `GRANT ${names.join(', ')} TO CURRENT_USER`;
     await run([grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
   }, progress);
@@ -271,31 +270,39 @@ async function dropRoles(
   // without connecting to the ones that hold nothing.
   // A step like the others: after another creator group found the server gone it is not tried,
   // and its own failure is each role's outcome rather than an exception that loses them all.
-  const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean }> = [];
+  const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean; owns: boolean; owns_schema: boolean }> = [];
   const targets = new Map<string, string | null>();
   live = await stepEach(live, result, 'find owned objects', async (batch) => {
-    const { rows } = await deps.pool.query<{ datname: string; rolname: string; datallowconn: boolean }>(
-      `SELECT DISTINCT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname
+    // owns: something REASSIGN OWNED moves (privileges and default privileges it does not; DROP
+    // OWNED clears those), so a role holding only those needs no group to hand anything to.
+    const { rows } = await deps.pool.query<(typeof depRows)[number]>(
+      `SELECT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname,
+              bool_or(s.deptype = 'o' AND s.classid <> 'pg_default_acl'::regclass) AS owns,
+              bool_or(s.deptype = 'o' AND s.classid = 'pg_namespace'::regclass) AS owns_schema
          FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
-        WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)`,
+        WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)
+        GROUP BY 1, 2, 3`,
       [batch.map((r) => r.username)],
     );
     depRows.push(...rows);
-    const owners = batch.filter((r) => rows.some((row) => row.rolname === r.username));
+    const owners = batch.filter((r) => rows.some((row) => row.rolname === r.username && row.owns));
     if (owners.length === 0) return;
     for (const [username, target] of await reassignTargets(deps.pool, owners, deps.managedRole)) targets.set(username, target);
   }, progress);
-  const byDatabase = new Map<string, Set<string>>();
+  const byDatabase = new Map<string, { roles: Set<string> } & OwnedHere>();
   for (const row of depRows) {
     // A database that refuses connections cannot be cleaned; DROP ROLE below then names it.
     if (!row.datallowconn) continue;
-    if (!byDatabase.has(row.datname)) byDatabase.set(row.datname, new Set());
-    byDatabase.get(row.datname)!.add(row.rolname);
+    if (!byDatabase.has(row.datname)) byDatabase.set(row.datname, { roles: new Set(), owners: new Set(), schemaOwners: new Set() });
+    const here = byDatabase.get(row.datname)!;
+    here.roles.add(row.rolname);
+    if (row.owns) here.owners.add(row.rolname);
+    if (row.owns_schema) here.schemaOwners.add(row.rolname);
   }
   const failed = new Set<string>();
-  for (const [database, owners] of byDatabase) {
-    const batch = live.filter((r) => owners.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator, targets)));
+  for (const [database, here] of byDatabase) {
+    const batch = live.filter((r) => here.roles.has(r.username));
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator, targets, here)));
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
 

@@ -1,4 +1,5 @@
 import { auditJson, insertAuditFromJson } from '../audit/repository.js';
+import { eligibleGroupSql } from '../leases/owned-objects.js';
 import { teardownRoles } from '../leases/teardown.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import type { FinishDeps } from '../leases/revoke.js';
@@ -35,9 +36,8 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
   const resting = [...failing].filter(([, f]) => f.retryAt > now).map(([rolname]) => rolname);
   const { rows } = await deps.pool.query<{ rolname: string; reassign_to: string | null; manageable: boolean }>(
     `SELECT r.rolname,
-            (SELECT g2.rolname FROM pg_auth_members m2 JOIN pg_roles g2 ON g2.oid = m2.roleid
-              WHERE m2.member = r.oid AND g2.rolname <> $1 AND COALESCE((to_jsonb(m2) ->> 'inherit_option')::boolean, true)
-              ORDER BY g2.rolname LIMIT 1) AS reassign_to,
+            (SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+              WHERE m.member = r.oid AND ${eligibleGroupSql('$1')} ORDER BY g.rolname LIMIT 1) AS reassign_to,
             (pg_has_role(r.oid, 'MEMBER WITH ADMIN OPTION')
              OR (current_setting('server_version_num')::int < 160000
                  AND (SELECT rolcreaterole FROM pg_roles WHERE rolname = current_user))) AS manageable
