@@ -25,6 +25,8 @@ describe('teardown with one database refusing connections', () => {
     await b.pg.query('CREATE DATABASE faults_full CONNECTION LIMIT 0', [], 'postgres');
     const [stuck, ...rest] = creds;
     await b.pg.query(`CREATE TABLE public.kept (id int); ALTER TABLE public.kept OWNER TO "${stuck.username}"`, [], 'faults_full');
+    // It also owns a table here, whose handover commits although the role cannot be dropped yet.
+    await b.pg.query(`CREATE TABLE public.kept_here (id int); ALTER TABLE public.kept_here OWNER TO "${stuck.username}"`);
 
     const res = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { policy: 'faults' });
     assert.equal(res.status, 500, JSON.stringify(res.body));
@@ -37,6 +39,14 @@ describe('teardown with one database refusing connections', () => {
     assert.equal(row.state, 'revoking');
     assert.match(row.last_error, /faults_full: 53300/);
     assert.ok(await loginError(b.pg, stuck), 'its login is already refused');
+    assert.deepEqual(await b.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'kept_here'`), [{ tableowner: 'app_migrators' }]);
+    if (b.pg.version >= 16) {
+      // The creator needed SET ROLE on it for that handover only: none of it was committed.
+      const [m] = await b.pg.query(`SELECT count(*)::int AS n, count(*) FILTER (WHERE m.set_option)::int AS settable
+                                      FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid WHERE r.rolname = $1`, [stuck.username]);
+      assert.ok(m.n >= 1, 'the creator is a member while it ends the role');
+      assert.equal(m.settable, 0);
+    }
 
     await b.pg.query('ALTER DATABASE faults_full CONNECTION LIMIT -1', [], 'postgres');
     await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [stuck.lease_id]);
@@ -137,6 +147,23 @@ describe('teardown of a lease whose grant_role was dropped', () => {
     await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
     assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
     assert.deepEqual(await owners('faults_gone_d'), { tableowner: 'app_readers', proowner: 'app_readers' });
+  });
+
+  test('a group joined without SET, a privileged one, or one inheriting a predefined role takes nothing (16+)', async (t) => {
+    if (b.pg.version < 16) return t.skip('PostgreSQL 15 has no SET option on a membership');
+    const { owner, cred } = await leaseOwningObjects('faults_gone_e', 'gone-e');
+    await b.pg.query(`CREATE ROLE faults_bypass NOLOGIN BYPASSRLS; CREATE ROLE faults_reads_all NOLOGIN; GRANT pg_read_all_data TO faults_reads_all;
+                      GRANT app_readers TO "${cred.username}" WITH SET FALSE; GRANT faults_bypass, faults_reads_all TO "${cred.username}"`, [], 'postgres');
+    await b.pg.query('DROP ROLE faults_gone_e', [], 'postgres');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}`, owner);
+    assert.equal(res.status, 500, JSON.stringify(res.body));
+    assert.match((await leaseRow(b.pg, cred.lease_id)).last_error, /belongs to no group that could take them/);
+    assert.deepEqual(await owners('faults_gone_e'), { tableowner: cred.username, proowner: cred.username });
+    // With SET on the plain group, it takes them.
+    await b.pg.query(`GRANT app_readers TO "${cred.username}" WITH SET TRUE`, [], 'postgres');
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
+    assert.deepEqual(await owners('faults_gone_e'), { tableowner: 'app_readers', proowner: 'app_readers' });
   });
 
   test('with none, nothing goes to the broker\'s own role: the teardown stops with its login disabled, says what to do, and finishes once that is done', async () => {

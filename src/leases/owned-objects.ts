@@ -5,16 +5,21 @@ import type { RoleToDrop } from './teardown.js';
 
 /**
  * SQL condition on pg_auth_members `m` joined to the group's pg_roles row `g`: a group a role's
- * objects may go to. Never the marker role (param `markerParam`), a predefined role or one with a
- * privileged attribute; and only a membership with INHERIT and SET (16+; read through to_jsonb so
+ * objects may go to. Never the marker role (param `markerParam`), nor a group that is or inherits
+ * from a predefined role or one with a privileged attribute; and only a membership with INHERIT and SET (16+; read through to_jsonb so
  * that 15, which has neither column, parses it too): the creator acting for the broker reaches a
  * group only through the issued role, and handing a function or schema over needs SET ROLE to it.
  */
 export function eligibleGroupSql(markerParam: string): string {
-  return `g.rolname <> ${markerParam} AND g.rolname NOT LIKE 'pg\\_%'
-          AND NOT (g.rolsuper OR g.rolcreaterole OR g.rolbypassrls OR g.rolreplication)
+  // The same walk as the grant_role check (roles.ts): nothing the group inherits from may be
+  // predefined or privileged either.
+  return `g.rolname <> ${markerParam}
           AND COALESCE((to_jsonb(m) ->> 'inherit_option')::boolean, true)
-          AND COALESCE((to_jsonb(m) ->> 'set_option')::boolean, true)`;
+          AND COALESCE((to_jsonb(m) ->> 'set_option')::boolean, true)
+          AND NOT EXISTS (
+            WITH RECURSIVE up(oid) AS (SELECT g.oid UNION SELECT m2.roleid FROM pg_auth_members m2 JOIN up ON m2.member = up.oid)
+            SELECT 1 FROM up JOIN pg_roles p ON p.oid = up.oid
+             WHERE p.rolname LIKE 'pg\\_%' OR p.rolsuper OR p.rolcreaterole OR p.rolbypassrls OR p.rolreplication)`;
 }
 
 /**

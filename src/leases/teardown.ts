@@ -273,11 +273,11 @@ async function dropRoles(
   const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean; owns: boolean; owns_schema: boolean }> = [];
   const targets = new Map<string, string | null>();
   live = await stepEach(live, result, 'find owned objects', async (batch) => {
-    // owns: something REASSIGN OWNED moves (privileges and default privileges it does not; DROP
-    // OWNED clears those), so a role holding only those needs no group to hand anything to.
+    // owns: something REASSIGN OWNED moves (privileges, default privileges and user mappings it
+    // does not; DROP OWNED clears those), so a role holding only those needs no group to hand anything to.
     const { rows } = await deps.pool.query<(typeof depRows)[number]>(
       `SELECT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname,
-              bool_or(s.deptype = 'o' AND s.classid <> 'pg_default_acl'::regclass) AS owns,
+              bool_or(s.deptype = 'o' AND s.classid NOT IN ('pg_default_acl'::regclass, 'pg_user_mapping'::regclass)) AS owns,
               bool_or(s.deptype = 'o' AND s.classid = 'pg_namespace'::regclass) AS owns_schema
          FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
         WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)
