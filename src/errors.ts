@@ -10,6 +10,7 @@ export const Errors = {
   NotAdmin: createError('NOT_ADMIN', 'This operation needs an admin token', 403),
   NoPolicy: createError<[string]>('NO_POLICY', '%s', 403),
   UnsafeGrantRole: createError<[string]>('GRANT_ROLE_UNSAFE', '%s', 403),
+  PolicyDatabaseMissing: createError<[string]>('POLICY_DATABASE_MISSING', '%s', 403),
   LeaseNotFound: createError('LEASE_NOT_FOUND', 'No such lease', 404),
   PolicyNotFound: createError('POLICY_NOT_FOUND', 'No such policy', 404),
   AmbiguousPolicy: createError<[string]>('AMBIGUOUS_POLICY', '%s', 409),

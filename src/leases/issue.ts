@@ -43,7 +43,7 @@ export interface IssueRequest {
   ttl?: number;
 }
 
-export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded' | 'grant_role_unsafe';
+export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded' | 'grant_role_unsafe' | 'database_missing';
 
 export class IssueDenied extends Error {
   constructor(readonly reason: DenialReason, readonly policy: string | null, readonly error: Error) {
@@ -82,6 +82,13 @@ function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<
 function unsafeGrantRole(deps: IssueDeps, policy: Policy, problem: string): IssueDenied {
   deps.log.warn({ policy: policy.name, grant_role: policy.grant_role, problem }, 'policy grant_role is no longer safe to hand out; issuance refused');
   return new IssueDenied('grant_role_unsafe', policy.name, new Errors.UnsafeGrantRole(
+    `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`));
+}
+
+/** A login that could connect nowhere is no credential: refused, as an unsafe group is. */
+function missingDatabase(deps: IssueDeps, policy: Policy, problem: string): IssueDenied {
+  deps.log.warn({ policy: policy.name, database: policy.database, problem }, 'policy database is gone; issuance refused');
+  return new IssueDenied('database_missing', policy.name, new Errors.PolicyDatabaseMissing(
     `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`));
 }
 
@@ -131,6 +138,8 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       }
       const unsafe = await deps.grantRoles.problem(client, chosen.grant_role);
       if (unsafe) throw unsafeGrantRole(deps, chosen, unsafe);
+      const noDatabase = await deps.grantRoles.databaseProblem(client, chosen.database);
+      if (noDatabase) throw missingDatabase(deps, chosen, noDatabase);
       const now = Date.now();
       const expiresAt = wholeSecondAfter(now + ttl * 1000);
       const maxExpiresAt = wholeSecondAfter(now + chosen.max_ttl * 1000);

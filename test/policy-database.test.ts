@@ -1,0 +1,53 @@
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { startTestBroker, type TestBroker } from './helpers/broker.js';
+
+// PUT /policies refuses a database that does not exist; this covers one dropped afterwards,
+// which would otherwise get 201s for logins that can connect nowhere.
+let b: TestBroker;
+const DB = 'pd_target';
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_GRANT_RECHECK_INTERVAL: '0' } });
+  await b.pg.query(`CREATE DATABASE ${DB}`, [], 'postgres');
+  await b.putPolicy('pd', { claims: { sub: 'pd:*' }, database: DB });
+});
+after(async () => {
+  await b?.pg.query(`DROP DATABASE IF EXISTS ${DB}`, [], 'postgres');
+  await b?.close();
+});
+
+const deniedMetric = async () => {
+  const res = await b.app.inject({ method: 'GET', url: '/metrics' });
+  const line = res.body.split('\n').find((l) => l.startsWith('broker_credentials_denied_total{policy="pd",reason="database_missing"}'));
+  return line ? Number(line.split(' ').pop()) : 0;
+};
+
+test('a policy whose database was dropped issues nothing, says why, and issues again once it is back', async () => {
+  const ok = await b.issue(await b.token({ sub: 'pd:before' }));
+  assert.equal(ok.status, 201, JSON.stringify(ok.body));
+  assert.equal(ok.body.database, DB);
+
+  await b.pg.query(`DROP DATABASE ${DB}`, [], 'postgres');
+  const refused = await b.issue(await b.token({ sub: 'pd:during' }));
+  assert.equal(refused.status, 403, JSON.stringify(refused.body));
+  assert.equal(refused.body.code, 'POLICY_DATABASE_MISSING');
+  assert.match(refused.body.detail, /^Policy pd cannot issue credentials until an admin fixes it: database pd_target does not exist/);
+  // Nothing was created for it; the refusal is audited, counted and logged.
+  assert.deepEqual(await b.pg.query(`SELECT 1 FROM broker.leases WHERE subject = 'pd:during'`), []);
+  assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname LIKE 'lease_pd_during%'`), []);
+  const [audit] = await b.pg.query(`SELECT type, policy, reason FROM broker.audit_events WHERE subject = 'pd:during'`);
+  assert.deepEqual(audit, { type: 'credential.denied', policy: 'pd', reason: 'database_missing' });
+  assert.equal(await deniedMetric(), 1);
+  assert.ok(b.logs.some((l) => l.includes('issuance refused') && l.includes(DB)), 'a warning names the database');
+
+  // A database that exists but takes no connections is no better.
+  await b.pg.query(`CREATE DATABASE ${DB} ALLOW_CONNECTIONS false`, [], 'postgres');
+  const closed = await b.issue(await b.token({ sub: 'pd:closed' }));
+  assert.equal(closed.status, 403, JSON.stringify(closed.body));
+  assert.equal(closed.body.code, 'POLICY_DATABASE_MISSING');
+
+  await b.pg.query(`ALTER DATABASE ${DB} ALLOW_CONNECTIONS true`, [], 'postgres');
+  const again = await b.issue(await b.token({ sub: 'pd:after' }));
+  assert.equal(again.status, 201, JSON.stringify(again.body));
+});
