@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { GrantRoleGuard } from '../src/postgres/grant-guard.js';
-import { api, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { api, deniedCount, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { addGroupRole } from './helpers/postgres.js';
 
 // PUT /policies refuses an unsafe grant_role; these tests cover a group that becomes unsafe
@@ -15,12 +15,6 @@ before(async () => {
   await b.putPolicy('gr', { claims: { sub: 'gr:*' }, grant_role: 'gr_group' });
 });
 after(async () => b?.close());
-
-const deniedMetric = async () => {
-  const res = await b.app.inject({ method: 'GET', url: '/metrics' });
-  const line = res.body.split('\n').find((l) => l.startsWith('broker_credentials_denied_total{policy="gr",reason="grant_role_unsafe"}'));
-  return line ? Number(line.split(' ').pop()) : 0;
-};
 
 test('a group granted a predefined role after its policy was stored issues nothing until it is fixed', async () => {
   const ok = await b.issue(await b.token({ sub: 'gr:before' }));
@@ -37,7 +31,7 @@ test('a group granted a predefined role after its policy was stored issues nothi
     assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname LIKE 'lease_gr_during%'`), []);
     const [audit] = await b.pg.query(`SELECT type, policy, reason FROM broker.audit_events WHERE subject = 'gr:during'`);
     assert.deepEqual(audit, { type: 'credential.denied', policy: 'gr', reason: 'grant_role_unsafe' });
-    assert.equal(await deniedMetric(), 1);
+    assert.equal(await deniedCount(b, 'gr', 'grant_role_unsafe'), 1);
     assert.ok(b.logs.some((l) => l.includes('issuance refused') && l.includes('pg_read_server_files')), 'a warning names the problem');
   } finally {
     await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');

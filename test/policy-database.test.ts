@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { startTestBroker, type TestBroker } from './helpers/broker.js';
+import { deniedCount, startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // PUT /policies refuses a database that does not exist; this covers one dropped afterwards,
 // which would otherwise get 201s for logins that can connect nowhere.
@@ -17,12 +17,6 @@ after(async () => {
   await b?.close();
 });
 
-const deniedMetric = async () => {
-  const res = await b.app.inject({ method: 'GET', url: '/metrics' });
-  const line = res.body.split('\n').find((l) => l.startsWith('broker_credentials_denied_total{policy="pd",reason="database_missing"}'));
-  return line ? Number(line.split(' ').pop()) : 0;
-};
-
 test('a policy whose database was dropped issues nothing, says why, and issues again once it is back', async () => {
   const ok = await b.issue(await b.token({ sub: 'pd:before' }));
   assert.equal(ok.status, 201, JSON.stringify(ok.body));
@@ -38,7 +32,7 @@ test('a policy whose database was dropped issues nothing, says why, and issues a
   assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname LIKE 'lease_pd_during%'`), []);
   const [audit] = await b.pg.query(`SELECT type, policy, reason FROM broker.audit_events WHERE subject = 'pd:during'`);
   assert.deepEqual(audit, { type: 'credential.denied', policy: 'pd', reason: 'database_missing' });
-  assert.equal(await deniedMetric(), 1);
+  assert.equal(await deniedCount(b, 'pd', 'database_missing'), 1);
   assert.ok(b.logs.some((l) => l.includes('issuance refused') && l.includes(DB)), 'a warning names the database');
 
   // A database that exists but takes no connections is no better.

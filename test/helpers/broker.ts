@@ -191,3 +191,10 @@ export async function auditTypes(pgs: TestPostgres, leaseId: string, database = 
   const rows = await pgs.query<{ type: string }>('SELECT type FROM broker.audit_events WHERE lease_id = $1 ORDER BY id', [leaseId], database);
   return rows.map((r) => r.type);
 }
+
+/** broker_credentials_denied_total for one policy and reason, as /metrics shows it (0 when absent). */
+export async function deniedCount(b: TestBroker, policy: string, reason: string): Promise<number> {
+  const res = await b.app.inject({ method: 'GET', url: '/metrics' });
+  const line = res.body.split('\n').find((l) => l.startsWith(`broker_credentials_denied_total{policy="${policy}",reason="${reason}"}`));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
