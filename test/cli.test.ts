@@ -179,6 +179,21 @@ ${extra}`;
     assert.match(admitted.stdout, /✓ admitted cli/);
   });
 
+  test('policy evaluate exits 2 when the only admitting policy cannot issue, and says why', async () => {
+    // Two databases, one dropped after its policy was stored (issuance remembers either answer
+    // for BROKER_GRANT_RECHECK_INTERVAL, so each policy is looked at once).
+    for (const db of ['cli_here', 'cli_gone']) await b.pg.query(`CREATE DATABASE ${db}`, [], 'postgres');
+    await b.putPolicy('cli-here', { claims: { sub: 'here:*' }, database: 'cli_here' });
+    await b.putPolicy('cli-gone', { claims: { sub: 'gone:*' }, database: 'cli_gone' });
+    await b.pg.query('DROP DATABASE cli_gone', [], 'postgres');
+    const fine = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'here:me' })]);
+    assert.equal(fine.code, 0, fine.stdout);
+    assert.match(fine.stdout, /✓ admitted cli-here\n/);
+    const blocked = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'gone:me' })]);
+    assert.equal(blocked.code, 2, blocked.stdout);
+    assert.match(blocked.stdout, /! admitted cli-gone, but issues nothing until an admin fixes it: database cli_gone does not exist/);
+  });
+
   test('leases list and revoke --subject work for an admin', async () => {
     const tok = await b.token({ sub: 'cli:leaver' });
     await b.issue(tok);

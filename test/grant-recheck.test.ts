@@ -33,12 +33,21 @@ test('a group granted a predefined role after its policy was stored issues nothi
     assert.deepEqual(audit, { type: 'credential.denied', policy: 'gr', reason: 'grant_role_unsafe' });
     assert.equal(await deniedCount(b, 'gr', 'grant_role_unsafe'), 1);
     assert.ok(b.logs.some((l) => l.includes('issuance refused') && l.includes('pg_read_server_files')), 'a warning names the problem');
+    const explained = await api(b, 'POST', '/policies/evaluate', await b.token({ sub: 'gr:asks' }));
+    const gr = explained.body.policies.find((p: { name: string }) => p.name === 'gr');
+    assert.deepEqual([gr.admitted, gr.failed_claims], [true, []]);
+    assert.match(gr.cannot_issue, /grant_role gr_group inherits from pg_read_server_files/);
+    // A policy that does not admit the token is not checked further: its refusal is the claims'.
+    const other = await api(b, 'POST', '/policies/evaluate', await b.token({ sub: 'elsewhere' }));
+    assert.deepEqual(other.body.policies.map((p: { admitted: boolean; cannot_issue?: string }) => [p.admitted, p.cannot_issue]), [[false, undefined]]);
   } finally {
     await b.pg.query('REVOKE pg_read_server_files FROM gr_group', [], 'postgres');
   }
 
   const again = await b.issue(await b.token({ sub: 'gr:after' }));
   assert.equal(again.status, 201, JSON.stringify(again.body));
+  const fine = await api(b, 'POST', '/policies/evaluate', await b.token({ sub: 'gr:asks' }));
+  assert.equal(fine.body.policies.find((p: { name: string }) => p.name === 'gr').cannot_issue, undefined);
 });
 
 test('a lease whose group has become unsafe is not renewed, and renews again once it is fixed', async () => {

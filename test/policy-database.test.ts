@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { deniedCount, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { api, deniedCount, startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // PUT /policies refuses a database that does not exist; this covers one dropped afterwards,
 // which would otherwise get 201s for logins that can connect nowhere.
@@ -41,7 +41,16 @@ test('a policy whose database was dropped issues nothing, says why, and issues a
   assert.equal(closed.status, 403, JSON.stringify(closed.body));
   assert.equal(closed.body.code, 'POLICY_DATABASE_MISSING');
 
+  // POST /policies/evaluate says the same, on the policy that admits the token.
+  const explained = await api(b, 'POST', '/policies/evaluate', await b.token({ sub: 'pd:asks' }));
+  assert.equal(explained.status, 200, JSON.stringify(explained.body));
+  const pd = explained.body.policies.find((p: { name: string }) => p.name === 'pd');
+  assert.equal(pd.admitted, true);
+  assert.match(pd.cannot_issue, /^database pd_target does not exist or does not accept connections$/);
+
   await b.pg.query(`ALTER DATABASE ${DB} ALLOW_CONNECTIONS true`, [], 'postgres');
+  const fine = await api(b, 'POST', '/policies/evaluate', await b.token({ sub: 'pd:asks' }));
+  assert.equal(fine.body.policies.find((p: { name: string }) => p.name === 'pd').cannot_issue, undefined);
   const again = await b.issue(await b.token({ sub: 'pd:after' }));
   assert.equal(again.status, 201, JSON.stringify(again.body));
 });

@@ -58,10 +58,13 @@ export async function policyList(opts: AdminOptions & { json?: boolean }): Promi
   }
 }
 
-/** `policy evaluate`: which policies admit my token, and the first claim that fails for the others. */
+/**
+ * `policy evaluate`: which policies admit my token, and the first claim that fails for the others.
+ * True when one of them would issue: admitting is not enough when its group or database is broken.
+ */
 export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): Promise<boolean> {
   const { base, token } = await session(opts);
-  const { body } = await callBroker<{ issuer: string; subject: string; policies: Array<{ name: string; admitted: boolean; reason?: string; failed_claims: Array<{ claim: string; patterns: string[]; value: unknown }> }> }>(base, token, 'POST', '/policies/evaluate');
+  const { body } = await callBroker<{ issuer: string; subject: string; policies: Array<{ name: string; admitted: boolean; reason?: string; cannot_issue?: string; failed_claims: Array<{ claim: string; patterns: string[]; value: unknown }> }> }>(base, token, 'POST', '/policies/evaluate');
   if (opts.json) {
     console.log(JSON.stringify(body, null, 2));
   } else {
@@ -70,10 +73,11 @@ export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): P
     for (const p of body.policies) {
       const first = p.failed_claims[0];
       const why = p.reason ?? (first ? `claim ${first.claim} is ${JSON.stringify(first.value ?? null)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');
-      console.log(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
+      if (p.admitted && p.cannot_issue) console.log(`! admitted ${p.name}, but issues nothing until an admin fixes it: ${p.cannot_issue}`);
+      else console.log(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
     }
   }
-  return body.policies.some((p) => p.admitted);
+  return body.policies.some((p) => p.admitted && !p.cannot_issue);
 }
 
 export async function leasesList(opts: AdminOptions & { json?: boolean; filters: Record<string, string | undefined> }): Promise<void> {

@@ -137,11 +137,19 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       const who = request.identity!;
       // Disabled policies are listed too, so "why am I refused" has an answer when one is off.
       const evaluations = evaluatePolicies(await policiesForIssuer(app.db, who.issuer), who.claims);
-      return {
-        issuer: who.issuer,
-        subject: who.subject,
-        policies: evaluations.map((e) => ({ name: e.policy.name, admitted: e.admitted, ...(e.reason ? { reason: e.reason } : {}), failed_claims: e.failed_claims })),
-      };
+      // The same checks issuance makes after choosing a policy (and the same remembered answers),
+      // so "admitted" never hides the refusal a request would get.
+      const policies = [];
+      for (const e of evaluations) {
+        const cannotIssue = e.admitted
+          ? (await app.grantRoles.problem(app.db, e.policy.grant_role)) ?? (await app.grantRoles.databaseProblem(app.db, e.policy.database))
+          : null;
+        policies.push({
+          name: e.policy.name, admitted: e.admitted, ...(e.reason ? { reason: e.reason } : {}),
+          ...(cannotIssue ? { cannot_issue: cannotIssue } : {}), failed_claims: e.failed_claims,
+        });
+      }
+      return { issuer: who.issuer, subject: who.subject, policies };
     },
   );
 }

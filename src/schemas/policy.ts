@@ -68,6 +68,9 @@ export const Evaluation = Type.Object({
       name: Type.String(),
       admitted: Type.Boolean(),
       reason: Type.Optional(Type.String({ description: 'Why the policy does not admit this token, beyond claims' })),
+      cannot_issue: Type.Optional(Type.String({
+        description: 'On a policy that admits this token: why issuance under it is refused all the same, until an admin fixes it (its grant_role has become unsafe, or its database is gone)',
+      })),
       failed_claims: Type.Array(FailedClaim),
     }),
   ),
