@@ -3,6 +3,7 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { ensureCreators, usesCreators } from './creators.js';
+import { claimMarker, refuseForeignMarker } from './marker.js';
 import { withTransaction } from './pool.js';
 import { escapeIdent } from './sql.js';
 
@@ -46,6 +47,9 @@ export async function migrate(databaseUrl: string, managedRole: string, logger: 
       applied.push(file);
       logger.info({ migration: file }, 'applied migration');
     }
+    // Before anything is recorded or created for it: a marker role another database's deployment
+    // uses must not be bound to this schema either.
+    await refuseForeignMarker(client, managedRole);
     await bindDeployment(client, managedRole);
     await ensureManagedRole(client, managedRole);
     await ensureCreators(client, managedRole, await policyGroups(client));
@@ -86,8 +90,9 @@ async function ensureManagedRole(client: pg.Client, role: string): Promise<void>
     // 16+: a cluster-wide createrole_self_grant would also make the broker an inheriting member.
     const noSelfGrant = (await usesCreators(client)) ? `SET LOCAL createrole_self_grant = '';\n` : '';
     await client.query(`${noSelfGrant}CREATE ROLE ${escapeIdent(role)} NOLOGIN`);
-    return;
+  } else if (existing.rows[0].rolcanlogin) {
+    // The marker role only tags issued roles; a login-capable marker is a misconfiguration.
+    throw new Error(`BROKER_MANAGED_ROLE ${role} exists and can log in; it must be a NOLOGIN marker role`);
   }
-  // The marker role only tags issued roles; a login-capable marker is a misconfiguration.
-  if (existing.rows[0].rolcanlogin) throw new Error(`BROKER_MANAGED_ROLE ${role} exists and can log in; it must be a NOLOGIN marker role`);
+  await claimMarker(client, role);
 }

@@ -1,6 +1,8 @@
 import { auditJson, insertAuditFromJson } from '../audit/repository.js';
 import { eligibleGroupSql } from '../leases/owned-objects.js';
 import { teardownRoles } from '../leases/teardown.js';
+import { claimMarker } from '../postgres/marker.js';
+import { isConnectionError } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import type { FinishDeps } from '../leases/revoke.js';
 
@@ -30,6 +32,16 @@ const failingByDeployment = new Map<string, Map<string, { failures: number; retr
  * granting it is reported once and left alone, so it cannot stall the sweep for the others.
  */
 export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Promise<number> {
+  // Checked every run, not only at start-up: two deployments starting together for the first
+  // time can both claim the marker role, and the later claim wins. A claim an operator cleared
+  // (see otherDeployment) is taken again.
+  try {
+    await claimMarker(deps.pool, deps.managedRole);
+  } catch (err) {
+    if (isConnectionError(err)) throw err;
+    deps.log.error({ managed_role: deps.managedRole, err: { message: (err as Error).message } }, 'orphan sweep skipped');
+    return 0;
+  }
   const now = Date.now();
   if (!failingByDeployment.has(deps.managedRole)) failingByDeployment.set(deps.managedRole, new Map());
   const failing = failingByDeployment.get(deps.managedRole)!;
