@@ -183,18 +183,45 @@ export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[], run
   return result;
 }
 
+/** An issued role as the catalogue showed it before this attempt: what an earlier one already did. */
+interface IssuedRole {
+  role: RoleToDrop;
+  canLogin: boolean;
+  /** Whoever ends it already holds the membership the first step grants. */
+  member: boolean;
+}
+
+/**
+ * SQL condition on the pg_roles row `alias` and the creator expression `creator` (NULL: the
+ * broker acts itself): the first step's GRANT would change nothing. On 16+ that is a membership
+ * of the actor granted by the actor (by the bootstrap superuser, oid 10, if the actor is a
+ * superuser), with the options that GRANT sets; on 15 a pair has one membership, whoever granted
+ * it. The options are read through to_jsonb so that 15, which has no such columns, parses it.
+ */
+function membershipInPlace(alias: string, creator: string): string {
+  return `EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles a ON a.oid = m.member
+                   WHERE m.roleid = ${alias}.oid AND a.rolname = COALESCE(${creator}, current_user)
+                     AND (NOT to_jsonb(m) ? 'set_option'
+                          OR (m.grantor = CASE WHEN a.rolsuper THEN 10::oid ELSE a.oid END
+                              AND (${creator} IS NULL OR ((to_jsonb(m) ->> 'inherit_option')::boolean
+                                                          AND NOT (to_jsonb(m) ->> 'set_option')::boolean)))))`;
+}
+
 /**
  * The roles this deployment issued, by who ends them. Roles that are gone count as done; one
  * that is not a plain member of the marker role, or a failed lookup, is each role's outcome.
  */
-async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: TeardownResult): Promise<Map<string | null, RoleToDrop[]>> {
-  const byCreator = new Map<string | null, RoleToDrop[]>();
+async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: TeardownResult): Promise<Map<string | null, IssuedRole[]>> {
+  const byCreator = new Map<string | null, IssuedRole[]>();
   if (roles.length === 0) return byCreator;
-  let present: Array<{ rolname: string; issued: boolean; creator: string | null }>;
+  let present: Array<{ rolname: string; issued: boolean; creator: string | null; can_login: boolean; member: boolean }>;
   try {
+    // OFFSET 0 keeps the planner from copying the creator subquery into each place that uses it.
     ({ rows: present } = await deps.pool.query(
-      `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued, ${creatorOf('r', '$3')} AS creator
-         FROM pg_roles r WHERE r.rolname = ANY($1)`,
+      `SELECT r.rolname, ${issuedRoleCondition('r', '$2')} AS issued, c.creator, r.rolcanlogin AS can_login,
+              ${membershipInPlace('r', 'c.creator')} AS member
+         FROM pg_roles r CROSS JOIN LATERAL (SELECT ${creatorOf('r', '$3')} AS creator OFFSET 0) c
+        WHERE r.rolname = ANY($1)`,
       [roles.map((r) => r.username), deps.managedRole, creatorNames(deps.managedRole)],
     ));
   } catch (err) {
@@ -213,14 +240,23 @@ async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: 
       continue;
     }
     if (!byCreator.has(p.creator)) byCreator.set(p.creator, []);
-    byCreator.get(p.creator)!.push(...roles.filter((r) => r.username === p.rolname));
+    for (const role of roles.filter((r) => r.username === p.rolname)) {
+      byCreator.get(p.creator)!.push({ role, canLogin: p.can_login, member: p.member });
+    }
   }
   return byCreator;
 }
 
+/**
+ * The first step for a role whose login is already disabled but whose ender lacks the membership
+ * (NOLOGIN set by hand, say): only the GRANT, under a name of its own, since a failure here leaves
+ * no login working.
+ */
+const MEMBERSHIP_STEP = 'membership for teardown';
+
 /** NOLOGIN, then terminate the sessions; returns the roles both steps succeeded for. */
 async function endLogins(
-  deps: TeardownDeps, creator: string | null, roles: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
+  deps: TeardownDeps, creator: string | null, roles: IssuedRole[], result: TeardownResult, progress: TeardownRun,
 ): Promise<RoleToDrop[]> {
   const run = runAs(deps.pool, creator);
   // Login first, sessions second: otherwise a client could reconnect between the two steps.
@@ -229,13 +265,31 @@ async function endLogins(
   // takes the membership now, for the few statements left, so no membership graph walked by
   // other statements ever holds every live role. (SET is added only inside the transaction that
   // hands the role's objects over: see owned-objects.ts.)
-  let live = await stepEach(roles, result, NOLOGIN_STEP, async (batch) => {
-    const names = batch.map((r) => escapeIdent(r.username));
-    const grant = creator
+  // What an earlier attempt committed is not sent again. On 16+ every GRANT of a role waits for
+  // any other transaction changing its memberships, such as an earlier attempt's handover that
+  // its client gave up on and the server still runs; and an ALTER ROLE waits for any open
+  // transaction that altered the role. A retry that waited there would fail in this step and
+  // report a login as enabled that is long disabled.
+  const granted = new Set(roles.filter((r) => r.member).map((r) => r.role));
+  const grant = (batch: RoleToDrop[]) => {
+    const names = batch.filter((r) => !granted.has(r)).map((r) => escapeIdent(r.username));
+    if (names.length === 0) return [];
+    return [creator
       ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
-      : `GRANT ${names.join(', ')} TO CURRENT_USER`;
-    await run([grant, ...names.map((name) => `ALTER ROLE ${name} NOLOGIN`)].join(';\n'));
-  }, progress);
+      : `GRANT ${names.join(', ')} TO CURRENT_USER`];
+  };
+  const enabled = roles.filter((r) => r.canLogin).map((r) => r.role);
+  const ungranted = roles.filter((r) => !r.canLogin && !r.member).map((r) => r.role);
+  const passed = new Set([
+    ...roles.filter((r) => !r.canLogin && r.member).map((r) => r.role),
+    ...await stepEach(enabled, result, NOLOGIN_STEP, async (batch) => {
+      await run([...grant(batch), ...batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`)].join(';\n'));
+    }, progress),
+    ...await stepEach(ungranted, result, MEMBERSHIP_STEP, async (batch) => {
+      await run(grant(batch).join(';\n'));
+    }, progress),
+  ]);
+  let live = roles.map((r) => r.role).filter((r) => passed.has(r));
   live = await stepEach(live, result, 'terminate sessions', async (batch) => {
     const names = batch.map((r) => r.username);
     // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it

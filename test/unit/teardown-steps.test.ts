@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { retryDelaySeconds } from '../../src/leases/revoke.js';
-import { loginStillEnabled, stepEach, teardownRoles, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown.js';
+import { disableLogins, loginStillEnabled, stepEach, teardownRoles, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown.js';
 
 const roles: RoleToDrop[] = ['lease_a', 'lease_b', 'lease_c'].map((username) => ({ username, reassign_to: 'app' }));
 const fresh = (): TeardownResult => new TeardownResult(roles.map((r) => [r.username, null]));
@@ -115,8 +115,8 @@ test('when a later creator group finds the server gone, the earlier group\'s rol
   const pool = {
     async query(sql: string) {
       if (!serverUp) throw gone();
-      if (/FROM pg_roles r WHERE r.rolname = ANY/.test(sql)) {
-        return { rows: [{ rolname: 'lease_a', issued: true, creator: 'c1' }, { rolname: 'lease_b', issued: true, creator: 'c2' }] };
+      if (/ AS issued/.test(sql)) {
+        return { rows: [{ rolname: 'lease_a', issued: true, creator: 'c1', can_login: true, member: false }, { rolname: 'lease_b', issued: true, creator: 'c2', can_login: true, member: false }] };
       }
       return { rows: [] };
     },
@@ -128,4 +128,43 @@ test('when a later creator group finds the server gone, the earlier group\'s rol
   assert.equal(result.get('lease_a'), 'find owned objects: not tried after NOLOGIN: Query read timeout');
   assert.equal(loginStillEnabled(result.get('lease_b')), true);
   assert.equal(loginStillEnabled(result.get('lease_a')), false, 'its login did end');
+});
+
+test('a retry sends only what an earlier attempt did not commit, and names a failure by whether the login still works', async () => {
+  // lease_a: disabled and granted before (nothing to send); lease_b: granted, but someone enabled
+  // its login again; lease_c: disabled by hand, never granted. Every GRANT meets a lock.
+  const sent: string[] = [];
+  const locked = Object.assign(new Error('canceling statement due to lock timeout'), { code: '55P03' });
+  const client = {
+    async query(sql: string) {
+      if (sql.startsWith('BEGIN')) return { rows: [] };
+      sent.push(sql);
+      if (/GRANT/.test(sql)) throw locked;
+      return { rows: [] };
+    },
+    release() {},
+  };
+  const pool = {
+    async query(sql: string) {
+      if (/ AS issued/.test(sql)) {
+        return { rows: [
+          { rolname: 'lease_a', issued: true, creator: 'c1', can_login: false, member: true },
+          { rolname: 'lease_b', issued: true, creator: 'c1', can_login: true, member: true },
+          { rolname: 'lease_c', issued: true, creator: 'c1', can_login: false, member: false },
+        ] };
+      }
+      return { rows: [] };
+    },
+    async connect() { return client; },
+  } as unknown as TeardownDeps['pool'];
+  const deps = { pool, databaseUrl: 'postgres://broker@127.0.0.1/broker', managedRole: 'm', log: console, timeouts: { lockTimeoutSeconds: 1, queryTimeoutSeconds: 2 } } as unknown as TeardownDeps;
+  const result = await disableLogins(deps, roles);
+  assert.equal(result.get('lease_a'), null);
+  assert.equal(result.get('lease_b'), null);
+  assert.match(result.get('lease_c')!, /^membership for teardown: 55P03/);
+  assert.deepEqual(roles.map((r) => loginStillEnabled(result.get(r.username))), [false, false, false]);
+  // No GRANT for the two already granted, no NOLOGIN for the two already disabled.
+  assert.ok(!sent.some((s) => s.includes('"lease_a"')), sent.join(' | '));
+  assert.ok(sent.some((s) => s.includes('ALTER ROLE "lease_b" NOLOGIN') && !/GRANT/.test(s)), sent.join(' | '));
+  assert.ok(sent.some((s) => s.includes('GRANT "lease_c" TO "c1"') && !/NOLOGIN/.test(s)), sent.join(' | '));
 });
