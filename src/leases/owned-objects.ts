@@ -1,7 +1,7 @@
 import { actAs } from '../postgres/creators.js';
 import type { Queryable } from '../postgres/pool.js';
 import { escapeIdent, escapeLit } from '../postgres/sql.js';
-import type { RoleToDrop } from './teardown.js';
+import type { RoleToDrop } from './teardown-steps.js';
 
 /**
  * SQL condition on pg_auth_members `m` joined to the group's pg_roles row `g`: a group a role's

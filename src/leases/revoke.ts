@@ -4,7 +4,8 @@ import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
 import { claimEnded, endedByExpiry, ENDED_BY_EXPIRY_SQL, markRevoking, renewClaim, type EndFilter, type EndingLease } from './claims.js';
 import { identityLockKey } from './repository.js';
-import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles, type RoleToDrop, type TeardownDeps, type TeardownResult, type TeardownRun } from './teardown.js';
+import { disableLogins, loginStillEnabled, NOLOGIN_STEP, teardownRoles } from './teardown.js';
+import type { RoleToDrop, TeardownDeps, TeardownResult, TeardownRun } from './teardown-steps.js';
 
 /** After this many failed teardowns a lease reads revoke_failed; it is still retried, less often. */
 export const MAX_ATTEMPTS = 5;

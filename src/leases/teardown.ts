@@ -1,35 +1,12 @@
 import pg from 'pg';
-import { parseIntoClientConfig } from 'pg-connection-string';
-import type { FastifyBaseLogger } from 'fastify';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
-import { isConnectionError, sessionSettings, withBatchedTransaction, type DbTimeouts } from '../postgres/pool.js';
+import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
-import { ownedObjectsSql, reassignTargets, type OwnedHere } from './owned-objects.js';
-
-export interface RoleToDrop {
-  username: string;
-  /** Where objects the role owns are reassigned, so a migration's tables outlive the lease. */
-  reassign_to: string;
-}
-
-export interface TeardownDeps {
-  pool: pg.Pool;
-  databaseUrl: string;
-  managedRole: string;
-  log: FastifyBaseLogger;
-  /** For the connections teardown opens in other databases. */
-  timeouts: DbTimeouts;
-}
-
-/** username -> null when the role is gone (dropped now or already), or the error that stopped it. */
-export class TeardownResult extends Map<string, string | null> {
-  /**
-   * username -> the connection error (PostgreSQL down or silent) its failure came from: a caller
-   * answering a request gives that the outage's 503, not a 500, once the attempt is recorded.
-   */
-  readonly outage = new Map<string, unknown>();
-}
+import { handOverOwnedObjects } from './per-database-handover.js';
+import {
+  describeError, serverGone, stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun,
+} from './teardown-steps.js';
 
 // Sessions get this long to exit after pg_terminate_backend; a role is never dropped while one
 // survives, because a session outlives DROP ROLE and could then no longer be found by name.
@@ -41,107 +18,6 @@ export const NOLOGIN_STEP = 'NOLOGIN';
 /** True when a teardown error left the role able to log in: it stopped at, or before, NOLOGIN. */
 export function loginStillEnabled(error: string | null | undefined): boolean {
   return error?.startsWith(`${NOLOGIN_STEP}: `) ?? false;
-}
-
-/**
- * The broker's connection settings, in another database. Parsed as pg parses DATABASE_URL, so
- * libpq's socket form (`postgres://broker@/broker?host=/run/postgresql`), which WHATWG URL
- * refuses, works here as it does for the pool.
- */
-export function clientConfigForDatabase(databaseUrl: string, database: string): pg.ClientConfig {
-  return { ...(parseIntoClientConfig(databaseUrl) as pg.ClientConfig), database };
-}
-
-function describe(err: unknown): string {
-  // PostgreSQL names the blocking objects and their databases only in DETAIL.
-  const { code, message, detail } = err as { code?: string; message?: string; detail?: string };
-  return `${code ? code + ': ' : ''}${message ?? String(err)}${detail ? ` (${detail.replace(/\s*\n\s*/g, '; ')})` : ''}`.slice(0, 1000);
-}
-
-async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
-  const client = new pg.Client({
-    ...clientConfigForDatabase(deps.databaseUrl, database), ...sessionSettings(deps.timeouts, false), application_name: 'pg-credential-broker reaper',
-  });
-  client.on('error', () => undefined);
-  await client.connect();
-  try {
-    await client.query(sql);
-  } finally {
-    await client.end().catch(() => undefined);
-  }
-}
-
-/**
- * Runs `step` for all roles at once and, if that fails, once per role, so one stubborn role
- * never holds back the rest of its batch. Returns the roles the step succeeded for; failures
- * are written to `result` prefixed with `where`.
- *
- * A connection failure is not one role's trouble: the batch fails without a retry per role,
- * each of which would wait out the same timeout. With `progress`, a step on the broker's own
- * connections that finds the server itself down or silent also ends the rest of the teardown
- * (see TeardownRun); steps in other databases pass none, since a database at its connection
- * limit or a long DROP OWNED there says nothing about the cluster.
- */
-export async function stepEach(
-  roles: RoleToDrop[], result: TeardownResult, where: string, step: (batch: RoleToDrop[]) => Promise<void>,
-  progress?: TeardownRun,
-): Promise<RoleToDrop[]> {
-  if (roles.length === 0) return roles;
-  if (progress?.unreachable) {
-    // Named after this step, not the one that failed: it tells how far these roles got.
-    for (const role of roles) {
-      result.set(role.username, `${where}: not tried after ${progress.unreachable}`);
-      result.outage.set(role.username, progress.cause);
-    }
-    return [];
-  }
-  try {
-    await step(roles);
-    return roles;
-  } catch (batchErr) {
-    const connection = isConnectionError(batchErr);
-    const gone = connection && serverGone(batchErr);
-    if (progress && gone) Object.assign(progress, { unreachable: `${where}: ${describe(batchErr)}`, cause: batchErr });
-    if (roles.length === 1 || connection) {
-      for (const role of roles) {
-        result.set(role.username, `${where}: ${describe(batchErr)}`);
-        // Only the cluster-wide steps (those given `progress`) speak for the server: a per-database
-        // step's client-side timeout means a slow DROP OWNED there, not an outage.
-        if (gone && progress) result.outage.set(role.username, batchErr);
-      }
-      return [];
-    }
-  }
-  const ok: RoleToDrop[] = [];
-  for (const role of roles) {
-    try {
-      await step([role]);
-      ok.push(role);
-    } catch (err) {
-      result.set(role.username, `${where}: ${describe(err)}`);
-    }
-  }
-  return ok;
-}
-
-/** What one teardown learned that concerns all its steps. */
-export interface TeardownRun {
-  /**
-   * Set once a step on the broker's own connections found PostgreSQL down or silent: the later
-   * steps, which would each wait out the same timeout, fail at once with this.
-   */
-  unreachable: string | null;
-  /** The error behind `unreachable`. */
-  cause?: unknown;
-}
-
-/**
- * A connection error that means the server is down or not answering, not that it is busy: too
- * many connections (53300) and a wait for a free pooled connection both pass by themselves.
- */
-function serverGone(err: unknown): boolean {
-  const { code, message } = err as { code?: string; message?: string };
-  return code !== '53300' && !/timeout exceeded when trying to connect/.test(message ?? '');
 }
 
 /** Runs one statement as `creator` (in a transaction, SET LOCAL ROLE), or as the broker for null. */
@@ -228,7 +104,7 @@ async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: 
     // Reported as a failure per role, like any later step's, so the caller can still record it
     // (and retry soon: the logins are still enabled) rather than leave the claim to lapse.
     for (const role of roles) {
-      result.set(role.username, `${NOLOGIN_STEP}: not tried after looking up the roles: ${describe(err)}`);
+      result.set(role.username, `${NOLOGIN_STEP}: not tried after looking up the roles: ${describeError(err)}`);
       if (isConnectionError(err) && serverGone(err)) result.outage.set(role.username, err);
     }
     return byCreator;
@@ -313,54 +189,9 @@ async function endLogins(
 async function dropRoles(
   deps: TeardownDeps, creator: string | null, loggedOut: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
 ): Promise<void> {
-  let live = loggedOut;
-  if (live.length === 0) return;
+  if (loggedOut.length === 0) return;
   const run = runAs(deps.pool, creator);
-
-  // pg_shdepend lists, per database, every object a role owns or holds a privilege on (tables,
-  // grants, default privileges); dbid 0 marks shared objects (databases, tablespaces), which
-  // REASSIGN/DROP OWNED handle from any database, so those run in the broker's own. Visiting
-  // exactly these databases is the same as visiting every database that accepts connections,
-  // without connecting to the ones that hold nothing.
-  // A step like the others: after another creator group found the server gone it is not tried,
-  // and its own failure is each role's outcome rather than an exception that loses them all.
-  const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean; owns: boolean; owns_schema: boolean }> = [];
-  const targets = new Map<string, string | null>();
-  live = await stepEach(live, result, 'find owned objects', async (batch) => {
-    // owns: something REASSIGN OWNED moves (privileges, default privileges and user mappings it
-    // does not; DROP OWNED clears those), so a role holding only those needs no group to hand anything to.
-    const { rows } = await deps.pool.query<(typeof depRows)[number]>(
-      `SELECT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname,
-              bool_or(s.deptype = 'o' AND s.classid NOT IN ('pg_default_acl'::regclass, 'pg_user_mapping'::regclass)) AS owns,
-              bool_or(s.deptype = 'o' AND s.classid = 'pg_namespace'::regclass) AS owns_schema
-         FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
-        WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)
-        GROUP BY 1, 2, 3`,
-      [batch.map((r) => r.username)],
-    );
-    depRows.push(...rows);
-    const owners = batch.filter((r) => rows.some((row) => row.rolname === r.username && row.owns));
-    if (owners.length === 0) return;
-    for (const [username, target] of await reassignTargets(deps.pool, owners, deps.managedRole)) targets.set(username, target);
-  }, progress);
-  const byDatabase = new Map<string, { roles: Set<string> } & OwnedHere>();
-  for (const row of depRows) {
-    // A database that refuses connections cannot be cleaned; DROP ROLE below then names it.
-    if (!row.datallowconn) continue;
-    if (!byDatabase.has(row.datname)) byDatabase.set(row.datname, { roles: new Set(), owners: new Set(), schemaOwners: new Set() });
-    const here = byDatabase.get(row.datname)!;
-    here.roles.add(row.rolname);
-    if (row.owns) here.owners.add(row.rolname);
-    if (row.owns_schema) here.schemaOwners.add(row.rolname);
-  }
-  const failed = new Set<string>();
-  for (const [database, here] of byDatabase) {
-    const batch = live.filter((r) => here.roles.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator, targets, here)));
-    for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
-  }
-
-  const droppable = live.filter((r) => !failed.has(r.username));
+  const droppable = await handOverOwnedObjects(deps, creator, loggedOut, result, progress);
   await stepEach(droppable, result, 'DROP ROLE', (batch) =>
     run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined), progress);
 }

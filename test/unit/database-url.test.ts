@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { loadConfig } from '../../src/config.js';
-import { clientConfigForDatabase } from '../../src/leases/teardown.js';
+import { clientConfigForDatabase } from '../../src/leases/per-database-handover.js';
 
 test('the reaper reaches other databases with the broker\'s settings, socket URLs included', () => {
   const tcp = clientConfigForDatabase('postgres://broker:p%40ss%2Fw@db.example:6543/broker', 'otherdb');

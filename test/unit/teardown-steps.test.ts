@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { retryDelaySeconds } from '../../src/leases/revoke.js';
-import { disableLogins, loginStillEnabled, stepEach, teardownRoles, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown.js';
+import { disableLogins, loginStillEnabled, teardownRoles } from '../../src/leases/teardown.js';
+import { stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown-steps.js';
 
 const roles: RoleToDrop[] = ['lease_a', 'lease_b', 'lease_c'].map((username) => ({ username, reassign_to: 'app' }));
 const fresh = (): TeardownResult => new TeardownResult(roles.map((r) => [r.username, null]));
