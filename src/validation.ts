@@ -4,7 +4,8 @@ import type { ErrorObject } from 'ajv';
 import type { FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
 
 function makeAjv(options: Options): Ajv {
-  const ajv = new Ajv({ removeAdditional: false, useDefaults: true, allErrors: false, strict: false, ...options });
+  // verbose: errors carry their schema, so schemaErrors can quote a rule's description.
+  const ajv = new Ajv({ removeAdditional: false, useDefaults: true, allErrors: false, strict: false, verbose: true, ...options });
   addFormats.default(ajv);
   return ajv;
 }
@@ -20,11 +21,16 @@ export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, http
 /**
  * Fastify's own wording (`body/ttl must be >= 1`), except that a value outside an enum also names
  * the values allowed: "must be equal to one of the allowed values" alone leaves the caller guessing.
+ * So too a failed pattern or format whose schema has a description, written to follow "must be":
+ * a regular expression or a format's name does not tell a caller what a value may look like.
  */
 export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: string): Error {
   const text = errors.map((e) => {
+    const field = `${dataVar}${e.instancePath ?? ''}`;
+    const rule = e.keyword === 'pattern' || e.keyword === 'format' ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
+    if (typeof rule === 'string') return `${field} must be ${rule}`;
     const allowed = e.keyword === 'enum' ? (e.params as { allowedValues?: unknown[] } | undefined)?.allowedValues : undefined;
-    return `${dataVar}${e.instancePath ?? ''} ${e.message}${allowed ? ` (${allowed.join(', ')})` : ''}`;
+    return `${field} ${e.message}${allowed ? ` (${allowed.join(', ')})` : ''}`;
   }).join(', ');
   return new Error(text);
 }

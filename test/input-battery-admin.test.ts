@@ -160,9 +160,9 @@ describe('query strings, path parameters and admin bodies', () => {
     // PostgreSQL refuses a NUL in a bind parameter; the broker answers with a generic text that does not name the field.
     const NUL_REFUSED = /^The request holds a value that cannot be used \(for example a NUL character/;
     const cases: Array<[string, string, Record<string, unknown>, 'INVALID_POLICY' | 'BAD_REQUEST', RegExp]> = [
-      ['name with a space', 'bad%20name', base, 'BAD_REQUEST', /^params\/name must match pattern/],
-      ['name too long', 'n'.repeat(100), base, 'BAD_REQUEST', /^params\/name must match pattern/],
-      ['name with a quote', "a'b", base, 'BAD_REQUEST', /^params\/name must match pattern/],
+      ['name with a space', 'bad%20name', base, 'BAD_REQUEST', /^params\/name must be a policy name of 1 to 63 characters/],
+      ['name too long', 'n'.repeat(100), base, 'BAD_REQUEST', /^params\/name must be a policy name of 1 to 63 characters/],
+      ['name with a quote', "a'b", base, 'BAD_REQUEST', /^params\/name must be a policy name of 1 to 63 characters/],
       ['grant_role missing', 'p1', { ...base, grant_role: 'no_such_role' }, 'INVALID_POLICY', /^grant_role no_such_role does not exist$/],
       ['grant_role with SQL', 'p2', { ...base, grant_role: "x\"; DROP ROLE broker; --" }, 'INVALID_POLICY', /^grant_role x"; DROP ROLE broker; -- does not exist$/],
       ['grant_role with NUL', 'p3', { ...base, grant_role: 'app\u0000readers' }, 'BAD_REQUEST', NUL_REFUSED],

@@ -55,7 +55,8 @@ export class IssueDenied extends Error {
 export function choosePolicy(evaluations: PolicyEvaluation[], named?: string): Policy {
   if (named !== undefined) {
     const hit = evaluations.find((e) => e.policy.name === named && e.admitted);
-    // Same answer whether the policy is missing or refuses: names are not enumerable here.
+    // Same answer whether the policy is missing or refuses: names are not enumerable here. The
+    // name is safe to echo: the body schema admits only what PolicyName's pattern allows.
     if (!hit) throw new IssueDenied('no_policy', named, new Errors.NoPolicy(`Policy ${named} does not admit this token; POST /policies/evaluate explains why`));
     return hit.policy;
   }

@@ -1,5 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { ListFilters, NullableTimestamp, Timestamp } from './common.js';
+import { PolicyName } from './policy.js';
 
 const LEASE_STATES = ['pending', 'active', 'revoking', 'expired', 'revoked', 'revoke_failed'] as const;
 // An enum rather than a union of literals: a wrong value then fails once, naming the allowed ones
@@ -54,7 +55,8 @@ export type CredentialBody = Static<typeof Credential>;
 
 export const CredentialRequest = Type.Object(
   {
-    policy: Type.Optional(Type.String({ minLength: 1, maxLength: 63 })),
+    // A name no policy can have is refused here, never echoed back in a NO_POLICY.
+    policy: Type.Optional(PolicyName),
     ttl: Type.Optional(Type.Integer({ minimum: 1, maximum: 31_536_000, description: 'Seconds; at most the policy max_ttl' })),
   },
   { additionalProperties: false },

@@ -1,7 +1,11 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { ClaimPatternsSchema, Cursor, Limit, Timestamp } from './common.js';
 
-export const PolicyName = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$' });
+// The description is also the 400's text for a name that fails the pattern (see schemaErrors).
+export const PolicyName = Type.String({
+  pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$',
+  description: "a policy name of 1 to 63 characters from A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+});
 const Identifier = Type.String({ minLength: 1, maxLength: 63 });
 
 export const POLICY_DEFAULTS = {

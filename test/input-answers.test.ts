@@ -1,0 +1,68 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { assertProblem, batterySender, type Answer } from './helpers/battery.js';
+import { startTestBroker, type TestBroker } from './helpers/broker.js';
+
+// Bad input gets an answer that says what was wrong with it, in words a caller can act on, and
+// never carries the bad input back; each case sits beside the good input it must not disturb.
+// input-battery*.test.ts check that no bad input is a 500 or leaks PostgreSQL's text.
+
+let b: TestBroker;
+const send = batterySender(() => b);
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_RATE_LIMIT_IP: '1000000', BROKER_RATE_LIMIT_IDENTITY: '1000000' } });
+  await b.putPolicy('answers', { claims: { sub: 'repo:octo-org/*' }, default_ttl: 300, max_ttl: 600, max_active_leases: 1000 });
+});
+
+after(async () => b?.close());
+
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+
+function badRequest(res: Answer, label: string, detail: string): void {
+  assertProblem(res, 400, label);
+  assert.equal(res.json().code, 'BAD_REQUEST', label);
+  assert.equal(res.json().detail, detail, label);
+}
+
+describe('policy names in POST /credentials', () => {
+  const NAME_RULE = "a policy name of 1 to 63 characters from A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit";
+
+  test('a name no policy can have → 400 saying what a name may be, without echoing it', async () => {
+    const impossible = [
+      'line\nbreak', 'carriage\rreturn', 'bell\u0007', 'escape\u001b[31m', 'nul\u0000byte', 'del\u007f', 'c1\u0085',
+      'p'.repeat(64), 'p'.repeat(5000), 'has space', '-dash-first', '.dot-first', "x'; DROP TABLE broker.policies; --",
+      '🔥', 'caf\u00e9', 'right\u202eleft', '',
+    ];
+    for (const policy of impossible) {
+      const label = `policy ${JSON.stringify(policy).slice(0, 40)}`;
+      const res = await send(label, { payload: { policy } });
+      badRequest(res, label, `body/policy must be ${NAME_RULE}`);
+      assert.doesNotMatch(res.body, CONTROL, `${label}: no control character in the answer`);
+      // Still recorded: the refusal of a verified caller leaves an audit event.
+      const [event] = await b.pg.query('SELECT type, reason FROM broker.audit_events WHERE request_id = $1', [res.json().request_id]);
+      assert.deepEqual({ ...event }, { type: 'request.denied', reason: 'BAD_REQUEST' }, label);
+    }
+  });
+
+  test('the same rule, in the same words, as for the name in PUT /policies/{name}', async () => {
+    const res = await send('put bad name', { method: 'PUT', url: `/policies/${encodeURIComponent('bad name')}`, token: await b.adminToken(), payload: {} });
+    badRequest(res, 'put bad name', `params/name must be ${NAME_RULE}`);
+  });
+
+  test('every name a policy can have is still accepted: issued when it admits the token, NO_POLICY otherwise', async () => {
+    for (const name of ['A', '9', 'Ok.name_1-x', `n${'x'.repeat(62)}`]) {
+      await b.putPolicy(name, { claims: { sub: `names:${name}` }, default_ttl: 60, max_ttl: 600 });
+      const res = await send(`issue under ${name}`, { token: await b.token({ sub: `names:${name}` }), payload: { policy: name, ttl: 60 } });
+      assert.equal(res.status, 201, `${name}: ${res.body}`);
+      assert.equal(res.json().policy, name);
+    }
+    // A well-formed name is echoed in the 403: it can hold nothing but the characters above.
+    const refused = await send('well-formed unknown name', { payload: { policy: 'no-such.policy_1' } });
+    assertProblem(refused, 403, 'well-formed unknown name');
+    assert.equal(refused.json().code, 'NO_POLICY');
+    assert.match(refused.json().detail, /^Policy no-such\.policy_1 does not admit this token/);
+    const admitted = await send('the policy that admits it', { payload: { policy: 'answers' } });
+    assert.equal(admitted.status, 201, admitted.body);
+  });
+});
