@@ -3,10 +3,16 @@ import addFormats from 'ajv-formats';
 import type { ErrorObject } from 'ajv';
 import type { FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
 
+// RFC 3339 allows year 0000; PostgreSQL, having no year 0, refuses it with a data exception
+// that would reach the client as a 400 naming no field.
+const dateTime = addFormats.default.get('date-time') as { validate: (s: string) => boolean; compare: (a: string, b: string) => number | undefined };
+const storableDateTime = { type: 'string' as const, validate: (s: string) => !s.startsWith('0000') && dateTime.validate(s), compare: dateTime.compare };
+
 function makeAjv(options: Options): Ajv {
   // verbose: errors carry their schema, so schemaErrors can quote a rule's description.
   const ajv = new Ajv({ removeAdditional: false, useDefaults: true, allErrors: false, strict: false, verbose: true, ...options });
   addFormats.default(ajv);
+  ajv.addFormat('date-time', storableDateTime);
   return ajv;
 }
 

@@ -66,3 +66,55 @@ describe('policy names in POST /credentials', () => {
     assert.equal(admitted.status, 201, admitted.body);
   });
 });
+
+describe('timestamps in lease and audit filters', () => {
+  const TIME_RULE = 'an RFC 3339 date-time with a time zone (e.g. 2026-01-01T00:00:00Z), years 0001 to 9999';
+  const FILTERS = [['/leases', 'since'], ['/leases', 'until'], ['/audit', 'since'], ['/audit', 'until']] as const;
+
+  test('a timestamp out of range, or no real date, → 400 naming the field and the accepted form', async () => {
+    const admin = await b.adminToken();
+    const bad = [
+      // Well-formed RFC 3339 that PostgreSQL cannot store: it has no year 0.
+      '0000-01-01T00:00:00Z', '0000-12-31T23:59:59.999999+00:00',
+      '99999-01-01T00:00:00Z', '2026-02-30T00:00:00Z', '2026-13-01T00:00:00Z', '2026-01-01T24:00:01Z',
+      '2026-01-01T00:00:00+25:00', '2026-01-01T00:00:00', '2026-01-01', '-0001-01-01T00:00:00Z', 'yesterday',
+    ];
+    for (const [path, field] of FILTERS) {
+      for (const value of bad) {
+        const label = `${path} ${field}=${value}`;
+        const res = await send(label, { method: 'GET', url: `${path}?${field}=${encodeURIComponent(value)}`, token: admin });
+        badRequest(res, label, `querystring/${field} must be ${TIME_RULE}`);
+      }
+    }
+  });
+
+  test('in-range timestamps, in any offset, still filter', async () => {
+    const admin = await b.adminToken();
+    const issued = await send('lease to filter', { payload: { policy: 'answers' } });
+    assert.equal(issued.status, 201, issued.body);
+    const id = issued.json().lease_id;
+    const [{ created_at: createdAt }] = await b.pg.query('SELECT created_at FROM broker.leases WHERE id = $1', [id]);
+    const at = new Date(createdAt);
+    const plus2h = (d: Date) => new Date(d.getTime() + 2 * 3600_000).toISOString().replace(/\.\d+Z$/, '');
+    const listed = async (path: string, query: string, pick: (item: any) => boolean) => {
+      const res = await send(`${path}?${query}`, { method: 'GET', url: `${path}?${query}&limit=1000`, token: admin });
+      assert.equal(res.status, 200, `${path}?${query}: ${res.body}`);
+      return res.json().items.some(pick);
+    };
+    const isLease = (l: { id: string }) => l.id === id;
+    const isIssue = (e: { lease_id: string; type: string }) => e.lease_id === id && e.type === 'credential.issued';
+    for (const [path, pick] of [['/leases', isLease], ['/audit', isIssue]] as const) {
+      assert.ok(await listed(path, 'since=0001-01-01T00:00:00Z&until=9999-12-31T23:59:59Z', pick), `${path}: the widest range holds it`);
+      // Offsets can carry the range's ends past year 0001 or 9999 in UTC; PostgreSQL stores both.
+      const edges = `since=${encodeURIComponent('0001-01-01T00:00:00+14:00')}&until=${encodeURIComponent('9999-12-31T23:59:59-14:00')}`;
+      assert.ok(await listed(path, edges, pick), `${path}: the range's ends in far offsets`);
+      assert.ok(await listed(path, `since=${encodeURIComponent(new Date(at.getTime() - 1000).toISOString())}`, pick), `${path}: since just before`);
+      assert.ok(!(await listed(path, `since=${encodeURIComponent(new Date(at.getTime() + 1000).toISOString())}`, pick)), `${path}: since just after`);
+      assert.ok(!(await listed(path, `until=${encodeURIComponent(new Date(at.getTime() - 1000).toISOString())}`, pick)), `${path}: until just before`);
+      // The same instants written with a +02:00 offset.
+      const before = encodeURIComponent(`${plus2h(new Date(at.getTime() - 1000))}+02:00`);
+      const afterIt = encodeURIComponent(`${plus2h(new Date(at.getTime() + 1000))}+02:00`);
+      assert.ok(await listed(path, `since=${before}&until=${afterIt}`, pick), `${path}: offsets are honoured`);
+    }
+  });
+});

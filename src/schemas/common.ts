@@ -2,6 +2,12 @@ import { Type, type Static } from '@sinclair/typebox';
 
 export const Timestamp = Type.String({ format: 'date-time', description: 'RFC 3339, UTC' });
 export const NullableTimestamp = Type.Union([Timestamp, Type.Null()]);
+// A bound a caller gives: any offset is fine. The description is also the 400's text for a value
+// that is no date-time or out of range (see schemaErrors; validation.ts keeps out year 0000).
+const TimestampFilter = Type.String({
+  format: 'date-time',
+  description: 'an RFC 3339 date-time with a time zone (e.g. 2026-01-01T00:00:00Z), years 0001 to 9999',
+});
 
 export const Problem = Type.Object(
   {
@@ -32,8 +38,8 @@ export const ListFilters = {
   issuer: Type.Optional(Type.String({ maxLength: 1024 })),
   policy: Type.Optional(Type.String({ maxLength: 63 })),
   username: Type.Optional(Type.String({ maxLength: 63 })),
-  since: Type.Optional(Timestamp),
-  until: Type.Optional(Timestamp),
+  since: Type.Optional(TimestampFilter),
+  until: Type.Optional(TimestampFilter),
   limit: Type.Optional(Limit),
   cursor: Type.Optional(Cursor),
 };
