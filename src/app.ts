@@ -19,7 +19,7 @@ import healthRoutes from './routes/health.js';
 import leaseRoutes from './routes/leases.js';
 import policyRoutes from './routes/policies.js';
 import { Problem, problemResponses } from './schemas/common.js';
-import { schemaErrors, validatorCompiler } from './validation.js';
+import { installJsonBodyParser, schemaErrors, validatorCompiler } from './validation.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -89,6 +89,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   });
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
   app.setValidatorCompiler(validatorCompiler);
+  installJsonBodyParser(app);
 
   const pool = options.pool ?? createPool(config.databaseUrl, logger, config.dbPoolSize, config);
   app.decorate('config', config);

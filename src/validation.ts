@@ -1,7 +1,8 @@
 import { Ajv, type Options } from 'ajv';
 import addFormats from 'ajv-formats';
 import type { ErrorObject } from 'ajv';
-import type { FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
+import { Errors } from './errors.js';
 
 // RFC 3339 allows year 0000; PostgreSQL, having no year 0, refuses it with a data exception
 // that would reach the client as a 400 naming no field.
@@ -60,4 +61,36 @@ export function beforeBody(check: (request: FastifyRequest, reply: FastifyReply)
     await check(request, reply);
     return payload;
   };
+}
+
+function isJson(text: string): boolean {
+  try {
+    // secure-json-parse skips a leading byte order mark; JSON.parse does not.
+    JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Fastify's JSON parser (secure-json-parse) refuses a body holding a `__proto__` key, or a
+ * `constructor` holding a `prototype`, so no handler can be led into altering a prototype; but it
+ * calls them "not valid JSON", which sends the caller looking for a syntax error that is not
+ * there. Still refused, with the reason. Only a body the parser refused is parsed a second time.
+ */
+export function installJsonBodyParser(app: FastifyInstance): void {
+  const secureParse = app.getDefaultJsonParser('error', 'error');
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    const text = body.toString();
+    secureParse(request, text, (err, value) => {
+      if ((err as FastifyError | null)?.code === 'FST_ERR_CTP_INVALID_JSON_BODY' && isJson(text)) {
+        done(new Errors.BadRequest('The body contains a forbidden property name (__proto__, or constructor.prototype); '
+          + 'such keys are refused so that no object prototype can be altered'), undefined);
+        return;
+      }
+      done(err, value);
+    });
+  });
 }

@@ -118,3 +118,44 @@ describe('timestamps in lease and audit filters', () => {
     }
   });
 });
+
+describe('JSON bodies with prototype keys', () => {
+  const FORBIDDEN = 'The body contains a forbidden property name (__proto__, or constructor.prototype); '
+    + 'such keys are refused so that no object prototype can be altered';
+
+  test('__proto__ or constructor.prototype anywhere in a body → 400 saying so, not "not valid JSON"', async () => {
+    const admin = await b.adminToken();
+    const bodies = [
+      '{"__proto__": {"x": 1}}', '{"constructor": {"prototype": {}}}', '{"policy": "answers", "__proto__": null}',
+      '{"ttl": 60, "nested": {"deeper": [{"__proto__": {"admin": true}}]}}', '[{"constructor": {"prototype": {"x": 1}}}]',
+      '\ufeff{"__proto__": {}}',
+    ];
+    const routes = [['POST', '/credentials', undefined], ['PUT', '/policies/answers', admin], ['POST', '/leases/revoke', admin]] as const;
+    for (const [method, url, token] of routes) {
+      for (const raw of bodies) {
+        const label = `${method} ${url} ${raw}`;
+        badRequest(await send(label, { method, url, token, raw }), label, FORBIDDEN);
+      }
+    }
+  });
+
+  test('ordinary JSON bodies are still read, and malformed ones still called malformed', async () => {
+    const admin = await b.adminToken();
+    for (const raw of ['{"policy": "answers", "ttl": 60}', '\ufeff{"policy": "answers"}']) {
+      const issued = await send(`normal body ${raw}`, { raw });
+      assert.equal(issued.status, 201, issued.body);
+    }
+    // The words are data, not keys; and a constructor without a prototype is an ordinary field.
+    const policy = {
+      issuer: b.issuer.issuer, database: b.pg.database, grant_role: 'app_readers',
+      description: 'mentions __proto__ and constructor.prototype', claims: { sub: 'repo:octo-org/*', constructor: 'x' },
+    };
+    const put = await send('policy naming the words', { method: 'PUT', url: '/policies/words', token: admin, raw: JSON.stringify(policy) });
+    assert.equal(put.status, 201, put.body);
+    assert.equal(put.json().description, policy.description);
+    assert.deepEqual(put.json().claims, policy.claims);
+    const malformed = await send('malformed', { raw: '{"policy": "answers",' });
+    assertProblem(malformed, 400, 'malformed');
+    assert.match(malformed.json().detail, /not valid JSON/);
+  });
+});
