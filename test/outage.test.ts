@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { AUDIENCE, connectAs } from './helpers/broker.js';
+import { AUDIENCE, connectAs, waitFor } from './helpers/broker.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 import {
@@ -228,7 +228,10 @@ describe('PostgreSQL restarted mid-load', () => {
 });
 
 test('serve started while PostgreSQL is down waits for it, then migrates and becomes ready', async () => {
-  const restarting = pgs.restart({ downMs: 2500 });
+  // Down for a second, and until the new broker has met the outage however long a loaded machine
+  // takes to start it (a fixed outage could end before it first tried).
+  let metIt!: () => void;
+  const restarting = pgs.restart({ downMs: 1000, upWhen: new Promise<void>((resolve) => { metIt = resolve; }) });
   // Start the broker only once the server really refuses connections.
   for (let i = 0; ; i++) {
     const probe = new pg.Client({ connectionString: pgs.brokerUrl, connectionTimeoutMillis: 500 });
@@ -241,6 +244,8 @@ test('serve started while PostgreSQL is down waits for it, then migrates and bec
   }
   const late = await spawnBroker(childBrokerEnv(pgs, issuer, { LOG_LEVEL: 'info' }), { noWait: true });
   try {
+    await waitFor('the broker to log its wait', async () => late.logged('PostgreSQL is not reachable yet; retrying').length > 0 || null, 60_000)
+      .finally(() => metIt());
     await restarting;
     await waitReady(late, 30_000);
     const waits = late.logged('PostgreSQL is not reachable yet; retrying');

@@ -33,8 +33,11 @@ export interface LocalPostgres {
   logLines(): string[];
   /** Stops the server; removes the data dir only if it was temporary. */
   stop(): Promise<void>;
-  /** Stop and start again on the same port (open sessions are cut), after `downMs` (default 0) without a server. */
-  restart(opts?: { downMs?: number }): Promise<void>;
+  /**
+   * Stop and start again on the same port (open sessions are cut), after `downMs` (default 0)
+   * without a server and, when given, once `upWhen` has settled too.
+   */
+  restart(opts?: { downMs?: number; upWhen?: Promise<unknown> }): Promise<void>;
 }
 
 export interface LocalPostgresOptions {
@@ -150,10 +153,11 @@ export async function startLocalPostgres(opts: LocalPostgresOptions = {}): Promi
       stopped = true;
       await shutdown();
     },
-    async restart({ downMs = 0 } = {}) {
+    async restart({ downMs = 0, upWhen } = {}) {
       if (stopped) throw new Error('restart() after stop()');
       await server!.stop();
       if (downMs > 0) await sleep(downMs);
+      await upWhen?.catch(() => undefined);
       const from = lines.length;
       server = await launch(engine, dataDir, port, password, ids, lines, serverArgs).catch((e: Error) => {
         const errs = errorLines(lines.slice(from));

@@ -18,7 +18,7 @@ export interface TestPostgres {
   query<T = any>(sql: string, params?: unknown[], database?: string): Promise<T[]>;
   stop(): Promise<void>;
   /** Stops the server and starts it again on the same port, `downMs` (default 0) later. */
-  restart(opts?: { downMs?: number }): Promise<void>;
+  restart(opts?: { downMs?: number; upWhen?: Promise<unknown> }): Promise<void>;
 }
 
 type Flavor = 'embedded' | 'pg15';
