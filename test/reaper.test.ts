@@ -186,6 +186,24 @@ describe('one marker role per deployment', () => {
     assert.equal(await claimOf('third_broker_managed'), 'pg-credential-broker: marker role of the deployment in database "broker3"');
   });
 
+  test('a broker role that can neither create nor claim the marker role is told what it needs', async () => {
+    await b1.pg.query(`CREATE ROLE weak_broker LOGIN PASSWORD 'weak-pw'`, [], 'postgres');
+    await b1.pg.query('CREATE DATABASE broker4 OWNER weak_broker', [], 'postgres');
+    const url = new URL(b1.config.databaseUrl);
+    Object.assign(url, { username: 'weak_broker', password: 'weak-pw', pathname: '/broker4' });
+    const logger = createLogger('silent');
+    await assert.rejects(migrate(url.href, 'fourth_managed', logger),
+      /^Error: cannot create the marker role fourth_managed \(BROKER_MANAGED_ROLE\): permission denied to create role.*; the broker's role needs CREATEROLE/);
+    await b1.pg.query('CREATE ROLE fourth_managed NOLOGIN', [], 'postgres');
+    await assert.rejects(migrate(url.href, 'fourth_managed', logger),
+      /^Error: cannot record this deployment on its marker role fourth_managed \(BROKER_MANAGED_ROLE\): .*; grant fourth_managed to the broker's role WITH ADMIN OPTION/);
+    // With what the messages ask for, it goes through.
+    await b1.pg.query('ALTER ROLE weak_broker CREATEROLE', [], 'postgres');
+    await b1.pg.query(`GRANT fourth_managed TO weak_broker WITH ADMIN OPTION`, [], 'postgres');
+    await migrate(url.href, 'fourth_managed', logger);
+    assert.equal(await claimOf('fourth_managed'), 'pg-credential-broker: marker role of the deployment in database "broker4"');
+  });
+
   test('a sweep whose claim another database took drops nothing; a cleared claim is taken back', async () => {
     await b1.app.db.query('CREATE ROLE claim_orphan LOGIN IN ROLE credential_broker_managed ROLE broker');
     await b1.pg.query(`COMMENT ON ROLE credential_broker_managed IS 'pg-credential-broker: marker role of the deployment in database "elsewhere"'`, [], 'postgres');

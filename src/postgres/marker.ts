@@ -55,7 +55,10 @@ export async function claimMarker(db: Queryable, role: string): Promise<void> {
   const { database, claimedBy } = await readMarkerClaim(db, role);
   if (claimedBy === database) return;
   if (claimedBy !== null) throw new Error(otherDeployment(role, claimedBy));
-  await db.query(`COMMENT ON ROLE ${escapeIdent(role)} IS ${escapeLit(markerComment(database))}`);
+  await db.query(`COMMENT ON ROLE ${escapeIdent(role)} IS ${escapeLit(markerComment(database))}`).catch((err: { code?: string; message: string }) => {
+    if (err.code !== '42501') throw err;
+    throw new Error(`cannot record this deployment on its marker role ${role} (BROKER_MANAGED_ROLE): ${err.message}; grant ${role} to the broker's role WITH ADMIN OPTION`);
+  });
 }
 
 export function otherDeployment(role: string, database: string): string {

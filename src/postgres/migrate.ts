@@ -89,7 +89,10 @@ async function ensureManagedRole(client: pg.Client, role: string): Promise<void>
   if (existing.rowCount === 0) {
     // 16+: a cluster-wide createrole_self_grant would also make the broker an inheriting member.
     const noSelfGrant = (await usesCreators(client)) ? `SET LOCAL createrole_self_grant = '';\n` : '';
-    await client.query(`${noSelfGrant}CREATE ROLE ${escapeIdent(role)} NOLOGIN`);
+    await client.query(`${noSelfGrant}CREATE ROLE ${escapeIdent(role)} NOLOGIN`).catch((err: { code?: string; message: string }) => {
+      if (err.code !== '42501') throw err;
+      throw new Error(`cannot create the marker role ${role} (BROKER_MANAGED_ROLE): ${err.message}; the broker's role needs CREATEROLE, or create ${role} NOLOGIN yourself and grant it to the broker WITH ADMIN OPTION`);
+    });
   } else if (existing.rows[0].rolcanlogin) {
     // The marker role only tags issued roles; a login-capable marker is a misconfiguration.
     throw new Error(`BROKER_MANAGED_ROLE ${role} exists and can log in; it must be a NOLOGIN marker role`);
