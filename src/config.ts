@@ -1,6 +1,7 @@
-import { isIPv4, isIPv6 } from 'node:net';
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
+import { isUrl, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
+import { databaseHostPort, DatabaseUrlError } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
 // Role names must be plain identifiers: they reach DDL through escapeIdentifier, and
@@ -125,58 +126,6 @@ function parseIssuers(env: Env): unknown {
   return raw.split(',').map((s) => s.trim()).filter(Boolean).map((issuer) => ({ issuer }));
 }
 
-function parseDatabaseUrl(url: string): URL {
-  try {
-    return new URL(url);
-  } catch {
-    // libpq accepts `postgres://user@/db?host=...`; WHATWG URL wants a host after the `@`.
-    try {
-      return new URL(url.replace(/^(postgres(?:ql)?:\/\/[^/?#]*@)(?=[/?#]|$)/, '$1localhost'));
-    } catch {
-      throw new ConfigError('DATABASE_URL', 'is not a valid URL');
-    }
-  }
-}
-
-function databaseHostPort(url: string): { host: string; port: number } {
-  const parsed = parseDatabaseUrl(url);
-  const queryHost = parsed.searchParams.get('host');
-  const queryPort = parsed.searchParams.get('port');
-  // A socket directory (`?host=/run/postgresql`, or percent-encoded in the host part as
-  // `%2Frun%2Fpostgresql`) is no address for clients elsewhere.
-  const urlHost = /^%2f/i.test(parsed.hostname) ? '' : parsed.hostname.replace(/^\[(.*)\]$/, '$1');
-  const host = queryHost && !queryHost.startsWith('/') ? queryHost : urlHost || 'localhost';
-  const port = parsed.port || queryPort || '5432';
-  // Checked here, not by the schema: the schema sees it as publicPgPort and would name
-  // BROKER_PUBLIC_PG_PORT, which the operator never set.
-  if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new ConfigError('DATABASE_URL', 'port must be a whole number 1–65535');
-  return { host, port: Number(port) };
-}
-
-// RFC 1123 labels, plus the underscore that resolvers accept and Docker and compose service
-// names use (`my_db`). A name whose last label is all digits is a malformed IPv4 address
-// (`10.0.0.256`, `1.2.3`), not a name.
-const HOST_LABEL = /^(?!-)[a-z0-9_-]{1,63}(?<!-)$/i;
-
-/**
- * `host` as clients get it (in `host`, and in `uri`, where a colon means IPv6 and is bracketed),
- * or null when it is more than a bare name or address: a port, scheme, path, userinfo or space
- * would make a uri that points elsewhere or does not parse. An IPv6 address may come bracketed
- * and loses its brackets, as libpq's PGHOST wants. A zone id (`%eth0`) names an interface of the
- * broker's machine, not the client's, so it is refused.
- */
-function publicHostOrNull(host: string): string | null {
-  const bare = host.replace(/^\[(.*)\]$/, '$1');
-  if (bare !== host || bare.includes(':')) return isIPv6(bare) && !bare.includes('%') ? bare : null;
-  if (isIPv4(host)) return host;
-  // A fully qualified name may end in the root's dot (`db.example.com.`), as Kubernetes' often do.
-  const labels = host.replace(/\.$/, '').split('.');
-  if (host.length > 253 || !labels.every((l) => HOST_LABEL.test(l)) || /^\d+$/.test(labels[labels.length - 1])) return null;
-  return host;
-}
-
-const PUBLIC_HOST_RULE = 'a host name, an IPv4 address or an IPv6 address, with no port, scheme, path or user';
-
 function publicHost(env: Env, fromDatabaseUrl: string): string {
   const set = env.BROKER_PUBLIC_PG_HOST?.trim();
   // The value is not echoed: a `user:password@host` typo would put a secret in the log.
@@ -188,22 +137,6 @@ function publicHost(env: Env, fromDatabaseUrl: string): string {
 
 function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
-}
-
-/** No query, fragment or user part (an `@` further on, in the path, is no user part). */
-function plainIssuer(issuer: string): boolean {
-  const url = new URL(issuer);
-  return !url.username && !url.password && !url.search && !url.hash && !/[?#]/.test(issuer);
-}
-
-function isUrl(value: unknown): boolean {
-  if (typeof value !== 'string') return false;
-  try {
-    const url = new URL(value);
-    return (url.protocol === 'https:' || url.protocol === 'http:') && url.host !== '';
-  } catch {
-    return false;
-  }
 }
 
 // TypeBox's messages name the schema rule ("Expected string to match '^https?://...'"), not
@@ -232,9 +165,18 @@ function describeError(path: string, message: string): ConfigError {
   return new ConfigError(variable, index === null ? text : `entry ${index + 1}: ${text}`);
 }
 
+function databaseTargetOf(url: string): { host: string; port: number } {
+  try {
+    return databaseHostPort(url);
+  } catch (err) {
+    if (err instanceof DatabaseUrlError) throw new ConfigError('DATABASE_URL', err.message);
+    throw err;
+  }
+}
+
 export function loadConfig(env: Env = process.env): Config {
   const databaseUrl = required(env, 'DATABASE_URL');
-  const dbTarget = databaseHostPort(databaseUrl);
+  const dbTarget = databaseTargetOf(databaseUrl);
   const candidate = {
     databaseUrl,
     issuers: parseIssuers(env),

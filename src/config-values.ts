@@ -1,0 +1,43 @@
+import { isIPv4, isIPv6 } from 'node:net';
+
+// What a single setting's value may look like (hosts, URLs), apart from which variable holds it.
+
+// RFC 1123 labels, plus the underscore that resolvers accept and Docker and compose service
+// names use (`my_db`). A name whose last label is all digits is a malformed IPv4 address
+// (`10.0.0.256`, `1.2.3`), not a name.
+const HOST_LABEL = /^(?!-)[a-z0-9_-]{1,63}(?<!-)$/i;
+
+/**
+ * `host` as clients get it (in `host`, and in `uri`, where a colon means IPv6 and is bracketed),
+ * or null when it is more than a bare name or address: a port, scheme, path, userinfo or space
+ * would make a uri that points elsewhere or does not parse. An IPv6 address may come bracketed
+ * and loses its brackets, as libpq's PGHOST wants. A zone id (`%eth0`) names an interface of the
+ * broker's machine, not the client's, so it is refused.
+ */
+export function publicHostOrNull(host: string): string | null {
+  const bare = host.replace(/^\[(.*)\]$/, '$1');
+  if (bare !== host || bare.includes(':')) return isIPv6(bare) && !bare.includes('%') ? bare : null;
+  if (isIPv4(host)) return host;
+  // A fully qualified name may end in the root's dot (`db.example.com.`), as Kubernetes' often do.
+  const labels = host.replace(/\.$/, '').split('.');
+  if (host.length > 253 || !labels.every((l) => HOST_LABEL.test(l)) || /^\d+$/.test(labels[labels.length - 1])) return null;
+  return host;
+}
+
+export const PUBLIC_HOST_RULE = 'a host name, an IPv4 address or an IPv6 address, with no port, scheme, path or user';
+
+/** No query, fragment or user part (an `@` further on, in the path, is no user part). */
+export function plainIssuer(issuer: string): boolean {
+  const url = new URL(issuer);
+  return !url.username && !url.password && !url.search && !url.hash && !/[?#]/.test(issuer);
+}
+
+export function isUrl(value: unknown): boolean {
+  if (typeof value !== 'string') return false;
+  try {
+    const url = new URL(value);
+    return (url.protocol === 'https:' || url.protocol === 'http:') && url.host !== '';
+  } catch {
+    return false;
+  }
+}
