@@ -41,3 +41,16 @@ export function isUrl(value: unknown): boolean {
     return false;
   }
 }
+
+/** 127.0.0.0/8, ::1 and the name localhost: traffic to them never leaves the machine. */
+function isLoopbackHost(hostname: string): boolean {
+  // WHATWG URL has already normalised the host: lowercase, IPv4 in dotted decimal, IPv6 bracketed.
+  const host = hostname.replace(/^\[(.*)\]$/, '$1');
+  return host === 'localhost' || host === '::1' || (isIPv4(host) && host.startsWith('127.'));
+}
+
+/** An http:// URL to a host other than loopback, where anyone on the path can change the answer. */
+export function isPlainHttpOverNetwork(value: string): boolean {
+  const url = new URL(value);
+  return url.protocol === 'http:' && !isLoopbackHost(url.hostname);
+}

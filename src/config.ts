@@ -1,6 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
-import { isUrl, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
+import { isPlainHttpOverNetwork, isUrl, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
 import { databaseHostPort, DatabaseUrlError } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
@@ -229,6 +229,22 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError('BROKER_METRICS_PORT', `must differ from PORT (${config.port}); leave it unset to serve /metrics on the API port`);
   }
   return config;
+}
+
+/**
+ * Issuer entries whose keys would be fetched over plain http from another machine: the jwks_uri,
+ * or without one the issuer itself (discovery reads its /.well-known/openid-configuration). The
+ * key set is the root of trust, so whoever can alter that fetch can sign any token, an admin's
+ * included. Allowed, with a warning at start-up, for the compose trial's dev issuer, which the
+ * broker reaches as http://dev-issuer:9000 over the compose network.
+ */
+export function plainHttpKeySources(config: Config): Array<{ entry: number; field: 'issuer' | 'jwks_uri'; origin: string }> {
+  return config.issuers.flatMap((entry, i) => {
+    const field = entry.jwks_uri === undefined ? 'issuer' : 'jwks_uri';
+    const url = entry.jwks_uri ?? entry.issuer;
+    // Only the origin: a jwks_uri may carry a user part or a query with a token in it.
+    return isPlainHttpOverNetwork(url) ? [{ entry: i + 1, field, origin: new URL(url).origin }] : [];
+  });
 }
 
 /** The audience a token from this issuer must carry. */

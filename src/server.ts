@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import Fastify from 'fastify';
 import { buildApp, type BuildOptions } from './app.js';
-import type { Config } from './config.js';
+import { plainHttpKeySources, type Config } from './config.js';
 import { createLogger } from './logger.js';
 import { Metrics } from './metrics.js';
 import { migrate } from './postgres/migrate.js';
@@ -46,6 +46,10 @@ export async function startBroker(
   options: BuildOptions & { migrate?: boolean; waitForDatabase?: boolean } = {},
 ): Promise<RunningBroker> {
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
+  // Before anything that can wait or fail, so the warning is seen on every start.
+  for (const { entry, field, origin } of plainHttpKeySources(config)) {
+    logger.warn({ variable: 'BROKER_ISSUERS', entry, field, url: origin }, 'signing keys are fetched over plain http from another machine: whoever can alter that traffic can sign tokens the broker accepts, admin tokens included; use https');
+  }
   if (options.migrate !== false) {
     if (options.waitForDatabase) await migrateWhenReachable(config, logger);
     else await migrate(config.databaseUrl, config.managedRole, logger);

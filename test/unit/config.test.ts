@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { audienceFor, ConfigError, loadConfig, managedRoleFrom } from '../../src/config.js';
+import { audienceFor, ConfigError, loadConfig, managedRoleFrom, plainHttpKeySources } from '../../src/config.js';
 
 const SECRET = 's3cr3t-pw';
 const GOOD: Record<string, string> = {
@@ -263,6 +263,28 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
   test('a ConfigError message is the one line the CLI prints', () => {
     const err = rejects({ PORT: 'x' }, 'PORT');
     assert.equal(err.name, 'ConfigError');
+  });
+});
+
+describe('plainHttpKeySources: what start-up warns about', () => {
+  const sources = (issuers: unknown) => plainHttpKeySources(loadConfig(env({ BROKER_ISSUERS: typeof issuers === 'string' ? issuers : JSON.stringify(issuers) })));
+
+  test('an http issuer (discovery) or jwks_uri on another host is accepted and listed, by origin only', () => {
+    assert.deepEqual(sources('http://idp.example.com'), [{ entry: 1, field: 'issuer', origin: 'http://idp.example.com' }]);
+    assert.deepEqual(sources([{ issuer: 'https://a.example.com', jwks_uri: 'http://evil.example.com:8080/jwks?token=x' }]),
+      [{ entry: 1, field: 'jwks_uri', origin: 'http://evil.example.com:8080' }]);
+    // The compose trial's dev issuer, reached by its service name.
+    assert.deepEqual(sources('https://a.example.com,http://dev-issuer:9000'), [{ entry: 2, field: 'issuer', origin: 'http://dev-issuer:9000' }]);
+    assert.deepEqual(sources('http://10.0.0.1'), [{ entry: 1, field: 'issuer', origin: 'http://10.0.0.1' }]);
+  });
+
+  test('loopback, https, and an http issuer whose keys come from an https jwks_uri are not', () => {
+    for (const issuer of ['http://127.0.0.1:9000', 'http://127.8.9.10', 'http://localhost:8081', 'http://LOCALHOST', 'http://[::1]:80', 'https://idp.example.com']) {
+      assert.deepEqual(sources(issuer), [], issuer);
+    }
+    // The issuer is only an identifier here: nothing is fetched from it.
+    assert.deepEqual(sources([{ issuer: 'http://idp.example.com', jwks_uri: 'https://idp.example.com/jwks' }]), []);
+    assert.deepEqual(sources([{ issuer: 'https://a.example.com', jwks_uri: 'http://127.0.0.1:9000/jwks' }]), []);
   });
 });
 
