@@ -17,11 +17,23 @@ const HOST_LABEL = /^(?!-)[a-z0-9_-]{1,63}(?<!-)$/i;
 export function publicHostOrNull(host: string): string | null {
   const bare = host.replace(/^\[(.*)\]$/, '$1');
   if (bare !== host || bare.includes(':')) return isIPv6(bare) && !bare.includes('%') ? bare : null;
-  if (isIPv4(host)) return host;
+  return isIPv4(host) || isHostName(host) ? host : null;
+}
+
+function isHostName(host: string): boolean {
   // A fully qualified name may end in the root's dot (`db.example.com.`), as Kubernetes' often do.
   const labels = host.replace(/\.$/, '').split('.');
-  if (host.length > 253 || !labels.every((l) => HOST_LABEL.test(l)) || /^\d+$/.test(labels[labels.length - 1])) return null;
-  return host;
+  return host.length <= 253 && labels.every((l) => HOST_LABEL.test(l)) && !/^\d+$/.test(labels[labels.length - 1]);
+}
+
+/**
+ * HOST as Node's listen() wants it, or null when it is no IP address or host name. Unlike a
+ * public host, an IPv6 zone id (`fe80::1%eth0`) is fine: it names an interface of this machine.
+ */
+export function listenHostOrNull(host: string): string | null {
+  const bare = host.replace(/^\[(.*)\]$/, '$1');
+  if (bare !== host || bare.includes(':')) return isIPv6(bare) ? bare : null;
+  return isIPv4(host) || isHostName(host) ? host : null;
 }
 
 export const PUBLIC_HOST_RULE = 'a host name, an IPv4 address or an IPv6 address, with no port, scheme, path or user';

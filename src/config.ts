@@ -1,6 +1,6 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
-import { isPlainHttpOverNetwork, isUrl, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
+import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
 import { databaseHostPort, DatabaseUrlError } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
@@ -135,6 +135,14 @@ function publicHost(env: Env, fromDatabaseUrl: string): string {
   return publicHostOrNull(fromDatabaseUrl) ?? fail('DATABASE_URL', `its host is not ${PUBLIC_HOST_RULE}, so clients cannot be given it; set BROKER_PUBLIC_PG_HOST`);
 }
 
+function listenHost(env: Env): string {
+  const host = env.HOST?.trim() || '0.0.0.0';
+  // Checked before anything starts: a bad HOST would otherwise surface only after the migrations ran.
+  // Quoted unless it has a user part, which might hold a password.
+  const got = host.includes('@') ? '' : ` (got ${JSON.stringify(host)})`;
+  return listenHostOrNull(host) ?? fail('HOST', `must be an IP address (such as 0.0.0.0, :: or 127.0.0.1) or a host name to listen on, with no port, scheme or path${got}`);
+}
+
 function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
 }
@@ -194,7 +202,7 @@ export function loadConfig(env: Env = process.env): Config {
     scramIterations: integer(env, 'BROKER_SCRAM_ITERATIONS', 4096),
     lockTimeoutSeconds: integer(env, 'BROKER_LOCK_TIMEOUT', 10),
     queryTimeoutSeconds: integer(env, 'BROKER_QUERY_TIMEOUT', 30),
-    host: env.HOST?.trim() || '0.0.0.0',
+    host: listenHost(env),
     port: integer(env, 'PORT', 8080),
     logLevel: env.LOG_LEVEL?.trim().toLowerCase() || 'info',
   };

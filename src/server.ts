@@ -40,6 +40,22 @@ async function migrateWhenReachable(config: Config, logger: ReturnType<typeof cr
   }
 }
 
+/**
+ * A listen failure in terms of the setting behind it: Node's `listen EADDRINUSE: address already
+ * in use 0.0.0.0:8080` does not say whether PORT or BROKER_METRICS_PORT chose that port. The code
+ * stays on the error, and in the message for anyone searching for it.
+ */
+function listenError(err: unknown, variable: 'PORT' | 'BROKER_METRICS_PORT', host: string, port: number): Error {
+  const { code, message } = err as NodeJS.ErrnoException;
+  const reason =
+    code === 'EADDRINUSE' ? `${variable} ${port} is already in use on ${host}`
+    : code === 'EACCES' ? `${variable} ${port} may not be opened by this process on ${host} (ports below 1024 need privileges)`
+    : code === 'EADDRNOTAVAIL' ? `HOST ${host} is not an address of this machine`
+    : code === 'ENOTFOUND' || code === 'EAI_AGAIN' ? `HOST ${host} does not resolve`
+    : `cannot listen on HOST ${host}, ${variable} ${port}: ${message}`;
+  return Object.assign(new Error(code ? `${reason} (${code})` : reason, { cause: err }), { code });
+}
+
 /** Migrates, builds the app, starts the reaper and listens. Used by `serve`, `dev` and `demo`. */
 export async function startBroker(
   config: Config,
@@ -77,11 +93,12 @@ export async function startBroker(
   let url: string;
   try {
     if (config.metricsPort !== undefined) {
+      const port = config.metricsPort;
       metricsServer = Fastify({ logger: false });
       metricsServer.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
-      await metricsServer.listen({ host: config.host, port: config.metricsPort });
+      await metricsServer.listen({ host: config.host, port }).catch((err) => { throw listenError(err, 'BROKER_METRICS_PORT', config.host, port); });
     }
-    url = await app.listen({ host: config.host, port: config.port });
+    url = await app.listen({ host: config.host, port: config.port }).catch((err) => { throw listenError(err, 'PORT', config.host, config.port); });
   } catch (err) {
     // listen() has already made the app ready, which started the reaper: a broker that cannot
     // serve (port taken) must not linger as a headless reaper holding the pool. Stop it all.

@@ -4,8 +4,11 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
+import { execFile } from 'node:child_process';
 import { waitFor } from './helpers/broker.js';
+import { BIN } from './helpers/cli.js';
 import { freePort } from './helpers/ports.js';
+import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 import { spawnBroker, type BrokerProcess } from './helpers/process.js';
 
 const PASSWORD = 's3cretPW-startup';
@@ -23,6 +26,23 @@ async function spawnWaiting(env: Record<string, string>): Promise<BrokerProcess>
   return broker;
 }
 after(() => Promise.all(started.map((b) => b.kill())));
+
+/** `pg-broker serve` with exactly `env` (spawnBroker sets HOST and PORT itself), to its exit. */
+function serveToExit(env: Record<string, string>): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [BIN, 'serve'], { env: { PATH: process.env.PATH!, HOME: process.env.HOME ?? '/tmp', ...BASE, ...env }, timeout: 20_000 }, (err, _stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : null) : 0, stderr });
+    });
+  });
+}
+
+/** A port held by this process on 127.0.0.1 until the test ends. */
+async function takenPort(t: { after(fn: () => unknown): void }): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise((resolve) => server.close(resolve)));
+  return (server.address() as net.AddressInfo).port;
+}
 
 function assertNoPassword(broker: BrokerProcess): void {
   const output = [...broker.stderr, ...broker.logs.map((l) => JSON.stringify(l))].join('\n');
@@ -56,5 +76,47 @@ describe('plain-http key sources', () => {
     });
     await waitFor('the first retry', async () => broker.logged('PostgreSQL is not reachable yet; retrying').length > 0 || null);
     assert.deepEqual(broker.logged(WARNING), []);
+  });
+});
+
+describe('HOST', () => {
+  test('a HOST that is no address or host name stops start-up before the database is tried', async () => {
+    const run = await serveToExit({ DATABASE_URL: await unreachableDatabaseUrl(), BROKER_ISSUERS: 'https://issuer.example.com', HOST: 'not a host' });
+    assert.equal(run.code, 1, run.stderr);
+    assert.match(run.stderr, /^pg-broker: configuration error: HOST: must be an IP address .* \(got "not a host"\)\n$/);
+  });
+});
+
+describe('listen failures name the variable that chose the port', () => {
+  let pgs: TestPostgres;
+  before(async () => {
+    pgs = await startPostgres();
+  });
+  after(() => pgs?.stop());
+  const env = () => ({ DATABASE_URL: pgs.brokerUrl, BROKER_ISSUERS: 'https://issuer.example.com', BROKER_SCRAM_ITERATIONS: '1' });
+
+  test('PORT taken: one line naming PORT, exit 1; a free one serves', async (t) => {
+    const good = await spawnBroker({ ...BASE, ...env() });
+    started.push(good);
+    await good.kill();
+    const port = await takenPort(t);
+    const taken = await spawnBroker({ ...BASE, ...env() }, { port, noWait: true });
+    started.push(taken);
+    assert.deepEqual(await taken.exited, { code: 1, signal: null });
+    assert.deepEqual(taken.stderr, [`pg-broker: PORT ${port} is already in use on 127.0.0.1 (EADDRINUSE)`]);
+  });
+
+  test('BROKER_METRICS_PORT taken: one line naming BROKER_METRICS_PORT; a free one serves /metrics', async (t) => {
+    const port = await takenPort(t);
+    const taken = await spawnWaiting({ ...env(), BROKER_METRICS_PORT: String(port) });
+    assert.deepEqual(await taken.exited, { code: 1, signal: null });
+    assert.deepEqual(taken.stderr, [`pg-broker: BROKER_METRICS_PORT ${port} is already in use on 127.0.0.1 (EADDRINUSE)`]);
+
+    const metricsPort = await freePort();
+    const good = await spawnBroker({ ...BASE, ...env(), BROKER_METRICS_PORT: String(metricsPort) });
+    started.push(good);
+    const scraped = await fetch(`http://127.0.0.1:${metricsPort}/metrics`);
+    assert.equal(scraped.status, 200);
+    await good.kill();
   });
 });

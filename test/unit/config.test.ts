@@ -138,6 +138,15 @@ describe('loadConfig: good values', () => {
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@pg_primary:5432/broker' })).publicPgHost, 'pg_primary');
   });
 
+  test('HOST: an IPv4 or IPv6 address (brackets dropped, a zone id kept) or a host name', () => {
+    const host = (value: string) => loadConfig(env({ HOST: value })).host;
+    for (const value of ['0.0.0.0', '127.0.0.1', '::', '::1', 'fe80::1%eth0', 'localhost', 'broker.internal', 'pod-1.broker.svc.cluster.local.']) {
+      assert.equal(host(value), value);
+    }
+    assert.equal(host('[::]'), '::');
+    assert.equal(host(' 10.1.2.3 '), '10.1.2.3');
+  });
+
   test('LOG_LEVEL is case-insensitive', () => {
     assert.equal(loadConfig(env({ LOG_LEVEL: 'WARN' })).logLevel, 'warn');
   });
@@ -237,6 +246,16 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     // Taken from DATABASE_URL, a host that cannot be handed on names DATABASE_URL and the way out.
     rejects({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2' }, 'DATABASE_URL', /BROKER_PUBLIC_PG_HOST/);
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2', BROKER_PUBLIC_PG_HOST: 'db.example.com' })).publicPgHost, 'db.example.com');
+  });
+
+  test('HOST: anything but an address or a host name is refused before start-up goes further', () => {
+    for (const value of ['not a host', 'localhost:8080', 'http://0.0.0.0', '0.0.0.0/0', '10.0.0.256', '1.2.3', '[::1]:8080', '::g', 'host_-.example']) {
+      const err = rejects({ HOST: value }, 'HOST', /must be an IP address \(such as 0\.0\.0\.0, :: or 127\.0\.0\.1\) or a host name/);
+      assert.ok(err.message.includes(JSON.stringify(value)), `names the value: ${err.message}`);
+    }
+    // A user part might hold a password: not quoted.
+    const err = rejects({ HOST: `broker:${SECRET}@db` }, 'HOST');
+    assert.ok(!err.message.includes('@'), err.message);
   });
 
   test('a bad port inside DATABASE_URL names DATABASE_URL, not BROKER_PUBLIC_PG_PORT', () => {
