@@ -1,7 +1,7 @@
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
-import { databaseHostPort, DatabaseUrlError } from './database-url.js';
+import { databaseTarget, DatabaseUrlError, type DatabaseTarget } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
 // Role names must be plain identifiers: they reach DDL through escapeIdentifier, and
@@ -126,13 +126,16 @@ function parseIssuers(env: Env): unknown {
   return raw.split(',').map((s) => s.trim()).filter(Boolean).map((issuer) => ({ issuer }));
 }
 
-function publicHost(env: Env, fromDatabaseUrl: string): string {
+function publicHost(env: Env, database: DatabaseTarget): string {
   const set = env.BROKER_PUBLIC_PG_HOST?.trim();
   // The value is not echoed: a `user:password@host` typo would put a secret in the log.
   if (set) return publicHostOrNull(set) ?? fail('BROKER_PUBLIC_PG_HOST', `must be ${PUBLIC_HOST_RULE} (the port goes in BROKER_PUBLIC_PG_PORT)`);
+  // A socket directory is no address for clients elsewhere, and localhost would send them to
+  // their own machine.
+  if (database.host === null) fail('BROKER_PUBLIC_PG_HOST', 'is required when DATABASE_URL connects through a Unix socket: set it to the host name clients should connect to');
   // A libpq host list (`?host=a,b`) or a name outside RFC 1123 works for the broker's own
   // connection but is nothing to hand to clients.
-  return publicHostOrNull(fromDatabaseUrl) ?? fail('DATABASE_URL', `its host is not ${PUBLIC_HOST_RULE}, so clients cannot be given it; set BROKER_PUBLIC_PG_HOST`);
+  return publicHostOrNull(database.host) ?? fail('DATABASE_URL', `its host is not ${PUBLIC_HOST_RULE}, so clients cannot be given it; set BROKER_PUBLIC_PG_HOST`);
 }
 
 function listenHost(env: Env): string {
@@ -173,9 +176,9 @@ function describeError(path: string, message: string): ConfigError {
   return new ConfigError(variable, index === null ? text : `entry ${index + 1}: ${text}`);
 }
 
-function databaseTargetOf(url: string): { host: string; port: number } {
+function databaseTargetOf(url: string): DatabaseTarget {
   try {
-    return databaseHostPort(url);
+    return databaseTarget(url);
   } catch (err) {
     if (err instanceof DatabaseUrlError) throw new ConfigError('DATABASE_URL', err.message);
     throw err;
@@ -190,7 +193,7 @@ export function loadConfig(env: Env = process.env): Config {
     issuers: parseIssuers(env),
     audience: required(env, 'BROKER_AUDIENCE'),
     admins: env.BROKER_ADMINS?.trim() ? json(env, 'BROKER_ADMINS', env.BROKER_ADMINS) : [],
-    publicPgHost: publicHost(env, dbTarget.host),
+    publicPgHost: publicHost(env, dbTarget),
     publicPgPort: env.BROKER_PUBLIC_PG_PORT?.trim() ? integer(env, 'BROKER_PUBLIC_PG_PORT') : dbTarget.port,
     reaperIntervalSeconds: integer(env, 'BROKER_REAPER_INTERVAL', 10),
     grantRecheckSeconds: integer(env, 'BROKER_GRANT_RECHECK_INTERVAL', 60),

@@ -19,18 +19,36 @@ function parseDatabaseUrl(url: string): URL {
   }
 }
 
-/** The host and port DATABASE_URL connects to, as clients would be told them. */
-export function databaseHostPort(url: string): { host: string; port: number } {
+function decoded(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
+}
+
+/** Where DATABASE_URL connects. */
+export interface DatabaseTarget {
+  /** A host name or address; null when the connection goes through a Unix socket. */
+  host: string | null;
+  /** The socket directory when host is null. */
+  socketDir: string | null;
+  port: number;
+}
+
+export function databaseTarget(url: string): DatabaseTarget {
   const parsed = parseDatabaseUrl(url);
   const queryHost = parsed.searchParams.get('host');
   const queryPort = parsed.searchParams.get('port');
-  // A socket directory (`?host=/run/postgresql`, or percent-encoded in the host part as
-  // `%2Frun%2Fpostgresql`) is no address for clients elsewhere.
-  const urlHost = /^%2f/i.test(parsed.hostname) ? '' : parsed.hostname.replace(/^\[(.*)\]$/, '$1');
-  const host = queryHost && !queryHost.startsWith('/') ? queryHost : urlHost || 'localhost';
+  // pg reads a socket directory from `?host=/run/postgresql`, or percent-encoded in the host
+  // part as `%2Frun%2Fpostgresql`.
+  const encodedDir = /^%2f/i.test(parsed.hostname) ? decoded(parsed.hostname) : null;
+  const socketDir = queryHost?.startsWith('/') ? queryHost : queryHost ? null : encodedDir;
+  // No host at all is pg's default, localhost over TCP.
+  const host = socketDir ? null : queryHost || parsed.hostname.replace(/^\[(.*)\]$/, '$1') || 'localhost';
   const port = parsed.port || queryPort || '5432';
   // Checked here, not by the schema: the schema sees it as publicPgPort and would name
   // BROKER_PUBLIC_PG_PORT, which the operator never set.
   if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new DatabaseUrlError('port must be a whole number 1–65535');
-  return { host, port: Number(port) };
+  return { host, socketDir, port: Number(port) };
 }

@@ -63,10 +63,21 @@ describe('loadConfig: good values', () => {
 
   test('DATABASE_URL with the host in the query string (libpq style)', () => {
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db.example.com' })).publicPgHost, 'db.example.com');
-    // A socket directory is no address to hand to clients.
-    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=/var/run/postgresql' })).publicPgHost, 'localhost');
-    // The same directory percent-encoded in the host part, as pg also reads it.
-    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@%2Fvar%2Frun%2Fpostgresql/broker' })).publicPgHost, 'localhost');
+    // No host at all is pg's default: localhost over TCP.
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker' })).publicPgHost, 'localhost');
+  });
+
+  test('DATABASE_URL through a Unix socket, with BROKER_PUBLIC_PG_HOST saying where clients go', () => {
+    for (const url of [
+      `postgres://broker:${SECRET}@/broker?host=/var/run/postgresql`,
+      // The same directory percent-encoded in the host part, as pg also reads it.
+      `postgres://broker:${SECRET}@%2Fvar%2Frun%2Fpostgresql/broker`,
+      'postgresql://broker@%2frun%2fpostgresql:5433/broker',
+    ]) {
+      const c = loadConfig(env({ DATABASE_URL: url, BROKER_PUBLIC_PG_HOST: 'db.example.com' }));
+      assert.equal(c.databaseUrl, url);
+      assert.equal(c.publicPgHost, 'db.example.com');
+    }
   });
 
   test('comma-list BROKER_ISSUERS (discovery) with spaces and an empty item', () => {
@@ -256,6 +267,16 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     // A user part might hold a password: not quoted.
     const err = rejects({ HOST: `broker:${SECRET}@db` }, 'HOST');
     assert.ok(!err.message.includes('@'), err.message);
+  });
+
+  test('a Unix-socket DATABASE_URL needs BROKER_PUBLIC_PG_HOST: a socket directory is no address for clients', () => {
+    for (const url of [
+      `postgres://broker:${SECRET}@/broker?host=/run/postgresql`,
+      `postgres://broker:${SECRET}@%2Frun%2Fpostgresql/broker`,
+      `postgres://broker:${SECRET}@localhost/broker?host=/run/postgresql`,
+    ]) {
+      rejects({ DATABASE_URL: url }, 'BROKER_PUBLIC_PG_HOST', /is required when DATABASE_URL connects through a Unix socket/);
+    }
   });
 
   test('a bad port inside DATABASE_URL names DATABASE_URL, not BROKER_PUBLIC_PG_PORT', () => {

@@ -10,7 +10,7 @@ test('the reaper reaches other databases with the broker\'s settings, socket URL
   // libpq's socket form, which DATABASE_URL accepts and WHATWG URL refuses.
   const url = 'postgres://broker@/broker?host=/run/postgresql';
   assert.throws(() => new URL(url));
-  assert.equal(loadConfig({ DATABASE_URL: url, BROKER_ISSUERS: 'https://issuer.example', BROKER_AUDIENCE: 'pg-broker' }).databaseUrl, url);
+  assert.equal(loadConfig({ DATABASE_URL: url, BROKER_ISSUERS: 'https://issuer.example', BROKER_AUDIENCE: 'pg-broker', BROKER_PUBLIC_PG_HOST: 'db.example' }).databaseUrl, url);
   const socket = clientConfigForDatabase(url, 'app db');
   assert.deepEqual({ host: socket.host, user: socket.user, database: socket.database }, { host: '/run/postgresql', user: 'broker', database: 'app db' });
 });
