@@ -52,3 +52,30 @@ export function databaseTarget(url: string): DatabaseTarget {
   if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new DatabaseUrlError('port must be a whole number 1–65535');
   return { host, socketDir, port: Number(port) };
 }
+
+export interface DatabaseDescription {
+  /** `host:port`, or the socket file for a Unix socket. */
+  address: string;
+  /** `user broker at db.internal:5432, database broker`: what a failed connection tried, without the password. */
+  label: string;
+  /** `text` with the URL's password, as written and decoded, replaced: for error texts from elsewhere. */
+  withoutPassword(text: string): string;
+}
+
+/** DATABASE_URL (already accepted by loadConfig) as start-up messages name it. */
+export function describeDatabase(url: string): DatabaseDescription {
+  const parsed = parseDatabaseUrl(url);
+  const target = databaseTarget(url);
+  const address = target.host === null
+    ? `${target.socketDir!.replace(/\/$/, '')}/.s.PGSQL.${target.port}`
+    : `${target.host.includes(':') ? `[${target.host}]` : target.host}:${target.port}`;
+  // pg lets ?user= override the user part; without either it uses PGUSER or the OS user.
+  const user = parsed.searchParams.get('user') || decoded(parsed.username) || '(the default)';
+  const database = decoded(parsed.pathname.replace(/^\//, '')) || '(the default)';
+  const secrets = [...new Set([parsed.password, decoded(parsed.password)])].filter((s) => s.length > 0);
+  return {
+    address,
+    label: `user ${user} at ${address}, database ${database}`,
+    withoutPassword: (text) => secrets.reduce((out, secret) => out.split(secret).join('[REDACTED]'), text),
+  };
+}

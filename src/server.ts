@@ -1,7 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import Fastify from 'fastify';
+import pg from 'pg';
 import { buildApp, type BuildOptions } from './app.js';
 import { plainHttpKeySources, type Config } from './config.js';
+import { describeDatabase } from './database-url.js';
 import { createLogger } from './logger.js';
 import { Metrics } from './metrics.js';
 import { migrate } from './postgres/migrate.js';
@@ -20,22 +22,55 @@ export interface RunningBroker {
 const FIRST_RETRY_MS = 500;
 const MAX_RETRY_MS = 5000;
 
+const CONNECT_TIMEOUT_MS = 5000;
+
+/**
+ * Opens and closes one connection, so that a failure to connect or log in can be told apart
+ * from a failure in a migration: the first is DATABASE_URL's to fix (or PostgreSQL is not up yet).
+ */
+async function connectOnce(databaseUrl: string): Promise<void> {
+  try {
+    // pg reads the URL's sslrootcert and friends when the client is made: that throws too.
+    const client = new pg.Client({ connectionString: databaseUrl, application_name: 'pg-credential-broker', connectionTimeoutMillis: CONNECT_TIMEOUT_MS });
+    client.on('error', () => undefined);
+    await client.connect();
+    await client.end().catch(() => undefined);
+  } catch (err) {
+    throw new ConnectFailure(err);
+  }
+}
+
+class ConnectFailure extends Error {
+  constructor(readonly reason: unknown) {
+    super((reason as Error)?.message ?? String(reason));
+  }
+}
+
 /**
  * Migrates once PostgreSQL accepts connections. Compose and Kubernetes start the broker and the
  * database together, and a broker that exits on the first refused connection only adds restarts
- * and noise; so connection failures are retried (and logged) until the process is stopped. Any
- * other failure (a wrong password, a failed migration) ends start-up at once.
+ * and noise; so with `retry`, connection failures are retried (and logged) until the process is
+ * stopped. Any other failure (a wrong password, a failed migration) ends start-up at once, and
+ * one in connecting or logging in says it comes from DATABASE_URL, and where that points.
  */
-async function migrateWhenReachable(config: Config, logger: ReturnType<typeof createLogger>): Promise<void> {
+async function migrateWhenReachable(config: Config, logger: ReturnType<typeof createLogger>, retry: boolean): Promise<void> {
+  const database = describeDatabase(config.databaseUrl);
   for (let attempt = 1, delay = FIRST_RETRY_MS; ; attempt++, delay = Math.min(delay * 2, MAX_RETRY_MS)) {
     try {
+      await connectOnce(config.databaseUrl);
       await migrate(config.databaseUrl, config.managedRole, logger);
       return;
-    } catch (err) {
-      if (!isConnectionError(err)) throw err;
+    } catch (caught) {
+      const err = caught instanceof ConnectFailure ? caught.reason : caught;
       const { message, code } = err as { message?: string; code?: string };
-      logger.warn({ err: { message, code }, attempt, retry_in_ms: delay }, 'PostgreSQL is not reachable yet; retrying');
-      await new Promise((resolve) => setTimeout(resolve, delay));
+      if (retry && isConnectionError(err)) {
+        logger.warn({ variable: 'DATABASE_URL', address: database.address, err: { message: database.withoutPassword(String(message)), code }, attempt, retry_in_ms: delay },
+          'PostgreSQL is not reachable yet; retrying');
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        continue;
+      }
+      if (!(caught instanceof ConnectFailure)) throw err;
+      throw Object.assign(new Error(`DATABASE_URL (${database.label}): ${database.withoutPassword(String(message))}`, { cause: err }), { code });
     }
   }
 }
@@ -66,10 +101,7 @@ export async function startBroker(
   for (const { entry, field, origin } of plainHttpKeySources(config)) {
     logger.warn({ variable: 'BROKER_ISSUERS', entry, field, url: origin }, 'signing keys are fetched over plain http from another machine: whoever can alter that traffic can sign tokens the broker accepts, admin tokens included; use https');
   }
-  if (options.migrate !== false) {
-    if (options.waitForDatabase) await migrateWhenReachable(config, logger);
-    else await migrate(config.databaseUrl, config.managedRole, logger);
-  }
+  if (options.migrate !== false) await migrateWhenReachable(config, logger, options.waitForDatabase === true);
   const app = await buildApp(config, { ...options, logger });
   const openTo = await brokerDatabaseOpenTo(app.db, config.managedRole).catch((err: Error) => {
     logger.warn({ err: { message: err.message } }, 'could not check who may connect to the broker\'s own database');

@@ -87,13 +87,57 @@ describe('HOST', () => {
   });
 });
 
-describe('listen failures name the variable that chose the port', () => {
+describe('against a real PostgreSQL', () => {
   let pgs: TestPostgres;
   before(async () => {
     pgs = await startPostgres();
   });
   after(() => pgs?.stop());
   const env = () => ({ DATABASE_URL: pgs.brokerUrl, BROKER_ISSUERS: 'https://issuer.example.com', BROKER_SCRAM_ITERATIONS: '1' });
+  /** The test cluster's broker URL with `change` applied. */
+  const brokerUrlWith = (change: (url: URL) => void) => {
+    const url = new URL(pgs.brokerUrl);
+    change(url);
+    return url.toString();
+  };
+
+  test('a DATABASE_URL that cannot log in stops start-up with one line naming it, its user, address and database, never the password', async () => {
+    const where = `user broker at 127.0.0.1:${pgs.port}, database`;
+    const cases: Array<[string, string]> = [
+      [brokerUrlWith((u) => { u.password = PASSWORD; }), `${where} broker): password authentication failed for user "broker"`],
+      [brokerUrlWith((u) => { u.password = PASSWORD; u.pathname = '/nosuchdb'; }), `${where} nosuchdb): password authentication failed for user "broker"`],
+      [brokerUrlWith((u) => { u.pathname = '/nosuchdb'; }), `${where} nosuchdb): database "nosuchdb" does not exist`],
+      [brokerUrlWith((u) => { u.password = PASSWORD; u.search = '?sslrootcert=/nonexistent/root.crt'; }), `${where} broker): ENOENT: no such file or directory, open '/nonexistent/root.crt'`],
+    ];
+    const secret = new URL(pgs.brokerUrl).password;
+    for (const [url, reason] of cases) {
+      const run = await serveToExit({ ...env(), DATABASE_URL: url });
+      assert.equal(run.code, 1, run.stderr);
+      assert.equal(run.stderr, `pg-broker: DATABASE_URL (${reason}\n`);
+      assert.ok(!run.stderr.includes(PASSWORD) && !run.stderr.includes(secret), 'no password');
+    }
+  });
+
+  test('the retry line names the address it retries, also when the connection is cut rather than refused', async (t) => {
+    // Accepts and hangs up at once, as a proxy in front of a PostgreSQL that is not up yet does.
+    const cutter = net.createServer((socket) => socket.destroy());
+    await new Promise<void>((resolve) => cutter.listen(0, '127.0.0.1', resolve));
+    t.after(() => new Promise((resolve) => cutter.close(resolve)));
+    const cutPort = (cutter.address() as net.AddressInfo).port;
+    const refused = await unreachableDatabaseUrl();
+    for (const [url, address, message] of [
+      [`postgres://broker:${PASSWORD}@127.0.0.1:${cutPort}/broker`, `127.0.0.1:${cutPort}`, /Connection terminated unexpectedly/],
+      [refused, new URL(refused).host, /ECONNREFUSED/],
+    ] as const) {
+      const broker = await spawnWaiting({ DATABASE_URL: url, BROKER_ISSUERS: 'https://issuer.example.com' });
+      const line = await waitFor('a retry line', async () => broker.logged('PostgreSQL is not reachable yet; retrying')[0]);
+      assert.equal(line.variable, 'DATABASE_URL');
+      assert.equal(line.address, address);
+      assert.match(line.err.message, message);
+      await broker.kill();
+      assertNoPassword(broker);
+    }
+  });
 
   test('PORT taken: one line naming PORT, exit 1; a free one serves', async (t) => {
     const good = await spawnBroker({ ...BASE, ...env() });
