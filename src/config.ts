@@ -1,4 +1,4 @@
-import { Type, type Static } from '@sinclair/typebox';
+import { Type, type Static, type TInteger } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
 import { databaseTarget, DatabaseUrlError, type DatabaseTarget } from './database-url.js';
@@ -17,6 +17,11 @@ export function managedRoleFrom(env: NodeJS.ProcessEnv): string {
 const Url = Type.String({ pattern: '^https?://[^\\s]+$' });
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const Port = Type.Integer({ minimum: 1, maximum: 65535 });
+// `unit` is ours, not JSON Schema's: it words the range in start-up errors.
+const Seconds = (minimum: number, maximum: number) => Type.Integer({ minimum, maximum, unit: 'seconds' });
+// A billion a minute is no limit in practice (the benchmarks set that to stay out of the way);
+// the bound only keeps the value a safe integer and catches a pasted run of digits.
+const PerMinute = Type.Integer({ minimum: 1, maximum: 1_000_000_000, unit: 'requests per minute' });
 
 export const IssuerSchema = Type.Object(
   {
@@ -42,16 +47,16 @@ export const ConfigSchema = Type.Object({
   admins: Type.Array(AdminSchema),
   publicPgHost: Type.String({ minLength: 1 }),
   publicPgPort: Port,
-  reaperIntervalSeconds: Type.Integer({ minimum: 1, maximum: 3600 }),
-  grantRecheckSeconds: Type.Integer({ minimum: 0, maximum: 3600 }),
+  reaperIntervalSeconds: Seconds(1, 3600),
+  grantRecheckSeconds: Seconds(0, 3600),
   managedRole: RoleName,
   metricsPort: Type.Optional(Port),
-  rateLimitIp: Type.Integer({ minimum: 1 }),
-  rateLimitIdentity: Type.Integer({ minimum: 1 }),
+  rateLimitIp: PerMinute,
+  rateLimitIdentity: PerMinute,
   dbPoolSize: Type.Integer({ minimum: 1, maximum: 1000 }),
   scramIterations: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
-  lockTimeoutSeconds: Type.Integer({ minimum: 0, maximum: 3600 }),
-  queryTimeoutSeconds: Type.Integer({ minimum: 0, maximum: 3600 }),
+  lockTimeoutSeconds: Seconds(0, 3600),
+  queryTimeoutSeconds: Seconds(0, 3600),
   host: Type.String({ minLength: 1 }),
   port: Type.Integer({ minimum: 0, maximum: 65535 }),
   logLevel: Type.Union(LOG_LEVELS.map((l) => Type.Literal(l))),
@@ -99,11 +104,26 @@ function required(env: Env, name: string): string {
   return value;
 }
 
-function integer(env: Env, name: string, fallback?: number): number | undefined {
+/** The value as the operator wrote it, cut short: for settings that hold no secret. */
+function quoted(raw: string): string {
+  return JSON.stringify(raw.length > 40 ? `${raw.slice(0, 40)}…` : raw);
+}
+
+type WholeNumberField = {
+  [K in keyof typeof ConfigSchema.properties]: (typeof ConfigSchema.properties)[K] extends TInteger ? K : never;
+}[keyof typeof ConfigSchema.properties];
+
+/** A whole number in the schema's range, or an error that states the range instead of the schema rule. */
+function wholeNumber(env: Env, field: WholeNumberField, fallback?: number): number | undefined {
+  const name = ENV_NAMES[field];
   const raw = env[name]?.trim();
   if (!raw) return fallback;
-  if (!/^-?\d+$/.test(raw)) throw new ConfigError(name, `must be a whole number, got ${JSON.stringify(raw)}`);
-  return Number(raw);
+  const { minimum, maximum, unit } = ConfigSchema.properties[field] as { minimum: number; maximum: number; unit?: string };
+  const value = /^-?\d+$/.test(raw) ? Number(raw) : NaN;
+  if (value >= minimum && value <= maximum) return value;
+  const number = (n: number) => (n >= 100_000 ? n.toLocaleString('en-US') : String(n));
+  const range = `from ${number(minimum)} to ${number(maximum)}`;
+  throw new ConfigError(name, `must be a whole number ${unit ? `of ${unit} ` : ''}${range} (got ${quoted(raw)})`);
 }
 
 function json(env: Env, name: string, raw: string): unknown {
@@ -194,19 +214,19 @@ export function loadConfig(env: Env = process.env): Config {
     audience: required(env, 'BROKER_AUDIENCE'),
     admins: env.BROKER_ADMINS?.trim() ? json(env, 'BROKER_ADMINS', env.BROKER_ADMINS) : [],
     publicPgHost: publicHost(env, dbTarget),
-    publicPgPort: env.BROKER_PUBLIC_PG_PORT?.trim() ? integer(env, 'BROKER_PUBLIC_PG_PORT') : dbTarget.port,
-    reaperIntervalSeconds: integer(env, 'BROKER_REAPER_INTERVAL', 10),
-    grantRecheckSeconds: integer(env, 'BROKER_GRANT_RECHECK_INTERVAL', 60),
+    publicPgPort: wholeNumber(env, 'publicPgPort', dbTarget.port),
+    reaperIntervalSeconds: wholeNumber(env, 'reaperIntervalSeconds', 10),
+    grantRecheckSeconds: wholeNumber(env, 'grantRecheckSeconds', 60),
     managedRole: env.BROKER_MANAGED_ROLE?.trim() || 'credential_broker_managed',
-    metricsPort: integer(env, 'BROKER_METRICS_PORT'),
-    rateLimitIp: integer(env, 'BROKER_RATE_LIMIT_IP', 600),
-    rateLimitIdentity: integer(env, 'BROKER_RATE_LIMIT_IDENTITY', 120),
-    dbPoolSize: integer(env, 'BROKER_DB_POOL_SIZE', 10),
-    scramIterations: integer(env, 'BROKER_SCRAM_ITERATIONS', 4096),
-    lockTimeoutSeconds: integer(env, 'BROKER_LOCK_TIMEOUT', 10),
-    queryTimeoutSeconds: integer(env, 'BROKER_QUERY_TIMEOUT', 30),
+    metricsPort: wholeNumber(env, 'metricsPort'),
+    rateLimitIp: wholeNumber(env, 'rateLimitIp', 600),
+    rateLimitIdentity: wholeNumber(env, 'rateLimitIdentity', 120),
+    dbPoolSize: wholeNumber(env, 'dbPoolSize', 10),
+    scramIterations: wholeNumber(env, 'scramIterations', 4096),
+    lockTimeoutSeconds: wholeNumber(env, 'lockTimeoutSeconds', 10),
+    queryTimeoutSeconds: wholeNumber(env, 'queryTimeoutSeconds', 30),
     host: listenHost(env),
-    port: integer(env, 'PORT', 8080),
+    port: wholeNumber(env, 'port', 8080),
     logLevel: env.LOG_LEVEL?.trim().toLowerCase() || 'info',
   };
   if (candidate.metricsPort === undefined) delete candidate.metricsPort;

@@ -247,6 +247,32 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     assert.equal(loadConfig(env({ BROKER_QUERY_TIMEOUT: '0', BROKER_LOCK_TIMEOUT: '20' })).queryTimeoutSeconds, 0);
   });
 
+  test('a bad number states the accepted range and what it got; both ends of each range are accepted', () => {
+    const ranges: Array<[string, string, number, number]> = [
+      ['PORT', '', 0, 65535], ['BROKER_PUBLIC_PG_PORT', '', 1, 65535], ['BROKER_METRICS_PORT', '', 1, 65535],
+      ['BROKER_REAPER_INTERVAL', 'of seconds ', 1, 3600], ['BROKER_GRANT_RECHECK_INTERVAL', 'of seconds ', 0, 3600],
+      ['BROKER_LOCK_TIMEOUT', 'of seconds ', 0, 3600], ['BROKER_QUERY_TIMEOUT', 'of seconds ', 0, 3600],
+      ['BROKER_RATE_LIMIT_IP', 'of requests per minute ', 1, 1e9], ['BROKER_RATE_LIMIT_IDENTITY', 'of requests per minute ', 1, 1e9],
+      ['BROKER_DB_POOL_SIZE', '', 1, 1000], ['BROKER_SCRAM_ITERATIONS', '', 1, 1e6],
+    ];
+    const written = (n: number) => (n >= 100_000 ? n.toLocaleString('en-US') : String(n));
+    for (const [variable, unit, min, max] of ranges) {
+      // A query timeout must outlast the lock timeout: the other one is 0 (off) here.
+      const others = variable === 'BROKER_LOCK_TIMEOUT' ? { BROKER_QUERY_TIMEOUT: '0' } : { BROKER_LOCK_TIMEOUT: '0' };
+      for (const bad of [String(min - 1), String(max + 1), '1.5', 'ten', '99999999999999999999999']) {
+        const err = rejects({ ...others, [variable]: bad }, variable);
+        assert.equal(err.message, `${variable}: must be a whole number ${unit}from ${written(min)} to ${written(max)} (got ${JSON.stringify(bad)})`);
+      }
+      for (const good of [min, max]) {
+        assert.doesNotThrow(() => loadConfig(env({ ...others, [variable]: ` ${good} ` })), `${variable}=${good}`);
+      }
+    }
+    assert.equal(rejects({ BROKER_REAPER_INTERVAL: '0' }, 'BROKER_REAPER_INTERVAL').message,
+      'BROKER_REAPER_INTERVAL: must be a whole number of seconds from 1 to 3600 (got "0")');
+    // A long value is cut short in the message.
+    assert.match(rejects({ PORT: '9'.repeat(100) }, 'PORT').message, /\(got "9{40}…"\)$/);
+  });
+
   test('BROKER_PUBLIC_PG_HOST: a port, scheme, path, user, space or malformed address is refused', () => {
     const bad = [
       'db.example.com:6432', 'https://db', 'a b/c@d', `broker:${SECRET}@db`, 'db/broker', 'db?x=1',
