@@ -1,6 +1,6 @@
 import { Type, type Static, type TInteger } from '@sinclair/typebox';
-import { Value } from '@sinclair/typebox/value';
-import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
+import { Value, ValueErrorType, type ValueError } from '@sinclair/typebox/value';
+import { isPlainHttpOverNetwork, isUrl, jsonProblem, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
 import { databaseTarget, DatabaseUrlError, type DatabaseTarget } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
@@ -11,7 +11,7 @@ const RoleName = Type.String({ pattern: '^(?!pg_)[a-z_][a-z0-9_]{0,58}$' });
 /** BROKER_MANAGED_ROLE for commands that need no other setting (`pg-broker migrate`), checked as loadConfig checks it. */
 export function managedRoleFrom(env: NodeJS.ProcessEnv): string {
   const value = env.BROKER_MANAGED_ROLE?.trim() || 'credential_broker_managed';
-  if (!Value.Check(RoleName, value)) throw new ConfigError('BROKER_MANAGED_ROLE', hint('managedRole', '', 'to match'));
+  if (!Value.Check(RoleName, value)) throw new ConfigError('BROKER_MANAGED_ROLE', MANAGED_ROLE_RULE);
   return value;
 }
 const Url = Type.String({ pattern: '^https?://[^\\s]+$' });
@@ -126,11 +126,11 @@ function wholeNumber(env: Env, field: WholeNumberField, fallback?: number): numb
   throw new ConfigError(name, `must be a whole number ${unit ? `of ${unit} ` : ''}${range} (got ${quoted(raw)})`);
 }
 
-function json(env: Env, name: string, raw: string): unknown {
+function json(name: string, raw: string): unknown {
   try {
     return JSON.parse(raw);
-  } catch {
-    throw new ConfigError(name, 'is not valid JSON');
+  } catch (err) {
+    throw new ConfigError(name, `is not valid JSON: ${jsonProblem((err as Error).message, raw)}`);
   }
 }
 
@@ -139,7 +139,8 @@ function parseIssuers(env: Env): unknown {
   // A JSON object is a common slip for the array form; splitting it on commas would only
   // produce a confusing URL error.
   if (raw.startsWith('[') || raw.startsWith('{')) {
-    const parsed = json(env, 'BROKER_ISSUERS', raw);
+    // Untrimmed, so that the line and column of a JSON error are the operator's own.
+    const parsed = json('BROKER_ISSUERS', env.BROKER_ISSUERS!);
     if (!Array.isArray(parsed)) throw new ConfigError('BROKER_ISSUERS', 'must be a JSON array of {"issuer", "jwks_uri"?, "audience"?} objects, or a comma-separated list of issuer URLs');
     return parsed;
   }
@@ -170,29 +171,65 @@ function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
 }
 
-// TypeBox's messages name the schema rule ("Expected string to match '^https?://...'"), not
-// what the operator should write.
-function hint(field: string, leaf: string, message: string): string {
-  if (/Unexpected property/i.test(message)) return `unknown field ${leaf}`;
-  if (/Expected required property/i.test(message)) return `${leaf} is required`;
-  if (/to match/.test(message)) {
-    if (leaf === 'issuer' || leaf === 'jwks_uri') return `${leaf} must be an http(s) URL`;
-    if (field === 'managedRole') return 'must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 59 characters, leaving room for the _cNN suffix of its creator roles) not starting with pg_, which PostgreSQL reserves';
-    if (field === 'databaseUrl') return 'must be a postgres:// or postgresql:// URL';
-  }
-  if (field === 'logLevel') return `must be one of ${LOG_LEVELS.join(', ')}`;
-  if (field === 'issuers' && leaf === '' && /length/.test(message)) return 'must list at least one issuer';
-  if (leaf.startsWith('claims/') && /union/i.test(message)) return `${leaf} must be a pattern or a non-empty list of patterns`;
-  return leaf ? `${leaf}: ${message}` : message;
+const MANAGED_ROLE_RULE = 'must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 59 characters, leaving room for the _cNN suffix of its creator roles) not starting with pg_, which PostgreSQL reserves';
+
+// What one entry of each list looks like, for errors about the list or an entry's shape.
+const ENTRY_SHAPES: Partial<Record<keyof Config, string>> = {
+  issuers: '{"issuer": "https://…", "jwks_uri"?: "https://…", "audience"?: "…"}',
+  admins: '{"issuer": "https://…", "claims": {"sub": "pattern", …}}',
+};
+
+function jsonType(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
 }
 
-function describeError(path: string, message: string): ConfigError {
-  const parts = path.split('/');
-  const field = parts[1] as keyof Config | undefined;
-  const variable = (field && ENV_NAMES[field]) || 'configuration';
+/**
+ * TypeBox's messages name the schema rule ("Expected string length greater or equal to 1",
+ * "Expected union value"), not what the operator should write; `leaf` is the path inside an entry.
+ */
+function reasonFor(field: keyof Config, leaf: string, error: ValueError): string {
+  const shape = ENTRY_SHAPES[field];
+  switch (true) {
+    case field === 'databaseUrl':
+      return 'must be a postgres:// or postgresql:// URL';
+    case field === 'managedRole':
+      return MANAGED_ROLE_RULE;
+    case field === 'logLevel':
+      return `must be one of ${LOG_LEVELS.join(', ')}`;
+    case field === 'issuers' && error.type === ValueErrorType.ArrayMinItems:
+      return 'must list at least one issuer';
+    case shape !== undefined && leaf === '' && error.type === ValueErrorType.Array:
+      return `must be a JSON array of ${shape} objects, not ${jsonType(error.value)}`;
+    case shape !== undefined && leaf === '':
+      return `must be an object ${shape}, not ${jsonType(error.value)}`;
+    case error.type === ValueErrorType.ObjectAdditionalProperties:
+      return `unknown field ${JSON.stringify(leaf)} (an entry is ${shape})`;
+    case error.type === ValueErrorType.ObjectRequiredProperty:
+      return `${leaf} is required`;
+    case leaf === 'issuer' || leaf === 'jwks_uri':
+      return `${leaf} must be an http(s) URL`;
+    case leaf === 'audience':
+      return 'audience must be a non-empty string';
+    case leaf === 'claims':
+      return `claims must be an object mapping claim names to patterns, not ${jsonType(error.value)}`;
+    case leaf.startsWith('claims/'): {
+      const claim = leaf.slice('claims/'.length).replace(/~1/g, '/').replace(/~0/g, '~');
+      return `claim ${JSON.stringify(claim)} must be a pattern or a non-empty list of patterns (strings)`;
+    }
+    default:
+      return leaf ? `${leaf}: ${error.message}` : error.message;
+  }
+}
+
+function describeError(error: ValueError): ConfigError {
+  const parts = error.path.split('/');
+  const field = parts[1] as keyof Config;
+  const variable = ENV_NAMES[field] ?? 'configuration';
   const index = parts[2] !== undefined && /^\d+$/.test(parts[2]) ? Number(parts[2]) : null;
   const leaf = parts.slice(index === null ? 2 : 3).join('/');
-  const text = hint(field ?? '', leaf, message);
+  const text = reasonFor(field, leaf, error);
   return new ConfigError(variable, index === null ? text : `entry ${index + 1}: ${text}`);
 }
 
@@ -212,7 +249,7 @@ export function loadConfig(env: Env = process.env): Config {
     databaseUrl,
     issuers: parseIssuers(env),
     audience: required(env, 'BROKER_AUDIENCE'),
-    admins: env.BROKER_ADMINS?.trim() ? json(env, 'BROKER_ADMINS', env.BROKER_ADMINS) : [],
+    admins: env.BROKER_ADMINS?.trim() ? json('BROKER_ADMINS', env.BROKER_ADMINS) : [],
     publicPgHost: publicHost(env, dbTarget),
     publicPgPort: wholeNumber(env, 'publicPgPort', dbTarget.port),
     reaperIntervalSeconds: wholeNumber(env, 'reaperIntervalSeconds', 10),
@@ -231,7 +268,7 @@ export function loadConfig(env: Env = process.env): Config {
   };
   if (candidate.metricsPort === undefined) delete candidate.metricsPort;
   const first = Value.Errors(ConfigSchema, candidate).First();
-  if (first) throw describeError(first.path, first.message);
+  if (first) throw describeError(first);
   const config = candidate as Config;
   const seen = new Set<string>();
   config.issuers.forEach((entry, i) => {

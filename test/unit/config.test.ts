@@ -196,6 +196,28 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example' }, { issuer: 'https://a.example', audience: 'x' }]) }, 'BROKER_ISSUERS', /twice/);
   });
 
+  test('JSON and shape errors say where and what, in the operator\'s terms rather than the schema\'s', () => {
+    const cases: Array<[string, string, string]> = [
+      ['BROKER_ADMINS', '[{', 'BROKER_ADMINS: is not valid JSON: expected property name or \'}\' at line 1, column 3'],
+      ['BROKER_ADMINS', '[\n  {"issuer": "https://a.example"\n   "claims": {}}\n]', 'BROKER_ADMINS: is not valid JSON: expected \',\' or \'}\' after property value at line 3, column 4'],
+      ['BROKER_ADMINS', '[1,]', 'BROKER_ADMINS: is not valid JSON: unexpected token \']\', "[1,]"'],
+      ['BROKER_ADMINS', '[] x', 'BROKER_ADMINS: is not valid JSON: unexpected non-whitespace character after JSON at line 1, column 4'],
+      ['BROKER_ISSUERS', '[{"issuer": "https://a.example",]', 'BROKER_ISSUERS: is not valid JSON: expected double-quoted property name at line 1, column 33'],
+      ['BROKER_ADMINS', '{"issuer": "https://a.example"}', 'BROKER_ADMINS: must be a JSON array of {"issuer": "https://…", "claims": {"sub": "pattern", …}} objects, not an object'],
+      ['BROKER_ADMINS', '["admin"]', 'BROKER_ADMINS: entry 1: must be an object {"issuer": "https://…", "claims": {"sub": "pattern", …}}, not a string'],
+      ['BROKER_ISSUERS', '[{"issuer": "https://a.example"}, null]', 'BROKER_ISSUERS: entry 2: must be an object {"issuer": "https://…", "jwks_uri"?: "https://…", "audience"?: "…"}, not null'],
+      ['BROKER_ISSUERS', '[{"issuer": "https://a.example", "audience": ""}]', 'BROKER_ISSUERS: entry 1: audience must be a non-empty string'],
+      ['BROKER_ISSUERS', '[{"issuer": 5}]', 'BROKER_ISSUERS: entry 1: issuer must be an http(s) URL'],
+      ['BROKER_ISSUERS', '[{"jwks_uri": "https://a.example/jwks"}]', 'BROKER_ISSUERS: entry 1: issuer is required'],
+      ['BROKER_ADMINS', `[{"issuer": "${GOOD.BROKER_ISSUERS}", "claims": ["sub"]}]`, 'BROKER_ADMINS: entry 1: claims must be an object mapping claim names to patterns, not an array'],
+      ['BROKER_ADMINS', `[{"issuer": "${GOOD.BROKER_ISSUERS}", "claims": {"/kubernetes.io/namespace": [5]}}]`, 'BROKER_ADMINS: entry 1: claim "/kubernetes.io/namespace" must be a pattern or a non-empty list of patterns (strings)'],
+      ['BROKER_ADMINS', `[{"issuer": "${GOOD.BROKER_ISSUERS}", "claims": {"sub": "a"}, "role": "x"}]`, 'BROKER_ADMINS: entry 1: unknown field "role" (an entry is {"issuer": "https://…", "claims": {"sub": "pattern", …}})'],
+    ];
+    for (const [variable, value, message] of cases) {
+      assert.equal(rejects({ [variable]: value }, variable).message, message, value);
+    }
+  });
+
   test('BROKER_AUDIENCE missing or blank', () => {
     rejects({ BROKER_AUDIENCE: undefined }, 'BROKER_AUDIENCE', /required/);
     rejects({ BROKER_AUDIENCE: ' ' }, 'BROKER_AUDIENCE', /required/);
