@@ -66,15 +66,3 @@ export function isPlainHttpOverNetwork(value: string): boolean {
   const url = new URL(value);
   return url.protocol === 'http:' && !isLoopbackHost(url.hostname);
 }
-
-/**
- * JSON.parse's complaint, with V8's character offset given as a line and column: a JSON value
- * in a ConfigMap is often a block of several lines.
- */
-export function jsonProblem(message: string, text: string): string {
-  const lowered = (m: string) => m.charAt(0).toLowerCase() + m.slice(1);
-  const positioned = /^(.*?)(?: in JSON)? at position (\d+)/.exec(message);
-  if (!positioned) return lowered(message.replace(/ is not valid JSON$/, ''));
-  const lines = text.slice(0, Number(positioned[2])).split('\n');
-  return `${lowered(positioned[1])} at line ${lines.length}, column ${lines[lines.length - 1].length + 1}`;
-}

@@ -1,6 +1,7 @@
 import { Type, type Static, type TInteger } from '@sinclair/typebox';
-import { Value, ValueErrorType, type ValueError } from '@sinclair/typebox/value';
-import { isPlainHttpOverNetwork, isUrl, jsonProblem, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
+import { Value } from '@sinclair/typebox/value';
+import { ConfigError, describeSchemaError, ENV_NAMES, jsonProblem, MANAGED_ROLE_RULE, quoted } from './config-errors.js';
+import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
 import { databaseTarget, DatabaseUrlError, type DatabaseTarget } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
@@ -65,48 +66,14 @@ export const ConfigSchema = Type.Object({
 export type Config = Static<typeof ConfigSchema>;
 export type IssuerConfig = Static<typeof IssuerSchema>;
 export type AdminRule = Static<typeof AdminSchema>;
-
-export class ConfigError extends Error {
-  constructor(readonly variable: string, reason: string) {
-    super(`${variable}: ${reason}`);
-    this.name = 'ConfigError';
-  }
-}
+export { ConfigError };
 
 type Env = Record<string, string | undefined>;
-
-// Which environment variable feeds each config field, so errors name what the operator set.
-const ENV_NAMES: Record<keyof Config, string> = {
-  databaseUrl: 'DATABASE_URL',
-  issuers: 'BROKER_ISSUERS',
-  audience: 'BROKER_AUDIENCE',
-  admins: 'BROKER_ADMINS',
-  publicPgHost: 'BROKER_PUBLIC_PG_HOST',
-  publicPgPort: 'BROKER_PUBLIC_PG_PORT',
-  reaperIntervalSeconds: 'BROKER_REAPER_INTERVAL',
-  grantRecheckSeconds: 'BROKER_GRANT_RECHECK_INTERVAL',
-  managedRole: 'BROKER_MANAGED_ROLE',
-  metricsPort: 'BROKER_METRICS_PORT',
-  rateLimitIp: 'BROKER_RATE_LIMIT_IP',
-  rateLimitIdentity: 'BROKER_RATE_LIMIT_IDENTITY',
-  dbPoolSize: 'BROKER_DB_POOL_SIZE',
-  scramIterations: 'BROKER_SCRAM_ITERATIONS',
-  lockTimeoutSeconds: 'BROKER_LOCK_TIMEOUT',
-  queryTimeoutSeconds: 'BROKER_QUERY_TIMEOUT',
-  host: 'HOST',
-  port: 'PORT',
-  logLevel: 'LOG_LEVEL',
-};
 
 function required(env: Env, name: string): string {
   const value = env[name]?.trim();
   if (!value) throw new ConfigError(name, 'is required');
   return value;
-}
-
-/** The value as the operator wrote it, cut short: for settings that hold no secret. */
-function quoted(raw: string): string {
-  return JSON.stringify(raw.length > 40 ? `${raw.slice(0, 40)}…` : raw);
 }
 
 type WholeNumberField = {
@@ -171,68 +138,6 @@ function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
 }
 
-const MANAGED_ROLE_RULE = 'must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 59 characters, leaving room for the _cNN suffix of its creator roles) not starting with pg_, which PostgreSQL reserves';
-
-// What one entry of each list looks like, for errors about the list or an entry's shape.
-const ENTRY_SHAPES: Partial<Record<keyof Config, string>> = {
-  issuers: '{"issuer": "https://…", "jwks_uri"?: "https://…", "audience"?: "…"}',
-  admins: '{"issuer": "https://…", "claims": {"sub": "pattern", …}}',
-};
-
-function jsonType(value: unknown): string {
-  if (value === null) return 'null';
-  if (Array.isArray(value)) return 'an array';
-  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
-}
-
-/**
- * TypeBox's messages name the schema rule ("Expected string length greater or equal to 1",
- * "Expected union value"), not what the operator should write; `leaf` is the path inside an entry.
- */
-function reasonFor(field: keyof Config, leaf: string, error: ValueError): string {
-  const shape = ENTRY_SHAPES[field];
-  switch (true) {
-    case field === 'databaseUrl':
-      return 'must be a postgres:// or postgresql:// URL';
-    case field === 'managedRole':
-      return MANAGED_ROLE_RULE;
-    case field === 'logLevel':
-      return `must be one of ${LOG_LEVELS.join(', ')}`;
-    case field === 'issuers' && error.type === ValueErrorType.ArrayMinItems:
-      return 'must list at least one issuer';
-    case shape !== undefined && leaf === '' && error.type === ValueErrorType.Array:
-      return `must be a JSON array of ${shape} objects, not ${jsonType(error.value)}`;
-    case shape !== undefined && leaf === '':
-      return `must be an object ${shape}, not ${jsonType(error.value)}`;
-    case error.type === ValueErrorType.ObjectAdditionalProperties:
-      return `unknown field ${JSON.stringify(leaf)} (an entry is ${shape})`;
-    case error.type === ValueErrorType.ObjectRequiredProperty:
-      return `${leaf} is required`;
-    case leaf === 'issuer' || leaf === 'jwks_uri':
-      return `${leaf} must be an http(s) URL`;
-    case leaf === 'audience':
-      return 'audience must be a non-empty string';
-    case leaf === 'claims':
-      return `claims must be an object mapping claim names to patterns, not ${jsonType(error.value)}`;
-    case leaf.startsWith('claims/'): {
-      const claim = leaf.slice('claims/'.length).replace(/~1/g, '/').replace(/~0/g, '~');
-      return `claim ${JSON.stringify(claim)} must be a pattern or a non-empty list of patterns (strings)`;
-    }
-    default:
-      return leaf ? `${leaf}: ${error.message}` : error.message;
-  }
-}
-
-function describeError(error: ValueError): ConfigError {
-  const parts = error.path.split('/');
-  const field = parts[1] as keyof Config;
-  const variable = ENV_NAMES[field] ?? 'configuration';
-  const index = parts[2] !== undefined && /^\d+$/.test(parts[2]) ? Number(parts[2]) : null;
-  const leaf = parts.slice(index === null ? 2 : 3).join('/');
-  const text = reasonFor(field, leaf, error);
-  return new ConfigError(variable, index === null ? text : `entry ${index + 1}: ${text}`);
-}
-
 function databaseTargetOf(url: string): DatabaseTarget {
   try {
     return databaseTarget(url);
@@ -268,7 +173,7 @@ export function loadConfig(env: Env = process.env): Config {
   };
   if (candidate.metricsPort === undefined) delete candidate.metricsPort;
   const first = Value.Errors(ConfigSchema, candidate).First();
-  if (first) throw describeError(first);
+  if (first) throw describeSchemaError(first);
   const config = candidate as Config;
   const seen = new Set<string>();
   config.issuers.forEach((entry, i) => {
