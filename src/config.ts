@@ -138,6 +138,18 @@ function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
 }
 
+/**
+ * A claim name with a space at either end is looked up as written, and no token has it; an empty
+ * pattern matches only an empty value, which no admin's sub or group is. Both are typos.
+ */
+function adminClaimsProblem(claims: AdminRule['claims']): string | null {
+  for (const [name, patterns] of Object.entries(claims)) {
+    if (name.trim() !== name) return `claim name ${JSON.stringify(name)} has a space at its start or end, so no token would carry that claim`;
+    if ([patterns].flat().includes('')) return `claim ${JSON.stringify(name)} has an empty pattern, which matches no real value`;
+  }
+  return null;
+}
+
 function databaseTargetOf(url: string): DatabaseTarget {
   try {
     return databaseTarget(url);
@@ -189,8 +201,9 @@ export function loadConfig(env: Env = process.env): Config {
   config.admins.forEach((admin, i) => {
     if (!seen.has(admin.issuer)) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: issuer ${admin.issuer} is not in BROKER_ISSUERS`);
     if (Object.keys(admin.claims).length === 0) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: must bind at least one claim`);
-    // The same rules as a policy's claims, so a typo cannot make an admin rule that never matches.
-    const problem = validatePatterns(admin.claims);
+    // The same rules as a policy's claims, and two typos more, so that an admin rule cannot
+    // silently never match.
+    const problem = adminClaimsProblem(admin.claims) ?? validatePatterns(admin.claims);
     if (problem) throw new ConfigError('BROKER_ADMINS', `entry ${i + 1}: ${problem}`);
   });
   // A lock wait that reaches the query timeout first fails as "unavailable" on a discarded

@@ -234,6 +234,15 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: 5 } }]), 'BROKER_ADMINS');
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: [] } }]), 'BROKER_ADMINS');
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { '/a~2': 'x' } }]), 'BROKER_ADMINS', /pointer/);
+    // Typos that would make a rule no token ever matches.
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: '' } }]), 'BROKER_ADMINS', /^BROKER_ADMINS: entry 1: claim "sub" has an empty pattern, which matches no real value$/);
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: ['alice', ''] } }]), 'BROKER_ADMINS', /claim "sub" has an empty pattern/);
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: 'alice' } }, { issuer: GOOD.BROKER_ISSUERS, claims: { 'sub ': 'bob' } }]), 'BROKER_ADMINS',
+      /^BROKER_ADMINS: entry 2: claim name "sub " has a space at its start or end, so no token would carry that claim$/);
+    rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { ' /groups/0': 'dba' } }]), 'BROKER_ADMINS', /claim name " \/groups\/0"/);
+    // The same rules, met: a pattern list, and a pattern with spaces inside, which claims can have.
+    assert.deepEqual(loadConfig(env(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: ['alice', 'bob'], name: 'Ada Lovelace' } }]))).admins[0].claims,
+      { sub: ['alice', 'bob'], name: 'Ada Lovelace' });
     // An admin rule every token of the issuer meets would make anyone with such a token an admin.
     rejects(admins([{ issuer: GOOD.BROKER_ISSUERS, claims: { sub: '*' } }]), 'BROKER_ADMINS', /every token of the issuer/);
   });
