@@ -66,3 +66,17 @@ export function isPlainHttpOverNetwork(value: string): boolean {
   const url = new URL(value);
   return url.protocol === 'http:' && !isLoopbackHost(url.hostname);
 }
+
+/**
+ * Why an issuer or jwks_uri that parses is still no usable URL, or null. WHATWG URL forgives what
+ * an exact comparison with a token's `iss` does not, and what the operator did not mean:
+ * `https:///a` parses as https://a/, and `https://a.example;https://b` (a `;` typed for a comma)
+ * as one URL whose host is `a.example;https`.
+ */
+export function urlProblem(field: string, value: string): string | null {
+  if (!/^https?:\/\/[^/\\?#@\s]/i.test(value)) return `${field} must have its host right after "//"`;
+  if (value.indexOf('://') !== value.lastIndexOf('://')) return `${field} holds two URLs; separate issuers with a comma`;
+  const { hostname } = new URL(value);
+  if (publicHostOrNull(hostname) === null) return `${field} has ${JSON.stringify(hostname)} as its host, which is not a host name or IP address`;
+  return null;
+}

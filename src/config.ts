@@ -1,7 +1,7 @@
 import { Type, type Static, type TInteger } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { ConfigError, describeSchemaError, ENV_NAMES, jsonProblem, MANAGED_ROLE_RULE, quoted } from './config-errors.js';
-import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull } from './config-values.js';
+import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull, urlProblem } from './config-values.js';
 import { databaseTarget, DatabaseUrlError, type DatabaseTarget } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
@@ -195,6 +195,8 @@ export function loadConfig(env: Env = process.env): Config {
     // /.well-known/openid-configuration to it, which such parts would break.
     if (!plainIssuer(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must have no query, fragment or user part`);
     if (entry.jwks_uri !== undefined && !isUrl(entry.jwks_uri)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: jwks_uri must be an http(s) URL`);
+    const problem = urlProblem('issuer', entry.issuer) ?? (entry.jwks_uri === undefined ? null : urlProblem('jwks_uri', entry.jwks_uri));
+    if (problem) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: ${problem}`);
     if (seen.has(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `lists ${entry.issuer} twice`);
     seen.add(entry.issuer);
   });

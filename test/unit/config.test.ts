@@ -218,6 +218,25 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     }
   });
 
+  test('BROKER_ISSUERS: an issuer or jwks_uri that only parses by forgiveness is refused', () => {
+    const cases: Array<[string, string]> = [
+      ['https:///a', 'BROKER_ISSUERS: entry 1: issuer must have its host right after "//"'],
+      ['https://a.example,https:///realms/x', 'BROKER_ISSUERS: entry 2: issuer must have its host right after "//"'],
+      ['https://b.example.com;https://c', 'BROKER_ISSUERS: entry 1: issuer holds two URLs; separate issuers with a comma'],
+      ['https://b.example.comhttps://c.example.com', 'BROKER_ISSUERS: entry 1: issuer holds two URLs; separate issuers with a comma'],
+      ['https://b.example.com;c.example.com', 'BROKER_ISSUERS: entry 1: issuer has "b.example.com;c.example.com" as its host, which is not a host name or IP address'],
+      ['https://b_.-example.com', 'BROKER_ISSUERS: entry 1: issuer has "b_.-example.com" as its host, which is not a host name or IP address'],
+      [JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https:///jwks' }]), 'BROKER_ISSUERS: entry 1: jwks_uri must have its host right after "//"'],
+      [JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://keys.example;x/jwks' }]), 'BROKER_ISSUERS: entry 1: jwks_uri has "keys.example;x" as its host, which is not a host name or IP address'],
+    ];
+    for (const [value, message] of cases) assert.equal(rejects({ BROKER_ISSUERS: value }, 'BROKER_ISSUERS').message, message, value);
+    // What is meant is accepted: names, addresses, ports, paths, loopback with its port.
+    const good = ['https://b.example.com', 'https://c.example/realms/x', 'https://idp_1.corp:8443/', 'http://127.0.0.1:9000', 'https://[2001:db8::1]/tenant', 'http://dev-issuer:9000'];
+    assert.deepEqual(loadConfig(env({ BROKER_ISSUERS: good.join(',') })).issuers.map((i) => i.issuer), good);
+    const withKeys = [{ issuer: 'https://a.example', jwks_uri: 'https://keys.a.example:8443/jwks.json?x=1' }];
+    assert.deepEqual(loadConfig(env({ BROKER_ISSUERS: JSON.stringify(withKeys) })).issuers, withKeys);
+  });
+
   test('BROKER_AUDIENCE missing or blank', () => {
     rejects({ BROKER_AUDIENCE: undefined }, 'BROKER_AUDIENCE', /required/);
     rejects({ BROKER_AUDIENCE: ' ' }, 'BROKER_AUDIENCE', /required/);
