@@ -6,6 +6,11 @@ export class DatabaseUrlError extends Error {
   }
 }
 
+const PORT_RULE = 'its port must be a whole number from 1 to 65535';
+// pg, unlike libpq, takes one host: with a list it looks up "a,b" as a name and retries forever.
+const SEVERAL_HOSTS = 'names several hosts, but the broker connects to one: give the primary\'s address, or one in front of the cluster';
+const ENCODING_HINT = 'a / ? # @ : or % in the user or password must be percent-encoded';
+
 function parseDatabaseUrl(url: string): URL {
   try {
     return new URL(url);
@@ -14,9 +19,25 @@ function parseDatabaseUrl(url: string): URL {
     try {
       return new URL(url.replace(/^(postgres(?:ql)?:\/\/[^/?#]*@)(?=[/?#]|$)/, '$1localhost'));
     } catch {
-      throw new DatabaseUrlError('is not a valid URL');
+      throw new DatabaseUrlError(whyNotAUrl(url));
     }
   }
+}
+
+/**
+ * What makes DATABASE_URL unparseable, said without quoting any of it: the part before the host
+ * holds the password, and with an unescaped `/` or `#` in the password even the "host" may be a
+ * piece of it.
+ */
+function whyNotAUrl(url: string): string {
+  const rest = url.replace(/^postgres(?:ql)?:\/\//i, '');
+  const authority = rest.split(/[/?#]/, 1)[0];
+  // An @ after the authority: a / ? or # in the password ended it early.
+  if (rest.slice(authority.length).includes('@')) return `is not a valid URL: ${ENCODING_HINT}`;
+  const hostPort = authority.slice(authority.lastIndexOf('@') + 1);
+  if (hostPort.includes(',')) return SEVERAL_HOSTS;
+  if (/^(?:\[[^\]]*\]|[^:[\]]*):/.test(hostPort)) return PORT_RULE;
+  return `is not a valid URL (${ENCODING_HINT})`;
 }
 
 function decoded(text: string): string {
@@ -46,10 +67,11 @@ export function databaseTarget(url: string): DatabaseTarget {
   const socketDir = queryHost?.startsWith('/') ? queryHost : queryHost ? null : encodedDir;
   // No host at all is pg's default, localhost over TCP.
   const host = socketDir ? null : queryHost || parsed.hostname.replace(/^\[(.*)\]$/, '$1') || 'localhost';
+  if (host?.includes(',')) throw new DatabaseUrlError(SEVERAL_HOSTS);
   const port = parsed.port || queryPort || '5432';
   // Checked here, not by the schema: the schema sees it as publicPgPort and would name
   // BROKER_PUBLIC_PG_PORT, which the operator never set.
-  if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new DatabaseUrlError('port must be a whole number 1–65535');
+  if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) throw new DatabaseUrlError(PORT_RULE);
   return { host, socketDir, port: Number(port) };
 }
 

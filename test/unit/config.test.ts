@@ -331,8 +331,8 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     ];
     for (const value of bad) rejects({ BROKER_PUBLIC_PG_HOST: value }, 'BROKER_PUBLIC_PG_HOST', /host name/);
     // Taken from DATABASE_URL, a host that cannot be handed on names DATABASE_URL and the way out.
-    rejects({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2' }, 'DATABASE_URL', /BROKER_PUBLIC_PG_HOST/);
-    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db1,db2', BROKER_PUBLIC_PG_HOST: 'db.example.com' })).publicPgHost, 'db.example.com');
+    rejects({ DATABASE_URL: 'postgres://broker@/broker?host=db!1' }, 'DATABASE_URL', /BROKER_PUBLIC_PG_HOST/);
+    assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db!1', BROKER_PUBLIC_PG_HOST: 'db.example.com' })).publicPgHost, 'db.example.com');
   });
 
   test('HOST: anything but an address or a host name is refused before start-up goes further', () => {
@@ -353,6 +353,35 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     ]) {
       rejects({ DATABASE_URL: url }, 'BROKER_PUBLIC_PG_HOST', /is required when DATABASE_URL connects through a Unix socket/);
     }
+  });
+
+  test('DATABASE_URL: a port out of range or several hosts are said as such, never quoting the URL', () => {
+    const PORT = 'DATABASE_URL: its port must be a whole number from 1 to 65535';
+    const SEVERAL = 'DATABASE_URL: names several hosts, but the broker connects to one: give the primary\'s address, or one in front of the cluster';
+    const cases: Array<[string, string]> = [
+      [`postgres://broker:${SECRET}@db:99999/broker`, PORT],
+      [`postgres://broker:${SECRET}@[2001:db8::5]:99999/broker`, PORT],
+      [`postgres://broker:${SECRET}@db/broker?port=99999`, PORT],
+      [`postgres://broker:${SECRET}@db1:5432,db2:5432/broker`, SEVERAL],
+      [`postgres://broker:${SECRET}@db1,db2/broker`, SEVERAL],
+      [`postgres://broker:${SECRET}@/broker?host=db1,db2`, SEVERAL],
+      // An unescaped / in the password ends the authority early: what follows is no host or port.
+      ['postgres://broker:s3cr3t/pw:1@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
+      ['postgres://broker:s3#cr3t@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
+    ];
+    for (const [url, message] of cases) assert.equal(rejects({ DATABASE_URL: url }, 'DATABASE_URL').message, message, url);
+    // The password part never shows, whatever it holds.
+    for (const secret of ['s3cr3t/pw', 'pw#99999', 'a,b']) {
+      let caught: unknown;
+      try {
+        loadConfig(env({ DATABASE_URL: `postgres://broker:${secret}@db:1/broker` }));
+      } catch (err) {
+        caught = err;
+      }
+      if (caught) assert.ok(!(caught as Error).message.includes(secret), (caught as Error).message);
+    }
+    assert.equal(loadConfig(env({ DATABASE_URL: `postgres://broker:${SECRET}@db:65535/broker` })).publicPgPort, 65535);
+    assert.equal(loadConfig(env({ DATABASE_URL: `postgres://broker:${encodeURIComponent('s3cr3t/pw#,@')}@db:1/broker` })).publicPgPort, 1);
   });
 
   test('a bad port inside DATABASE_URL names DATABASE_URL, not BROKER_PUBLIC_PG_PORT', () => {
