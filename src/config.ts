@@ -121,8 +121,8 @@ function publicHost(env: Env, database: DatabaseTarget): string {
   // A socket directory is no address for clients elsewhere, and localhost would send them to
   // their own machine.
   if (database.host === null) fail('BROKER_PUBLIC_PG_HOST', 'is required when DATABASE_URL connects through a Unix socket: set it to the host name clients should connect to');
-  // A libpq host list (`?host=a,b`) or a name outside RFC 1123 works for the broker's own
-  // connection but is nothing to hand to clients.
+  // A name outside RFC 1123 may still resolve for the broker's own connection, but is nothing
+  // to hand to clients.
   return publicHostOrNull(database.host) ?? fail('DATABASE_URL', `its host is not ${PUBLIC_HOST_RULE}, so clients cannot be given it; set BROKER_PUBLIC_PG_HOST`);
 }
 
