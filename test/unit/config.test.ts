@@ -1,34 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { audienceFor, ConfigError, loadConfig, managedRoleFrom, plainHttpKeySources } from '../../src/config.js';
-
-const SECRET = 's3cr3t-pw';
-const GOOD: Record<string, string> = {
-  DATABASE_URL: `postgres://broker:${SECRET}@db.internal:5433/broker`,
-  BROKER_ISSUERS: 'https://token.actions.githubusercontent.com',
-  BROKER_AUDIENCE: 'pg-broker',
-};
-
-function env(overrides: Record<string, string | undefined>): Record<string, string | undefined> {
-  return { ...GOOD, ...overrides };
-}
-
-/** loadConfig must throw a ConfigError naming `variable` (in the error and its message), never leaking the password. */
-function rejects(overrides: Record<string, string | undefined>, variable: string, reason?: RegExp): ConfigError {
-  let caught: unknown;
-  try {
-    loadConfig(env(overrides));
-  } catch (err) {
-    caught = err;
-  }
-  assert.ok(caught instanceof ConfigError, `expected a ConfigError for ${JSON.stringify(overrides)}, got ${caught}`);
-  assert.equal(caught.variable, variable, caught.message);
-  assert.ok(caught.message.startsWith(`${variable}: `), caught.message);
-  assert.ok(!caught.message.includes(SECRET), `message leaks the password: ${caught.message}`);
-  assert.ok(!caught.message.includes('\n'), 'one line');
-  if (reason) assert.match(caught.message, reason);
-  return caught;
-}
+import { audienceFor, ConfigError, loadConfig, managedRoleFrom } from '../../src/config.js';
+import { env, GOOD, rejects, SECRET } from './config-env.js';
 
 describe('loadConfig: good values', () => {
   test('minimal environment: defaults, and the public host/port come from DATABASE_URL', () => {
@@ -65,19 +38,6 @@ describe('loadConfig: good values', () => {
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db.example.com' })).publicPgHost, 'db.example.com');
     // No host at all is pg's default: localhost over TCP.
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker' })).publicPgHost, 'localhost');
-  });
-
-  test('DATABASE_URL through a Unix socket, with BROKER_PUBLIC_PG_HOST saying where clients go', () => {
-    for (const url of [
-      `postgres://broker:${SECRET}@/broker?host=/var/run/postgresql`,
-      // The same directory percent-encoded in the host part, as pg also reads it.
-      `postgres://broker:${SECRET}@%2Fvar%2Frun%2Fpostgresql/broker`,
-      'postgresql://broker@%2frun%2fpostgresql:5433/broker',
-    ]) {
-      const c = loadConfig(env({ DATABASE_URL: url, BROKER_PUBLIC_PG_HOST: 'db.example.com' }));
-      assert.equal(c.databaseUrl, url);
-      assert.equal(c.publicPgHost, 'db.example.com');
-    }
   });
 
   test('comma-list BROKER_ISSUERS (discovery) with spaces and an empty item', () => {
@@ -149,15 +109,6 @@ describe('loadConfig: good values', () => {
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@pg_primary:5432/broker' })).publicPgHost, 'pg_primary');
   });
 
-  test('HOST: an IPv4 or IPv6 address (brackets dropped, a zone id kept) or a host name', () => {
-    const host = (value: string) => loadConfig(env({ HOST: value })).host;
-    for (const value of ['0.0.0.0', '127.0.0.1', '::', '::1', 'fe80::1%eth0', 'localhost', 'broker.internal', 'pod-1.broker.svc.cluster.local.']) {
-      assert.equal(host(value), value);
-    }
-    assert.equal(host('[::]'), '::');
-    assert.equal(host(' 10.1.2.3 '), '10.1.2.3');
-  });
-
   test('LOG_LEVEL is case-insensitive', () => {
     assert.equal(loadConfig(env({ LOG_LEVEL: 'WARN' })).logLevel, 'warn');
   });
@@ -194,47 +145,6 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     rejects({ BROKER_ISSUERS: JSON.stringify(['https://a.example']) }, 'BROKER_ISSUERS');
     rejects({ BROKER_ISSUERS: 'https://a.example,https://a.example' }, 'BROKER_ISSUERS', /twice/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example' }, { issuer: 'https://a.example', audience: 'x' }]) }, 'BROKER_ISSUERS', /twice/);
-  });
-
-  test('JSON and shape errors say where and what, in the operator\'s terms rather than the schema\'s', () => {
-    const cases: Array<[string, string, string]> = [
-      ['BROKER_ADMINS', '[{', 'BROKER_ADMINS: is not valid JSON: expected property name or \'}\' at line 1, column 3'],
-      ['BROKER_ADMINS', '[\n  {"issuer": "https://a.example"\n   "claims": {}}\n]', 'BROKER_ADMINS: is not valid JSON: expected \',\' or \'}\' after property value at line 3, column 4'],
-      ['BROKER_ADMINS', '[1,]', 'BROKER_ADMINS: is not valid JSON: unexpected token \']\', "[1,]"'],
-      ['BROKER_ADMINS', '[] x', 'BROKER_ADMINS: is not valid JSON: unexpected non-whitespace character after JSON at line 1, column 4'],
-      ['BROKER_ISSUERS', '[{"issuer": "https://a.example",]', 'BROKER_ISSUERS: is not valid JSON: expected double-quoted property name at line 1, column 33'],
-      ['BROKER_ADMINS', '{"issuer": "https://a.example"}', 'BROKER_ADMINS: must be a JSON array of {"issuer": "https://…", "claims": {"sub": "pattern", …}} objects, not an object'],
-      ['BROKER_ADMINS', '["admin"]', 'BROKER_ADMINS: entry 1: must be an object {"issuer": "https://…", "claims": {"sub": "pattern", …}}, not a string'],
-      ['BROKER_ISSUERS', '[{"issuer": "https://a.example"}, null]', 'BROKER_ISSUERS: entry 2: must be an object {"issuer": "https://…", "jwks_uri"?: "https://…", "audience"?: "…"}, not null'],
-      ['BROKER_ISSUERS', '[{"issuer": "https://a.example", "audience": ""}]', 'BROKER_ISSUERS: entry 1: audience must be a non-empty string'],
-      ['BROKER_ISSUERS', '[{"issuer": 5}]', 'BROKER_ISSUERS: entry 1: issuer must be an http(s) URL'],
-      ['BROKER_ISSUERS', '[{"jwks_uri": "https://a.example/jwks"}]', 'BROKER_ISSUERS: entry 1: issuer is required'],
-      ['BROKER_ADMINS', `[{"issuer": "${GOOD.BROKER_ISSUERS}", "claims": ["sub"]}]`, 'BROKER_ADMINS: entry 1: claims must be an object mapping claim names to patterns, not an array'],
-      ['BROKER_ADMINS', `[{"issuer": "${GOOD.BROKER_ISSUERS}", "claims": {"/kubernetes.io/namespace": [5]}}]`, 'BROKER_ADMINS: entry 1: claim "/kubernetes.io/namespace" must be a pattern or a non-empty list of patterns (strings)'],
-      ['BROKER_ADMINS', `[{"issuer": "${GOOD.BROKER_ISSUERS}", "claims": {"sub": "a"}, "role": "x"}]`, 'BROKER_ADMINS: entry 1: unknown field "role" (an entry is {"issuer": "https://…", "claims": {"sub": "pattern", …}})'],
-    ];
-    for (const [variable, value, message] of cases) {
-      assert.equal(rejects({ [variable]: value }, variable).message, message, value);
-    }
-  });
-
-  test('BROKER_ISSUERS: an issuer or jwks_uri that only parses by forgiveness is refused', () => {
-    const cases: Array<[string, string]> = [
-      ['https:///a', 'BROKER_ISSUERS: entry 1: issuer must have its host right after "//"'],
-      ['https://a.example,https:///realms/x', 'BROKER_ISSUERS: entry 2: issuer must have its host right after "//"'],
-      ['https://b.example.com;https://c', 'BROKER_ISSUERS: entry 1: issuer holds two URLs; separate issuers with a comma'],
-      ['https://b.example.comhttps://c.example.com', 'BROKER_ISSUERS: entry 1: issuer holds two URLs; separate issuers with a comma'],
-      ['https://b.example.com;c.example.com', 'BROKER_ISSUERS: entry 1: issuer has "b.example.com;c.example.com" as its host, which is not a host name or IP address'],
-      ['https://b_.-example.com', 'BROKER_ISSUERS: entry 1: issuer has "b_.-example.com" as its host, which is not a host name or IP address'],
-      [JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https:///jwks' }]), 'BROKER_ISSUERS: entry 1: jwks_uri must have its host right after "//"'],
-      [JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://keys.example;x/jwks' }]), 'BROKER_ISSUERS: entry 1: jwks_uri has "keys.example;x" as its host, which is not a host name or IP address'],
-    ];
-    for (const [value, message] of cases) assert.equal(rejects({ BROKER_ISSUERS: value }, 'BROKER_ISSUERS').message, message, value);
-    // What is meant is accepted: names, addresses, ports, paths, loopback with its port.
-    const good = ['https://b.example.com', 'https://c.example/realms/x', 'https://idp_1.corp:8443/', 'http://127.0.0.1:9000', 'https://[2001:db8::1]/tenant', 'http://dev-issuer:9000'];
-    assert.deepEqual(loadConfig(env({ BROKER_ISSUERS: good.join(',') })).issuers.map((i) => i.issuer), good);
-    const withKeys = [{ issuer: 'https://a.example', jwks_uri: 'https://keys.a.example:8443/jwks.json?x=1' }];
-    assert.deepEqual(loadConfig(env({ BROKER_ISSUERS: JSON.stringify(withKeys) })).issuers, withKeys);
   });
 
   test('BROKER_AUDIENCE missing or blank', () => {
@@ -297,32 +207,6 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     assert.equal(loadConfig(env({ BROKER_QUERY_TIMEOUT: '0', BROKER_LOCK_TIMEOUT: '20' })).queryTimeoutSeconds, 0);
   });
 
-  test('a bad number states the accepted range and what it got; both ends of each range are accepted', () => {
-    const ranges: Array<[string, string, number, number]> = [
-      ['PORT', '', 0, 65535], ['BROKER_PUBLIC_PG_PORT', '', 1, 65535], ['BROKER_METRICS_PORT', '', 1, 65535],
-      ['BROKER_REAPER_INTERVAL', 'of seconds ', 1, 3600], ['BROKER_GRANT_RECHECK_INTERVAL', 'of seconds ', 0, 3600],
-      ['BROKER_LOCK_TIMEOUT', 'of seconds ', 0, 3600], ['BROKER_QUERY_TIMEOUT', 'of seconds ', 0, 3600],
-      ['BROKER_RATE_LIMIT_IP', 'of requests per minute ', 1, 1e9], ['BROKER_RATE_LIMIT_IDENTITY', 'of requests per minute ', 1, 1e9],
-      ['BROKER_DB_POOL_SIZE', '', 1, 1000], ['BROKER_SCRAM_ITERATIONS', '', 1, 1e6],
-    ];
-    const written = (n: number) => (n >= 100_000 ? n.toLocaleString('en-US') : String(n));
-    for (const [variable, unit, min, max] of ranges) {
-      // A query timeout must outlast the lock timeout: the other one is 0 (off) here.
-      const others = variable === 'BROKER_LOCK_TIMEOUT' ? { BROKER_QUERY_TIMEOUT: '0' } : { BROKER_LOCK_TIMEOUT: '0' };
-      for (const bad of [String(min - 1), String(max + 1), '1.5', 'ten', '99999999999999999999999']) {
-        const err = rejects({ ...others, [variable]: bad }, variable);
-        assert.equal(err.message, `${variable}: must be a whole number ${unit}from ${written(min)} to ${written(max)} (got ${JSON.stringify(bad)})`);
-      }
-      for (const good of [min, max]) {
-        assert.doesNotThrow(() => loadConfig(env({ ...others, [variable]: ` ${good} ` })), `${variable}=${good}`);
-      }
-    }
-    assert.equal(rejects({ BROKER_REAPER_INTERVAL: '0' }, 'BROKER_REAPER_INTERVAL').message,
-      'BROKER_REAPER_INTERVAL: must be a whole number of seconds from 1 to 3600 (got "0")');
-    // A long value is cut short in the message.
-    assert.match(rejects({ PORT: '9'.repeat(100) }, 'PORT').message, /\(got "9{40}…"\)$/);
-  });
-
   test('BROKER_PUBLIC_PG_HOST: a port, scheme, path, user, space or malformed address is refused', () => {
     const bad = [
       'db.example.com:6432', 'https://db', 'a b/c@d', `broker:${SECRET}@db`, 'db/broker', 'db?x=1',
@@ -333,55 +217,6 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     // Taken from DATABASE_URL, a host that cannot be handed on names DATABASE_URL and the way out.
     rejects({ DATABASE_URL: 'postgres://broker@/broker?host=db!1' }, 'DATABASE_URL', /BROKER_PUBLIC_PG_HOST/);
     assert.equal(loadConfig(env({ DATABASE_URL: 'postgres://broker@/broker?host=db!1', BROKER_PUBLIC_PG_HOST: 'db.example.com' })).publicPgHost, 'db.example.com');
-  });
-
-  test('HOST: anything but an address or a host name is refused before start-up goes further', () => {
-    for (const value of ['not a host', 'localhost:8080', 'http://0.0.0.0', '0.0.0.0/0', '10.0.0.256', '1.2.3', '[::1]:8080', '::g', 'host_-.example']) {
-      const err = rejects({ HOST: value }, 'HOST', /must be an IP address \(such as 0\.0\.0\.0, :: or 127\.0\.0\.1\) or a host name/);
-      assert.ok(err.message.includes(JSON.stringify(value)), `names the value: ${err.message}`);
-    }
-    // A user part might hold a password: not quoted.
-    const err = rejects({ HOST: `broker:${SECRET}@db` }, 'HOST');
-    assert.ok(!err.message.includes('@'), err.message);
-  });
-
-  test('a Unix-socket DATABASE_URL needs BROKER_PUBLIC_PG_HOST: a socket directory is no address for clients', () => {
-    for (const url of [
-      `postgres://broker:${SECRET}@/broker?host=/run/postgresql`,
-      `postgres://broker:${SECRET}@%2Frun%2Fpostgresql/broker`,
-      `postgres://broker:${SECRET}@localhost/broker?host=/run/postgresql`,
-    ]) {
-      rejects({ DATABASE_URL: url }, 'BROKER_PUBLIC_PG_HOST', /is required when DATABASE_URL connects through a Unix socket/);
-    }
-  });
-
-  test('DATABASE_URL: a port out of range or several hosts are said as such, never quoting the URL', () => {
-    const PORT = 'DATABASE_URL: its port must be a whole number from 1 to 65535';
-    const SEVERAL = 'DATABASE_URL: names several hosts, but the broker connects to one: give the primary\'s address, or one in front of the cluster';
-    const cases: Array<[string, string]> = [
-      [`postgres://broker:${SECRET}@db:99999/broker`, PORT],
-      [`postgres://broker:${SECRET}@[2001:db8::5]:99999/broker`, PORT],
-      [`postgres://broker:${SECRET}@db/broker?port=99999`, PORT],
-      [`postgres://broker:${SECRET}@db1:5432,db2:5432/broker`, SEVERAL],
-      [`postgres://broker:${SECRET}@db1,db2/broker`, SEVERAL],
-      [`postgres://broker:${SECRET}@/broker?host=db1,db2`, SEVERAL],
-      // An unescaped / in the password ends the authority early: what follows is no host or port.
-      ['postgres://broker:s3cr3t/pw:1@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
-      ['postgres://broker:s3#cr3t@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
-    ];
-    for (const [url, message] of cases) assert.equal(rejects({ DATABASE_URL: url }, 'DATABASE_URL').message, message, url);
-    // The password part never shows, whatever it holds.
-    for (const secret of ['s3cr3t/pw', 'pw#99999', 'a,b']) {
-      let caught: unknown;
-      try {
-        loadConfig(env({ DATABASE_URL: `postgres://broker:${secret}@db:1/broker` }));
-      } catch (err) {
-        caught = err;
-      }
-      if (caught) assert.ok(!(caught as Error).message.includes(secret), (caught as Error).message);
-    }
-    assert.equal(loadConfig(env({ DATABASE_URL: `postgres://broker:${SECRET}@db:65535/broker` })).publicPgPort, 65535);
-    assert.equal(loadConfig(env({ DATABASE_URL: `postgres://broker:${encodeURIComponent('s3cr3t/pw#,@')}@db:1/broker` })).publicPgPort, 1);
   });
 
   test('a bad port inside DATABASE_URL names DATABASE_URL, not BROKER_PUBLIC_PG_PORT', () => {
@@ -408,28 +243,6 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
   test('a ConfigError message is the one line the CLI prints', () => {
     const err = rejects({ PORT: 'x' }, 'PORT');
     assert.equal(err.name, 'ConfigError');
-  });
-});
-
-describe('plainHttpKeySources: what start-up warns about', () => {
-  const sources = (issuers: unknown) => plainHttpKeySources(loadConfig(env({ BROKER_ISSUERS: typeof issuers === 'string' ? issuers : JSON.stringify(issuers) })));
-
-  test('an http issuer (discovery) or jwks_uri on another host is accepted and listed, by origin only', () => {
-    assert.deepEqual(sources('http://idp.example.com'), [{ entry: 1, field: 'issuer', origin: 'http://idp.example.com' }]);
-    assert.deepEqual(sources([{ issuer: 'https://a.example.com', jwks_uri: 'http://evil.example.com:8080/jwks?token=x' }]),
-      [{ entry: 1, field: 'jwks_uri', origin: 'http://evil.example.com:8080' }]);
-    // The compose trial's dev issuer, reached by its service name.
-    assert.deepEqual(sources('https://a.example.com,http://dev-issuer:9000'), [{ entry: 2, field: 'issuer', origin: 'http://dev-issuer:9000' }]);
-    assert.deepEqual(sources('http://10.0.0.1'), [{ entry: 1, field: 'issuer', origin: 'http://10.0.0.1' }]);
-  });
-
-  test('loopback, https, and an http issuer whose keys come from an https jwks_uri are not', () => {
-    for (const issuer of ['http://127.0.0.1:9000', 'http://127.8.9.10', 'http://localhost:8081', 'http://LOCALHOST', 'http://[::1]:80', 'https://idp.example.com']) {
-      assert.deepEqual(sources(issuer), [], issuer);
-    }
-    // The issuer is only an identifier here: nothing is fetched from it.
-    assert.deepEqual(sources([{ issuer: 'http://idp.example.com', jwks_uri: 'https://idp.example.com/jwks' }]), []);
-    assert.deepEqual(sources([{ issuer: 'https://a.example.com', jwks_uri: 'http://127.0.0.1:9000/jwks' }]), []);
   });
 });
 

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { describe, test } from 'node:test';
 import { loadConfig } from '../../src/config.js';
 import { describeDatabase } from '../../src/database-url.js';
+import { env, rejects, SECRET } from './config-env.js';
 import { clientConfigForDatabase } from '../../src/leases/per-database-handover.js';
 
 test('the reaper reaches other databases with the broker\'s settings, socket URLs included', () => {
@@ -29,4 +30,58 @@ test('start-up names where DATABASE_URL points, and keeps its password out of er
     assert.equal(describeDatabase(url).address, '/run/postgresql/.s.PGSQL.5433', url);
   }
   assert.equal(describeDatabase('postgres://u@h/db').withoutPassword('nothing to hide'), 'nothing to hide');
+});
+
+describe('loadConfig: what DATABASE_URL may be', () => {
+  test('DATABASE_URL: a port out of range or several hosts are said as such, never quoting the URL', () => {
+    const PORT = 'DATABASE_URL: its port must be a whole number from 1 to 65535';
+    const SEVERAL = 'DATABASE_URL: names several hosts, but the broker connects to one: give the primary\'s address, or one in front of the cluster';
+    const cases: Array<[string, string]> = [
+      [`postgres://broker:${SECRET}@db:99999/broker`, PORT],
+      [`postgres://broker:${SECRET}@[2001:db8::5]:99999/broker`, PORT],
+      [`postgres://broker:${SECRET}@db/broker?port=99999`, PORT],
+      [`postgres://broker:${SECRET}@db1:5432,db2:5432/broker`, SEVERAL],
+      [`postgres://broker:${SECRET}@db1,db2/broker`, SEVERAL],
+      [`postgres://broker:${SECRET}@/broker?host=db1,db2`, SEVERAL],
+      // An unescaped / in the password ends the authority early: what follows is no host or port.
+      ['postgres://broker:s3cr3t/pw:1@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
+      ['postgres://broker:s3#cr3t@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
+    ];
+    for (const [url, message] of cases) assert.equal(rejects({ DATABASE_URL: url }, 'DATABASE_URL').message, message, url);
+    // The password part never shows, whatever it holds.
+    for (const secret of ['s3cr3t/pw', 'pw#99999', 'a,b']) {
+      let caught: unknown;
+      try {
+        loadConfig(env({ DATABASE_URL: `postgres://broker:${secret}@db:1/broker` }));
+      } catch (err) {
+        caught = err;
+      }
+      if (caught) assert.ok(!(caught as Error).message.includes(secret), (caught as Error).message);
+    }
+    assert.equal(loadConfig(env({ DATABASE_URL: `postgres://broker:${SECRET}@db:65535/broker` })).publicPgPort, 65535);
+    assert.equal(loadConfig(env({ DATABASE_URL: `postgres://broker:${encodeURIComponent('s3cr3t/pw#,@')}@db:1/broker` })).publicPgPort, 1);
+  });
+
+  test('DATABASE_URL through a Unix socket, with BROKER_PUBLIC_PG_HOST saying where clients go', () => {
+    for (const url of [
+      `postgres://broker:${SECRET}@/broker?host=/var/run/postgresql`,
+      // The same directory percent-encoded in the host part, as pg also reads it.
+      `postgres://broker:${SECRET}@%2Fvar%2Frun%2Fpostgresql/broker`,
+      'postgresql://broker@%2frun%2fpostgresql:5433/broker',
+    ]) {
+      const c = loadConfig(env({ DATABASE_URL: url, BROKER_PUBLIC_PG_HOST: 'db.example.com' }));
+      assert.equal(c.databaseUrl, url);
+      assert.equal(c.publicPgHost, 'db.example.com');
+    }
+  });
+
+  test('a Unix-socket DATABASE_URL needs BROKER_PUBLIC_PG_HOST: a socket directory is no address for clients', () => {
+    for (const url of [
+      `postgres://broker:${SECRET}@/broker?host=/run/postgresql`,
+      `postgres://broker:${SECRET}@%2Frun%2Fpostgresql/broker`,
+      `postgres://broker:${SECRET}@localhost/broker?host=/run/postgresql`,
+    ]) {
+      rejects({ DATABASE_URL: url }, 'BROKER_PUBLIC_PG_HOST', /is required when DATABASE_URL connects through a Unix socket/);
+    }
+  });
 });
