@@ -166,7 +166,14 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     errorResponseBuilder: (_request, context) =>
       new Errors.RateLimited(`More than ${context.max} requests a minute from this address; retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`),
   });
-  await app.register(authPlugin, { config, onFetchError: (issuer) => app.metrics.jwksFetchErrors.inc({ issuer }) });
+  // Callers only see "token could not be verified"; the reason is for the operator.
+  await app.register(authPlugin, {
+    config,
+    onFetchError: (issuer, err) => {
+      app.metrics.jwksFetchErrors.inc({ issuer });
+      app.log.warn({ issuer, err: { message: (err as Error)?.message ?? String(err) } }, 'could not fetch the issuer\'s signing keys');
+    },
+  });
   limitPerIdentity(app, config.rateLimitIdentity);
   await app.register(healthRoutes);
   await app.register(credentialRoutes);

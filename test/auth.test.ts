@@ -251,6 +251,23 @@ describe('issuers', () => {
     assert.equal(issuer.requests.length, before + 1);
   });
 
+  test('OIDC discovery: a jwks_uri that is no http(s) URL is not fetched, and the log says why', async () => {
+    // A data: URL carries its own key set; fetch would take it without asking anyone.
+    const smuggler = await startIssuer({ jwksUriFor: (_base, jwks) => `data:application/json,${encodeURIComponent(JSON.stringify(jwks))}` });
+    const d = await startTestBroker({ pg: b.pg, issuer: smuggler, env: { BROKER_ISSUERS: smuggler.issuer } });
+    try {
+      const res = await d.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `Bearer ${await smuggler.sign({ aud: AUDIENCE, sub: 'disc' })}` } });
+      assert.equal(res.statusCode, 401, res.body);
+      assert.ok(smuggler.requests.includes('/.well-known/openid-configuration'));
+      const logged = d.logs.map((l) => JSON.parse(l)).find((l) => l.msg === "could not fetch the issuer's signing keys");
+      assert.equal(logged?.issuer, smuggler.issuer);
+      assert.match(logged?.err?.message, /names a jwks_uri with scheme data:; only https \(or http, for an http issuer\) is fetched/);
+    } finally {
+      await d.close();
+      await smuggler.close();
+    }
+  });
+
   test('OIDC discovery: BROKER_ISSUERS as a comma list finds the JWKS through the discovery document', async () => {
     const disc = await startIssuer({ discovery: true });
     const disc2 = await startIssuer({ discovery: true });

@@ -39,7 +39,7 @@ export interface KeyResolverOptions {
    * (default 24 hours). A JWKS that answers without the key ends its use at once.
    */
   staleKeyMaxAgeMs?: number;
-  onFetchError?: (issuer: string) => void;
+  onFetchError?: (issuer: string, err: unknown) => void;
 }
 
 type Jwk = Record<string, unknown>;
@@ -162,6 +162,8 @@ export class KeyResolver {
       // byte now and then would otherwise hold every lookup waiting on this fetch indefinitely.
       const deadline = AbortSignal.timeout(this.fetchTimeoutMs);
       const uri = keys.jwksUri ?? await this.discover(keys.issuer, deadline);
+      const problem = keys.jwksUri ? null : discoveredJwksProblem(keys.issuer, uri);
+      if (problem) throw new Error(problem);
       const res = await fetch(uri, { dispatcher: this.dispatcher, signal: deadline } as RequestInit);
       const body = (await res.json()) as { keys?: unknown };
       if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
@@ -174,7 +176,7 @@ export class KeyResolver {
       }
     } catch (err) {
       keys.lastFetchFailure = Date.now();
-      this.options.onFetchError?.(keys.issuer);
+      this.options.onFetchError?.(keys.issuer, err);
       throw err;
     }
     // An answer replaces the whole set: a key it no longer lists is gone, outage or not.
@@ -238,4 +240,22 @@ export class KeyResolver {
   async close(): Promise<void> {
     await this.dispatcher.close();
   }
+}
+
+/**
+ * Why a jwks_uri that an issuer's discovery document names must not be fetched, or null. Only
+ * BROKER_ISSUERS' own URLs were checked at start-up; this one comes over the network. Fetch would
+ * take any scheme undici knows (a `data:` URL carries its own keys), and an https issuer naming a
+ * plain-http key set would hand the root of trust to whoever sits on that path.
+ */
+export function discoveredJwksProblem(issuer: string, jwksUri: string): string | null {
+  let url: URL;
+  try {
+    url = new URL(jwksUri);
+  } catch {
+    return `discovery for ${issuer} names a jwks_uri that is not a URL`;
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') return `discovery for ${issuer} names a jwks_uri with scheme ${url.protocol}; only https (or http, for an http issuer) is fetched`;
+  if (url.protocol === 'http:' && new URL(issuer).protocol === 'https:') return `discovery for ${issuer} names a plain-http jwks_uri; an https issuer's keys must come over https`;
+  return null;
 }

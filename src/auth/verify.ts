@@ -83,7 +83,7 @@ export class TokenRejected extends Error {
   }
 }
 
-async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchError?: (issuer: string) => void }): Promise<void> {
+async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchError?: (issuer: string, err: unknown) => void }): Promise<void> {
   const { config } = opts;
   const resolver = new KeyResolver(config.issuers, { onFetchError: opts.onFetchError });
   app.decorate('keyResolver', resolver);

@@ -51,7 +51,8 @@ function json(res: http.ServerResponse, status: number, body: unknown): void {
   res.end(payload);
 }
 
-export async function startIssuer(opts: { discovery?: boolean } = {}): Promise<TestIssuer> {
+/** `jwksUriFor`: the jwks_uri its discovery document names, from its base URL (default `${base}/jwks`). */
+export async function startIssuer(opts: { discovery?: boolean; jwksUriFor?: (base: string, jwks: unknown) => string } = {}): Promise<TestIssuer> {
   const discovery = opts.discovery ?? true;
   const keys = new Map<string, Key>();
   const current: Partial<Record<KeyAlg, string>> = {};
@@ -84,7 +85,9 @@ export async function startIssuer(opts: { discovery?: boolean } = {}): Promise<T
       return json(res, 200, { keys: [...keys.values()].filter((k) => k.published).map((k) => publicJwk(k.kid)) });
     }
     if (discovery && route === '/.well-known/openid-configuration') {
-      return json(res, 200, { issuer: base, jwks_uri: `${base}/jwks`, id_token_signing_alg_values_supported: ['RS256', 'ES256'] });
+      const jwks = { keys: [...keys.values()].filter((k) => k.published).map((k) => publicJwk(k.kid)) };
+      const jwksUri = opts.jwksUriFor?.(base, jwks) ?? `${base}/jwks`;
+      return json(res, 200, { issuer: base, jwks_uri: jwksUri, id_token_signing_alg_values_supported: ['RS256', 'ES256'] });
     }
     json(res, 404, { error: 'not found' });
   });
