@@ -150,6 +150,8 @@ export function validatePatterns(patterns: ClaimPatterns): string | null {
   for (const key of keys) {
     const label = JSON.stringify(key);
     if (key === '') return 'a claim name must not be empty';
+    // No claim any issuer sends is named with a space at an end; such a rule could never match.
+    if (key.trim() !== key) return `claim name ${label} has a space at one end`;
     if (key.startsWith('/') && pointerTokens(key) === null) {
       return `claim ${label} is not a valid JSON pointer: "~" must be followed by "0" or "1"`;
     }

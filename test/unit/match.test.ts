@@ -214,6 +214,8 @@ test('validatePatterns: accepts good patterns', () => {
 });
 
 test('validatePatterns: names the problem', () => {
+  assert.equal(validatePatterns({ 'sub ': 'repo:*' }), 'claim name "sub " has a space at one end');
+  assert.equal(validatePatterns({ ' /groups/0': 'admins', sub: 'x' }), 'claim name " /groups/0" has a space at one end');
   const cases: Array<[unknown, RegExp]> = [
     [{}, /at least one claim/],
     [{ '': 'x' }, /must not be empty/],
