@@ -118,58 +118,6 @@ describe('pg-broker CLI', () => {
     }
   });
 
-  test('policy apply is idempotent, --dry-run changes nothing, --prune deletes, and a bad file names the policy', async () => {
-    const admin = await b.adminToken();
-    const file = path.join(tmp, 'policies.yaml');
-    const doc = (extra = '') => `policies:
-  file-a:
-    issuer: ${b.issuer.issuer}
-    claims: { sub: "file:a:*" }
-    grant_role: app_readers
-    database: ${b.pg.database}
-  file-b:
-    issuer: ${b.issuer.issuer}
-    claims:
-      /kubernetes.io/namespace: [prod, staging]
-    grant_role: app_readers
-    database: ${b.pg.database}
-    max_ttl: 1200
-${extra}`;
-    await writeFile(file, doc());
-    const dry = await cli(['policy', 'apply', '-f', file, '--dry-run', '--token', admin]);
-    assert.match(dry.stdout, /\+ create file-a/);
-    assert.equal((await b.pg.query(`SELECT 1 FROM broker.policies WHERE name = 'file-a'`)).length, 0, 'dry run applied nothing');
-    const first = await cli(['policy', 'apply', '-f', file, '--token', admin]);
-    assert.equal(first.code, 0, first.stderr);
-    assert.match(first.stdout, /2 created/);
-    const second = await cli(['policy', 'apply', '-f', file, '--token', admin]);
-    assert.match(second.stdout, /^no changes$/m);
-
-    await writeFile(file, doc().replace('max_ttl: 1200', 'max_ttl: 1800'));
-    assert.match((await cli(['policy', 'apply', '-f', file, '--token', admin])).stdout, /~ update file-b \(max_ttl\)/);
-
-    const pruned = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
-    assert.match(pruned.stdout, /- delete cli/);
-    assert.deepEqual((await b.pg.query(`SELECT name FROM broker.policies ORDER BY name`)).map((r) => r.name), ['file-a', 'file-b']);
-    await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
-
-    await writeFile(file, doc(`  file-c:\n    issuer: ${b.issuer.issuer}\n    claims: {}\n    grant_role: app_readers\n    database: broker\n`));
-    const bad = await cli(['policy', 'apply', '-f', file, '--token', admin]);
-    assert.equal(bad.code, 1);
-    assert.match(bad.stderr, /policies\.yaml: policy file-c: a policy must bind at least one claim/);
-
-    await writeFile(file, doc(`  file-d:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: pg_execute_server_program\n    database: broker\n`));
-    const unsafe = await cli(['policy', 'apply', '-f', file, '--token', admin]);
-    assert.equal(unsafe.code, 1);
-    assert.match(unsafe.stderr, /policy file-d: .*predefined PostgreSQL role/);
-
-    // Checked before anything is sent, by the same rules as the API.
-    await writeFile(file, doc(`  file-e:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: app_readers\n    database: broker\n    connection_limit: 0\n`));
-    const locked = await cli(['policy', 'apply', '-f', file, '--token', admin]);
-    assert.equal(locked.code, 1);
-    assert.match(locked.stderr, /policy file-e: connection_limit 0 would issue credentials that can never log in/);
-  });
-
   test('policy evaluate names the failing claim for a denied token, and exits 0 for an admitted one', async () => {
     const denied = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'someone:else' })]);
     assert.equal(denied.code, 2);

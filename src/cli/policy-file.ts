@@ -7,28 +7,61 @@ import { CliError } from './client.js';
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
-/**
- * Reads a policies file: YAML or JSON, either `policies: {name: {...}}` or
- * `policies: [{name, ...}]`. Every problem names the file and the policy.
- */
-export async function readPolicyFile(file: string): Promise<Map<string, PolicyInputBody>> {
-  let doc: unknown;
+/** The policies a file names, in file order; empty only when it says `policies: {}` or `policies: []`. */
+export type PolicyFile = Map<string, PolicyInputBody>;
+
+async function readDocument(file: string): Promise<unknown> {
+  let text: string;
   try {
-    doc = parse(await readFile(file, 'utf8'));
+    text = await readFile(file, 'utf8');
+    if (!text.trim()) throw new CliError(`${file}: the file is empty; expected a top-level "policies" map or list`);
+    return parse(text);
   } catch (err) {
+    if (err instanceof CliError) throw err;
     throw new CliError(`${file}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : `not valid YAML: ${(err as Error).message.split('\n')[0]}`}`);
   }
-  const list = (doc as { policies?: unknown } | null)?.policies;
-  const entries: Array<[string, unknown]> = Array.isArray(list)
-    ? list.map((p, i) => [typeof p?.name === 'string' ? p.name : `#${i + 1}`, p])
-    : list && typeof list === 'object' ? Object.entries(list) : [];
-  if (!list) throw new CliError(`${file}: expected a top-level "policies" map or list`);
-  const policies = new Map<string, PolicyInputBody>();
+}
+
+/**
+ * The `policies` entry of a file, as [name, fields] pairs. It must be there and be a map or a
+ * list: anything else read as "no policies" would make --prune delete every policy. An explicit
+ * empty map or list is the one way to say "no policies".
+ */
+function policyEntries(file: string, doc: unknown): Array<[string, unknown]> {
+  if (doc === null || typeof doc !== 'object' || Array.isArray(doc)) {
+    throw new CliError(`${file}: expected a top-level "policies" map or list`);
+  }
+  if (!('policies' in doc)) throw new CliError(`${file}: no top-level "policies" key; to mean no policies at all, write "policies: {}"`);
+  const list = (doc as { policies: unknown }).policies;
+  if (list === null || list === undefined) {
+    throw new CliError(`${file}: "policies" has no value; to mean no policies at all, write "policies: {}"`);
+  }
+  if (Array.isArray(list)) {
+    return list.map((p, i) => {
+      const name = p !== null && typeof p === 'object' && typeof (p as { name?: unknown }).name === 'string' ? (p as { name: string }).name : null;
+      if (name === null) throw new CliError(`${file}: policy #${i + 1}: a list entry must be a map whose "name" is a string`);
+      return [name, p];
+    });
+  }
+  if (typeof list !== 'object') throw new CliError(`${file}: "policies" must be a map or a list, not ${JSON.stringify(list)}`);
+  return Object.entries(list);
+}
+
+/**
+ * Reads a policies file: YAML or JSON, either `policies: {name: {...}}` or
+ * `policies: [{name, ...}]`. Every problem names the file, and the policy when there is one.
+ */
+export async function readPolicyFile(file: string): Promise<PolicyFile> {
+  const entries = policyEntries(file, await readDocument(file));
+  const policies: PolicyFile = new Map();
   for (const [name, raw] of entries) {
     const where = `${file}: policy ${name}`;
     if (!NAME.test(name)) throw new CliError(`${where}: name must match ${NAME}`);
     if (policies.has(name)) throw new CliError(`${where}: defined twice`);
-    const { name: _ignored, ...input } = (raw ?? {}) as Record<string, unknown>;
+    if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new CliError(`${where}: expected a map of its fields`);
+    const { name: inner, ...input } = raw as Record<string, unknown>;
+    // In the map form the key is the name; a different "name" inside would be silently dropped.
+    if (inner !== undefined && inner !== name) throw new CliError(`${where}: the key is its name, but its "name" field says ${JSON.stringify(inner)}`);
     const error = Value.Errors(PolicyInput, input).First();
     if (error) throw new CliError(`${where}: ${error.path || 'policy'} ${error.message}`);
     const p = input as PolicyInputBody;

@@ -1,0 +1,111 @@
+import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import type { TestBroker } from './helpers/broker.js';
+import { startCliBench, type CliBench } from './helpers/cli.js';
+
+let b: TestBroker;
+let tmp: string;
+let cli: CliBench['cli'];
+
+before(async () => {
+  ({ b, home: tmp, cli } = await startCliBench('pgcb-cli-policy-'));
+});
+after(async () => b?.close());
+
+const policyNames = async () => (await b.pg.query(`SELECT name FROM broker.policies ORDER BY name`)).map((r) => r.name as string);
+
+describe('pg-broker policy apply', () => {
+  test('policy apply is idempotent, --dry-run changes nothing, --prune deletes, and a bad file names the policy', async () => {
+    const admin = await b.adminToken();
+    const file = path.join(tmp, 'policies.yaml');
+    const doc = (extra = '') => `policies:
+  file-a:
+    issuer: ${b.issuer.issuer}
+    claims: { sub: "file:a:*" }
+    grant_role: app_readers
+    database: ${b.pg.database}
+  file-b:
+    issuer: ${b.issuer.issuer}
+    claims:
+      /kubernetes.io/namespace: [prod, staging]
+    grant_role: app_readers
+    database: ${b.pg.database}
+    max_ttl: 1200
+${extra}`;
+    await writeFile(file, doc());
+    const dry = await cli(['policy', 'apply', '-f', file, '--dry-run', '--token', admin]);
+    assert.match(dry.stdout, /\+ create file-a/);
+    assert.equal((await b.pg.query(`SELECT 1 FROM broker.policies WHERE name = 'file-a'`)).length, 0, 'dry run applied nothing');
+    const first = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(first.code, 0, first.stderr);
+    assert.match(first.stdout, /2 created/);
+    const second = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.match(second.stdout, /^no changes$/m);
+
+    await writeFile(file, doc().replace('max_ttl: 1200', 'max_ttl: 1800'));
+    assert.match((await cli(['policy', 'apply', '-f', file, '--token', admin])).stdout, /~ update file-b \(max_ttl\)/);
+
+    const pruned = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+    assert.match(pruned.stdout, /- delete cli/);
+    assert.deepEqual((await b.pg.query(`SELECT name FROM broker.policies ORDER BY name`)).map((r) => r.name), ['file-a', 'file-b']);
+    await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+
+    await writeFile(file, doc(`  file-c:\n    issuer: ${b.issuer.issuer}\n    claims: {}\n    grant_role: app_readers\n    database: broker\n`));
+    const bad = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /policies\.yaml: policy file-c: a policy must bind at least one claim/);
+
+    await writeFile(file, doc(`  file-d:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: pg_execute_server_program\n    database: broker\n`));
+    const unsafe = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(unsafe.code, 1);
+    assert.match(unsafe.stderr, /policy file-d: .*predefined PostgreSQL role/);
+
+    // Checked before anything is sent, by the same rules as the API.
+    await writeFile(file, doc(`  file-e:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: app_readers\n    database: broker\n    connection_limit: 0\n`));
+    const locked = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(locked.code, 1);
+    assert.match(locked.stderr, /policy file-e: connection_limit 0 would issue credentials that can never log in/);
+  });
+
+  test('a "policies" that is missing, empty or not a map or list is refused before anything is deleted; an explicit empty map prunes all', async () => {
+    const admin = await b.adminToken();
+    await b.putPolicy('keep-me', { claims: { sub: 'keep:*' } });
+    const before = await policyNames();
+    assert.ok(before.length >= 2, before.join());
+    const file = path.join(tmp, 'p.yaml');
+    const refusals: Array<[string, RegExp]> = [
+      ['policies: ci\n', /^pg-broker: .*p\.yaml: "policies" must be a map or a list, not "ci"$/],
+      ['policies: 5\n', /^pg-broker: .*p\.yaml: "policies" must be a map or a list, not 5$/],
+      ['policies:\n', /^pg-broker: .*p\.yaml: "policies" has no value; to mean no policies at all, write "policies: \{\}"$/],
+      ['policy:\n  ci: {}\n', /^pg-broker: .*p\.yaml: no top-level "policies" key; to mean no policies at all, write "policies: \{\}"$/],
+      ['', /^pg-broker: .*p\.yaml: the file is empty; expected a top-level "policies" map or list$/],
+      ['# nothing but a comment\n', /^pg-broker: .*p\.yaml: expected a top-level "policies" map or list$/],
+      ['- ci\n', /^pg-broker: .*p\.yaml: expected a top-level "policies" map or list$/],
+      ['policies:\n  - ci\n', /^pg-broker: .*p\.yaml: policy #1: a list entry must be a map whose "name" is a string$/],
+    ];
+    for (const [text, error] of refusals) {
+      await writeFile(file, text);
+      const run = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+      assert.equal(run.code, 1, `${JSON.stringify(text)}: ${run.stdout}`);
+      assert.match(run.stderr.trim(), error, JSON.stringify(text));
+      assert.equal(run.stdout, '', `${JSON.stringify(text)}: nothing planned or applied`);
+      assert.deepEqual(await policyNames(), before, `${JSON.stringify(text)}: nothing deleted`);
+    }
+
+    // The good input: a proper list applies and prunes the rest.
+    await writeFile(file, `policies:\n  - name: listed\n    issuer: ${b.issuer.issuer}\n    claims: { sub: "listed:*" }\n    grant_role: app_readers\n    database: ${b.pg.database}\n`);
+    const listed = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+    assert.equal(listed.code, 0, listed.stderr);
+    assert.deepEqual(await policyNames(), ['listed']);
+
+    // An explicit empty map is the way to say "no policies": with --prune, every policy goes.
+    await writeFile(file, 'policies: {}\n');
+    const emptied = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+    assert.equal(emptied.code, 0, emptied.stderr);
+    assert.match(emptied.stdout, /- delete(d)? listed/);
+    assert.deepEqual(await policyNames(), []);
+    await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+  });
+});
