@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { TestBroker } from './helpers/broker.js';
@@ -107,5 +107,38 @@ ${extra}`;
     assert.match(emptied.stdout, /- delete(d)? listed/);
     assert.deepEqual(await policyNames(), []);
     await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+  });
+  test('a file that cannot be read or parsed is named, with what is wrong and where; the same policies as good JSON apply', async () => {
+    const admin = await b.adminToken();
+    const dir = path.join(tmp, 'unreadable');
+    await mkdir(dir, { recursive: true });
+    const refused = async (file: string) => {
+      const run = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+      assert.equal(run.code, 1, run.stdout);
+      assert.equal(run.stdout, '');
+      assert.equal(run.stderr.split('\n').length, 2, `one line: ${run.stderr}`);
+      return run.stderr.trim();
+    };
+    assert.equal(await refused(dir), `pg-broker: ${dir}: is a directory, not a policies file`);
+    assert.equal(await refused(path.join(dir, 'absent.yaml')), `pg-broker: ${path.join(dir, 'absent.yaml')}: no such file`);
+
+    // JSON mistakes are reported as JSON, at a line and column.
+    const json = path.join(dir, 'p.json');
+    await writeFile(json, '{\n  "policies": {\n    "a": {"issuer": "x",}\n  }\n}\n');
+    assert.equal(await refused(json), `pg-broker: ${json}: not valid JSON: Expected double-quoted property name at line 3, column 25`);
+    // JSON.parse would keep the second of two policies of one name; the file is refused instead.
+    await writeFile(json, '{"policies": {"a": {}, "a": {}}}\n');
+    assert.match(await refused(json), new RegExp(`^pg-broker: ${json}: not valid JSON: Map keys must be unique at line 1, column 24$`));
+
+    // A YAML error keeps its position, and does not end in a dangling ":".
+    const yaml = path.join(dir, 'p.yaml');
+    await writeFile(yaml, 'policies:\n  a: {issuer: x\n');
+    assert.match(await refused(yaml), new RegExp(`^pg-broker: ${yaml}: not valid YAML: .* at line 3, column 1$`));
+
+    // The good input: the same file as valid JSON applies.
+    await writeFile(json, JSON.stringify({ policies: { 'from-json': { issuer: b.issuer.issuer, claims: { sub: 'json:*' }, grant_role: 'app_readers', database: b.pg.database } } }));
+    const applied = await cli(['policy', 'apply', '-f', json, '--token', admin]);
+    assert.equal(applied.code, 0, applied.stderr);
+    assert.ok((await policyNames()).includes('from-json'));
   });
 });

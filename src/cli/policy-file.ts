@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { Value } from '@sinclair/typebox/value';
-import { parse } from 'yaml';
+import { parseDocument } from 'yaml';
 import { policyShapeProblem } from '../policy/shape.js';
 import { POLICY_DEFAULTS, PolicyInput, type PolicyBody, type PolicyInputBody } from '../schemas/policy.js';
 import { CliError } from './client.js';
@@ -10,16 +10,49 @@ const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 /** The policies a file names, in file order; empty only when it says `policies: {}` or `policies: []`. */
 export type PolicyFile = Map<string, PolicyInputBody>;
 
+function readProblem(err: NodeJS.ErrnoException): string {
+  switch (err.code) {
+    case 'ENOENT': return 'no such file';
+    case 'EISDIR': return 'is a directory, not a policies file';
+    case 'EACCES': return 'permission denied';
+    default: return `cannot read it: ${err.code ?? err.message}`;
+  }
+}
+
+/** "… at position 17" from V8's JSON.parse, as a line and column a reader can find. */
+function jsonProblem(text: string, err: Error): string {
+  const at = /^(.*) in JSON at position (\d+)/.exec(err.message);
+  if (!at) return err.message;
+  const before = text.slice(0, Number(at[2])).split('\n');
+  return `${at[1]} at line ${before.length}, column ${before[before.length - 1].length + 1}`;
+}
+
+/**
+ * The parsed file. A `.json` file must be JSON: YAML would take comments and bare words in it, and
+ * name its mistakes in YAML's terms. It is still read again as YAML, which refuses a key given
+ * twice where JSON.parse silently keeps the last one (two policies of one name, one lost).
+ */
 async function readDocument(file: string): Promise<unknown> {
   let text: string;
   try {
     text = await readFile(file, 'utf8');
-    if (!text.trim()) throw new CliError(`${file}: the file is empty; expected a top-level "policies" map or list`);
-    return parse(text);
   } catch (err) {
-    if (err instanceof CliError) throw err;
-    throw new CliError(`${file}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : `not valid YAML: ${(err as Error).message.split('\n')[0]}`}`);
+    throw new CliError(`${file}: ${readProblem(err as NodeJS.ErrnoException)}`);
   }
+  if (!text.trim()) throw new CliError(`${file}: the file is empty; expected a top-level "policies" map or list`);
+  const json = /\.json$/i.test(file);
+  if (json) {
+    try {
+      JSON.parse(text);
+    } catch (err) {
+      throw new CliError(`${file}: not valid JSON: ${jsonProblem(text, err as Error)}`);
+    }
+  }
+  const doc = parseDocument(text, { prettyErrors: true });
+  // The first line of yaml's message ends in "at line L, column C:" before a code excerpt.
+  const problem = doc.errors[0] ?? doc.warnings[0];
+  if (problem) throw new CliError(`${file}: not valid ${json ? 'JSON' : 'YAML'}: ${problem.message.split('\n')[0].replace(/:$/, '')}`);
+  return doc.toJS();
 }
 
 /**
