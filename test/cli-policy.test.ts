@@ -42,13 +42,13 @@ ${extra}`;
     assert.equal(first.code, 0, first.stderr);
     assert.match(first.stdout, /2 created/);
     const second = await cli(['policy', 'apply', '-f', file, '--token', admin]);
-    assert.match(second.stdout, /^no changes$/m);
+    assert.match(second.stdout, /^no changes \(2 unchanged\)$/m);
 
     await writeFile(file, doc().replace('max_ttl: 1200', 'max_ttl: 1800'));
-    assert.match((await cli(['policy', 'apply', '-f', file, '--token', admin])).stdout, /~ update file-b \(max_ttl\)/);
+    assert.match((await cli(['policy', 'apply', '-f', file, '--token', admin])).stdout, /~ updated file-b \(max_ttl\)/);
 
     const pruned = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
-    assert.match(pruned.stdout, /- delete cli/);
+    assert.match(pruned.stdout, /- deleted cli/);
     assert.deepEqual((await b.pg.query(`SELECT name FROM broker.policies ORDER BY name`)).map((r) => r.name), ['file-a', 'file-b']);
     await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
 
@@ -60,7 +60,9 @@ ${extra}`;
     await writeFile(file, doc(`  file-d:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: pg_execute_server_program\n    database: broker\n`));
     const unsafe = await cli(['policy', 'apply', '-f', file, '--token', admin]);
     assert.equal(unsafe.code, 1);
-    assert.match(unsafe.stderr, /policy file-d: .*predefined PostgreSQL role/);
+    // The broker refuses this one: its reason is on the policy's own line.
+    assert.match(unsafe.stdout, /^✗ FAILED to create file-d: 400 INVALID_POLICY: .*predefined PostgreSQL role/m);
+    assert.match(unsafe.stderr, /policies\.yaml: 1 policy failed \(file-d\)\n$/);
 
     // Checked before anything is sent, by the same rules as the API.
     await writeFile(file, doc(`  file-e:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: x }\n    grant_role: app_readers\n    database: broker\n    connection_limit: 0\n`));
@@ -104,7 +106,7 @@ ${extra}`;
     await writeFile(file, 'policies: {}\n');
     const emptied = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
     assert.equal(emptied.code, 0, emptied.stderr);
-    assert.match(emptied.stdout, /- delete(d)? listed/);
+    assert.match(emptied.stdout, /- deleted listed/);
     assert.deepEqual(await policyNames(), []);
     await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
   });
@@ -140,5 +142,47 @@ ${extra}`;
     const applied = await cli(['policy', 'apply', '-f', json, '--token', admin]);
     assert.equal(applied.code, 0, applied.stderr);
     assert.ok((await policyNames()).includes('from-json'));
+  });
+  test('every policy is tried and reported as the broker answered; a failure exits 1 and withholds --prune', async () => {
+    const admin = await b.adminToken();
+    await b.putPolicy('stays', { claims: { sub: 'stays:*' } });
+    const file = path.join(tmp, 'partial.yaml');
+    const policy = (name: string, extra: Record<string, string>) => [`  ${name}:`, ...Object.entries({
+      issuer: b.issuer.issuer, claims: `{ sub: "${name}:*" }`, grant_role: 'app_readers', database: b.pg.database, ...extra,
+    }).map(([k, v]) => `    ${k}: ${v}`)].join('\n');
+    await writeFile(file, ['policies:',
+      policy('a-first', {}),
+      policy('b-broken', { grant_role: 'no_such_role' }),
+      policy('c-third', { issuer: 'https://not-allowed.example' }),
+      ''].join('\n'));
+
+    // A dry run cannot know what the broker will refuse, and says so.
+    const dry = await cli(['policy', 'apply', '-f', file, '--prune', '--dry-run', '--token', admin]);
+    assert.equal(dry.code, 0, dry.stderr);
+    assert.match(dry.stdout, /^\+ create b-broken$/m);
+    assert.match(dry.stdout, /apply may still refuse some/);
+
+    const run = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+    assert.equal(run.code, 1, run.stdout);
+    const lines = run.stdout.trim().split('\n');
+    assert.equal(lines[0], '+ created a-first');
+    assert.match(lines[1], /^✗ FAILED to create b-broken: 400 INVALID_POLICY: .*no_such_role/);
+    assert.match(lines[2], /^✗ FAILED to create c-third: 400 INVALID_POLICY: .*not-allowed\.example/);
+    assert.match(lines[3], /^! not pruned because of the failures above; kept: .*\bstays\b/);
+    assert.equal(lines[4], 'applied in part: 1 created, 0 updated, 0 deleted, 0 unchanged, 2 FAILED');
+    assert.equal(lines.length, 5, run.stdout);
+    assert.match(run.stderr, /partial\.yaml: 2 policies failed \(b-broken, c-third\); nothing was pruned\n$/);
+    const names = await policyNames();
+    assert.ok(names.includes('a-first') && names.includes('stays') && !names.includes('b-broken'), names.join());
+
+    // The good input: with the two fixed, the rest applies and prunes.
+    await writeFile(file, ['policies:', policy('a-first', {}), policy('b-broken', {}), policy('c-third', {}), ''].join('\n'));
+    const fixed = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+    assert.equal(fixed.code, 0, fixed.stderr);
+    assert.match(fixed.stdout, /^= unchanged a-first\n\+ created b-broken\n\+ created c-third\n/);
+    assert.match(fixed.stdout, /^- deleted stays$/m);
+    assert.match(fixed.stdout, /^applied: 2 created, 0 updated, \d+ deleted, 1 unchanged$/m);
+    assert.deepEqual(await policyNames(), ['a-first', 'b-broken', 'c-third']);
+    await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
   });
 });

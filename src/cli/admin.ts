@@ -1,17 +1,16 @@
 import type { LeaseBody } from '../schemas/lease.js';
 import type { PolicyBody } from '../schemas/policy.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
-import { planPolicies, readPolicyFile } from './policy-file.js';
 
 export interface AdminOptions extends TokenOptions {
   url?: string;
 }
 
-async function session(opts: AdminOptions): Promise<{ base: string; token: string }> {
+export async function session(opts: AdminOptions): Promise<{ base: string; token: string }> {
   return { base: brokerUrl(opts.url), token: await obtainToken(opts) };
 }
 
-async function allPolicies(base: string, token: string): Promise<PolicyBody[]> {
+export async function allPolicies(base: string, token: string): Promise<PolicyBody[]> {
   const out: PolicyBody[] = [];
   let cursor: string | null = null;
   do {
@@ -21,32 +20,6 @@ async function allPolicies(base: string, token: string): Promise<PolicyBody[]> {
     cursor = body.next_cursor;
   } while (cursor);
   return out;
-}
-
-/** `policy apply -f FILE [--prune] [--dry-run]`: make the broker's policies match the file. */
-export async function policyApply(opts: AdminOptions & { file: string; prune?: boolean; dryRun?: boolean }): Promise<void> {
-  const wanted = await readPolicyFile(opts.file);
-  const { base, token } = await session(opts);
-  const plan = planPolicies(wanted, await allPolicies(base, token), opts.prune ?? false);
-  const lines = [
-    ...plan.create.map((n) => `+ create ${n}`),
-    ...plan.update.map((u) => `~ update ${u.name} (${u.fields.join(', ')})`),
-    ...plan.delete.map((n) => `- delete ${n}`),
-  ];
-  console.log(lines.length ? lines.join('\n') : 'no changes');
-  if (opts.dryRun || lines.length === 0) {
-    if (opts.dryRun && lines.length) console.log(`(dry run: ${plan.unchanged.length} unchanged, nothing applied)`);
-    return;
-  }
-  for (const name of [...plan.create, ...plan.update.map((u) => u.name)]) {
-    try {
-      await callBroker(base, token, 'PUT', `/policies/${encodeURIComponent(name)}`, wanted.get(name));
-    } catch (err) {
-      throw new CliError(`${opts.file}: policy ${name}: ${(err as Error).message}`);
-    }
-  }
-  for (const name of plan.delete) await callBroker(base, token, 'DELETE', `/policies/${encodeURIComponent(name)}`);
-  console.log(`applied: ${plan.create.length} created, ${plan.update.length} updated, ${plan.delete.length} deleted, ${plan.unchanged.length} unchanged`);
 }
 
 export async function policyList(opts: AdminOptions & { json?: boolean }): Promise<void> {

@@ -122,9 +122,12 @@ export function buildCli(): Command {
     .description('create and update policies from a YAML/JSON file')
     .requiredOption('-f, --file <file>', 'policies file')
     .option('--prune', 'delete policies that are not in the file')
-    .option('--dry-run', 'print the changes without applying them')
-    .addHelpText('after', example('pg-broker policy apply -f policies.yaml --dry-run\npg-broker policy apply -f policies.yaml --prune'))
-    .action(async (opts) => (await import('./admin.js')).policyApply(opts));
+    .option('--dry-run', 'print the changes without applying them; checks the file, not the broker\'s own rules (issuer allowed, grant_role safe, database exists)')
+    .addHelpText('after', example('pg-broker policy apply -f policies.yaml --dry-run\npg-broker policy apply -f policies.yaml --prune')
+      + '\nEvery policy in the file is tried, and each line says what the broker answered. When any fails, the exit\n'
+      + 'code is 1 and --prune deletes nothing. A file must name its policies: "policies: {}" is the one way to\n'
+      + 'say none (with --prune: delete every policy).\n')
+    .action(async (opts) => (await import('./policy-apply.js')).policyApply(opts));
   withClientOptions(policy.command('list'))
     .description('list policies (admin)')
     .option('--json', 'JSON output')
