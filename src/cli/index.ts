@@ -35,8 +35,8 @@ export function buildCli(): Command {
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
   program
-    .command('serve', { isDefault: true })
-    .description('run the HTTP service (applies pending migrations first); configured by environment variables')
+    .command('serve')
+    .description('run the HTTP service (applies pending migrations first); configured by environment variables; what a bare pg-broker runs')
     .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker \\\n  BROKER_ISSUERS=https://token.actions.githubusercontent.com BROKER_AUDIENCE=pg-broker pg-broker serve'))
     .action(async () => {
       const { serve } = await import('../server.js');
@@ -163,8 +163,12 @@ export function buildCli(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
+  // A bare `pg-broker` serves, as the image's CMD and the README expect. serve is not commander's
+  // default command: that would pass a mistyped subcommand to serve as an argument, and report
+  // "too many arguments for 'serve'" instead of the unknown command and the one meant.
+  const args = argv.length > 2 ? argv : [...argv, 'serve'];
   try {
-    await buildCli().parseAsync(argv);
+    await buildCli().parseAsync(args);
   } catch (err) {
     if (err instanceof CommanderError) {
       process.exitCode = err.exitCode;
