@@ -31,4 +31,32 @@ describe('pg-broker refuses unclear input with a clear error', () => {
       assert.equal(serve.stderr.trim(), 'pg-broker: configuration error: DATABASE_URL: is required');
     }
   });
+  test('leases revoke refuses a lease id together with --subject, --issuer, --policy or --reason before sending anything; each alone works', async () => {
+    const admin = await b.adminToken();
+    const one = (await b.issue(await b.token({ sub: 'cli:revoke-one' }))).body.lease_id as string;
+    const other = (await b.issue(await b.token({ sub: 'cli:revoke-other' }))).body.lease_id as string;
+    const state = async (id: string) => (await b.pg.query(`SELECT state FROM broker.leases WHERE id = $1`, [id]))[0].state;
+    const refusals: Array<[string[], RegExp]> = [
+      [['--subject', 'cli:revoke-other'], /^pg-broker: give a lease id or --subject, not both: an id revokes that one lease, whatever the filters say$/],
+      [['--issuer', b.issuer.issuer, '--policy', 'cli'], /^pg-broker: give a lease id or --issuer and --policy, not both/],
+      [['--reason', 'left'], /^pg-broker: --reason is recorded only when revoking by --subject, --issuer or --policy; revoking one lease by id records none$/],
+    ];
+    for (const [extra, error] of refusals) {
+      const run = await cli(['leases', 'revoke', one, ...extra, '--token', admin]);
+      assert.equal(run.code, 1, extra.join(' '));
+      assert.match(run.stderr.trim(), error);
+      assert.equal(run.stdout, '');
+    }
+    assert.equal(await state(one), 'active', 'nothing was revoked');
+    assert.equal(await state(other), 'active');
+
+    // The good input: the id alone, then the subject alone (with a reason).
+    const byId = await cli(['leases', 'revoke', one, '--token', admin]);
+    assert.equal(byId.code, 0, byId.stderr);
+    assert.equal(byId.stdout, `lease ${one}: revoked\n`);
+    const bySubject = await cli(['leases', 'revoke', '--subject', 'cli:revoke-other', '--reason', 'left', '--token', admin]);
+    assert.equal(bySubject.code, 0, bySubject.stderr);
+    assert.equal(bySubject.stdout, `revoked 1 lease(s): ${other}\n`);
+    assert.equal(await state(other), 'revoked');
+  });
 });
