@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { TestBroker } from './helpers/broker.js';
 import { startCliBench, type CliBench } from './helpers/cli.js';
@@ -58,5 +60,54 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(bySubject.code, 0, bySubject.stderr);
     assert.equal(bySubject.stdout, `revoked 1 lease(s): ${other}\n`);
     assert.equal(await state(other), 'revoked');
+  });
+  test('an empty option, argument or variable is refused, never read as not given; the same with a value works', async () => {
+    const leases = async (sub: string) => (await b.pg.query(`SELECT 1 FROM broker.leases WHERE subject = $1`, [sub])).length;
+    const token = await b.token({ sub: 'cli:empty-me' });
+    // A token of another identity, where a fallback would find it.
+    const otherFile = path.join(tmp, 'other.jwt');
+    await writeFile(otherFile, await b.token({ sub: 'cli:empty-other' }));
+    const admin = await b.adminToken();
+    const refusals: Array<[string[], Record<string, string>, string]> = [
+      [['creds', '--token', token, '-o', ''], {}, "error: option '-o, --output <file>' is empty (an unset variable?)"],
+      [['creds', '--token', token, '--output='], {}, "error: option '-o, --output <file>' is empty (an unset variable?)"],
+      [['creds', '--token', ''], { PG_BROKER_TOKEN_FILE: otherFile }, "error: option '--token <jwt>' is empty (an unset variable?)"],
+      [['creds', '--token-file', ' '], { PG_BROKER_TOKEN_FILE: otherFile }, "error: option '--token-file <path>' is empty (an unset variable?)"],
+      [['creds', '--token', token, '--policy', ''], {}, "error: option '--policy <name>' is empty (an unset variable?)"],
+      [['creds', '--token', token, '--url', ''], {}, "error: option '--url <url>' is empty (an unset variable?)"],
+      [['exec', '--token', token, '--', ''], {}, "error: argument 'command' is empty (an unset variable?)"],
+      [['leases', 'revoke', '', '--token', admin], {}, "error: argument 'id' is empty (an unset variable?)"],
+      [['leases', 'revoke', '--subject', '', '--policy', 'cli', '--token', admin], {}, "error: option '--subject <sub>' is empty (an unset variable?)"],
+      [['policy', 'apply', '-f', '', '--token', admin], {}, "error: option '-f, --file <file>' is empty (an unset variable?)"],
+      [['creds'], { PG_BROKER_TOKEN: '', PG_BROKER_TOKEN_FILE: otherFile }, 'pg-broker: PG_BROKER_TOKEN is set but empty (a missing secret or variable?); give it a value, or unset it'],
+      [['creds'], { PG_BROKER_TOKEN_FILE: '' }, 'pg-broker: PG_BROKER_TOKEN_FILE is set but empty (a missing secret or variable?); give it a value, or unset it'],
+      [['creds', '--token', token], { PG_BROKER_URL: ' ' }, 'pg-broker: PG_BROKER_URL is set but empty (a missing secret or variable?); give it a value, or unset it'],
+    ];
+    for (const [args, env, error] of refusals) {
+      const run = await cli(args, env);
+      const what = `${args.map((a) => (a.length > 100 ? '<token>' : a)).join(' ')} ${JSON.stringify(env)}`;
+      assert.equal(run.code, 1, what);
+      assert.equal(run.stderr.split('\n')[0], error, what);
+      assert.equal(run.stdout, '', `${what}: nothing printed, the password least of all`);
+    }
+    assert.equal(await leases('cli:empty-me'), 0, 'nothing was issued');
+    assert.equal(await leases('cli:empty-other'), 0, 'no fallback to another token');
+    assert.equal((await b.pg.query(`SELECT 1 FROM broker.leases WHERE state <> 'active' AND subject LIKE 'cli:empty%'`)).length, 0);
+
+    // The good input: each of those with a value.
+    const file = path.join(tmp, 'empty-ok.env');
+    const written = await cli(['creds', '--token', token, '--format', 'dotenv', '-o', file]);
+    assert.equal(written.code, 0, written.stderr);
+    assert.equal(written.stdout, '');
+    assert.match(await readFile(file, 'utf8'), /^PGPASSWORD=/m);
+    const withPolicy = await cli(['creds', '--token', token, '--policy', 'cli', '--format', 'json']);
+    assert.equal(withPolicy.code, 0, withPolicy.stderr);
+    assert.equal(JSON.parse(withPolicy.stdout).policy, 'cli');
+    const fromFile = await cli(['creds', '--format', 'json'], { PG_BROKER_TOKEN_FILE: otherFile });
+    assert.equal(fromFile.code, 0, fromFile.stderr);
+    const fromEnv = await cli(['creds', '--format', 'json'], { PG_BROKER_TOKEN: token, PG_BROKER_TOKEN_FILE: otherFile });
+    assert.equal(fromEnv.code, 0, fromEnv.stderr);
+    assert.equal(await leases('cli:empty-me'), 3);
+    assert.equal(await leases('cli:empty-other'), 1);
   });
 });

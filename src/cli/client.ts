@@ -28,8 +28,8 @@ type Env = Record<string, string | undefined>;
  */
 export async function obtainToken(opts: TokenOptions, env: Env = process.env): Promise<string> {
   if (opts.token) return opts.token.trim();
-  const file = opts.tokenFile ?? env.PG_BROKER_TOKEN_FILE;
-  if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN) return env.PG_BROKER_TOKEN.trim();
+  if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN !== undefined) return setVariable(env, 'PG_BROKER_TOKEN');
+  const file = opts.tokenFile ?? (env.PG_BROKER_TOKEN_FILE === undefined ? undefined : setVariable(env, 'PG_BROKER_TOKEN_FILE'));
   if (file) {
     try {
       return (await readFile(file, 'utf8')).trim();
@@ -42,6 +42,17 @@ export async function obtainToken(opts: TokenOptions, env: Env = process.env): P
   }
   if (existsSync(KUBERNETES_TOKEN_FILE)) return (await readFile(KUBERNETES_TOKEN_FILE, 'utf8')).trim();
   throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN, or run in GitHub Actions with "permissions: id-token: write"');
+}
+
+/**
+ * The value of a variable that is set. Set but empty (a CI secret or variable that is missing, a
+ * command substitution that failed) is refused rather than skipped: the next source in line may
+ * be another identity's token, or another broker.
+ */
+function setVariable(env: Env, name: string): string {
+  const value = env[name]!.trim();
+  if (!value) throw new CliError(`${name} is set but empty (a missing secret or variable?); give it a value, or unset it`);
+  return value;
 }
 
 /** GitHub's runtime hands a job its OIDC token: GET $URL&audience=..., bearer $TOKEN, JSON {value}. */
@@ -61,7 +72,8 @@ export async function githubActionsToken(requestUrl: string, requestToken: strin
 }
 
 export function brokerUrl(flag: string | undefined, env: Env = process.env): string {
-  const url = (flag ?? env.PG_BROKER_URL ?? DEFAULT_BROKER_URL).replace(/\/+$/, '');
+  const given = flag ?? (env.PG_BROKER_URL === undefined ? DEFAULT_BROKER_URL : setVariable(env, 'PG_BROKER_URL'));
+  const url = given.replace(/\/+$/, '');
   const warning = plainHttpWarning(url);
   if (warning) process.stderr.write(`pg-broker: warning: ${warning}\n`);
   return url;

@@ -15,6 +15,25 @@ function port(value: string): number {
   return Number(value);
 }
 
+/**
+ * An empty value is refused, never read as "not given": `-o "$UNSET"` would print the password to
+ * stdout, `--token "$UNSET"` fall back to another token (perhaps another identity's), and
+ * `--subject ""` next to `--policy` widen a revocation. One check over every option and argument
+ * of the command about to run, so a new option cannot miss it.
+ */
+function refuseEmptyValues(cmd: Command): void {
+  for (const option of cmd.options) {
+    const value: unknown = cmd.getOptionValue(option.attributeName());
+    if (typeof value === 'string' && !value.trim()) cmd.error(`error: option '${option.flags}' is empty (an unset variable?)`);
+  }
+  cmd.registeredArguments.forEach((argument, i) => {
+    // Of a variadic argument (exec's command) only the first word must be something: the command.
+    const value: unknown = cmd.processedArgs[i];
+    const first = Array.isArray(value) ? value[0] : value;
+    if (typeof first === 'string' && !first.trim()) cmd.error(`error: argument '${argument.name()}' is empty (an unset variable?)`);
+  });
+}
+
 function withClientOptions(cmd: Command): Command {
   return cmd
     .option('--url <url>', 'broker URL (default $PG_BROKER_URL, else http://127.0.0.1:8080)')
@@ -32,7 +51,8 @@ export function buildCli(): Command {
     .description('Trade a verified OIDC token for a short-lived PostgreSQL login')
     .showHelpAfterError('(add --help for usage)')
     .exitOverride()
-    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) })
+    .hook('preAction', (_program, command) => refuseEmptyValues(command));
 
   program
     .command('serve')
