@@ -110,4 +110,24 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(await leases('cli:empty-me'), 3);
     assert.equal(await leases('cli:empty-other'), 1);
   });
+  test('an empty or blank token file is named as empty, not sent; once the token is written it works', async () => {
+    const file = path.join(tmp, 'projected.jwt');
+    for (const blank of ['', '\n  \n']) {
+      await writeFile(file, blank);
+      for (const [args, env] of [[['creds', '--token-file', file], {}], [['creds'], { PG_BROKER_TOKEN_FILE: file }]] as const) {
+        const run = await cli([...args], env);
+        assert.equal(run.code, 1, run.stderr);
+        assert.equal(run.stderr, `pg-broker: token file ${file} is empty\n`);
+      }
+    }
+    const run = await cli(['exec', '--token-file', file, '--', process.execPath, '-e', '']);
+    assert.equal(run.code, 1);
+    assert.equal(run.stderr, `pg-broker: token file ${file} is empty\n`);
+
+    // The good input: the token written (with the trailing newline files often have).
+    await writeFile(file, `${await b.token({ sub: 'cli:projected' })}\n`);
+    const written = await cli(['creds', '--token-file', file, '--format', 'json']);
+    assert.equal(written.code, 0, written.stderr);
+    assert.match(JSON.parse(written.stdout).username, /^lease_cli_projected_/);
+  });
 });

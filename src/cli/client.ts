@@ -30,18 +30,27 @@ export async function obtainToken(opts: TokenOptions, env: Env = process.env): P
   if (opts.token) return opts.token.trim();
   if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN !== undefined) return setVariable(env, 'PG_BROKER_TOKEN');
   const file = opts.tokenFile ?? (env.PG_BROKER_TOKEN_FILE === undefined ? undefined : setVariable(env, 'PG_BROKER_TOKEN_FILE'));
-  if (file) {
-    try {
-      return (await readFile(file, 'utf8')).trim();
-    } catch (err) {
-      throw new CliError(`cannot read token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-    }
-  }
+  if (file) return readTokenFile(file);
   if (env.ACTIONS_ID_TOKEN_REQUEST_URL && env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
     return githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
   }
-  if (existsSync(KUBERNETES_TOKEN_FILE)) return (await readFile(KUBERNETES_TOKEN_FILE, 'utf8')).trim();
+  if (existsSync(KUBERNETES_TOKEN_FILE)) return readTokenFile(KUBERNETES_TOKEN_FILE);
   throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN, or run in GitHub Actions with "permissions: id-token: write"');
+}
+
+/**
+ * An empty file is named as such: sent on, it came back as "not a bearer token", which hides the
+ * usual cause, a projected token the kubelet has not written yet.
+ */
+async function readTokenFile(file: string): Promise<string> {
+  let token: string;
+  try {
+    token = (await readFile(file, 'utf8')).trim();
+  } catch (err) {
+    throw new CliError(`cannot read token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (!token) throw new CliError(`token file ${file} is empty`);
+  return token;
 }
 
 /**
@@ -67,7 +76,7 @@ export async function githubActionsToken(requestUrl: string, requestToken: strin
   }
   if (!res.ok) throw new CliError(`GitHub Actions token request answered ${res.status}`);
   const body = (await res.json().catch(() => null)) as { value?: unknown } | null;
-  if (typeof body?.value !== 'string') throw new CliError('GitHub Actions token response has no "value"');
+  if (typeof body?.value !== 'string' || !body.value.trim()) throw new CliError('GitHub Actions token response has no "value"');
   return body.value;
 }
 
