@@ -4,7 +4,7 @@ import { open, rename, unlink } from 'node:fs/promises';
 import { constants } from 'node:os';
 import path from 'node:path';
 import type { CredentialBody, LeaseBody } from '../schemas/lease.js';
-import { brokerUrl, callBroker, CliError, obtainToken, type TokenOptions } from './client.js';
+import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
 import { formatCredential, FORMATS, pgEnvironment, type Format } from './formats.js';
 import { isFinalRenewFailure, nextRenewDelayMs } from './renew-schedule.js';
 
@@ -195,11 +195,15 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   }
 }
 
-/** Revokes a lease this command obtained; says so on stderr and answers false when it cannot. */
+/**
+ * Revokes a lease this command obtained; says so on stderr and answers false when it cannot. It
+ * waits as long as `leases revoke` does: the broker answers once sessions are ended and the role
+ * dropped, and giving up sooner reported a failure for a revocation that then completed.
+ */
 async function revoke(base: string, opts: TokenOptions, leaseId: string, command: string): Promise<boolean> {
   try {
     const token = await obtainToken(opts);
-    await callBroker(base, token, 'DELETE', `/leases/${leaseId}`);
+    await callBroker(base, token, 'DELETE', `/leases/${leaseId}`, undefined, REVOKE_TIMEOUT_MS);
     return true;
   } catch (err) {
     process.stderr.write(`pg-broker ${command}: could not revoke lease ${leaseId}; it ends at its expiry: ${(err as Error).message}\n`);
