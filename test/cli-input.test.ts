@@ -130,4 +130,21 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(written.code, 0, written.stderr);
     assert.match(JSON.parse(written.stdout).username, /^lease_cli_projected_/);
   });
+  test('a token no policy admits gets the command that explains why, and that command does', async () => {
+    const denied = await b.token({ sub: 'nobody:here' });
+    const hint = '; with the CLI: pg-broker policy evaluate (with the same token and broker)\n';
+    const run = await cli(['creds', '--token', denied]);
+    assert.equal(run.code, 1);
+    assert.equal(run.stderr, `pg-broker: POST /credentials failed with 403 NO_POLICY: No policy admits this token; POST /policies/evaluate explains why${hint}`);
+    const named = await cli(['exec', '--policy', 'cli', '--token', denied, '--', process.execPath, '-e', '']);
+    assert.equal(named.code, 1);
+    assert.ok(named.stderr.endsWith(hint), named.stderr);
+    const evaluate = await cli(['policy', 'evaluate', '--token', denied]);
+    assert.equal(evaluate.code, 2);
+    assert.match(evaluate.stdout, /✗ denied\s+cli: claim sub is "nobody:here", wants "cli:\*"/);
+    // The good input: an admitted token gets its credential, and no hint.
+    const admitted = await cli(['creds', '--token', await b.token({ sub: 'cli:admitted' }), '--format', 'json']);
+    assert.equal(admitted.code, 0, admitted.stderr);
+    assert.equal(admitted.stderr, '');
+  });
 });

@@ -4,8 +4,8 @@ import { isIPv4 } from 'node:net';
 
 /** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
 export class CliError extends Error {
-  /** `status`: the broker's HTTP status, when the broker answered with an error. */
-  constructor(message: string, readonly exitCode = 1, readonly status?: number) {
+  /** `status` and `code`: the broker's HTTP status and problem code, when it answered with an error. */
+  constructor(message: string, readonly exitCode = 1, readonly status?: number, readonly code?: string) {
     super(message);
     this.name = 'CliError';
   }
@@ -154,7 +154,7 @@ export async function callBroker<T = any>(
   }
   if (res.status >= 400) {
     const problem = parsed as { detail?: string; code?: string } | null;
-    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status);
+    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status, problem?.code);
   }
   return { status: res.status, body: parsed as T };
 }

@@ -23,8 +23,16 @@ async function issueWith(token: string, opts: RequestOptions): Promise<{ credent
   const body: Record<string, unknown> = {};
   if (opts.policy) body.policy = opts.policy;
   if (opts.ttl !== undefined) body.ttl = opts.ttl;
-  const { body: credential } = await callBroker<CredentialBody>(base, token, 'POST', '/credentials', body);
-  return { credential, base, token };
+  try {
+    const { body: credential } = await callBroker<CredentialBody>(base, token, 'POST', '/credentials', body);
+    return { credential, base, token };
+  } catch (err) {
+    // The broker's detail names its API; someone at this prompt wants the command.
+    if (err instanceof CliError && err.code === 'NO_POLICY') {
+      throw new CliError(`${err.message}; with the CLI: pg-broker policy evaluate (with the same token and broker)`, err.exitCode, err.status, err.code);
+    }
+    throw err;
+  }
 }
 
 /** `pg-broker creds`: print a credential, or write it to a file only its owner can read. */
