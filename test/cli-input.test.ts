@@ -147,4 +147,26 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(admitted.code, 0, admitted.stderr);
     assert.equal(admitted.stderr, '');
   });
+  test('exec: words after the command are the command\'s, even without --; an unknown option before it gets a hint', async () => {
+    const token = await b.token({ sub: 'cli:exec-words' });
+    const script = 'console.log(JSON.stringify({ user: process.env.PGUSER, args: process.argv.slice(1) }))';
+    const state = async (user: string) => (await b.pg.query(`SELECT state FROM broker.leases WHERE username = $1`, [user]))[0].state;
+    // Before, -h here printed exec's help and exited 0 without running anything, and --keep was taken as exec's.
+    const bare = await cli(['exec', '--token', token, process.execPath, '-e', script, 'x', '-h', '--keep', '--ttl', '5']);
+    assert.equal(bare.code, 0, bare.stderr);
+    const seen = JSON.parse(bare.stdout);
+    assert.deepEqual(seen.args, ['x', '-h', '--keep', '--ttl', '5']);
+    assert.equal(await state(seen.user), 'revoked', 'exec did not take --keep for itself');
+
+    const misplaced = await cli(['exec', '--token', token, '-Atc', 'psql']);
+    assert.equal(misplaced.code, 1);
+    assert.match(misplaced.stderr, /^error: unknown option '-Atc'\n\(options for the command go after it, best after --: pg-broker exec \[options\] -- COMMAND -Atc …\)\n/);
+
+    // The good input: exec's own options before the command, the command after --.
+    const kept = await cli(['exec', '--keep', '--token', token, '--', process.execPath, '-e', script, 'y', '-h']);
+    assert.equal(kept.code, 0, kept.stderr);
+    const keptSeen = JSON.parse(kept.stdout);
+    assert.deepEqual(keptSeen.args, ['y', '-h']);
+    assert.equal(await state(keptSeen.user), 'active', '--keep before the command is exec\'s');
+  });
 });

@@ -34,6 +34,13 @@ function refuseEmptyValues(cmd: Command): void {
   });
 }
 
+/** An option exec does not know, given before the command, was most likely meant for the command. */
+function execOptionHint(text: string): string {
+  const unknown = /^error: unknown option '([^']+)'/.exec(text);
+  if (!unknown) return text;
+  return `${text.trimEnd()}\n(options for the command go after it, best after --: pg-broker exec [options] -- COMMAND ${unknown[1]} …)\n`;
+}
+
 function withClientOptions(cmd: Command): Command {
   return cmd
     .option('--url <url>', 'broker URL (default $PG_BROKER_URL, else http://127.0.0.1:8080)')
@@ -48,6 +55,8 @@ function example(text: string): string {
 
 export function buildCli(): Command {
   const program = new Command('pg-broker')
+    // Needed for exec's passThroughOptions: options are read per command, not across the line.
+    .enablePositionalOptions()
     .description('Trade a verified OIDC token for a short-lived PostgreSQL login')
     .showHelpAfterError('(add --help for usage)')
     .exitOverride()
@@ -130,8 +139,13 @@ export function buildCli(): Command {
     .option('--policy <name>', 'policy to use when several admit the token')
     .option('--ttl <seconds>', 'lease duration and renewal step (default: the policy\'s default_ttl)', positiveInt)
     .option('--keep', 'do not revoke the lease when the command exits')
-    .argument('<command...>', 'the command to run, after --')
-    .addHelpText('after', example("pg-broker exec --policy ci-migrate -- npm run migrate\npg-broker exec -- psql -c 'select current_user'"))
+    .argument('<command...>', 'the command to run, best after --; everything from its first word on is its own')
+    // From the command's first word on, every word is the command's, as with env, sudo or
+    // docker run: read as exec's own, `exec psql -h db …` printed exec's help and exited 0 without
+    // running psql, and `exec psql -Atc …` failed on an unknown option.
+    .passThroughOptions()
+    .configureOutput({ outputError: (text, write) => write(execOptionHint(text)) })
+    .addHelpText('after', example("pg-broker exec --policy ci-migrate -- npm run migrate\npg-broker exec -- psql -Atc 'select current_user'"))
     .action(async (command: string[], opts) => {
       const { execCommand } = await import('./credentials.js');
       process.exitCode = await execCommand(command, opts);
