@@ -1,16 +1,19 @@
 import assert from 'node:assert/strict';
 import { mkdir, writeFile } from 'node:fs/promises';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { TestBroker } from './helpers/broker.js';
 import { startCliBench, type CliBench } from './helpers/cli.js';
 
 let b: TestBroker;
+let url: string;
 let tmp: string;
 let cli: CliBench['cli'];
 
 before(async () => {
-  ({ b, home: tmp, cli } = await startCliBench('pgcb-cli-policy-'));
+  ({ b, url, home: tmp, cli } = await startCliBench('pgcb-cli-policy-'));
 });
 after(async () => b?.close());
 
@@ -184,5 +187,39 @@ ${extra}`;
     assert.match(fixed.stdout, /^applied: 2 created, 0 updated, \d+ deleted, 1 unchanged$/m);
     assert.deepEqual(await policyNames(), ['a-first', 'b-broken', 'c-third']);
     await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
+  });
+  test('after a call the broker never answered, the rest are reported as not tried rather than each waiting for its own timeout', async () => {
+    const admin = await b.adminToken();
+    // Passes everything on to the broker, except that the connection carrying PUT /policies/n-cut is dropped.
+    const upstream = new URL(url);
+    const proxy = http.createServer((req, res) => {
+      if (req.method === 'PUT' && req.url === '/policies/n-cut') return void req.socket.destroy();
+      const forward = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
+        res.writeHead(answer.statusCode!, answer.headers);
+        answer.pipe(res);
+      });
+      req.pipe(forward);
+    });
+    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    try {
+      const file = path.join(tmp, 'cut.yaml');
+      const entry = (name: string) => `  ${name}: { issuer: "${b.issuer.issuer}", claims: { sub: "${name}:*" }, grant_role: app_readers, database: ${b.pg.database} }`;
+      await writeFile(file, ['policies:', entry('n-before'), entry('n-cut'), entry('n-after'), ''].join('\n'));
+      const run = await cli(['policy', 'apply', '-f', file, '--token', admin], { PG_BROKER_URL: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}` });
+      assert.equal(run.code, 1, run.stdout);
+      const lines = run.stdout.trim().split('\n');
+      assert.equal(lines[0], '+ created n-before');
+      assert.match(lines[1], /^✗ FAILED to create n-cut: cannot reach the broker at /);
+      assert.equal(lines[2], '✗ not tried: create n-after (the broker did not answer an earlier call)');
+      assert.equal(lines[3], 'applied in part: 1 created, 0 updated, 0 deleted, 0 unchanged, 2 FAILED');
+      assert.match(run.stderr, /cut\.yaml: 2 policies failed \(n-cut, n-after\)\n$/);
+      // The good input: straight to the broker, the same file completes.
+      const direct = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+      assert.equal(direct.code, 0, direct.stderr);
+      assert.match(direct.stdout, /^= unchanged n-before\n\+ created n-cut\n\+ created n-after\n/);
+    } finally {
+      proxy.closeAllConnections();
+      await new Promise<void>((r) => proxy.close(() => r()));
+    }
   });
 });
