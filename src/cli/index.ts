@@ -197,9 +197,9 @@ export function buildCli(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  // A bare `pg-broker` serves, as the image's CMD and the README expect. serve is not commander's
-  // default command: that would pass a mistyped subcommand to serve as an argument, and report
-  // "too many arguments for 'serve'" instead of the unknown command and the one meant.
+  // A bare `pg-broker` serves, as it always has. serve is not commander's default command: that
+  // would pass a mistyped subcommand to serve as an argument, and report "too many arguments for
+  // 'serve'" instead of the unknown command and the one meant.
   const args = argv.length > 2 ? argv : [...argv, 'serve'];
   try {
     await buildCli().parseAsync(args);
