@@ -15,6 +15,13 @@ export function managedRoleFrom(env: NodeJS.ProcessEnv): string {
   if (!Value.Check(RoleName, value)) throw new ConfigError('BROKER_MANAGED_ROLE', MANAGED_ROLE_RULE);
   return value;
 }
+/** DATABASE_URL for commands that need no other setting (`pg-broker migrate`), checked as loadConfig checks it. */
+export function databaseUrlFrom(env: NodeJS.ProcessEnv): string {
+  const url = required(env, 'DATABASE_URL');
+  if (!/^postgres(ql)?:\/\//.test(url)) throw new ConfigError('DATABASE_URL', 'must be a postgres:// or postgresql:// URL');
+  databaseTargetOf(url);
+  return url;
+}
 const Url = Type.String({ pattern: '^https?://[^\\s]+$' });
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const Port = Type.Integer({ minimum: 1, maximum: 65535 });

@@ -53,13 +53,14 @@ class ConnectFailure extends Error {
  * stopped. Any other failure (a wrong password, a failed migration) ends start-up at once, and
  * one in connecting or logging in says it comes from DATABASE_URL, and where that points.
  */
-async function migrateWhenReachable(config: Config, logger: ReturnType<typeof createLogger>, retry: boolean): Promise<void> {
+export async function migrateWhenReachable(
+  config: Pick<Config, 'databaseUrl' | 'managedRole'>, logger: ReturnType<typeof createLogger>, retry: boolean,
+): Promise<string[]> {
   const database = describeDatabase(config.databaseUrl);
   for (let attempt = 1, delay = FIRST_RETRY_MS; ; attempt++, delay = Math.min(delay * 2, MAX_RETRY_MS)) {
     try {
       await connectOnce(config.databaseUrl);
-      await migrate(config.databaseUrl, config.managedRole, logger);
-      return;
+      return (await migrate(config.databaseUrl, config.managedRole, logger)).applied;
     } catch (caught) {
       const err = caught instanceof ConnectFailure ? caught.reason : caught;
       const { message, code } = err as { message?: string; code?: string };

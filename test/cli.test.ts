@@ -176,6 +176,22 @@ describe('pg-broker CLI', () => {
     assert.equal(badRole.code, 1);
     assert.match(badRole.stderr.trim(), /^pg-broker: configuration error: BROKER_MANAGED_ROLE: must be a lowercase identifier/);
   });
+
+  test('migrate checks DATABASE_URL as serve does, and a failed login names it without the password', async () => {
+    const wrongScheme = await cli(['migrate'], { DATABASE_URL: 'mysql://broker@127.0.0.1/broker' });
+    assert.equal(wrongScheme.code, 1);
+    assert.equal(wrongScheme.stderr.trim(), 'pg-broker: configuration error: DATABASE_URL: must be a postgres:// or postgresql:// URL');
+    const good = new URL(b.pg.brokerUrl);
+    const wrongPassword = new URL(good.href);
+    wrongPassword.password = 'not-the-password';
+    const refused = await cli(['migrate'], { DATABASE_URL: wrongPassword.href });
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr.trim(), new RegExp(`^pg-broker: DATABASE_URL \\(user broker at 127\\.0\\.0\\.1:${good.port}, database broker\\): password authentication failed for user "broker"$`));
+    assert.doesNotMatch(refused.stderr, /not-the-password/);
+    const fine = await cli(['migrate'], { DATABASE_URL: good.href });
+    assert.equal(fine.code, 0, fine.stderr);
+    assert.equal(fine.stdout.trim(), 'database is up to date');
+  });
 });
 
 /**

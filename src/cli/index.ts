@@ -1,7 +1,6 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { ConfigError, loadConfig, managedRoleFrom } from '../config.js';
+import { ConfigError, databaseUrlFrom, loadConfig, managedRoleFrom } from '../config.js';
 import { createLogger } from '../logger.js';
-import { migrate } from '../postgres/migrate.js';
 import { CliError } from './client.js';
 import { FORMATS } from './formats.js';
 
@@ -77,10 +76,11 @@ export function buildCli(): Command {
     .description('apply pending migrations, record which BROKER_MANAGED_ROLE this database\'s broker schema belongs to (the first one to migrate it; any other is refused), create that marker role and, on PostgreSQL 16+, its creator roles, then exit')
     .addHelpText('after', example('DATABASE_URL=postgres://credential_broker@db/broker BROKER_MANAGED_ROLE=team_a_managed pg-broker migrate'))
     .action(async () => {
-      const url = process.env.DATABASE_URL?.trim();
-      if (!url) throw new ConfigError('DATABASE_URL', 'is required');
-      const managed = managedRoleFrom(process.env);
-      const { applied } = await migrate(url, managed, createLogger(process.env.LOG_LEVEL?.trim().toLowerCase() || 'warn'));
+      const databaseUrl = databaseUrlFrom(process.env);
+      const managedRole = managedRoleFrom(process.env);
+      // As serve does it (without waiting for the server): a failure to connect or log in names DATABASE_URL.
+      const { migrateWhenReachable } = await import('../server.js');
+      const applied = await migrateWhenReachable({ databaseUrl, managedRole }, createLogger(process.env.LOG_LEVEL?.trim().toLowerCase() || 'warn'), false);
       console.log(applied.length ? `applied ${applied.join(', ')}` : 'database is up to date');
     });
 
