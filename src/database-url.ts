@@ -9,9 +9,15 @@ export class DatabaseUrlError extends Error {
 const PORT_RULE = 'its port must be a whole number from 1 to 65535';
 // pg, unlike libpq, takes one host: with a list it looks up "a,b" as a name and retries forever.
 const SEVERAL_HOSTS = 'names several hosts, but the broker connects to one: give the primary\'s address, or one in front of the cluster';
-const ENCODING_HINT = 'a / ? # @ : or % in the user or password must be percent-encoded';
+const ENCODING_HINT = 'a / ? # @ : or % in the user or password, and an @ anywhere after the host, must be percent-encoded';
 
 function parseDatabaseUrl(url: string): URL {
+  // A / ? or # in the password ends the authority early, and when what precedes it looks like a
+  // host and port (`broker:4711/Zx9@db`) the URL still parses, the user part taken for the host
+  // and the rest of the password for the path: it would then be printed as the address and the
+  // database. An @ after the authority is that mistake, or an unencoded @ elsewhere.
+  const rest = url.replace(/^[a-z][a-z0-9+.-]*:\/\//i, '');
+  if (rest.slice(rest.split(/[/?#]/, 1)[0].length).includes('@')) throw new DatabaseUrlError(`is not a valid URL: ${ENCODING_HINT}`);
   try {
     return new URL(url);
   } catch {

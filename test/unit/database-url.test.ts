@@ -44,12 +44,17 @@ describe('loadConfig: what DATABASE_URL may be', () => {
       [`postgres://broker:${SECRET}@db1,db2/broker`, SEVERAL],
       [`postgres://broker:${SECRET}@/broker?host=db1,db2`, SEVERAL],
       // An unescaped / in the password ends the authority early: what follows is no host or port.
-      ['postgres://broker:s3cr3t/pw:1@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
-      ['postgres://broker:s3#cr3t@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password must be percent-encoded'],
+      ['postgres://broker:s3cr3t/pw:1@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password, and an @ anywhere after the host, must be percent-encoded'],
+      ['postgres://broker:s3#cr3t@db/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password, and an @ anywhere after the host, must be percent-encoded'],
+      // ...and when the part before the / looks like host:port, the URL parses: the user would be
+      // taken for the host, and the rest of the password printed as the database.
+      ['postgres://broker:4711/Zx9@db.internal:5432/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password, and an @ anywhere after the host, must be percent-encoded'],
+      ['postgres://broker:4711?Zx9@db.internal:5432/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password, and an @ anywhere after the host, must be percent-encoded'],
+      ['postgres://broker:4711#Zx9@db.internal:5432/broker', 'DATABASE_URL: is not a valid URL: a / ? # @ : or % in the user or password, and an @ anywhere after the host, must be percent-encoded'],
     ];
     for (const [url, message] of cases) assert.equal(rejects({ DATABASE_URL: url }, 'DATABASE_URL').message, message, url);
     // The password part never shows, whatever it holds.
-    for (const secret of ['s3cr3t/pw', 'pw#99999', 'a,b']) {
+    for (const secret of ['s3cr3t/pw', 'pw#99999', 'a,b', '4711/Zx9', '4711?Zx9']) {
       let caught: unknown;
       try {
         loadConfig(env({ DATABASE_URL: `postgres://broker:${secret}@db:1/broker` }));
