@@ -167,59 +167,6 @@ describe('a second deployment on the same cluster', () => {
   });
 });
 
-describe('one marker role per deployment', () => {
-  const claimOf = async (role: string) =>
-    (await b1.pg.query(`SELECT shobj_description(oid, 'pg_authid') AS c FROM pg_roles WHERE rolname = $1`, [role]))[0]?.c as string | undefined;
-  const sweep = async () => (await Promise.all([b1.reaper.reap(), b2.reaper.reap()])).reduce((n, r) => n + r.orphans, 0);
-
-  test('a deployment in another database is refused the marker role another claimed, before it records anything', async () => {
-    await b1.pg.query('CREATE DATABASE broker3 OWNER broker', [], 'postgres');
-    const third = b1.config.databaseUrl.replace(/\/broker$/, '/broker3');
-    const logger = createLogger('silent');
-    assert.equal(await claimOf('credential_broker_managed'), 'pg-credential-broker: marker role of the deployment in database "broker"');
-    await assert.rejects(migrate(third, 'credential_broker_managed', logger),
-      /BROKER_MANAGED_ROLE credential_broker_managed belongs to the deployment in database "broker": give each deployment its own BROKER_MANAGED_ROLE/);
-    assert.deepEqual(await b1.pg.query('SELECT managed_role FROM broker.deployment', [], 'broker3'), [], 'the schema was not bound to it');
-    // With a marker role of its own it migrates, binds and claims as usual.
-    await migrate(third, 'third_broker_managed', logger);
-    assert.deepEqual(await b1.pg.query('SELECT managed_role FROM broker.deployment', [], 'broker3'), [{ managed_role: 'third_broker_managed' }]);
-    assert.equal(await claimOf('third_broker_managed'), 'pg-credential-broker: marker role of the deployment in database "broker3"');
-  });
-
-  test('a broker role that can neither create nor claim the marker role is told what it needs', async () => {
-    await b1.pg.query(`CREATE ROLE weak_broker LOGIN PASSWORD 'weak-pw'`, [], 'postgres');
-    await b1.pg.query('CREATE DATABASE broker4 OWNER weak_broker', [], 'postgres');
-    const url = new URL(b1.config.databaseUrl);
-    Object.assign(url, { username: 'weak_broker', password: 'weak-pw', pathname: '/broker4' });
-    const logger = createLogger('silent');
-    await assert.rejects(migrate(url.href, 'fourth_managed', logger),
-      /^Error: cannot create the marker role fourth_managed \(BROKER_MANAGED_ROLE\): permission denied to create role.*; the broker's role needs CREATEROLE/);
-    await b1.pg.query('CREATE ROLE fourth_managed NOLOGIN', [], 'postgres');
-    await assert.rejects(migrate(url.href, 'fourth_managed', logger),
-      /^Error: cannot record this deployment on its marker role fourth_managed \(BROKER_MANAGED_ROLE\): .*; grant fourth_managed to the broker's role WITH ADMIN OPTION/);
-    // With what the messages ask for, it goes through.
-    await b1.pg.query('ALTER ROLE weak_broker CREATEROLE', [], 'postgres');
-    await b1.pg.query(`GRANT fourth_managed TO weak_broker WITH ADMIN OPTION`, [], 'postgres');
-    await migrate(url.href, 'fourth_managed', logger);
-    assert.equal(await claimOf('fourth_managed'), 'pg-credential-broker: marker role of the deployment in database "broker4"');
-  });
-
-  test('a sweep whose claim another database took drops nothing; a cleared claim is taken back', async () => {
-    await b1.app.db.query('CREATE ROLE claim_orphan LOGIN IN ROLE credential_broker_managed ROLE broker');
-    await b1.pg.query(`COMMENT ON ROLE credential_broker_managed IS 'pg-credential-broker: marker role of the deployment in database "elsewhere"'`, [], 'postgres');
-    try {
-      assert.equal(await sweep(), 0);
-      assert.equal(await roleExists(b1.pg, 'claim_orphan'), true, 'left alone: it may be the other deployment\'s live role');
-      assert.ok(b1.logs.concat(b2.logs).some((l) => l.includes('orphan sweep skipped') && l.includes('database \\"elsewhere\\"')), 'the reason is logged');
-    } finally {
-      await b1.pg.query('COMMENT ON ROLE credential_broker_managed IS NULL', [], 'postgres');
-    }
-    assert.equal(await sweep(), 1);
-    assert.equal(await roleExists(b1.pg, 'claim_orphan'), false);
-    assert.equal(await claimOf('credential_broker_managed'), 'pg-credential-broker: marker role of the deployment in database "broker"');
-  });
-});
-
 describe('recovery', () => {
   async function reapUntil(state: string, id: string, maxRuns = 8): Promise<any> {
     for (let i = 0; i < maxRuns; i++) {

@@ -49,16 +49,34 @@ export async function refuseForeignMarker(db: Queryable, role: string): Promise<
 
 /**
  * Claims the (existing) marker role for this database's deployment, or refuses when another
- * database's deployment has. A comment that is not a claim (none, or an operator's own) is replaced.
+ * database's deployment has. A comment that is not a claim (none, or an operator's own) is
+ * replaced. `db` must be one connection, not a pool: the claim is a transaction of its own.
+ *
+ * Deployments in two databases share no advisory lock (those are per database), so two first
+ * start-ups could both read "unclaimed" and both write. The no-op ALTER ROLE rewrites the role's
+ * catalogue row and holds that row until COMMIT, so the second waits there, and then fails
+ * ("tuple concurrently updated"); tried again, it reads the first one's claim.
  */
-export async function claimMarker(db: Queryable, role: string): Promise<void> {
-  const { database, claimedBy } = await readMarkerClaim(db, role);
-  if (claimedBy === database) return;
-  if (claimedBy !== null) throw new Error(otherDeployment(role, claimedBy));
-  await db.query(`COMMENT ON ROLE ${escapeIdent(role)} IS ${escapeLit(markerComment(database))}`).catch((err: { code?: string; message: string }) => {
-    if (err.code !== '42501') throw err;
-    throw new Error(`cannot record this deployment on its marker role ${role} (BROKER_MANAGED_ROLE): ${err.message}; grant ${role} to the broker's role WITH ADMIN OPTION`);
-  });
+export async function claimMarker(db: Queryable, role: string, attempts = 3): Promise<void> {
+  const seen = await readMarkerClaim(db, role);
+  if (seen.claimedBy === seen.database) return;
+  if (seen.claimedBy !== null) throw new Error(otherDeployment(role, seen.claimedBy));
+  await db.query('BEGIN');
+  try {
+    await db.query(`ALTER ROLE ${escapeIdent(role)} NOLOGIN`);
+    const { database, claimedBy } = await readMarkerClaim(db, role);
+    if (claimedBy !== null && claimedBy !== database) throw new Error(otherDeployment(role, claimedBy));
+    if (claimedBy === null) await db.query(`COMMENT ON ROLE ${escapeIdent(role)} IS ${escapeLit(markerComment(database))}`);
+    await db.query('COMMIT');
+  } catch (err) {
+    await db.query('ROLLBACK').catch(() => undefined);
+    const { code, message } = err as { code?: string; message: string };
+    // The waiting ALTER ROLE fails once the other claim commits, rather than waiting and going on.
+    if (message === 'tuple concurrently updated' && attempts > 1) return claimMarker(db, role, attempts - 1);
+    if (code !== '42501') throw err;
+    throw new Error(`cannot record this deployment on its marker role ${role} (BROKER_MANAGED_ROLE): ${message}; ` +
+      `the broker's role needs CREATEROLE, and on PostgreSQL 16+ also ${role} granted to it WITH ADMIN OPTION`);
+  }
 }
 
 export function otherDeployment(role: string, database: string): string {

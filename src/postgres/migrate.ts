@@ -50,8 +50,13 @@ export async function migrate(databaseUrl: string, managedRole: string, logger: 
     // Before anything is recorded or created for it: a marker role another database's deployment
     // uses must not be bound to this schema either.
     await refuseForeignMarker(client, managedRole);
-    await bindDeployment(client, managedRole);
-    await ensureManagedRole(client, managedRole);
+    const boundNow = await bindDeployment(client, managedRole);
+    // A deployment in another database can claim the marker role between that check and ours:
+    // the loser leaves its schema unbound, so it can start again with a marker role of its own.
+    await ensureManagedRole(client, managedRole).catch(async (err: unknown) => {
+      if (boundNow) await client.query('DELETE FROM broker.deployment');
+      throw err;
+    });
     await ensureCreators(client, managedRole, await policyGroups(client));
   } finally {
     await client.query('SELECT pg_advisory_unlock_all()').catch(() => undefined);
@@ -71,9 +76,9 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
   });
 }
 
-/** The first marker role to migrate this schema owns it; another one is refused, with the way out. */
-async function bindDeployment(client: pg.Client, role: string): Promise<void> {
-  await client.query('INSERT INTO broker.deployment (managed_role) VALUES ($1) ON CONFLICT DO NOTHING', [role]);
+/** The first marker role to migrate this schema owns it; another one is refused, with the way out. True when bound just now. */
+async function bindDeployment(client: pg.Client, role: string): Promise<boolean> {
+  const { rowCount } = await client.query('INSERT INTO broker.deployment (managed_role) VALUES ($1) ON CONFLICT DO NOTHING', [role]);
   const { rows: [bound] } = await client.query<{ managed_role: string }>('SELECT managed_role FROM broker.deployment');
   if (bound.managed_role !== role) {
     throw new Error(
@@ -82,6 +87,7 @@ async function bindDeployment(client: pg.Client, role: string): Promise<void> {
         `or set BROKER_MANAGED_ROLE=${bound.managed_role} if this is the same deployment`,
     );
   }
+  return rowCount === 1;
 }
 
 async function ensureManagedRole(client: pg.Client, role: string): Promise<void> {
@@ -90,6 +96,9 @@ async function ensureManagedRole(client: pg.Client, role: string): Promise<void>
     // 16+: a cluster-wide createrole_self_grant would also make the broker an inheriting member.
     const noSelfGrant = (await usesCreators(client)) ? `SET LOCAL createrole_self_grant = '';\n` : '';
     await client.query(`${noSelfGrant}CREATE ROLE ${escapeIdent(role)} NOLOGIN`).catch((err: { code?: string; message: string }) => {
+      // 42710, or 23505 from the catalogue's unique index: a deployment in another database
+      // created it meanwhile (advisory locks are per database). The claim below sorts out whose it is.
+      if (err.code === '42710' || err.code === '23505') return;
       if (err.code !== '42501') throw err;
       throw new Error(`cannot create the marker role ${role} (BROKER_MANAGED_ROLE): ${err.message}; the broker's role needs CREATEROLE, or create ${role} NOLOGIN yourself and grant it to the broker WITH ADMIN OPTION`);
     });

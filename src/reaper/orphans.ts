@@ -35,12 +35,15 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
   // Checked every run, not only at start-up: two deployments starting together for the first
   // time can both claim the marker role, and the later claim wins. A claim an operator cleared
   // (see otherDeployment) is taken again.
+  const client = await deps.pool.connect();
   try {
-    await claimMarker(deps.pool, deps.managedRole);
+    await claimMarker(client, deps.managedRole);
   } catch (err) {
     if (isConnectionError(err)) throw err;
     deps.log.error({ managed_role: deps.managedRole, err: { message: (err as Error).message } }, 'orphan sweep skipped');
     return 0;
+  } finally {
+    client.release();
   }
   const now = Date.now();
   if (!failingByDeployment.has(deps.managedRole)) failingByDeployment.set(deps.managedRole, new Map());
