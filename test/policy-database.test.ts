@@ -54,3 +54,26 @@ test('a policy whose database was dropped issues nothing, says why, and issues a
   const again = await b.issue(await b.token({ sub: 'pd:after' }));
   assert.equal(again.status, 201, JSON.stringify(again.body));
 });
+
+test('with the default interval, storing the policy again once its database is back issues at once', async () => {
+  const d = await startTestBroker({ pg: b.pg, issuer: b.issuer });
+  try {
+    assert.equal(d.config.grantRecheckSeconds, 60);
+    await b.pg.query('CREATE DATABASE pd_back', [], 'postgres');
+    await d.putPolicy('pdb', { claims: { sub: 'pdb:*' }, database: 'pd_back' });
+    assert.equal((await d.issue(await d.token({ sub: 'pdb:first' }))).status, 201);
+    await b.pg.query('DROP DATABASE pd_back', [], 'postgres');
+    // Within the interval the answer issuance remembers ("it exists") stands...
+    assert.equal((await d.issue(await d.token({ sub: 'pdb:stale' }))).status, 201);
+    // ...until an admin stores a policy on it: refused now, and issuance knows at once.
+    await assert.rejects(d.putPolicy('pdb', { claims: { sub: 'pdb:*' }, database: 'pd_back' }), /400/);
+    const refused = await d.issue(await d.token({ sub: 'pdb:gone' }));
+    assert.equal(refused.body.code, 'POLICY_DATABASE_MISSING', JSON.stringify(refused.body));
+    await b.pg.query('CREATE DATABASE pd_back', [], 'postgres');
+    await d.putPolicy('pdb', { claims: { sub: 'pdb:*' }, database: 'pd_back' });
+    const back = await d.issue(await d.token({ sub: 'pdb:back' }));
+    assert.equal(back.status, 201, JSON.stringify(back.body));
+  } finally {
+    await d.close();
+  }
+});

@@ -43,6 +43,11 @@ export class GrantRoleGuard {
     this.answers.delete(`role:${grantRole}`);
   }
 
+  /** The same for a database: the next check reads the catalogue (PUT /policies about to store one). */
+  forgetDatabase(database: string): void {
+    this.answers.delete(`database:${database}`);
+  }
+
   /** Records an answer found elsewhere (PUT /policies has just checked the role). */
   remember(grantRole: string, problem: string | null, at = this.now()): void {
     this.store(`role:${grantRole}`, problem, at);

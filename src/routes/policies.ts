@@ -8,7 +8,7 @@ import { policyShapeProblem } from '../policy/shape.js';
 import { deletePolicy, getPolicy, listPolicies, policiesForIssuer, putPolicy } from '../policy/repository.js';
 import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
 import { withTransaction } from '../postgres/pool.js';
-import { databaseExists, grantRoleProblem } from '../postgres/roles.js';
+import { grantRoleProblem } from '../postgres/roles.js';
 import { problemResponses } from '../schemas/common.js';
 import { Evaluation, Policy, PolicyInput, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
 import { requestContext } from './context.js';
@@ -33,8 +33,9 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       return `the broker role ${broker} holds no ADMIN OPTION on grant_role ${input.grant_role}, which PostgreSQL 16+ requires to grant it:` +
         ` GRANT ${input.grant_role} TO ${broker} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE`;
     }
-    if (!(await databaseExists(app.db, input.database))) return `database ${input.database} does not exist or does not accept connections`;
-    return null;
+    // Read afresh, and remembered for issuance like the group's answer above.
+    app.grantRoles.forgetDatabase(input.database);
+    return app.grantRoles.databaseProblem(app.db, input.database);
   }
 
   app.get(
