@@ -171,7 +171,9 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     config,
     onFetchError: (issuer, err) => {
       app.metrics.jwksFetchErrors.inc({ issuer });
-      app.log.warn({ issuer, err: { message: (err as Error)?.message ?? String(err) } }, 'could not fetch the issuer\'s signing keys');
+      // undici says only "fetch failed"; why (ECONNREFUSED, a certificate) is in its cause.
+      const { message, cause } = (err ?? {}) as { message?: string; cause?: { code?: string; message?: string } };
+      app.log.warn({ issuer, err: { message: message ?? String(err), cause: cause?.code ?? cause?.message } }, 'could not fetch the issuer\'s signing keys');
     },
   });
   limitPerIdentity(app, config.rateLimitIdentity);

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { AUDIENCE, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { startCountingServer, startIssuer, unsignedToken, type TestIssuer } from './helpers/issuer.js';
@@ -265,6 +266,25 @@ describe('issuers', () => {
     } finally {
       await d.close();
       await smuggler.close();
+    }
+  });
+
+  test('a key set that cannot be fetched is logged with the network reason, not only "fetch failed"', async () => {
+    // A port that was free a moment ago: nothing listens there.
+    const closed = await new Promise<number>((resolve) => {
+      const srv = net.createServer().listen(0, '127.0.0.1', () => {
+        const { port } = srv.address() as net.AddressInfo;
+        srv.close(() => resolve(port));
+      });
+    });
+    const d = await startTestBroker({ pg: b.pg, issuer, env: { BROKER_ISSUERS: JSON.stringify([{ issuer: issuer.issuer, jwks_uri: `http://127.0.0.1:${closed}/jwks` }]) } });
+    try {
+      const res = await d.app.inject({ method: 'POST', url: '/policies/evaluate', headers: { authorization: `Bearer ${await issuer.sign({ aud: AUDIENCE, sub: 'nokeys' })}` } });
+      assert.equal(res.statusCode, 401, res.body);
+      const logged = d.logs.map((l) => JSON.parse(l)).find((l) => l.msg === "could not fetch the issuer's signing keys");
+      assert.deepEqual([logged?.issuer, logged?.err?.cause], [issuer.issuer, 'ECONNREFUSED']);
+    } finally {
+      await d.close();
     }
   });
 

@@ -165,6 +165,11 @@ export class KeyResolver {
       const problem = keys.jwksUri ? null : discoveredJwksProblem(keys.issuer, uri);
       if (problem) throw new Error(problem);
       const res = await fetch(uri, { dispatcher: this.dispatcher, signal: deadline } as RequestInit);
+      // fetch follows redirects, https to http included: the key set would then come over plain http.
+      if (uri.startsWith('https:') && !res.url.startsWith('https:')) {
+        await res.body?.cancel();
+        throw new Error('the JWKS request was redirected from https to plain http; refusing its keys');
+      }
       const body = (await res.json()) as { keys?: unknown };
       if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
       if (body.keys !== undefined && !Array.isArray(body.keys)) throw new Error('JWKS keys is not an array');
