@@ -8,6 +8,7 @@ import type { Config } from './config.js';
 import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
 import { Metrics } from './metrics.js';
+import { PolicyCache } from './policy/cache.js';
 import { GrantRoleGuard } from './postgres/grant-guard.js';
 import { prepareCreators } from './postgres/migrate.js';
 import { createPool } from './postgres/pool.js';
@@ -32,6 +33,8 @@ declare module 'fastify' {
     roleCreators(): Promise<string[]>;
     /** Whether each policy's grant_role is still safe to hand out, re-checked at issuance. */
     grantRoles: GrantRoleGuard;
+    /** The policies issuance decides with, kept between requests. */
+    policyCache: PolicyCache;
   }
 }
 
@@ -111,6 +114,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     return creators;
   });
   app.decorate('grantRoles', new GrantRoleGuard(config.managedRole, config.grantRecheckSeconds * 1000));
+  app.decorate('policyCache', new PolicyCache());
   if (!options.pool) app.addHook('onClose', async () => pool.end());
   // A request refused before its body was read (per-IP limit, token check) leaves the body
   // unread; on a kept-alive connection those bytes would stall the next request. Such an answer

@@ -7,10 +7,11 @@ import type { Config } from '../config.js';
 import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { readClaim } from '../policy/match.js';
-import { enabledPoliciesSql, policyRows, type Policy } from '../policy/repository.js';
+import type { PolicyCache } from '../policy/cache.js';
+import { enabledPoliciesSql, policySnapshot, type Policy } from '../policy/repository.js';
 import { grantToCreators, pickCreator } from '../postgres/creators.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
-import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
+import { isConnectionError, withBatchedTransaction, type Queryable } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
 import { createRoleSql } from '../postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../postgres/scram.js';
@@ -26,6 +27,8 @@ export interface IssueDeps {
    */
   creators: () => Promise<string[]>;
   grantRoles: GrantRoleGuard;
+  /** The policies issuance decides with, kept between requests (see PolicyCache). */
+  policies: PolicyCache;
   log: FastifyBaseLogger;
   /** Receives what to log about an issued credential (the route puts it in the request's log line). */
   noteIssued: (fields: Record<string, unknown>) => void;
@@ -42,6 +45,16 @@ export interface IssueRequest {
   policy?: string;
   ttl?: number;
 }
+
+interface Decision {
+  chosen: Policy;
+  ttl: number;
+  expiresAt: Date;
+  maxExpiresAt: Date;
+}
+
+// Rounds of "the policies changed meanwhile" one issuance goes through before it gives up.
+const MAX_POLICY_ROUNDS = 3;
 
 export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded' | 'grant_role_unsafe' | 'database_missing';
 
@@ -125,13 +138,10 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     const verifier = scramVerifierAsync(password, deps.config.scramIterations);
     verifier.catch(() => undefined);
     const leaseId = randomUUID();
-    let issued: { chosen: Policy; ttl: number; expiresAt: Date; maxExpiresAt: Date } | null = null;
-    // Three round trips: BEGIN with the identity lock and the issuer's policies, the lease + audit
-    // INSERT, then CREATE ROLE and its comment with COMMIT. Policies are read after the lock, so a
-    // request that waited on it sees what was committed meanwhile.
-    const begin = `${lockIdentitySql(identity.issuer, identity.subject)};\n${enabledPoliciesSql(identity.issuer)}`;
-    const attempt = (creator: string | null) => withBatchedTransaction(deps.pool, begin, async (client, commit, begun) => {
-      const chosen = choosePolicy(evaluatePolicies(policyRows(begun.rows), identity.claims), body.policy);
+    let issued: Decision | null = null;
+    /** Everything decided before anything is written, from one set of policies; throws IssueDenied. */
+    const decide = async (client: Queryable, policies: Policy[]): Promise<Decision> => {
+      const chosen = choosePolicy(evaluatePolicies(policies, identity.claims), body.policy);
       picked.policy = chosen;
       const ttl = body.ttl ?? chosen.default_ttl;
       if (ttl > chosen.max_ttl) {
@@ -142,29 +152,67 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       const noDatabase = await deps.grantRoles.databaseProblem(client, chosen.database);
       if (noDatabase) throw missingDatabase(deps, chosen, noDatabase);
       const now = Date.now();
-      const expiresAt = wholeSecondAfter(now + ttl * 1000);
-      const maxExpiresAt = wholeSecondAfter(now + chosen.max_ttl * 1000);
-      const inserted = await insertLeaseWithinQuota(
-        client,
-        {
-          id: leaseId, username, policy: chosen.name, grant_role: chosen.grant_role, database: chosen.database,
-          issuer: identity.issuer, subject: identity.subject, claims: matchedClaims(chosen, identity.claims),
-          expires_at: expiresAt, max_expires_at: maxExpiresAt, max_ttl: chosen.max_ttl,
-          client_ip: ctx.clientIp, user_agent: ctx.userAgent, request_id: ctx.requestId,
-        },
-        chosen.max_active_leases,
-        { ...base, type: 'credential.issued', lease_id: leaseId, policy: chosen.name, username, detail: { ttl, grant_role: chosen.grant_role } },
-      );
-      if (!inserted) {
-        throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}`));
-      }
-      await commit(createRoleSql({
-        username, verifier: await verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
-        grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator,
-        assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
-      }));
-      issued = { chosen, ttl, expiresAt, maxExpiresAt };
-    });
+      return { chosen, ttl, expiresAt: wholeSecondAfter(now + ttl * 1000), maxExpiresAt: wholeSecondAfter(now + chosen.max_ttl * 1000) };
+    };
+    // Three round trips: BEGIN with the identity lock (and the issuer's policies, unless kept from
+    // an earlier request), the lease + audit INSERT, then CREATE ROLE and its comment with COMMIT.
+    // The INSERT takes the lease only while the policies are as they were read (PolicyCache), in
+    // a statement that starts after the lock, so a request that waited on it sees what was
+    // committed meanwhile.
+    const lock = lockIdentitySql(identity.issuer, identity.subject);
+    const attempt = (creator: string | null) => {
+      const kept = deps.policies.get(identity.issuer);
+      const begin = kept ? lock : `${lock};\n${enabledPoliciesSql(identity.issuer)}`;
+      return withBatchedTransaction(deps.pool, begin, async (client, commit, begun) => {
+        let snapshot = kept ?? deps.policies.store(identity.issuer, policySnapshot(begun.rows));
+        let fresh = !kept;
+        const readAgain = async () => {
+          snapshot = deps.policies.store(identity.issuer, policySnapshot((await client.query(enabledPoliciesSql(identity.issuer))).rows));
+          fresh = true;
+        };
+        for (let round = 1; ; round++) {
+          let decision: Decision;
+          try {
+            decision = await decide(client, snapshot.policies);
+          } catch (err) {
+            // A refusal is never given on kept policies: a policy created or widened a moment ago
+            // must admit at once, so the table is read again first.
+            if (!(err instanceof IssueDenied) || fresh) throw err;
+            await readAgain();
+            continue;
+          }
+          const { chosen, ttl, expiresAt, maxExpiresAt } = decision;
+          const result = await insertLeaseWithinQuota(
+            client,
+            {
+              id: leaseId, username, policy: chosen.name, grant_role: chosen.grant_role, database: chosen.database,
+              issuer: identity.issuer, subject: identity.subject, claims: matchedClaims(chosen, identity.claims),
+              expires_at: expiresAt, max_expires_at: maxExpiresAt, max_ttl: chosen.max_ttl,
+              client_ip: ctx.clientIp, user_agent: ctx.userAgent, request_id: ctx.requestId,
+            },
+            chosen.max_active_leases,
+            { ...base, type: 'credential.issued', lease_id: leaseId, policy: chosen.name, username, detail: { ttl, grant_role: chosen.grant_role } },
+            snapshot.version,
+          );
+          if (result.policyVersion !== snapshot.version) {
+            // The policies changed since they were read: decide again on them as they are now.
+            if (round >= MAX_POLICY_ROUNDS) throw new Error(`the policies changed ${round} times during one issuance`);
+            await readAgain();
+            continue;
+          }
+          if (!result.inserted) {
+            throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}`));
+          }
+          await commit(createRoleSql({
+            username, verifier: await verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
+            grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator,
+            assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
+          }));
+          issued = decision;
+          return;
+        }
+      });
+    };
     const creators = await deps.creators();
     const creator = pickCreator(creators);
     try {

@@ -1,4 +1,5 @@
 import type { Queryable } from '../postgres/pool.js';
+import type { PolicySnapshot } from './cache.js';
 import { escapeLit } from '../postgres/sql.js';
 import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
 import { policyShapeProblem } from './shape.js';
@@ -21,12 +22,23 @@ export async function policiesForIssuer(db: Queryable, issuer: string): Promise<
   return rows.map((r) => isoRow<Policy>(r));
 }
 
-/** The issuer's enabled policies as parameter-free SQL, to share a simple query with BEGIN. */
+/**
+ * The issuer's enabled policies with the table's change counter, as parameter-free SQL to share a
+ * simple query with BEGIN: one row per policy, or a single row of nulls but the counter.
+ */
 export function enabledPoliciesSql(issuer: string): string {
-  return `SELECT ${COLUMNS} FROM broker.policies WHERE issuer = ${escapeLit(issuer)} AND enabled ORDER BY name`;
+  return `SELECT v.version::text AS policy_version, ${COLUMNS}
+            FROM broker.policy_version v LEFT JOIN broker.policies ON issuer = ${escapeLit(issuer)} AND enabled ORDER BY name`;
 }
 
-export const policyRows = (rows: Record<string, unknown>[]): Policy[] => rows.map((r) => isoRow<Policy>(r));
+export function policySnapshot(rows: Record<string, unknown>[]): PolicySnapshot {
+  // Without its one row the counter is lost, and every issuance would read the policies again.
+  if (rows.length === 0) throw new Error('broker.policy_version holds no row; run pg-broker migrate');
+  return {
+    version: String(rows[0].policy_version),
+    policies: rows.filter((r) => r.name !== null).map(({ policy_version: _, ...r }) => isoRow<Policy>(r)),
+  };
+}
 
 export async function listPolicies(db: Queryable, limit: number, cursor?: string): Promise<{ items: Policy[]; next_cursor: string | null }> {
   const after = cursor ? decodeCursor(cursor, 1) : null;

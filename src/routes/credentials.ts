@@ -25,7 +25,7 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
       try {
         const credential = await issueCredential(
           {
-            pool: app.db, config: app.config, creators: app.roleCreators, grantRoles: app.grantRoles, log: request.log,
+            pool: app.db, config: app.config, creators: app.roleCreators, grantRoles: app.grantRoles, policies: app.policyCache, log: request.log,
             noteIssued: (fields) => (request.logNote = { msg: 'credential issued', fields }),
           },
           requestContext(request),
