@@ -20,6 +20,7 @@ test('kept policies are not read again for every credential', async () => {
   assert.equal((await issue('pc:warm')).status, 201);
   const reads = () => b.pg.logLines().filter((l) => l.includes('FROM broker.policy_version v LEFT JOIN')).length;
   const before = reads();
+  assert.ok(before > 0, 'the first issuance read them (and the statement the test counts is the right one)');
   for (let i = 0; i < 5; i++) assert.equal((await issue(`pc:kept-${i}`)).status, 201);
   // The statement log arrives over a pipe: wait until the five INSERTs show, then count reads.
   await waitFor('the five lease INSERTs in the log', async () =>
@@ -73,4 +74,31 @@ test('a change that still admits issues as usual, under the policy as it is now'
   assert.ok(lease.ttl.minutes === 2 || (lease.ttl.minutes === 1 && lease.ttl.seconds >= 59), JSON.stringify(lease.ttl));
   const events = await b.pg.query(`SELECT type FROM broker.audit_events WHERE subject = 'pc:edit-b'`);
   assert.deepEqual(events, [{ type: 'credential.issued' }], 'one lease, one event');
+});
+
+test('a change made with triggers switched off for replication still counts', async () => {
+  assert.equal((await issue('pc:repl-a')).status, 201);
+  await asSuperuser(`SET session_replication_role = replica; UPDATE broker.policies SET enabled = false WHERE name = 'pc'; RESET session_replication_role`);
+  try {
+    const refused = await issue('pc:repl-b');
+    assert.equal(refused.status, 403, JSON.stringify(refused.body));
+  } finally {
+    await asSuperuser(`UPDATE broker.policies SET enabled = true WHERE name = 'pc'`);
+  }
+  assert.equal((await issue('pc:repl-c')).status, 201);
+});
+
+test('policies changing all the time never turn issuance into an error', async () => {
+  let changing = true;
+  const churn = (async () => {
+    for (let i = 0; changing && i < 2000; i++) await asSuperuser(`UPDATE broker.policies SET description = 'churn ${i}' WHERE name = 'pc'`);
+  })();
+  try {
+    const statuses: number[] = [];
+    for (let i = 0; i < 30; i++) statuses.push((await issue(`pc:churn-${i}`, { ttl: 60 })).status);
+    assert.deepEqual(statuses, Array(30).fill(201));
+  } finally {
+    changing = false;
+    await churn;
+  }
 });

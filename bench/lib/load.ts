@@ -175,6 +175,7 @@ function wholeSecond(ms: number): Date {
  * ROLE has to wait for the INSERT's quota answer; in a trial here that saved the floor about 3 %).
  */
 const policyVersions = new WeakMap<pg.Client, string>();
+const NO_TOKEN = '00000000-0000-0000-0000-000000000000';
 
 export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<void> {
   const subject = spec.subjects();
@@ -200,14 +201,15 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
       type: 'credential.issued', issuer: spec.issuer, subject, request_id: leaseId, client_ip: '127.0.0.1',
       lease_id: leaseId, policy: spec.policy, username, detail: { ttl: spec.ttlSeconds, grant_role: spec.grantRole },
     },
-    policyVersions.get(client) ?? '0',
+    policyVersions.get(client) ?? NO_TOKEN,
   );
-  // The broker's INSERT checks the policies' change counter it decided under; the floor keeps the
-  // counter per connection as the broker keeps it per process, learning it from a first refusal.
+  // The broker's INSERT checks the token of the policies it kept; the floor keeps the token per
+  // connection as the broker keeps it per process, learning it from a refusal.
   let { inserted, policyVersion } = await insert();
-  if (policyVersion !== (policyVersions.get(client) ?? '0')) {
-    policyVersions.set(client, policyVersion ?? '0');
-    ({ inserted } = await insert());
+  for (let tries = 1; policyVersion !== (policyVersions.get(client) ?? NO_TOKEN); tries++) {
+    if (tries > 3) throw new Error('floor: the policies keep changing');
+    policyVersions.set(client, policyVersion ?? NO_TOKEN);
+    ({ inserted, policyVersion } = await insert());
   }
   if (!inserted) throw new Error('floor: quota exceeded');
   await client.query(

@@ -53,13 +53,11 @@ interface Decision {
   maxExpiresAt: Date;
 }
 
-// Rounds of "the policies changed meanwhile" one issuance goes through before it gives up.
-const MAX_POLICY_ROUNDS = 3;
-
 export type DenialReason = 'no_policy' | 'ambiguous_policy' | 'ttl_too_long' | 'quota_exceeded' | 'grant_role_unsafe' | 'database_missing';
 
 export class IssueDenied extends Error {
-  constructor(readonly reason: DenialReason, readonly policy: string | null, readonly error: Error) {
+  /** `warn`: what to log if this refusal is the answer (not one re-decided on fresher policies). */
+  constructor(readonly reason: DenialReason, readonly policy: string | null, readonly error: Error, readonly warn?: () => void) {
     super(error.message);
   }
 }
@@ -94,16 +92,16 @@ function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<
 }
 
 function unsafeGrantRole(deps: IssueDeps, policy: Policy, problem: string): IssueDenied {
-  deps.log.warn({ policy: policy.name, grant_role: policy.grant_role, problem }, 'policy grant_role is no longer safe to hand out; issuance refused');
   return new IssueDenied('grant_role_unsafe', policy.name, new Errors.UnsafeGrantRole(
-    `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`));
+    `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`),
+  () => deps.log.warn({ policy: policy.name, grant_role: policy.grant_role, problem }, 'policy grant_role is no longer safe to hand out; issuance refused'));
 }
 
 /** A login that could connect nowhere is no credential: refused, as an unsafe group is. */
 function missingDatabase(deps: IssueDeps, policy: Policy, problem: string): IssueDenied {
-  deps.log.warn({ policy: policy.name, database: policy.database, problem }, 'policy database is gone; issuance refused');
   return new IssueDenied('database_missing', policy.name, new Errors.PolicyDatabaseMissing(
-    `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`));
+    `Policy ${policy.name} cannot issue credentials until an admin fixes it: ${problem}`),
+  () => deps.log.warn({ policy: policy.name, database: policy.database, problem }, 'policy database is gone; issuance refused'));
 }
 
 /**
@@ -164,20 +162,25 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       const kept = deps.policies.get(identity.issuer);
       const begin = kept ? lock : `${lock};\n${enabledPoliciesSql(identity.issuer)}`;
       return withBatchedTransaction(deps.pool, begin, async (client, commit, begun) => {
-        let snapshot = kept ?? deps.policies.store(identity.issuer, policySnapshot(begun.rows));
-        let fresh = !kept;
-        const readAgain = async () => {
-          snapshot = deps.policies.store(identity.issuer, policySnapshot((await client.query(enabledPoliciesSql(identity.issuer))).rows));
-          fresh = true;
+        // `check`: the token kept policies were read under, for the INSERT to compare; null for
+        // policies read in this transaction after the lock, which are as fresh as the INSERT's.
+        const readHere = (rows: Record<string, unknown>[]) => {
+          const read = policySnapshot(rows);
+          deps.policies.store(identity.issuer, read.version, read.policies);
+          return { policies: read.policies, check: null };
         };
-        for (let round = 1; ; round++) {
+        let current: { policies: Policy[]; check: string | null } = kept ? { policies: kept.policies, check: kept.version } : readHere(begun.rows);
+        const readAgain = async () => {
+          current = readHere((await client.query(enabledPoliciesSql(identity.issuer))).rows);
+        };
+        for (;;) {
           let decision: Decision;
           try {
-            decision = await decide(client, snapshot.policies);
+            decision = await decide(client, current.policies);
           } catch (err) {
             // A refusal is never given on kept policies: a policy created or widened a moment ago
             // must admit at once, so the table is read again first.
-            if (!(err instanceof IssueDenied) || fresh) throw err;
+            if (!(err instanceof IssueDenied) || current.check === null) throw err;
             await readAgain();
             continue;
           }
@@ -192,11 +195,10 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
             },
             chosen.max_active_leases,
             { ...base, type: 'credential.issued', lease_id: leaseId, policy: chosen.name, username, detail: { ttl, grant_role: chosen.grant_role } },
-            snapshot.version,
+            current.check,
           );
-          if (result.policyVersion !== snapshot.version) {
-            // The policies changed since they were read: decide again on them as they are now.
-            if (round >= MAX_POLICY_ROUNDS) throw new Error(`the policies changed ${round} times during one issuance`);
+          if (current.check !== null && result.policyVersion !== current.check) {
+            // The policies changed since they were kept: decide once more, on them as they are now.
             await readAgain();
             continue;
           }
@@ -246,6 +248,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     };
   } catch (err) {
     const denied = err instanceof IssueDenied;
+    if (denied) err.warn?.();
     // With PostgreSQL unreachable or silent the event cannot be written either, and trying would
     // hold the answer for another timeout; the 503's log line is the record (problem.ts).
     if (isConnectionError(err)) throw err;

@@ -46,13 +46,14 @@ export function identityLockKey(issuer: string, subject: string): string {
 
 /**
  * Inserts an active lease and its audit event in one statement, but only while the identity
- * holds fewer than `maxActive` live leases under the policy (take lockIdentitySql first) and
- * broker.policy_version still reads `policyVersion`, the counter the policies deciding this lease
- * were read under. Nothing is written otherwise; the answer says which: `policyVersion` is the
- * counter as this statement saw it, and a different one means the policies changed meanwhile.
+ * holds fewer than `maxActive` live leases under the policy (take lockIdentitySql first) and,
+ * unless `policyVersion` is null, broker.policy_version still holds that token, the one the
+ * policies deciding this lease were read under. Nothing is written otherwise; the answer says
+ * which: `policyVersion` is the token as this statement saw it, and a different one means the
+ * policies changed meanwhile. (null: policies read in this transaction, after the lock.)
  */
 export async function insertLeaseWithinQuota(
-  db: Queryable, lease: NewLease, maxActive: number, audit: AuditEvent, policyVersion: string,
+  db: Queryable, lease: NewLease, maxActive: number, audit: AuditEvent, policyVersion: string | null,
 ): Promise<{ inserted: boolean; policyVersion: string | null }> {
   const leaseParams = [
     lease.id, lease.username, lease.policy, lease.grant_role, lease.database, lease.issuer, lease.subject,
@@ -66,7 +67,7 @@ export async function insertLeaseWithinQuota(
   const { rows } = await db.query<{ policy_version: string | null; inserted: boolean }>({
     name: 'broker_insert_lease_within_quota_v2',
     text: `WITH v AS (
-       SELECT version FROM broker.policy_version
+       SELECT token FROM broker.policy_version
      ), live AS (
        SELECT count(*) AS n FROM broker.leases
         WHERE issuer = $6 AND subject = $7 AND policy = $3 AND state IN ('pending', 'active') AND expires_at > now()
@@ -74,14 +75,14 @@ export async function insertLeaseWithinQuota(
        INSERT INTO broker.leases (id, username, policy, grant_role, database, issuer, subject, claims, state,
                                   expires_at, max_expires_at, client_ip, user_agent, request_id, max_ttl)
        SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $10, $11, $12, $13, $15 FROM live, v
-        WHERE live.n < $14 AND v.version = $16::bigint
+        WHERE live.n < $14 AND ($16::uuid IS NULL OR v.token = $16::uuid)
        RETURNING id
      ), event AS (
        INSERT INTO broker.audit_events (type, issuer, subject, actor_verified, lease_id, policy, username, reason, request_id, client_ip, detail)
        SELECT ${a.join(', ')} FROM lease
        RETURNING 1
      )
-     SELECT (SELECT version::text FROM v) AS policy_version, EXISTS (SELECT 1 FROM event) AS inserted`,
+     SELECT (SELECT token::text FROM v) AS policy_version, EXISTS (SELECT 1 FROM event) AS inserted`,
     values: [...leaseParams, ...auditParams(audit)],
   });
   return { inserted: rows[0].inserted, policyVersion: rows[0].policy_version };

@@ -1,5 +1,4 @@
 import type { Queryable } from '../postgres/pool.js';
-import type { PolicySnapshot } from './cache.js';
 import { escapeLit } from '../postgres/sql.js';
 import { decodeCursor, encodeCursor, isoRow } from '../postgres/rows.js';
 import { policyShapeProblem } from './shape.js';
@@ -27,13 +26,14 @@ export async function policiesForIssuer(db: Queryable, issuer: string): Promise<
  * simple query with BEGIN: one row per policy, or a single row of nulls but the counter.
  */
 export function enabledPoliciesSql(issuer: string): string {
-  return `SELECT v.version::text AS policy_version, ${COLUMNS}
+  return `SELECT v.token::text AS policy_version, ${COLUMNS}
             FROM broker.policy_version v LEFT JOIN broker.policies ON issuer = ${escapeLit(issuer)} AND enabled ORDER BY name`;
 }
 
-export function policySnapshot(rows: Record<string, unknown>[]): PolicySnapshot {
-  // Without its one row the counter is lost, and every issuance would read the policies again.
-  if (rows.length === 0) throw new Error('broker.policy_version holds no row; run pg-broker migrate');
+/** The rows of enabledPoliciesSql: the token they were read under, and the policies. */
+export function policySnapshot(rows: Record<string, unknown>[]): { version: string; policies: Policy[] } {
+  // The migration puts the one row there, and nothing in the broker deletes it.
+  if (rows.length === 0) throw new Error('broker.policy_version holds no row: INSERT INTO broker.policy_version (token) VALUES (gen_random_uuid())');
   return {
     version: String(rows[0].policy_version),
     policies: rows.filter((r) => r.name !== null).map(({ policy_version: _, ...r }) => isoRow<Policy>(r)),
