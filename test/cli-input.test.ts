@@ -1,16 +1,19 @@
 import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { buildCli } from '../src/cli/index.js';
 import type { TestBroker } from './helpers/broker.js';
 import { startCliBench, type CliBench } from './helpers/cli.js';
 
 let b: TestBroker;
 let tmp: string;
+let url: string;
 let cli: CliBench['cli'];
 
 before(async () => {
-  ({ b, home: tmp, cli } = await startCliBench('pgcb-cli-input-'));
+  ({ b, home: tmp, url, cli } = await startCliBench('pgcb-cli-input-'));
 });
 after(async () => b?.close());
 
@@ -147,16 +150,17 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(admitted.code, 0, admitted.stderr);
     assert.equal(admitted.stderr, '');
   });
-  test('exec: words after the command are the command\'s, even without --; an unknown option before it gets a hint', async () => {
+  test('exec: words after the command that exec does not have are the command\'s, even without --; an unknown option before it gets a hint', async () => {
     const token = await b.token({ sub: 'cli:exec-words' });
     const script = 'console.log(JSON.stringify({ user: process.env.PGUSER, args: process.argv.slice(1) }))';
     const state = async (user: string) => (await b.pg.query(`SELECT state FROM broker.leases WHERE username = $1`, [user]))[0].state;
-    // Before, -h here printed exec's help and exited 0 without running anything, and --keep was taken as exec's.
-    const bare = await cli(['exec', '--token', token, process.execPath, '-e', script, 'x', '-h', '--keep', '--ttl', '5']);
+    // Before, -h here printed exec's help and exited 0 without running anything. (exec's own
+    // options there are refused without --: the next test.)
+    const bare = await cli(['exec', '--token', token, process.execPath, '-e', script, 'x', '-h', 'db', '-Atc', 'select 1']);
     assert.equal(bare.code, 0, bare.stderr);
     const seen = JSON.parse(bare.stdout);
-    assert.deepEqual(seen.args, ['x', '-h', '--keep', '--ttl', '5']);
-    assert.equal(await state(seen.user), 'revoked', 'exec did not take --keep for itself');
+    assert.deepEqual(seen.args, ['x', '-h', 'db', '-Atc', 'select 1']);
+    assert.equal(await state(seen.user), 'revoked');
 
     const misplaced = await cli(['exec', '--token', token, '-Atc', 'psql']);
     assert.equal(misplaced.code, 1);
@@ -168,5 +172,57 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     const keptSeen = JSON.parse(kept.stdout);
     assert.deepEqual(keptSeen.args, ['y', '-h']);
     assert.equal(await state(keptSeen.user), 'active', '--keep before the command is exec\'s');
+  });
+  test('exec: one of exec\'s own options after the command, without --, is refused before anything is issued; before the command, or after --, it works', async () => {
+    const token = await b.token({ sub: 'cli:exec-meant' });
+    // What a misread line would fall back to: another identity's token in the environment.
+    const env = { PG_BROKER_TOKEN: await b.token({ sub: 'cli:exec-ambient' }) };
+    const leases = async (sub: string) => (await b.pg.query(`SELECT username, state FROM broker.leases WHERE subject = $1`, [sub]));
+    const ran = path.join(tmp, 'exec-ran');
+    const script = `require('fs').appendFileSync(${JSON.stringify(ran)}, 'x'); console.log(JSON.stringify({ user: process.env.PGUSER, args: process.argv.slice(1) }))`;
+    const tokenFile = path.join(tmp, 'exec-meant.jwt');
+    await writeFile(tokenFile, token);
+    // Every option exec has, read from its definition, as `--opt value` and `--opt=value`.
+    const exec = buildCli().commands.find((c) => c.name() === 'exec')!;
+    const values: Record<string, string> = { '--url': url, '--token': token, '--token-file': tokenFile, '--audience': 'pg-broker', '--policy': 'cli', '--ttl': '60' };
+    const forms = exec.options.flatMap((o) => {
+      const value = values[o.long!] ?? 'x';
+      return o.required || o.optional ? [[o.long!, value], [`${o.long}=${value}`]] : [[o.long!]];
+    });
+    assert.ok(forms.length >= 13, `${forms.length} forms`);
+    for (const words of forms) {
+      const run = await cli(['exec', process.execPath, '-e', script, ...words], env);
+      const name = words[0].split('=')[0];
+      assert.equal(run.code, 1, `${name}: ${run.stderr}`);
+      assert.equal(run.stderr.split('\n')[0], `error: exec's own option '${name}' comes after the command; put exec's options before the command, or put -- before the command if '${name}' is meant for the command`);
+      assert.doesNotMatch(run.stderr, /eyJ/, 'the token is not echoed');
+      assert.equal(run.stdout, '');
+    }
+    // Options before the command do not make the ones after it the command's.
+    const mixed = await cli(['exec', '--token', token, process.execPath, '-e', script, '--policy', 'cli'], env);
+    assert.equal(mixed.code, 1);
+    assert.match(mixed.stderr, /^error: exec's own option '--policy' comes after the command;/);
+    assert.ok(!existsSync(ran), 'the command never ran');
+    assert.deepEqual(await leases('cli:exec-meant'), [], 'nothing was issued');
+    assert.deepEqual(await leases('cli:exec-ambient'), [], 'nothing was issued to the ambient identity');
+
+    // The good input: exec's options before the command; after --, every word is the command's.
+    const after = await cli(['exec', '--token', token, '--', process.execPath, '-e', script, 'a', '--keep', '--token', 'zz', '--url=x'], env);
+    assert.equal(after.code, 0, after.stderr);
+    assert.deepEqual(JSON.parse(after.stdout).args, ['a', '--keep', '--token', 'zz', '--url=x']);
+    const before = await cli(['exec', '--keep', '--token', token, '--url', url, process.execPath, '-e', script, 'b', '-h', 'db'], env);
+    assert.equal(before.code, 0, before.stderr);
+    assert.deepEqual(JSON.parse(before.stdout).args, ['b', '-h', 'db']);
+    // A -- of the command's own: words after it went to the command before passThroughOptions too.
+    const inner = await cli(['exec', '--token', token, process.execPath, '-e', script, 'c', '--', '--ttl', '5'], env);
+    assert.equal(inner.code, 0, inner.stderr);
+    assert.deepEqual(JSON.parse(inner.stdout).args, ['c', '--', '--ttl', '5']);
+    const states = Object.fromEntries((await leases('cli:exec-meant')).map((l) => [l.username, l.state]));
+    assert.deepEqual(states, {
+      [JSON.parse(after.stdout).user]: 'revoked', // --keep after -- was the command's
+      [JSON.parse(before.stdout).user]: 'active',
+      [JSON.parse(inner.stdout).user]: 'revoked',
+    });
+    assert.deepEqual(await leases('cli:exec-ambient'), []);
   });
 });

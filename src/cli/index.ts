@@ -2,6 +2,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { ConfigError, databaseUrlFrom, loadConfig, managedRoleFrom } from '../config.js';
 import { createLogger } from '../logger.js';
 import { CliError } from './client.js';
+import { ExecCommand } from './exec-args.js';
 import { FORMATS } from './formats.js';
 
 function positiveInt(value: string): number {
@@ -134,15 +135,19 @@ export function buildCli(): Command {
       await credsCommand(opts);
     });
 
-  withClientOptions(program.command('exec'))
+  // Its own class: it reads the words after 'exec' before commander does (see exec-args.ts).
+  const exec = new ExecCommand('exec').copyInheritedSettings(program);
+  program.addCommand(exec);
+  withClientOptions(exec)
     .description('run a command with PG* variables and DATABASE_URL set; renew while it runs; revoke when it exits')
     .option('--policy <name>', 'policy to use when several admit the token')
     .option('--ttl <seconds>', 'lease duration and renewal step (default: the policy\'s default_ttl)', positiveInt)
     .option('--keep', 'do not revoke the lease when the command exits')
-    .argument('<command...>', 'the command to run, best after --; everything from its first word on is its own')
+    .argument('<command...>', 'the command to run, best after --; everything from its first word on is its own, but without -- one of exec\'s options after it is refused')
     // From the command's first word on, every word is the command's, as with env, sudo or
     // docker run: read as exec's own, `exec psql -h db …` printed exec's help and exited 0 without
-    // running psql, and `exec psql -Atc …` failed on an unknown option.
+    // running psql, and `exec psql -Atc …` failed on an unknown option. One of exec's own options
+    // there, without --, is refused instead (ExecCommand): scripts once meant it for exec.
     .passThroughOptions()
     .configureOutput({ outputError: (text, write) => write(execOptionHint(text)) })
     .addHelpText('after', example("pg-broker exec --policy ci-migrate -- npm run migrate\npg-broker exec -- psql -Atc 'select current_user'"))
