@@ -128,12 +128,14 @@ describe('pg-broker CLI', () => {
   });
 
   test('policy evaluate exits 2 when the only admitting policy cannot issue, and says why', async () => {
-    // Two databases, one dropped after its policy was stored (issuance remembers either answer
-    // for BROKER_GRANT_RECHECK_INTERVAL, so each policy is looked at once).
+    // Two databases, one dropped after its policy was stored.
     for (const db of ['cli_here', 'cli_gone']) await b.pg.query(`CREATE DATABASE ${db}`, [], 'postgres');
     await b.putPolicy('cli-here', { claims: { sub: 'here:*' }, database: 'cli_here' });
     await b.putPolicy('cli-gone', { claims: { sub: 'gone:*' }, database: 'cli_gone' });
     await b.pg.query('DROP DATABASE cli_gone', [], 'postgres');
+    // Storing the policy left "it exists" for BROKER_GRANT_RECHECK_INTERVAL (60 s here); as if
+    // that had passed:
+    b.app.grantRoles.forgetDatabase('cli_gone');
     const fine = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'here:me' })]);
     assert.equal(fine.code, 0, fine.stdout);
     assert.match(fine.stdout, /✓ admitted cli-here\n/);
