@@ -222,4 +222,43 @@ ${extra}`;
       await new Promise<void>((r) => proxy.close(() => r()));
     }
   });
+
+  test('a prune whose first DELETE goes unanswered tries no further DELETE, and deletes nothing it did not report', async () => {
+    const admin = await b.adminToken();
+    const upstream = new URL(url);
+    let cut = false;
+    // Passes everything on to the broker, except that the connection carrying the first DELETE is dropped.
+    const proxy = http.createServer((req, res) => {
+      if (req.method === 'DELETE' && !cut) {
+        cut = true;
+        return void req.socket.destroy();
+      }
+      const forward = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
+        res.writeHead(answer.statusCode!, answer.headers);
+        answer.pipe(res);
+      });
+      req.pipe(forward);
+    });
+    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    try {
+      const file = path.join(tmp, 'prune-cut.yaml');
+      await writeFile(file, `policies:\n  p-keep: { issuer: "${b.issuer.issuer}", claims: { sub: "p-keep:*" }, grant_role: app_readers, database: ${b.pg.database} }\n`);
+      for (const name of ['p-drop-a', 'p-drop-b']) await b.putPolicy(name, { claims: { sub: `${name}:*` } });
+      const others = (await policyNames()).filter((n) => n !== 'p-keep');
+      const run = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin], { PG_BROKER_URL: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}` });
+      assert.equal(run.code, 1, run.stdout);
+      const lines = run.stdout.trim().split('\n');
+      assert.match(lines[1], /^✗ FAILED to delete \S+: cannot reach the broker at /);
+      const notTried = lines.filter((l) => l.startsWith('✗ not tried: delete '));
+      assert.equal(notTried.length, others.length - 1, run.stdout);
+      assert.deepEqual((await policyNames()).filter((n) => n !== 'p-keep'), others, 'nothing was deleted');
+      // The good input: straight to the broker, the same prune completes.
+      const direct = await cli(['policy', 'apply', '-f', file, '--prune', '--token', admin]);
+      assert.equal(direct.code, 0, direct.stderr);
+      assert.deepEqual(await policyNames(), ['p-keep']);
+    } finally {
+      proxy.closeAllConnections();
+      await new Promise<void>((r) => proxy.close(() => r()));
+    }
+  });
 });

@@ -68,6 +68,11 @@ export async function policyApply(opts: PolicyApplyOptions): Promise<void> {
     console.log(`! not pruned because of the failures above; kept: ${plan.delete.join(', ')}`);
   } else {
     for (const name of plan.delete) {
+      if (unanswered) {
+        outcome.failed.push(name);
+        console.log(`✗ not tried: delete ${name} (the broker did not answer an earlier call)`);
+        continue;
+      }
       const path = `/policies/${encodeURIComponent(name)}`;
       try {
         await callBroker(base, token, 'DELETE', path);
@@ -76,6 +81,7 @@ export async function policyApply(opts: PolicyApplyOptions): Promise<void> {
       } catch (err) {
         outcome.failed.push(name);
         console.log(`✗ FAILED to delete ${name}: ${reason(err, 'DELETE', path)}`);
+        unanswered = (err as CliError).status === undefined;
       }
     }
   }
