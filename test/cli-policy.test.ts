@@ -17,6 +17,21 @@ before(async () => {
 });
 after(async () => b?.close());
 
+/** Passes every request on to the broker, except that it drops the connection of those `cut` picks. */
+async function cuttingProxy(cut: (req: http.IncomingMessage) => boolean): Promise<http.Server> {
+  const upstream = new URL(url);
+  const proxy = http.createServer((req, res) => {
+    if (cut(req)) return void req.socket.destroy();
+    const forward = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
+      res.writeHead(answer.statusCode!, answer.headers);
+      answer.pipe(res);
+    });
+    req.pipe(forward);
+  });
+  await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+  return proxy;
+}
+
 const policyNames = async () => (await b.pg.query(`SELECT name FROM broker.policies ORDER BY name`)).map((r) => r.name as string);
 
 describe('pg-broker policy apply', () => {
@@ -190,17 +205,8 @@ ${extra}`;
   });
   test('after a call the broker never answered, the rest are reported as not tried rather than each waiting for its own timeout', async () => {
     const admin = await b.adminToken();
-    // Passes everything on to the broker, except that the connection carrying PUT /policies/n-cut is dropped.
-    const upstream = new URL(url);
-    const proxy = http.createServer((req, res) => {
-      if (req.method === 'PUT' && req.url === '/policies/n-cut') return void req.socket.destroy();
-      const forward = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
-        res.writeHead(answer.statusCode!, answer.headers);
-        answer.pipe(res);
-      });
-      req.pipe(forward);
-    });
-    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    // The connection carrying PUT /policies/n-cut is dropped.
+    const proxy = await cuttingProxy((req) => req.method === 'PUT' && req.url === '/policies/n-cut');
     try {
       const file = path.join(tmp, 'cut.yaml');
       const entry = (name: string) => `  ${name}: { issuer: "${b.issuer.issuer}", claims: { sub: "${name}:*" }, grant_role: app_readers, database: ${b.pg.database} }`;
@@ -225,21 +231,9 @@ ${extra}`;
 
   test('a prune whose first DELETE goes unanswered tries no further DELETE, and deletes nothing it did not report', async () => {
     const admin = await b.adminToken();
-    const upstream = new URL(url);
     let cut = false;
-    // Passes everything on to the broker, except that the connection carrying the first DELETE is dropped.
-    const proxy = http.createServer((req, res) => {
-      if (req.method === 'DELETE' && !cut) {
-        cut = true;
-        return void req.socket.destroy();
-      }
-      const forward = http.request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
-        res.writeHead(answer.statusCode!, answer.headers);
-        answer.pipe(res);
-      });
-      req.pipe(forward);
-    });
-    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+    // The connection carrying the first DELETE is dropped.
+    const proxy = await cuttingProxy((req) => req.method === 'DELETE' && !cut && (cut = true));
     try {
       const file = path.join(tmp, 'prune-cut.yaml');
       await writeFile(file, `policies:\n  p-keep: { issuer: "${b.issuer.issuer}", claims: { sub: "p-keep:*" }, grant_role: app_readers, database: ${b.pg.database} }\n`);
