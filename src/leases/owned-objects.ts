@@ -66,7 +66,8 @@ export interface OwnedHere {
  * Schemas go first: REASSIGN OWNED walks the role's objects in catalogue order, and a function
  * (or operator, collation…) met before its schema needs the new owner to hold CREATE on that
  * schema, which it has only once it owns it; with the wrong order every attempt would fail.
- * On 16+ the creator may SET ROLE to the roles only inside this transaction.
+ * The membership this needs is taken here: on 16+ the creator may SET ROLE to the roles only
+ * inside this transaction.
  */
 export function ownedObjectsSql(roles: RoleToDrop[], creator: string | null, targets: Map<string, string | null>, here: OwnedHere): string {
   const byTarget = new Map<string, string[]>();
@@ -81,6 +82,9 @@ export function ownedObjectsSql(roles: RoleToDrop[], creator: string | null, tar
   if (creator) {
     statements.push(actAs(creator).replace(/;\n$/, ''));
     statements.push(`GRANT ${names} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET TRUE`);
+  } else {
+    // PostgreSQL 15: DROP OWNED needs the roles' privileges, which CREATEROLE alone does not give.
+    statements.push(`GRANT ${names} TO CURRENT_USER`);
   }
   const schemaMoves = roles.filter((r) => here.schemaOwners.has(r.username)).map((r) => [r.username, targets.get(r.username)!]);
   if (schemaMoves.length > 0) statements.push(schemasFirstSql(schemaMoves));

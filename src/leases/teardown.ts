@@ -63,13 +63,13 @@ export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[], run
 interface IssuedRole {
   role: RoleToDrop;
   canLogin: boolean;
-  /** Whoever ends it already holds the membership the first step grants. */
+  /** Whoever ends it already holds the membership that ending its sessions needs. */
   member: boolean;
 }
 
 /**
  * SQL condition on the pg_roles row `alias` and the creator expression `creator` (NULL: the
- * broker acts itself): the first step's GRANT would change nothing. On 16+ that is a membership
+ * broker acts itself): the GRANT before ending the role's sessions would change nothing. On 16+ that is a membership
  * of the actor granted by the actor (by the bootstrap superuser, oid 10, if the actor is a
  * superuser), with the options that GRANT sets; on 15 a pair has one membership, whoever granted
  * it. The options are read through to_jsonb so that 15, which has no such columns, parses it.
@@ -123,51 +123,44 @@ async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: 
   return byCreator;
 }
 
-/**
- * The first step for a role whose login is already disabled but whose ender lacks the membership
- * (NOLOGIN set by hand, say): only the GRANT, under a name of its own, since a failure here leaves
- * no login working.
- */
-const MEMBERSHIP_STEP = 'membership for teardown';
-
 /** NOLOGIN, then terminate the sessions; returns the roles both steps succeeded for. */
 async function endLogins(
   deps: TeardownDeps, creator: string | null, roles: IssuedRole[], result: TeardownResult, progress: TeardownRun,
 ): Promise<RoleToDrop[]> {
   const run = runAs(deps.pool, creator);
   // Login first, sessions second: otherwise a client could reconnect between the two steps.
-  // Terminating a role's sessions and DROP OWNED need its privileges, which nobody holds while it
-  // is live (a creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it
-  // takes the membership now, for the few statements left, so no membership graph walked by
-  // other statements ever holds every live role. (SET is added only inside the transaction that
-  // hands the role's objects over: see owned-objects.ts.)
-  // What an earlier attempt committed is not sent again. On 16+ every GRANT of a role waits for
-  // any other transaction changing its memberships, such as an earlier attempt's handover that
-  // its client gave up on and the server still runs; and an ALTER ROLE waits for any open
-  // transaction that altered the role. A retry that waited there would fail in this step and
+  // What an earlier attempt committed is not sent again: an ALTER ROLE waits for any open
+  // transaction that altered the role, such as an earlier attempt's handover that its client gave
+  // up on and the server still runs, and a retry that waited there would fail in this step and
   // report a login as enabled that is long disabled.
-  const granted = new Set(roles.filter((r) => r.member).map((r) => r.role));
-  const grant = (batch: RoleToDrop[]) => {
-    const names = batch.filter((r) => !granted.has(r)).map((r) => escapeIdent(r.username));
-    if (names.length === 0) return [];
-    return [creator
-      ? `GRANT ${names.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
-      : `GRANT ${names.join(', ')} TO CURRENT_USER`];
-  };
   const enabled = roles.filter((r) => r.canLogin).map((r) => r.role);
-  const ungranted = roles.filter((r) => !r.canLogin && !r.member).map((r) => r.role);
   const passed = new Set([
-    ...roles.filter((r) => !r.canLogin && r.member).map((r) => r.role),
+    ...roles.filter((r) => !r.canLogin).map((r) => r.role),
     ...await stepEach(enabled, result, NOLOGIN_STEP, async (batch) => {
-      await run([...grant(batch), ...batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`)].join(';\n'));
-    }, progress),
-    ...await stepEach(ungranted, result, MEMBERSHIP_STEP, async (batch) => {
-      await run(grant(batch).join(';\n'));
+      await run(batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n'));
     }, progress),
   ]);
-  let live = roles.map((r) => r.role).filter((r) => passed.has(r));
-  live = await stepEach(live, result, 'terminate sessions', async (batch) => {
-    const names = batch.map((r) => r.username);
+  const members = new Set(roles.filter((r) => r.member).map((r) => r.role));
+  const live = roles.map((r) => r.role).filter((r) => passed.has(r));
+  return stepEach(live, result, 'terminate sessions', async (batch) => {
+    // Looked up as the broker first: most ended roles have no session left, and for those no
+    // statement runs as the creator. Every SET ROLE after a membership change costs PostgreSQL
+    // 16+ a walk of every creator's memberships, and every GRANT one of the creator's; both grow
+    // with the live issued roles, and they had been most of a teardown's cost.
+    const withSessions = await sessionHolders(deps.pool, batch.map((r) => r.username));
+    const targets = batch.filter((r) => withSessions.has(r.username));
+    if (targets.length === 0) return;
+    // Signalling a role's sessions needs its privileges, which nobody holds while it is live (a
+    // creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it takes the
+    // membership now, for the few statements left, so no membership graph walked by other
+    // statements ever holds every live role. (The handover takes it too: owned-objects.ts.)
+    const ungranted = targets.filter((r) => !members.has(r)).map((r) => escapeIdent(r.username));
+    if (ungranted.length > 0) {
+      await run(creator
+        ? `GRANT ${ungranted.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
+        : `GRANT ${ungranted.join(', ')} TO CURRENT_USER`);
+    }
+    const names = targets.map((r) => r.username);
     // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
     // before the usename filter, and it would then terminate every backend it can signal.
     const { rows: signalled } = await run(
@@ -178,11 +171,16 @@ async function endLogins(
     );
     if (signalled.every((r) => r.ok)) return;
     // false also means the session ended by itself in the meantime: look again before failing.
-    const { rows } = await deps.pool.query<{ usename: string }>(
-      'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
-    if (rows.length > 0) throw new Error(`sessions of ${rows.map((r) => r.usename).join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
+    const left = await sessionHolders(deps.pool, names);
+    if (left.size > 0) throw new Error(`sessions of ${[...left].join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
   }, progress);
-  return live;
+}
+
+/** The roles among `names` with a session other than this one (usename is visible to anyone). */
+async function sessionHolders(pool: pg.Pool, names: string[]): Promise<Set<string>> {
+  const { rows } = await pool.query<{ usename: string }>(
+    'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
+  return new Set(rows.map((r) => r.usename));
 }
 
 /** What the logged-out roles own, in every database, then the roles themselves. */

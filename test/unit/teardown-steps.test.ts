@@ -133,39 +133,52 @@ test('when a later creator group finds the server gone, the earlier group\'s rol
 
 test('a retry sends only what an earlier attempt did not commit, and names a failure by whether the login still works', async () => {
   // lease_a: disabled and granted before (nothing to send); lease_b: granted, but someone enabled
-  // its login again; lease_c: disabled by hand, never granted. Every GRANT meets a lock.
+  // its login again; lease_c: disabled by hand, never granted, with a session left; lease_d: the
+  // same without a session. Every GRANT meets a lock.
+  const four = [...roles, { username: 'lease_d', reassign_to: 'app' }];
   const sent: string[] = [];
+  const lookups: string[][] = [];
   const locked = Object.assign(new Error('canceling statement due to lock timeout'), { code: '55P03' });
   const client = {
-    async query(sql: string) {
+    async query(sql: string, params?: unknown[]) {
       if (sql.startsWith('BEGIN')) return { rows: [] };
-      sent.push(sql);
+      sent.push(`${sql} ${JSON.stringify(params ?? [])}`);
       if (/GRANT/.test(sql)) throw locked;
       return { rows: [] };
     },
     release() {},
   };
   const pool = {
-    async query(sql: string) {
+    async query(sql: string, params: unknown[]) {
       if (/ AS issued/.test(sql)) {
         return { rows: [
           { rolname: 'lease_a', issued: true, creator: 'c1', can_login: false, member: true },
           { rolname: 'lease_b', issued: true, creator: 'c1', can_login: true, member: true },
           { rolname: 'lease_c', issued: true, creator: 'c1', can_login: false, member: false },
+          { rolname: 'lease_d', issued: true, creator: 'c1', can_login: false, member: false },
         ] };
+      }
+      if (/FROM pg_stat_activity/.test(sql)) {
+        lookups.push(params[0] as string[]);
+        return { rows: (params[0] as string[]).includes('lease_c') ? [{ usename: 'lease_c' }] : [] };
       }
       return { rows: [] };
     },
     async connect() { return client; },
   } as unknown as TeardownDeps['pool'];
   const deps = { pool, databaseUrl: 'postgres://broker@127.0.0.1/broker', managedRole: 'm', log: console, timeouts: { lockTimeoutSeconds: 1, queryTimeoutSeconds: 2 } } as unknown as TeardownDeps;
-  const result = await disableLogins(deps, roles);
+  const result = await disableLogins(deps, four);
   assert.equal(result.get('lease_a'), null);
   assert.equal(result.get('lease_b'), null);
-  assert.match(result.get('lease_c')!, /^membership for teardown: 55P03/);
-  assert.deepEqual(roles.map((r) => loginStillEnabled(result.get(r.username))), [false, false, false]);
-  // No GRANT for the two already granted, no NOLOGIN for the two already disabled.
-  assert.ok(!sent.some((s) => s.includes('"lease_a"')), sent.join(' | '));
+  assert.equal(result.get('lease_d'), null);
+  assert.match(result.get('lease_c')!, /^terminate sessions: 55P03/);
+  assert.deepEqual(four.map((r) => loginStillEnabled(result.get(r.username))), [false, false, false, false]);
+  assert.ok(lookups.length > 0 && lookups[0].includes('lease_d'), 'sessions are looked up for every role');
+  // No NOLOGIN for the three already disabled; a GRANT only for the role with a session that
+  // lacks the membership, and nothing at all as the creator for the others.
+  assert.ok(!sent.some((s) => /"lease_[ad]"/.test(s)), sent.join(' | '));
   assert.ok(sent.some((s) => s.includes('ALTER ROLE "lease_b" NOLOGIN') && !/GRANT/.test(s)), sent.join(' | '));
-  assert.ok(sent.some((s) => s.includes('GRANT "lease_c" TO "c1"') && !/NOLOGIN/.test(s)), sent.join(' | '));
+  assert.ok(sent.some((s) => s.includes('GRANT "lease_c" TO "c1"') && !/NOLOGIN|lease_b/.test(s)), sent.join(' | '));
+  // lease_c's GRANT failed, and the others have no session to end.
+  assert.ok(!sent.some((s) => /pg_terminate_backend/.test(s)), sent.join(' | '));
 });
