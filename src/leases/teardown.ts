@@ -1,4 +1,5 @@
 import pg from 'pg';
+import { asCreator } from '../postgres/creator-functions.js';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
 import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
@@ -20,11 +21,17 @@ export function loginStillEnabled(error: string | null | undefined): boolean {
   return error?.startsWith(`${NOLOGIN_STEP}: `) ?? false;
 }
 
-/** Runs one statement as `creator` (in a transaction, SET LOCAL ROLE), or as the broker for null. */
+/**
+ * Runs statements as `creator` in one transaction, or as the broker for null: through the
+ * creator's function (creator-functions.ts), or, for a statement with bind parameters, which
+ * the function cannot pass on, after SET LOCAL ROLE.
+ */
 type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
 function runAs(pool: pg.Pool, creator: string | null): Run {
   if (!creator) return (sql, params) => pool.query(sql, params);
-  return (sql, params) => withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params));
+  return (sql, params) => params
+    ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params))
+    : pool.query(asCreator(creator, sql));
 }
 
 /**

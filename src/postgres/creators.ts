@@ -1,3 +1,4 @@
+import { ensureCreatorFunctions } from './creator-functions.js';
 import { isCancelledWait, isConnectionError, type Queryable } from './pool.js';
 import { escapeIdent } from './sql.js';
 
@@ -36,8 +37,8 @@ const admins = (names: string[]) => names.map(escapeIdent).join(', ');
  * Makes sure, on 16+, that every creator exists (NOLOGIN, CREATEROLE), that the broker may SET
  * ROLE to it without inheriting anything from it, and that it holds ADMIN OPTION (no INHERIT, no
  * SET) on the marker role and on every group role `groups` names that the broker itself holds
- * ADMIN OPTION on. Idempotent; callers serialise concurrent runs (migration lock). Returns the
- * creators, or [] on 15.
+ * ADMIN OPTION on, and that each has the function the broker acts through (creator-functions.ts).
+ * Idempotent; callers serialise concurrent runs (migration lock). Returns the creators, or [] on 15.
  */
 export async function ensureCreators(db: Queryable, managedRole: string, groups: string[] = []): Promise<string[]> {
   if (!(await usesCreators(db))) return [];
@@ -62,6 +63,7 @@ export async function ensureCreators(db: Queryable, managedRole: string, groups:
       throw new Error(`cannot set up creator role ${row.name}: ${(err as Error).message}; drop it, or let the broker create it`);
     }
   }
+  await ensureCreatorFunctions(db, names);
   await grantToCreators(db, names, [managedRole, ...groups]);
   return names;
 }

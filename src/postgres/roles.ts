@@ -1,3 +1,4 @@
+import { asCreator } from './creator-functions.js';
 import { actAs } from './creators.js';
 import type { Queryable } from './pool.js';
 import { escapeIdent, escapeLit } from './sql.js';
@@ -20,37 +21,33 @@ export interface NewRole {
   comment: string;
 }
 
-// A cluster-wide createrole_self_grant ('set, inherit') would make the creator a member of every
-// role it creates: the issued roles' privileges for the creators (and, through SET ROLE, the
-// broker), and every live role back in the membership graph walked by SET ROLE. 16+ only, as are
-// creators: a 15 server refuses the setting.
-const NO_SELF_GRANT = `SET LOCAL createrole_self_grant = '';\n`;
-
 /**
- * DDL for one issued role, to run inside a transaction (SET LOCAL ROLE to the creator lasts until
- * its end). Utility statements take no bind parameters, so every identifier goes through
- * escapeIdent and every literal through escapeLit; the role name itself comes from our own
- * alphabet.
+ * DDL for one issued role, to run inside a transaction: one statement that runs it as the
+ * creator (see creator-functions.ts; on 15 the statements themselves, run by the broker). Utility statements
+ * take no bind parameters, so every identifier goes through escapeIdent and every literal through
+ * escapeLit; the role name itself comes from our own alphabet.
  */
 export function createRoleSql(role: NewRole): string {
   const name = escapeIdent(role.username);
   const statements = [
-    `${actAs(role.creator)}${role.creator ? NO_SELF_GRANT : ''}CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
+    `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
       ` CONNECTION LIMIT ${Math.trunc(role.connectionLimit)}` +
       ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)}`,
   ];
-  if (role.assumeRole) statements.push(`ALTER ROLE ${name} SET role = ${escapeLit(role.grantRole)}`);
   statements.push(`COMMENT ON ROLE ${name} IS ${escapeLit(role.comment)}`);
-  return statements.join(';\n');
+  const sql = asCreator(role.creator, statements.join(';\n'));
+  if (!role.assumeRole) return sql;
+  // PostgreSQL refuses to validate a `role` setting inside a SECURITY DEFINER function.
+  const assume = `ALTER ROLE ${name} SET role = ${escapeLit(role.grantRole)}`;
+  return role.creator ? `${sql};\n${actAs(role.creator)}${assume};\nRESET ROLE` : `${sql};\n${assume}`;
 }
 
 export async function createRole(client: Queryable, role: NewRole): Promise<void> {
   await client.query(createRoleSql(role));
 }
 
-/** Within a transaction: RESET ROLE hands the rest of it back to the broker. */
 export async function setValidUntil(client: Queryable, username: string, validUntil: Date, creator: string | null): Promise<void> {
-  await client.query(`${actAs(creator)}ALTER ROLE ${escapeIdent(username)} VALID UNTIL ${escapeLit(validUntil.toISOString())}${creator ? ';\nRESET ROLE' : ''}`);
+  await client.query(asCreator(creator, `ALTER ROLE ${escapeIdent(username)} VALID UNTIL ${escapeLit(validUntil.toISOString())}`));
 }
 
 const FORBIDDEN_ATTRIBUTES = { rolsuper: 'SUPERUSER', rolcreaterole: 'CREATEROLE', rolbypassrls: 'BYPASSRLS', rolreplication: 'REPLICATION' } as const;

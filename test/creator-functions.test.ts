@@ -1,0 +1,96 @@
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import pg from 'pg';
+import { asCreator, dollarQuote, ensureCreatorFunctions } from '../src/postgres/creator-functions.js';
+import { creatorNames } from '../src/postgres/creators.js';
+import { connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
+
+// PostgreSQL 16+ only (creators): the default embedded server is 18; test/pg15 does not run this.
+let b: TestBroker;
+before(async () => {
+  b = await startTestBroker();
+  await b.putPolicy('ci', { claims: { sub: 'repo:octo-org/octo-repo:ref:refs/heads/*' } });
+});
+after(async () => {
+  await b?.close();
+  await b?.pg.stop();
+});
+
+const functions = (names: string[]) => b.pg.query<{ name: string; oid: number; owner: string; secdef: boolean; public: boolean; broker: boolean; config: string[] }>(
+  `SELECT p.proname AS name, p.oid::int AS oid, o.rolname AS owner, p.prosecdef AS secdef, p.proconfig AS config,
+          has_function_privilege('public', p.oid, 'EXECUTE') AS public, has_function_privilege('broker', p.oid, 'EXECUTE') AS broker
+     FROM pg_proc p JOIN pg_roles o ON o.oid = p.proowner
+    WHERE p.pronamespace = 'broker'::regnamespace AND p.proname = ANY($1) ORDER BY 1`, [names], 'broker');
+
+test('each creator owns a SECURITY DEFINER function only the broker may execute; a second run changes nothing', async () => {
+  const names = creatorNames(b.config.managedRole);
+  const rows = await functions(names);
+  assert.deepEqual(rows.map((r) => r.name), names);
+  for (const r of rows) {
+    assert.equal(r.owner, r.name);
+    assert.equal(r.secdef, true);
+    assert.equal(r.public, false, 'PUBLIC lost the default EXECUTE');
+    assert.equal(r.broker, true);
+    assert.deepEqual(r.config, ['search_path=pg_catalog, pg_temp', 'createrole_self_grant=']);
+  }
+  // The creators hold nothing on the broker's schema once their functions exist.
+  const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM unnest($1::text[]) c WHERE has_schema_privilege(c, 'broker', 'CREATE') OR has_schema_privilege(c, 'broker', 'USAGE')`, [names], 'broker');
+  assert.equal(n, 0);
+  const client = new pg.Client({ connectionString: b.pg.brokerUrl });
+  await client.connect();
+  try {
+    await ensureCreatorFunctions(client, names);
+  } finally {
+    await client.end();
+  }
+  assert.deepEqual((await functions(names)).map((r) => r.oid), rows.map((r) => r.oid), 'left as they were');
+});
+
+test('a function someone widened or changed is made afresh', async () => {
+  const [first, second] = creatorNames(b.config.managedRole);
+  const fn = (name: string) => `broker."${name}"(text)`;
+  const before = await functions([first, second]);
+  await b.pg.query(`GRANT EXECUTE ON FUNCTION ${fn(first)} TO PUBLIC`, [], 'broker');
+  await b.pg.query(`CREATE OR REPLACE FUNCTION ${fn(second).replace('(text)', '(statements text)')} RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+                      SET search_path = pg_catalog, pg_temp SET createrole_self_grant = '' AS $$BEGIN RAISE NOTICE '%', statements; END$$`, [], 'broker');
+  assert.equal((await functions([first]))[0].public, true, 'widened');
+  const client = new pg.Client({ connectionString: b.pg.brokerUrl });
+  await client.connect();
+  try {
+    await ensureCreatorFunctions(client, [first, second]);
+  } finally {
+    await client.end();
+  }
+  const now = await functions([first, second]);
+  assert.ok(now.every((r, i) => r.oid !== before[i].oid && !r.public && r.broker && r.owner === r.name));
+  const [{ src }] = await b.pg.query(`SELECT prosrc AS src FROM pg_proc WHERE oid = $1`, [now[1].oid], 'broker');
+  assert.equal(src, 'BEGIN EXECUTE statements; END');
+});
+
+test('an issued role can call no creator function; the broker issues through them', async () => {
+  const { body: cred, status } = await b.issue(await b.token());
+  assert.equal(status, 201, JSON.stringify(cred));
+  // Created by one of the creators (it holds ADMIN OPTION), not by the broker.
+  const [{ creator }] = await b.pg.query(
+    `SELECT c.rolname AS creator FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles c ON c.oid = m.member
+      WHERE r.rolname = $1 AND m.admin_option`, [cred.username]);
+  assert.ok(creatorNames(b.config.managedRole).includes(creator), creator);
+  const client = await connectAs(b.pg, cred);
+  try {
+    await assert.rejects(client.query(asCreator(creator, `CREATE ROLE intruder`)), /permission denied for (function|schema)/);
+  } finally {
+    await client.end();
+  }
+  assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname = 'intruder'`), []);
+});
+
+test('dollarQuote keeps the text as it is, whatever it contains', () => {
+  assert.equal(dollarQuote(`it's`), `$pgcb$it's$pgcb$`);
+  assert.equal(dollarQuote('a $pgcb$ b'), '$pgcb_$a $pgcb$ b$pgcb_$');
+  assert.equal(dollarQuote('$pgcb$ $pgcb_$'), '$pgcb__$$pgcb$ $pgcb_$$pgcb__$');
+  // Text ending in `$pgcb` would close a $pgcb$ quote early.
+  assert.equal(dollarQuote('x $pgcb'), '$pgcb_$x $pgcb$pgcb_$');
+  assert.equal(dollarQuote('x $'), '$pgcb$x $$pgcb$');
+  assert.equal(asCreator(null, 'DROP ROLE x'), 'DROP ROLE x');
+  assert.equal(asCreator('c"1', 'DROP ROLE x'), 'SELECT broker."c""1"($pgcb$DROP ROLE x$pgcb$)');
+});
