@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { describe, test } from 'node:test';
 import { createLogger } from '../src/logger.js';
-import { creatorNames } from '../src/postgres/creators.js';
+import { creatorNames, CREATOR_COUNT } from '../src/postgres/creators.js';
 import { migrate } from '../src/postgres/migrate.js';
 import { api, connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
 import { startPostgres } from './helpers/postgres.js';
@@ -162,7 +162,7 @@ test('a creator role name already taken by a role the broker may not manage stop
     await pgs.query(`DROP ROLE ${taken}`, [], 'postgres');
     await migrate(pgs.brokerUrl, 'lp_marker', createLogger('silent'));
     const made = await pgs.query(`SELECT count(*)::int AS n FROM pg_roles WHERE rolname = ANY($1)`, [creatorNames('lp_marker')]);
-    assert.deepEqual(made, [{ n: 16 }]);
+    assert.deepEqual(made, [{ n: CREATOR_COUNT }]);
   } finally {
     await pgs.stop();
   }

@@ -4,7 +4,7 @@ import { escapeIdent } from './sql.js';
 
 /**
  * Creator roles: on PostgreSQL 16+, issued roles are created by one of a few NOLOGIN roles the
- * broker may SET ROLE to, never by the broker's own role.
+ * broker may act as (creator-functions.ts), never by the broker's own role.
  *
  * Why: since 16, a non-superuser CREATEROLE role automatically holds ADMIN OPTION on every role
  * it creates, and PostgreSQL checks each CREATE ROLE … IN ROLE, ALTER ROLE and DROP ROLE by
@@ -12,14 +12,17 @@ import { escapeIdent } from './sql.js';
  * pg_auth_members (acl.c, roles_is_member_of: an ADMIN lookup never uses the cache). With the
  * broker as creator, that graph holds every live issued role, so every role statement got slower
  * with each live lease: 12 ms per CREATE ROLE at 1,000 live leases, 56 ms at 3,000. Spread over
- * CREATOR_COUNT creators, each walk sees a sixteenth of them, and issued roles are no longer
- * members of the broker at all, so the broker's own graph stays small.
+ * CREATOR_COUNT creators, each walk sees 1/CREATOR_COUNT of them, and issued roles are no longer
+ * members of the broker at all, so the broker's own graph stays small. 64 rather than 16: with
+ * 10,000 live roles, a CREATE ROLE transaction 4.2 → 1.3 ms and a DROP ROLE 1.8 → 0.6 ms, and a
+ * reaper draining them kept issuance p99 within 1.2× of idle instead of 1.8–2.0×; with few live
+ * roles, a teardown batch pays for more statements (one per creator holding any of its roles).
  *
  * PostgreSQL 15 checks none of this (CREATEROLE alone may create, grant and drop any
  * non-superuser role), and there the broker keeps creating roles itself.
  */
 // Names get a `_cNN` suffix: BROKER_MANAGED_ROLE is limited to 59 characters so they still fit in 63.
-export const CREATOR_COUNT = 16;
+export const CREATOR_COUNT = 64;
 
 export function creatorNames(managedRole: string): string[] {
   return Array.from({ length: CREATOR_COUNT }, (_, k) => `${managedRole}_c${String(k).padStart(2, '0')}`);

@@ -1,3 +1,4 @@
+import { CREATOR_COUNT } from '../../../src/postgres/creators.js';
 import type { Results } from '../results.js';
 import { fmt } from '../stats.js';
 
@@ -11,7 +12,7 @@ export function renderRemedies(r: Results): string[] {
   const main = Math.max(...(r.ddl ?? [{ server: 0 }]).map((d) => d.server));
   const big = r.ddl?.filter((d) => d.server === main).pop();
   if (big) {
-    item(`**More creator roles, or a superuser-run reaper, for very large live populations.** With ${big.live.toLocaleString('en-US')} live issued roles a CREATE ROLE transaction costs ${fmt(big.create, 1)} ms and a teardown ${fmt(big.teardown, 1)} ms per role, against ${fmt(big.dropAsSuperuser, 3)} ms for a superuser's DROP ROLE. Beyond 16 creators the walk stops being the main cost (measured with 64 and 256: no gain at 1,000–10,000 live roles); what remains is PostgreSQL's bookkeeping on the group and marker roles every issued role joins.`);
+    item(`**A superuser-run reaper, for very large live populations.** With ${big.live.toLocaleString('en-US')} live issued roles a CREATE ROLE transaction costs ${fmt(big.create, 1)} ms and a teardown ${fmt(big.teardown, 1)} ms per role, against ${fmt(big.dropAsSuperuser, 3)} ms for a superuser's DROP ROLE. What remains with ${CREATOR_COUNT} creators, acting through their functions rather than SET ROLE, is each creator's walk of its own share of the live roles and PostgreSQL's bookkeeping on the group and marker roles every issued role joins.`);
   }
   // Results from before the build step, where the compiled CLI was only a comparison.
   const shipCompiled = r.startup?.entry !== 'compiled' && r.startup?.bundled;
