@@ -22,6 +22,12 @@ export const REDACT_PATHS = [
   '*.DATABASE_URL',
   'connectionString',
   '*.connectionString',
+  // A statement failing inside a creator's function (creator-functions.ts) comes back with its
+  // text, a CREATE ROLE's verifier included, in the error's context and internal query.
+  'where',
+  '*.where',
+  'internalQuery',
+  '*.internalQuery',
 ];
 
 export function createLogger(level: string, destination?: LogDestination): Logger {

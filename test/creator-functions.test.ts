@@ -64,7 +64,7 @@ test('a function someone widened or changed is made afresh', async () => {
   const now = await functions([first, second]);
   assert.ok(now.every((r, i) => r.oid !== before[i].oid && !r.public && r.broker && r.owner === r.name));
   const [{ src }] = await b.pg.query(`SELECT prosrc AS src FROM pg_proc WHERE oid = $1`, [now[1].oid], 'broker');
-  assert.equal(src, 'BEGIN EXECUTE statements; END');
+  assert.match(src, /IF session_user <> 'broker' THEN[^]*EXECUTE statements;/);
 });
 
 test('an issued role can call no creator function; the broker issues through them', async () => {
@@ -82,6 +82,47 @@ test('an issued role can call no creator function; the broker issues through the
     await client.end();
   }
   assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname = 'intruder'`), []);
+});
+
+test('a role that inherits the broker\'s privileges, without SET ROLE to it, cannot act as a creator', async () => {
+  const [creator] = creatorNames(b.config.managedRole);
+  await b.pg.query(`CREATE ROLE reporting LOGIN PASSWORD 'reporting-pw'`, [], 'postgres');
+  await b.pg.query(`GRANT broker TO reporting WITH INHERIT TRUE, SET FALSE`, [], 'postgres');
+  const reporting = new pg.Client({ host: b.pg.host, port: b.pg.port, user: 'reporting', password: 'reporting-pw', database: 'broker' });
+  await reporting.connect();
+  try {
+    // It holds the broker's EXECUTE through inheritance, and SET ROLE to the creator stays refused.
+    const { rows: [held] } = await reporting.query(`SELECT has_function_privilege($1, 'EXECUTE') AS x`, [`broker."${creator}"(text)`]);
+    assert.equal(held.x, true);
+    await assert.rejects(reporting.query(`SET ROLE "${creator}"`), /permission denied to set role/);
+    await assert.rejects(reporting.query(asCreator(creator, `CREATE ROLE intruder2 LOGIN IN ROLE app_readers`)), (err: { code?: string; message: string }) =>
+      err.code === '42501' && /only the broker's own login may act as a creator role/.test(err.message));
+  } finally {
+    await reporting.end();
+  }
+  assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname = 'intruder2'`), []);
+  // The broker's own login still acts through the same function.
+  const client = new pg.Client({ connectionString: b.pg.brokerUrl });
+  await client.connect();
+  try {
+    await client.query(asCreator(creator, `CREATE ROLE fine_by_broker NOLOGIN; DROP ROLE fine_by_broker`));
+  } finally {
+    await client.end();
+  }
+});
+
+test('a statement failing inside a creator function leaves no verifier in the broker log', async () => {
+  // The creators lose the grant they hand out (ADMIN OPTION on app_readers, with the broker's),
+  // after the policy was stored: CREATE ROLE … IN ROLE app_readers fails inside the function.
+  await b.pg.query(`REVOKE ADMIN OPTION FOR app_readers FROM broker CASCADE`, [], 'postgres');
+  const from = b.logs.length;
+  const res = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/failing' }));
+  assert.ok(res.status >= 400, JSON.stringify(res.body));
+  const lines = b.logs.slice(from);
+  const failure = lines.find((l) => l.includes('"42501"'));
+  assert.ok(failure, `the failure was logged with its code: ${lines.join('\n')}`);
+  assert.match(failure!, /\[REDACTED\]/, 'its statement text was censored');
+  assert.ok(!lines.some((l) => l.includes('SCRAM-SHA-256$')), lines.filter((l) => l.includes('SCRAM')).join('\n'));
 });
 
 test('dollarQuote keeps the text as it is, whatever it contains', () => {

@@ -83,7 +83,8 @@ export function ownedObjectsSql(roles: RoleToDrop[], creator: string | null, tar
     statements.push(actAs(creator).replace(/;\n$/, ''));
     statements.push(`GRANT ${names} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET TRUE`);
   } else {
-    // PostgreSQL 15: DROP OWNED needs the roles' privileges, which CREATEROLE alone does not give.
+    // PostgreSQL 15, or roles the broker created itself before creator roles existed: DROP OWNED
+    // needs the roles' privileges, which CREATEROLE alone does not give.
     statements.push(`GRANT ${names} TO CURRENT_USER`);
   }
   const schemaMoves = roles.filter((r) => here.schemaOwners.has(r.username)).map((r) => [r.username, targets.get(r.username)!]);

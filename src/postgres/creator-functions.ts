@@ -1,4 +1,4 @@
-import { escapeIdent } from './sql.js';
+import { escapeIdent, escapeLit } from './sql.js';
 import type { Queryable } from './pool.js';
 
 /**
@@ -12,12 +12,23 @@ import type { Queryable } from './pool.js';
  * With 10,000 live issued roles a SET LOCAL ROLE cost about 8 ms of server CPU, as much as the
  * whole issuance. Calling a function checks one EXECUTE privilege, granted to the broker directly.
  *
- * The function gives the broker nothing it lacked: it already may SET ROLE to every creator.
- * Statements that take bind parameters, and those in other databases (where no such function
- * exists), still use SET LOCAL ROLE.
+ * The function gives the broker nothing it lacked: it already may SET ROLE to every creator. It
+ * refuses any session but the broker's own login: EXECUTE is also held by every role that inherits
+ * the broker's privileges, while SET ROLE needs SET on each link, so a role granted the broker
+ * WITH INHERIT TRUE, SET FALSE (a reporting role, say) could otherwise act as a creator.
+ * Statements that take bind parameters, those in other databases (where no such function
+ * exists) and a `role` setting (refused inside SECURITY DEFINER) still use SET LOCAL ROLE.
  */
 
-const BODY = 'BEGIN EXECUTE statements; END';
+/** The function's body for the broker's login role `login`: only a session of that login may run it. */
+function body(login: string): string {
+  return `BEGIN
+  IF session_user <> ${escapeLit(login)} THEN
+    RAISE EXCEPTION 'only the broker''s own login may act as a creator role' USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  EXECUTE statements;
+END`;
+}
 // A cluster-wide createrole_self_grant ('set, inherit') would make the creator a member of every
 // role it creates: the issued roles' privileges for the creators, and every live role back in the
 // membership graphs PostgreSQL walks. search_path: nothing the statements name resolves elsewhere.
@@ -42,10 +53,11 @@ export function asCreator(creator: string | null, sql: string): string {
 
 /**
  * Makes sure each creator owns its function, as above, executable by the current user and by no
- * one else (PUBLIC loses the default EXECUTE). A function that differs in any of that is made
- * again. The creator needs CREATE and USAGE on the schema only while it creates its function.
+ * one else (PUBLIC loses the default EXECUTE), and run only for the current session's login. A
+ * function that differs in any of that is made again. The creator needs CREATE and USAGE on the schema only while it creates its function.
  */
 export async function ensureCreatorFunctions(db: Queryable, creators: string[]): Promise<void> {
+  const { rows: [{ me, login }] } = await db.query<{ me: string; login: string }>('SELECT current_user AS me, session_user AS login');
   const { rows } = await db.query<{ name: string; exists: boolean; owner: string | null }>(
     `SELECT n AS name, p.oid IS NOT NULL AS exists, o.rolname AS owner
        FROM unnest($1::text[]) AS n
@@ -56,10 +68,9 @@ export async function ensureCreatorFunctions(db: Queryable, creators: string[]):
          OR NOT has_function_privilege(current_user, p.oid, 'EXECUTE')
          OR EXISTS (SELECT 1 FROM aclexplode(COALESCE(p.proacl, acldefault('f', p.proowner))) a
                      WHERE a.privilege_type = 'EXECUTE' AND a.grantee NOT IN (p.proowner, (SELECT oid FROM pg_roles WHERE rolname = current_user)))`,
-    [creators, BODY, SETTINGS],
+    [creators, body(login), SETTINGS],
   );
   if (rows.length === 0) return;
-  const { rows: [{ me }] } = await db.query<{ me: string }>('SELECT current_user AS me');
   for (const row of rows) {
     const creator = escapeIdent(row.name);
     const fn = `${creatorFunction(row.name)}(text)`;
@@ -71,7 +82,7 @@ export async function ensureCreatorFunctions(db: Queryable, creators: string[]):
       `SET LOCAL ROLE ${creator}`,
       ...(row.exists && row.owner === row.name ? [`DROP FUNCTION ${fn}`] : []),
       `CREATE FUNCTION ${creatorFunction(row.name)}(statements text) RETURNS void LANGUAGE plpgsql SECURITY DEFINER
-         SET search_path = pg_catalog, pg_temp SET createrole_self_grant = '' AS ${dollarQuote(BODY)}`,
+         SET search_path = pg_catalog, pg_temp SET createrole_self_grant = '' AS ${dollarQuote(body(login))}`,
       `REVOKE ALL ON FUNCTION ${fn} FROM PUBLIC`,
       `GRANT EXECUTE ON FUNCTION ${fn} TO ${escapeIdent(me)}`,
       'RESET ROLE',
