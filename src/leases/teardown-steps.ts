@@ -18,6 +18,11 @@ export interface TeardownDeps {
   log: FastifyBaseLogger;
   /** For the connections teardown opens in other databases. */
   timeouts: DbTimeouts;
+  /**
+   * Awaited after each statement run as a role's ender, with how long it took: the reaper yields
+   * the server to issuance between them (reaper.ts); revocations, which someone waits for, do not.
+   */
+  pace?: (busyMs: number) => Promise<void>;
 }
 
 /** username -> null when the role is gone (dropped now or already), or the error that stopped it. */

@@ -27,11 +27,22 @@ export function loginStillEnabled(error: string | null | undefined): boolean {
  * the function cannot pass on, after SET LOCAL ROLE.
  */
 type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
-function runAs(pool: pg.Pool, creator: string | null): Run {
-  if (!creator) return (sql, params) => pool.query(sql, params);
-  return (sql, params) => params
-    ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params))
-    : pool.query(asCreator(creator, sql));
+function runAs(deps: TeardownDeps, creator: string | null): Run {
+  const { pool, pace } = deps;
+  const send: Run = !creator
+    ? (sql, params) => pool.query(sql, params)
+    : (sql, params) => params
+      ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params))
+      : pool.query(asCreator(creator, sql));
+  if (!pace) return send;
+  return async (sql, params) => {
+    const started = performance.now();
+    try {
+      return await send(sql, params);
+    } finally {
+      await pace(performance.now() - started);
+    }
+  };
 }
 
 /**
@@ -134,7 +145,7 @@ async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: 
 async function endLogins(
   deps: TeardownDeps, creator: string | null, roles: IssuedRole[], result: TeardownResult, progress: TeardownRun,
 ): Promise<RoleToDrop[]> {
-  const run = runAs(deps.pool, creator);
+  const run = runAs(deps, creator);
   // Login first, sessions second: otherwise a client could reconnect between the two steps.
   // What an earlier attempt committed is not sent again: an ALTER ROLE waits for any open
   // transaction that altered the role, such as an earlier attempt's handover that its client gave
@@ -195,7 +206,7 @@ async function dropRoles(
   deps: TeardownDeps, creator: string | null, loggedOut: RoleToDrop[], result: TeardownResult, progress: TeardownRun,
 ): Promise<void> {
   if (loggedOut.length === 0) return;
-  const run = runAs(deps.pool, creator);
+  const run = runAs(deps, creator);
   const droppable = await handOverOwnedObjects(deps, creator, loggedOut, result, progress);
   await stepEach(droppable, result, 'DROP ROLE', (batch) =>
     run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined), progress);

@@ -29,6 +29,11 @@ export interface ReapStats {
 export const REAP_BATCH = 200;
 // Bounded work per run, so one run never outlives a shutdown grace period by much.
 const MAX_BATCHES_PER_RUN = 50;
+// After each role statement the reaper waits this many times as long as the statement took, so a
+// backlog's teardown leaves PostgreSQL's cores to issuance about half the time. Running flat out,
+// a 10,000-role backlog drained at 742 roles/s under issuance load and pushed issuance p99 to
+// 1.57× its idle value in the drain's first third.
+const PAUSE_PER_BUSY = 1;
 
 /**
  * Ends what has ended: expired and revoked leases lose their roles, and managed roles without
@@ -99,7 +104,11 @@ export class Reaper extends EventEmitter {
     if (requireLeadership && !(await this.leadership.acquire())) return stats;
     stats.leader = true;
     const { pool, config, log, metrics } = this.deps;
-    const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, timeouts: config, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
+    const finishDeps = {
+      pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, timeouts: config, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds,
+      // No pause once stop() was called: a shutdown waits for the batch in progress.
+      pace: (busyMs: number) => (this.stopping ? Promise.resolve() : new Promise<void>((resolve) => setTimeout(resolve, busyMs * PAUSE_PER_BUSY))),
+    };
     const stillLeader = () => !requireLeadership || this.leadership.isLeader;
     for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping && stillLeader(); batch++) {
       const leases = await claimDueLeases(pool, this.deps.batchSize ?? REAP_BATCH);

@@ -184,3 +184,33 @@ test('a retry sends only what an earlier attempt did not commit, and names a fai
   // lease_c's GRANT failed, and the others have no session to end.
   assert.ok(!sent.some((s) => /pg_terminate_backend/.test(s)), sent.join(' | '));
 });
+
+test('with a pace, each statement run as a role\'s ender is followed by it, with how long it took; look-ups are not', async () => {
+  const sent: string[] = [];
+  const paced: number[] = [];
+  const pool = {
+    async query(sql: string) {
+      if (/ AS issued/.test(sql)) {
+        return { rows: [
+          { rolname: 'lease_a', issued: true, creator: 'c1', can_login: true, member: false },
+          { rolname: 'lease_b', issued: true, creator: 'c2', can_login: true, member: false },
+        ] };
+      }
+      if (sql.startsWith('SELECT broker.')) {
+        sent.push(sql);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      return { rows: [] };
+    },
+  } as unknown as TeardownDeps['pool'];
+  const deps = {
+    pool, databaseUrl: 'postgres://broker@127.0.0.1/broker', managedRole: 'm', log: console, timeouts: { lockTimeoutSeconds: 1, queryTimeoutSeconds: 2 },
+    pace: async (busyMs: number) => { paced.push(busyMs); },
+  } as unknown as TeardownDeps;
+  const result = await teardownRoles(deps, roles.slice(0, 2));
+  assert.deepEqual([...result.values()], [null, null]);
+  // NOLOGIN and DROP ROLE for each creator's group; the session and owned-object look-ups run as the broker, unpaced.
+  assert.equal(sent.length, 4, sent.join(' | '));
+  assert.equal(paced.length, sent.length);
+  assert.ok(paced.every((ms) => ms >= 4), paced.join(', '));
+});
