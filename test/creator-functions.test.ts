@@ -96,7 +96,7 @@ test('a role that inherits the broker\'s privileges, without SET ROLE to it, can
     assert.equal(held.x, true);
     await assert.rejects(reporting.query(`SET ROLE "${creator}"`), /permission denied to set role/);
     await assert.rejects(reporting.query(asCreator(creator, `CREATE ROLE intruder2 LOGIN IN ROLE app_readers`)), (err: { code?: string; message: string }) =>
-      err.code === '42501' && /only the broker's own login may act as a creator role/.test(err.message));
+      err.code === 'P0001' && /only the broker's role may act as a creator role/.test(err.message));
   } finally {
     await reporting.end();
   }
@@ -109,6 +109,23 @@ test('a role that inherits the broker\'s privileges, without SET ROLE to it, can
   } finally {
     await client.end();
   }
+});
+
+test('a login that may SET ROLE to the broker\'s role acts through the functions too, and running the set-up from it changes nothing', async () => {
+  const names = creatorNames(b.config.managedRole);
+  const before = await functions(names);
+  await b.pg.query(`CREATE ROLE deployer LOGIN PASSWORD 'deployer-pw'`, [], 'postgres');
+  await b.pg.query(`GRANT broker TO deployer WITH INHERIT FALSE, SET TRUE`, [], 'postgres');
+  // As a connection string's options=-c role=broker would do.
+  const deployer = new pg.Client({ host: b.pg.host, port: b.pg.port, user: 'deployer', password: 'deployer-pw', database: 'broker', options: '-c role=broker' });
+  await deployer.connect();
+  try {
+    await deployer.query(asCreator(names[5], `CREATE ROLE via_deployer NOLOGIN; DROP ROLE via_deployer`));
+    await ensureCreatorFunctions(deployer, names);
+  } finally {
+    await deployer.end();
+  }
+  assert.deepEqual((await functions(names)).map((r) => r.oid), before.map((r) => r.oid), 'not made again for another login');
 });
 
 test('a statement failing inside a creator function leaves no verifier in the broker log', async () => {

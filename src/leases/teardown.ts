@@ -37,11 +37,10 @@ function runAs(deps: TeardownDeps, creator: string | null): Run {
   if (!pace) return send;
   return async (sql, params) => {
     const started = performance.now();
-    try {
-      return await send(sql, params);
-    } finally {
-      await pace(performance.now() - started);
-    }
+    // After a success only: a failure's time is mostly waiting (a lock, a timeout), not work.
+    const result = await send(sql, params);
+    await pace(performance.now() - started);
+    return result;
   };
 }
 

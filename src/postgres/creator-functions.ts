@@ -13,18 +13,25 @@ import type { Queryable } from './pool.js';
  * whole issuance. Calling a function checks one EXECUTE privilege, granted to the broker directly.
  *
  * The function gives the broker nothing it lacked: it already may SET ROLE to every creator. It
- * refuses any session but the broker's own login: EXECUTE is also held by every role that inherits
- * the broker's privileges, while SET ROLE needs SET on each link, so a role granted the broker
- * WITH INHERIT TRUE, SET FALSE (a reporting role, say) could otherwise act as a creator.
+ * refuses a session whose login may not SET ROLE to the broker: EXECUTE is also held by every role
+ * that inherits the broker's privileges, while SET ROLE needs SET on each link, so a role granted
+ * the broker WITH INHERIT TRUE, SET FALSE (a reporting role, say) could otherwise act as a creator.
  * Statements that take bind parameters, those in other databases (where no such function
  * exists) and a `role` setting (refused inside SECURITY DEFINER) still use SET LOCAL ROLE.
  */
 
-/** The function's body for the broker's login role `login`: only a session of that login may run it. */
-function body(login: string): string {
+/**
+ * The function's body for the broker's role `broker`: only a session that logged in as it, or
+ * whose login may SET ROLE to it, may run it. The first test is the broker's own and costs
+ * nothing; pg_has_role would walk the memberships of every creator (see above). Not 42501, which
+ * issuance reads as creators lacking ADMIN OPTION.
+ */
+function body(broker: string): string {
   return `BEGIN
-  IF session_user <> ${escapeLit(login)} THEN
-    RAISE EXCEPTION 'only the broker''s own login may act as a creator role' USING ERRCODE = 'insufficient_privilege';
+  IF session_user <> ${escapeLit(broker)} THEN
+    IF NOT pg_has_role(session_user, ${escapeLit(broker)}, 'SET') THEN
+      RAISE EXCEPTION 'only the broker''s role may act as a creator role, by logging in as it or through SET ROLE';
+    END IF;
   END IF;
   EXECUTE statements;
 END`;
@@ -53,11 +60,11 @@ export function asCreator(creator: string | null, sql: string): string {
 
 /**
  * Makes sure each creator owns its function, as above, executable by the current user and by no
- * one else (PUBLIC loses the default EXECUTE), and run only for the current session's login. A
- * function that differs in any of that is made again. The creator needs CREATE and USAGE on the schema only while it creates its function.
+ * one else (PUBLIC loses the default EXECUTE), and run only by sessions that are, or may become,
+ * the current user. A function that differs in any of that is made again. The creator needs CREATE and USAGE on the schema only while it creates its function.
  */
 export async function ensureCreatorFunctions(db: Queryable, creators: string[]): Promise<void> {
-  const { rows: [{ me, login }] } = await db.query<{ me: string; login: string }>('SELECT current_user AS me, session_user AS login');
+  const { rows: [{ me }] } = await db.query<{ me: string }>('SELECT current_user AS me');
   const { rows } = await db.query<{ name: string; exists: boolean; owner: string | null }>(
     `SELECT n AS name, p.oid IS NOT NULL AS exists, o.rolname AS owner
        FROM unnest($1::text[]) AS n
@@ -68,7 +75,7 @@ export async function ensureCreatorFunctions(db: Queryable, creators: string[]):
          OR NOT has_function_privilege(current_user, p.oid, 'EXECUTE')
          OR EXISTS (SELECT 1 FROM aclexplode(COALESCE(p.proacl, acldefault('f', p.proowner))) a
                      WHERE a.privilege_type = 'EXECUTE' AND a.grantee NOT IN (p.proowner, (SELECT oid FROM pg_roles WHERE rolname = current_user)))`,
-    [creators, body(login), SETTINGS],
+    [creators, body(me), SETTINGS],
   );
   if (rows.length === 0) return;
   for (const row of rows) {
@@ -82,7 +89,7 @@ export async function ensureCreatorFunctions(db: Queryable, creators: string[]):
       `SET LOCAL ROLE ${creator}`,
       ...(row.exists && row.owner === row.name ? [`DROP FUNCTION ${fn}`] : []),
       `CREATE FUNCTION ${creatorFunction(row.name)}(statements text) RETURNS void LANGUAGE plpgsql SECURITY DEFINER
-         SET search_path = pg_catalog, pg_temp SET createrole_self_grant = '' AS ${dollarQuote(body(login))}`,
+         SET search_path = pg_catalog, pg_temp SET createrole_self_grant = '' AS ${dollarQuote(body(me))}`,
       `REVOKE ALL ON FUNCTION ${fn} FROM PUBLIC`,
       `GRANT EXECUTE ON FUNCTION ${fn} TO ${escapeIdent(me)}`,
       'RESET ROLE',

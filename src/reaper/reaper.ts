@@ -3,7 +3,7 @@ import cron, { type ScheduledTask } from 'node-cron';
 import type pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../config.js';
-import { claimDueLeases } from '../leases/claims.js';
+import { claimDueLeases, endedByExpiry } from '../leases/claims.js';
 import { finishLeases } from '../leases/revoke.js';
 import type { Metrics } from '../metrics.js';
 import { Leadership } from './leadership.js';
@@ -29,11 +29,14 @@ export interface ReapStats {
 export const REAP_BATCH = 200;
 // Bounded work per run, so one run never outlives a shutdown grace period by much.
 const MAX_BATCHES_PER_RUN = 50;
-// After each role statement the reaper waits this many times as long as the statement took, so a
-// backlog's teardown leaves PostgreSQL's cores to issuance about half the time. Running flat out,
-// a 10,000-role backlog drained at 742 roles/s under issuance load and pushed issuance p99 to
-// 1.57× its idle value in the drain's first third.
+// After each role statement that succeeded, while ending expired leases, the reaper waits as long
+// as the statement took (at most MAX_PAUSE_MS), so a backlog's teardown leaves PostgreSQL's cores
+// to issuance about half the time. Running flat out, a 10,000-role backlog drained at 742 roles/s
+// under issuance load and pushed issuance p99 to 1.57× its idle value in the drain's first third.
+// Expired leases only: their passwords already stopped at VALID UNTIL, while a revocation the
+// reaper retries, or an orphan, may still have a working login.
 const PAUSE_PER_BUSY = 1;
+const MAX_PAUSE_MS = 1000;
 
 /**
  * Ends what has ended: expired and revoked leases lose their roles, and managed roles without
@@ -44,6 +47,8 @@ export class Reaper extends EventEmitter {
   private task: ScheduledTask | null = null;
   private running: Promise<ReapStats> | null = null;
   private stopping = false;
+  /** Ends each pause in progress; stop() calls them. */
+  private readonly pauses = new Set<() => void>();
   readonly leadership: Leadership;
 
   constructor(private readonly deps: ReaperDeps) {
@@ -104,16 +109,13 @@ export class Reaper extends EventEmitter {
     if (requireLeadership && !(await this.leadership.acquire())) return stats;
     stats.leader = true;
     const { pool, config, log, metrics } = this.deps;
-    const finishDeps = {
-      pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, timeouts: config, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds,
-      // No pause once stop() was called: a shutdown waits for the batch in progress.
-      pace: (busyMs: number) => (this.stopping ? Promise.resolve() : new Promise<void>((resolve) => setTimeout(resolve, busyMs * PAUSE_PER_BUSY))),
-    };
+    const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, timeouts: config, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
     const stillLeader = () => !requireLeadership || this.leadership.isLeader;
     for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping && stillLeader(); batch++) {
       const leases = await claimDueLeases(pool, this.deps.batchSize ?? REAP_BATCH);
       if (leases.length === 0) break;
-      const outcome = await finishLeases(finishDeps, leases);
+      const pace = leases.every(endedByExpiry) ? (busyMs: number) => this.pause(busyMs * PAUSE_PER_BUSY) : undefined;
+      const outcome = await finishLeases({ ...finishDeps, pace }, leases);
       const counts = { ended: 0, failed: 0 };
       for (const error of outcome.values()) error === null ? counts.ended++ : counts.failed++;
       stats.ended += counts.ended;
@@ -122,6 +124,20 @@ export class Reaper extends EventEmitter {
     }
     if (!this.stopping && stillLeader()) stats.orphans = await reapOrphans(finishDeps);
     return stats;
+  }
+
+  /** Resolves after `ms` (at most MAX_PAUSE_MS), or at once when stop() is or was called. */
+  private pause(ms: number): Promise<void> {
+    if (this.stopping) return Promise.resolve();
+    return new Promise((resolve) => {
+      const end = () => {
+        clearTimeout(timer);
+        this.pauses.delete(end);
+        resolve();
+      };
+      const timer = setTimeout(end, Math.min(ms, MAX_PAUSE_MS));
+      this.pauses.add(end);
+    });
   }
 
   private async updateGauges(): Promise<void> {
@@ -140,6 +156,7 @@ export class Reaper extends EventEmitter {
   /** Stops scheduling, lets a run in progress finish its current batch, releases leadership. */
   async stop(): Promise<void> {
     this.stopping = true;
+    for (const end of [...this.pauses]) end();
     this.task?.stop();
     this.task = null;
     await this.running?.catch(() => undefined);
