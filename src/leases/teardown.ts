@@ -86,10 +86,11 @@ interface IssuedRole {
 
 /**
  * SQL condition on the pg_roles row `alias` and the creator expression `creator` (NULL: the
- * broker acts itself): the GRANT before ending the role's sessions would change nothing. On 16+ that is a membership
- * of the actor granted by the actor (by the bootstrap superuser, oid 10, if the actor is a
- * superuser), with the options that GRANT sets; on 15 a pair has one membership, whoever granted
- * it. The options are read through to_jsonb so that 15, which has no such columns, parses it.
+ * broker acts itself): the GRANT before ending the role's sessions would change nothing. On 16+
+ * that is a membership of the actor granted by the actor (by the bootstrap superuser, oid 10, if
+ * the actor is a superuser), with the options that GRANT sets; on 15 a pair has one membership,
+ * whoever granted it. The options are read through to_jsonb so that 15, which has no such
+ * columns, parses it.
  */
 function membershipInPlace(alias: string, creator: string): string {
   return `EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles a ON a.oid = m.member
