@@ -128,6 +128,27 @@ test('a login that may SET ROLE to the broker\'s role acts through the functions
   assert.deepEqual((await functions(names)).map((r) => r.oid), before.map((r) => r.oid), 'not made again for another login');
 });
 
+test('functions dropped while the broker runs are made again: issuance, renewal and revocation go on', async () => {
+  const names = creatorNames(b.config.managedRole);
+  const dropAll = () => b.pg.query(names.map((n) => `DROP FUNCTION broker."${n}"(text)`).join(';\n'), [], 'broker');
+  const admin = await b.adminToken();
+  const call = (method: 'POST' | 'DELETE', url: string, token: string, payload?: object) =>
+    b.app.inject({ method, url, headers: { authorization: `Bearer ${token}` }, payload });
+  await dropAll();
+  const owner = await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/dropped' });
+  const issued = await b.issue(owner);
+  assert.equal(issued.status, 201, JSON.stringify(issued.body));
+  assert.equal((await functions(names)).length, names.length, 'every function is back');
+  await dropAll();
+  const renewed = await call('POST', `/leases/${issued.body.lease_id}/renew`, owner, { ttl: 120 });
+  assert.equal(renewed.statusCode, 200, renewed.body);
+  await dropAll();
+  const revoked = await call('DELETE', `/leases/${issued.body.lease_id}`, admin);
+  assert.equal(revoked.statusCode, 200, revoked.body);
+  assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname = $1`, [issued.body.username]), [], 'its role is gone');
+  assert.equal((await functions(names)).length, names.length);
+});
+
 test('a statement failing inside a creator function leaves no verifier in the broker log', async () => {
   // The creators lose the grant they hand out (ADMIN OPTION on app_readers, with the broker's),
   // after the policy was stored: CREATE ROLE … IN ROLE app_readers fails inside the function.

@@ -5,6 +5,7 @@ import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { getPolicy } from '../policy/repository.js';
 import { creatorOf } from '../postgres/creators.js';
+import { prepareCreators } from '../postgres/migrate.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
@@ -36,6 +37,27 @@ export function renewalBound(maxExpiresAt: Date, expiresAt: Date, issuedMaxTtl: 
  * with VALID UNTIL so PostgreSQL and the lease row never disagree.
  */
 export async function renewLease(
+  pool: pg.Pool,
+  id: string,
+  owner: Identity,
+  ttlSeconds: number | undefined,
+  ctx: { requestId: string; clientIp: string | null },
+  creators: string[],
+  grantRoles: GrantRoleGuard,
+  managedRole: string,
+): Promise<Lease & { capped: boolean }> {
+  try {
+    return await renewOnce(pool, id, owner, ttlSeconds, ctx, creators, grantRoles);
+  } catch (err) {
+    // 42883: the creator's function (or the creator) was dropped since start-up. Made again as at
+    // start-up, and the renewal (rolled back whole) tried once more.
+    if (creators.length === 0 || (err as { code?: string }).code !== '42883') throw err;
+    await prepareCreators(pool, managedRole);
+    return renewOnce(pool, id, owner, ttlSeconds, ctx, creators, grantRoles);
+  }
+}
+
+async function renewOnce(
   pool: pg.Pool,
   id: string,
   owner: Identity,

@@ -1,6 +1,7 @@
 import pg from 'pg';
 import { asCreator } from '../postgres/creator-functions.js';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
+import { prepareCreators } from '../postgres/migrate.js';
 import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
@@ -29,11 +30,22 @@ export function loginStillEnabled(error: string | null | undefined): boolean {
 type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
 function runAs(deps: TeardownDeps, creator: string | null): Run {
   const { pool, pace } = deps;
+  const viaFunction = async (sql: string) => {
+    try {
+      return await pool.query(asCreator(creator!, sql));
+    } catch (err) {
+      // 42883: the creator's function (or the creator) was dropped since start-up. Made again as
+      // at start-up, and the statement sent once more, so teardown does not wait for a restart.
+      if ((err as { code?: string }).code !== '42883') throw err;
+      await prepareCreators(pool, deps.managedRole);
+      return pool.query(asCreator(creator!, sql));
+    }
+  };
   const send: Run = !creator
     ? (sql, params) => pool.query(sql, params)
     : (sql, params) => params
       ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params))
-      : pool.query(asCreator(creator, sql));
+      : viaFunction(sql);
   if (!pace) return send;
   return async (sql, params) => {
     const started = performance.now();
