@@ -39,6 +39,7 @@ test('every route but the probes answers 429 past BROKER_RATE_LIMIT_IP, and docu
       }
       routes++;
       assert.ok(documented(method, path, first.statusCode), `${method} ${path} answered ${first.statusCode} without a token, which it does not document`);
+      assert.notEqual(first.statusCode, 429, `${method} ${path}: the first request is within the limit`);
       assert.equal(second.statusCode, 429, `${method} ${path}: ${second.body}`);
       assert.ok(documented(method, path, 429), `${method} ${path} answered 429, which it does not document`);
     }

@@ -165,7 +165,17 @@ describe('hostile claims', () => {
   });
 
   test('claim names that reach for prototypes are plain data', async () => {
-    const token = await b.token({ sub: 'proto', battery: 'yes', __proto__: { admin: true }, constructor: 'x', toString: 'y' } as Record<string, unknown>);
+    // JSON.parse makes "__proto__" an own key, as a token's JSON does; an object literal would set
+    // the prototype instead, and the claim would never be signed.
+    const claims = (extra: string) => JSON.parse(`{"sub":"proto"${extra},"__proto__":{"battery":"yes","admin":true},"constructor":"x","toString":"y"}`);
+    const payloadOf = (token: string) => JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString('utf8'));
+    // The policy wants battery=yes: a token carrying it only under "__proto__" is not admitted…
+    const hidden = await b.token(claims(''));
+    assert.ok(Object.hasOwn(payloadOf(hidden), '__proto__'), 'the token carries a "__proto__" claim');
+    const refused = await send('prototype claims, hidden', { token: hidden, payload: { policy: 'any-subject' } });
+    assert.equal(refused.status, 403, refused.body);
+    // …and the same token with its own battery=yes is, and is no admin either.
+    const token = await b.token(claims(',"battery":"yes"'));
     const res = await send('prototype claims', { token, payload: { policy: 'any-subject' } });
     assert.equal(res.status, 201, res.body);
     const evaluated = await send('prototype claims evaluate', { url: '/policies/evaluate', token });

@@ -3,7 +3,7 @@ import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { identityLockKey } from '../src/leases/repository.js';
-import { connectAs, loginError, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { connectAs, loginError, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
 import { addGroupRole } from './helpers/postgres.js';
 
 let b: TestBroker;
@@ -142,9 +142,10 @@ describe('POST /credentials', () => {
         await holder.query('BEGIN');
         await holder.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
         const pending = [1, 2, 3, 4].map(() => strict.issue(tok));
-        for (let waiting = 0; waiting < 4; await sleep(50)) {
-          [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE usename = 'broker' AND wait_event_type = 'Lock'`);
-        }
+        await waitFor('four issuances waiting on the identity lock', async () => {
+          const [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE usename = 'broker' AND wait_event_type = 'Lock'`);
+          return waiting >= 4;
+        }, 60_000);
         await holder.query('COMMIT');
         const results = await Promise.all(pending);
         assert.deepEqual(results.map((r) => r.status).sort(), [201, 429, 429, 429], `${level}: ${JSON.stringify(results.map((r) => r.body.code))}`);

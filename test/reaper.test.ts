@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import pg from 'pg';
 import { reapOrphans } from '../src/reaper/orphans.js';
 import { after, before, describe, test } from 'node:test';
 import { createLogger } from '../src/logger.js';
@@ -83,11 +84,29 @@ describe('two replicas', () => {
     const creds = await issueMany(60, 'rep:free');
     const r1 = new Reaper({ pool: b1.app.db, config: b1.config, log: b1.app.log, batchSize: 4 });
     const r2 = new Reaper({ pool: b2.app.db, config: b2.config, log: b2.app.log, batchSize: 4 });
+    // Four lease rows locked by a third claimer's open transaction: the reapers pass them by
+    // instead of waiting (plain FOR UPDATE would wait until it ends, and the safety bound fail).
+    const held = creds.slice(0, 4).map((c) => c.lease_id);
+    const holder = new pg.Client({ connectionString: b1.pg.brokerUrl });
+    await holder.connect();
     try {
-      const [s1, s2] = await Promise.all([r1.reap({ requireLeadership: false }), r2.reap({ requireLeadership: false })]);
+      await holder.query('BEGIN');
+      await holder.query('SELECT id FROM broker.leases WHERE id = ANY($1::uuid[]) FOR UPDATE', [held]);
+      let bound: NodeJS.Timeout | undefined;
+      const [s1, s2] = await Promise.race([
+        Promise.all([r1.reap({ requireLeadership: false }), r2.reap({ requireLeadership: false })]),
+        new Promise<never>((_, reject) => {
+          bound = setTimeout(() => reject(new Error('the reapers waited on the locked rows')), 60_000);
+        }),
+      ]).finally(() => clearTimeout(bound));
       assert.equal(s1.failed + s2.failed, 0);
-      assert.equal(s1.ended + s2.ended, 60, JSON.stringify([s1, s2]));
+      assert.equal(s1.ended + s2.ended, 56, JSON.stringify([s1, s2]));
+      for (const id of held) assert.equal((await leaseRow(b1.pg, id)).state, 'active', 'passed by while locked');
+      await holder.query('COMMIT');
+      const last = await r1.reap({ requireLeadership: false });
+      assert.equal(last.ended, 4, JSON.stringify(last));
     } finally {
+      await holder.end().catch(() => undefined);
       await Promise.all([r1.stop(), r2.stop()]);
     }
     assert.deepEqual(await expiredEventsPerLease(creds.map((c) => c.lease_id)), creds.map(() => 1));

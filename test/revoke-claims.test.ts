@@ -4,7 +4,7 @@ import pg from 'pg';
 import { CLAIM_SECONDS, claimDueLeases, markRevoking, renewClaim, type EndingLease } from '../src/leases/claims.js';
 import { finishLeases, TEARDOWN_BATCH } from '../src/leases/revoke.js';
 import { scramVerifier } from '../src/postgres/scram.js';
-import { api, connectAs, leaseRow, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { api, connectAs, leaseRow, roleExists, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
 
 // Revocations that outlast their claim, split from revoke.test.ts; one broker of their own.
 let b: TestBroker;
@@ -80,9 +80,10 @@ describe('a bulk revocation that loses a claim', () => {
       await reader.query('BEGIN');
       await reader.query('SELECT FROM public.many_locked');
       const revoking = api(b, 'POST', '/leases/revoke', await b.adminToken(), { subject: 'many:one' });
-      for (let waiting = 0; waiting === 0; await new Promise((r) => setTimeout(r, 50))) {
-        [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`);
-      }
+      await waitFor('the revocation waiting on the reader\'s lock', async () => {
+        const [{ waiting }] = await b.pg.query(`SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE application_name = 'pg-credential-broker reaper' AND wait_event_type = 'Lock'`);
+        return waiting > 0;
+      }, 60_000);
       // The second batch's logins ended before the first batch's slow steps began.
       const [login] = await b.pg.query('SELECT rolcanlogin FROM pg_roles WHERE rolname = $1', [last.username]);
       assert.deepEqual(login, { rolcanlogin: false }, 'a later batch\'s login does not wait for the earlier batch');
