@@ -284,7 +284,7 @@ describe(`${REPLICAS} broker processes on one database`, () => {
 });
 
 test('no token or password the clients saw reached a broker log or the PostgreSQL statement log', () => {
-  const { leaks, secrets } = loggedSecrets(pgs.logLines());
-  assert.ok(secrets > 0, 'the suite saw secrets to look for');
+  const { leaks, tokens, passwords } = loggedSecrets(pgs.logLines());
+  assert.ok(tokens > 0 && passwords > 0, `the suite saw secrets of both kinds to look for: ${tokens} tokens, ${passwords} passwords`);
   assert.deepEqual(leaks, []);
 });

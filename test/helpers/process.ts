@@ -199,7 +199,10 @@ export async function http(
     } catch {
       // keep the text
     }
-    if (typeof body?.password === 'string') seenSecrets.add(body.password);
+    if (typeof body?.password === 'string') {
+      seenSecrets.add(body.password);
+      seenPasswords.add(body.password);
+    }
     return { status: res.status, headers: res.headers, body };
   } catch (err) {
     const cause = (err as { cause?: { code?: string; message?: string } }).cause;
@@ -211,11 +214,12 @@ export async function http(
 // http(): the secrets invariant is checked against all of them at the end of a suite.
 const spawned: BrokerProcess[] = [];
 const seenSecrets = new Set<string>();
+const seenPasswords = new Set<string>();
 
 /** Secrets (abbreviated) that reached any spawned broker's log or the PostgreSQL log. */
-export function loggedSecrets(serverLog: string[]): { leaks: string[]; secrets: number } {
+export function loggedSecrets(serverLog: string[]): { leaks: string[]; tokens: number; passwords: number } {
   const brokerLines = spawned.flatMap((b) => [...b.logs.map((l) => JSON.stringify(l)), ...b.stderr]);
-  return { leaks: findLeaks(seenSecrets, brokerLines, serverLog), secrets: seenSecrets.size };
+  return { leaks: findLeaks(seenSecrets, brokerLines, serverLog), tokens: seenSecrets.size - seenPasswords.size, passwords: seenPasswords.size };
 }
 
 /**
