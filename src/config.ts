@@ -196,12 +196,16 @@ export function loadConfig(env: Env = process.env): Config {
   const config = candidate as Config;
   const seen = new Set<string>();
   config.issuers.forEach((entry, i) => {
-    // The schema's pattern only checks the shape; new URL() is what get-jwks will call later.
+    // The schema's pattern only checks the shape; new URL() is what fetch will call later.
     if (!isUrl(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must be an http(s) URL`);
     // OIDC: an issuer identifier has no query, fragment or user part, and discovery appends
     // /.well-known/openid-configuration to it, which such parts would break.
     if (!plainIssuer(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: issuer must have no query, fragment or user part`);
     if (entry.jwks_uri !== undefined && !isUrl(entry.jwks_uri)) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: jwks_uri must be an http(s) URL`);
+    // fetch refuses a URL with credentials, and would put them in the log with its error.
+    if (entry.jwks_uri !== undefined && (new URL(entry.jwks_uri).username || new URL(entry.jwks_uri).password)) {
+      throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: jwks_uri must have no user part (user:password@); fetch sends no credentials from a URL`);
+    }
     const problem = urlProblem('issuer', entry.issuer) ?? (entry.jwks_uri === undefined ? null : urlProblem('jwks_uri', entry.jwks_uri));
     if (problem) throw new ConfigError('BROKER_ISSUERS', `entry ${i + 1}: ${problem}`);
     if (seen.has(entry.issuer)) throw new ConfigError('BROKER_ISSUERS', `lists ${entry.issuer} twice`);

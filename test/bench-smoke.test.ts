@@ -82,7 +82,7 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
 
   test('records the environment and the command', () => {
     assert.match(report, /^## Environment$/m);
-    for (const item of ['date', 'command', 'Node.js', 'PostgreSQL', 'CPUs', 'fastify', 'pg', '@fastify/jwt', 'get-jwks']) {
+    for (const item of ['date', 'command', 'Node.js', 'PostgreSQL', 'CPUs', 'fastify', 'pg', '@fastify/jwt', 'fast-jwt']) {
       const cells = row(item);
       assert.ok(cells && cells[1].length > 0, `environment lists ${item}`);
     }

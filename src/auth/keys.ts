@@ -1,5 +1,4 @@
 import { createPublicKey } from 'node:crypto';
-import buildGetJwks from 'get-jwks';
 import { Agent } from 'undici';
 import type { IssuerConfig } from '../config.js';
 
@@ -40,6 +39,11 @@ export interface KeyResolverOptions {
    */
   staleKeyMaxAgeMs?: number;
   onFetchError?: (issuer: string, err: unknown) => void;
+  /**
+   * Certificate authorities to trust instead of the system's (tests). A deployment whose IdP has
+   * a private CA sets NODE_EXTRA_CA_CERTS, which adds to the system's.
+   */
+  ca?: string;
 }
 
 type Jwk = Record<string, unknown>;
@@ -96,9 +100,8 @@ export class KeyResolver {
   constructor(entries: IssuerConfig[], private readonly options: KeyResolverOptions = {}) {
     const timeout = options.fetchTimeoutMs ?? 3000;
     this.fetchTimeoutMs = timeout;
-    // The global fetch ignores get-jwks' timeout option; an Agent with its own timeouts does not.
-    // Its body timeout bounds the wait for each chunk only; loadKeySet bounds the whole fetch.
-    this.dispatcher = new Agent({ connectTimeout: timeout, headersTimeout: timeout, bodyTimeout: timeout });
+    // An Agent with its own timeouts: the global fetch has none. Its body timeout bounds the wait for each chunk only; loadKeySet bounds the whole fetch.
+    this.dispatcher = new Agent({ connectTimeout: timeout, headersTimeout: timeout, bodyTimeout: timeout, ...(options.ca ? { connect: { ca: options.ca } } : {}) });
     this.ttlMs = options.cacheTtlMs ?? 10 * 60_000;
     this.cooldownMs = options.unknownKidCooldownMs ?? 5000;
     this.missBurst = options.missFetchBurst ?? 5;
@@ -164,12 +167,7 @@ export class KeyResolver {
       const uri = keys.jwksUri ?? await this.discover(keys.issuer, deadline);
       const problem = keys.jwksUri ? null : discoveredJwksProblem(keys.issuer, uri);
       if (problem) throw new Error(problem);
-      const res = await fetch(uri, { dispatcher: this.dispatcher, signal: deadline } as RequestInit);
-      // fetch follows redirects, https to http included: the key set would then come over plain http.
-      if (uri.startsWith('https:') && !res.url.startsWith('https:')) {
-        await res.body?.cancel();
-        throw new Error('the JWKS request was redirected from https to plain http; refusing its keys');
-      }
+      const res = await this.fetchOverHttpsIfAsked(uri, deadline, 'JWKS');
       const body = (await res.json()) as { keys?: unknown };
       if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
       if (body.keys !== undefined && !Array.isArray(body.keys)) throw new Error('JWKS keys is not an array');
@@ -192,12 +190,28 @@ export class KeyResolver {
   }
 
   /**
-   * The jwks_uri from the issuer's OIDC discovery document. get-jwks copies its fetch options
-   * when built, so one is built per discovery to carry this fetch's deadline.
+   * fetch follows redirects, https to http included: what an https URL answers must not then come
+   * over plain http, where anyone on the path could change it (for discovery, choose the key set).
    */
-  private discover(issuer: string, deadline: AbortSignal): Promise<string> {
-    const fetchOptions = { dispatcher: this.dispatcher, signal: deadline } as Record<string, unknown>;
-    return buildGetJwks({ issuersWhitelist: [issuer], providerDiscovery: true, fetchOptions }).getJwksUri(`${issuer.replace(/\/$/, '')}/`);
+  private async fetchOverHttpsIfAsked(uri: string, deadline: AbortSignal, what: string): Promise<Response> {
+    const res = await fetch(uri, { dispatcher: this.dispatcher, signal: deadline } as RequestInit);
+    if (new URL(uri).protocol === 'https:' && new URL(res.url).protocol !== 'https:') {
+      await res.body?.cancel();
+      throw new Error(`the ${what} request was redirected from https to plain http; refusing its answer`);
+    }
+    return res;
+  }
+
+  /** The jwks_uri from the issuer's OIDC discovery document (OpenID Connect Discovery 1.0, 4). */
+  private async discover(issuer: string, deadline: AbortSignal): Promise<string> {
+    const res = await this.fetchOverHttpsIfAsked(`${issuer.replace(/\/$/, '')}/.well-known/openid-configuration`, deadline, 'discovery');
+    if (!res.ok) {
+      await res.body?.cancel();
+      throw new Error(`discovery request failed with ${res.status}`);
+    }
+    const body = (await res.json()) as { jwks_uri?: unknown } | null;
+    if (typeof body?.jwks_uri !== 'string') throw new Error('the discovery document names no jwks_uri');
+    return body.jwks_uri;
   }
 
   /** The PEM of the first of a kid's keys that fits the alg; a clear refusal when none does. */
@@ -262,5 +276,7 @@ export function discoveredJwksProblem(issuer: string, jwksUri: string): string |
   }
   if (url.protocol !== 'https:' && url.protocol !== 'http:') return `discovery for ${issuer} names a jwks_uri with scheme ${url.protocol}; only https (or http, for an http issuer) is fetched`;
   if (url.protocol === 'http:' && new URL(issuer).protocol === 'https:') return `discovery for ${issuer} names a plain-http jwks_uri; an https issuer's keys must come over https`;
+  // fetch refuses a URL with credentials, and would put them in its error message.
+  if (url.username || url.password) return `discovery for ${issuer} names a jwks_uri with a user part, which is not fetched`;
   return null;
 }

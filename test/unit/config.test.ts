@@ -140,6 +140,13 @@ describe('loadConfig: every bad or missing setting names its variable', () => {
     assert.deepEqual(loadConfig(env({ BROKER_ISSUERS: 'https://idp.example/tenant@x/v2.0' })).issuers, [{ issuer: 'https://idp.example/tenant@x/v2.0' }]);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'not a url' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://[bad' }]) }, 'BROKER_ISSUERS', /jwks_uri/);
+    // fetch refuses credentials in a URL, and its error would carry them into the log; the message
+    // here does not. An @ in the path or query is no user part (accepted above and here).
+    for (const jwks_uri of ['https://u:s3cret-pw@keys.a.example/jwks', 'https://u@keys.a.example/jwks']) {
+      const err = rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri }]) }, 'BROKER_ISSUERS', /jwks_uri must have no user part/);
+      assert.ok(!err.message.includes('s3cret'), err.message);
+    }
+    assert.equal(loadConfig(env({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'https://keys.a.example/t@x/jwks?a=@' }]) })).issuers[0].jwks_uri, 'https://keys.a.example/t@x/jwks?a=@');
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwksUri: 'https://a.example/jwks' }]) }, 'BROKER_ISSUERS', /jwksUri/);
     rejects({ BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', audience: '' }]) }, 'BROKER_ISSUERS', /audience/);
     rejects({ BROKER_ISSUERS: JSON.stringify(['https://a.example']) }, 'BROKER_ISSUERS');

@@ -29,7 +29,7 @@ test('perf samples are charged to the thread and the innermost telling frame', (
   assert.deepEqual(got, {
     'main: pg client': 1,
     'main: broker code (src/)': 1,
-    'main: JWT (@fastify/jwt, fast-jwt, get-jwks)': 1,
+    'main: JWT (@fastify/jwt, fast-jwt)': 1,
     'main: Fastify (routing, hooks, validation, serialisation)': 1,
     // GC inside pg's parser is GC: the innermost telling frame wins.
     'main: GC on the main thread': 1,

@@ -1,0 +1,93 @@
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { KeyResolver } from '../src/auth/keys.js';
+import { startIssuer, type TestIssuer } from './helpers/issuer.js';
+
+// An https issuer on 127.0.0.1 (a certificate made here, trusted through the resolver's `ca`),
+// whose discovery document or JWKS may be redirected: to plain http, which must be refused,
+// or to another https URL, which is fine. The plain-http side is an ordinary test issuer.
+let plain: TestIssuer;
+let server: https.Server;
+let base = '';
+let ca = '';
+let mode: 'ok' | 'discovery-to-http' | 'jwks-to-http' | 'jwks-moved' | 'jwks-with-user' = 'ok';
+
+before(async () => {
+  plain = await startIssuer({ discovery: true });
+  const dir = mkdtempSync(path.join(tmpdir(), 'pgcb-tls-'));
+  try {
+    execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1',
+      '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+      '-keyout', path.join(dir, 'k'), '-out', path.join(dir, 'c')], { stdio: 'ignore' });
+    ca = readFileSync(path.join(dir, 'c'), 'utf8');
+    const key = readFileSync(path.join(dir, 'k'), 'utf8');
+    server = https.createServer({ key, cert: ca }, (req, res) => {
+      const redirect = (to: string) => res.writeHead(302, { location: to }).end();
+      const json = (body: unknown) => res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(body));
+      const jwks = { keys: [plain.publicJwk()] };
+      if (req.url === '/.well-known/openid-configuration') {
+        if (mode === 'discovery-to-http') return redirect(`${plain.issuer}/.well-known/openid-configuration`);
+        const port = (server.address() as AddressInfo).port;
+        return json({ issuer: base, jwks_uri: mode === 'jwks-with-user' ? `https://u:s3cret-pw@127.0.0.1:${port}/jwks` : `${base}/jwks` });
+      }
+      if (req.url === '/jwks') {
+        if (mode === 'jwks-to-http') return redirect(plain.jwksUri);
+        if (mode === 'jwks-moved') return redirect(`${base}/keys/v2`);
+        return json(jwks);
+      }
+      if (req.url === '/keys/v2') return json(jwks);
+      res.writeHead(404).end();
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  base = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+});
+after(async () => {
+  server?.closeAllConnections();
+  await new Promise((resolve) => server?.close(resolve));
+  await plain?.close();
+});
+
+/** The first fetch error a fresh resolver for the https issuer meets, and whether the key was found. */
+async function lookUp(): Promise<{ pem: string | null; error: string | null }> {
+  let error: string | null = null;
+  const resolver = new KeyResolver([{ issuer: base }], { ca, fetchTimeoutMs: 2000, onFetchError: (_issuer, err) => (error ??= (err as Error).message) });
+  try {
+    return { pem: await resolver.publicKeyPem(base, plain.publicJwk().kid as string, 'RS256'), error };
+  } catch {
+    return { pem: null, error };
+  } finally {
+    await resolver.close();
+  }
+}
+
+test('an https issuer\'s keys come through discovery over https, redirects between https URLs included', async () => {
+  mode = 'ok';
+  const direct = await lookUp();
+  assert.match(direct.pem ?? '', /BEGIN PUBLIC KEY/, String(direct.error));
+  mode = 'jwks-moved';
+  const moved = await lookUp();
+  assert.equal(moved.pem, direct.pem, String(moved.error));
+});
+
+test('a discovery document or JWKS redirected from https to plain http is refused', async () => {
+  mode = 'discovery-to-http';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the discovery request was redirected from https to plain http; refusing its answer' });
+  mode = 'jwks-to-http';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected from https to plain http; refusing its answer' });
+});
+
+test('a discovered jwks_uri with a user part is not fetched, and its password is not repeated', async () => {
+  mode = 'jwks-with-user';
+  const { pem, error } = await lookUp();
+  assert.equal(pem, null);
+  assert.equal(error, `discovery for ${base} names a jwks_uri with a user part, which is not fetched`);
+});
