@@ -20,7 +20,7 @@ import healthRoutes from './routes/health.js';
 import leaseRoutes from './routes/leases.js';
 import policyRoutes from './routes/policies.js';
 import { Problem, problemResponses } from './schemas/common.js';
-import { installJsonBodyParser, schemaErrors, validatorCompiler } from './validation.js';
+import { installJsonBodyParser, refuseUndeclaredInputs, schemaErrors, validatorCompiler } from './validation.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -128,10 +128,13 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   // Fastify reads a body on every method but GET and HEAD, whatever the route's schema says, so
   // each such route can answer 400 (malformed JSON), 413 (over 64 KB) and 415 (neither JSON nor
   // text/plain). Added here rather than route by route, so no route's document can leave them out.
+  // Every route but the probes also answers 400 for a query parameter it does not declare.
   app.addHook('onRoute', (route) => {
-    const methods = [route.method].flat();
-    if (!route.schema?.response || methods.every((m) => m === 'GET' || m === 'HEAD')) return;
-    route.schema.response = { ...problemResponses(400, 413, 415), ...(route.schema.response as object) };
+    refuseUndeclaredInputs(route, PROBE_PATHS);
+    if (!route.schema?.response) return;
+    const bodyless = [route.method].flat().every((m) => m === 'GET' || m === 'HEAD');
+    const answers = bodyless ? (PROBE_PATHS.has(route.url) ? {} : problemResponses(400)) : problemResponses(400, 413, 415);
+    route.schema.response = { ...answers, ...(route.schema.response as object) };
   });
   app.addSchema(Problem);
   decorateLogNote(app);

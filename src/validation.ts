@@ -1,7 +1,7 @@
 import { Ajv, type Options } from 'ajv';
 import addFormats from 'ajv-formats';
 import type { ErrorObject } from 'ajv';
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest, FastifySchemaCompiler, preParsingAsyncHookHandler, RouteOptions } from 'fastify';
 import { Errors } from './errors.js';
 
 // RFC 3339 allows year 0000; PostgreSQL, having no year 0, refuses it with a data exception
@@ -37,9 +37,35 @@ export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: strin
     const rule = e.keyword === 'pattern' || e.keyword === 'format' ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
     if (typeof rule === 'string') return `${field} must be ${rule}`;
     const allowed = e.keyword === 'enum' ? (e.params as { allowedValues?: unknown[] } | undefined)?.allowedValues : undefined;
-    return `${field} ${e.message}${allowed ? ` (${allowed.join(', ')})` : ''}`;
+    if (allowed) return `${field} ${e.message} (${allowed.join(', ')})`;
+    // Which one: "must NOT have additional properties" alone leaves the caller to find it.
+    const extra = e.keyword === 'additionalProperties' ? (e.params as { additionalProperty?: unknown } | undefined)?.additionalProperty : undefined;
+    return typeof extra === 'string' ? `${field} must NOT have additional properties: ${JSON.stringify(extra).slice(0, 120)} is not one of its fields` : `${field} ${e.message}`;
   }).join(', ');
   return new Error(text);
+}
+
+const NO_PARAMETERS = { type: 'object', properties: {}, additionalProperties: false };
+
+const carriesNothing = (body: unknown) =>
+  body === undefined || body === null || body === '' || (typeof body === 'object' && !Array.isArray(body) && Object.keys(body).length === 0);
+
+/**
+ * For a route (onRoute) that declares no query string or no body: a query parameter or a body it
+ * would ignore is refused with 400, not dropped. A caller who sends `?ttl=5` or a revocation
+ * `{"reason": …}` means it, and would otherwise get something other than what was asked for
+ * without being told. An empty body (nothing, `{}`, `null`) is no input. `except` keeps paths
+ * that probes and scrapers call free of the rule.
+ */
+export function refuseUndeclaredInputs(route: RouteOptions, except: Set<string>): void {
+  if (!route.schema || except.has(route.url)) return;
+  route.schema.querystring ??= NO_PARAMETERS;
+  const methods = [route.method].flat();
+  if (route.schema.body || methods.every((m) => m === 'GET' || m === 'HEAD')) return;
+  const refuseBody = async (request: FastifyRequest) => {
+    if (!carriesNothing(request.body)) throw new Errors.BadRequest(`${request.method} ${route.url.replace(/:(\w+)/g, '{$1}')} takes no request body`);
+  };
+  route.preValidation = [...[route.preValidation ?? []].flat(), refuseBody] as RouteOptions['preValidation'];
 }
 
 /**

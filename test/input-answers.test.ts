@@ -159,3 +159,41 @@ describe('JSON bodies with prototype keys', () => {
     assert.match(malformed.json().detail, /not valid JSON/);
   });
 });
+
+describe('input a route does not take', () => {
+  test('a query parameter a route does not declare → 400 naming it; the same request without it succeeds', async () => {
+    const leases = async () => (await b.pg.query(`SELECT count(*)::int AS n FROM broker.leases`))[0].n;
+    const before = await leases();
+    const ttlInQuery = await send('ttl in the query', { url: '/credentials?ttl=5' });
+    badRequest(ttlInQuery, 'ttl in the query', 'querystring must NOT have additional properties: "ttl" is not one of its fields');
+    assert.equal(await leases(), before, 'no lease for the refused request');
+    const issued = await send('no query', {});
+    assert.equal(issued.status, 201, issued.body);
+    const admin = await b.adminToken();
+    const force = await send('force in the query', { method: 'DELETE', url: '/policies/answers?force=1', token: admin });
+    badRequest(force, 'force in the query', 'querystring must NOT have additional properties: "force" is not one of its fields');
+    const kept = await send('policy still there', { method: 'GET', url: '/policies/answers', token: admin });
+    assert.equal(kept.status, 200, kept.body);
+    // Declared parameters still work where a route has them.
+    const listed = await send('declared query', { method: 'GET', url: '/leases?limit=1', token: admin });
+    assert.equal(listed.status, 200, listed.body);
+  });
+
+  test('a body on a route that takes none → 400, and nothing is done; an empty one is no input', async () => {
+    const owner = await b.token({ sub: 'repo:octo-org/no-body' });
+    const cred = await send('issue', { token: owner });
+    assert.equal(cred.status, 201, cred.body);
+    const leaseId = cred.json().lease_id;
+    const withReason = await send('revoke with a reason', { method: 'DELETE', url: `/leases/${leaseId}`, token: owner, payload: { reason: 'key leaked' } });
+    badRequest(withReason, 'revoke with a reason', 'DELETE /leases/{id} takes no request body');
+    const [lease] = await b.pg.query(`SELECT state FROM broker.leases WHERE id = $1`, [leaseId]);
+    assert.equal(lease.state, 'active', 'the refused revocation did nothing');
+    const withClaims = await send('evaluate with claims', { url: '/policies/evaluate', token: owner, payload: { claims: { sub: 'someone-else' } } });
+    badRequest(withClaims, 'evaluate with claims', 'POST /policies/evaluate takes no request body');
+    const evaluated = await send('evaluate with {}', { url: '/policies/evaluate', token: owner, payload: {} });
+    assert.equal(evaluated.status, 200, evaluated.body);
+    const revoked = await send('revoke without a body', { method: 'DELETE', url: `/leases/${leaseId}`, token: owner });
+    assert.equal(revoked.status, 200, revoked.body);
+    assert.equal(revoked.json().state, 'revoked');
+  });
+});
