@@ -156,5 +156,11 @@ export async function callBroker<T = any>(
     const problem = parsed as { detail?: string; code?: string } | null;
     throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status, problem?.code);
   }
+  // Whatever else answers at a wrong --url (a web server, a proxy's login page) says 200 too; its
+  // page must not be taken for the broker's answer, let alone printed as a credential.
+  const type = res.headers.get('content-type') ?? '';
+  if (text && (typeof parsed === 'string' || !/^application\/(problem\+)?json\b/i.test(type))) {
+    throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status} but not with the broker's JSON (content-type ${JSON.stringify(type || 'none')}); is ${base} the broker's URL?`);
+  }
   return { status: res.status, body: parsed as T };
 }

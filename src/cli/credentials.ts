@@ -14,6 +14,13 @@ export interface RequestOptions extends TokenOptions {
   ttl?: number;
 }
 
+/** What a credential must carry before the CLI hands it on (to a file, a command's environment). */
+export function missingCredentialFields(body: unknown): string[] {
+  const c = (body && typeof body === 'object' ? body : {}) as Record<string, unknown>;
+  const strings = ['lease_id', 'username', 'password', 'host', 'database', 'expires_at', 'uri'].filter((k) => typeof c[k] !== 'string' || c[k] === '');
+  return Number.isInteger(c.port) ? strings : [...strings, 'port'];
+}
+
 export async function requestCredential(opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
   return issueWith(await obtainToken(opts), opts);
 }
@@ -24,7 +31,11 @@ async function issueWith(token: string, opts: RequestOptions): Promise<{ credent
   if (opts.policy) body.policy = opts.policy;
   if (opts.ttl !== undefined) body.ttl = opts.ttl;
   try {
-    const { body: credential } = await callBroker<CredentialBody>(base, token, 'POST', '/credentials', body);
+    const { status, body: credential } = await callBroker<CredentialBody>(base, token, 'POST', '/credentials', body);
+    const missing = missingCredentialFields(credential);
+    if (missing.length) {
+      throw new CliError(`the server at ${base} answered POST /credentials with ${status} but not with a credential (no valid ${missing.join(', ')}); is ${base} the broker's URL?`);
+    }
     return { credential, base, token };
   } catch (err) {
     // The broker's detail names its API; someone at this prompt wants the command.
