@@ -63,12 +63,7 @@ async function startAndExplain(opts: DevOptions, stops: Array<() => Promise<void
   const broker = await startBroker(config);
   stops.push(() => broker.close());
   const admin = await issuer.mint({ sub: 'admin:dev' });
-  const res = await fetch(`${broker.url}/policies/dev`, {
-    method: 'PUT',
-    headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ issuer: issuer.issuer, claims: { sub: 'dev:*' }, grant_role: seeded.groupRole, database: seeded.database, description: 'seeded by pg-broker dev' }),
-  });
-  if (!res.ok) throw new Error(`could not seed the dev policy: ${res.status} ${await res.text()}`);
+  const policyNote = await seedDevPolicy(broker.url, admin, { issuer: issuer.issuer, grant_role: seeded.groupRole, database: seeded.database });
 
   const mint = (sub: string) =>
     `curl -s -X POST ${issuer.issuer}/token -d '{"sub":"${sub}"}' | node -pe 'JSON.parse(require("fs").readFileSync(0)).access_token'`;
@@ -77,7 +72,7 @@ pg-credential-broker dev
   PostgreSQL ${local.version}   127.0.0.1:${local.port}   data: ${local.dataDir}
   broker         ${broker.url}
   issuer         ${issuer.issuer}   ⚠ ${DEV_ISSUER_BANNER}
-  seeded         group role ${seeded.groupRole}, database ${seeded.database} (demo.orders), policy "dev" admitting sub dev:*
+  seeded         group role ${seeded.groupRole}, database ${seeded.database} (demo.orders), ${policyNote}
 
 Try it (in another terminal):
   export PG_BROKER_URL=${broker.url}
@@ -101,4 +96,24 @@ export async function devIssuerCommand(opts: { host: string; port: number; publi
   console.log(`⚠ ${DEV_ISSUER_BANNER}\nissuer ${issuer.issuer} (JWKS ${issuer.jwksUri}); POST ${issuer.issuer}/token with a JSON object of claims`);
   await waitForSignal();
   await issuer.close();
+}
+
+/**
+ * The "dev" policy, created on the first start. A later start keeps it as the developer left it
+ * (the data directory is kept for that); only one naming another issuer (a --issuer-port changed
+ * since) is made again, since no token could match it. Returns the banner's words for it.
+ */
+async function seedDevPolicy(base: string, admin: string, where: { issuer: string; grant_role: string; database: string }): Promise<string> {
+  const headers = { authorization: `Bearer ${admin}`, 'content-type': 'application/json' };
+  const current = await fetch(`${base}/policies/dev`, { headers });
+  if (current.status !== 404 && !current.ok) throw new Error(`could not read the dev policy: ${current.status} ${await current.text()}`);
+  const existing = current.ok ? (await current.json()) as { issuer?: string } : null;
+  if (existing && existing.issuer === where.issuer) return 'policy "dev" as you left it';
+  const res = await fetch(`${base}/policies/dev`, {
+    method: 'PUT',
+    headers,
+    body: JSON.stringify({ ...where, claims: { sub: 'dev:*' }, description: 'seeded by pg-broker dev' }),
+  });
+  if (!res.ok) throw new Error(`could not seed the dev policy: ${res.status} ${await res.text()}`);
+  return existing ? `policy "dev" seeded again, admitting sub dev:* (it named another issuer, ${existing.issuer})` : 'policy "dev" admitting sub dev:*';
 }
