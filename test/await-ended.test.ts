@@ -51,14 +51,11 @@ test('a teardown nobody holds any more ends the wait at the first look; a held o
 
 test('a held teardown that finishes during the wait gives its final state', async () => {
   const held = await leaseIn('ae:finishes', 'revoking', 12345);
-  const finishing = setTimeout(() => {
-    void b.pg.query(`UPDATE broker.leases SET state = 'revoked', claimed_by_pid = NULL WHERE id = $1`, [held]);
-  }, 300);
-  try {
-    assert.equal(await awaitEnded(counting(), held, 30_000), 'revoked');
-  } finally {
-    clearTimeout(finishing);
-  }
+  // Kept and awaited, so a failing UPDATE fails the test with its own error.
+  const finished = new Promise((r) => setTimeout(r, 300)).then(() =>
+    b.pg.query(`UPDATE broker.leases SET state = 'revoked', claimed_by_pid = NULL WHERE id = $1`, [held]));
+  const [ended] = await Promise.all([awaitEnded(counting(), held, 30_000), finished]);
+  assert.equal(ended, 'revoked');
   // And a lease already expired answers at once.
   const expired = await leaseIn('ae:expired', 'expired', null);
   const c = counting();

@@ -236,6 +236,14 @@ describe('unknown kid flood', () => {
     assert.ok(results.every((r) => r.status === 401), 'all refused');
     const made = issuer.requests.length - fetches;
     assert.ok(made >= 1 && made <= 10, `${made} JWKS fetches`);
+    // All at once, they mostly share fetches in flight. One at a time, each after the last one's
+    // fetch is over, only the per-issuer budget (a burst of 5, then 1 a second) holds them back.
+    const before = issuer.requests.length;
+    for (let i = 0; i < 20; i++) assert.equal((await evaluate(await token(`seq-${randomUUID()}`))).status, 401);
+    const sequential = issuer.requests.length - before;
+    assert.ok(sequential <= 8, `${sequential} JWKS fetches for 20 unknown kids one at a time`);
+    // And the key the JWKS lists still verifies, right after the flood.
+    assert.equal((await evaluate(await issuer.sign({ aud: AUDIENCE, sub: 'flood:real' }))).status, 200);
   });
 
   test('the same unknown kid sent 200 times in a row causes a bounded number of fetches', async () => {
