@@ -15,6 +15,12 @@ export function managedRoleFrom(env: NodeJS.ProcessEnv): string {
   if (!Value.Check(RoleName, value)) throw new ConfigError('BROKER_MANAGED_ROLE', MANAGED_ROLE_RULE);
   return value;
 }
+/** LOG_LEVEL for commands that need no other setting (`pg-broker migrate`), checked as loadConfig checks it. */
+export function logLevelFrom(env: NodeJS.ProcessEnv, fallback: string): string {
+  const value = env.LOG_LEVEL?.trim().toLowerCase() || fallback;
+  if (!LOG_LEVELS.includes(value)) throw new ConfigError('LOG_LEVEL', `must be one of ${LOG_LEVELS.join(', ')}`);
+  return value;
+}
 /** DATABASE_URL for commands that need no other setting (`pg-broker migrate`), checked as loadConfig checks it. */
 export function databaseUrlFrom(env: NodeJS.ProcessEnv): string {
   const url = required(env, 'DATABASE_URL');

@@ -4,11 +4,12 @@ import { readFile, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 import { missingCredentialFields } from '../src/cli/credentials.js';
 import { buildCli } from '../src/cli/index.js';
 import type { TestBroker } from './helpers/broker.js';
-import { startCliBench, type CliBench } from './helpers/cli.js';
+import { BIN, startCliBench, type CliBench } from './helpers/cli.js';
 
 let b: TestBroker;
 let tmp: string;
@@ -265,5 +266,32 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(good.code, 0, good.stderr);
     assert.match(good.stdout, /^postgresql:\/\/lease_/);
     assert.deepEqual(missingCredentialFields(JSON.parse((await cli(['creds', '--token', token, '--format', 'json'])).stdout)), []);
+  });
+
+  test('migrate refuses a LOG_LEVEL it does not know as serve does, naming the setting; a known one migrates', async () => {
+    const bad = await cli(['migrate'], { LOG_LEVEL: 'bogus', DATABASE_URL: b.pg.brokerUrl });
+    assert.equal(bad.code, 1);
+    assert.equal(bad.stderr.trim(), 'pg-broker: configuration error: LOG_LEVEL: must be one of fatal, error, warn, info, debug, trace, silent');
+    const good = await cli(['migrate'], { LOG_LEVEL: 'WARN', DATABASE_URL: b.pg.brokerUrl });
+    assert.equal(good.code, 0, good.stderr);
+    assert.equal(good.stdout.trim(), 'database is up to date');
+  });
+
+  test('output piped to a reader that has gone (| head -1) ends quietly; read whole, it is all there', async () => {
+    const run = (closeEarly: boolean) => new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+      const child = spawn(process.execPath, [BIN, '--help'], { env: { PATH: process.env.PATH!, HOME: tmp }, stdio: ['ignore', 'pipe', 'pipe'] });
+      // Closed before the CLI has even started: its first write meets EPIPE.
+      if (closeEarly) child.stdout.destroy();
+      let out = '';
+      let err = '';
+      if (!closeEarly) child.stdout.on('data', (d) => (out += d));
+      child.stderr.on('data', (d) => (err += d));
+      child.on('exit', (code) => resolve({ code, out, err }));
+    });
+    const gone = await run(true);
+    assert.deepEqual([gone.code, gone.err], [0, '']);
+    const whole = await run(false);
+    assert.equal(whole.code, 0, whole.err);
+    assert.match(whole.out, /^Usage: pg-broker /);
   });
 });

@@ -1,5 +1,5 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { ConfigError, databaseUrlFrom, loadConfig, managedRoleFrom } from '../config.js';
+import { ConfigError, databaseUrlFrom, loadConfig, logLevelFrom, managedRoleFrom } from '../config.js';
 import { createLogger } from '../logger.js';
 import { CliError } from './client.js';
 import { ExecCommand } from './exec-args.js';
@@ -81,7 +81,8 @@ export function buildCli(): Command {
       const managedRole = managedRoleFrom(process.env);
       // As serve does it (without waiting for the server): a failure to connect or log in names DATABASE_URL.
       const { migrateWhenReachable } = await import('../server.js');
-      const applied = await migrateWhenReachable({ databaseUrl, managedRole }, createLogger(process.env.LOG_LEVEL?.trim().toLowerCase() || 'warn'), false);
+      const logger = createLogger(logLevelFrom(process.env, 'warn'));
+      const applied = await migrateWhenReachable({ databaseUrl, managedRole }, logger, false);
       console.log(applied.length ? `applied ${applied.join(', ')}` : 'database is up to date');
     });
 
@@ -206,6 +207,12 @@ export async function main(argv: string[]): Promise<void> {
   // would pass a mistyped subcommand to serve as an argument, and report "too many arguments for
   // 'serve'" instead of the unknown command and the one meant.
   const args = argv.length > 2 ? argv : [...argv, 'serve'];
+  // `pg-broker … | head -1`: the reader went away, which is no error of ours. Without a listener
+  // the write's EPIPE is thrown as an uncaught exception, stack trace and all.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(process.exitCode ?? 0);
+  });
   try {
     await buildCli().parseAsync(args);
   } catch (err) {
