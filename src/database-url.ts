@@ -90,6 +90,17 @@ export interface DatabaseDescription {
   withoutPassword(text: string): string;
 }
 
+/**
+ * `secret` where it stands on its own (in a URL, quoted, between spaces), not inside a longer
+ * word: a short password would otherwise be cut out of every word that holds it ("open", for the
+ * password "p"). An end of the secret that is no letter or digit is a boundary by itself.
+ */
+function standingAlone(secret: string): RegExp {
+  const alnum = /[A-Za-z0-9]/;
+  const escaped = secret.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  return new RegExp(`${alnum.test(secret[0]) ? '(?<![A-Za-z0-9])' : ''}${escaped}${alnum.test(secret.at(-1)!) ? '(?![A-Za-z0-9])' : ''}`, 'g');
+}
+
 /** DATABASE_URL (already accepted by loadConfig) as start-up messages name it. */
 export function describeDatabase(url: string): DatabaseDescription {
   const parsed = parseDatabaseUrl(url);
@@ -104,6 +115,6 @@ export function describeDatabase(url: string): DatabaseDescription {
   return {
     address,
     label: `user ${user} at ${address}, database ${database}`,
-    withoutPassword: (text) => secrets.reduce((out, secret) => out.split(secret).join('[REDACTED]'), text),
+    withoutPassword: (text) => secrets.reduce((out, secret) => out.replace(standingAlone(secret), '[REDACTED]'), text),
   };
 }

@@ -30,6 +30,11 @@ test('start-up names where DATABASE_URL points, and keeps its password out of er
     assert.equal(describeDatabase(url).address, '/run/postgresql/.s.PGSQL.5433', url);
   }
   assert.equal(describeDatabase('postgres://u@h/db').withoutPassword('nothing to hide'), 'nothing to hide');
+  // A short password is cut out where it stands alone, not out of the words that hold it.
+  const short = describeDatabase('postgres://u:p@h/db');
+  assert.equal(short.withoutPassword("could not open '/nonexistent' for postgres://u:p@h/db, password \"p\""), "could not open '/nonexistent' for postgres://u:[REDACTED]@h/db, password \"[REDACTED]\"");
+  assert.equal(describeDatabase('postgres://u:a.b*c@h/db').withoutPassword('a.b*c axbxc a.b*cd'), '[REDACTED] axbxc a.b*cd');
+  assert.equal(describeDatabase('postgres://u:-pw-@h/db').withoutPassword('x-pw-y'), 'x[REDACTED]y');
 });
 
 describe('loadConfig: what DATABASE_URL may be', () => {
