@@ -95,7 +95,8 @@ describe('query strings, path parameters and admin bodies', () => {
       ['/leases?policy=%00', 400],
       ['/audit?subject=%00', 400],
       ['/leases?issuer=%27%3B%20DROP', 200],
-      ['/audit?type=%F0%9F%94%A5', 200],
+      ['/audit?type=%F0%9F%94%A5', 400],
+      ['/audit?type=credential.issued', 200],
       // The same filters with storable values.
       ['/leases?subject=a', 200],
       ['/leases?username=ab', 200],
@@ -107,6 +108,10 @@ describe('query strings, path parameters and admin bodies', () => {
       if (status === 200) assert.equal(res.status, 200, `${url}: ${res.status} ${res.body}`);
       else assertProblem(res, status, url);
     }
+    // An audit type the broker never writes is a misspelling, answered with the ones it does.
+    const misspelt = await send('audit type misspelt', { method: 'GET', url: '/audit?type=credential.issue', token: admin });
+    assertProblem(misspelt, 400, 'audit type misspelt');
+    assert.match(misspelt.json().detail, /^querystring\/type must be equal to one of the allowed values \(credential\.issued, credential\.denied, .*request\.failed\)$/);
     // The filters apply: a storable subject finds exactly that subject's leases.
     const issued = await send('lease to filter', { payload: { policy: 'battery' } });
     assert.equal(issued.status, 201, issued.body);

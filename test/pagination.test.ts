@@ -126,19 +126,20 @@ describe('GET /audit', () => {
   test('is for admins only, and pages through thousands of events without duplicates or gaps', async () => {
     await b.pg.query(
       `INSERT INTO broker.audit_events (type, issuer, subject, lease_id, policy, reason)
-       SELECT 'test.page', $1, 'audit:' || (i % 5), CASE WHEN i % 100 = 0 THEN '11111111-1111-4111-8111-111111111111'::uuid END, 'pol', 'seed'
+       SELECT 'role.orphan_dropped', $1, 'audit:' || (i % 5), CASE WHEN i % 100 = 0 THEN '11111111-1111-4111-8111-111111111111'::uuid END, 'page-pol', 'seed'
          FROM generate_series(1, 2500) AS i`, [b.issuer.issuer]);
     const forbidden = await api(b, 'GET', '/audit', await b.token({ sub: 'page:owner-a' }));
     assert.equal(forbidden.status, 403);
     assert.equal(forbidden.body.code, 'NOT_ADMIN');
     assert.equal((await api(b, 'GET', '/audit')).status, 401);
 
-    const before = new Set((await b.pg.query(`SELECT id::text FROM broker.audit_events WHERE type = 'test.page'`)).map((r) => r.id));
-    const more = () => b.pg.query(`INSERT INTO broker.audit_events (type, reason) SELECT 'test.page', 'late' FROM generate_series(1, 3)`).then(() => undefined);
-    const items = await walk('/audit', admin, { type: 'test.page', limit: '100' }, more);
+    // A type the broker writes (GET /audit refuses any other), told apart from real events by policy.
+    const before = new Set((await b.pg.query(`SELECT id::text FROM broker.audit_events WHERE policy = 'page-pol'`)).map((r) => r.id));
+    const more = () => b.pg.query(`INSERT INTO broker.audit_events (type, policy, reason) SELECT 'role.orphan_dropped', 'page-pol', 'late' FROM generate_series(1, 3)`).then(() => undefined);
+    const items = await walk('/audit', admin, { type: 'role.orphan_dropped', policy: 'page-pol', limit: '100' }, more);
     const seen = assertNoDuplicates(items);
     assert.deepEqual([...before].filter((id) => !seen.has(id)), []);
-    assert.ok(items.every((e) => e.type === 'test.page'));
+    assert.ok(items.every((e) => e.type === 'role.orphan_dropped' && e.policy === 'page-pol'));
     for (let i = 1; i < items.length; i++) assert.ok(BigInt(items[i - 1].id) > BigInt(items[i].id), 'newest first');
 
     for (const cursor of ['garbage', Buffer.from('["x"]').toString('base64url'), Buffer.from('[-1]').toString('base64url')]) {
@@ -147,7 +148,7 @@ describe('GET /audit', () => {
     }
     const byLease = await walk('/audit', admin, { lease_id: '11111111-1111-4111-8111-111111111111', limit: '10' });
     assert.equal(byLease.length, 25);
-    const bySubject = await walk('/audit', admin, { subject: 'audit:3', type: 'test.page', limit: '1000' });
+    const bySubject = await walk('/audit', admin, { subject: 'audit:3', type: 'role.orphan_dropped', limit: '1000' });
     assert.equal(bySubject.length, 500);
     assert.ok(bySubject.every((e) => e.subject === 'audit:3' && e.actor_verified === true && e.at));
   });

@@ -1,9 +1,10 @@
+import type { AuditType } from '../schemas/audit.js';
 import type { Queryable } from '../postgres/pool.js';
 import { decodeCursor, encodeCursor, isoRow, jsonbText } from '../postgres/rows.js';
 import type { AuditEventBody, AuditQueryBody } from '../schemas/audit.js';
 
 export interface AuditEvent {
-  type: string;
+  type: AuditType;
   issuer?: string | null;
   subject?: string | null;
   /** False when iss/sub were read from a token that failed verification. */

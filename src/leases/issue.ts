@@ -125,7 +125,7 @@ async function groupGoneSince(deps: IssueDeps, policy: Policy | undefined, err: 
  */
 export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body: IssueRequest): Promise<CredentialBody> {
   const { identity } = ctx;
-  const base: AuditEvent = { issuer: identity.issuer, subject: identity.subject, request_id: ctx.requestId, client_ip: ctx.clientIp, type: '' };
+  const base: Omit<AuditEvent, 'type'> = { issuer: identity.issuer, subject: identity.subject, request_id: ctx.requestId, client_ip: ctx.clientIp };
   // Set inside the transaction; read by the retry and by the audit of a failure.
   const picked: { policy?: Policy } = {};
   try {

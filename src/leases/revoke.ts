@@ -53,7 +53,7 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
   const failed = leases.filter((l) => outcome.get(l.username) !== null);
   if (done.length > 0) {
     const audit = done.map((l) => ({
-      type: endedByExpiry(l) ? 'lease.expired' : 'lease.revoked',
+      type: endedByExpiry(l) ? 'lease.expired' as const : 'lease.revoked' as const,
       issuer: actor?.issuer ?? l.issuer,
       subject: actor?.subject ?? l.subject,
       lease_id: l.id,
@@ -84,7 +84,7 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
     // The revoke_failed event commits with the attempt that reaches it, or not at all: written
     // after it, a crash in between would lose it for good (attempts never read 5 again).
     const reachedFailed = {
-      type: 'lease.revoke_failed', issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,
+      type: 'lease.revoke_failed' as const, issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,
       reason: error, detail: { attempts: MAX_ATTEMPTS },
     };
     const { rows } = await deps.pool.query<{ attempts: number }>(

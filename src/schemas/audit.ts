@@ -18,10 +18,21 @@ export const AuditEventSchema = Type.Object({
   detail: Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()]),
 });
 
+/** Every type of event the broker writes; README's "Audit event types" lists them too. */
+export const AUDIT_TYPES = [
+  'credential.issued', 'credential.denied', 'credential.failed',
+  'lease.renewed', 'lease.revoked', 'lease.expired', 'lease.revoke_failed',
+  'policy.created', 'policy.updated', 'policy.deleted',
+  'role.orphan_dropped', 'token.rejected', 'request.denied', 'request.failed',
+] as const;
+export type AuditType = (typeof AUDIT_TYPES)[number];
+
 export const AuditQuery = Type.Object(
   {
     ...ListFilters,
-    type: Type.Optional(Type.String({ maxLength: 64 })),
+    // An enum, not any string: a misspelt type would otherwise answer an empty page, as if
+    // nothing of the kind had happened.
+    type: Type.Optional(Type.Unsafe<AuditType>({ type: 'string', enum: [...AUDIT_TYPES] })),
     lease_id: Type.Optional(Type.String({ format: 'uuid' })),
   },
   { additionalProperties: false },
