@@ -83,6 +83,18 @@ export async function githubActionsToken(requestUrl: string, requestToken: strin
 export function brokerUrl(flag: string | undefined, env: Env = process.env): string {
   const given = flag ?? (env.PG_BROKER_URL === undefined ? DEFAULT_BROKER_URL : setVariable(env, 'PG_BROKER_URL'));
   const url = given.replace(/\/+$/, '');
+  // Checked before anything is sent: fetch's own refusal ("fetch failed") names neither.
+  const source = flag === undefined ? 'PG_BROKER_URL' : '--url';
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; got ${JSON.stringify(given.slice(0, 200))}`);
+  }
+  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+    throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; ${parsed.protocol} is no scheme the broker answers on`);
+  }
+  if (parsed.search || parsed.hash) throw new CliError(`${source} must be the broker's base URL, without a query or fragment`);
   const warning = plainHttpWarning(url);
   if (warning) process.stderr.write(`pg-broker: warning: ${warning}\n`);
   return url;

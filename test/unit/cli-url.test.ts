@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { plainHttpWarning } from '../../src/cli/client.js';
+import { brokerUrl, CliError, plainHttpWarning } from '../../src/cli/client.js';
 
 test('plain http to another host is warned about; https and loopback are not', () => {
   for (const url of ['http://pg-broker.internal', 'http://10.0.0.5:8080', 'http://[fd00::1]:8080', 'http://localhost.evil.example', 'http://127.evil.example', 'http://127.0.0.1.nip.io']) {
@@ -9,4 +9,16 @@ test('plain http to another host is warned about; https and loopback are not', (
   for (const url of ['https://pg-broker.internal', 'http://127.0.0.1:8080', 'http://127.9.9.9', 'http://localhost:8080', 'http://[::1]:8080', 'not a url']) {
     assert.equal(plainHttpWarning(url), null, url);
   }
+});
+
+test('--url and PG_BROKER_URL must be an http(s) base URL, refused naming which one; a good one is taken as given', () => {
+  const refused = (flag: string | undefined, env: Record<string, string>, message: RegExp) =>
+    assert.throws(() => brokerUrl(flag, env), (err: Error) => err instanceof CliError && message.test(err.message), `${flag} ${JSON.stringify(env)}`);
+  refused('ftp://x', {}, /^--url must be the broker's http\(s\) URL, like https:\/\/pg-broker\.internal; ftp: is no scheme/);
+  refused('not a url', {}, /^--url must be the broker's http\(s\) URL, like https:\/\/pg-broker\.internal; got "not a url"$/);
+  refused(undefined, { PG_BROKER_URL: 'pg-broker.internal:8080' }, /^PG_BROKER_URL must be the broker's http\(s\) URL/);
+  refused('https://pg-broker.internal/?x=1', {}, /^--url must be the broker's base URL, without a query or fragment$/);
+  assert.equal(brokerUrl('https://pg-broker.internal/', {}), 'https://pg-broker.internal');
+  assert.equal(brokerUrl(undefined, { PG_BROKER_URL: 'https://gw.example/broker' }), 'https://gw.example/broker');
+  assert.equal(brokerUrl('http://127.0.0.1:8080', { PG_BROKER_URL: 'ftp://ignored' }), 'http://127.0.0.1:8080');
 });
