@@ -47,7 +47,9 @@ export async function devCommand(opts: DevOptions): Promise<void> {
 async function startAndExplain(opts: DevOptions, stops: Array<() => Promise<void>>): Promise<void> {
   const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort });
   stops.push(() => local.stop());
-  const issuer = await startDevIssuer({ port: opts.issuerPort });
+  const issuer = await startDevIssuer({ port: opts.issuerPort }).catch((err) => {
+    throw portTaken(err, '--issuer-port', opts.issuerPort);
+  });
   stops.push(() => issuer.close());
   const seeded = await seedLocalCluster(local);
   const config = loadConfig({
@@ -60,7 +62,9 @@ async function startAndExplain(opts: DevOptions, stops: Array<() => Promise<void
     PORT: String(opts.port),
     LOG_LEVEL: process.env.LOG_LEVEL ?? 'warn',
   });
-  const broker = await startBroker(config);
+  const broker = await startBroker(config).catch((err) => {
+    throw portTaken(err, '--port', opts.port);
+  });
   stops.push(() => broker.close());
   const admin = await issuer.mint({ sub: 'admin:dev' });
   const policyNote = await seedDevPolicy(broker.url, admin, { issuer: issuer.issuer, grant_role: seeded.groupRole, database: seeded.database });
@@ -116,4 +120,10 @@ async function seedDevPolicy(base: string, admin: string, where: { issuer: strin
   });
   if (!res.ok) throw new Error(`could not seed the dev policy: ${res.status} ${await res.text()}`);
   return existing ? `policy "dev" seeded again, admitting sub dev:* (it named another issuer, ${existing.issuer})` : 'policy "dev" admitting sub dev:*';
+}
+
+/** A port taken, in the words of dev's own option (start-up would name PORT, or no option at all). */
+function portTaken(err: unknown, option: string, port: number): unknown {
+  if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE') return err;
+  return Object.assign(new Error(`${option} ${port} is already in use on 127.0.0.1; choose another (EADDRINUSE)`, { cause: err }), { code: 'EADDRINUSE' });
 }
