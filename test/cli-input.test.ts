@@ -149,6 +149,12 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     const evaluate = await cli(['policy', 'evaluate', '--token', denied]);
     assert.equal(evaluate.code, 2);
     assert.match(evaluate.stdout, /✗ denied\s+cli: claim sub is "nobody:here", wants "cli:\*"/);
+    // A claim the token does not carry is said to be missing, not to be null.
+    await b.putPolicy('cli-team', { claims: { sub: 'team:*', team: 'data' } });
+    const teamless = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'team:x' })]);
+    assert.match(teamless.stdout, /✗ denied\s+cli-team: claim team is missing \(or null\), wants "data"/);
+    const team = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'team:x', team: 'data' })]);
+    assert.match(team.stdout, /✓ admitted cli-team/);
     // The good input: an admitted token gets its credential, and no hint.
     const admitted = await cli(['creds', '--token', await b.token({ sub: 'cli:admitted' }), '--format', 'json']);
     assert.equal(admitted.code, 0, admitted.stderr);

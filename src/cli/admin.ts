@@ -45,7 +45,7 @@ export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): P
     if (body.policies.length === 0) console.log('no policy names this issuer');
     for (const p of body.policies) {
       const first = p.failed_claims[0];
-      const why = p.reason ?? (first ? `claim ${first.claim} is ${JSON.stringify(first.value ?? null)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');
+      const why = p.reason ?? (first ? `claim ${first.claim} is ${first.value === null || first.value === undefined ? 'missing (or null)' : JSON.stringify(first.value)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');
       if (p.admitted && p.cannot_issue) console.log(`! admitted ${p.name}, but issues nothing until an admin fixes it: ${p.cannot_issue}`);
       else console.log(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
     }
