@@ -136,15 +136,15 @@ describe('pg-broker exec renewal', () => {
     const cutter = await startRelay(Number(new URL(url).port));
     try {
       const token = await b.token({ sub: 'cli:renew-retry' });
-      // ttl 12: the routine renew comes about 8 s in and its first retry 2 s later, leaving 2 s
-      // before expiry for the retry to land even on a loaded machine.
-      const running = cli(['exec', '--ttl', '12', '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: cutter.url });
+      // ttl 20: the routine renew comes about 13 s in and its first retry 2 s later, leaving about
+      // 5 s before expiry for the retry to land even on a loaded machine.
+      const running = cli(['exec', '--ttl', '20', '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: cutter.url });
       const leaseId = await command.leaseId();
       const [before] = await b.pg.query(`SELECT expires_at FROM broker.leases WHERE id = $1`, [leaseId]);
       const issuedExpiry = (before.expires_at as Date).getTime();
 
       cutter.cut();
-      await waitFor('the routine renew to hit the cut link', async () => cutter.refused > 0, 15_000);
+      await waitFor('the routine renew to hit the cut link', async () => cutter.refused > 0, 25_000);
       assert.ok(Date.now() < issuedExpiry, 'the renew failed while the lease was still alive');
       cutter.refusing = false;
 

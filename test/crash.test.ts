@@ -12,6 +12,8 @@ import { childBrokerEnv, http, loggedSecrets, sleep, spawnBroker, type BrokerPro
 const TRIALS = Number(process.env.CRASH_TRIALS ?? 50);
 const SEED = Number(process.env.CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
 const WORKERS = 6;
+// Each worker's requests in one trial: a bound only (a trial runs them for about a second, some 15 each).
+const REQUESTS_PER_WORKER_TRIAL = 2000;
 const MANAGED_ROLE = 'credential_broker_managed';
 
 // A seeded PRNG (mulberry32), so a failing run can be replayed with CRASH_SEED.
@@ -86,7 +88,8 @@ async function drive(broker: BrokerProcess, trial: number, stop: { now: boolean;
   const worker = async (w: number) => {
     const subject = `crash:w${w}`;
     const tok = await token(subject);
-    while (!stop.now) {
+    // Stopped by the trial; the count is only a bound, in case a trial never stops it.
+    for (let sent = 0; !stop.now && sent < REQUESTS_PER_WORKER_TRIAL; sent++) {
       inFlight++;
       const res = await http(`${broker.url}/credentials`, { method: 'POST', token: tok, body: { ttl: between(1, 3) }, timeoutMs: 10_000 });
       inFlight--;
