@@ -1,11 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readdirSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { perfProblem } from '../bench/lib/perf.js';
+import { PG15_INITDB } from '../bench/scenarios/pg15.js';
 
 /**
  * The benchmark script runs end to end in quick mode and writes a well-formed report. Nothing
@@ -150,7 +152,9 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.ok(p, 'the perf scenario ran');
     assert.match(report, /^### On the CPU only \(Linux perf\)$/m);
     if ('unavailable' in p) {
-      // A machine without perf (or without permission to sample) still gets a well-formed report.
+      // A machine without perf (or without permission to sample) still gets a well-formed report;
+      // where perf works, a missing profile is a failure.
+      assert.ok(perfProblem() !== null, `perf works here, yet the report has no profile: ${p.unavailable}`);
       assert.ok(report.includes(`Not measured in this run: ${p.unavailable}.`));
       return;
     }
@@ -166,6 +170,7 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.ok(p, 'the pg15 scenario ran');
     assert.match(report, /^### The same on PostgreSQL 15: P1, P3 and P1b$/m);
     if ('unavailable' in p) {
+      assert.ok(!existsSync(PG15_INITDB), `PostgreSQL 15 is installed here, yet the report has no run on it: ${p.unavailable}`);
       assert.ok(report.includes(`Not measured in this run: ${p.unavailable}.`));
       return;
     }

@@ -13,7 +13,7 @@ import { createContext } from './context.js';
 import { compare } from './floor-vs-broker.js';
 import { jitWarmup } from './warmup.js';
 
-const PG15_INITDB = '/usr/lib/postgresql/15/bin/initdb';
+export const PG15_INITDB = '/usr/lib/postgresql/15/bin/initdb';
 const CONNECTIONS = 16;
 
 /**
