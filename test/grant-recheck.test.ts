@@ -145,8 +145,13 @@ test('a group dropped within the interval: issuance and renewal answer 403 GRANT
     const [audit] = await b.pg.query(`SELECT type, policy, reason FROM broker.audit_events WHERE subject = 'grdi:after'`);
     assert.deepEqual(audit, { type: 'credential.denied', policy: 'grdi', reason: 'grant_role_unsafe' });
     // The answer was read again and is now remembered: the guard gives it without a query.
-    const noQueries = { query: () => { throw new Error('the guard queried instead of remembering'); } };
-    assert.match(String(await d.app.grantRoles.problem(noQueries as never, 'gr_drop_issue')), /does not exist/);
+    // (The broker's real pool, with its queries counted.)
+    const counted = { queries: 0, query: ((...args: unknown[]) => {
+      counted.queries++;
+      return (d.app.db.query as (...a: unknown[]) => unknown)(...args);
+    }) as typeof d.app.db.query };
+    assert.match(String(await d.app.grantRoles.problem(counted, 'gr_drop_issue')), /does not exist/);
+    assert.equal(counted.queries, 0, 'the guard queried instead of remembering');
 
     const notRenewed = await renew();
     assert.equal(notRenewed.status, 403, JSON.stringify(notRenewed.body));
@@ -154,7 +159,12 @@ test('a group dropped within the interval: issuance and renewal answer 403 GRANT
     assert.match(notRenewed.body.detail, /grant_role gr_drop_renew does not exist/);
     const [{ expires_at: after }] = await b.pg.query('SELECT expires_at FROM broker.leases WHERE id = $1', [lease.lease_id]);
     assert.equal((after as Date).toISOString(), (before as Date).toISOString(), 'the expiry did not move');
-    assert.match(String(await d.app.grantRoles.problem(noQueries as never, 'gr_drop_renew')), /does not exist/);
+    assert.match(String(await d.app.grantRoles.problem(counted, 'gr_drop_renew')), /does not exist/);
+    assert.equal(counted.queries, 0, 'the guard queried instead of remembering');
+    // Told to forget, it asks PostgreSQL again, through the same counted pool.
+    d.app.grantRoles.forget('gr_drop_renew');
+    assert.match(String(await d.app.grantRoles.problem(counted, 'gr_drop_renew')), /does not exist/);
+    assert.ok(counted.queries > 0, 'asked again after forget');
   } finally {
     await d.close();
   }
