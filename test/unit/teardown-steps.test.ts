@@ -4,6 +4,11 @@ import { retryDelaySeconds } from '../../src/leases/revoke.js';
 import { disableLogins, loginStillEnabled, teardownRoles } from '../../src/leases/teardown.js';
 import { stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown-steps.js';
 
+// The teardown's bookkeeping when statements fail in ways a real server does not produce on cue
+// (the server gone at one step and not the next, a batch refused for one role only). These drive
+// teardownRoles through a stand-in pool that answers by statement; the same code runs against real
+// PostgreSQL, outages and refused databases included, in teardown-faults, teardown-retry, lifecycle
+// and the crash and outage suites.
 const roles: RoleToDrop[] = ['lease_a', 'lease_b', 'lease_c'].map((username) => ({ username, reassign_to: 'app' }));
 const fresh = (): TeardownResult => new TeardownResult(roles.map((r) => [r.username, null]));
 
