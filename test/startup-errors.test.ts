@@ -55,12 +55,12 @@ describe('plain-http key sources', () => {
   test('an http jwks_uri on another host is warned about at start, before the database is reached', async () => {
     const broker = await spawnWaiting({
       DATABASE_URL: await unreachableDatabaseUrl(),
-      BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example.com', jwks_uri: 'http://evil.example.com/jwks?key=x' }, { issuer: 'http://idp.example.com' }]),
+      BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example', jwks_uri: 'http://evil.example/jwks?key=x' }, { issuer: 'http://idp.example' }]),
     });
     const warned = await waitFor('the warnings', async () => (broker.logged(WARNING).length === 2 ? broker.logged(WARNING) : null));
     assert.deepEqual(warned.map((l) => [l.level, l.variable, l.entry, l.field, l.url]), [
-      [40, 'BROKER_ISSUERS', 1, 'jwks_uri', 'http://evil.example.com'],
-      [40, 'BROKER_ISSUERS', 2, 'issuer', 'http://idp.example.com'],
+      [40, 'BROKER_ISSUERS', 1, 'jwks_uri', 'http://evil.example'],
+      [40, 'BROKER_ISSUERS', 2, 'issuer', 'http://idp.example'],
     ]);
     assert.ok(broker.alive(), 'a warning, not a refusal');
     assertNoPassword(broker);
@@ -71,7 +71,7 @@ describe('plain-http key sources', () => {
       DATABASE_URL: await unreachableDatabaseUrl(),
       BROKER_ISSUERS: JSON.stringify([
         { issuer: 'http://127.0.0.1:9000' }, { issuer: 'http://localhost:9001' }, { issuer: 'http://[::1]:9002' },
-        { issuer: 'https://a.example.com', jwks_uri: 'http://127.0.0.2/jwks' }, { issuer: 'https://b.example.com' },
+        { issuer: 'https://a.example', jwks_uri: 'http://127.0.0.2/jwks' }, { issuer: 'https://b.example' },
       ]),
     });
     await waitFor('the first retry', async () => broker.logged('PostgreSQL is not reachable yet; retrying').length > 0 || null);
@@ -81,7 +81,7 @@ describe('plain-http key sources', () => {
 
 describe('HOST', () => {
   test('a HOST that is no address or host name stops start-up before the database is tried', async () => {
-    const run = await serveToExit({ DATABASE_URL: await unreachableDatabaseUrl(), BROKER_ISSUERS: 'https://issuer.example.com', HOST: 'not a host' });
+    const run = await serveToExit({ DATABASE_URL: await unreachableDatabaseUrl(), BROKER_ISSUERS: 'https://issuer.example', HOST: 'not a host' });
     assert.equal(run.code, 1, run.stderr);
     assert.match(run.stderr, /^pg-broker: configuration error: HOST: must be an IP address .* \(got "not a host"\)\n$/);
   });
@@ -93,7 +93,7 @@ describe('against a real PostgreSQL', () => {
     pgs = await startPostgres();
   });
   after(() => pgs?.stop());
-  const env = () => ({ DATABASE_URL: pgs.brokerUrl, BROKER_ISSUERS: 'https://issuer.example.com', BROKER_SCRAM_ITERATIONS: '1' });
+  const env = () => ({ DATABASE_URL: pgs.brokerUrl, BROKER_ISSUERS: 'https://issuer.example', BROKER_SCRAM_ITERATIONS: '1' });
   /** The test cluster's broker URL with `change` applied. */
   const brokerUrlWith = (change: (url: URL) => void) => {
     const url = new URL(pgs.brokerUrl);
@@ -130,7 +130,7 @@ describe('against a real PostgreSQL', () => {
       [`postgres://broker:${PASSWORD}@127.0.0.1:${cutPort}/broker`, `127.0.0.1:${cutPort}`, /Connection terminated unexpectedly|ECONNRESET/],
       [refused, new URL(refused).host, /ECONNREFUSED/],
     ] as const) {
-      const broker = await spawnWaiting({ DATABASE_URL: url, BROKER_ISSUERS: 'https://issuer.example.com' });
+      const broker = await spawnWaiting({ DATABASE_URL: url, BROKER_ISSUERS: 'https://issuer.example' });
       const line = await waitFor('a retry line', async () => broker.logged('PostgreSQL is not reachable yet; retrying')[0]);
       assert.equal(line.variable, 'DATABASE_URL');
       assert.equal(line.address, address);
