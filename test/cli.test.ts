@@ -151,8 +151,13 @@ describe('pg-broker CLI', () => {
     const admin = await b.adminToken();
     const list = await cli(['leases', 'list', '--subject', 'cli:leaver', '--state', 'active', '--json', '--token', admin]);
     assert.equal(JSON.parse(list.stdout).items.length, 2);
+    const lines = await cli(['leases', 'list', '--subject', 'cli:leaver', '--state', 'active', '--token', admin]);
+    assert.deepEqual([lines.stdout.trim().split('\n').length, lines.stderr], [2, '']);
     const revoked = await cli(['leases', 'revoke', '--subject', 'cli:leaver', '--token', admin]);
     assert.match(revoked.stdout, /revoked 2 lease\(s\)/);
+    // Nothing left to list: no lines on stdout, and a word on stderr for whoever is reading.
+    const empty = await cli(['leases', 'list', '--subject', 'cli:leaver', '--state', 'active', '--token', admin]);
+    assert.deepEqual([empty.code, empty.stdout, empty.stderr], [0, '', 'no leases match\n']);
     const none = await cli(['leases', 'revoke', '--token', admin]);
     assert.equal(none.code, 1);
     assert.match(none.stderr, /name a lease id, or --subject/);

@@ -60,6 +60,8 @@ export async function leasesList(opts: AdminOptions & { json?: boolean; filters:
   if (opts.json) return void console.log(JSON.stringify(body, null, 2));
   for (const l of body.items) console.log(`${l.id}\t${l.state}\t${l.username}\t${l.policy}\t${l.subject}\texpires ${l.expires_at}`);
   if (body.next_cursor) console.log(`(more: --cursor ${body.next_cursor})`);
+  // On stderr, so a script reading the lines gets none; a person is told the filters matched nothing.
+  if (body.items.length === 0) process.stderr.write('no leases match\n');
 }
 
 export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {

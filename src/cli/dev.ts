@@ -1,4 +1,5 @@
 import path from 'node:path';
+import { CliError } from './client.js';
 import { loadConfig } from '../config.js';
 import { startLocalPostgres } from '../dev/embedded-postgres.js';
 import { DEV_ISSUER_BANNER, startDevIssuer } from '../dev/issuer.js';
@@ -96,6 +97,10 @@ Ctrl-C stops everything; the PostgreSQL data stays in ${local.dataDir}.
 
 /** `pg-broker dev-issuer`: only the development issuer, e.g. for docker-compose. */
 export async function devIssuerCommand(opts: { host: string; port: number; publicUrl?: string; audience?: string }): Promise<void> {
+  // It becomes every token's iss, which a broker compares exactly with BROKER_ISSUERS.
+  if (opts.publicUrl !== undefined && !/^https?:\/\/[^/\s?#]+(\/[^\s?#]*)?$/.test(opts.publicUrl)) {
+    throw new CliError(`--public-url must be an http(s) URL without a query or fragment, as BROKER_ISSUERS will name it; got ${JSON.stringify(opts.publicUrl.slice(0, 200))}`);
+  }
   const issuer = await startDevIssuer(opts);
   console.log(`⚠ ${DEV_ISSUER_BANNER}\nissuer ${issuer.issuer} (JWKS ${issuer.jwksUri}); POST ${issuer.issuer}/token with a JSON object of claims`);
   await waitForSignal();

@@ -1,0 +1,110 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { missingCredentialFields } from '../src/cli/credentials.js';
+import { waitFor, type TestBroker } from './helpers/broker.js';
+import { BIN, startCliBench, type CliBench } from './helpers/cli.js';
+import { freePort } from './helpers/ports.js';
+
+// What the CLI does with settings and with what answers it: a server at --url that is not the
+// broker, LOG_LEVEL for migrate, a reader that goes away, dev-issuer's --public-url.
+let b: TestBroker;
+let tmp: string;
+let cli: CliBench['cli'];
+
+before(async () => {
+  ({ b, home: tmp, cli } = await startCliBench('pgcb-cli-settings-'));
+});
+after(async () => b?.close());
+
+describe('pg-broker settings and answers', () => {
+  test('a wrong --url that answers 200 with something else is refused: exec never runs, creds prints nothing; the broker\'s URL works', async () => {
+    const token = await b.token({ sub: 'cli:wrong-url' });
+    let answer: 'html' | 'json' = 'html';
+    const stranger = http.createServer((_req, res) => {
+      if (answer === 'json') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}');
+      res.writeHead(200, { 'content-type': 'text/html' }).end('<html>sign in</html>');
+    });
+    await new Promise<void>((resolve) => stranger.listen(0, '127.0.0.1', resolve));
+    const other = `http://127.0.0.1:${(stranger.address() as AddressInfo).port}`;
+    const ran = path.join(tmp, 'wrong-url-ran');
+    try {
+      const exec = await cli(['exec', '--url', other, '--token', token, '--', process.execPath, '-e', `require('fs').writeFileSync(${JSON.stringify(ran)}, 'x')`]);
+      assert.equal(exec.code, 1);
+      assert.match(exec.stderr, /answered POST \/credentials with 200 but not with the broker's JSON \(content-type "text\/html"\); is http:\/\/127\.0\.0\.1:\d+ the broker's URL\?/);
+      assert.ok(!existsSync(ran), 'the command never ran');
+      const creds = await cli(['creds', '--url', other, '--token', token, '--format', 'uri']);
+      assert.equal(creds.code, 1);
+      assert.equal(creds.stdout, '');
+      const list = await cli(['leases', 'list', '--url', other, '--token', await b.adminToken()]);
+      assert.equal(list.code, 1);
+      assert.match(list.stderr, /not with the broker's JSON/);
+      // JSON that is no credential is refused too.
+      answer = 'json';
+      const json = await cli(['exec', '--url', other, '--token', token, '--', process.execPath, '-e', `require('fs').writeFileSync(${JSON.stringify(ran)}, 'x')`]);
+      assert.equal(json.code, 1);
+      assert.match(json.stderr, /answered POST \/credentials with 200 but not with a credential \(no valid lease_id, username, password, host, database, expires_at, uri, port\)/);
+      assert.ok(!existsSync(ran), 'the command never ran');
+    } finally {
+      stranger.closeAllConnections();
+      await new Promise((resolve) => stranger.close(resolve));
+    }
+    // The good input: the broker's own URL.
+    const good = await cli(['creds', '--token', token, '--format', 'uri']);
+    assert.equal(good.code, 0, good.stderr);
+    assert.match(good.stdout, /^postgresql:\/\/lease_/);
+    assert.deepEqual(missingCredentialFields(JSON.parse((await cli(['creds', '--token', token, '--format', 'json'])).stdout)), []);
+  });
+
+  test('migrate refuses a LOG_LEVEL it does not know as serve does, naming the setting; a known one migrates', async () => {
+    const bad = await cli(['migrate'], { LOG_LEVEL: 'bogus', DATABASE_URL: b.pg.brokerUrl });
+    assert.equal(bad.code, 1);
+    assert.equal(bad.stderr.trim(), 'pg-broker: configuration error: LOG_LEVEL: must be one of fatal, error, warn, info, debug, trace, silent');
+    const good = await cli(['migrate'], { LOG_LEVEL: 'WARN', DATABASE_URL: b.pg.brokerUrl });
+    assert.equal(good.code, 0, good.stderr);
+    assert.equal(good.stdout.trim(), 'database is up to date');
+  });
+
+  test('output piped to a reader that has gone (| head -1) ends quietly; read whole, it is all there', async () => {
+    const run = (closeEarly: boolean) => new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+      const child = spawn(process.execPath, [BIN, '--help'], { env: { PATH: process.env.PATH!, HOME: tmp }, stdio: ['ignore', 'pipe', 'pipe'] });
+      // Closed before the CLI has even started: its first write meets EPIPE.
+      if (closeEarly) child.stdout.destroy();
+      let out = '';
+      let err = '';
+      if (!closeEarly) child.stdout.on('data', (d) => (out += d));
+      child.stderr.on('data', (d) => (err += d));
+      child.on('exit', (code) => resolve({ code, out, err }));
+    });
+    const gone = await run(true);
+    assert.deepEqual([gone.code, gone.err], [0, '']);
+    const whole = await run(false);
+    assert.equal(whole.code, 0, whole.err);
+    assert.match(whole.out, /^Usage: pg-broker /);
+  });
+
+  test('dev-issuer refuses a --public-url no broker could name as its issuer; a good one becomes the tokens\' iss', async () => {
+    for (const bad of ['not a url', 'ftp://idp.local', 'http://idp.local/?tenant=1']) {
+      const run = await cli(['dev-issuer', '--port', String(await freePort()), '--public-url', bad]);
+      assert.equal(run.code, 1, bad);
+      assert.match(run.stderr, /^pg-broker: --public-url must be an http\(s\) URL without a query or fragment/, bad);
+    }
+    const port = await freePort();
+    const child = spawn(process.execPath, [BIN, 'dev-issuer', '--port', String(port), '--public-url', 'http://idp.local:9999/dev'], { env: { PATH: process.env.PATH!, HOME: tmp }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const exited = new Promise((resolve) => child.on('exit', resolve));
+    try {
+      let out = '';
+      child.stdout.on('data', (d) => (out += d));
+      await waitFor('the dev issuer to start', async () => out.includes('issuer http://idp.local:9999/dev'), 30_000);
+      const { access_token } = await (await fetch(`http://127.0.0.1:${port}/token`, { method: 'POST', body: '{"sub":"dev:x"}' })).json() as { access_token: string };
+      assert.equal(JSON.parse(Buffer.from(access_token.split('.')[1], 'base64url').toString()).iss, 'http://idp.local:9999/dev');
+    } finally {
+      child.kill('SIGINT');
+      await exited;
+    }
+  });
+});
