@@ -34,6 +34,8 @@ export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, http
 export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: string): Error {
   const text = errors.map((e) => {
     const field = `${dataVar}${e.instancePath ?? ''}`;
+    // `?limit=5&limit=6` arrives as an array: "must be integer" would not say what was wrong.
+    if (dataVar === 'querystring' && e.keyword === 'type' && Array.isArray(e.data)) return `${field} is given more than once`;
     const rule = e.keyword === 'pattern' || e.keyword === 'format' ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
     if (typeof rule === 'string') return `${field} must be ${rule}`;
     const allowed = e.keyword === 'enum' ? (e.params as { allowedValues?: unknown[] } | undefined)?.allowedValues : undefined;

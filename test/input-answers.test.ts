@@ -174,9 +174,11 @@ describe('input a route does not take', () => {
     badRequest(force, 'force in the query', 'querystring must NOT have additional properties: "force" is not one of its fields');
     const kept = await send('policy still there', { method: 'GET', url: '/policies/answers', token: admin });
     assert.equal(kept.status, 200, kept.body);
-    // Declared parameters still work where a route has them.
+    // Declared parameters still work where a route has them, once each.
     const listed = await send('declared query', { method: 'GET', url: '/leases?limit=1', token: admin });
     assert.equal(listed.status, 200, listed.body);
+    const twice = await send('declared query twice', { method: 'GET', url: '/leases?limit=1&limit=2', token: admin });
+    badRequest(twice, 'declared query twice', 'querystring/limit is given more than once');
   });
 
   test('a body on a route that takes none → 400, and nothing is done; an empty one is no input', async () => {
