@@ -20,7 +20,7 @@ import healthRoutes from './routes/health.js';
 import leaseRoutes from './routes/leases.js';
 import policyRoutes from './routes/policies.js';
 import { Problem, problemResponses } from './schemas/common.js';
-import { installJsonBodyParser, refuseUndeclaredInputs, schemaErrors, validatorCompiler } from './validation.js';
+import { installJsonBodyParser, refuseNul, refuseUndeclaredInputs, schemaErrors, validatorCompiler } from './validation.js';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -136,6 +136,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     const answers = bodyless ? (PROBE_PATHS.has(route.url) ? {} : problemResponses(400)) : problemResponses(400, 413, 415);
     route.schema.response = { ...answers, ...(route.schema.response as object) };
   });
+  app.addHook('preHandler', refuseNul);
   app.addSchema(Problem);
   decorateLogNote(app);
 

@@ -47,6 +47,34 @@ export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: strin
   return new Error(text);
 }
 
+/** `key` as a path segment that carries no control character into a message. */
+const segment = (key: string) => JSON.stringify(key).slice(1, -1).replace(/\//g, '~1');
+
+/** Where in `value` a NUL character sits first (a `path/to/field`), or null. */
+function nulAt(value: unknown, path: string, depth = 0): { path: string; inName: boolean } | null {
+  if (typeof value === 'string') return value.includes('\u0000') ? { path, inName: false } : null;
+  if (depth > 32 || value === null || typeof value !== 'object') return null;
+  for (const [key, item] of Object.entries(value)) {
+    if (key.includes('\u0000')) return { path, inName: true };
+    const found = nulAt(item, `${path}/${segment(key)}`, depth + 1);
+    if (found) return found;
+  }
+  return null;
+}
+
+/**
+ * preHandler for every route: a NUL character in a query parameter or anywhere in the body is
+ * refused naming where it is. PostgreSQL cannot store one in text and refuses the statement, whose
+ * error names no field. (After validation, so a field whose schema refuses it says why first.)
+ */
+export async function refuseNul(request: FastifyRequest): Promise<void> {
+  const at = nulAt(request.query, 'querystring') ?? nulAt(request.body, 'body');
+  if (!at) return;
+  throw new Errors.BadRequest(at.inName
+    ? `${at.path} has a field name holding a NUL character, which PostgreSQL cannot store`
+    : `${at.path} holds a NUL character, which PostgreSQL cannot store`);
+}
+
 const NO_PARAMETERS = { type: 'object', properties: {}, additionalProperties: false };
 
 const carriesNothing = (body: unknown) =>

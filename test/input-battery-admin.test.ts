@@ -108,6 +108,8 @@ describe('query strings, path parameters and admin bodies', () => {
       if (status === 200) assert.equal(res.status, 200, `${url}: ${res.status} ${res.body}`);
       else assertProblem(res, status, url);
     }
+    const named = await send('filter NUL named', { method: 'GET', url: '/leases?username=a%00b', token: admin });
+    assert.equal(named.json().detail, 'querystring/username holds a NUL character, which PostgreSQL cannot store');
     // An audit type the broker never writes is a misspelling, answered with the ones it does.
     const misspelt = await send('audit type misspelt', { method: 'GET', url: '/audit?type=credential.issue', token: admin });
     assertProblem(misspelt, 400, 'audit type misspelt');
@@ -162,20 +164,20 @@ describe('query strings, path parameters and admin bodies', () => {
     assert.equal(good.status, 201, good.body);
     assert.deepEqual(good.json().claims, base.claims);
 
-    // PostgreSQL refuses a NUL in a bind parameter; the broker answers with a generic text that does not name the field.
-    const NUL_REFUSED = /^The request holds a value that cannot be used \(for example a NUL character/;
+    // PostgreSQL refuses a NUL in a bind parameter; the broker refuses it first, naming where it is.
+    const NUL_REFUSED = (at: string) => new RegExp(`^${at} holds a NUL character, which PostgreSQL cannot store$`);
     const cases: Array<[string, string, Record<string, unknown>, 'INVALID_POLICY' | 'BAD_REQUEST', RegExp]> = [
       ['name with a space', 'bad%20name', base, 'BAD_REQUEST', /^params\/name must be a policy name of 1 to 63 characters/],
       ['name too long', 'n'.repeat(100), base, 'BAD_REQUEST', /^params\/name must be a policy name of 1 to 63 characters/],
       ['name with a quote', "a'b", base, 'BAD_REQUEST', /^params\/name must be a policy name of 1 to 63 characters/],
       ['grant_role missing', 'p1', { ...base, grant_role: 'no_such_role' }, 'INVALID_POLICY', /^grant_role no_such_role does not exist$/],
       ['grant_role with SQL', 'p2', { ...base, grant_role: "x\"; DROP ROLE broker; --" }, 'INVALID_POLICY', /^grant_role x"; DROP ROLE broker; -- does not exist$/],
-      ['grant_role with NUL', 'p3', { ...base, grant_role: 'app\u0000readers' }, 'BAD_REQUEST', NUL_REFUSED],
+      ['grant_role with NUL', 'p3', { ...base, grant_role: 'app\u0000readers' }, 'BAD_REQUEST', NUL_REFUSED('body/grant_role')],
       ['grant_role superuser', 'p4', { ...base, grant_role: 'postgres' }, 'INVALID_POLICY', /^grant_role postgres has SUPERUSER$/],
       ['grant_role predefined', 'p5', { ...base, grant_role: 'pg_read_server_files' }, 'INVALID_POLICY', /^grant_role pg_read_server_files is a predefined PostgreSQL role$/],
       ['grant_role the marker role', 'p6', { ...base, grant_role: b.config.managedRole }, 'INVALID_POLICY', /^grant_role cannot be the broker marker role$/],
       ['database missing', 'p7', { ...base, database: 'no_such_db' }, 'INVALID_POLICY', /^database no_such_db does not exist/],
-      ['database with NUL', 'p8', { ...base, database: 'bro\u0000ker' }, 'BAD_REQUEST', NUL_REFUSED],
+      ['database with NUL', 'p8', { ...base, database: 'bro\u0000ker' }, 'BAD_REQUEST', NUL_REFUSED('body/database')],
       ['database with SQL', 'p9', { ...base, database: "x'; DROP DATABASE broker; --" }, 'INVALID_POLICY', /^database x'; DROP DATABASE broker; -- does not exist/],
       ['no claims', 'p10', { ...base, claims: {} }, 'INVALID_POLICY', /^a policy must bind at least one claim$/],
       ['claim pattern not a string', 'p11', { ...base, claims: { sub: 5 } }, 'BAD_REQUEST', /^body\/claims\/sub must be string/],
@@ -186,8 +188,9 @@ describe('query strings, path parameters and admin bodies', () => {
       ['ttl negative', 'p16', { ...base, max_ttl: -1 }, 'BAD_REQUEST', /^body\/max_ttl must be >= 1$/],
       // Ajv's additionalProperties message does not name the property.
       ['unknown field', 'p17', { ...base, superuser: true }, 'BAD_REQUEST', /^body must NOT have additional properties: "superuser" is not one of its fields$/],
-      ['claims with NUL pattern', 'p18', { ...base, claims: { sub: 'a\u0000b' } }, 'BAD_REQUEST', NUL_REFUSED],
-      ['description with NUL', 'p19', { ...base, description: 'a\u0000b' }, 'BAD_REQUEST', NUL_REFUSED],
+      ['claims with NUL pattern', 'p18', { ...base, claims: { sub: 'a\u0000b' } }, 'BAD_REQUEST', NUL_REFUSED('body/claims/sub')],
+      ['claim name with NUL', 'p18b', { ...base, claims: { sub: 'x', 'a\u0000\nb': 'y' } }, 'BAD_REQUEST', /^body\/claims has a field name holding a NUL character, which PostgreSQL cannot store$/],
+      ['description with NUL', 'p19', { ...base, description: 'a\u0000b' }, 'BAD_REQUEST', NUL_REFUSED('body/description')],
       ['connection_limit 0', 'p20', { ...base, connection_limit: 0 }, 'INVALID_POLICY', /^connection_limit 0 would issue credentials that can never log in/],
       // 40 characters pass the schema's maxLength of 63, but PostgreSQL counts 80 bytes and would cut them.
       ['grant_role over 63 bytes', 'p21', { ...base, grant_role: '\u00e9'.repeat(40) }, 'INVALID_POLICY', /^grant_role is 80 bytes in UTF-8; PostgreSQL names hold at most 63$/],
