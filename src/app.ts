@@ -4,6 +4,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type pg from 'pg';
 import type { Logger } from 'pino';
 import authPlugin from './auth/verify.js';
+import { rateLimitKey } from './client-address.js';
 import type { Config } from './config.js';
 import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
@@ -170,9 +171,10 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     timeWindow: 60_000,
     hook: 'onRequest',
     allowList: (request) => PROBE_PATHS.has(request.url.split('?')[0]),
+    keyGenerator: (request) => rateLimitKey(request.ip),
     // Our catalogue error, so the answer carries code RATE_LIMITED like the per-identity limit's.
     errorResponseBuilder: (_request, context) =>
-      new Errors.RateLimited(`More than ${context.max} requests a minute from this address; retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`),
+      new Errors.RateLimited(`More than ${context.max} requests a minute from this address (an IPv6 one's /64); retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`),
   });
   // Callers only see "token could not be verified"; the reason is for the operator.
   await app.register(authPlugin, {
