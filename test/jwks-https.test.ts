@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -14,12 +15,18 @@ import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 // or to another https URL, which is fine. The plain-http side is an ordinary test issuer.
 let plain: TestIssuer;
 let server: https.Server;
+// A plain-http hop that sends each request on to its `to`.
+let hop: http.Server;
+let bouncer = '';
 let base = '';
 let ca = '';
-let mode: 'ok' | 'discovery-to-http' | 'jwks-to-http' | 'jwks-moved' | 'jwks-with-user' = 'ok';
+let mode: 'ok' | 'discovery-to-http' | 'jwks-to-http' | 'jwks-moved' | 'jwks-with-user' | 'discovery-via-http' | 'jwks-via-http' | 'jwks-to-data' | 'jwks-loop' = 'ok';
 
 before(async () => {
   plain = await startIssuer({ discovery: true });
+  hop = http.createServer((req, res) => res.writeHead(302, { location: new URL(req.url ?? '/', 'http://x').searchParams.get('to') ?? '/' }).end());
+  await new Promise<void>((resolve) => hop.listen(0, '127.0.0.1', resolve));
+  bouncer = `http://127.0.0.1:${(hop.address() as AddressInfo).port}`;
   const dir = mkdtempSync(path.join(tmpdir(), 'pgcb-tls-'));
   try {
     execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '1',
@@ -33,15 +40,21 @@ before(async () => {
       const jwks = { keys: [plain.publicJwk()] };
       if (req.url === '/.well-known/openid-configuration') {
         if (mode === 'discovery-to-http') return redirect(`${plain.issuer}/.well-known/openid-configuration`);
+        // Through a plain-http hop and back to https: whoever sits on that hop chooses where it ends.
+        if (mode === 'discovery-via-http') return redirect(`${bouncer}/bounce?to=${encodeURIComponent(`${base}/discovery-doc`)}`);
         const port = (server.address() as AddressInfo).port;
         return json({ issuer: base, jwks_uri: mode === 'jwks-with-user' ? `https://u:s3cret-pw@127.0.0.1:${port}/jwks` : `${base}/jwks` });
       }
       if (req.url === '/jwks') {
         if (mode === 'jwks-to-http') return redirect(plain.jwksUri);
         if (mode === 'jwks-moved') return redirect(`${base}/keys/v2`);
+        if (mode === 'jwks-via-http') return redirect(`${bouncer}/bounce?to=${encodeURIComponent(`${base}/keys/v2`)}`);
+        if (mode === 'jwks-to-data') return redirect(`data:application/json,${encodeURIComponent(JSON.stringify(jwks))}`);
+        if (mode === 'jwks-loop') return redirect(`${base}/jwks`);
         return json(jwks);
       }
       if (req.url === '/keys/v2') return json(jwks);
+      if (req.url === '/discovery-doc') return json({ issuer: base, jwks_uri: `${base}/jwks` });
       res.writeHead(404).end();
     });
   } finally {
@@ -54,6 +67,7 @@ after(async () => {
   server?.closeAllConnections();
   await new Promise((resolve) => server?.close(resolve));
   await plain?.close();
+  await new Promise((resolve) => hop?.close(resolve));
 });
 
 /** The first fetch error a fresh resolver for the https issuer meets, and whether the key was found. */
@@ -83,6 +97,20 @@ test('a discovery document or JWKS redirected from https to plain http is refuse
   assert.deepEqual(await lookUp(), { pem: null, error: 'the discovery request was redirected from https to plain http; refusing its answer' });
   mode = 'jwks-to-http';
   assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected from https to plain http; refusing its answer' });
+});
+
+test('a chain that passes through plain http on its way back to https is refused, for discovery and JWKS alike', async () => {
+  mode = 'discovery-via-http';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the discovery request was redirected from https to plain http; refusing its answer' });
+  mode = 'jwks-via-http';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected from https to plain http; refusing its answer' });
+});
+
+test('a redirect to a data: URL, or one that never ends, is refused', async () => {
+  mode = 'jwks-to-data';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected to a data: URL; refusing it' });
+  mode = 'jwks-loop';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected more than 5 times' });
 });
 
 test('a discovered jwks_uri with a user part is not fetched, and its password is not repeated', async () => {

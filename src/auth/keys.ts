@@ -14,6 +14,9 @@ const KEY_TYPE_FOR_ALG: Record<string, { kty: string; crv?: string[] }> = {
   EdDSA: { kty: 'OKP', crv: ['Ed25519', 'Ed448'] },
 };
 
+// Redirects followed per key-source request: plenty for any IdP, few enough to end a loop soon.
+const MAX_REDIRECTS = 5;
+
 export class KeyLookupError extends Error {
   constructor(message: string, readonly fetchFailed = false) {
     super(message);
@@ -190,16 +193,28 @@ export class KeyResolver {
   }
 
   /**
-   * fetch follows redirects, https to http included: what an https URL answers must not then come
-   * over plain http, where anyone on the path could change it (for discovery, choose the key set).
+   * fetch would follow redirects, https to http included, and check nothing on the way: what an
+   * https URL answers must not come over plain http at any hop, where anyone on the path could
+   * change it (for discovery, choose the key set), even if the chain ends on https again. So
+   * redirects are followed here, each hop checked.
    */
   private async fetchOverHttpsIfAsked(uri: string, deadline: AbortSignal, what: string): Promise<Response> {
-    const res = await fetch(uri, { dispatcher: this.dispatcher, signal: deadline } as RequestInit);
-    if (new URL(uri).protocol === 'https:' && new URL(res.url).protocol !== 'https:') {
+    const httpsOnly = new URL(uri).protocol === 'https:';
+    let url = uri;
+    for (let hops = 0; ; hops++) {
+      const res = await fetch(url, { dispatcher: this.dispatcher, signal: deadline, redirect: 'manual' } as RequestInit);
+      const location = res.status >= 300 && res.status < 400 ? res.headers.get('location') : null;
+      if (location === null) return res;
       await res.body?.cancel();
-      throw new Error(`the ${what} request was redirected from https to plain http; refusing its answer`);
+      if (hops >= MAX_REDIRECTS) throw new Error(`the ${what} request was redirected more than ${MAX_REDIRECTS} times`);
+      url = new URL(location, url).href;
+      // fetch itself would refuse any other scheme; a data: URL would carry its own answer.
+      const { protocol } = new URL(url);
+      if (protocol !== 'https:' && protocol !== 'http:') throw new Error(`the ${what} request was redirected to a ${protocol} URL; refusing it`);
+      if (httpsOnly && protocol !== 'https:') {
+        throw new Error(`the ${what} request was redirected from https to plain http; refusing its answer`);
+      }
     }
-    return res;
   }
 
   /** The jwks_uri from the issuer's OIDC discovery document (OpenID Connect Discovery 1.0, 4). */
