@@ -14,19 +14,21 @@ import { freePort } from './helpers/ports.js';
 // broker, LOG_LEVEL for migrate, a reader that goes away, dev-issuer's --public-url.
 let b: TestBroker;
 let tmp: string;
+let url: string;
 let cli: CliBench['cli'];
 
 before(async () => {
-  ({ b, home: tmp, cli } = await startCliBench('pgcb-cli-settings-'));
+  ({ b, home: tmp, url, cli } = await startCliBench('pgcb-cli-settings-'));
 });
 after(async () => b?.close());
 
 describe('pg-broker settings and answers', () => {
   test('a wrong --url that answers 200 with something else is refused: exec never runs, creds prints nothing; the broker\'s URL works', async () => {
     const token = await b.token({ sub: 'cli:wrong-url' });
-    let answer: 'html' | 'json' = 'html';
+    let answer: 'html' | 'json' | 'empty' = 'html';
     const stranger = http.createServer((_req, res) => {
       if (answer === 'json') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}');
+      if (answer === 'empty') return void res.writeHead(200).end();
       res.writeHead(200, { 'content-type': 'text/html' }).end('<html>sign in</html>');
     });
     await new Promise<void>((resolve) => stranger.listen(0, '127.0.0.1', resolve));
@@ -49,10 +51,18 @@ describe('pg-broker settings and answers', () => {
       assert.equal(json.code, 1);
       assert.match(json.stderr, /answered POST \/credentials with 200 but not with a credential \(no valid lease_id, username, password, host, database, expires_at, uri, port\)/);
       assert.ok(!existsSync(ran), 'the command never ran');
+      // Nothing at all is no answer either.
+      answer = 'empty';
+      const empty = await cli(['leases', 'list', '--url', other, '--token', await b.adminToken()]);
+      assert.equal(empty.code, 1);
+      assert.match(empty.stderr, /answered GET \/leases\?\S* with 200 and nothing else; is http:\/\/127\.0\.0\.1:\d+ the broker's URL\?/);
     } finally {
       stranger.closeAllConnections();
       await new Promise((resolve) => stranger.close(resolve));
     }
+    // The URL is checked before a token is looked for: here there is none, and the URL is named.
+    const noToken = await cli(['creds', '--url', 'ftp://broker']);
+    assert.match(noToken.stderr, /^pg-broker: --url must be the broker's http\(s\) URL/);
     // The good input: the broker's own URL.
     const good = await cli(['creds', '--token', token, '--format', 'uri']);
     assert.equal(good.code, 0, good.stderr);
@@ -85,6 +95,24 @@ describe('pg-broker settings and answers', () => {
     const whole = await run(false);
     assert.equal(whole.code, 0, whole.err);
     assert.match(whole.out, /^Usage: pg-broker /);
+  });
+
+  test('creds whose standard output nobody reads revokes the credential and fails; read, it is delivered', async () => {
+    const token = await b.token({ sub: 'cli:nobody-reads' });
+    const child = spawn(process.execPath, [BIN, 'creds', '--token', token, '--format', 'env'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', 'pipe', 'pipe'] });
+    child.stdout.destroy();
+    let err = '';
+    child.stderr.on('data', (d) => (err += d));
+    const code = await new Promise((resolve) => child.on('exit', resolve));
+    assert.equal(code, 1, err);
+    const lease = /lease ([0-9a-f-]{36}) revoked/.exec(err);
+    assert.ok(lease, err);
+    assert.match(err, /^pg-broker: cannot write the credential to standard output: EPIPE; lease /);
+    const [row] = await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [lease[1]]);
+    assert.equal(row.state, 'revoked');
+    const read = await cli(['creds', '--token', token, '--format', 'env']);
+    assert.equal(read.code, 0, read.stderr);
+    assert.match(read.stdout, /^export PGUSER=/m);
   });
 
   test('dev-issuer refuses a --public-url no broker could name as its issuer; a good one becomes the tokens\' iss', async () => {

@@ -89,12 +89,15 @@ export function brokerUrl(flag: string | undefined, env: Env = process.env): str
   try {
     parsed = new URL(url);
   } catch {
-    throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; got ${JSON.stringify(given.slice(0, 200))}`);
+    // Whatever sits between // and @ may be a password: not repeated.
+    throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; got ${JSON.stringify(given.slice(0, 200).replace(/\/\/[^/]*@/, '//…@'))}`);
   }
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
     throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; ${parsed.protocol} is no scheme the broker answers on`);
   }
-  if (parsed.search || parsed.hash) throw new CliError(`${source} must be the broker's base URL, without a query or fragment`);
+  if (/[?#]/.test(url)) throw new CliError(`${source} must be the broker's base URL, without a query or fragment`);
+  // fetch refuses a URL with credentials and repeats it, password and all, in its error.
+  if (parsed.username || parsed.password) throw new CliError(`${source} must not carry a user or password (user:password@); the broker takes a bearer token`);
   const warning = plainHttpWarning(url);
   if (warning) process.stderr.write(`pg-broker: warning: ${warning}\n`);
   return url;
@@ -171,6 +174,10 @@ export async function callBroker<T = any>(
   // Whatever else answers at a wrong --url (a web server, a proxy's login page) says 200 too; its
   // page must not be taken for the broker's answer, let alone printed as a credential.
   const type = res.headers.get('content-type') ?? '';
+  // The broker answers 204 with nothing, and every other success with a JSON body.
+  if (res.status !== 204 && !text) {
+    throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status} and nothing else; is ${base} the broker's URL?`);
+  }
   if (text && (typeof parsed === 'string' || !/^application\/(problem\+)?json\b/i.test(type))) {
     throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status} but not with the broker's JSON (content-type ${JSON.stringify(type || 'none')}); is ${base} the broker's URL?`);
   }

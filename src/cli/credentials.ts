@@ -22,11 +22,12 @@ export function missingCredentialFields(body: unknown): string[] {
 }
 
 export async function requestCredential(opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
-  return issueWith(await obtainToken(opts), opts);
+  // The URL is checked before a token is asked for (of GitHub Actions, say) that would go nowhere.
+  const base = brokerUrl(opts.url);
+  return issueWith(await obtainToken(opts), base, opts);
 }
 
-async function issueWith(token: string, opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
-  const base = brokerUrl(opts.url);
+async function issueWith(token: string, base: string, opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
   const body: Record<string, unknown> = {};
   if (opts.policy) body.policy = opts.policy;
   if (opts.ttl !== undefined) body.ttl = opts.ttl;
@@ -52,7 +53,14 @@ export async function credsCommand(opts: RequestOptions & { format: string; outp
   const { credential, base, token } = await requestCredential(opts);
   const text = formatCredential(credential, opts.format as Format);
   if (!opts.output) {
-    process.stdout.write(text);
+    try {
+      // Awaited: a reader that went away (`| head -c0`, a closed pipe) fails the write.
+      await new Promise<void>((resolve, reject) => process.stdout.write(text, (err) => (err ? reject(err) : resolve())));
+    } catch (err) {
+      const reason = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+      const revoked = await revoke(base, { token }, credential.lease_id, 'creds');
+      throw new CliError(`cannot write the credential to standard output: ${reason}${revoked ? `; lease ${credential.lease_id} revoked` : ''}`);
+    }
     return;
   }
   try {
@@ -125,10 +133,11 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   const stoppedEarly = () => 128 + (early ? (constants.signals[early] ?? 0) : 0);
   let requested: Awaited<ReturnType<typeof requestCredential>>;
   try {
+    const base = brokerUrl(opts.url);
     const token = await obtainToken(opts);
     // Not asked for at all when the signal came while the token was being fetched.
     if (early) return stoppedEarly();
-    requested = await issueWith(token, opts);
+    requested = await issueWith(token, base, opts);
     if (early) {
       if (opts.keep) process.stderr.write(`pg-broker exec: lease ${requested.credential.lease_id} kept (--keep)\n`);
       else await revoke(requested.base, opts, requested.credential.lease_id, 'exec');

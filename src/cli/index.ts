@@ -207,11 +207,12 @@ export async function main(argv: string[]): Promise<void> {
   // would pass a mistyped subcommand to serve as an argument, and report "too many arguments for
   // 'serve'" instead of the unknown command and the one meant.
   const args = argv.length > 2 ? argv : [...argv, 'serve'];
-  // `pg-broker … | head -1`: the reader went away, which is no error of ours. Without a listener
-  // the write's EPIPE is thrown as an uncaught exception, stack trace and all.
+  // `pg-broker … | head -1`: the reader went away. Without a listener the write's EPIPE is thrown
+  // as an uncaught exception, stack trace and all, skipping every command's clean-up (dev's and
+  // demo's PostgreSQL). With it, output that nobody reads is dropped and the command finishes as
+  // it would have; `creds`, whose output is the credential, sees its own write fail and revokes it.
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code !== 'EPIPE') throw err;
-    process.exit(process.exitCode ?? 0);
   });
   try {
     await buildCli().parseAsync(args);
