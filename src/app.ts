@@ -51,6 +51,7 @@ export const MAX_BODY_BYTES = 64 * 1024;
 // Node's default is 16 KB; tokens are capped at 16 KB too, so leave room for the other headers.
 export const MAX_HEADER_BYTES = 32 * 1024;
 const PROBE_PATHS = new Set(['/healthz', '/readyz', '/metrics']);
+const UNCHECKED_QUERY_PATHS = new Set([...PROBE_PATHS, '/openapi.yaml']);
 
 /**
  * After a token is verified, the same identity may make at most `max` requests a minute,
@@ -129,9 +130,10 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   // Fastify reads a body on every method but GET and HEAD, whatever the route's schema says, so
   // each such route can answer 400 (malformed JSON), 413 (over 64 KB) and 415 (neither JSON nor
   // text/plain). Added here rather than route by route, so no route's document can leave them out.
-  // Every route but the probes also answers 400 for a query parameter it does not declare.
+  // Every route but the probes and the API document also answers 400 for a query parameter it
+  // does not declare (a tool fetching the document may add one to bust a cache).
   app.addHook('onRoute', (route) => {
-    refuseUndeclaredInputs(route, PROBE_PATHS);
+    refuseUndeclaredInputs(route, UNCHECKED_QUERY_PATHS);
     if (!route.schema?.response) return;
     const bodyless = [route.method].flat().every((m) => m === 'GET' || m === 'HEAD');
     const answers = bodyless ? (PROBE_PATHS.has(route.url) ? {} : problemResponses(400)) : problemResponses(400, 413, 415);

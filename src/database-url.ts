@@ -96,9 +96,11 @@ export interface DatabaseDescription {
  * password "p"). An end of the secret that is no letter or digit is a boundary by itself.
  */
 function standingAlone(secret: string): RegExp {
-  const alnum = /[A-Za-z0-9]/;
+  // Letters and digits of any script, and _, make a word (é too; "p_x" is one word).
+  const word = /[\p{L}\p{N}_]/u;
   const escaped = secret.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-  return new RegExp(`${alnum.test(secret[0]) ? '(?<![A-Za-z0-9])' : ''}${escaped}${alnum.test(secret.at(-1)!) ? '(?![A-Za-z0-9])' : ''}`, 'g');
+  const [first, last] = [...secret].filter((_, i, all) => i === 0 || i === all.length - 1);
+  return new RegExp(`${word.test(first) ? '(?<![\\p{L}\\p{N}_])' : ''}${escaped}${word.test(last ?? first) ? '(?![\\p{L}\\p{N}_])' : ''}`, 'gu');
 }
 
 /** DATABASE_URL (already accepted by loadConfig) as start-up messages name it. */

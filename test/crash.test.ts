@@ -299,8 +299,11 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
     // some mid-teardown, and credentials were handed out and logged in with. (A run here: 50 of
     // 50 kills with requests in flight, 45 mid-teardown, 4,065 credentials, 554 logins.)
     assert.ok(received.length > 0 && summary.loginsChecked > 0, 'credentials were received and logged in with');
-    assert.ok(summary.killedMidIssue > 0, 'a kill found requests in flight');
-    assert.ok(summary.interruptedTeardowns > 0, 'a kill interrupted a teardown');
+    // A handful of trials (CRASH_TRIALS=2, say, to try something out) may miss both by chance.
+    if (TRIALS >= 10) {
+      assert.ok(summary.killedMidIssue > 0, 'a kill found requests in flight');
+      assert.ok(summary.interruptedTeardowns > 0, 'a kill interrupted a teardown');
+    }
   });
 
   test('the last broker shuts down cleanly on SIGTERM', async () => {

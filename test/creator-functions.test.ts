@@ -3,6 +3,7 @@ import { after, before, test } from 'node:test';
 import pg from 'pg';
 import { asCreator, dollarQuote, ensureCreatorFunctions } from '../src/postgres/creator-functions.js';
 import { creatorNames } from '../src/postgres/creators.js';
+import { prepareCreators } from '../src/postgres/migrate.js';
 import { connectAs, startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // PostgreSQL 16+ only (creators): the default embedded server is 18; test/pg15 does not run this.
@@ -147,6 +148,33 @@ test('functions dropped while the broker runs are made again: issuance, renewal 
   assert.equal(revoked.statusCode, 200, revoked.body);
   assert.deepEqual(await b.pg.query(`SELECT 1 FROM pg_roles WHERE rolname = $1`, [issued.body.username]), [], 'its role is gone');
   assert.equal((await functions(names)).length, names.length);
+});
+
+test('a repair that fails gives the request its own error at once, and is not tried again for a while', async () => {
+  const names = creatorNames(b.config.managedRole);
+  // ensureCreators refuses a creator that can log in, so the repair fails.
+  await b.pg.query(`ALTER ROLE "${names[0]}" LOGIN`, [], 'postgres');
+  await b.pg.query(names.map((n) => `DROP FUNCTION broker."${n}"(text)`).join(';\n'), [], 'broker');
+  let fixed = false;
+  try {
+    const failed = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/repair-fails' }));
+    assert.equal(failed.status, 500, JSON.stringify(failed.body));
+    // The cause is gone now, but within the pause the next request tries no repair: it fails on
+    // the missing function too, and the functions stay missing (a repair would have made them).
+    await b.pg.query(`ALTER ROLE "${names[0]}" NOLOGIN`, [], 'postgres');
+    fixed = true;
+    const again = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/repair-fails-2' }));
+    assert.equal(again.status, 500, JSON.stringify(again.body));
+    const reasons = await b.pg.query(`SELECT reason FROM broker.audit_events WHERE subject LIKE '%repair-fails%' AND type = 'credential.failed' ORDER BY id`);
+    assert.deepEqual(reasons.map((r) => r.reason), ['42883', '42883'], 'each got its own error');
+    assert.equal((await functions(names)).length, 0);
+  } finally {
+    if (!fixed) await b.pg.query(`ALTER ROLE "${names[0]}" NOLOGIN`, [], 'postgres');
+  }
+  // Once the cause is gone, start-up's set-up (or the next repair after the pause) makes them again.
+  await prepareCreators(b.app.db, b.config.managedRole);
+  const issued = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/repaired' }));
+  assert.equal(issued.status, 201, JSON.stringify(issued.body));
 });
 
 test('a statement failing inside a creator function leaves no verifier in the broker log', async () => {

@@ -177,6 +177,11 @@ describe('input a route does not take', () => {
     // Declared parameters still work where a route has them, once each.
     const listed = await send('declared query', { method: 'GET', url: '/leases?limit=1', token: admin });
     assert.equal(listed.status, 200, listed.body);
+    // Probes and the API document take any query, as tools calling them may add one.
+    for (const url of ['/healthz?probe=1', '/openapi.yaml?v=2']) {
+      const res = await send(url, { method: 'GET', url, token: null });
+      assert.equal(res.status, 200, `${url}: ${res.body}`);
+    }
     const twice = await send('declared query twice', { method: 'GET', url: '/leases?limit=1&limit=2', token: admin });
     badRequest(twice, 'declared query twice', 'querystring/limit is given more than once');
   });

@@ -239,9 +239,12 @@ describe('unknown kid flood', () => {
     // All at once, they mostly share fetches in flight. One at a time, each after the last one's
     // fetch is over, only the per-issuer budget (a burst of 5, then 1 a second) holds them back.
     const before = issuer.requests.length;
+    const started = Date.now();
     for (let i = 0; i < 20; i++) assert.equal((await evaluate(await token(`seq-${randomUUID()}`))).status, 401);
     const sequential = issuer.requests.length - before;
-    assert.ok(sequential <= 8, `${sequential} JWKS fetches for 20 unknown kids one at a time`);
+    // What the budget allows in the time they took (it refills at one a second), however slow the machine.
+    const allowed = 5 + Math.ceil((Date.now() - started) / 1000) + 1;
+    assert.ok(sequential <= allowed && sequential < 20, `${sequential} JWKS fetches for 20 unknown kids one at a time (budget: ${allowed})`);
     // And the key the JWKS lists still verifies, right after the flood.
     assert.equal((await evaluate(await issuer.sign({ aud: AUDIENCE, sub: 'flood:real' }))).status, 200);
   });

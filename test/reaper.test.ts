@@ -85,7 +85,7 @@ describe('two replicas', () => {
     const r1 = new Reaper({ pool: b1.app.db, config: b1.config, log: b1.app.log, batchSize: 4 });
     const r2 = new Reaper({ pool: b2.app.db, config: b2.config, log: b2.app.log, batchSize: 4 });
     // Four lease rows locked by a third claimer's open transaction: the reapers pass them by
-    // instead of waiting (plain FOR UPDATE would wait until it ends, and the safety bound fail).
+    // instead of waiting (plain FOR UPDATE would wait on them until lock_timeout, or the bound, failed it).
     const held = creds.slice(0, 4).map((c) => c.lease_id);
     const holder = new pg.Client({ connectionString: b1.pg.brokerUrl });
     await holder.connect();

@@ -127,8 +127,11 @@ async function seedDevPolicy(base: string, admin: string, where: { issuer: strin
   return existing ? `policy "dev" seeded again, admitting sub dev:* (it named another issuer, ${existing.issuer})` : 'policy "dev" admitting sub dev:*';
 }
 
-/** A port taken, in the words of dev's own option (start-up would name PORT, or no option at all). */
+/** A port that cannot be had, in the words of dev's own option (start-up would name PORT, or nothing). */
 function portTaken(err: unknown, option: string, port: number): unknown {
-  if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE') return err;
-  return Object.assign(new Error(`${option} ${port} is already in use on 127.0.0.1; choose another (EADDRINUSE)`, { cause: err }), { code: 'EADDRINUSE' });
+  const { code } = err as NodeJS.ErrnoException;
+  const reason = code === 'EADDRINUSE' ? 'is already in use on 127.0.0.1; choose another'
+    : code === 'EACCES' ? 'may not be opened by this process (ports below 1024 need privileges); choose another'
+    : null;
+  return reason ? Object.assign(new Error(`${option} ${port} ${reason} (${code})`, { cause: err }), { code }) : err;
 }

@@ -5,7 +5,7 @@ import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { getPolicy } from '../policy/repository.js';
 import { creatorOf } from '../postgres/creators.js';
-import { prepareCreators } from '../postgres/migrate.js';
+import { repairCreators } from '../postgres/migrate.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
@@ -52,7 +52,7 @@ export async function renewLease(
     // 42883: the creator's function (or the creator) was dropped since start-up. Made again as at
     // start-up, and the renewal (rolled back whole) tried once more.
     if (creators.length === 0 || (err as { code?: string }).code !== '42883') throw err;
-    await prepareCreators(pool, managedRole);
+    if (!(await repairCreators(pool, managedRole))) throw err;
     return renewOnce(pool, id, owner, ttlSeconds, ctx, creators, grantRoles);
   }
 }

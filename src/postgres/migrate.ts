@@ -76,6 +76,32 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
   });
 }
 
+// How long after a failed repair the next one is left alone: each waits on the migration lock
+// holding a pooled connection, which every request meeting the same missing function would do.
+const REPAIR_COOLDOWN_MS = 30_000;
+const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; failedAt: number }>();
+
+/**
+ * For a statement that met 42883 (a creator's function, or the creator, dropped since start-up):
+ * prepareCreators once, shared by every caller meeting it meanwhile. True when the functions are
+ * back and the statement is worth sending again; false while a repair is failing (then for
+ * REPAIR_COOLDOWN_MS after it failed), when the caller reports its own error.
+ */
+export async function repairCreators(pool: pg.Pool, managedRole: string): Promise<boolean> {
+  let state = repairs.get(pool);
+  if (!state) repairs.set(pool, (state = { running: null, failedAt: 0 }));
+  if (!state.running && Date.now() - state.failedAt < REPAIR_COOLDOWN_MS) return false;
+  const current = state;
+  current.running ??= prepareCreators(pool, managedRole).then(
+    () => undefined,
+    (err) => {
+      current.failedAt = Date.now();
+      throw err;
+    },
+  ).finally(() => (current.running = null));
+  return current.running.then(() => true, () => false);
+}
+
 /** The first marker role to migrate this schema owns it; another one is refused, with the way out. True when bound just now. */
 async function bindDeployment(client: pg.Client, role: string): Promise<boolean> {
   const { rowCount } = await client.query('INSERT INTO broker.deployment (managed_role) VALUES ($1) ON CONFLICT DO NOTHING', [role]);

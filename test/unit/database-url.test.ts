@@ -35,6 +35,8 @@ test('start-up names where DATABASE_URL points, and keeps its password out of er
   assert.equal(short.withoutPassword("could not open '/nonexistent' for postgres://u:p@h/db, password \"p\""), "could not open '/nonexistent' for postgres://u:[REDACTED]@h/db, password \"[REDACTED]\"");
   assert.equal(describeDatabase('postgres://u:a.b*c@h/db').withoutPassword('a.b*c axbxc a.b*cd'), '[REDACTED] axbxc a.b*cd');
   assert.equal(describeDatabase('postgres://u:-pw-@h/db').withoutPassword('x-pw-y'), 'x[REDACTED]y');
+  // A word is letters and digits of any script, and _.
+  assert.equal(short.withoutPassword('p_x ép p.'), 'p_x ép [REDACTED].');
 });
 
 describe('loadConfig: what DATABASE_URL may be', () => {
