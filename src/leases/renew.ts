@@ -36,24 +36,16 @@ export function renewalBound(maxExpiresAt: Date, expiresAt: Date, issuedMaxTtl: 
  * Moves an active lease's expiry to now + ttl, never past max_expires_at, in one transaction
  * with VALID UNTIL so PostgreSQL and the lease row never disagree.
  */
-export async function renewLease(
-  pool: pg.Pool,
-  id: string,
-  owner: Identity,
-  ttlSeconds: number | undefined,
-  ctx: { requestId: string; clientIp: string | null },
-  creators: string[],
-  grantRoles: GrantRoleGuard,
-  managedRole: string,
-): Promise<Lease & { capped: boolean }> {
+export async function renewLease(managedRole: string, ...args: Parameters<typeof renewOnce>): Promise<Lease & { capped: boolean }> {
+  const [pool, , , , , creators] = args;
   try {
-    return await renewOnce(pool, id, owner, ttlSeconds, ctx, creators, grantRoles);
+    return await renewOnce(...args);
   } catch (err) {
     // 42883: the creator's function (or the creator) was dropped since start-up. Made again as at
     // start-up, and the renewal (rolled back whole) tried once more.
     if (creators.length === 0 || (err as { code?: string }).code !== '42883') throw err;
     if (!(await repairCreators(pool, managedRole))) throw err;
-    return renewOnce(pool, id, owner, ttlSeconds, ctx, creators, grantRoles);
+    return renewOnce(...args);
   }
 }
 
