@@ -1,10 +1,10 @@
 import rateLimit from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
+import { isIPv6 } from 'node:net';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type pg from 'pg';
 import type { Logger } from 'pino';
 import authPlugin from './auth/verify.js';
-import { rateLimitKey } from './client-address.js';
 import type { Config } from './config.js';
 import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
@@ -173,10 +173,13 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     timeWindow: 60_000,
     hook: 'onRequest',
     allowList: (request) => PROBE_PATHS.has(request.url.split('?')[0]),
-    keyGenerator: (request) => rateLimitKey(request.ip),
     // Our catalogue error, so the answer carries code RATE_LIMITED like the per-identity limit's.
-    errorResponseBuilder: (_request, context) =>
-      new Errors.RateLimited(`More than ${context.max} requests a minute from this address (an IPv6 one's /64); retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`),
+    // The plugin counts an IPv6 client by its /64 (one host may send from any address in it) and
+    // an IPv4-mapped address as its IPv4 one; the answer says which it counted.
+    errorResponseBuilder: (request, context) => {
+      const block = isIPv6(request.ip ?? '') && !/^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(request.ip) ? 'this address\'s /64' : 'this address';
+      return new Errors.RateLimited(`More than ${context.max} requests a minute from ${block}; retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`);
+    },
   });
   // Callers only see "token could not be verified"; the reason is for the operator.
   await app.register(authPlugin, {
