@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync, openSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
@@ -110,6 +110,16 @@ describe('pg-broker settings and answers', () => {
     assert.match(err, /^pg-broker: cannot write the credential to standard output: EPIPE; lease /);
     const [row] = await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [lease[1]]);
     assert.equal(row.state, 'revoked');
+    // A write that fails otherwise (a full disk: /dev/full) revokes it the same way.
+    const full = openSync('/dev/full', 'w');
+    const onFull = spawn(process.execPath, [BIN, 'creds', '--token', token, '--format', 'env'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', full, 'pipe'] });
+    closeSync(full);
+    let fullErr = '';
+    onFull.stderr!.on('data', (d) => (fullErr += d));
+    assert.equal(await new Promise((resolve) => onFull.on('exit', resolve)), 1, fullErr);
+    const fullLease = /^pg-broker: cannot write the credential to standard output: ENOSPC; lease ([0-9a-f-]{36}) revoked$/m.exec(fullErr);
+    assert.ok(fullLease, fullErr);
+    assert.equal((await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [fullLease[1]]))[0].state, 'revoked');
     const read = await cli(['creds', '--token', token, '--format', 'env']);
     assert.equal(read.code, 0, read.stderr);
     assert.match(read.stdout, /^export PGUSER=/m);

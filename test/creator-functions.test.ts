@@ -156,9 +156,14 @@ test('a repair that fails gives the request its own error at once, and is not tr
   await b.pg.query(`ALTER ROLE "${names[0]}" LOGIN`, [], 'postgres');
   await b.pg.query(names.map((n) => `DROP FUNCTION broker."${n}"(text)`).join(';\n'), [], 'broker');
   let fixed = false;
+  const from = b.logs.length;
   try {
     const failed = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/repair-fails' }));
     assert.equal(failed.status, 500, JSON.stringify(failed.body));
+    // Why the repair failed is logged once, for the operator.
+    const why = b.logs.slice(from).map((l) => JSON.parse(l)).filter((l) => /cannot be made again/.test(l.msg));
+    assert.equal(why.length, 1, b.logs.slice(from).join(''));
+    assert.match(why[0].err.message, /creator role \S+_c00 exists and can log in/);
     // The cause is gone now, but within the pause the next request tries no repair: it fails on
     // the missing function too, and the functions stay missing (a repair would have made them).
     await b.pg.query(`ALTER ROLE "${names[0]}" NOLOGIN`, [], 'postgres');

@@ -211,8 +211,12 @@ export async function main(argv: string[]): Promise<void> {
   // as an uncaught exception, stack trace and all, skipping every command's clean-up (dev's and
   // demo's PostgreSQL). With it, output that nobody reads is dropped and the command finishes as
   // it would have; `creds`, whose output is the credential, sees its own write fail and revokes it.
+  // Any other failure (a full disk under `> file`) is reported and fails the command, without
+  // cutting short its clean-up either.
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EPIPE') throw err;
+    if (err.code === 'EPIPE') return;
+    if (process.exitCode === undefined || process.exitCode === 0) process.exitCode = 1;
+    process.stderr.write(`pg-broker: cannot write to standard output: ${err.code ?? err.message}\n`);
   });
   try {
     await buildCli().parseAsync(args);

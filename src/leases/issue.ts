@@ -224,9 +224,8 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       } catch (err) {
         const code = (err as { code?: string }).code;
         if (creator && code === '42883') {
-          // The creator's function (or the creator) was dropped since start-up: made again as at
-          // start-up, then once more.
-          if (!(await repairCreators(deps.pool, deps.config.managedRole))) throw err;
+          // A creator's function was dropped since start-up: made again as at start-up, then once more.
+          if (!(await repairCreators(deps.pool, deps.config.managedRole, deps.log))) throw err;
         } else if (creator && picked.policy && code === '42501') {
           // The creators lack ADMIN OPTION on a group the broker was granted after they were set
           // up. Hand it on (a no-op when the broker lacks it too) and try once more.

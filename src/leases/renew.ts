@@ -1,3 +1,4 @@
+import type { FastifyBaseLogger } from 'fastify';
 import type pg from 'pg';
 import { recordAudit } from '../audit/repository.js';
 import type { Identity } from '../auth/verify.js';
@@ -36,15 +37,15 @@ export function renewalBound(maxExpiresAt: Date, expiresAt: Date, issuedMaxTtl: 
  * Moves an active lease's expiry to now + ttl, never past max_expires_at, in one transaction
  * with VALID UNTIL so PostgreSQL and the lease row never disagree.
  */
-export async function renewLease(managedRole: string, ...args: Parameters<typeof renewOnce>): Promise<Lease & { capped: boolean }> {
+export async function renewLease(managedRole: string, log: FastifyBaseLogger, ...args: Parameters<typeof renewOnce>): Promise<Lease & { capped: boolean }> {
   const [pool, , , , , creators] = args;
   try {
     return await renewOnce(...args);
   } catch (err) {
-    // 42883: the creator's function (or the creator) was dropped since start-up. Made again as at
-    // start-up, and the renewal (rolled back whole) tried once more.
+    // 42883: a creator's function was dropped since start-up. Made again as at start-up, and the
+    // renewal (rolled back whole) tried once more.
     if (creators.length === 0 || (err as { code?: string }).code !== '42883') throw err;
-    if (!(await repairCreators(pool, managedRole))) throw err;
+    if (!(await repairCreators(pool, managedRole, log))) throw err;
     return renewOnce(...args);
   }
 }

@@ -34,9 +34,9 @@ function runAs(deps: TeardownDeps, creator: string | null): Run {
     try {
       return await pool.query(asCreator(creator!, sql));
     } catch (err) {
-      // 42883: the creator's function (or the creator) was dropped since start-up. Made again as
-      // at start-up, and the statement sent once more, so teardown does not wait for a restart.
-      if ((err as { code?: string }).code !== '42883' || !(await repairCreators(pool, deps.managedRole))) throw err;
+      // 42883: the creator's function was dropped since start-up. Made again as at start-up, and
+      // the statement sent once more, so teardown does not wait for a restart.
+      if ((err as { code?: string }).code !== '42883' || !(await repairCreators(pool, deps.managedRole, deps.log))) throw err;
       return pool.query(asCreator(creator!, sql));
     }
   };

@@ -80,6 +80,7 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
 // holding a pooled connection, which every request meeting the same missing function would do.
 const REPAIR_COOLDOWN_MS = 30_000;
 const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; failedAt: number }>();
+type RepairLog = { warn(msg: string): void; error(obj: object, msg: string): void };
 
 /**
  * For a statement that met 42883 (a creator's function, or the creator, dropped since start-up):
@@ -87,15 +88,19 @@ const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; failedAt: 
  * back and the statement is worth sending again; false while a repair is failing (then for
  * REPAIR_COOLDOWN_MS after it failed), when the caller reports its own error.
  */
-export async function repairCreators(pool: pg.Pool, managedRole: string): Promise<boolean> {
+export async function repairCreators(pool: pg.Pool, managedRole: string, log: RepairLog): Promise<boolean> {
   let state = repairs.get(pool);
   if (!state) repairs.set(pool, (state = { running: null, failedAt: 0 }));
   if (!state.running && Date.now() - state.failedAt < REPAIR_COOLDOWN_MS) return false;
   const current = state;
   current.running ??= prepareCreators(pool, managedRole).then(
-    () => undefined,
+    () => log.warn('a creator role function was missing (dropped while the broker ran) and has been made again'),
     (err) => {
       current.failedAt = Date.now();
+      // The requests waiting on it report their own error (the missing function); why it cannot
+      // be made again is said here, once per attempt.
+      log.error({ err: { message: (err as Error).message, code: (err as { code?: string }).code } },
+        `a creator role function is missing and cannot be made again; requests that need it fail until this is fixed (next try in ${REPAIR_COOLDOWN_MS / 1000} s at the earliest)`);
       throw err;
     },
   ).finally(() => (current.running = null));

@@ -169,7 +169,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
     },
     async (request) => {
       const ctx = requestContext(request);
-      return renewLease(app.config.managedRole, app.db, request.params.id, ctx.identity, request.body?.ttl, ctx, await app.roleCreators(), app.grantRoles);
+      return renewLease(app.config.managedRole, request.log, app.db, request.params.id, ctx.identity, request.body?.ttl, ctx, await app.roleCreators(), app.grantRoles);
     },
   );
 }
