@@ -139,7 +139,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     const answers = bodyless ? (PROBE_PATHS.has(route.url) ? {} : problemResponses(400)) : problemResponses(400, 413, 415);
     route.schema.response = { ...answers, ...(route.schema.response as object) };
   });
-  app.addHook('preHandler', refuseNul);
+  app.addHook('preHandler', refuseNul(UNCHECKED_QUERY_PATHS));
   app.addSchema(Problem);
   decorateLogNote(app);
 

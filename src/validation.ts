@@ -48,7 +48,7 @@ export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: strin
 }
 
 /** `key` as a path segment that carries no control character into a message. */
-const segment = (key: string) => JSON.stringify(key).slice(1, -1).replace(/\//g, '~1');
+const segment = (key: string) => JSON.stringify(key).slice(1, -1).replace(/~/g, '~0').replace(/\//g, '~1');
 
 /** Where in `value` a NUL character sits first (a `path/to/field`), or null. */
 function nulAt(value: unknown, path: string, depth = 0): { path: string; inName: boolean } | null {
@@ -67,12 +67,16 @@ function nulAt(value: unknown, path: string, depth = 0): { path: string; inName:
  * refused naming where it is. PostgreSQL cannot store one in text and refuses the statement, whose
  * error names no field. (After validation, so a field whose schema refuses it says why first.)
  */
-export async function refuseNul(request: FastifyRequest): Promise<void> {
-  const at = nulAt(request.query, 'querystring') ?? nulAt(request.body, 'body');
-  if (!at) return;
-  throw new Errors.BadRequest(at.inName
-    ? `${at.path} has a field name holding a NUL character, which PostgreSQL cannot store`
-    : `${at.path} holds a NUL character, which PostgreSQL cannot store`);
+export function refuseNul(except: Set<string>): (request: FastifyRequest) => Promise<void> {
+  return async (request) => {
+    // Paths that ignore their query (probes, the API document) and store nothing.
+    if (except.has(request.routeOptions.url ?? '')) return;
+    const at = nulAt(request.query, 'querystring') ?? nulAt(request.body, 'body');
+    if (!at) return;
+    throw new Errors.BadRequest(at.inName
+      ? `${at.path} has a field name holding a NUL character, which PostgreSQL cannot store`
+      : `${at.path} holds a NUL character, which PostgreSQL cannot store`);
+  };
 }
 
 const NO_PARAMETERS = { type: 'object', properties: {}, additionalProperties: false };

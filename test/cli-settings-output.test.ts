@@ -126,10 +126,11 @@ describe('pg-broker settings and answers', () => {
   });
 
   test('dev-issuer refuses a --public-url no broker could name as its issuer; a good one becomes the tokens\' iss', async () => {
-    for (const bad of ['not a url', 'ftp://idp.local', 'http://idp.local/?tenant=1']) {
+    for (const bad of ['not a url', 'ftp://idp.local', 'http://idp.local/?tenant=1', 'http://u:pw@idp.local', 'http://idp.local:70000']) {
       const run = await cli(['dev-issuer', '--port', String(await freePort()), '--public-url', bad]);
       assert.equal(run.code, 1, bad);
-      assert.match(run.stderr, /^pg-broker: --public-url must be an http\(s\) URL without a query or fragment/, bad);
+      assert.match(run.stderr, /^pg-broker: --public-url must be an http\(s\) URL without a user part, query or fragment/, bad);
+      assert.ok(!run.stderr.includes('pw@'), run.stderr);
     }
     const port = await freePort();
     const child = spawn(process.execPath, [BIN, 'dev-issuer', '--port', String(port), '--public-url', 'http://idp.local:9999/dev'], { env: { PATH: process.env.PATH!, HOME: tmp }, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -140,6 +141,7 @@ describe('pg-broker settings and answers', () => {
       await waitFor('the dev issuer to start', async () => out.includes('issuer http://idp.local:9999/dev'), 30_000);
       const { access_token } = await (await fetch(`http://127.0.0.1:${port}/token`, { method: 'POST', body: '{"sub":"dev:x"}' })).json() as { access_token: string };
       assert.equal(JSON.parse(Buffer.from(access_token.split('.')[1], 'base64url').toString()).iss, 'http://idp.local:9999/dev');
+      assert.match(out, /\(JWKS http:\/\/idp\.local:9999\/dev\/jwks\)/);
     } finally {
       child.kill('SIGINT');
       await exited;

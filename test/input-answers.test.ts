@@ -178,7 +178,7 @@ describe('input a route does not take', () => {
     const listed = await send('declared query', { method: 'GET', url: '/leases?limit=1', token: admin });
     assert.equal(listed.status, 200, listed.body);
     // Probes and the API document take any query, as tools calling them may add one.
-    for (const url of ['/healthz?probe=1', '/openapi.yaml?v=2']) {
+    for (const url of ['/healthz?probe=1', '/openapi.yaml?v=2', '/healthz?x=%00', '/metrics?x=%00']) {
       const res = await send(url, { method: 'GET', url, token: null });
       assert.equal(res.status, 200, `${url}: ${res.body}`);
     }

@@ -20,7 +20,7 @@ let hop: http.Server;
 let bouncer = '';
 let base = '';
 let ca = '';
-let mode: 'ok' | 'discovery-to-http' | 'jwks-to-http' | 'jwks-moved' | 'jwks-with-user' | 'discovery-via-http' | 'jwks-via-http' | 'jwks-to-data' | 'jwks-loop' = 'ok';
+let mode: 'ok' | 'discovery-to-http' | 'jwks-to-http' | 'jwks-moved' | 'jwks-with-user' | 'discovery-via-http' | 'jwks-via-http' | 'jwks-to-data' | 'jwks-loop' | 'jwks-to-user' | 'jwks-304' = 'ok';
 
 before(async () => {
   plain = await startIssuer({ discovery: true });
@@ -51,6 +51,9 @@ before(async () => {
         if (mode === 'jwks-via-http') return redirect(`${bouncer}/bounce?to=${encodeURIComponent(`${base}/keys/v2`)}`);
         if (mode === 'jwks-to-data') return redirect(`data:application/json,${encodeURIComponent(JSON.stringify(jwks))}`);
         if (mode === 'jwks-loop') return redirect(`${base}/jwks`);
+        if (mode === 'jwks-to-user') return redirect(`https://u:s3cret-pw@127.0.0.1:${(server.address() as AddressInfo).port}/keys/v2`);
+        // Not a redirect, Location or not: its body is the answer (here, no key set).
+        if (mode === 'jwks-304') return void res.writeHead(304, { location: `${base}/keys/v2` }).end();
         return json(jwks);
       }
       if (req.url === '/keys/v2') return json(jwks);
@@ -111,6 +114,12 @@ test('a redirect to a data: URL, or one that never ends, is refused', async () =
   assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected to a data: URL; refusing it' });
   mode = 'jwks-loop';
   assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected more than 5 times' });
+  // A hop with a user part is refused without naming it (fetch's own error would, password and all).
+  mode = 'jwks-to-user';
+  assert.deepEqual(await lookUp(), { pem: null, error: 'the JWKS request was redirected to a URL with a user part; refusing it' });
+  // A 304 is no redirect: its Location is not followed to the keys there.
+  mode = 'jwks-304';
+  assert.equal((await lookUp()).pem, null);
 });
 
 test('a discovered jwks_uri with a user part is not fetched, and its password is not repeated', async () => {

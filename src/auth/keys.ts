@@ -16,6 +16,7 @@ const KEY_TYPE_FOR_ALG: Record<string, { kty: string; crv?: string[] }> = {
 
 // Redirects followed per key-source request: plenty for any IdP, few enough to end a loop soon.
 const MAX_REDIRECTS = 5;
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
 
 export class KeyLookupError extends Error {
   constructor(message: string, readonly fetchFailed = false) {
@@ -203,14 +204,17 @@ export class KeyResolver {
     let url = uri;
     for (let hops = 0; ; hops++) {
       const res = await fetch(url, { dispatcher: this.dispatcher, signal: deadline, redirect: 'manual' } as RequestInit);
-      const location = res.status >= 300 && res.status < 400 ? res.headers.get('location') : null;
+      // The statuses fetch itself follows; a 300 or 304 with a Location is an answer.
+      const location = REDIRECTS.has(res.status) ? res.headers.get('location') : null;
       if (location === null) return res;
       await res.body?.cancel();
       if (hops >= MAX_REDIRECTS) throw new Error(`the ${what} request was redirected more than ${MAX_REDIRECTS} times`);
       url = new URL(location, url).href;
       // fetch itself would refuse any other scheme; a data: URL would carry its own answer.
-      const { protocol } = new URL(url);
+      const { protocol, username, password } = new URL(url);
       if (protocol !== 'https:' && protocol !== 'http:') throw new Error(`the ${what} request was redirected to a ${protocol} URL; refusing it`);
+      // fetch would refuse it and repeat the URL, password and all, in its error (and so the log).
+      if (username || password) throw new Error(`the ${what} request was redirected to a URL with a user part; refusing it`);
       if (httpsOnly && protocol !== 'https:') {
         throw new Error(`the ${what} request was redirected from https to plain http; refusing its answer`);
       }

@@ -85,19 +85,19 @@ export function brokerUrl(flag: string | undefined, env: Env = process.env): str
   const url = given.replace(/\/+$/, '');
   // Checked before anything is sent: fetch's own refusal ("fetch failed") names neither.
   const source = flag === undefined ? 'PG_BROKER_URL' : '--url';
+  // An @ anywhere may follow a password (user:pa/ss@host parses as a path): refused before the
+  // URL is parsed or repeated. fetch would refuse credentials too, repeating them in its error.
+  if (url.includes('@')) throw new CliError(`${source} must not carry a user or password (user:password@), or any @; the broker takes a bearer token`);
   let parsed: URL;
   try {
     parsed = new URL(url);
   } catch {
-    // Whatever sits between // and @ may be a password: not repeated.
-    throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; got ${JSON.stringify(given.slice(0, 200).replace(/\/\/[^/]*@/, '//…@'))}`);
+    throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; got ${JSON.stringify(given.slice(0, 200))}`);
   }
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
     throw new CliError(`${source} must be the broker's http(s) URL, like https://pg-broker.internal; ${parsed.protocol} is no scheme the broker answers on`);
   }
   if (/[?#]/.test(url)) throw new CliError(`${source} must be the broker's base URL, without a query or fragment`);
-  // fetch refuses a URL with credentials and repeats it, password and all, in its error.
-  if (parsed.username || parsed.password) throw new CliError(`${source} must not carry a user or password (user:password@); the broker takes a bearer token`);
   const warning = plainHttpWarning(url);
   if (warning) process.stderr.write(`pg-broker: warning: ${warning}\n`);
   return url;

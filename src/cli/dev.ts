@@ -98,8 +98,8 @@ Ctrl-C stops everything; the PostgreSQL data stays in ${local.dataDir}.
 /** `pg-broker dev-issuer`: only the development issuer, e.g. for docker-compose. */
 export async function devIssuerCommand(opts: { host: string; port: number; publicUrl?: string; audience?: string }): Promise<void> {
   // It becomes every token's iss, which a broker compares exactly with BROKER_ISSUERS.
-  if (opts.publicUrl !== undefined && !/^https?:\/\/[^/\s?#]+(\/[^\s?#]*)?$/.test(opts.publicUrl)) {
-    throw new CliError(`--public-url must be an http(s) URL without a query or fragment, as BROKER_ISSUERS will name it; got ${JSON.stringify(opts.publicUrl.slice(0, 200))}`);
+  if (opts.publicUrl !== undefined && !issuerUrl(opts.publicUrl)) {
+    throw new CliError(`--public-url must be an http(s) URL without a user part, query or fragment, as BROKER_ISSUERS will name it; got ${opts.publicUrl.includes('@') ? 'one with an @ (not repeated: it may hold a password)' : JSON.stringify(opts.publicUrl.slice(0, 200))}`);
   }
   const issuer = await startDevIssuer(opts);
   console.log(`⚠ ${DEV_ISSUER_BANNER}\nissuer ${issuer.issuer} (JWKS ${issuer.jwksUri}); POST ${issuer.issuer}/token with a JSON object of claims`);
@@ -134,4 +134,15 @@ function portTaken(err: unknown, option: string, port: number): unknown {
     : code === 'EACCES' ? 'may not be opened by this process (ports below 1024 need privileges); choose another'
     : null;
   return reason ? Object.assign(new Error(`${option} ${port} ${reason} (${code})`, { cause: err }), { code }) : err;
+}
+
+/** Whether `value` can be an OIDC issuer identifier (and BROKER_ISSUERS entry): http(s), with a host and nothing after the path. */
+function issuerUrl(value: string): boolean {
+  if (/[\s?#@]/.test(value)) return false;
+  try {
+    const url = new URL(value);
+    return (url.protocol === 'http:' || url.protocol === 'https:') && url.hostname !== '';
+  } catch {
+    return false;
+  }
 }

@@ -50,7 +50,7 @@ export async function startDevIssuer(options: DevIssuerOptions = {}): Promise<De
   const server = await listenHttp((req: http.IncomingMessage, res: http.ServerResponse) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method === 'GET' && path === '/.well-known/openid-configuration') {
-      return send(res, 200, { issuer: base, jwks_uri: `${base}/jwks`, token_endpoint: `${base}/token`, id_token_signing_alg_values_supported: ['ES256'] });
+      return send(res, 200, { issuer: base, jwks_uri: `${under(base)}/jwks`, token_endpoint: `${under(base)}/token`, id_token_signing_alg_values_supported: ['ES256'] });
     }
     if (req.method === 'GET' && path === '/jwks') return send(res, 200, { keys: [jwk] });
     if (req.method === 'POST' && path === '/token') {
@@ -79,11 +79,14 @@ export async function startDevIssuer(options: DevIssuerOptions = {}): Promise<De
     send(res, 404, { error: 'not found' });
   }, host, options.port ?? 0);
   const { port } = server;
+  // The issuer as given (tokens' iss must match BROKER_ISSUERS exactly); URLs under it without a doubled slash.
   base = options.publicUrl ?? `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
   return {
     issuer: base,
-    jwksUri: `${base}/jwks`,
+    jwksUri: `${under(base)}/jwks`,
     mint,
     close: server.close,
   };
 }
+
+const under = (base: string) => base.replace(/\/+$/, '');
