@@ -69,8 +69,10 @@ function nulAt(value: unknown, path: string, depth = 0): { path: string; inName:
  */
 export function refuseNul(except: Set<string>): (request: FastifyRequest) => Promise<void> {
   return async (request) => {
-    // Paths that ignore their query (probes, the API document) and store nothing.
-    if (except.has(request.routeOptions.url ?? '')) return;
+    // Paths that ignore their query (probes, the API document) and store nothing; and no route
+    // at all (url undefined), which is a 404 whatever it was sent.
+    const route = request.routeOptions.url;
+    if (route === undefined || except.has(route)) return;
     const at = nulAt(request.query, 'querystring') ?? nulAt(request.body, 'body');
     if (!at) return;
     throw new Errors.BadRequest(at.inName

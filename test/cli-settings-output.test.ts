@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync } from 'node:fs';
+import { closeSync, existsSync, openSync, statSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
@@ -120,13 +120,32 @@ describe('pg-broker settings and answers', () => {
     const fullLease = /^pg-broker: cannot write the credential to standard output: ENOSPC; lease ([0-9a-f-]{36}) revoked$/m.exec(fullErr);
     assert.ok(fullLease, fullErr);
     assert.equal((await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [fullLease[1]]))[0].state, 'revoked');
+    // With standard error on the full disk too (`> file 2>&1`), the revocation still happens.
+    const allFull = openSync('/dev/full', 'w');
+    const both = spawn(process.execPath, [BIN, 'creds', '--token', await b.token({ sub: 'cli:all-full' }), '--format', 'env'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', allFull, allFull] });
+    closeSync(allFull);
+    assert.equal(await new Promise((resolve) => both.on('exit', resolve)), 1);
+    assert.deepEqual((await b.pg.query(`SELECT state FROM broker.leases WHERE subject = 'cli:all-full'`)).map((r) => r.state), ['revoked']);
+    // So does a disk that fills up part-way (a 300-byte file size limit here): Node's stream would
+    // take the short write for success and exit 0 with half a credential in the file.
+    const partFile = path.join(tmp, 'part.json');
+    const part = openSync(partFile, 'w');
+    const onPart = spawn('prlimit', ['--fsize=300', process.execPath, BIN, 'creds', '--token', token, '--format', 'json'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', part, 'pipe'] });
+    closeSync(part);
+    let partErr = '';
+    onPart.stderr!.on('data', (d) => (partErr += d));
+    assert.equal(await new Promise((resolve) => onPart.on('exit', resolve)), 1, partErr);
+    const partLease = /^pg-broker: cannot write the credential to standard output: EFBIG; lease ([0-9a-f-]{36}) revoked$/m.exec(partErr);
+    assert.ok(partLease, partErr);
+    assert.equal(statSync(partFile).size, 300, 'the limit cut it');
+    assert.equal((await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [partLease[1]]))[0].state, 'revoked');
     const read = await cli(['creds', '--token', token, '--format', 'env']);
     assert.equal(read.code, 0, read.stderr);
     assert.match(read.stdout, /^export PGUSER=/m);
   });
 
   test('dev-issuer refuses a --public-url no broker could name as its issuer; a good one becomes the tokens\' iss', async () => {
-    for (const bad of ['not a url', 'ftp://idp.local', 'http://idp.local/?tenant=1', 'http://u:pw@idp.local', 'http://idp.local:70000']) {
+    for (const bad of ['not a url', 'ftp://idp.local', 'http://idp.local/?tenant=1', 'http://u:pw@idp.local', 'http://idp.local:70000', 'http:idp.local']) {
       const run = await cli(['dev-issuer', '--port', String(await freePort()), '--public-url', bad]);
       assert.equal(run.code, 1, bad);
       assert.match(run.stderr, /^pg-broker: --public-url must be an http\(s\) URL without a user part, query or fragment/, bad);

@@ -182,6 +182,8 @@ describe('input a route does not take', () => {
       const res = await send(url, { method: 'GET', url, token: null });
       assert.equal(res.status, 200, `${url}: ${res.body}`);
     }
+    // No route is a 404, whatever the query holds.
+    assert.equal((await send('no route', { method: 'GET', url: '/nope?x=%00', token: null })).status, 404);
     const twice = await send('declared query twice', { method: 'GET', url: '/leases?limit=1&limit=2', token: admin });
     badRequest(twice, 'declared query twice', 'querystring/limit is given more than once');
   });

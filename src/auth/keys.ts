@@ -172,8 +172,11 @@ export class KeyResolver {
       const problem = keys.jwksUri ? null : discoveredJwksProblem(keys.issuer, uri);
       if (problem) throw new Error(problem);
       const res = await this.fetchOverHttpsIfAsked(uri, deadline, 'JWKS');
+      if (!res.ok) {
+        await res.body?.cancel();
+        throw new Error(`JWKS request failed with ${res.status}`);
+      }
       const body = (await res.json()) as { keys?: unknown };
-      if (!res.ok) throw new Error(`JWKS request failed with ${res.status}`);
       if (body.keys !== undefined && !Array.isArray(body.keys)) throw new Error('JWKS keys is not an array');
       set = new Map();
       for (const jwk of body.keys ?? []) {

@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { fstatSync, writeSync } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import { constants } from 'node:os';
 import path from 'node:path';
@@ -54,8 +55,7 @@ export async function credsCommand(opts: RequestOptions & { format: string; outp
   const text = formatCredential(credential, opts.format as Format);
   if (!opts.output) {
     try {
-      // Awaited: a reader that went away (`| head -c0`, a closed pipe) fails the write.
-      await new Promise<void>((resolve, reject) => process.stdout.write(text, (err) => (err ? reject(err) : resolve())));
+      await writeWholly(text);
     } catch (err) {
       const reason = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
       const revoked = await revoke(base, { token }, credential.lease_id, 'creds');
@@ -73,6 +73,26 @@ export async function credsCommand(opts: RequestOptions & { format: string; outp
     throw new CliError(`cannot write ${opts.output}: ${reason}${revoked ? `; lease ${credential.lease_id} revoked` : ''}`);
   }
   process.stderr.write(`wrote ${opts.format} credential to ${opts.output} (lease ${credential.lease_id}, expires ${credential.expires_at})\n`);
+}
+
+/**
+ * `text` to standard output, failing unless all of it got there. To a file, Node's stream writes
+ * once and takes a short count (a disk filling up) for success: written here byte count by byte
+ * count, the next write after a short one fails (ENOSPC, EFBIG). Elsewhere the stream's write is
+ * awaited: a reader that has already gone (a closed pipe) fails it. Bytes a live reader buffered
+ * but never read are beyond telling, as for any writer.
+ */
+async function writeWholly(text: string): Promise<void> {
+  if (fstatSync(1).isFile()) {
+    const bytes = Buffer.from(text);
+    for (let done = 0; done < bytes.length;) {
+      const wrote = writeSync(1, bytes, done, bytes.length - done);
+      if (wrote === 0) throw Object.assign(new Error('nothing could be written'), { code: 'ENOSPC' });
+      done += wrote;
+    }
+    return;
+  }
+  await new Promise<void>((resolve, reject) => process.stdout.write(text, (err) => (err ? reject(err) : resolve())));
 }
 
 /**

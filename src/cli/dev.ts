@@ -138,7 +138,7 @@ function portTaken(err: unknown, option: string, port: number): unknown {
 
 /** Whether `value` can be an OIDC issuer identifier (and BROKER_ISSUERS entry): http(s), with a host and nothing after the path. */
 function issuerUrl(value: string): boolean {
-  if (/[\s?#@]/.test(value)) return false;
+  if (/[\s?#@]/.test(value) || !/^https?:\/\/[^/]/i.test(value)) return false;
   try {
     const url = new URL(value);
     return (url.protocol === 'http:' || url.protocol === 'https:') && url.hostname !== '';

@@ -218,6 +218,8 @@ export async function main(argv: string[]): Promise<void> {
     if (process.exitCode === undefined || process.exitCode === 0) process.exitCode = 1;
     process.stderr.write(`pg-broker: cannot write to standard output: ${err.code ?? err.message}\n`);
   });
+  // Nor may stderr failing too (both on a full disk, `> log 2>&1`) crash the command mid-way.
+  process.stderr.on('error', () => undefined);
   try {
     await buildCli().parseAsync(args);
   } catch (err) {

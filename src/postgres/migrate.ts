@@ -76,27 +76,29 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
   });
 }
 
-// How long after a failed repair the next one is left alone: each waits on the migration lock
-// holding a pooled connection, which every request meeting the same missing function would do.
+// How long after a repair that failed (or did not help) the next one is left alone: each waits on
+// the migration lock holding a pooled connection, as every request meeting the 42883 would.
 const REPAIR_COOLDOWN_MS = 30_000;
-const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; failedAt: number }>();
+const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; lastAt: number }>();
 type RepairLog = { warn(msg: string): void; error(obj: object, msg: string): void };
 
 /**
  * For a statement that met 42883 (a creator's function, or the creator, dropped since start-up):
  * prepareCreators once, shared by every caller meeting it meanwhile. True when the functions are
- * back and the statement is worth sending again; false while a repair is failing (then for
- * REPAIR_COOLDOWN_MS after it failed), when the caller reports its own error.
+ * back and the statement is worth sending again (with againAfterRepair); false when the repair
+ * failed, or within REPAIR_COOLDOWN_MS of one that failed or did not help: the caller then
+ * reports its own error.
  */
 export async function repairCreators(pool: pg.Pool, managedRole: string, log: RepairLog): Promise<boolean> {
   let state = repairs.get(pool);
-  if (!state) repairs.set(pool, (state = { running: null, failedAt: 0 }));
-  if (!state.running && Date.now() - state.failedAt < REPAIR_COOLDOWN_MS) return false;
+  if (!state) repairs.set(pool, (state = { running: null, lastAt: 0 }));
+  // After a repair that failed, or did not help (againAfterRepair), the next waits.
+  if (!state.running && Date.now() - state.lastAt < REPAIR_COOLDOWN_MS) return false;
   const current = state;
   current.running ??= prepareCreators(pool, managedRole).then(
-    () => log.warn('a creator role function was missing (dropped while the broker ran) and has been made again'),
+    () => log.warn('a statement met a missing creator function (42883); the creator roles and their functions were checked and made again where missing'),
     (err) => {
-      current.failedAt = Date.now();
+      current.lastAt = Date.now();
       // The requests waiting on it report their own error (the missing function); why it cannot
       // be made again is said here, once per attempt.
       log.error({ err: { message: (err as Error).message, code: (err as { code?: string }).code } },
@@ -105,6 +107,21 @@ export async function repairCreators(pool: pg.Pool, managedRole: string, log: Re
     },
   ).finally(() => (current.running = null));
   return current.running.then(() => true, () => false);
+}
+
+/**
+ * Sends a statement again after repairCreators made the functions. A 42883 once more means the
+ * repair did not help (the function the statement names is not one it makes): no repair is tried
+ * for REPAIR_COOLDOWN_MS, rather than one per request, each holding a connection on the lock.
+ */
+export async function againAfterRepair<T>(pool: pg.Pool, again: () => Promise<T>): Promise<T> {
+  try {
+    return await again();
+  } catch (err) {
+    const state = repairs.get(pool);
+    if (state && (err as { code?: string }).code === '42883') state.lastAt = Date.now();
+    throw err;
+  }
 }
 
 /** The first marker role to migrate this schema owns it; another one is refused, with the way out. True when bound just now. */
