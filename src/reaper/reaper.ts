@@ -29,13 +29,15 @@ export interface ReapStats {
 export const REAP_BATCH = 200;
 // Bounded work per run, so one run never outlives a shutdown grace period by much.
 const MAX_BATCHES_PER_RUN = 50;
-// After each role statement that succeeded, while ending expired leases, the reaper waits as long
-// as the statement took (at most MAX_PAUSE_MS), so a backlog's teardown leaves PostgreSQL's cores
-// to issuance about half the time. Running flat out, a 10,000-role backlog drained at 742 roles/s
-// under issuance load and pushed issuance p99 to 1.57× its idle value in the drain's first third.
+// After each role statement that succeeded, while ending expired leases, the reaper waits twice as
+// long as the statement took (at most MAX_PAUSE_MS), so a backlog's teardown leaves PostgreSQL's
+// cores to issuance about two thirds of the time. Running flat out, a 10,000-role backlog drained
+// at 742 roles/s under issuance load and pushed issuance p99 to 1.57× its idle value in the drain's
+// first third; pausing as long as each statement took, 306-395 roles/s and 1.33-1.58× over three
+// bench runs (one over 1.5×); twice as long, 351 roles/s and 1.33× in the run after.
 // Expired leases only: their passwords already stopped at VALID UNTIL, while a revocation the
 // reaper retries, or an orphan, may still have a working login.
-const PAUSE_PER_BUSY = 1;
+const PAUSE_PER_BUSY = 2;
 const MAX_PAUSE_MS = 1000;
 
 /**
