@@ -99,46 +99,38 @@ describe('pg-broker settings and answers', () => {
 
   test('creds whose standard output nobody reads revokes the credential and fails; read, it is delivered', async () => {
     const token = await b.token({ sub: 'cli:nobody-reads' });
-    const child = spawn(process.execPath, [BIN, 'creds', '--token', token, '--format', 'env'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', 'pipe', 'pipe'] });
-    child.stdout.destroy();
-    let err = '';
-    child.stderr.on('data', (d) => (err += d));
-    const code = await new Promise((resolve) => child.on('exit', resolve));
-    assert.equal(code, 1, err);
-    const lease = /lease ([0-9a-f-]{36}) revoked/.exec(err);
-    assert.ok(lease, err);
-    assert.match(err, /^pg-broker: cannot write the credential to standard output: EPIPE; lease /);
-    const [row] = await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [lease[1]]);
-    assert.equal(row.state, 'revoked');
-    // A write that fails otherwise (a full disk: /dev/full) revokes it the same way.
-    const full = openSync('/dev/full', 'w');
-    const onFull = spawn(process.execPath, [BIN, 'creds', '--token', token, '--format', 'env'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', full, 'pipe'] });
-    closeSync(full);
-    let fullErr = '';
-    onFull.stderr!.on('data', (d) => (fullErr += d));
-    assert.equal(await new Promise((resolve) => onFull.on('exit', resolve)), 1, fullErr);
-    const fullLease = /^pg-broker: cannot write the credential to standard output: ENOSPC; lease ([0-9a-f-]{36}) revoked$/m.exec(fullErr);
-    assert.ok(fullLease, fullErr);
-    assert.equal((await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [fullLease[1]]))[0].state, 'revoked');
-    // With standard error on the full disk too (`> file 2>&1`), the revocation still happens.
-    const allFull = openSync('/dev/full', 'w');
-    const both = spawn(process.execPath, [BIN, 'creds', '--token', await b.token({ sub: 'cli:all-full' }), '--format', 'env'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', allFull, allFull] });
-    closeSync(allFull);
-    assert.equal(await new Promise((resolve) => both.on('exit', resolve)), 1);
-    assert.deepEqual((await b.pg.query(`SELECT state FROM broker.leases WHERE subject = 'cli:all-full'`)).map((r) => r.state), ['revoked']);
-    // So does a disk that fills up part-way (a 300-byte file size limit here): Node's stream would
-    // take the short write for success and exit 0 with half a credential in the file.
+    /** Runs creds with its stdout (and maybe stderr) on `out`; resolves to its exit code, its stderr and the state of the lease it names. */
+    const creds = async (out: 'closed' | number, opts: { stderrToo?: boolean; prefix?: string[]; format?: string } = {}) => {
+      const command = [...(opts.prefix ?? []), process.execPath, BIN, 'creds', '--token', token, '--format', opts.format ?? 'env'];
+      const child = spawn(command[0], command.slice(1), {
+        env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url },
+        stdio: ['ignore', out === 'closed' ? 'pipe' : out, opts.stderrToo && out !== 'closed' ? out : 'pipe'],
+      });
+      if (out === 'closed') child.stdout!.destroy();
+      else closeSync(out);
+      let err = '';
+      child.stderr?.on('data', (d) => (err += d));
+      const code = await new Promise((resolve) => child.on('exit', resolve));
+      const lease = /^pg-broker: cannot write the credential to standard output: (\w+); lease ([0-9a-f-]{36}) revoked$/m.exec(err);
+      const state = lease ? (await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [lease[2]]))[0].state : null;
+      return { code, err, reason: lease?.[1], state };
+    };
+    // A reader that has gone (a closed pipe).
+    assert.deepEqual(await creds('closed').then(({ code, reason, state }) => [code, reason, state]), [1, 'EPIPE', 'revoked']);
+    // A write that fails otherwise (a full disk: /dev/full).
+    assert.deepEqual(await creds(openSync('/dev/full', 'w')).then(({ code, reason, state }) => [code, reason, state]), [1, 'ENOSPC', 'revoked']);
+    // With standard error on the full disk too (`> file 2>&1`): nothing can be said, but the lease
+    // still goes (this identity's three leases so far, all revoked).
+    assert.equal((await creds(openSync('/dev/full', 'w'), { stderrToo: true })).code, 1);
+    const states = await b.pg.query(`SELECT state FROM broker.leases WHERE subject = 'cli:nobody-reads'`);
+    assert.deepEqual(states.map((r) => r.state), ['revoked', 'revoked', 'revoked']);
+    // A disk that fills up part-way (a 300-byte file size limit): Node's stream would take the
+    // short write for success and exit 0 with half a credential in the file.
     const partFile = path.join(tmp, 'part.json');
-    const part = openSync(partFile, 'w');
-    const onPart = spawn('prlimit', ['--fsize=300', process.execPath, BIN, 'creds', '--token', token, '--format', 'json'], { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', part, 'pipe'] });
-    closeSync(part);
-    let partErr = '';
-    onPart.stderr!.on('data', (d) => (partErr += d));
-    assert.equal(await new Promise((resolve) => onPart.on('exit', resolve)), 1, partErr);
-    const partLease = /^pg-broker: cannot write the credential to standard output: EFBIG; lease ([0-9a-f-]{36}) revoked$/m.exec(partErr);
-    assert.ok(partLease, partErr);
+    const part = await creds(openSync(partFile, 'w'), { prefix: ['prlimit', '--fsize=300'], format: 'json' });
+    assert.deepEqual([part.code, part.reason, part.state], [1, 'EFBIG', 'revoked'], part.err);
     assert.equal(statSync(partFile).size, 300, 'the limit cut it');
-    assert.equal((await b.pg.query('SELECT state FROM broker.leases WHERE id = $1', [partLease[1]]))[0].state, 'revoked');
+    // Read, it is delivered.
     const read = await cli(['creds', '--token', token, '--format', 'env']);
     assert.equal(read.code, 0, read.stderr);
     assert.match(read.stdout, /^export PGUSER=/m);
