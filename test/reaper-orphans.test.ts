@@ -1,23 +1,17 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { reapOrphans } from '../src/reaper/orphans.js';
-import { connectAs, loginError, roleExists, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
+import { connectAs, loginError, roleExists, startReplicas, waitFor, type TestBroker } from './helpers/broker.js';
 
 // Managed roles without a lease, found and dropped by the reaper: split from reaper.test.ts, with
 // two replicas of their own, as there.
-const ENV = { BROKER_REAPER_INTERVAL: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' };
 let b1: TestBroker;
 let b2: TestBroker;
-
+let close: () => Promise<void>;
 before(async () => {
-  b1 = await startTestBroker({ env: ENV });
-  b2 = await startTestBroker({ pg: b1.pg, issuer: b1.issuer, env: ENV });
-  await b1.putPolicy('bulk', { claims: { sub: 'rep:*' }, max_active_leases: 100 });
+  ({ b1, b2, close } = await startReplicas());
 });
-after(async () => {
-  await b2?.close();
-  await b1?.close();
-});
+after(async () => close?.());
 
 describe('orphans', () => {
   test('managed roles without a lease are dropped with an audit event; everything else is left alone', async () => {

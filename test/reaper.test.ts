@@ -6,24 +6,17 @@ import { migrate } from '../src/postgres/migrate.js';
 import { REAPER_LOCK_KEY } from '../src/reaper/leadership.js';
 import { Reaper, type ReapStats } from '../src/reaper/reaper.js';
 import {
-  api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, type TestBroker,
+  api, auditTypes, connectAs, leaseRow, loginError, roleExists, REPLICA_ENV, startReplicas, startTestBroker, untilPast, type TestBroker,
 } from './helpers/broker.js';
 
-const ENV = { BROKER_REAPER_INTERVAL: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' };
 let b1: TestBroker;
 let b2: TestBroker;
-
+let close: () => Promise<void>;
 before(async () => {
-  b1 = await startTestBroker({ env: ENV });
-  // A second replica: its own app, pool and reaper over the same database.
-  b2 = await startTestBroker({ pg: b1.pg, issuer: b1.issuer, env: ENV });
-  await b1.putPolicy('bulk', { claims: { sub: 'rep:*' }, max_active_leases: 100 });
+  ({ b1, b2, close } = await startReplicas());
   await b1.putPolicy('fragile', { claims: { sub: 'frag:*' } });
 });
-after(async () => {
-  await b2?.close();
-  await b1?.close();
-});
+after(async () => close?.());
 
 async function issueMany(n: number, prefix: string, ttl = 1): Promise<any[]> {
   const creds = await Promise.all(Array.from({ length: n }, async (_, i) => {
@@ -135,7 +128,7 @@ describe('a second deployment on the same cluster', () => {
     await b1.pg.query('CREATE DATABASE broker2 OWNER broker', [], 'postgres');
     const d2 = await startTestBroker({
       pg: b1.pg, issuer: b1.issuer,
-      env: { ...ENV, DATABASE_URL: b1.pg.brokerUrl.replace(/\/broker$/, '/broker2'), BROKER_MANAGED_ROLE: 'second_broker_managed' },
+      env: { ...REPLICA_ENV, DATABASE_URL: b1.pg.brokerUrl.replace(/\/broker$/, '/broker2'), BROKER_MANAGED_ROLE: 'second_broker_managed' },
     });
     try {
       await d2.putPolicy('d2', { claims: { sub: 'd2:*' } });

@@ -48,6 +48,20 @@ export function brokerEnv(pgs: TestPostgres, issuer: TestIssuer, extra: Record<s
   };
 }
 
+/** The reaper suites' settings: reaping every second, the rate limits out of the way. */
+export const REPLICA_ENV = { BROKER_REAPER_INTERVAL: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' };
+
+/**
+ * Two replicas of one deployment, each its own app, pool and reaper, over one PostgreSQL and one
+ * issuer, with REPLICA_ENV and a policy `bulk` admitting `rep:*`. The second closes first.
+ */
+export async function startReplicas(): Promise<{ b1: TestBroker; b2: TestBroker; close(): Promise<void> }> {
+  const b1 = await startTestBroker({ env: REPLICA_ENV });
+  const b2 = await startTestBroker({ pg: b1.pg, issuer: b1.issuer, env: REPLICA_ENV });
+  await b1.putPolicy('bulk', { claims: { sub: 'rep:*' }, max_active_leases: 100 });
+  return { b1, b2, close: async () => { await b2.close(); await b1.close(); } };
+}
+
 /** A broker app on app.inject over a real PostgreSQL and a real JWKS server. */
 export async function startTestBroker(opts: TestBrokerOptions = {}): Promise<TestBroker> {
   const pgs = opts.pg ?? (await startPostgres());
