@@ -119,8 +119,12 @@ describe('pg-broker settings and answers', () => {
     assert.deepEqual(await creds('closed').then(({ code, reason, state }) => [code, reason, state]), [1, 'EPIPE', 'revoked']);
     // A write that fails otherwise (a full disk: /dev/full).
     assert.deepEqual(await creds(openSync('/dev/full', 'w')).then(({ code, reason, state }) => [code, reason, state]), [1, 'ENOSPC', 'revoked']);
+    // Standard output on /dev/null (or closed, which Node reopens as it): refused before anything is issued.
+    const nowhere = await creds(openSync('/dev/null', 'w'));
+    assert.equal(nowhere.code, 1, nowhere.err);
+    assert.match(nowhere.err, /^pg-broker: standard output goes nowhere \(closed, or \/dev\/null\)/);
     // With standard error on the full disk too (`> file 2>&1`): nothing can be said, but the lease
-    // still goes (this identity's three leases so far, all revoked).
+    // still goes (this identity's three leases so far, all revoked; /dev/null's run issued none).
     assert.equal((await creds(openSync('/dev/full', 'w'), { stderrToo: true })).code, 1);
     const states = await b.pg.query(`SELECT state FROM broker.leases WHERE subject = 'cli:nobody-reads'`);
     assert.deepEqual(states.map((r) => r.state), ['revoked', 'revoked', 'revoked']);

@@ -173,7 +173,7 @@ export class KeyResolver {
       if (problem) throw new Error(problem);
       const res = await this.fetchOverHttpsIfAsked(uri, deadline, 'JWKS');
       if (!res.ok) {
-        await res.body?.cancel();
+        await res.body?.cancel().catch(() => undefined);
         throw new Error(`JWKS request failed with ${res.status}`);
       }
       const body = (await res.json()) as { keys?: unknown };
@@ -210,7 +210,7 @@ export class KeyResolver {
       // The statuses fetch itself follows; a 300 or 304 with a Location is an answer.
       const location = REDIRECTS.has(res.status) ? res.headers.get('location') : null;
       if (location === null) return res;
-      await res.body?.cancel();
+      await res.body?.cancel().catch(() => undefined);
       if (hops >= MAX_REDIRECTS) throw new Error(`the ${what} request was redirected more than ${MAX_REDIRECTS} times`);
       url = new URL(location, url).href;
       // fetch itself would refuse any other scheme; a data: URL would carry its own answer.
@@ -228,7 +228,7 @@ export class KeyResolver {
   private async discover(issuer: string, deadline: AbortSignal): Promise<string> {
     const res = await this.fetchOverHttpsIfAsked(`${issuer.replace(/\/$/, '')}/.well-known/openid-configuration`, deadline, 'discovery');
     if (!res.ok) {
-      await res.body?.cancel();
+      await res.body?.cancel().catch(() => undefined);
       throw new Error(`discovery request failed with ${res.status}`);
     }
     const body = (await res.json()) as { jwks_uri?: unknown } | null;

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { fstatSync, writeSync } from 'node:fs';
+import { fstatSync, statSync, writeSync } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import { constants } from 'node:os';
 import path from 'node:path';
@@ -51,6 +51,11 @@ async function issueWith(token: string, base: string, opts: RequestOptions): Pro
 /** `pg-broker creds`: print a credential, or write it to a file only its owner can read. */
 export async function credsCommand(opts: RequestOptions & { format: string; output?: string }): Promise<void> {
   if (!FORMATS.includes(opts.format as Format)) throw new CliError(`--format must be one of ${FORMATS.join(', ')}`);
+  // Standard output closed (`>&-`, which Node reopens as /dev/null) or /dev/null itself: the
+  // credential would go nowhere and stay valid until it expires. Refused before it is issued.
+  if (!opts.output && writesNowhere()) {
+    throw new CliError('standard output goes nowhere (closed, or /dev/null): the credential would be lost while it stays valid; write it to a file with --output, or read it from a pipe');
+  }
   const { credential, base, token } = await requestCredential(opts);
   const text = formatCredential(credential, opts.format as Format);
   if (!opts.output) {
@@ -73,6 +78,16 @@ export async function credsCommand(opts: RequestOptions & { format: string; outp
     throw new CliError(`cannot write ${opts.output}: ${reason}${revoked ? `; lease ${credential.lease_id} revoked` : ''}`);
   }
   process.stderr.write(`wrote ${opts.format} credential to ${opts.output} (lease ${credential.lease_id}, expires ${credential.expires_at})\n`);
+}
+
+function writesNowhere(): boolean {
+  try {
+    const out = fstatSync(1);
+    const nul = statSync('/dev/null');
+    return out.isCharacterDevice() && out.rdev === nul.rdev;
+  } catch {
+    return false;
+  }
 }
 
 /**

@@ -211,8 +211,10 @@ export async function main(argv: string[]): Promise<void> {
   // as an uncaught exception, stack trace and all, skipping every command's clean-up (dev's and
   // demo's PostgreSQL). With it, output that nobody reads is dropped and the command finishes as
   // it would have; `creds`, whose output is the credential, sees its own write fail and revokes it.
-  // Any other failure (a full disk under `> file`) is reported and fails the command, without
-  // cutting short its clean-up either.
+  // Any other failure it reports (a full disk under `> file`, where not even the first write fits)
+  // fails the command, without cutting short its clean-up either. A write to a file cut short
+  // part-way is reported by no one: Node's file stream takes the short count for success. Only
+  // `creds`, whose output is a secret, checks every byte (writeWholly).
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') return;
     if (process.exitCode === undefined || process.exitCode === 0) process.exitCode = 1;

@@ -11,7 +11,7 @@ import type { PolicyCache } from '../policy/cache.js';
 import { enabledPoliciesSql, policySnapshot, type Policy } from '../policy/repository.js';
 import { grantToCreators, pickCreator } from '../postgres/creators.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
-import { againAfterRepair, repairCreators } from '../postgres/migrate.js';
+import { repairCreators } from '../postgres/migrate.js';
 import { isConnectionError, withBatchedTransaction, type Queryable } from '../postgres/pool.js';
 import { roleNameFor } from '../postgres/role-name.js';
 import { createRoleSql } from '../postgres/roles.js';
@@ -226,7 +226,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
         if (creator && code === '42883') {
           // A creator's function was dropped since start-up: made again as at start-up, then once more.
           if (!(await repairCreators(deps.pool, deps.config.managedRole, deps.log))) throw err;
-          await againAfterRepair(deps.pool, () => attempt(creator));
+          await attempt(creator);
         } else if (creator && picked.policy && code === '42501') {
           // The creators lack ADMIN OPTION on a group the broker was granted after they were set
           // up. Hand it on (a no-op when the broker lacks it too) and try once more.

@@ -6,7 +6,7 @@ import { Errors } from '../errors.js';
 import { evaluatePolicies, type PolicyEvaluation } from '../policy/evaluate.js';
 import { getPolicy } from '../policy/repository.js';
 import { creatorOf } from '../postgres/creators.js';
-import { againAfterRepair, repairCreators } from '../postgres/migrate.js';
+import { repairCreators } from '../postgres/migrate.js';
 import type { GrantRoleGuard } from '../postgres/grant-guard.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
@@ -46,7 +46,7 @@ export async function renewLease(managedRole: string, log: FastifyBaseLogger, ..
     // renewal (rolled back whole) tried once more.
     if (creators.length === 0 || (err as { code?: string }).code !== '42883') throw err;
     if (!(await repairCreators(pool, managedRole, log))) throw err;
-    return againAfterRepair(pool, () => renewOnce(...args));
+    return renewOnce(...args);
   }
 }
 

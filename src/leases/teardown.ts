@@ -1,7 +1,7 @@
 import pg from 'pg';
 import { asCreator } from '../postgres/creator-functions.js';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
-import { againAfterRepair, repairCreators } from '../postgres/migrate.js';
+import { repairCreators } from '../postgres/migrate.js';
 import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
@@ -37,7 +37,7 @@ function runAs(deps: TeardownDeps, creator: string | null): Run {
       // 42883: the creator's function was dropped since start-up. Made again as at start-up, and
       // the statement sent once more, so teardown does not wait for a restart.
       if ((err as { code?: string }).code !== '42883' || !(await repairCreators(pool, deps.managedRole, deps.log))) throw err;
-      return againAfterRepair(pool, () => pool.query(asCreator(creator!, sql)));
+      return pool.query(asCreator(creator!, sql));
     }
   };
   const send: Run = !creator

@@ -76,52 +76,42 @@ export async function prepareCreators(pool: pg.Pool, managedRole: string): Promi
   });
 }
 
-// How long after a repair that failed (or did not help) the next one is left alone: each waits on
-// the migration lock holding a pooled connection, as every request meeting the 42883 would.
-const REPAIR_COOLDOWN_MS = 30_000;
-const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; lastAt: number }>();
+// How long after a repair the next one is left alone: each waits on the migration lock holding a
+// pooled connection. After one that worked, briefly: a 42883 just after it has another cause (or
+// met a function dropped while it ran), and one repair a second is bound enough. After one that
+// failed, longer: it will fail again until an operator acts.
+const AFTER_REPAIR_MS = 1000;
+const AFTER_FAILED_REPAIR_MS = 30_000;
+const repairs = new WeakMap<pg.Pool, { running: Promise<void> | null; lastAt: number; lastFailed: boolean }>();
 type RepairLog = { warn(msg: string): void; error(obj: object, msg: string): void };
 
 /**
- * For a statement that met 42883 (a creator's function, or the creator, dropped since start-up):
- * prepareCreators once, shared by every caller meeting it meanwhile. True when the functions are
- * back and the statement is worth sending again (with againAfterRepair); false when the repair
- * failed, or within REPAIR_COOLDOWN_MS of one that failed or did not help: the caller then
- * reports its own error.
+ * For a statement that met 42883 (a creator's function dropped since start-up): prepareCreators
+ * once, shared by every caller meeting it meanwhile. True when it worked and the statement is
+ * worth sending once more; false when it failed, or too soon after the last one (see above): the
+ * caller then reports its own error.
  */
 export async function repairCreators(pool: pg.Pool, managedRole: string, log: RepairLog): Promise<boolean> {
   let state = repairs.get(pool);
-  if (!state) repairs.set(pool, (state = { running: null, lastAt: 0 }));
-  // After a repair that failed, or did not help (againAfterRepair), the next waits.
-  if (!state.running && Date.now() - state.lastAt < REPAIR_COOLDOWN_MS) return false;
+  if (!state) repairs.set(pool, (state = { running: null, lastAt: 0, lastFailed: false }));
+  const pause = state.lastFailed ? AFTER_FAILED_REPAIR_MS : AFTER_REPAIR_MS;
+  if (!state.running && Date.now() - state.lastAt < pause) return false;
   const current = state;
   current.running ??= prepareCreators(pool, managedRole).then(
-    () => log.warn('a statement met a missing creator function (42883); the creator roles and their functions were checked and made again where missing'),
+    () => {
+      Object.assign(current, { lastAt: Date.now(), lastFailed: false });
+      log.warn('a statement met a missing creator function (42883): the creator roles and their functions were checked, and any missing made again');
+    },
     (err) => {
-      current.lastAt = Date.now();
+      Object.assign(current, { lastAt: Date.now(), lastFailed: true });
       // The requests waiting on it report their own error (the missing function); why it cannot
       // be made again is said here, once per attempt.
       log.error({ err: { message: (err as Error).message, code: (err as { code?: string }).code } },
-        `a creator role function is missing and cannot be made again; requests that need it fail until this is fixed (next try in ${REPAIR_COOLDOWN_MS / 1000} s at the earliest)`);
+        `a creator role function is missing and cannot be made again; requests that need it fail until this is fixed (next try in ${AFTER_FAILED_REPAIR_MS / 1000} s at the earliest)`);
       throw err;
     },
   ).finally(() => (current.running = null));
   return current.running.then(() => true, () => false);
-}
-
-/**
- * Sends a statement again after repairCreators made the functions. A 42883 once more means the
- * repair did not help (the function the statement names is not one it makes): no repair is tried
- * for REPAIR_COOLDOWN_MS, rather than one per request, each holding a connection on the lock.
- */
-export async function againAfterRepair<T>(pool: pg.Pool, again: () => Promise<T>): Promise<T> {
-  try {
-    return await again();
-  } catch (err) {
-    const state = repairs.get(pool);
-    if (state && (err as { code?: string }).code === '42883') state.lastAt = Date.now();
-    throw err;
-  }
 }
 
 /** The first marker role to migrate this schema owns it; another one is refused, with the way out. True when bound just now. */
