@@ -14,6 +14,8 @@ import { KeyLookupError, KeyResolver } from '../src/auth/keys.js';
 let server: http.Server;
 let jwksUri = '';
 let keys: object[] = [];
+/** When set, the server answers this text instead of `{ keys }`. */
+let rawAnswer: string | null = null;
 let fetches = 0;
 
 const jwk = (key: KeyObject, extra: Record<string, unknown>) => ({ ...key.export({ format: 'jwk' }), ...extra });
@@ -26,7 +28,7 @@ before(async () => {
   server = http.createServer((_req, res) => {
     fetches++;
     res.setHeader('content-type', 'application/json');
-    res.end(JSON.stringify({ keys }));
+    res.end(rawAnswer ?? JSON.stringify({ keys }));
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   jwksUri = `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks.json`;
@@ -75,6 +77,37 @@ describe('key sets as issuers publish them', () => {
       await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'unlisted', 'ES256'), (err: unknown) => err instanceof KeyLookupError && /cooling down/.test(err.message));
       assert.equal(fetches, before + 1);
     } finally {
+      await keyResolver.close();
+    }
+  });
+
+  test('an answer with no "keys" array fails the fetch: the last good set stays in use, and a fresh resolver refuses', async () => {
+    const key = rsa();
+    keys = [jwk(key, { kid: 'kept' })];
+    const errors: unknown[] = [];
+    // No cache and no cooldown: every lookup asks the JWKS again.
+    const keyResolver = resolver({ cacheTtlMs: 0, unknownKidCooldownMs: 0, onFetchError: (_issuer: string, err: unknown) => errors.push(err) });
+    try {
+      assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'kept', 'RS256'), pemOf(key));
+      for (const answer of ['null', '{}', '[]', '"keys"', '{"keys":null}', '{"keys":"x"}']) {
+        rawAnswer = answer;
+        const [before, failures] = [fetches, errors.length];
+        assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'kept', 'RS256'), pemOf(key), answer);
+        assert.equal(fetches, before + 1, `${answer} was fetched`);
+        assert.equal(errors.length, failures + 1, `${answer} counts as a failed fetch`);
+        assert.match(String((errors.at(-1) as Error).message), /not a JSON object with a "keys" array/, answer);
+        const fresh = resolver();
+        try {
+          await assert.rejects(fresh.publicKeyPem('https://issuer.example', 'kept', 'RS256'), /could not fetch the issuer JWKS/, answer);
+        } finally {
+          await fresh.close();
+        }
+      }
+      // An empty "keys" array is an answer: the key it no longer lists is gone.
+      rawAnswer = '{"keys":[]}';
+      await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'kept', 'RS256'), /signing key not found/);
+    } finally {
+      rawAnswer = null;
       await keyResolver.close();
     }
   });

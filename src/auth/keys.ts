@@ -176,10 +176,13 @@ export class KeyResolver {
         await res.body?.cancel().catch(() => undefined);
         throw new Error(`JWKS request failed with ${res.status}`);
       }
-      const body = (await res.json()) as { keys?: unknown };
-      if (body.keys !== undefined && !Array.isArray(body.keys)) throw new Error('JWKS keys is not an array');
+      const body: unknown = await res.json();
+      // RFC 7517 makes "keys" required. An answer without it (a proxy's `{}`, a JSON `null`) is
+      // treated as a failed fetch, so the last good set rides it out instead of being emptied.
+      const listed = typeof body === 'object' && body !== null ? (body as { keys?: unknown }).keys : undefined;
+      if (!Array.isArray(listed)) throw new Error('the JWKS answer is not a JSON object with a "keys" array');
       set = new Map();
-      for (const jwk of body.keys ?? []) {
+      for (const jwk of listed) {
         if (typeof jwk !== 'object' || jwk === null || typeof (jwk as Jwk).kid !== 'string') continue;
         const kid = (jwk as Jwk).kid as string;
         set.set(kid, [...(set.get(kid) ?? []), jwk as Jwk]);
