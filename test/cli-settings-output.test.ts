@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, statSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, statSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
@@ -138,6 +138,27 @@ describe('pg-broker settings and answers', () => {
     const read = await cli(['creds', '--token', token, '--format', 'env']);
     assert.equal(read.code, 0, read.stderr);
     assert.match(read.stdout, /^export PGUSER=/m);
+  });
+
+  test('leases list to a file the disk cannot hold all of fails, not exit 0 with a cut-off file; to one it can, the file is whole', async () => {
+    const admin = await b.adminToken();
+    for (let i = 0; i < 3; i++) assert.equal((await cli(['creds', '--token', await b.token({ sub: `cli:export-${i}` }), '--format', 'uri'])).code, 0);
+    const list = (fd: number, prefix: string[] = []) => new Promise<{ code: number | null; err: string }>((resolve) => {
+      const command = [...prefix, process.execPath, BIN, 'leases', 'list', '--json', '--token', admin];
+      const child = spawn(command[0], command.slice(1), { env: { PATH: process.env.PATH!, HOME: tmp, PG_BROKER_URL: url }, stdio: ['ignore', fd, 'pipe'] });
+      closeSync(fd);
+      let err = '';
+      child.stderr!.on('data', (d) => (err += d));
+      child.on('exit', (code) => resolve({ code, err }));
+    });
+    const file = path.join(tmp, 'leases.json');
+    const cut = await list(openSync(file, 'w'), ['prlimit', '--fsize=500']);
+    assert.deepEqual([cut.code, cut.err], [1, 'pg-broker: cannot write to standard output: EFBIG\n']);
+    assert.equal(statSync(file).size, 500, 'the limit cut it');
+    const whole = await list(openSync(file, 'w'));
+    assert.equal(whole.code, 0, whole.err);
+    const body = JSON.parse(readFileSync(file, 'utf8')) as { items: unknown[] };
+    assert.ok(body.items.length >= 3);
   });
 
   test('dev-issuer refuses a --public-url no broker could name as its issuer; a good one becomes the tokens\' iss', async () => {

@@ -1,6 +1,7 @@
 import type { LeaseBody } from '../schemas/lease.js';
 import type { PolicyBody } from '../schemas/policy.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
+import { printLines } from './output.js';
 
 export interface AdminOptions extends TokenOptions {
   url?: string;
@@ -25,10 +26,8 @@ export async function allPolicies(base: string, token: string): Promise<PolicyBo
 export async function policyList(opts: AdminOptions & { json?: boolean }): Promise<void> {
   const { base, token } = await session(opts);
   const policies = await allPolicies(base, token);
-  if (opts.json) return void console.log(JSON.stringify(policies, null, 2));
-  for (const p of policies) {
-    console.log(`${p.name}\t${p.enabled ? 'enabled' : 'disabled'}\t${p.grant_role}@${p.database}\tttl ${p.default_ttl}/${p.max_ttl}s\t${JSON.stringify(p.claims)}`);
-  }
+  if (opts.json) return printLines([JSON.stringify(policies, null, 2)]);
+  await printLines(policies.map((p) => `${p.name}\t${p.enabled ? 'enabled' : 'disabled'}\t${p.grant_role}@${p.database}\tttl ${p.default_ttl}/${p.max_ttl}s\t${JSON.stringify(p.claims)}`));
 }
 
 /**
@@ -38,18 +37,20 @@ export async function policyList(opts: AdminOptions & { json?: boolean }): Promi
 export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): Promise<boolean> {
   const { base, token } = await session(opts);
   const { body } = await callBroker<{ issuer: string; subject: string; policies: Array<{ name: string; admitted: boolean; reason?: string; cannot_issue?: string; failed_claims: Array<{ claim: string; patterns: string[]; value: unknown }> }> }>(base, token, 'POST', '/policies/evaluate');
+  const lines = [];
   if (opts.json) {
-    console.log(JSON.stringify(body, null, 2));
+    lines.push(JSON.stringify(body, null, 2));
   } else {
-    console.log(`token: iss ${body.issuer}, sub ${body.subject}`);
-    if (body.policies.length === 0) console.log('no policy names this issuer');
+    lines.push(`token: iss ${body.issuer}, sub ${body.subject}`);
+    if (body.policies.length === 0) lines.push('no policy names this issuer');
     for (const p of body.policies) {
       const first = p.failed_claims[0];
       const why = p.reason ?? (first ? `claim ${first.claim} is ${first.value === null || first.value === undefined ? 'missing (or null)' : JSON.stringify(first.value)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');
-      if (p.admitted && p.cannot_issue) console.log(`! admitted ${p.name}, but issues nothing until an admin fixes it: ${p.cannot_issue}`);
-      else console.log(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
+      if (p.admitted && p.cannot_issue) lines.push(`! admitted ${p.name}, but issues nothing until an admin fixes it: ${p.cannot_issue}`);
+      else lines.push(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
     }
   }
+  await printLines(lines);
   return body.policies.some((p) => p.admitted && !p.cannot_issue);
 }
 
@@ -57,9 +58,10 @@ export async function leasesList(opts: AdminOptions & { json?: boolean; filters:
   const { base, token } = await session(opts);
   const params = new URLSearchParams(Object.entries(opts.filters).filter((e): e is [string, string] => e[1] !== undefined));
   const { body } = await callBroker<{ items: LeaseBody[]; next_cursor: string | null }>(base, token, 'GET', `/leases?${params}`);
-  if (opts.json) return void console.log(JSON.stringify(body, null, 2));
-  for (const l of body.items) console.log(`${l.id}\t${l.state}\t${l.username}\t${l.policy}\t${l.subject}\texpires ${l.expires_at}`);
-  if (body.next_cursor) console.log(`(more: --cursor ${body.next_cursor})`);
+  if (opts.json) return printLines([JSON.stringify(body, null, 2)]);
+  const lines = body.items.map((l) => `${l.id}\t${l.state}\t${l.username}\t${l.policy}\t${l.subject}\texpires ${l.expires_at}`);
+  if (body.next_cursor) lines.push(`(more: --cursor ${body.next_cursor})`);
+  await printLines(lines);
   // On stderr, so a script reading the lines gets none; a person is told the filters matched nothing.
   if (body.items.length === 0) process.stderr.write('no leases match\n');
 }
@@ -78,11 +80,10 @@ export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?:
   const { base, token } = await session(opts);
   if (opts.id !== undefined) {
     const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}`, undefined, REVOKE_TIMEOUT_MS);
-    console.log(`lease ${body.id}: ${body.state}`);
-    return;
+    return printLines([`lease ${body.id}: ${body.state}`]);
   }
   const { body } = await callBroker<{ revoked: number; lease_ids: string[] }>(base, token, 'POST', '/leases/revoke', {
     subject: opts.subject, issuer: opts.issuer, policy: opts.policy, reason: opts.reason,
   }, REVOKE_TIMEOUT_MS);
-  console.log(`revoked ${body.revoked} lease(s)${body.lease_ids.length ? `: ${body.lease_ids.join(', ')}` : ''}`);
+  await printLines([`revoked ${body.revoked} lease(s)${body.lease_ids.length ? `: ${body.lease_ids.join(', ')}` : ''}`]);
 }

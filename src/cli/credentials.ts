@@ -1,12 +1,13 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { fstatSync, statSync, writeSync } from 'node:fs';
+import { fstatSync, statSync } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import { constants } from 'node:os';
 import path from 'node:path';
 import type { CredentialBody, LeaseBody } from '../schemas/lease.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
 import { formatCredential, FORMATS, pgEnvironment, type Format } from './formats.js';
+import { writeWholly } from './output.js';
 import { isFinalRenewFailure, nextRenewDelayMs } from './renew-schedule.js';
 
 export interface RequestOptions extends TokenOptions {
@@ -88,26 +89,6 @@ function writesNowhere(): boolean {
   } catch {
     return false;
   }
-}
-
-/**
- * `text` to standard output, failing unless all of it got there. To a file, Node's stream writes
- * once and takes a short count (a disk filling up) for success: written here byte count by byte
- * count, the next write after a short one fails (ENOSPC, EFBIG). Elsewhere the stream's write is
- * awaited: a reader that has already gone (a closed pipe) fails it. Bytes a live reader buffered
- * but never read are beyond telling, as for any writer.
- */
-async function writeWholly(text: string): Promise<void> {
-  if (fstatSync(1).isFile()) {
-    const bytes = Buffer.from(text);
-    for (let done = 0; done < bytes.length;) {
-      const wrote = writeSync(1, bytes, done, bytes.length - done);
-      if (wrote === 0) throw Object.assign(new Error('nothing could be written'), { code: 'ENOSPC' });
-      done += wrote;
-    }
-    return;
-  }
-  await new Promise<void>((resolve, reject) => process.stdout.write(text, (err) => (err ? reject(err) : resolve())));
 }
 
 /**

@@ -213,8 +213,8 @@ export async function main(argv: string[]): Promise<void> {
   // it would have; `creds`, whose output is the credential, sees its own write fail and revokes it.
   // Any other failure it reports (a full disk under `> file`, where not even the first write fits)
   // fails the command, without cutting short its clean-up either. A write to a file cut short
-  // part-way is reported by no one: Node's file stream takes the short count for success. Only
-  // `creds`, whose output is a secret, checks every byte (writeWholly).
+  // part-way is reported by no one here: Node's file stream takes the short count for success.
+  // `creds` and the admin listings check every byte themselves (writeWholly, printLines).
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') return;
     if (process.exitCode === undefined || process.exitCode === 0) process.exitCode = 1;
