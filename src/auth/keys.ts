@@ -1,6 +1,7 @@
 import { createPublicKey } from 'node:crypto';
 import { Agent } from 'undici';
 import type { IssuerConfig } from '../config.js';
+import { discoverJwksUri, discoveredJwksProblem, fetchOverHttpsIfAsked } from './key-source.js';
 
 // Asymmetric algorithms only: an HMAC alg would let anyone holding the public key forge tokens.
 export const ALLOWED_ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'];
@@ -13,10 +14,6 @@ const KEY_TYPE_FOR_ALG: Record<string, { kty: string; crv?: string[] }> = {
   ES256: { kty: 'EC', crv: ['P-256'] }, ES384: { kty: 'EC', crv: ['P-384'] }, ES512: { kty: 'EC', crv: ['P-521'] },
   EdDSA: { kty: 'OKP', crv: ['Ed25519', 'Ed448'] },
 };
-
-// Redirects followed per key-source request: plenty for any IdP, few enough to end a loop soon.
-const MAX_REDIRECTS = 5;
-const REDIRECTS = new Set([301, 302, 303, 307, 308]);
 
 export class KeyLookupError extends Error {
   constructor(message: string, readonly fetchFailed = false) {
@@ -168,10 +165,10 @@ export class KeyResolver {
       // One deadline for discovery, the JWKS request and its body together: a server sending a
       // byte now and then would otherwise hold every lookup waiting on this fetch indefinitely.
       const deadline = AbortSignal.timeout(this.fetchTimeoutMs);
-      const uri = keys.jwksUri ?? await this.discover(keys.issuer, deadline);
+      const uri = keys.jwksUri ?? await discoverJwksUri(keys.issuer, this.dispatcher, deadline);
       const problem = keys.jwksUri ? null : discoveredJwksProblem(keys.issuer, uri);
       if (problem) throw new Error(problem);
-      const res = await this.fetchOverHttpsIfAsked(uri, deadline, 'JWKS');
+      const res = await fetchOverHttpsIfAsked(uri, this.dispatcher, deadline, 'JWKS');
       if (!res.ok) {
         await res.body?.cancel().catch(() => undefined);
         throw new Error(`JWKS request failed with ${res.status}`);
@@ -197,46 +194,6 @@ export class KeyResolver {
     keys.fetchedAt = Date.now();
     keys.lastFetchFailure = 0;
     return set;
-  }
-
-  /**
-   * fetch would follow redirects, https to http included, and check nothing on the way: what an
-   * https URL answers must not come over plain http at any hop, where anyone on the path could
-   * change it (for discovery, choose the key set), even if the chain ends on https again. So
-   * redirects are followed here, each hop checked.
-   */
-  private async fetchOverHttpsIfAsked(uri: string, deadline: AbortSignal, what: string): Promise<Response> {
-    const httpsOnly = new URL(uri).protocol === 'https:';
-    let url = uri;
-    for (let hops = 0; ; hops++) {
-      const res = await fetch(url, { dispatcher: this.dispatcher, signal: deadline, redirect: 'manual' } as RequestInit);
-      // The statuses fetch itself follows; a 300 or 304 with a Location is an answer.
-      const location = REDIRECTS.has(res.status) ? res.headers.get('location') : null;
-      if (location === null) return res;
-      await res.body?.cancel().catch(() => undefined);
-      if (hops >= MAX_REDIRECTS) throw new Error(`the ${what} request was redirected more than ${MAX_REDIRECTS} times`);
-      url = new URL(location, url).href;
-      // fetch itself would refuse any other scheme; a data: URL would carry its own answer.
-      const { protocol, username, password } = new URL(url);
-      if (protocol !== 'https:' && protocol !== 'http:') throw new Error(`the ${what} request was redirected to a ${protocol} URL; refusing it`);
-      // fetch would refuse it and repeat the URL, password and all, in its error (and so the log).
-      if (username || password) throw new Error(`the ${what} request was redirected to a URL with a user part; refusing it`);
-      if (httpsOnly && protocol !== 'https:') {
-        throw new Error(`the ${what} request was redirected from https to plain http; refusing its answer`);
-      }
-    }
-  }
-
-  /** The jwks_uri from the issuer's OIDC discovery document (OpenID Connect Discovery 1.0, 4). */
-  private async discover(issuer: string, deadline: AbortSignal): Promise<string> {
-    const res = await this.fetchOverHttpsIfAsked(`${issuer.replace(/\/$/, '')}/.well-known/openid-configuration`, deadline, 'discovery');
-    if (!res.ok) {
-      await res.body?.cancel().catch(() => undefined);
-      throw new Error(`discovery request failed with ${res.status}`);
-    }
-    const body = (await res.json()) as { jwks_uri?: unknown } | null;
-    if (typeof body?.jwks_uri !== 'string') throw new Error('the discovery document names no jwks_uri');
-    return body.jwks_uri;
   }
 
   /** The PEM of the first of a kid's keys that fits the alg; a clear refusal when none does. */
@@ -284,24 +241,4 @@ export class KeyResolver {
   async close(): Promise<void> {
     await this.dispatcher.close();
   }
-}
-
-/**
- * Why a jwks_uri that an issuer's discovery document names must not be fetched, or null. Only
- * BROKER_ISSUERS' own URLs were checked at start-up; this one comes over the network. Fetch would
- * take any scheme undici knows (a `data:` URL carries its own keys), and an https issuer naming a
- * plain-http key set would hand the root of trust to whoever sits on that path.
- */
-export function discoveredJwksProblem(issuer: string, jwksUri: string): string | null {
-  let url: URL;
-  try {
-    url = new URL(jwksUri);
-  } catch {
-    return `discovery for ${issuer} names a jwks_uri that is not a URL`;
-  }
-  if (url.protocol !== 'https:' && url.protocol !== 'http:') return `discovery for ${issuer} names a jwks_uri with scheme ${url.protocol}; only https (or http, for an http issuer) is fetched`;
-  if (url.protocol === 'http:' && new URL(issuer).protocol === 'https:') return `discovery for ${issuer} names a plain-http jwks_uri; an https issuer's keys must come over https`;
-  // fetch refuses a URL with credentials, and would put them in its error message.
-  if (url.username || url.password) return `discovery for ${issuer} names a jwks_uri with a user part, which is not fetched`;
-  return null;
 }

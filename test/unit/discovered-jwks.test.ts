@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { discoveredJwksProblem } from '../../src/auth/keys.js';
+import { discoveredJwksProblem } from '../../src/auth/key-source.js';
 
 test('a discovered jwks_uri is fetched over https, or over http only for an http issuer', () => {
   assert.equal(discoveredJwksProblem('https://idp.example.com', 'https://keys.example.com/jwks'), null);
