@@ -7,7 +7,7 @@ import { describeDatabase } from './database-url.js';
 import { createLogger } from './logger.js';
 import { Metrics } from './metrics.js';
 import { migrate } from './postgres/migrate.js';
-import { isConnectionError } from './postgres/pool.js';
+import { isConnectionError, searchPathProblem } from './postgres/pool.js';
 import { Reaper } from './reaper/reaper.js';
 import { brokerDatabaseOpenTo } from './postgres/exposure.js';
 import { policiesRefusedNow } from './policy/repository.js';
@@ -104,6 +104,14 @@ export async function startBroker(
   }
   if (options.migrate !== false) await migrateWhenReachable(config, logger, options.waitForDatabase === true);
   const app = await buildApp(config, { ...options, logger });
+  const searchPath = await searchPathProblem(app.db).catch((err: Error) => {
+    logger.warn({ err: { message: err.message } }, 'could not check the search_path of the broker\'s sessions');
+    return null;
+  });
+  if (searchPath) {
+    await app.close().catch(() => undefined);
+    throw new Error(searchPath);
+  }
   const openTo = await brokerDatabaseOpenTo(app.db, config.managedRole).catch((err: Error) => {
     logger.warn({ err: { message: err.message } }, 'could not check who may connect to the broker\'s own database');
     return [];

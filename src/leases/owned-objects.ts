@@ -104,7 +104,7 @@ function schemasFirstSql(moves: string[][]): string {
   const body = `DECLARE s record; BEGIN
   FOR s IN SELECT n.nspname, m.target FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
              JOIN (VALUES ${pairs}) AS m(owner, target) ON m.owner = r.rolname
-  LOOP EXECUTE format('ALTER SCHEMA %I OWNER TO %I', s.nspname, s.target); END LOOP;
+  LOOP EXECUTE pg_catalog.format('ALTER SCHEMA %I OWNER TO %I', s.nspname, s.target); END LOOP;
 END`;
   // A dollar-quote tag the body cannot contain, whatever the names hold.
   let tag = 'teardown';

@@ -1,16 +1,16 @@
 import pg from 'pg';
-import { parseIntoClientConfig } from 'pg-connection-string';
-import { sessionSettings } from '../postgres/pool.js';
+import { connectionConfig, sessionSettings } from '../postgres/pool.js';
 import { ownedObjectsSql, reassignTargets, type OwnedHere } from './owned-objects.js';
 import { stepEach, type RoleToDrop, type TeardownDeps, type TeardownResult, type TeardownRun } from './teardown-steps.js';
 
 /**
  * The broker's connection settings, in another database. Parsed as pg parses DATABASE_URL, so
  * libpq's socket form (`postgres://broker@/broker?host=/run/postgresql`), which WHATWG URL
- * refuses, works here as it does for the pool.
+ * refuses, works here as it does for the pool; with the pool's search_path, since what runs here
+ * is the most exposed: in a database where the roles being torn down may have created anything.
  */
 export function clientConfigForDatabase(databaseUrl: string, database: string): pg.ClientConfig {
-  return { ...(parseIntoClientConfig(databaseUrl) as pg.ClientConfig), database };
+  return connectionConfig(databaseUrl, database);
 }
 
 async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {

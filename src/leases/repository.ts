@@ -36,7 +36,7 @@ export interface NewLease {
  * travel through escapeLiteral here, the price of sharing BEGIN's round trip.
  */
 export function lockIdentitySql(issuer: string, subject: string): string {
-  return `SELECT pg_advisory_xact_lock(hashtextextended(${escapeLit(identityLockKey(issuer, subject))}, 0))`;
+  return `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(${escapeLit(identityLockKey(issuer, subject))}, 0))`;
 }
 
 /** What the per-identity advisory lock is keyed on (hashed by PostgreSQL), for whoever else must wait on it. */

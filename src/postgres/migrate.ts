@@ -4,7 +4,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { ensureCreators, usesCreators } from './creators.js';
 import { claimMarker, refuseForeignMarker } from './marker.js';
-import { withTransaction } from './pool.js';
+import { connectionConfig, withTransaction } from './pool.js';
 import { escapeIdent } from './sql.js';
 
 const MIGRATIONS_DIR = fileURLToPath(new URL('../../migrations/', import.meta.url));
@@ -20,7 +20,7 @@ export interface MigrationResult {
  * then makes sure the deployment's marker role and (16+) its creator roles exist.
  */
 export async function migrate(databaseUrl: string, managedRole: string, logger: Logger): Promise<MigrationResult> {
-  const client = new pg.Client({ connectionString: databaseUrl, application_name: 'pg-credential-broker migrate' });
+  const client = new pg.Client({ ...connectionConfig(databaseUrl), application_name: 'pg-credential-broker migrate' });
   client.on('error', (err) => logger.warn({ err: { message: err.message } }, 'migration connection failed'));
   await client.connect();
   const applied: string[] = [];

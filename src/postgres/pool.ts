@@ -1,4 +1,5 @@
 import pg from 'pg';
+import { parseIntoClientConfig } from 'pg-connection-string';
 import type { Logger } from 'pino';
 
 export type Queryable = Pick<pg.PoolClient, 'query'>;
@@ -59,11 +60,48 @@ export function commitBatch(pool: pg.Pool, sql: string): pg.QueryConfig {
   return statementTimeout ? ({ text, query_timeout: replyDeadlineMs(statementTimeout, 2) } as pg.QueryConfig) : { text };
 }
 
+/**
+ * Every connection the broker opens searches pg_catalog alone (pg_temp last, where nothing of its
+ * own lives). With the default `"$user", public`, an issued role that may create in some schema on
+ * that path could define, say, `format(text, name, text)` or `hashtextextended(text, integer)`:
+ * an exact match for a call's argument types beats the built-in, wherever pg_catalog is, and the
+ * broker (or the creator role teardown acts as) would run it (CVE-2018-1058's pattern).
+ */
+export const SEARCH_PATH = 'pg_catalog, pg_temp';
+const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp';
+
+/**
+ * DATABASE_URL as pg reads it, for `database` if given, with the search_path above. pg lets a
+ * connection string override the config it comes with, so the option is added to what the URL's
+ * own `options` say (the last `-c` of a setting wins), not passed beside the URL.
+ */
+export function connectionConfig(databaseUrl: string, database?: string): pg.ClientConfig {
+  const parsed = parseIntoClientConfig(databaseUrl) as pg.ClientConfig;
+  return {
+    ...parsed,
+    ...(database === undefined ? {} : { database }),
+    options: parsed.options ? `${parsed.options} ${SEARCH_PATH_OPTION}` : SEARCH_PATH_OPTION,
+  };
+}
+
+/**
+ * Why the pool's sessions do not search as SEARCH_PATH says, or null. A pooler in between may
+ * drop the `options` startup parameter (PgBouncer's ignore_startup_parameters) without a word.
+ */
+export async function searchPathProblem(db: Queryable): Promise<string | null> {
+  const { rows: [{ path }] } = await db.query<{ path: string }>(`SELECT pg_catalog.current_setting('search_path') AS path`);
+  const schemas = path.split(',').map((s) => s.trim().replace(/^"(.*)"$/, '$1'));
+  if (schemas.join(',') === SEARCH_PATH.replace(' ', '')) return null;
+  return `the broker's PostgreSQL sessions search "${path}", not "${SEARCH_PATH}": something between the broker and PostgreSQL dropped `
+    + 'the options startup parameter that sets it (behind PgBouncer 1.20 or later, list search_path in track_extra_parameters, not options in ignore_startup_parameters). '
+    + 'Refusing to start: a role an issued credential may create objects in could otherwise put functions in the broker\'s way';
+}
+
 const NO_TIMEOUTS: DbTimeouts = { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 };
 
 export function createPool(connectionString: string, logger: Logger, max = 10, timeouts = NO_TIMEOUTS): pg.Pool {
   const pool = new pg.Pool({
-    connectionString,
+    ...connectionConfig(connectionString),
     max,
     idleTimeoutMillis: 30_000,
     application_name: 'pg-credential-broker',

@@ -1,6 +1,6 @@
 import pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
-import { sessionSettings, type DbTimeouts } from '../postgres/pool.js';
+import { connectionConfig, sessionSettings, type DbTimeouts } from '../postgres/pool.js';
 
 // Fixed key shared by every replica of a deployment's database.
 export const REAPER_LOCK_KEY = 4_711_020_002;
@@ -43,7 +43,7 @@ export class Leadership {
     try {
       if (!this.client) {
         const client = new pg.Client({
-          connectionString: this.databaseUrl, application_name: 'pg-credential-broker leader', keepAlive: true,
+          ...connectionConfig(this.databaseUrl), application_name: 'pg-credential-broker leader', keepAlive: true,
           ...sessionSettings({ lockTimeoutSeconds: 0, queryTimeoutSeconds: this.timeouts.queryTimeoutSeconds }, false),
         });
         client.on('error', (err) => this.lost(client, err.message));
