@@ -163,46 +163,82 @@ async function endLogins(
   // up on and the server still runs, and a retry that waited there would fail in this step and
   // report a login as enabled that is long disabled.
   const enabled = roles.filter((r) => r.canLogin).map((r) => r.role);
+  const members = new Set(roles.filter((r) => r.member).map((r) => r.role));
   const passed = new Set([
     ...roles.filter((r) => !r.canLogin).map((r) => r.role),
     ...await stepEach(enabled, result, NOLOGIN_STEP, async (batch) => {
-      await run(batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n'));
+      const noLogin = batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n');
+      try {
+        await run(noLogin);
+      } catch (err) {
+        // An issued role may alter itself (its password) in a transaction it leaves open, and
+        // that holds its catalogue row past the lock timeout, at every attempt. Such a session is
+        // ended first, then NOLOGIN tried again; its sessions are looked for once more below.
+        if ((err as { code?: string }).code !== '55P03') throw err;
+        try {
+          if (!(await terminateSessions(deps, run, creator, members, batch))) throw err;
+          await run(noLogin);
+        } catch (again) {
+          throw await withPreparedHolders(deps, batch, again);
+        }
+      }
     }, progress),
   ]);
-  const members = new Set(roles.filter((r) => r.member).map((r) => r.role));
   const live = roles.map((r) => r.role).filter((r) => passed.has(r));
-  return stepEach(live, result, 'terminate sessions', async (batch) => {
-    // Looked up as the broker first: most ended roles have no session left, and for those no
-    // statement runs as the creator. Every SET ROLE after a membership change costs PostgreSQL
-    // 16+ a walk of every creator's memberships, and every GRANT one of the creator's; both grow
-    // with the live issued roles, and they had been most of a teardown's cost.
-    const withSessions = await sessionHolders(deps.pool, batch.map((r) => r.username));
-    const targets = batch.filter((r) => withSessions.has(r.username));
-    if (targets.length === 0) return;
-    // Signalling a role's sessions needs its privileges, which nobody holds while it is live (a
-    // creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it takes the
-    // membership now, for the few statements left, so no membership graph walked by other
-    // statements ever holds every live role. (The handover takes it too: owned-objects.ts.)
-    const ungranted = targets.filter((r) => !members.has(r)).map((r) => escapeIdent(r.username));
-    if (ungranted.length > 0) {
-      await run(creator
-        ? `GRANT ${ungranted.join(', ')} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE`
-        : `GRANT ${ungranted.join(', ')} TO CURRENT_USER`);
-    }
-    const names = targets.map((r) => r.username);
-    // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
-    // before the usename filter, and it would then terminate every backend it can signal.
-    const { rows: signalled } = await run(
-      `WITH t AS MATERIALIZED (SELECT pid, pg_terminate_backend(pid, $2) AS ok FROM pg_stat_activity
-                                WHERE usename = ANY($1) AND pid <> pg_backend_pid())
-       SELECT ok FROM t`,
-      [names, TERMINATE_WAIT_MS],
-    );
-    if (signalled.every((r) => r.ok)) return;
-    // false also means the session ended by itself in the meantime: look again before failing.
-    const left = await sessionHolders(deps.pool, names);
-    if (left.size > 0) throw new Error(`sessions of ${[...left].join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
-  }, progress);
+  return stepEach(live, result, 'terminate sessions', async (batch) => void await terminateSessions(deps, run, creator, members, batch), progress);
+}
+
+/**
+ * Ends the sessions of the roles in `batch` that have any; false when none had. `members`: the
+ * roles whose membership the actor already holds (and, after this, the ones it took).
+ */
+async function terminateSessions(deps: TeardownDeps, run: Run, creator: string | null, members: Set<RoleToDrop>, batch: RoleToDrop[]): Promise<boolean> {
+  // Looked up as the broker first: most ended roles have no session left, and for those no
+  // statement runs as the creator. Every SET ROLE after a membership change costs PostgreSQL
+  // 16+ a walk of every creator's memberships, and every GRANT one of the creator's; both grow
+  // with the live issued roles, and they had been most of a teardown's cost.
+  const withSessions = await sessionHolders(deps.pool, batch.map((r) => r.username));
+  const targets = batch.filter((r) => withSessions.has(r.username));
+  if (targets.length === 0) return false;
+  // Signalling a role's sessions needs its privileges, which nobody holds while it is live (a
+  // creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it takes the
+  // membership now, for the few statements left, so no membership graph walked by other
+  // statements ever holds every live role. (The handover takes it too: owned-objects.ts.)
+  const ungranted = targets.filter((r) => !members.has(r));
+  if (ungranted.length > 0) {
+    const names = ungranted.map((r) => escapeIdent(r.username)).join(', ');
+    await run(creator ? `GRANT ${names} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE` : `GRANT ${names} TO CURRENT_USER`);
+    for (const role of ungranted) members.add(role);
+  }
+  const targetNames = targets.map((r) => r.username);
+  // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
+  // before the usename filter, and it would then terminate every backend it can signal.
+  const { rows: signalled } = await run(
+    `WITH t AS MATERIALIZED (SELECT pid, pg_terminate_backend(pid, $2) AS ok FROM pg_stat_activity
+                              WHERE usename = ANY($1) AND pid <> pg_backend_pid())
+     SELECT ok FROM t`,
+    [targetNames, TERMINATE_WAIT_MS],
+  );
+  if (signalled.every((r) => r.ok)) return true;
+  // false also means the session ended by itself in the meantime: look again before failing.
+  const left = await sessionHolders(deps.pool, targetNames);
+  if (left.size > 0) throw new Error(`sessions of ${[...left].join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
+  return true;
+}
+
+/**
+ * `err` (a lock wait that timed out), naming any prepared transaction of these roles: one holds
+ * its locks with no session to end (max_prepared_transactions > 0), until someone who may runs
+ * ROLLBACK PREPARED in its database.
+ */
+async function withPreparedHolders(deps: TeardownDeps, batch: RoleToDrop[], err: unknown): Promise<unknown> {
+  if ((err as { code?: string }).code !== '55P03') return err;
+  const { rows } = await deps.pool.query<{ owner: string; gid: string; database: string }>(
+    'SELECT owner, gid, database FROM pg_prepared_xacts WHERE owner = ANY($1)', [batch.map((r) => r.username)],
+  ).catch(() => ({ rows: [] }));
+  if (rows.length === 0) return err;
+  const held = rows.map((r) => `${r.owner}'s '${r.gid}' in ${r.database}`).join(', ');
+  return Object.assign(err as object, { detail: `prepared transactions hold the role: ${held}; ROLLBACK PREPARED them as a superuser` });
 }
 
 /** The roles among `names` with a session other than this one (usename is visible to anyone). */

@@ -1,0 +1,57 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import type pg from 'pg';
+import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, type TestBroker } from './helpers/broker.js';
+
+// What the holder of an issued credential can do, with that credential alone, to outlive its lease.
+const HANG_GUARD = { timeout: 60_000 };
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_LOCK_TIMEOUT: '1', BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+  await b.putPolicy('tricks', { claims: { sub: 'trick:*' } });
+});
+after(async () => b?.close());
+
+/** A session of the credential that alters its own role and leaves the transaction open. */
+async function holdOwnRow(cred: { username: string; password: string }): Promise<{ session: pg.Client; ended: Promise<unknown> }> {
+  const session = await connectAs(b.pg, cred);
+  const ended = new Promise((resolve) => session.once('error', resolve));
+  await session.query('BEGIN');
+  // Any role may change its own password; the open transaction keeps its catalogue row locked.
+  await session.query(`ALTER ROLE "${cred.username}" PASSWORD NULL`);
+  return { session, ended };
+}
+
+describe('an issued role that holds its own catalogue row in an open transaction', () => {
+  test('is revoked all the same: its session is ended, its login refused and its role dropped', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'trick:revoke' });
+    const cred = (await b.issue(token)).body;
+    const { session, ended } = await holdOwnRow(cred);
+    try {
+      const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+      assert.equal(revoked.body.state, 'revoked');
+      assert.match(String(((await ended) as Error).message), /terminat/);
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.equal(await loginError(b.pg, cred), '28P01', 'the credential no longer logs in');
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).last_error, null);
+  });
+
+  test('and past its expiry is ended by the reaper on its first try', HANG_GUARD, async () => {
+    const cred = (await b.issue(await b.token({ sub: 'trick:expire' }), { ttl: 2 })).body;
+    const { session, ended } = await holdOwnRow(cred);
+    try {
+      await untilPast(cred.expires_at);
+      const stats = await b.reaper.reap({ requireLeadership: false });
+      assert.deepEqual([stats.failed, (await leaseRow(b.pg, cred.lease_id)).state], [0, 'expired'], JSON.stringify(stats));
+      await ended;
+    } finally {
+      await session.end().catch(() => undefined);
+    }
+    assert.equal(await roleExists(b.pg, cred.username), false);
+  });
+});
