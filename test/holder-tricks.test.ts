@@ -41,6 +41,24 @@ describe('an issued role that holds its own catalogue row in an open transaction
     assert.equal((await leaseRow(b.pg, cred.lease_id)).last_error, null);
   });
 
+  test('in a prepared transaction, which no session holds, is named in the lease\'s error until a superuser rolls it back', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'trick:prepared' });
+    const cred = (await b.issue(token)).body;
+    const session = await connectAs(b.pg, cred);
+    await session.query(`BEGIN; ALTER ROLE "${cred.username}" PASSWORD NULL; PREPARE TRANSACTION 'held-${cred.username}'`);
+    await session.end();
+    const stuck = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+    assert.equal(stuck.status, 500, JSON.stringify(stuck.body));
+    assert.match((await leaseRow(b.pg, cred.lease_id)).last_error,
+      new RegExp(`^NOLOGIN: 55P03: .*\\(prepared transactions hold the role: ${cred.username}'s 'held-${cred.username}' in broker; ROLLBACK PREPARED them as a superuser\\)$`));
+    await b.pg.query(`ROLLBACK PREPARED 'held-${cred.username}'`);
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    const stats = await b.reaper.reap({ requireLeadership: false });
+    assert.equal(stats.failed, 0, JSON.stringify(stats));
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+  });
+
   test('and past its expiry is ended by the reaper on its first try', HANG_GUARD, async () => {
     const cred = (await b.issue(await b.token({ sub: 'trick:expire' }), { ttl: 2 })).body;
     const { session, ended } = await holdOwnRow(cred);

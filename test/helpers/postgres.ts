@@ -31,6 +31,8 @@ const tmpRoot = () => process.env.PG_TEST_TMPDIR || os.tmpdir();
 const TEST_FLAGS = {
   max_connections: '200', shared_buffers: '16MB', fsync: 'off', synchronous_commit: 'off', full_page_writes: 'off',
   log_statement: 'all', log_min_messages: 'warning',
+  // Off by default in PostgreSQL; on here so tests can show what an issued role does with it.
+  max_prepared_transactions: '4',
 };
 
 const fail = (flavor: string, msg: string) => new Error(`startPostgres(${flavor}): ${msg.replace(/\s*\n\s*/g, ' | ')}`);
