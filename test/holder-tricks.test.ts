@@ -23,6 +23,32 @@ async function holdOwnRow(cred: { username: string; password: string }): Promise
   return { session, ended };
 }
 
+describe('the marker role every issued role joins', () => {
+  test('cannot be taken up with SET ROLE, so nothing made as it outlives a lease; the group still can', async (t) => {
+    if (b.pg.version < 16) {
+      return t.skip('PostgreSQL 15 has no SET option on a membership: any member may SET ROLE to the marker (README, Security notes)');
+    }
+    const cred = (await b.issue(await b.token({ sub: 'trick:marker' }))).body;
+    const session = await connectAs(b.pg, cred);
+    try {
+      await assert.rejects(session.query(`SET ROLE ${b.config.managedRole}`), (err: { code?: string }) => err.code === '42501');
+      // Nor do its privileges come along: it has none of its own, and inherits none.
+      const [{ inherits }] = (await session.query(`SELECT pg_has_role('${b.config.managedRole}', 'USAGE') AS inherits`)).rows;
+      assert.equal(inherits, false);
+      // The policy's group is joined as before: its privileges apply, and SET ROLE to it works.
+      assert.equal((await session.query('SELECT count(*)::int AS n FROM public.widgets')).rows[0].n, 3);
+      await session.query('SET ROLE app_readers');
+    } finally {
+      await session.end();
+    }
+    // Still a plain member of the marker, which is how teardown and the orphan sweep know it.
+    const [member] = await b.pg.query(
+      `SELECT m.admin_option, m.inherit_option, m.set_option FROM pg_auth_members m
+        WHERE m.member = $1::regrole AND m.roleid = $2::regrole`, [cred.username, b.config.managedRole]);
+    assert.deepEqual(member, { admin_option: false, inherit_option: false, set_option: false });
+  });
+});
+
 describe('an issued role that holds its own catalogue row in an open transaction', () => {
   test('is revoked all the same: its session is ended, its login refused and its role dropped', HANG_GUARD, async () => {
     const token = await b.token({ sub: 'trick:revoke' });

@@ -67,7 +67,7 @@ export interface PopulationOptions {
 
 /**
  * Creates `count` issued roles with active lease rows, as superuser: the same role attributes,
- * IN ROLE and comment as createRoleSql, and the grant that stands in for how the broker made it:
+ * memberships and comment as createRoleSql, and the grant that stands in for how the broker made it:
  * on 16+ ADMIN OPTION for one of the creator roles, round robin (what PostgreSQL gives a role's
  * creator), on 15 none (there the broker creates roles itself and holds nothing on them). As superuser this
  * takes seconds and does not depend on how fast the broker's own path is.
@@ -101,9 +101,11 @@ export async function createPopulation(pgs: TestPostgres, count: number, o: Popu
         names
           .map((n, k) => {
             const name = escapeIdent(n);
-            return `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(verifier)} VALID UNTIL ${validUntil} IN ROLE ${escapeIdent(o.grantRole)}, ${escapeIdent(o.managedRole)};
+            const marker = escapeIdent(o.managedRole);
+            return `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(verifier)} VALID UNTIL ${validUntil} IN ROLE ${escapeIdent(o.grantRole)}${o.creators.length ? '' : `, ${marker}`};
                     ${o.creators.length
-                      ? `GRANT ${name} TO ${escapeIdent(o.creators[(from + k) % o.creators.length])} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE`
+                      ? `GRANT ${marker} TO ${name} WITH INHERIT FALSE, SET FALSE;
+                         GRANT ${name} TO ${escapeIdent(o.creators[(from + k) % o.creators.length])} WITH ADMIN OPTION, INHERIT FALSE, SET FALSE`
                       : 'SELECT 1'};
                     COMMENT ON ROLE ${name} IS ${escapeLit(`lease ${ids[k]} sub ${subjects[k]}`)}`;
           })

@@ -29,11 +29,17 @@ export interface NewRole {
  */
 export function createRoleSql(role: NewRole): string {
   const name = escapeIdent(role.username);
+  const marker = escapeIdent(role.managedRole);
+  // The marker role only tags what this deployment issued. Joined through IN ROLE, a holder could
+  // SET ROLE to it, and whatever it created as the marker (or default privileges it set for it)
+  // would outlive its lease, in reach of every other issued role. 16+ can join it without SET
+  // or INHERIT (a creator acts on 16+ only); on 15 every membership allows SET ROLE.
   const statements = [
     `CREATE ROLE ${name} LOGIN PASSWORD ${escapeLit(role.verifier)} VALID UNTIL ${escapeLit(role.validUntil.toISOString())}` +
       ` CONNECTION LIMIT ${Math.trunc(role.connectionLimit)}` +
-      ` IN ROLE ${escapeIdent(role.grantRole)}, ${escapeIdent(role.managedRole)}`,
+      ` IN ROLE ${escapeIdent(role.grantRole)}${role.creator ? '' : `, ${marker}`}`,
   ];
+  if (role.creator) statements.push(`GRANT ${marker} TO ${name} WITH INHERIT FALSE, SET FALSE`);
   statements.push(`COMMENT ON ROLE ${name} IS ${escapeLit(role.comment)}`);
   const sql = asCreator(role.creator, statements.join(';\n'));
   if (!role.assumeRole) return sql;
