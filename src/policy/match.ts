@@ -95,7 +95,9 @@ function scalarText(value: unknown): string | null {
   if (typeof value === 'string') return value;
   if (typeof value === 'boolean') return value ? 'true' : 'false';
   // Non-finite numbers cannot come from JSON, and JSON.stringify would render them as `null`.
-  if (typeof value === 'number') return Number.isFinite(value) ? JSON.stringify(value) : null;
+  // An integer beyond 2^53 was rounded when the token was parsed: its text is lost, and the
+  // rounded one is shared by its neighbours (…993 reads as …992), so it matches nothing.
+  if (typeof value === 'number') return Number.isFinite(value) && !(Number.isInteger(value) && !Number.isSafeInteger(value)) ? JSON.stringify(value) : null;
   return null;
 }
 

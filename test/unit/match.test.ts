@@ -149,6 +149,19 @@ test('claimMatches: numbers and booleans match by their JSON text', () => {
   assert.equal(claimMatches('7', [true, 7]), true);
 });
 
+test('claimMatches: an integer beyond 2^53 - 1 matches nothing, since parsing rounded it; the largest safe one matches', () => {
+  // The token said 9007199254740993; JSON.parse reads it as ...992, the same number as ...992 itself.
+  const rounded = JSON.parse('{"id": 9007199254740993}').id as number;
+  for (const pattern of ['9007199254740992', '9007199254740993', '9007199254740*', '*']) {
+    assert.equal(claimMatches(pattern, rounded), false, pattern);
+  }
+  assert.equal(claimMatches('9007199254740991', Number.MAX_SAFE_INTEGER), true);
+  assert.equal(claimMatches('-9007199254740991', -Number.MAX_SAFE_INTEGER), true);
+  assert.equal(claimMatches('*', -9007199254740992), false);
+  // Written as a string, as IdPs send large ids, it matches as written.
+  assert.equal(claimMatches('9007199254740993', '9007199254740993'), true);
+});
+
 test('claimMatches: null, objects, nested arrays and missing values never match', () => {
   for (const value of [null, undefined, {}, { a: 'x' }, [['x']], [null], [{}], Number.NaN]) {
     assert.equal(claimMatches('*', value), false, JSON.stringify(value));
