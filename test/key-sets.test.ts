@@ -17,6 +17,9 @@ let keys: object[] = [];
 /** When set, the server answers this text instead of `{ keys }`. */
 let rawAnswer: string | null = null;
 let fetches = 0;
+/** The `issuer` the discovery document at /.well-known/openid-configuration names; the server's own URL when null. */
+let documentIssuer: string | null = null;
+let base = '';
 
 const jwk = (key: KeyObject, extra: Record<string, unknown>) => ({ ...key.export({ format: 'jwk' }), ...extra });
 const rsa = () => generateKeyPairSync('rsa', { modulusLength: 2048 }).publicKey;
@@ -25,13 +28,15 @@ const pemOf = (key: KeyObject) => key.export({ type: 'spki', format: 'pem' }).to
 const resolver = (options = {}) => new KeyResolver([{ issuer: 'https://issuer.example', jwks_uri: jwksUri }], options);
 
 before(async () => {
-  server = http.createServer((_req, res) => {
-    fetches++;
+  server = http.createServer((req, res) => {
     res.setHeader('content-type', 'application/json');
+    if (req.url === '/.well-known/openid-configuration') return void res.end(JSON.stringify({ issuer: documentIssuer ?? base, jwks_uri: jwksUri }));
+    fetches++;
     res.end(rawAnswer ?? JSON.stringify({ keys }));
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  jwksUri = `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks.json`;
+  base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  jwksUri = `${base}/jwks.json`;
 });
 after(() => new Promise<void>((resolve) => server.close(() => resolve())));
 
@@ -108,6 +113,29 @@ describe('key sets as issuers publish them', () => {
       await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'kept', 'RS256'), /signing key not found/);
     } finally {
       rawAnswer = null;
+      await keyResolver.close();
+    }
+  });
+
+  test('a discovery document naming another issuer chooses no keys; one naming this issuer does', async () => {
+    const key = ec();
+    keys = [jwk(key, { kid: 'disc' })];
+    const errors: unknown[] = [];
+    for (const other of [`${base}/`, 'https://other.example', '']) {
+      documentIssuer = other;
+      const keyResolver = new KeyResolver([{ issuer: base }], { onFetchError: (_issuer: string, err: unknown) => errors.push(err) });
+      try {
+        await assert.rejects(keyResolver.publicKeyPem(base, 'disc', 'ES256'), /could not fetch the issuer JWKS/, other);
+        assert.equal(String((errors.at(-1) as Error).message), `the discovery document is for issuer ${JSON.stringify(other)}, not ${JSON.stringify(base)}`);
+      } finally {
+        await keyResolver.close();
+      }
+    }
+    documentIssuer = null;
+    const keyResolver = new KeyResolver([{ issuer: base }]);
+    try {
+      assert.equal(await keyResolver.publicKeyPem(base, 'disc', 'ES256'), pemOf(key));
+    } finally {
       await keyResolver.close();
     }
   });

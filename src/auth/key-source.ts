@@ -42,8 +42,13 @@ export async function discoverJwksUri(issuer: string, dispatcher: Dispatcher, de
     await res.body?.cancel().catch(() => undefined);
     throw new Error(`discovery request failed with ${res.status}`);
   }
-  const body = (await res.json()) as { jwks_uri?: unknown } | null;
-  if (typeof body?.jwks_uri !== 'string') throw new Error('the discovery document names no jwks_uri');
+  const body = (await res.json()) as { issuer?: unknown; jwks_uri?: unknown } | null;
+  // OpenID Connect Discovery 1.0, 4.3: a document for another issuer (a proxy's, another
+  // tenant's) must not choose this one's keys.
+  if (body?.issuer !== issuer) {
+    throw new Error(`the discovery document is for issuer ${JSON.stringify(body?.issuer ?? null)}, not ${JSON.stringify(issuer)}`);
+  }
+  if (typeof body.jwks_uri !== 'string') throw new Error('the discovery document names no jwks_uri');
   return body.jwks_uri;
 }
 
