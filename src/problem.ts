@@ -165,6 +165,9 @@ async function auditOutcome(app: FastifyInstance, request: FastifyRequest, statu
       type: status >= 500 ? 'request.failed' : 'request.denied',
       issuer: request.identity!.issuer,
       subject: request.identity!.subject,
+      // The lease or policy the path names, so a lease's history (GET /audit?lease_id=) shows
+      // the attempts on it that were refused too.
+      ...targetOf(request),
       reason: code,
       request_id: String(request.id),
       client_ip: request.ip,
@@ -173,6 +176,16 @@ async function auditOutcome(app: FastifyInstance, request: FastifyRequest, statu
   } catch (err) {
     request.log.warn({ err: { message: (err as Error).message } }, 'could not record audit event');
   }
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function targetOf(request: FastifyRequest): { lease_id?: string; policy?: string } {
+  const { id, name } = (request.params ?? {}) as { id?: unknown; name?: unknown };
+  const route = request.routeOptions.url ?? '';
+  if (route.startsWith('/leases/:id') && typeof id === 'string' && UUID.test(id)) return { lease_id: id };
+  if (route === '/policies/:name' && typeof name === 'string') return { policy: name };
+  return {};
 }
 
 // Data exceptions PostgreSQL raises for values that came from the request as bind parameters: NUL

@@ -153,6 +153,26 @@ describe('GET /audit', () => {
     assert.ok(bySubject.every((e) => e.subject === 'audit:3' && e.actor_verified === true && e.at));
   });
 
+  test('one identity\'s record: subject= is what it did, owner= what happened to its leases, whoever acted', async () => {
+    await b.putPolicy('aud', { claims: { sub: 'aud:*' } });
+    const alice = await b.token({ sub: 'aud:alice' });
+    const lease = (await b.issue(alice)).body.lease_id as string;
+    // Another caller's refused attempt on alice's lease, and an admin's revocation of it.
+    assert.equal((await api(b, 'DELETE', `/leases/${lease}`, await b.token({ sub: 'aud:bob' }))).status, 404);
+    assert.equal((await api(b, 'POST', '/leases/revoke', admin, { subject: 'aud:alice', reason: 'left the company' })).body.revoked, 1);
+
+    const events = async (query: Record<string, string>) =>
+      (await walk('/audit', admin, query)).map((e) => [e.type, e.subject, e.lease_id, e.detail?.owner_subject ?? null]).reverse();
+    assert.deepEqual(await events({ owner: 'aud:alice' }), [
+      ['credential.issued', 'aud:alice', lease, null],
+      ['request.denied', 'aud:bob', lease, null],
+      ['lease.revoked', 'admin:root', lease, 'aud:alice'],
+    ]);
+    assert.deepEqual(await events({ subject: 'aud:alice' }), [['credential.issued', 'aud:alice', lease, null]]);
+    assert.deepEqual(await events({ owner: 'aud:bob' }), [], 'bob owns no lease');
+    assert.deepEqual(await events({ owner: 'aud:alice', type: 'lease.revoked' }), [['lease.revoked', 'admin:root', lease, 'aud:alice']]);
+  });
+
   test('the audit table is append-only, for the broker and for a superuser alike', async () => {
     const [row] = await b.pg.query(`INSERT INTO broker.audit_events (type, reason) VALUES ('test.immutable', 'original') RETURNING id`);
     const attempts = [

@@ -82,6 +82,7 @@ export async function listAudit(db: Queryable, q: AuditQueryBody): Promise<{ ite
   if (q.policy !== undefined) add('policy = ?', q.policy);
   if (q.type !== undefined) add('type = ?', q.type);
   if (q.lease_id !== undefined) add('lease_id = ?', q.lease_id);
+  if (q.owner !== undefined) add('lease_id IN (SELECT l.id FROM broker.leases l WHERE l.subject = ?)', q.owner);
   if (q.username !== undefined) add('username = ?', q.username);
   if (q.since !== undefined) add('at >= ?', q.since);
   if (q.until !== undefined) add('at < ?', q.until);

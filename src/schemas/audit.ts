@@ -34,6 +34,9 @@ export const AuditQuery = Type.Object(
     // nothing of the kind had happened.
     type: Type.Optional(Type.Unsafe<AuditType>({ type: 'string', enum: [...AUDIT_TYPES] })),
     lease_id: Type.Optional(Type.String({ format: 'uuid' })),
+    // `subject` is who acted (an admin, for the revocations they make); an audit of one identity
+    // also needs what others did to its leases.
+    owner: Type.Optional(Type.String({ maxLength: 1024, description: 'events about the leases of this subject (the lease owner), whoever acted' })),
   },
   { additionalProperties: false },
 );
