@@ -216,6 +216,8 @@ describe('admins', () => {
     assert.equal(gone.json().code, 'POLICY_NOT_FOUND');
     const [row] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.policies WHERE name = 'sneaky'`);
     assert.equal(row.n, 0);
+    const [event] = await b.pg.query(`SELECT detail FROM broker.audit_events WHERE type = 'policy.deleted' AND policy = 'sneaky'`);
+    assert.deepEqual(event.detail.policy, put.json(), 'its event keeps what was deleted');
     const again = await call('DELETE', url, admin);
     assert.equal(again.status, 404, 'a second DELETE finds nothing');
   });

@@ -73,9 +73,10 @@ export async function putPolicy(db: Queryable, name: string, input: PolicyInputB
   return { policy: isoRow<Policy>(policy), created: created as boolean };
 }
 
-export async function deletePolicy(db: Queryable, name: string): Promise<boolean> {
-  const { rowCount } = await db.query('DELETE FROM broker.policies WHERE name = $1', [name]);
-  return (rowCount ?? 0) > 0;
+/** Deletes a policy; what it was (for the audit event), or null when there was none. */
+export async function deletePolicy(db: Queryable, name: string): Promise<Policy | null> {
+  const { rows } = await db.query(`DELETE FROM broker.policies WHERE name = $1 RETURNING ${COLUMNS}`, [name]);
+  return rows[0] ? isoRow<Policy>(rows[0]) : null;
 }
 
 /**

@@ -110,7 +110,8 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       const ctx = requestContext(request);
       // The deletion and its event commit together, as for PUT.
       await withTransaction(app.db, async (client) => {
-        if (!(await deletePolicy(client, request.params.name))) throw new Errors.PolicyNotFound();
+        const deleted = await deletePolicy(client, request.params.name);
+        if (!deleted) throw new Errors.PolicyNotFound();
         await recordAudit(client, {
           type: 'policy.deleted',
           issuer: ctx.identity.issuer,
@@ -118,6 +119,8 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
           policy: request.params.name,
           request_id: ctx.requestId,
           client_ip: ctx.clientIp,
+          // What it admitted and granted, which nothing else keeps once it is gone.
+          detail: { policy: deleted },
         });
       });
       return reply.code(204).send(null);
