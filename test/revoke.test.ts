@@ -51,6 +51,19 @@ describe('DELETE /leases/{id}', () => {
     assert.deepEqual(await auditTypes(b.pg, cred.lease_id), ['credential.issued', 'lease.revoked'], 'and records nothing twice');
   });
 
+  test('takes a reason in its query, kept as end_reason and in its event; another parameter is refused, revoking nothing', async () => {
+    const owner = await b.token({ sub: 'user:leaked' });
+    const cred = await issueOk('user:leaked');
+    const other = await api(b, 'DELETE', `/leases/${cred.lease_id}?why=leaked`, owner);
+    assert.equal(other.status, 400, JSON.stringify(other.body));
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'active');
+    const res = await api(b, 'DELETE', `/leases/${cred.lease_id}?reason=${encodeURIComponent('password pasted in a ticket')}`, owner);
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.deepEqual([res.body.state, res.body.end_reason], ['revoked', 'password pasted in a ticket']);
+    const [event] = await b.pg.query(`SELECT reason FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.revoked'`, [cred.lease_id]);
+    assert.equal(event.reason, 'password pasted in a ticket');
+  });
+
   test('a teardown that cannot finish answers 500 REVOKE_INCOMPLETE, audited under the caller; a retry finishes it', async () => {
     const cred = await issueOk('user:sealed');
     // An object in a database the broker may not connect to: REASSIGN/DROP OWNED cannot reach it.

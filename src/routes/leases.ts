@@ -7,7 +7,7 @@ import { awaitEnded } from '../leases/claims.js';
 import { revokeNow, type FinishDeps } from '../leases/revoke.js';
 import { loginStillEnabled } from '../leases/teardown.js';
 import { problemResponses } from '../schemas/common.js';
-import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest } from '../schemas/lease.js';
+import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest, RevokeQuery } from '../schemas/lease.js';
 import { requestContext } from './context.js';
 import { beforeBody, noBodyMeansNoOptions } from '../validation.js';
 
@@ -94,6 +94,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
         summary: 'Revoke now: sessions are killed and the role is dropped before this answers (owner or admin)',
         tags: ['leases'],
         params: LeaseIdParams,
+        querystring: RevokeQuery,
         response: { 200: LeaseSchema, ...problemResponses(400, 401, 404, 429, 500, 503) },
       },
       preParsing: beforeBody(app.authenticate),
@@ -102,7 +103,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases, errors, outage } = await revokeNow(finishDeps(), { id: lease.id }, actor, 'revoked by request', { includeEnding: true });
+      const { leases, errors, outage } = await revokeNow(finishDeps(), { id: lease.id }, actor, request.query.reason ?? 'revoked by request', { includeEnding: true });
       // A reaper already tearing it down gets a moment to finish, so 200 still means "gone".
       if (leases.length === 0) await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
       // Judge by the lease, not by this attempt: someone else may have finished it meanwhile.

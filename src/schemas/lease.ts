@@ -78,14 +78,19 @@ export type LeaseQueryBody = Static<typeof LeaseQuery>;
 
 export const LeasePage = Type.Object({ items: Type.Array(Lease), next_cursor: Type.Union([Type.String(), Type.Null()]) });
 
+// Recorded as the lease's end_reason and in its event; only text: it decides nothing.
+const RevokeReason = () => Type.Optional(Type.String({ maxLength: 1024, description: 'why, for the record (end_reason and the audit event)' }));
+
 export const BulkRevokeRequest = Type.Object(
   {
     subject: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
     issuer: Type.Optional(Type.String({ minLength: 1, maxLength: 1024 })),
     policy: Type.Optional(Type.String({ minLength: 1, maxLength: 63 })),
-    reason: Type.Optional(Type.String({ maxLength: 1024 })),
+    reason: RevokeReason(),
   },
   { additionalProperties: false, minProperties: 1 },
 );
 export const BulkRevokeResult = Type.Object({ revoked: Type.Integer(), lease_ids: Type.Array(Type.String({ format: 'uuid' })) });
 export const LeaseIdParams = Type.Object({ id: Type.String({ format: 'uuid' }) });
+/** DELETE /leases/{id} takes no body (DESIGN.md): its reason comes in the query. */
+export const RevokeQuery = Type.Object({ reason: RevokeReason() }, { additionalProperties: false });
