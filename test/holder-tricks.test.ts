@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type pg from 'pg';
-import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, type TestBroker } from './helpers/broker.js';
+import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker } from './helpers/broker.js';
 
 // What the holder of an issued credential can do, with that credential alone, to outlive its lease.
 const HANG_GUARD = { timeout: 60_000 };
@@ -65,6 +65,55 @@ describe('an issued role that holds its own catalogue row in an open transaction
     assert.equal(await roleExists(b.pg, cred.username), false);
     assert.equal(await loginError(b.pg, cred), '28P01', 'the credential no longer logs in');
     assert.equal((await leaseRow(b.pg, cred.lease_id)).last_error, null);
+  });
+
+  test('and reconnecting as fast as it can to take the row again, is revoked all the same', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'trick:reconnect' });
+    const cred = (await b.issue(token)).body;
+    let stop = false;
+    let holds = 0;
+    // Six clients that each log in, alter the role and keep the transaction open, until told to
+    // stop, their login is refused, or 200 tries each.
+    const worker = async () => {
+      for (let tries = 0; !stop && tries < 200; tries++) {
+        const c = await connectAs(b.pg, cred).catch(() => null);
+        if (!c) return;
+        c.on('error', () => undefined);
+        try {
+          await c.query('BEGIN');
+          await c.query(`ALTER ROLE "${cred.username}" PASSWORD NULL`);
+          holds++;
+          await c.query('SELECT pg_sleep(60)');
+        } catch { /* ended by the teardown */ }
+        await c.end().catch(() => undefined);
+      }
+    };
+    const workers = Array.from({ length: 6 }, worker);
+    await waitFor('a client to hold the row', async () => holds > 0);
+    const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+    stop = true;
+    await Promise.all(workers);
+    assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+    assert.equal(await roleExists(b.pg, cred.username), false);
+  });
+
+  test('with lock waits unbounded (BROKER_LOCK_TIMEOUT=0), is revoked without waiting for a timeout', HANG_GUARD, async () => {
+    const unbounded = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { BROKER_LOCK_TIMEOUT: '0' } });
+    try {
+      const token = await unbounded.token({ sub: 'trick:unbounded' });
+      const cred = (await unbounded.issue(token)).body;
+      const { session, ended } = await holdOwnRow(cred);
+      try {
+        const revoked = await api(unbounded, 'DELETE', `/leases/${cred.lease_id}`, token);
+        assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+        await ended;
+      } finally {
+        await session.end().catch(() => undefined);
+      }
+      assert.equal(await roleExists(b.pg, cred.username), false);
+    } finally {
+      await unbounded.close();
+    }
   });
 
   test('in a prepared transaction, which no session holds, is named in the lease\'s error until a superuser rolls it back', HANG_GUARD, async () => {

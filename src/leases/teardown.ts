@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { asCreator } from '../postgres/creator-functions.js';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
@@ -13,6 +14,8 @@ import {
 // Sessions get this long to exit after pg_terminate_backend; a role is never dropped while one
 // survives, because a session outlives DROP ROLE and could then no longer be found by name.
 const TERMINATE_WAIT_MS = 5000;
+// How often a waiting NOLOGIN looks for a session of its roles in its way.
+const BLOCKER_POLL_MS = 50;
 
 /** The first step, which ends new logins; a failure there is prefixed with this name. */
 export const NOLOGIN_STEP = 'NOLOGIN';
@@ -166,26 +169,48 @@ async function endLogins(
   const members = new Set(roles.filter((r) => r.member).map((r) => r.role));
   const passed = new Set([
     ...roles.filter((r) => !r.canLogin).map((r) => r.role),
-    ...await stepEach(enabled, result, NOLOGIN_STEP, async (batch) => {
-      const noLogin = batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n');
-      try {
-        await run(noLogin);
-      } catch (err) {
-        // An issued role may alter itself (its password) in a transaction it leaves open, and
-        // that holds its catalogue row past the lock timeout, at every attempt. Such a session is
-        // ended first, then NOLOGIN tried again; its sessions are looked for once more below.
-        if ((err as { code?: string }).code !== '55P03') throw err;
-        try {
-          if (!(await terminateSessions(deps, run, creator, members, batch))) throw err;
-          await run(noLogin);
-        } catch (again) {
-          throw await withPreparedHolders(deps, batch, again);
-        }
-      }
-    }, progress),
+    ...await stepEach(enabled, result, NOLOGIN_STEP, (batch) => noLogin(deps, run, creator, members, batch), progress),
   ]);
   const live = roles.map((r) => r.role).filter((r) => passed.has(r));
   return stepEach(live, result, 'terminate sessions', async (batch) => void await terminateSessions(deps, run, creator, members, batch), progress);
+}
+
+/**
+ * NOLOGIN for `batch`. An issued role may alter itself (its password) in a transaction it leaves
+ * open, which holds its catalogue row, so NOLOGIN would wait out every attempt while the session
+ * lives on. So while NOLOGIN waits on a session of these roles, their sessions are ended: NOLOGIN
+ * is queued on the row by then, so it takes the row before any session that logs in meanwhile,
+ * which cannot happen if the sessions are ended first. Looked for only when one of the roles
+ * has a session, which most ended roles do not.
+ */
+async function noLogin(deps: TeardownDeps, run: Run, creator: string | null, members: Set<RoleToDrop>, batch: RoleToDrop[]): Promise<void> {
+  const sql = batch.map((r) => `ALTER ROLE ${escapeIdent(r.username)} NOLOGIN`).join(';\n');
+  const names = batch.map((r) => r.username);
+  let settled = (await sessionHolders(deps.pool, names)).size === 0;
+  const attempt = run(sql).finally(() => (settled = true));
+  const watching = (async () => {
+    while (!settled) {
+      await sleep(BLOCKER_POLL_MS);
+      if (!settled && (await noLoginBlockedBy(deps.pool, names))) await terminateSessions(deps, run, creator, members, batch);
+    }
+  })().catch(() => undefined);
+  try {
+    await attempt;
+  } catch (err) {
+    throw await withPreparedHolders(deps, batch, err);
+  } finally {
+    await watching;
+  }
+}
+
+/** Whether one of the broker's NOLOGIN statements waits on a lock a session of these roles holds. */
+async function noLoginBlockedBy(pool: pg.Pool, names: string[]): Promise<boolean> {
+  const { rows } = await pool.query<{ blocked: boolean }>(
+    `SELECT EXISTS (SELECT 1 FROM pg_stat_activity w CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS b(pid)
+                      JOIN pg_stat_activity h ON h.pid = b.pid
+                     WHERE w.usename = current_user AND w.wait_event_type = 'Lock' AND w.query LIKE '%NOLOGIN%'
+                       AND h.usename = ANY($1)) AS blocked`, [names]);
+  return rows[0].blocked;
 }
 
 /**
@@ -232,7 +257,8 @@ async function terminateSessions(deps: TeardownDeps, run: Run, creator: string |
  * ROLLBACK PREPARED in its database.
  */
 async function withPreparedHolders(deps: TeardownDeps, batch: RoleToDrop[], err: unknown): Promise<unknown> {
-  if ((err as { code?: string }).code !== '55P03') return err;
+  // 55P03: lock_timeout; 57014: statement_timeout, the only bound with BROKER_LOCK_TIMEOUT=0.
+  if (!['55P03', '57014'].includes((err as { code?: string }).code ?? '')) return err;
   const { rows } = await deps.pool.query<{ owner: string; gid: string; database: string }>(
     'SELECT owner, gid, database FROM pg_prepared_xacts WHERE owner = ANY($1)', [batch.map((r) => r.username)],
   ).catch(() => ({ rows: [] }));
