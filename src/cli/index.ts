@@ -2,6 +2,8 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { ConfigError, databaseUrlFrom, loadConfig, logLevelFrom, managedRoleFrom } from '../config.js';
 import { createLogger } from '../logger.js';
 import { CliError } from './client.js';
+import { addAdminCommands } from './admin-commands.js';
+import { example, withClientOptions } from './command-options.js';
 import { ExecCommand } from './exec-args.js';
 import { FORMATS } from './formats.js';
 
@@ -39,18 +41,6 @@ function execOptionHint(text: string): string {
   const unknown = /^error: unknown option '([^']+)'/.exec(text);
   if (!unknown) return text;
   return `${text.trimEnd()}\n(options for the command go after it, best after --: pg-broker exec [options] -- COMMAND ${unknown[1]} …)\n`;
-}
-
-function withClientOptions(cmd: Command): Command {
-  return cmd
-    .option('--url <url>', 'broker URL (default $PG_BROKER_URL, else http://127.0.0.1:8080)')
-    .option('--token <jwt>', 'bearer token (default $PG_BROKER_TOKEN)')
-    .option('--token-file <path>', 'read the token from a file, e.g. a projected service-account token')
-    .option('--audience <aud>', 'audience to request from the GitHub Actions OIDC runtime', 'pg-broker');
-}
-
-function example(text: string): string {
-  return `\nExamples:\n${text.split('\n').map((l) => `  ${l}`).join('\n')}\n`;
 }
 
 export function buildCli(): Command {
@@ -157,47 +147,7 @@ export function buildCli(): Command {
       process.exitCode = await execCommand(command, opts);
     });
 
-  const policy = program.command('policy').description('manage and explain policies');
-  withClientOptions(policy.command('apply'))
-    .description('create and update policies from a YAML/JSON file')
-    .requiredOption('-f, --file <file>', 'policies file')
-    .option('--prune', 'delete policies that are not in the file')
-    .option('--dry-run', 'print the changes without applying them; checks the file, not the broker\'s own rules (issuer allowed, grant_role safe, database exists)')
-    .addHelpText('after', example('pg-broker policy apply -f policies.yaml --dry-run\npg-broker policy apply -f policies.yaml --prune')
-      + '\nEvery policy in the file is tried, and each line says what the broker answered. When any fails, the exit\n'
-      + 'code is 1 and --prune deletes nothing. A file must name its policies: "policies: {}" is the one way to\n'
-      + 'say none (with --prune: delete every policy).\n')
-    .action(async (opts) => (await import('./policy-apply.js')).policyApply(opts));
-  withClientOptions(policy.command('list'))
-    .description('list policies (admin)')
-    .option('--json', 'JSON output')
-    .addHelpText('after', example('pg-broker policy list --json'))
-    .action(async (opts) => (await import('./admin.js')).policyList(opts));
-  withClientOptions(policy.command('evaluate'))
-    .description('explain which policies admit your token, and the first claim that fails for the others')
-    .option('--json', 'JSON output')
-    .addHelpText('after', example('pg-broker policy evaluate --token-file token.jwt'))
-    .action(async (opts) => {
-      if (!(await (await import('./admin.js')).policyEvaluate(opts))) process.exitCode = 2;
-    });
-
-  const leases = program.command('leases').description('admin views and revocations');
-  withClientOptions(leases.command('list'))
-    .description('list leases (your own; all of them with an admin token)')
-    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--state <state>')
-    .option('--username <role>').option('--since <time>').option('--until <time>').option('--limit <n>').option('--cursor <cursor>')
-    .option('--json', 'JSON output')
-    .addHelpText('after', example('pg-broker leases list --state active\npg-broker leases list --subject repo:octo-org/octo-repo:ref:refs/heads/main --json'))
-    .action(async (opts) => {
-      const { subject, issuer, policy: p, state, username, since, until, limit, cursor } = opts;
-      await (await import('./admin.js')).leasesList({ ...opts, filters: { subject, issuer, policy: p, state, username, since, until, limit, cursor } });
-    });
-  withClientOptions(leases.command('revoke'))
-    .description('revoke one lease now, or every active lease of a subject/issuer/policy (admin)')
-    .argument('[id]', 'lease id')
-    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--reason <text>')
-    .addHelpText('after', example('pg-broker leases revoke 5f0c…\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
-    .action(async (id: string | undefined, opts) => (await import('./admin.js')).leasesRevoke({ ...opts, id }));
+  addAdminCommands(program);
 
   return program;
 }

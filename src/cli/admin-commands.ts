@@ -1,0 +1,47 @@
+import type { Command } from 'commander';
+import { example, withClientOptions } from './command-options.js';
+
+/** The admin views and changes: `policy …` and `leases …`. */
+export function addAdminCommands(program: Command): void {
+  const policy = program.command('policy').description('manage and explain policies');
+  withClientOptions(policy.command('apply'))
+    .description('create and update policies from a YAML/JSON file')
+    .requiredOption('-f, --file <file>', 'policies file')
+    .option('--prune', 'delete policies that are not in the file')
+    .option('--dry-run', 'print the changes without applying them; checks the file, not the broker\'s own rules (issuer allowed, grant_role safe, database exists)')
+    .addHelpText('after', example('pg-broker policy apply -f policies.yaml --dry-run\npg-broker policy apply -f policies.yaml --prune')
+      + '\nEvery policy in the file is tried, and each line says what the broker answered. When any fails, the exit\n'
+      + 'code is 1 and --prune deletes nothing. A file must name its policies: "policies: {}" is the one way to\n'
+      + 'say none (with --prune: delete every policy).\n')
+    .action(async (opts) => (await import('./policy-apply.js')).policyApply(opts));
+  withClientOptions(policy.command('list'))
+    .description('list policies (admin)')
+    .option('--json', 'JSON output')
+    .addHelpText('after', example('pg-broker policy list --json'))
+    .action(async (opts) => (await import('./admin.js')).policyList(opts));
+  withClientOptions(policy.command('evaluate'))
+    .description('explain which policies admit your token, and the first claim that fails for the others')
+    .option('--json', 'JSON output')
+    .addHelpText('after', example('pg-broker policy evaluate --token-file token.jwt'))
+    .action(async (opts) => {
+      if (!(await (await import('./admin.js')).policyEvaluate(opts))) process.exitCode = 2;
+    });
+
+  const leases = program.command('leases').description('admin views and revocations');
+  withClientOptions(leases.command('list'))
+    .description('list leases (your own; all of them with an admin token)')
+    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--state <state>')
+    .option('--username <role>').option('--since <time>').option('--until <time>').option('--limit <n>').option('--cursor <cursor>')
+    .option('--json', 'JSON output')
+    .addHelpText('after', example('pg-broker leases list --state active\npg-broker leases list --subject repo:octo-org/octo-repo:ref:refs/heads/main --json'))
+    .action(async (opts) => {
+      const { subject, issuer, policy: p, state, username, since, until, limit, cursor } = opts;
+      await (await import('./admin.js')).leasesList({ ...opts, filters: { subject, issuer, policy: p, state, username, since, until, limit, cursor } });
+    });
+  withClientOptions(leases.command('revoke'))
+    .description('revoke one lease now, or every active lease of a subject/issuer/policy (admin)')
+    .argument('[id]', 'lease id')
+    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--reason <text>')
+    .addHelpText('after', example('pg-broker leases revoke 5f0c…\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
+    .action(async (id: string | undefined, opts) => (await import('./admin.js')).leasesRevoke({ ...opts, id }));
+}
