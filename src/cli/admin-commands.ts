@@ -1,5 +1,7 @@
 import type { Command } from 'commander';
 import { example, withClientOptions } from './command-options.js';
+import { LEASE_FILTERS } from './filters.js';
+import { addListingOptions } from './listing.js';
 
 /** The admin views and changes: `policy …` and `leases …`. */
 export function addAdminCommands(program: Command): void {
@@ -28,16 +30,13 @@ export function addAdminCommands(program: Command): void {
     });
 
   const leases = program.command('leases').description('admin views and revocations');
-  withClientOptions(leases.command('list'))
+  addListingOptions(withClientOptions(leases.command('list')), LEASE_FILTERS)
     .description('list leases (your own; all of them with an admin token)')
-    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--state <state>')
-    .option('--username <role>').option('--since <time>').option('--until <time>').option('--limit <n>').option('--cursor <cursor>')
-    .option('--json', 'JSON output')
-    .addHelpText('after', example('pg-broker leases list --state active\npg-broker leases list --subject repo:octo-org/octo-repo:ref:refs/heads/main --json'))
-    .action(async (opts) => {
-      const { subject, issuer, policy: p, state, username, since, until, limit, cursor } = opts;
-      await (await import('./admin.js')).leasesList({ ...opts, filters: { subject, issuer, policy: p, state, username, since, until, limit, cursor } });
-    });
+    .addHelpText('after', example('pg-broker leases list --state active\n'
+      + 'pg-broker leases list --subject repo:octo-org/octo-repo:ref:refs/heads/main --json\n'
+      + 'pg-broker leases list --state active --all --json > leases.json')
+      + '\nWhen there are more, the command for the next page goes to stderr; --all follows them all.\n')
+    .action(async (opts, cmd: Command) => (await import('./admin.js')).leasesList(cmd, opts));
   withClientOptions(leases.command('revoke'))
     .description('revoke one lease now, or every active lease of a subject/issuer/policy (admin)')
     .argument('[id]', 'lease id')

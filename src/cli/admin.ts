@@ -1,6 +1,9 @@
+import type { Command } from 'commander';
 import type { LeaseBody } from '../schemas/lease.js';
 import type { PolicyBody } from '../schemas/policy.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
+import { LEASE_FILTERS } from './filters.js';
+import { cell, printListing, type ListingOptions } from './listing.js';
 import { printLines } from './output.js';
 
 export interface AdminOptions extends TokenOptions {
@@ -54,16 +57,10 @@ export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): P
   return body.policies.some((p) => p.admitted && !p.cannot_issue);
 }
 
-export async function leasesList(opts: AdminOptions & { json?: boolean; filters: Record<string, string | undefined> }): Promise<void> {
+export async function leasesList(cmd: Command, opts: AdminOptions & ListingOptions): Promise<void> {
   const { base, token } = await session(opts);
-  const params = new URLSearchParams(Object.entries(opts.filters).filter((e): e is [string, string] => e[1] !== undefined));
-  const { body } = await callBroker<{ items: LeaseBody[]; next_cursor: string | null }>(base, token, 'GET', `/leases?${params}`);
-  if (opts.json) return printLines([JSON.stringify(body, null, 2)]);
-  const lines = body.items.map((l) => `${l.id}\t${l.state}\t${l.username}\t${l.policy}\t${l.subject}\texpires ${l.expires_at}`);
-  if (body.next_cursor) lines.push(`(more: --cursor ${body.next_cursor})`);
-  await printLines(lines);
-  // On stderr, so a script reading the lines gets none; a person is told the filters matched nothing.
-  if (body.items.length === 0) process.stderr.write('no leases match\n');
+  await printListing<LeaseBody>(cmd, LEASE_FILTERS, base, token, '/leases', opts,
+    (l) => [l.id, l.state, l.username, l.policy, l.subject, `expires ${l.expires_at}`].map(cell).join('\t'), 'leases');
 }
 
 export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {

@@ -15,7 +15,7 @@ export function pgEnvironment(c: CredentialBody): Record<string, string> {
   };
 }
 
-function shellQuote(value: string): string {
+export function shellQuote(value: string): string {
   return `'${value.replace(/'/g, `'\\''`)}'`;
 }
 

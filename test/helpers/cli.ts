@@ -20,6 +20,13 @@ export interface CliBench {
   home: string;
   /** Runs bin/pg-broker.js with only PATH, HOME and PG_BROKER_URL set, plus `env`. */
   cli(args: string[], env?: Record<string, string>): Promise<CliRun>;
+  /** Runs a line as the CLI prints it for a person to paste (`pg-broker …`), through sh, in the same environment. */
+  pasted(line: string, env?: Record<string, string>): Promise<CliRun>;
+}
+
+/** The command a listing printed on stderr for its next page, if any. */
+export function nextPageHint(stderr: string): string | undefined {
+  return /^\(more: (.*)\)$/m.exec(stderr)?.[1];
 }
 
 export async function startCliBench(tmpPrefix: string): Promise<CliBench> {
@@ -27,10 +34,16 @@ export async function startCliBench(tmpPrefix: string): Promise<CliBench> {
   const url = await b.app.listen({ host: '127.0.0.1', port: 0 });
   const home = await mkdtemp(path.join(os.tmpdir(), tmpPrefix));
   await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
-  const cli = (args: string[], env: Record<string, string> = {}) => new Promise<CliRun>((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: home, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
+  const run = (file: string, args: string[], env: Record<string, string>) => new Promise<CliRun>((resolve) => {
+    execFile(file, args, { env: { PATH: process.env.PATH!, HOME: home, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
     });
   });
-  return { b, url, home, cli };
+  const cli = (args: string[], env: Record<string, string> = {}) => run(process.execPath, [BIN, ...args], env);
+  const pasted = (line: string, env: Record<string, string> = {}) => {
+    if (!line.startsWith('pg-broker ')) throw new Error(`not a pg-broker command: ${line}`);
+    const script = `pg_broker() { "$PG_BROKER_NODE" "$PG_BROKER_BIN" "$@"; }\npg_broker ${line.slice('pg-broker '.length)}`;
+    return run('sh', ['-c', script], { PG_BROKER_NODE: process.execPath, PG_BROKER_BIN: BIN, ...env });
+  };
+  return { b, url, home, cli, pasted };
 }

@@ -1,0 +1,75 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { buildCli } from '../src/cli/index.js';
+import { LeaseQuery } from '../src/schemas/lease.js';
+import type { TestBroker } from './helpers/broker.js';
+import { nextPageHint as hint, startCliBench, type CliBench } from './helpers/cli.js';
+
+let b: TestBroker;
+let cli: CliBench['cli'];
+let pasted: CliBench['pasted'];
+
+before(async () => {
+  ({ b, cli, pasted } = await startCliBench('pgcb-cli-listing-'));
+});
+after(async () => b?.close());
+
+describe('pg-broker leases list paging', () => {
+  test('every query parameter of GET /leases is an option of leases list', () => {
+    const list = buildCli().commands.find((c) => c.name() === 'leases')!.commands.find((c) => c.name() === 'list')!;
+    const flags = list.options.map((o) => o.long);
+    for (const parameter of Object.keys(LeaseQuery.properties)) assert.ok(flags.includes(`--${parameter.replace(/_/g, '-')}`), parameter);
+  });
+
+  test('the next page is a whole command on stderr, filters and --limit kept; pasted, it lists the rest of the same leases', async () => {
+    // A quote and a space: the command must survive being pasted into a shell.
+    const subject = "cli:pager o'brien";
+    const mine = new Set<string>();
+    for (let i = 0; i < 3; i++) mine.add((await b.issue(await b.token({ sub: subject }))).body.lease_id);
+    for (let i = 0; i < 2; i++) assert.equal((await b.issue(await b.token({ sub: 'cli:pager-other' }))).status, 201);
+    const admin = await b.adminToken();
+    const first = await cli(['leases', 'list', '--subject', subject, '--state', 'active', '--limit', '2', '--token', admin]);
+    assert.equal(first.code, 0, first.stderr);
+    const rows = first.stdout.trim().split('\n');
+    assert.equal(rows.length, 2, 'only rows on stdout');
+    const next = hint(first.stderr);
+    assert.ok(next, first.stderr);
+    assert.match(next, /^pg-broker leases list --subject 'cli:pager o'\\''brien' --state active --limit 2 --cursor \S+$/);
+    assert.ok(!first.stderr.includes(admin), 'the token stays out of the hint');
+    const second = await pasted(`${next} --token "$T"`, { T: admin });
+    assert.equal(second.code, 0, second.stderr);
+    const rest = second.stdout.trim().split('\n');
+    assert.equal(rest.length, 1);
+    assert.equal(hint(second.stderr), undefined, 'the last page says no more');
+    assert.deepEqual(new Set([...rows, ...rest].map((r) => r.split('\t')[0])), mine);
+  });
+
+  test('--all follows the pages to the end, as rows or as one JSON document; with --cursor it is refused', async () => {
+    const subject = 'cli:pager-all';
+    const mine = new Set<string>();
+    for (let i = 0; i < 3; i++) mine.add((await b.issue(await b.token({ sub: subject }))).body.lease_id);
+    const admin = await b.adminToken();
+    const text = await cli(['leases', 'list', '--subject', subject, '--limit', '1', '--all', '--token', admin]);
+    assert.deepEqual([text.code, text.stderr], [0, '']);
+    assert.deepEqual(new Set(text.stdout.trim().split('\n').map((r) => r.split('\t')[0])), mine);
+    const json = await cli(['leases', 'list', '--subject', subject, '--limit', '2', '--all', '--json', '--token', admin]);
+    assert.deepEqual([json.code, json.stderr], [0, '']);
+    const body = JSON.parse(json.stdout) as { items: Array<{ id: string; subject: string }>; next_cursor: unknown };
+    assert.deepEqual(Object.keys(body), ['items', 'next_cursor']);
+    assert.equal(body.next_cursor, null);
+    assert.deepEqual(new Set(body.items.map((l) => l.id)), mine);
+    // Without --all, --json is the one page the broker sent, and its cursor is the hint's.
+    const page = await cli(['leases', 'list', '--subject', subject, '--limit', '2', '--json', '--token', admin]);
+    const onePage = JSON.parse(page.stdout) as { items: unknown[]; next_cursor: string };
+    assert.equal(onePage.items.length, 2);
+    assert.ok(hint(page.stderr)?.endsWith(`--json --cursor ${onePage.next_cursor}`), page.stderr);
+
+    const refused = await cli(['leases', 'list', '--subject', subject, '--all', '--cursor', onePage.next_cursor, '--token', admin]);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /^error: option '--cursor <cursor>' cannot be used with option '--all'/);
+    assert.equal(refused.stdout, '');
+    const cursorAlone = await cli(['leases', 'list', '--subject', subject, '--limit', '2', '--cursor', onePage.next_cursor, '--token', admin]);
+    assert.equal(cursorAlone.code, 0, cursorAlone.stderr);
+    assert.equal(cursorAlone.stdout.trim().split('\n').length, 1);
+  });
+});
