@@ -1,9 +1,9 @@
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { example, withClientOptions } from './command-options.js';
-import { LEASE_FILTERS } from './filters.js';
+import { AUDIT_FILTERS, LEASE_FILTERS } from './filters.js';
 import { addListingOptions } from './listing.js';
 
-/** The admin views and changes: `policy …` and `leases …`. */
+/** The admin views and changes: `policy …`, `leases …` and `audit`. */
 export function addAdminCommands(program: Command): void {
   const policy = program.command('policy').description('manage and explain policies');
   withClientOptions(policy.command('apply'))
@@ -43,4 +43,15 @@ export function addAdminCommands(program: Command): void {
     .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--reason <text>')
     .addHelpText('after', example('pg-broker leases revoke 5f0c…\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
     .action(async (id: string | undefined, opts) => (await import('./admin.js')).leasesRevoke({ ...opts, id }));
+
+  addListingOptions(withClientOptions(program.command('audit')), AUDIT_FILTERS)
+    .description('list audit events, newest first (admin): who was issued, renewed, revoked, denied what, and policy changes')
+    .addOption(new Option('--ndjson', 'one JSON event per line, for exports').conflicts('json'))
+    .addHelpText('after', example('pg-broker audit --since 2026-01-01T00:00:00Z --type credential.issued\n'
+      + 'pg-broker audit --lease-id 5f0c… --json\n'
+      + 'pg-broker audit --owner user:alice@example.com\n'
+      + 'pg-broker audit --since 2026-01-01T00:00:00Z --until 2026-04-01T00:00:00Z --all --ndjson > audit-q1.ndjson')
+      + '\nRows are: at, type, subject, lease_id, policy, reason (- for none), tab-separated. When there are\n'
+      + 'more, the command for the next page goes to stderr; --all follows them all.\n')
+    .action(async (opts, cmd: Command) => (await import('./admin.js')).auditList(cmd, opts));
 }

@@ -1,8 +1,9 @@
 import type { Command } from 'commander';
+import type { AuditEventBody } from '../schemas/audit.js';
 import type { LeaseBody } from '../schemas/lease.js';
 import type { PolicyBody } from '../schemas/policy.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
-import { LEASE_FILTERS } from './filters.js';
+import { AUDIT_FILTERS, LEASE_FILTERS } from './filters.js';
 import { cell, printListing, type ListingOptions } from './listing.js';
 import { printLines } from './output.js';
 
@@ -61,6 +62,13 @@ export async function leasesList(cmd: Command, opts: AdminOptions & ListingOptio
   const { base, token } = await session(opts);
   await printListing<LeaseBody>(cmd, LEASE_FILTERS, base, token, '/leases', opts,
     (l) => [l.id, l.state, l.username, l.policy, l.subject, `expires ${l.expires_at}`].map(cell).join('\t'), 'leases');
+}
+
+/** `audit`: the broker's audit events, newest first, as rows, one JSON page or document, or NDJSON. */
+export async function auditList(cmd: Command, opts: AdminOptions & ListingOptions): Promise<void> {
+  const { base, token } = await session(opts);
+  await printListing<AuditEventBody>(cmd, AUDIT_FILTERS, base, token, '/audit', opts,
+    (e) => [e.at, e.type, e.subject, e.lease_id, e.policy, e.reason].map(cell).join('\t'), 'audit events');
 }
 
 export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {

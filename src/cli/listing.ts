@@ -106,7 +106,7 @@ export async function printListing<T>(
   let count = 0;
   let next: string | null;
   do {
-    const { body } = await callBroker<Page<T>>(base, token, 'GET', `${path}?${query}`);
+    const { body } = await callBroker<Page<T>>(base, token, 'GET', String(query) ? `${path}?${query}` : path);
     next = body.next_cursor;
     count += body.items.length;
     if (opts.json && !opts.all) {
