@@ -72,7 +72,7 @@ export async function githubActionsToken(requestUrl: string, requestToken: strin
   try {
     res = await fetch(url, { headers: { authorization: `Bearer ${requestToken}`, accept: 'application/json' }, signal: AbortSignal.timeout(10_000) });
   } catch (err) {
-    throw new CliError(`GitHub Actions token request failed: ${(err as Error).message}`);
+    throw new CliError(`GitHub Actions token request failed: ${fetchFailure(err, requestToken)}`);
   }
   if (!res.ok) throw new CliError(`GitHub Actions token request answered ${res.status}`);
   const body = (await res.json().catch(() => null)) as { value?: unknown } | null;
@@ -120,6 +120,27 @@ export function plainHttpWarning(url: string): string | null {
   return `${url} is plain http: the token and the credential cross the network unencrypted; use https`;
 }
 
+/**
+ * Why a fetch failed. Its own message is only "fetch failed"; the reason is in its cause: a code
+ * such as ECONNREFUSED, ENOTFOUND or a TLS error's, and a message naming the address. When several
+ * addresses were tried (localhost's ::1 and 127.0.0.1), the cause is an AggregateError whose own
+ * message is empty, and each attempt's is given. `secret` (the bearer token) is cut out wherever it
+ * appears: an invalid header value comes back quoted whole in the message, and stderr is logged.
+ */
+export function fetchFailure(err: unknown, secret?: string): string {
+  const message = err instanceof Error ? err.message : String(err);
+  const cause = (err as { cause?: unknown } | null)?.cause;
+  let why = '';
+  if (cause && typeof cause === 'object') {
+    const { code, message: causeMessage, errors } = cause as { code?: unknown; message?: unknown; errors?: unknown };
+    why = typeof causeMessage === 'string' ? causeMessage : '';
+    if (!why && Array.isArray(errors)) why = [...new Set(errors.map((e) => (e as Error)?.message).filter(Boolean))].join('; ');
+    if (typeof code === 'string' && !why.includes(code)) why = why ? `${code}: ${why}` : code;
+  }
+  const text = why && why !== message ? `${message} (${why})` : message;
+  return secret ? text.split(secret).join('[token]') : text;
+}
+
 /** How long a call waits for the broker's whole answer. */
 export const CALL_TIMEOUT_MS = 30_000;
 /**
@@ -153,13 +174,13 @@ export async function callBroker<T = any>(
     });
   } catch (err) {
     if (signal.aborted || undiciTimedOut(err)) throw unanswered();
-    throw new CliError(`cannot reach the broker at ${base}: ${(err as Error).message}`);
+    throw new CliError(`cannot reach the broker at ${base}: ${fetchFailure(err, token)}`);
   }
   try {
     text = await res.text();
   } catch (err) {
     if (signal.aborted || undiciTimedOut(err)) throw unanswered();
-    throw new CliError(`the broker at ${base} broke off its ${res.status} answer to ${method} ${path}: ${(err as Error).message}`);
+    throw new CliError(`the broker at ${base} broke off its ${res.status} answer to ${method} ${path}: ${fetchFailure(err, token)}`);
   }
   let parsed: unknown = null;
   try {

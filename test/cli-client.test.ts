@@ -1,0 +1,55 @@
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { fetchFailure } from '../src/cli/client.js';
+import type { TestBroker } from './helpers/broker.js';
+import { startCliBench, type CliBench } from './helpers/cli.js';
+
+let b: TestBroker;
+let url: string;
+let cli: CliBench['cli'];
+
+before(async () => {
+  ({ b, url, cli } = await startCliBench('pgcb-cli-client-'));
+});
+after(async () => b?.close());
+
+function closedPort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as net.AddressInfo;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+describe('pg-broker says why the broker cannot be reached', () => {
+  test('a refused connection, an unknown host and a TLS failure are each named; the broker\'s own URL is answered', async () => {
+    const admin = await b.adminToken();
+    const port = await closedPort();
+    const refused = await cli(['leases', 'list', '--url', `http://127.0.0.1:${port}`, '--token', admin]);
+    assert.equal(refused.code, 1);
+    assert.equal(refused.stderr, `pg-broker: cannot reach the broker at http://127.0.0.1:${port}: fetch failed (connect ECONNREFUSED 127.0.0.1:${port})\n`);
+    const unknown = await cli(['leases', 'list', '--url', 'https://pg-broker.invalid', '--token', admin]);
+    assert.equal(unknown.code, 1);
+    assert.match(unknown.stderr, /^pg-broker: cannot reach the broker at https:\/\/pg-broker\.invalid: fetch failed \(getaddrinfo (ENOTFOUND|EAI_AGAIN) pg-broker\.invalid\)\n$/);
+    // https to a port that speaks plain http: the TLS handshake fails.
+    const tls = await cli(['leases', 'list', '--url', url.replace(/^http:/, 'https:'), '--token', admin]);
+    assert.equal(tls.code, 1);
+    assert.match(tls.stderr, /^pg-broker: cannot reach the broker at https:\/\/127\.0\.0\.1:\d+: fetch failed \(ERR_SSL_WRONG_VERSION_NUMBER: .*wrong version number/);
+    const reached = await cli(['leases', 'list', '--url', url, '--token', admin]);
+    assert.equal(reached.code, 0, reached.stderr);
+    for (const run of [refused, unknown, tls]) assert.ok(!run.stderr.includes(admin), 'no token in the error');
+  });
+
+  test('a header fetch refuses, which it quotes whole, is reported without the token in it', async () => {
+    const secret = 'eyJhbGciOi.secret-part\nsecond-line';
+    const err = await fetch(`${url}/healthz`, { headers: { authorization: `Bearer ${secret}` } }).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof Error && err.message.includes(secret), 'fetch quotes the header value');
+    const reported = fetchFailure(err, secret);
+    assert.ok(!reported.includes('secret-part'), reported);
+    assert.match(reported, /"Bearer \[token\]" is an invalid header value/);
+    // Without a secret to cut, the same text: nothing else is lost.
+    assert.equal(fetchFailure(err), err.message);
+  });
+});
