@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
 import net from 'node:net';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fetchFailure } from '../src/cli/client.js';
 import type { TestBroker } from './helpers/broker.js';
@@ -7,10 +9,11 @@ import { startCliBench, type CliBench } from './helpers/cli.js';
 
 let b: TestBroker;
 let url: string;
+let home: string;
 let cli: CliBench['cli'];
 
 before(async () => {
-  ({ b, url, cli } = await startCliBench('pgcb-cli-client-'));
+  ({ b, url, home, cli } = await startCliBench('pgcb-cli-client-'));
 });
 after(async () => b?.close());
 
@@ -51,5 +54,30 @@ describe('pg-broker says why the broker cannot be reached', () => {
     assert.match(reported, /"Bearer \[token\]" is an invalid header value/);
     // Without a secret to cut, the same text: nothing else is lost.
     assert.equal(fetchFailure(err), err.message);
+  });
+});
+
+describe('pg-broker takes a token copied with its scheme', () => {
+  test('one leading "Bearer " is dropped from --token, $PG_BROKER_TOKEN and a token file, in any case; the bare token works as before', async () => {
+    const token = await b.token({ sub: 'cli:scheme' });
+    const file = path.join(home, 'scheme.jwt');
+    await writeFile(file, `Bearer ${token}\n`);
+    const runs = {
+      bare: await cli(['policy', 'evaluate', '--token', token]),
+      flag: await cli(['policy', 'evaluate', '--token', `Bearer ${token}`]),
+      variable: await cli(['policy', 'evaluate'], { PG_BROKER_TOKEN: `bearer  ${token}` }),
+      file: await cli(['policy', 'evaluate', '--token-file', file]),
+    };
+    for (const [how, run] of Object.entries(runs)) {
+      assert.equal(run.code, 0, `${how}: ${run.stderr}`);
+      assert.match(run.stdout, /^token: iss \S+, sub cli:scheme\n✓ admitted cli\n/, how);
+    }
+    // Only one: what follows is sent as it is, and the broker says what is wrong with it.
+    const twice = await cli(['policy', 'evaluate', '--token', `Bearer Bearer ${token}`]);
+    assert.equal(twice.code, 1);
+    assert.match(twice.stderr, /^pg-broker: POST \/policies\/evaluate failed with 401/);
+    const schemeOnly = await cli(['policy', 'evaluate'], { PG_BROKER_TOKEN: 'Bearer ' });
+    assert.deepEqual([schemeOnly.code, schemeOnly.stderr], [1, 'pg-broker: PG_BROKER_TOKEN holds the word Bearer and no token after it\n']);
+    for (const run of [...Object.values(runs), twice]) assert.ok(!run.stderr.includes(token), 'no token on stderr');
   });
 });

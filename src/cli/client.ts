@@ -27,15 +27,32 @@ type Env = Record<string, string | undefined>;
  * $PG_BROKER_TOKEN_FILE, the GitHub Actions OIDC runtime, the Kubernetes service-account file.
  */
 export async function obtainToken(opts: TokenOptions, env: Env = process.env): Promise<string> {
-  if (opts.token) return opts.token.trim();
-  if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN !== undefined) return setVariable(env, 'PG_BROKER_TOKEN');
+  const { token, source } = await tokenFromSources(opts, env);
+  return bareToken(token, source);
+}
+
+async function tokenFromSources(opts: TokenOptions, env: Env): Promise<{ token: string; source: string }> {
+  if (opts.token) return { token: opts.token.trim(), source: '--token' };
+  if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN !== undefined) return { token: setVariable(env, 'PG_BROKER_TOKEN'), source: 'PG_BROKER_TOKEN' };
   const file = opts.tokenFile ?? (env.PG_BROKER_TOKEN_FILE === undefined ? undefined : setVariable(env, 'PG_BROKER_TOKEN_FILE'));
-  if (file) return readTokenFile(file);
+  if (file) return { token: await readTokenFile(file), source: `token file ${file}` };
   if (env.ACTIONS_ID_TOKEN_REQUEST_URL && env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
-    return githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
+    const token = await githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
+    return { token: token.trim(), source: 'the GitHub Actions token' };
   }
-  if (existsSync(KUBERNETES_TOKEN_FILE)) return readTokenFile(KUBERNETES_TOKEN_FILE);
+  if (existsSync(KUBERNETES_TOKEN_FILE)) return { token: await readTokenFile(KUBERNETES_TOKEN_FILE), source: `token file ${KUBERNETES_TOKEN_FILE}` };
   throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN, or run in GitHub Actions with "permissions: id-token: write"');
+}
+
+/**
+ * A token copied with its scheme (`Bearer eyJ…`, from a curl command or a browser's network tab)
+ * is taken without it: sent as given, the header read "Bearer Bearer eyJ…" and the broker's 401
+ * said the header was not a bearer token, which sent people looking at the wrong thing.
+ */
+export function bareToken(token: string, source: string): string {
+  const bare = token.replace(/^bearer(?:\s+|$)/i, '');
+  if (!bare) throw new CliError(`${source} holds the word Bearer and no token after it`);
+  return bare;
 }
 
 /**
