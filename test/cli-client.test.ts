@@ -72,12 +72,29 @@ describe('pg-broker takes a token copied with its scheme', () => {
       assert.equal(run.code, 0, `${how}: ${run.stderr}`);
       assert.match(run.stdout, /^token: iss \S+, sub cli:scheme\n✓ admitted cli\n/, how);
     }
-    // Only one: what follows is sent as it is, and the broker says what is wrong with it.
+    // Only one: what follows is taken as the token, and "Bearer eyJ…" is none.
     const twice = await cli(['policy', 'evaluate', '--token', `Bearer Bearer ${token}`]);
     assert.equal(twice.code, 1);
-    assert.match(twice.stderr, /^pg-broker: POST \/policies\/evaluate failed with 401/);
+    assert.match(twice.stderr, /^pg-broker: --token is no bearer token: /);
     const schemeOnly = await cli(['policy', 'evaluate'], { PG_BROKER_TOKEN: 'Bearer ' });
     assert.deepEqual([schemeOnly.code, schemeOnly.stderr], [1, 'pg-broker: PG_BROKER_TOKEN holds the word Bearer and no token after it\n']);
     for (const run of [...Object.values(runs), twice]) assert.ok(!run.stderr.includes(token), 'no token on stderr');
+  });
+
+  test('a token with a space, line break or quote inside is refused without being quoted; the same token alone works', async () => {
+    const token = await b.token({ sub: 'cli:inside' });
+    const file = path.join(home, 'two.jwt');
+    await writeFile(file, `${token}\n${token}\n`);
+    const runs = [
+      await cli(['policy', 'evaluate', '--token-file', file]),
+      await cli(['policy', 'evaluate', '--token', `"${token}"`]),
+      await cli(['policy', 'evaluate'], { PG_BROKER_TOKEN: `${token} ${token}` }),
+    ];
+    assert.deepEqual(runs.map((r) => [r.code, r.stderr.replace(/^pg-broker: (.*) is no bearer token: .*\n$/, '$1')]),
+      [[1, `token file ${file}`], [1, '--token'], [1, 'PG_BROKER_TOKEN']]);
+    for (const run of runs) assert.ok(!run.stderr.includes(token.slice(-20)), run.stderr);
+    await writeFile(file, `${token}\n`);
+    const one = await cli(['policy', 'evaluate', '--token-file', file]);
+    assert.equal(one.code, 0, one.stderr);
   });
 });

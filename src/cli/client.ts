@@ -52,6 +52,11 @@ async function tokenFromSources(opts: TokenOptions, env: Env): Promise<{ token: 
 export function bareToken(token: string, source: string): string {
   const bare = token.replace(/^bearer(?:\s+|$)/i, '');
   if (!bare) throw new CliError(`${source} holds the word Bearer and no token after it`);
+  // RFC 6750's b64token, which every JWT is. Anything else is refused here, unquoted: fetch
+  // refuses a line break in a header by quoting the whole value, token and all, in its error.
+  if (!/^[A-Za-z0-9\-._~+/]+=*$/.test(bare)) {
+    throw new CliError(`${source} is no bearer token: it holds a space, line break, quote or other character a token cannot (two tokens, a wrapped line?)`);
+  }
   return bare;
 }
 
