@@ -29,6 +29,9 @@ export async function requestCredential(opts: RequestOptions): Promise<{ credent
   return issueWith(await obtainToken(opts), base, opts);
 }
 
+/** How the broker tells an API client to choose among several admitting policies. */
+const REQUEST_BODY_ADVICE = /name one in the request body\.?$/;
+
 async function issueWith(token: string, base: string, opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
   const body: Record<string, unknown> = {};
   if (opts.policy) body.policy = opts.policy;
@@ -44,6 +47,12 @@ async function issueWith(token: string, base: string, opts: RequestOptions): Pro
     // The broker's detail names its API; someone at this prompt wants the command.
     if (err instanceof CliError && err.code === 'NO_POLICY') {
       throw new CliError(`${err.message}; with the CLI: pg-broker policy evaluate (with the same token and broker)`, err.exitCode, err.status, err.code);
+    }
+    // The broker's text lists the policies that admit the token; that part is kept.
+    if (err instanceof CliError && err.code === 'AMBIGUOUS_POLICY') {
+      const advice = 'pass --policy NAME to choose one';
+      const message = REQUEST_BODY_ADVICE.test(err.message) ? err.message.replace(REQUEST_BODY_ADVICE, advice) : `${err.message}; ${advice}`;
+      throw new CliError(message, err.exitCode, err.status, err.code);
     }
     throw err;
   }
