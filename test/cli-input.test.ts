@@ -151,10 +151,10 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.match(teamless.stdout, /✗ denied\s+cli-team: claim team is missing \(or null\), wants "data"/);
     const team = await cli(['policy', 'evaluate', '--token', await b.token({ sub: 'team:x', team: 'data' })]);
     assert.match(team.stdout, /✓ admitted cli-team/);
-    // The good input: an admitted token gets its credential, and no hint.
+    // The good input: an admitted token gets its credential, and no hint (only its lease named).
     const admitted = await cli(['creds', '--token', await b.token({ sub: 'cli:admitted' }), '--format', 'json']);
     assert.equal(admitted.code, 0, admitted.stderr);
-    assert.equal(admitted.stderr, '');
+    assert.equal(admitted.stderr, `pg-broker creds: lease ${JSON.parse(admitted.stdout).lease_id}, expires ${JSON.parse(admitted.stdout).expires_at}\n`);
   });
   test('exec: words after the command that exec does not have are the command\'s, even without --; an unknown option before it gets a hint', async () => {
     const token = await b.token({ sub: 'cli:exec-words' });

@@ -58,6 +58,12 @@ async function issueWith(token: string, base: string, opts: RequestOptions): Pro
   }
 }
 
+const LEASE_ID_NOTICE_FORMATS = new Set<string>(['uri', 'pgpass', 'json']);
+
+function leaseNotice(leaseId: string, expiresAt: string): string {
+  return `lease ${leaseId}, expires ${expiresAt}`;
+}
+
 /** `pg-broker creds`: print a credential, or write it to a file only its owner can read. */
 export async function credsCommand(opts: RequestOptions & { format: string; output?: string }): Promise<void> {
   if (!FORMATS.includes(opts.format as Format)) throw new CliError(`--format must be one of ${FORMATS.join(', ')}`);
@@ -76,6 +82,9 @@ export async function credsCommand(opts: RequestOptions & { format: string; outp
       const revoked = await revoke(base, { token }, credential.lease_id, 'creds');
       throw new CliError(`cannot write the credential to standard output: ${reason}${revoked ? `; lease ${credential.lease_id} revoked` : ''}`);
     }
+    // These formats carry no lease id (json does, but is mostly read for one field): without it
+    // the lease can be renewed or revoked only after finding it with leases list.
+    if (LEASE_ID_NOTICE_FORMATS.has(opts.format)) process.stderr.write(`pg-broker creds: ${leaseNotice(credential.lease_id, credential.expires_at)}\n`);
     return;
   }
   try {
@@ -164,7 +173,7 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
     if (early) return stoppedEarly();
     requested = await issueWith(token, base, opts);
     if (early) {
-      if (opts.keep) process.stderr.write(`pg-broker exec: lease ${requested.credential.lease_id} kept (--keep)\n`);
+      if (opts.keep) process.stderr.write(`pg-broker exec: ${leaseNotice(requested.credential.lease_id, requested.credential.expires_at)} (kept: --keep)\n`);
       else await revoke(requested.base, opts, requested.credential.lease_id, 'exec');
       return stoppedEarly();
     }
@@ -244,6 +253,8 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   } finally {
     // The handlers stay until the revocation is done: a Ctrl-C now must not leave the lease.
     if (!opts.keep) await revoke(base, opts, credential.lease_id, 'exec');
+    // Its last expiry, renewals counted; the command had the id in PG_BROKER_LEASE_ID, its caller not.
+    else process.stderr.write(`pg-broker exec: ${leaseNotice(credential.lease_id, expiresAt)} (kept: --keep)\n`);
     for (const [s, h] of handlers) process.removeListener(s, h);
   }
 }
