@@ -164,7 +164,7 @@ describe('pg-broker CLI', () => {
   });
 
   test('every subcommand has --help with examples, and unknown commands fail with one line', async () => {
-    for (const cmd of [['serve'], ['migrate'], ['dev'], ['demo'], ['creds'], ['exec'], ['policy', 'apply'], ['policy', 'evaluate'], ['leases', 'list'], ['leases', 'revoke'], ['audit']]) {
+    for (const cmd of [['serve'], ['migrate'], ['dev'], ['demo'], ['creds'], ['exec'], ['policy', 'apply'], ['policy', 'evaluate'], ['leases', 'list'], ['leases', 'revoke'], ['audit'], ['policy', 'get'], ['policy', 'delete']]) {
       const run = await cli([...cmd, '--help']);
       assert.equal(run.code, 0, cmd.join(' '));
       assert.match(run.stdout, /Examples:/, `${cmd.join(' ')} --help shows examples`);

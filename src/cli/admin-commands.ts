@@ -21,6 +21,18 @@ export function addAdminCommands(program: Command): void {
     .option('--json', 'JSON output')
     .addHelpText('after', example('pg-broker policy list --json'))
     .action(async (opts) => (await import('./admin.js')).policyList(opts));
+  withClientOptions(policy.command('get'))
+    .description('print one policy as JSON (admin)')
+    .argument('<name>', 'policy name')
+    .addHelpText('after', example('pg-broker policy get ci-migrate'))
+    .action(async (name: string, opts) => (await import('./admin.js')).policyGet(name, opts));
+  withClientOptions(policy.command('delete'))
+    .description('delete one policy and print what it was (admin); its leases run until they end')
+    .argument('<name>', 'policy name')
+    .option('--json', 'print the deleted policy as JSON')
+    .addHelpText('after', example('pg-broker policy delete ci-migrate\npg-broker policy delete ci-migrate --json > ci-migrate.deleted.json')
+      + '\nLeases issued under the policy are not revoked; pg-broker leases revoke --policy NAME ends them.\n')
+    .action(async (name: string, opts) => (await import('./admin.js')).policyDelete(name, opts));
   withClientOptions(policy.command('evaluate'))
     .description('explain which policies admit your token, and the first claim that fails for the others')
     .option('--json', 'JSON output')

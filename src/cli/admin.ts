@@ -31,7 +31,32 @@ export async function policyList(opts: AdminOptions & { json?: boolean }): Promi
   const { base, token } = await session(opts);
   const policies = await allPolicies(base, token);
   if (opts.json) return printLines([JSON.stringify(policies, null, 2)]);
-  await printLines(policies.map((p) => `${p.name}\t${p.enabled ? 'enabled' : 'disabled'}\t${p.grant_role}@${p.database}\tttl ${p.default_ttl}/${p.max_ttl}s\t${JSON.stringify(p.claims)}`));
+  await printLines(policies.map(policyRow));
+}
+
+function policyRow(p: PolicyBody): string {
+  return `${p.name}\t${p.enabled ? 'enabled' : 'disabled'}\t${p.grant_role}@${p.database}\tttl ${p.default_ttl}/${p.max_ttl}s\t${JSON.stringify(p.claims)}`;
+}
+
+/** `policy get NAME`: the policy as the broker holds it, as JSON. */
+export async function policyGet(name: string, opts: AdminOptions): Promise<void> {
+  const { base, token } = await session(opts);
+  const { body } = await callBroker<PolicyBody>(base, token, 'GET', `/policies/${encodeURIComponent(name)}`);
+  await printLines([JSON.stringify(body, null, 2)]);
+}
+
+/**
+ * `policy delete NAME`. The broker answers a deletion with nothing, so the policy is read first:
+ * what was deleted is printed (all of it with --json), to check, or to put it back.
+ */
+export async function policyDelete(name: string, opts: AdminOptions & { json?: boolean }): Promise<void> {
+  const { base, token } = await session(opts);
+  const path = `/policies/${encodeURIComponent(name)}`;
+  const { body: policy } = await callBroker<PolicyBody>(base, token, 'GET', path);
+  await callBroker(base, token, 'DELETE', path);
+  await printLines([opts.json ? JSON.stringify(policy, null, 2) : `deleted ${policyRow(policy)}`]);
+  // Deleting a policy ends no lease: said, since the admin may expect it to.
+  process.stderr.write(`leases issued under ${name} run until they end; to end them now: pg-broker leases revoke --policy ${name}\n`);
 }
 
 /**
