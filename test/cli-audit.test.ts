@@ -83,6 +83,23 @@ describe('pg-broker audit', () => {
     assert.deepEqual(JSON.parse(wholeJson.stdout), { items: JSON.parse((await cli(['audit', '--lease-id', leases[0], '--json', '--token', admin])).stdout).items, next_cursor: null });
   });
 
+  test('--all to a reader that has gone (| head -1) stops fetching pages; read whole, every page is fetched', async () => {
+    for (let i = 0; i < 5; i++) await revokedLease(`cli:audit-head-${i}`, 'for head');
+    const [{ n }] = await b.pg.query(`SELECT count(*)::int AS n FROM broker.audit_events`);
+    assert.ok(n >= 10, `${n} events`);
+    const auditCalls = () => b.logs.filter((l) => l.includes('"path":"/audit"')).length;
+    const admin = await b.adminToken();
+    const before = auditCalls();
+    const head = await pasted('pg-broker audit --all --ndjson --limit 1 --token "$T" | head -1', { T: admin });
+    assert.equal(head.stdout.trimEnd().split('\n').length, 1);
+    assert.ok(JSON.parse(head.stdout).id, head.stdout);
+    const headCalls = auditCalls() - before;
+    assert.ok(headCalls < n / 2, `${headCalls} pages fetched of ${n}`);
+    const whole = await pasted('pg-broker audit --all --ndjson --limit 1 --token "$T" | wc -l', { T: admin });
+    assert.ok(Number(whole.stdout.trim()) >= n, whole.stdout);
+    assert.ok(auditCalls() - before - headCalls >= n);
+  });
+
   test('--owner reaches the broker: a broker without the filter refuses it, one with it answers events of that owner\'s leases', async () => {
     const owner = 'cli:audit-owner';
     const leaseId = await revokedLease(owner, 'owner filter');

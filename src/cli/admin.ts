@@ -30,8 +30,7 @@ export async function allPolicies(base: string, token: string): Promise<PolicyBo
 export async function policyList(opts: AdminOptions & { json?: boolean }): Promise<void> {
   const { base, token } = await session(opts);
   const policies = await allPolicies(base, token);
-  if (opts.json) return printLines([JSON.stringify(policies, null, 2)]);
-  await printLines(policies.map(policyRow));
+  await printLines(opts.json ? [JSON.stringify(policies, null, 2)] : policies.map(policyRow));
 }
 
 function policyRow(p: PolicyBody): string {
@@ -110,7 +109,8 @@ export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?:
   const { base, token } = await session(opts);
   if (opts.id !== undefined) {
     const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}`, undefined, REVOKE_TIMEOUT_MS);
-    return printLines([`lease ${body.id}: ${body.state}`]);
+    await printLines([`lease ${body.id}: ${body.state}`]);
+    return;
   }
   const { body } = await callBroker<{ revoked: number; lease_ids: string[] }>(base, token, 'POST', '/leases/revoke', {
     subject: opts.subject, issuer: opts.issuer, policy: opts.policy, reason: opts.reason,

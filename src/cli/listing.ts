@@ -115,9 +115,8 @@ export async function printListing<T>(
       kept.push(...body.items);
     } else {
       // Printed page by page: an export of every event need not fit in memory first.
-      await printLines(body.items.map((item) => (opts.ndjson ? JSON.stringify(item) : row(item))));
-      // The reader has gone (| head): the rest would be fetched for nobody.
-      if (process.stdout.destroyed) return;
+      // False once the reader has gone (| head): the rest would be fetched for nobody.
+      if (!(await printLines(body.items.map((item) => (opts.ndjson ? JSON.stringify(item) : row(item)))))) return;
     }
     if (!opts.all || !next) break;
     if (next === query.get('cursor')) throw new CliError(`the broker at ${base} answered ${path} with the same cursor twice; stopped rather than loop`);

@@ -25,15 +25,17 @@ export async function writeWholly(text: string): Promise<void> {
  * Lines of a command's output, each ending in a newline. A listing sent to a file (an audit's
  * `leases list --json > leases.json`) that does not all get there fails the command rather than
  * leaving a cut-off file behind an exit status of 0. A reader that has gone (`| head -1`) took
- * what it wanted: the command ends as it would have.
+ * what it wanted: the command ends as it would have. False when the reader has gone, so a listing
+ * of many pages stops fetching them.
  */
-export async function printLines(lines: string[]): Promise<void> {
-  if (!lines.length) return;
+export async function printLines(lines: string[]): Promise<boolean> {
+  if (!lines.length) return true;
   try {
     await writeWholly(lines.map((line) => `${line}\n`).join(''));
+    return true;
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EPIPE') return;
+    if (code === 'EPIPE') return false;
     throw new CliError(`cannot write to standard output: ${code ?? (err as Error).message}`);
   }
 }
