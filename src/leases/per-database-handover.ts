@@ -9,14 +9,14 @@ import { stepEach, type RoleToDrop, type TeardownDeps, type TeardownResult, type
  * refuses, works here as it does for the pool; with the pool's search_path, since what runs here
  * is the most exposed: in a database where the roles being torn down may have created anything.
  */
-export function clientConfigForDatabase(databaseUrl: string, database: string): pg.ClientConfig {
-  return connectionConfig(databaseUrl, database);
+export function clientConfigForDatabase(databaseUrl: string, database: string, ours: pg.ClientConfig = {}): pg.ClientConfig {
+  return connectionConfig(databaseUrl, ours, database);
 }
 
 async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
-  const client = new pg.Client({
-    ...clientConfigForDatabase(deps.databaseUrl, database), ...sessionSettings(deps.timeouts, false), application_name: 'pg-credential-broker reaper',
-  });
+  const client = new pg.Client(clientConfigForDatabase(deps.databaseUrl, database, {
+    ...sessionSettings(deps.timeouts, false), application_name: 'pg-credential-broker reaper',
+  }));
   client.on('error', () => undefined);
   await client.connect();
   try {

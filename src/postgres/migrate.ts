@@ -20,7 +20,7 @@ export interface MigrationResult {
  * then makes sure the deployment's marker role and (16+) its creator roles exist.
  */
 export async function migrate(databaseUrl: string, managedRole: string, logger: Logger): Promise<MigrationResult> {
-  const client = new pg.Client({ ...connectionConfig(databaseUrl), application_name: 'pg-credential-broker migrate' });
+  const client = new pg.Client(connectionConfig(databaseUrl, { application_name: 'pg-credential-broker migrate' }));
   client.on('error', (err) => logger.warn({ err: { message: err.message } }, 'migration connection failed'));
   await client.connect();
   const applied: string[] = [];

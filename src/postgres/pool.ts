@@ -1,5 +1,5 @@
 import pg from 'pg';
-import { parseIntoClientConfig } from 'pg-connection-string';
+import { parse } from 'pg-connection-string';
 import type { Logger } from 'pino';
 
 export type Queryable = Pick<pg.PoolClient, 'query'>;
@@ -71,16 +71,22 @@ export const SEARCH_PATH = 'pg_catalog, pg_temp';
 const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp';
 
 /**
- * DATABASE_URL as pg reads it, for `database` if given, with the search_path above. pg lets a
- * connection string override the config it comes with, so the option is added to what the URL's
- * own `options` say (the last `-c` of a setting wins), not passed beside the URL.
+ * The settings of a connection to DATABASE_URL (to `database` instead, if given): the broker's
+ * own (`ours`) under whatever the URL says, as pg merges a connectionString into its config, and
+ * the search_path above. The URL is parsed here, as pg parses it, so that the search_path can
+ * join the `options` the URL (or else PGOPTIONS) gives rather than be overridden by them; the
+ * last `-c` of a setting wins.
  */
-export function connectionConfig(databaseUrl: string, database?: string): pg.ClientConfig {
-  const parsed = parseIntoClientConfig(databaseUrl) as pg.ClientConfig;
+export function connectionConfig(databaseUrl: string, ours: pg.PoolConfig = {}, database?: string): pg.PoolConfig {
+  const { port, ...fromUrl } = parse(databaseUrl) as Omit<pg.ClientConfig, 'port'> & { port?: string | number | null };
+  const given = fromUrl.options ?? process.env.PGOPTIONS;
   return {
-    ...parsed,
+    ...ours,
+    ...fromUrl,
+    // pg reads a port with parseInt, as here.
+    ...(port === undefined || port === null || port === '' ? {} : { port: parseInt(String(port), 10) }),
     ...(database === undefined ? {} : { database }),
-    options: parsed.options ? `${parsed.options} ${SEARCH_PATH_OPTION}` : SEARCH_PATH_OPTION,
+    options: given ? `${given} ${SEARCH_PATH_OPTION}` : SEARCH_PATH_OPTION,
   };
 }
 
@@ -100,13 +106,12 @@ export async function searchPathProblem(db: Queryable): Promise<string | null> {
 const NO_TIMEOUTS: DbTimeouts = { lockTimeoutSeconds: 0, queryTimeoutSeconds: 0 };
 
 export function createPool(connectionString: string, logger: Logger, max = 10, timeouts = NO_TIMEOUTS): pg.Pool {
-  const pool = new pg.Pool({
-    ...connectionConfig(connectionString),
+  const pool = new pg.Pool(connectionConfig(connectionString, {
     max,
     idleTimeoutMillis: 30_000,
     application_name: 'pg-credential-broker',
     ...sessionSettings(timeouts, true),
-  });
+  }));
   pool.on('error', (err) => logger.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, 'idle PostgreSQL connection failed'));
   pool.on('connect', (client) => client.on('error', () => undefined));
   return pool;

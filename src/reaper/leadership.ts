@@ -42,10 +42,10 @@ export class Leadership {
     }
     try {
       if (!this.client) {
-        const client = new pg.Client({
-          ...connectionConfig(this.databaseUrl), application_name: 'pg-credential-broker leader', keepAlive: true,
+        const client = new pg.Client(connectionConfig(this.databaseUrl, {
+          application_name: 'pg-credential-broker leader', keepAlive: true,
           ...sessionSettings({ lockTimeoutSeconds: 0, queryTimeoutSeconds: this.timeouts.queryTimeoutSeconds }, false),
-        });
+        }));
         client.on('error', (err) => this.lost(client, err.message));
         client.on('end', () => this.lost(client, 'connection ended'));
         await client.connect();

@@ -3,7 +3,9 @@ import { describe, test } from 'node:test';
 import { loadConfig } from '../../src/config.js';
 import { describeDatabase } from '../../src/database-url.js';
 import { env, rejects, SECRET } from './config-env.js';
+import pg from 'pg';
 import { clientConfigForDatabase } from '../../src/leases/per-database-handover.js';
+import { connectionConfig } from '../../src/postgres/pool.js';
 
 test('the reaper reaches other databases with the broker\'s settings, socket URLs included', () => {
   const tcp = clientConfigForDatabase('postgres://broker:p%40ss%2Fw@db.example:6543/broker', 'otherdb');
@@ -98,4 +100,37 @@ describe('loadConfig: what DATABASE_URL may be', () => {
       rejects({ DATABASE_URL: url }, 'BROKER_PUBLIC_PG_HOST', /is required when DATABASE_URL connects through a Unix socket/);
     }
   });
+});
+
+test('the broker reads DATABASE_URL as pg does, adding only its search_path to the options', () => {
+  const cases = [
+    'postgres://broker:p%40ss%2Fw@db.example:6543/broker',
+    'postgres://broker@/broker?host=/run/postgresql',
+    'postgres://broker@db.example/broker?sslmode=verify-full',
+    'postgres://broker@db.example/broker?ssl=no-verify',
+    'postgres://broker@db.example/broker?ssl=true&application_name=mine&connect_timeout=7',
+    'postgres://broker@db.example/broker?options=-c%20work_mem%3D5MB',
+  ];
+  const fields = ['host', 'port', 'user', 'password', 'database', 'ssl', 'application_name', 'connect_timeout'] as const;
+  const seen = (config: pg.ClientConfig) => {
+    const p = (new pg.Client(config) as unknown as { connectionParameters: Record<string, unknown> }).connectionParameters;
+    return Object.fromEntries(fields.map((f) => [f, p[f]]));
+  };
+  for (const url of cases) {
+    const mine = connectionConfig(url, { application_name: 'pg-credential-broker' });
+    const theirs = seen({ connectionString: url, application_name: 'pg-credential-broker' });
+    assert.deepEqual(seen(mine), theirs, url);
+    assert.equal(mine.options, url.includes('options=') ? '-c work_mem=5MB -c search_path=pg_catalog,pg_temp' : '-c search_path=pg_catalog,pg_temp', url);
+  }
+  assert.equal(connectionConfig(cases[4]).application_name, 'mine', 'the URL\'s own settings win, as in pg');
+  assert.equal(connectionConfig(cases[0], {}, 'otherdb').database, 'otherdb');
+  const saved = process.env.PGOPTIONS;
+  process.env.PGOPTIONS = '-c geqo=off';
+  try {
+    assert.equal(connectionConfig(cases[0]).options, '-c geqo=off -c search_path=pg_catalog,pg_temp', 'PGOPTIONS is kept when the URL has none');
+    assert.equal(connectionConfig(cases[5]).options, '-c work_mem=5MB -c search_path=pg_catalog,pg_temp', 'the URL\'s options win over PGOPTIONS, as in pg');
+  } finally {
+    if (saved === undefined) delete process.env.PGOPTIONS;
+    else process.env.PGOPTIONS = saved;
+  }
 });
