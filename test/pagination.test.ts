@@ -171,6 +171,15 @@ describe('GET /audit', () => {
     assert.deepEqual(await events({ subject: 'aud:alice' }), [['credential.issued', 'aud:alice', lease, null]]);
     assert.deepEqual(await events({ owner: 'aud:bob' }), [], 'bob owns no lease');
     assert.deepEqual(await events({ owner: 'aud:alice', type: 'lease.revoked' }), [['lease.revoked', 'admin:root', lease, 'aud:alice']]);
+    // An owner is (issuer, subject): another issuer's aud:alice is someone else.
+    const [{ id: theirs }] = await b.pg.query(
+      `INSERT INTO broker.leases (id, username, policy, grant_role, database, issuer, subject, state, expires_at, max_expires_at)
+       VALUES (gen_random_uuid(), 'lease_aud_other', 'aud', 'app_readers', 'broker', 'https://other.example', 'aud:alice', 'active', now(), now())
+       RETURNING id::text`);
+    await b.pg.query(`INSERT INTO broker.audit_events (type, issuer, subject, lease_id) VALUES ('credential.issued', 'https://other.example', 'aud:alice', $1)`, [theirs]);
+    assert.equal((await events({ owner: 'aud:alice' })).length, 4);
+    assert.deepEqual((await events({ owner: 'aud:alice', owner_issuer: b.issuer.issuer })).map((e) => e[2]), [lease, lease, lease]);
+    assert.deepEqual(await events({ owner_issuer: 'https://other.example' }), [['credential.issued', 'aud:alice', theirs, null]]);
   });
 
   test('the audit table is append-only, for the broker and for a superuser alike', async () => {

@@ -82,7 +82,15 @@ export async function listAudit(db: Queryable, q: AuditQueryBody): Promise<{ ite
   if (q.policy !== undefined) add('policy = ?', q.policy);
   if (q.type !== undefined) add('type = ?', q.type);
   if (q.lease_id !== undefined) add('lease_id = ?', q.lease_id);
-  if (q.owner !== undefined) add('lease_id IN (SELECT l.id FROM broker.leases l WHERE l.subject = ?)', q.owner);
+  if (q.owner !== undefined || q.owner_issuer !== undefined) {
+    const of: string[] = [];
+    for (const [column, value] of [['subject', q.owner], ['issuer', q.owner_issuer]] as const) {
+      if (value === undefined) continue;
+      params.push(value);
+      of.push(`l.${column} = $${params.length}`);
+    }
+    where.push(`lease_id IN (SELECT l.id FROM broker.leases l WHERE ${of.join(' AND ')})`);
+  }
   if (q.username !== undefined) add('username = ?', q.username);
   if (q.since !== undefined) add('at >= ?', q.since);
   if (q.until !== undefined) add('at < ?', q.until);

@@ -14,13 +14,14 @@ export const LEASE_FILTERS: readonly Filter[] = [
 ];
 
 /**
- * What GET /audit filters on (AuditQuery), and `owner`, which the broker is gaining: sent as
- * given, a broker that does not know it refuses the query (400) rather than ignoring it.
+ * What GET /audit filters on (AuditQuery). Sent as given: a broker too old to know `owner`
+ * refuses the query (400) rather than ignoring it.
  */
 export const AUDIT_FILTERS: readonly Filter[] = [
   { flags: '--type <type>', description: 'event type, e.g. credential.issued, lease.revoked, policy.deleted (the README lists them)' },
   { flags: '--subject <sub>', description: 'who acted: the subject of the token behind the event' },
   { flags: '--owner <sub>', description: 'whose lease the event concerns (the subject it was issued to)' },
+  { flags: '--owner-issuer <iss>', description: 'the issuer of the token the lease was issued to (with --owner: one identity)' },
   { flags: '--issuer <iss>', description: 'the issuer of the token behind the event' },
   { flags: '--lease-id <id>', description: 'events of one lease' },
   { flags: '--policy <name>' },

@@ -37,6 +37,8 @@ export const AuditQuery = Type.Object(
     // `subject` is who acted (an admin, for the revocations they make); an audit of one identity
     // also needs what others did to its leases.
     owner: Type.Optional(Type.String({ maxLength: 1024, description: 'events about the leases of this subject (the lease owner), whoever acted' })),
+    // An owner is the pair (issuer, subject): two clusters' service accounts can share a subject.
+    owner_issuer: Type.Optional(Type.String({ maxLength: 1024, description: 'events about the leases issued to tokens of this issuer, whoever acted' })),
   },
   { additionalProperties: false },
 );
