@@ -36,7 +36,7 @@ describe('pg-broker refuses unclear input with a clear error', () => {
       assert.equal(serve.stderr.trim(), 'pg-broker: configuration error: DATABASE_URL: is required');
     }
   });
-  test('leases revoke refuses a lease id together with --subject, --issuer, --policy or --reason before sending anything; each alone works', async () => {
+  test('leases revoke refuses a lease id together with --subject, --issuer or --policy before sending anything; each alone works, an id with a --reason', async () => {
     const admin = await b.adminToken();
     const one = (await b.issue(await b.token({ sub: 'cli:revoke-one' }))).body.lease_id as string;
     const other = (await b.issue(await b.token({ sub: 'cli:revoke-other' }))).body.lease_id as string;
@@ -44,7 +44,6 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     const refusals: Array<[string[], RegExp]> = [
       [['--subject', 'cli:revoke-other'], /^pg-broker: give a lease id or --subject, not both: an id revokes that one lease, whatever the filters say$/],
       [['--issuer', b.issuer.issuer, '--policy', 'cli'], /^pg-broker: give a lease id or --issuer and --policy, not both/],
-      [['--reason', 'left'], /^pg-broker: --reason is recorded only when revoking by --subject, --issuer or --policy; revoking one lease by id records none$/],
     ];
     for (const [extra, error] of refusals) {
       const run = await cli(['leases', 'revoke', one, ...extra, '--token', admin]);
@@ -55,10 +54,11 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(await state(one), 'active', 'nothing was revoked');
     assert.equal(await state(other), 'active');
 
-    // The good input: the id alone, then the subject alone (with a reason).
-    const byId = await cli(['leases', 'revoke', one, '--token', admin]);
+    // The good input: the id alone (with a reason, which the lease keeps), then the subject alone.
+    const byId = await cli(['leases', 'revoke', one, '--reason', 'pasted in a ticket', '--token', admin]);
     assert.equal(byId.code, 0, byId.stderr);
     assert.equal(byId.stdout, `lease ${one}: revoked\n`);
+    assert.equal((await b.pg.query(`SELECT end_reason FROM broker.leases WHERE id = $1`, [one]))[0].end_reason, 'pasted in a ticket');
     const bySubject = await cli(['leases', 'revoke', '--subject', 'cli:revoke-other', '--reason', 'left', '--token', admin]);
     assert.equal(bySubject.code, 0, bySubject.stderr);
     assert.equal(bySubject.stdout, `revoked 1 lease(s): ${other}\n`);

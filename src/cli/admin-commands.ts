@@ -53,7 +53,7 @@ export function addAdminCommands(program: Command): void {
     .description('revoke one lease now, or every active lease of a subject/issuer/policy (admin)')
     .argument('[id]', 'lease id')
     .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--reason <text>')
-    .addHelpText('after', example('pg-broker leases revoke 5f0c…\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
+    .addHelpText('after', example('pg-broker leases revoke 5f0c… --reason "password pasted in a ticket"\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
     .action(async (id: string | undefined, opts) => (await import('./admin.js')).leasesRevoke({ ...opts, id }));
 
   addListingOptions(withClientOptions(program.command('audit')), AUDIT_FILTERS)

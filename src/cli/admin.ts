@@ -96,19 +96,17 @@ export async function auditList(cmd: Command, opts: AdminOptions & ListingOption
 }
 
 export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {
-  // An id revokes that one lease and the broker takes nothing else with it: filters or a reason
-  // given alongside would be dropped while the user believes they applied. Refused before any call.
+  // An id revokes that one lease and the broker takes nothing else with it: filters given
+  // alongside would be dropped while the user believes they applied. Refused before any call.
   const filters = (['subject', 'issuer', 'policy'] as const).filter((f) => opts[f] !== undefined).map((f) => `--${f}`);
   if (opts.id !== undefined && filters.length) {
     throw new CliError(`give a lease id or ${filters.join(' and ')}, not both: an id revokes that one lease, whatever the filters say`);
   }
-  if (opts.id !== undefined && opts.reason !== undefined) {
-    throw new CliError('--reason is recorded only when revoking by --subject, --issuer or --policy; revoking one lease by id records none');
-  }
   if (opts.id === undefined && !filters.length) throw new CliError('name a lease id, or --subject, --issuer or --policy');
   const { base, token } = await session(opts);
   if (opts.id !== undefined) {
-    const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}`, undefined, REVOKE_TIMEOUT_MS);
+    const query = opts.reason === undefined ? '' : `?reason=${encodeURIComponent(opts.reason)}`;
+    const { body } = await callBroker<LeaseBody>(base, token, 'DELETE', `/leases/${encodeURIComponent(opts.id)}${query}`, undefined, REVOKE_TIMEOUT_MS);
     await printLines([`lease ${body.id}: ${body.state}`]);
     return;
   }
