@@ -2,14 +2,16 @@ import type { Queryable } from './pool.js';
 
 /**
  * Who besides the broker may connect to the broker's own database: PUBLIC, the marker role every
- * issued role belongs to, or a group a policy hands out. A login there can take the advisory
- * locks the broker relies on (migration, reaper leadership, each identity's issuance lock) and
- * so stall it.
+ * issued role belongs to (on 15; on 16+ issued roles join it WITH INHERIT FALSE, so its grants
+ * reach none of them), or a group a policy hands out. A login there can take the advisory locks
+ * the broker relies on (migration, reaper leadership, each identity's issuance lock) and so
+ * stall it.
  */
 export async function brokerDatabaseOpenTo(db: Queryable, managedRole: string): Promise<string[]> {
   // CASE, not AND: has_database_privilege raises on a role that does not exist.
   const { rows } = await db.query<{ role: string }>(
-    `SELECT r AS role FROM (SELECT 'public' AS r UNION SELECT $1 UNION SELECT grant_role FROM broker.policies) AS candidates
+    `SELECT r AS role FROM (SELECT 'public' AS r UNION SELECT $1 WHERE current_setting('server_version_num')::int < 160000
+                            UNION SELECT grant_role FROM broker.policies) AS candidates
       WHERE CASE WHEN r = 'public' OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)
                  THEN has_database_privilege(r, current_database(), 'CONNECT') ELSE false END
       ORDER BY r`,
