@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type pg from 'pg';
+import { scramVerifier } from '../src/postgres/scram.js';
 import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker } from './helpers/broker.js';
 
 // What the holder of an issued credential can do, with that credential alone, to outlive its lease.
@@ -113,6 +114,31 @@ describe('an issued role that holds its own catalogue row in an open transaction
       assert.equal(await roleExists(b.pg, cred.username), false);
     } finally {
       await unbounded.close();
+    }
+  });
+
+  test('is revoked by a broker that logs in as another role and takes its own with SET ROLE', HANG_GUARD, async () => {
+    // Such a broker cannot see its own sessions' queries or waits in pg_stat_activity.
+    // A verifier, as the broker sends: the statement log, which the secrets check reads, never holds the password.
+    await b.pg.query(`CREATE ROLE broker_login LOGIN PASSWORD '${scramVerifier('login-pw', 16)}'; GRANT broker TO broker_login`, [], 'postgres');
+    const url = new URL(b.pg.brokerUrl);
+    Object.assign(url, { username: 'broker_login', password: 'login-pw' });
+    url.searchParams.set('options', '-c role=broker');
+    const viaSetRole = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { DATABASE_URL: url.href, BROKER_LOCK_TIMEOUT: '3' } });
+    try {
+      const token = await viaSetRole.token({ sub: 'trick:set-role' });
+      const cred = (await viaSetRole.issue(token)).body;
+      const { session, ended } = await holdOwnRow(cred);
+      try {
+        const revoked = await api(viaSetRole, 'DELETE', `/leases/${cred.lease_id}`, token);
+        assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+        await ended;
+      } finally {
+        await session.end().catch(() => undefined);
+      }
+      assert.equal(await roleExists(b.pg, cred.username), false);
+    } finally {
+      await viaSetRole.close();
     }
   });
 
