@@ -77,9 +77,20 @@ const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp';
  * join the `options` the URL (or else PGOPTIONS) gives rather than be overridden by them; the
  * last `-c` of a setting wins.
  */
+// The settings pg's ConnectionParameters reads from a connection string (pg 8.x).
+const URL_SETTINGS = [
+  'user', 'password', 'host', 'database', 'binary', 'options', 'ssl', 'sslnegotiation', 'client_encoding', 'replication',
+  'application_name', 'fallback_application_name', 'statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'query_timeout',
+] as const;
+
 export function connectionConfig(databaseUrl: string, ours: pg.PoolConfig = {}, database?: string): pg.PoolConfig {
-  const { port, ...fromUrl } = parse(databaseUrl) as Omit<pg.ClientConfig, 'port'> & { port?: string | number | null };
-  const given = fromUrl.options ?? process.env.PGOPTIONS;
+  const parsed = parse(databaseUrl) as Record<string, unknown>;
+  // Only what pg reads from a URL for a connection: a query key such as `max` or
+  // `idleTimeoutMillis` sizes no pool in pg, and must not here.
+  const fromUrl = Object.fromEntries(URL_SETTINGS.filter((k) => parsed[k] !== undefined).map((k) => [k, parsed[k]])) as pg.ClientConfig;
+  const { port } = parsed as { port?: string | number | null };
+  // `||`, as pg: an empty options in the URL leaves PGOPTIONS in force.
+  const given = fromUrl.options || process.env.PGOPTIONS;
   return {
     ...ours,
     ...fromUrl,

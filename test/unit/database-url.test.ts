@@ -123,12 +123,16 @@ test('the broker reads DATABASE_URL as pg does, adding only its search_path to t
     assert.equal(mine.options, url.includes('options=') ? '-c work_mem=5MB -c search_path=pg_catalog,pg_temp' : '-c search_path=pg_catalog,pg_temp', url);
   }
   assert.equal(connectionConfig(cases[4]).application_name, 'mine', 'the URL\'s own settings win, as in pg');
+  // A query key that is no connection setting sizes no pool, as in pg.
+  const pool = connectionConfig('postgres://broker@db.example/broker?max=1&idleTimeoutMillis=0&connectionTimeoutMillis=0', { max: 10, idleTimeoutMillis: 30_000, connectionTimeoutMillis: 5000 });
+  assert.deepEqual([pool.max, pool.idleTimeoutMillis, pool.connectionTimeoutMillis], [10, 30_000, 5000]);
   assert.equal(connectionConfig(cases[0], {}, 'otherdb').database, 'otherdb');
   const saved = process.env.PGOPTIONS;
   process.env.PGOPTIONS = '-c geqo=off';
   try {
     assert.equal(connectionConfig(cases[0]).options, '-c geqo=off -c search_path=pg_catalog,pg_temp', 'PGOPTIONS is kept when the URL has none');
     assert.equal(connectionConfig(cases[5]).options, '-c work_mem=5MB -c search_path=pg_catalog,pg_temp', 'the URL\'s options win over PGOPTIONS, as in pg');
+    assert.equal(connectionConfig(`${cases[0]}?options=`).options, '-c geqo=off -c search_path=pg_catalog,pg_temp', 'an empty options leaves PGOPTIONS, as in pg');
   } finally {
     if (saved === undefined) delete process.env.PGOPTIONS;
     else process.env.PGOPTIONS = saved;
