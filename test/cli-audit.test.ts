@@ -69,7 +69,7 @@ describe('pg-broker audit', () => {
     const first = await cli(['audit', '--type', 'credential.issued', '--subject', subject, '--limit', '1', '--token', admin]);
     assert.equal(first.code, 0, first.stderr);
     const next = nextPageHint(first.stderr);
-    assert.match(next ?? '', /^pg-broker audit --type credential\.issued --subject cli:audit-pages --limit 1 --cursor \S+$/, first.stderr);
+    assert.match(next ?? '', /^pg-broker audit --type credential\.issued --subject cli:audit-pages --limit 1 --url http:\/\/127\.0\.0\.1:\d+ --cursor \S+$/, first.stderr);
     const second = await pasted(`${next} --token "$T"`, { T: admin });
     assert.equal(second.code, 0, second.stderr);
     const ids = [first, second].map((r) => r.stdout.trim().split('\t')[3]);

@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { buildCli } from '../src/cli/index.js';
 import { LeaseQuery } from '../src/schemas/lease.js';
@@ -6,11 +8,12 @@ import type { TestBroker } from './helpers/broker.js';
 import { nextPageHint as hint, startCliBench, type CliBench } from './helpers/cli.js';
 
 let b: TestBroker;
+let url: string;
 let cli: CliBench['cli'];
 let pasted: CliBench['pasted'];
 
 before(async () => {
-  ({ b, cli, pasted } = await startCliBench('pgcb-cli-listing-'));
+  ({ b, url, cli, pasted } = await startCliBench('pgcb-cli-listing-'));
 });
 after(async () => b?.close());
 
@@ -34,9 +37,10 @@ describe('pg-broker leases list paging', () => {
     assert.equal(rows.length, 2, 'only rows on stdout');
     const next = hint(first.stderr);
     assert.ok(next, first.stderr);
-    assert.match(next, /^pg-broker leases list --subject 'cli:pager o'\\''brien' --state active --limit 2 --cursor \S+$/);
+    // The broker came from PG_BROKER_URL: the hint names it, or pasted elsewhere it would ask another.
+    assert.match(next, /^pg-broker leases list --subject 'cli:pager o'\\''brien' --state active --limit 2 --url http:\/\/127\.0\.0\.1:\d+ --cursor \S+$/);
     assert.ok(!first.stderr.includes(admin), 'the token stays out of the hint');
-    const second = await pasted(`${next} --token "$T"`, { T: admin });
+    const second = await pasted(`${next} --token "$T"`, { T: admin, PG_BROKER_URL: 'http://127.0.0.1:9' });
     assert.equal(second.code, 0, second.stderr);
     const rest = second.stdout.trim().split('\n');
     assert.equal(rest.length, 1);
@@ -62,7 +66,7 @@ describe('pg-broker leases list paging', () => {
     const page = await cli(['leases', 'list', '--subject', subject, '--limit', '2', '--json', '--token', admin]);
     const onePage = JSON.parse(page.stdout) as { items: unknown[]; next_cursor: string };
     assert.equal(onePage.items.length, 2);
-    assert.ok(hint(page.stderr)?.endsWith(`--json --cursor ${onePage.next_cursor}`), page.stderr);
+    assert.ok(hint(page.stderr)?.endsWith(`--json --url ${url} --cursor ${onePage.next_cursor}`), page.stderr);
 
     const refused = await cli(['leases', 'list', '--subject', subject, '--all', '--cursor', onePage.next_cursor, '--token', admin]);
     assert.equal(refused.code, 1);
@@ -71,5 +75,22 @@ describe('pg-broker leases list paging', () => {
     const cursorAlone = await cli(['leases', 'list', '--subject', subject, '--limit', '2', '--cursor', onePage.next_cursor, '--token', admin]);
     assert.equal(cursorAlone.code, 0, cursorAlone.stderr);
     assert.equal(cursorAlone.stdout.trim().split('\n').length, 1);
+  });
+
+  test('--all stops at a cursor the broker gave before, A then B then A again, rather than loop', async () => {
+    let calls = 0;
+    const cycling = http.createServer((_req, res) => {
+      calls++;
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ items: [], next_cursor: calls % 2 ? 'A' : 'B' }));
+    });
+    await new Promise<void>((resolve) => cycling.listen(0, '127.0.0.1', resolve));
+    try {
+      const run = await cli(['leases', 'list', '--all', '--url', `http://127.0.0.1:${(cycling.address() as AddressInfo).port}`, '--token', 'a.b.c']);
+      assert.equal(run.code, 1);
+      assert.match(run.stderr, /answered \/leases with a cursor it had given before; stopped rather than loop/);
+      assert.equal(calls, 3, 'A, B, then A again');
+    } finally {
+      await new Promise((resolve) => cycling.close(resolve));
+    }
   });
 });

@@ -53,7 +53,13 @@ export async function policyDelete(name: string, opts: AdminOptions & { json?: b
   const path = `/policies/${encodeURIComponent(name)}`;
   const { body: policy } = await callBroker<PolicyBody>(base, token, 'GET', path);
   await callBroker(base, token, 'DELETE', path);
-  await printLines([opts.json ? JSON.stringify(policy, null, 2) : `deleted ${policyRow(policy)}`]);
+  try {
+    await printLines([opts.json ? JSON.stringify(policy, null, 2) : `deleted ${policyRow(policy)}`]);
+  } catch (err) {
+    // The policy is gone by now: what it was must not be lost with the output (a full disk).
+    process.stderr.write(`pg-broker: policy ${name} is deleted; it was:\n${JSON.stringify(policy, null, 2)}\n`);
+    throw err;
+  }
   // Deleting a policy ends no lease: said, since the admin may expect it to.
   process.stderr.write(`leases issued under ${name} run until they end; to end them now: pg-broker leases revoke --policy ${name}\n`);
 }

@@ -1,5 +1,5 @@
 import { Option, type Command } from 'commander';
-import { callBroker, CliError } from './client.js';
+import { callBroker, CliError, DEFAULT_BROKER_URL } from './client.js';
 import { shellQuote } from './formats.js';
 import { printLines } from './output.js';
 
@@ -63,7 +63,7 @@ function shellWord(value: string): string {
  * line except the token (a secret, and not needed to say which page), and the broker's cursor.
  * The cursor alone, without the filters, lists the next page of everything.
  */
-export function nextPageCommand(cmd: Command, cursor: string): string {
+export function nextPageCommand(cmd: Command, cursor: string, base?: string): string {
   const path: string[] = [];
   for (let c: Command | null = cmd; c?.parent; c = c.parent) path.unshift(c.name());
   const words = ['pg-broker', ...path];
@@ -75,6 +75,9 @@ export function nextPageCommand(cmd: Command, cursor: string): string {
     if (value === true) words.push(flag);
     else if (typeof value === 'string') words.push(flag, shellWord(value));
   }
+  // A broker found through PG_BROKER_URL is named too: run in another shell, the command would
+  // otherwise ask another broker (or the default) with this one's cursor.
+  if (base !== undefined && cmd.getOptionValueSource('url') !== 'cli' && base !== DEFAULT_BROKER_URL) words.push('--url', shellWord(base));
   words.push('--cursor', shellWord(cursor));
   return words.join(' ');
 }
@@ -103,6 +106,7 @@ export async function printListing<T>(
   const query = listingQuery(cmd, filters);
   if (opts.all && !query.has('limit')) query.set('limit', ALL_PAGE_SIZE);
   const kept: T[] = [];
+  const seen = new Set<string>();
   let count = 0;
   let next: string | null;
   do {
@@ -119,11 +123,13 @@ export async function printListing<T>(
       if (!(await printLines(body.items.map((item) => (opts.ndjson ? JSON.stringify(item) : row(item)))))) return;
     }
     if (!opts.all || !next) break;
-    if (next === query.get('cursor')) throw new CliError(`the broker at ${base} answered ${path} with the same cursor twice; stopped rather than loop`);
+    // Any cursor seen before, not only the last one: A, B, A would loop as surely as A, A.
+    if (seen.has(next)) throw new CliError(`the broker at ${base} answered ${path} with a cursor it had given before; stopped rather than loop`);
+    seen.add(next);
     query.set('cursor', next);
   } while (next);
   if (opts.json && opts.all) await printLines([JSON.stringify({ items: kept, next_cursor: null }, null, 2)]);
-  if (next && !opts.all) process.stderr.write(`(more: ${nextPageCommand(cmd, next)})\n`);
+  if (next && !opts.all) process.stderr.write(`(more: ${nextPageCommand(cmd, next, base)})\n`);
   // On stderr, so a script reading the rows gets none; a person is told the filters matched nothing.
   else if (count === 0 && !opts.json) process.stderr.write(`no ${noun} match\n`);
 }
