@@ -1,13 +1,18 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { TestBroker } from './helpers/broker.js';
-import { startCliBench, type CliBench } from './helpers/cli.js';
+import { BIN, startCliBench, type CliBench } from './helpers/cli.js';
 
 let b: TestBroker;
 let cli: CliBench['cli'];
+let url: string;
+let home: string;
 
 before(async () => {
-  ({ b, cli } = await startCliBench('pgcb-cli-policy-get-'));
+  ({ b, cli, url, home } = await startCliBench('pgcb-cli-policy-get-'));
 });
 after(async () => b?.close());
 
@@ -55,5 +60,22 @@ describe('pg-broker policy get and delete', () => {
     const listed = await cli(['policy', 'list', '--token', admin]);
     assert.doesNotMatch(listed.stdout, /^cli-kept-copy\t/m);
     assert.match(listed.stdout, /^cli\t/m);
+  });
+
+  test('delete to a standard output that cannot take it (a full disk) still says on stderr what was deleted', async () => {
+    const stored = await b.putPolicy('cli-lost', { claims: { sub: 'cli:lost' } });
+    const out = openSync(path.join(home, 'deleted.json'), 'w');
+    // A 100-byte file size limit: the policy's JSON does not fit.
+    const child = spawn('prlimit', ['--fsize=100', process.execPath, BIN, 'policy', 'delete', 'cli-lost', '--json', '--token', await b.adminToken()],
+      { env: { PATH: process.env.PATH!, HOME: home, PG_BROKER_URL: url }, stdio: ['ignore', out, 'pipe'] });
+    closeSync(out);
+    let err = '';
+    child.stderr!.on('data', (d) => (err += d));
+    const code = await new Promise((resolve) => child.on('exit', resolve));
+    assert.equal(code, 1, err);
+    const said = /^pg-broker: policy cli-lost is deleted; it was:\n([\s\S]*?\n\})\n/m.exec(err);
+    assert.ok(said, err);
+    assert.deepEqual(JSON.parse(said[1]), stored);
+    assert.match(err, /cannot write to standard output: EFBIG/);
   });
 });
