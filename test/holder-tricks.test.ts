@@ -24,6 +24,26 @@ async function holdOwnRow(cred: { username: string; password: string }): Promise
   return { session, ended };
 }
 
+/**
+ * Issues to `sub` through `broker`, holds the role's row from a session of it, and revokes: the
+ * answer is 200 revoked, the session is ended (with its error) and the role is gone.
+ */
+async function revokeWhileHeld(broker: TestBroker, sub: string): Promise<{ cred: any; sessionError: Error }> {
+  const token = await broker.token({ sub });
+  const cred = (await broker.issue(token)).body;
+  const { session, ended } = await holdOwnRow(cred);
+  try {
+    const revoked = await api(broker, 'DELETE', `/leases/${cred.lease_id}`, token);
+    assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+    assert.equal(revoked.body.state, 'revoked');
+    const sessionError = (await ended) as Error;
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    return { cred, sessionError };
+  } finally {
+    await session.end().catch(() => undefined);
+  }
+}
+
 describe('the marker role every issued role joins', () => {
   test('cannot be taken up with SET ROLE, so nothing made as it outlives a lease; the group still can', async (t) => {
     if (b.pg.version < 16) {
@@ -52,18 +72,8 @@ describe('the marker role every issued role joins', () => {
 
 describe('an issued role that holds its own catalogue row in an open transaction', () => {
   test('is revoked all the same: its session is ended, its login refused and its role dropped', HANG_GUARD, async () => {
-    const token = await b.token({ sub: 'trick:revoke' });
-    const cred = (await b.issue(token)).body;
-    const { session, ended } = await holdOwnRow(cred);
-    try {
-      const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
-      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
-      assert.equal(revoked.body.state, 'revoked');
-      assert.match(String(((await ended) as Error).message), /terminat/);
-    } finally {
-      await session.end().catch(() => undefined);
-    }
-    assert.equal(await roleExists(b.pg, cred.username), false);
+    const { cred, sessionError } = await revokeWhileHeld(b, 'trick:revoke');
+    assert.match(String(sessionError.message), /terminat/);
     assert.equal(await loginError(b.pg, cred), '28P01', 'the credential no longer logs in');
     assert.equal((await leaseRow(b.pg, cred.lease_id)).last_error, null);
   });
@@ -101,17 +111,7 @@ describe('an issued role that holds its own catalogue row in an open transaction
   test('with lock waits unbounded (BROKER_LOCK_TIMEOUT=0), is revoked without waiting for a timeout', HANG_GUARD, async () => {
     const unbounded = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { BROKER_LOCK_TIMEOUT: '0' } });
     try {
-      const token = await unbounded.token({ sub: 'trick:unbounded' });
-      const cred = (await unbounded.issue(token)).body;
-      const { session, ended } = await holdOwnRow(cred);
-      try {
-        const revoked = await api(unbounded, 'DELETE', `/leases/${cred.lease_id}`, token);
-        assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
-        await ended;
-      } finally {
-        await session.end().catch(() => undefined);
-      }
-      assert.equal(await roleExists(b.pg, cred.username), false);
+      await revokeWhileHeld(unbounded, 'trick:unbounded');
     } finally {
       await unbounded.close();
     }
@@ -126,17 +126,7 @@ describe('an issued role that holds its own catalogue row in an open transaction
     url.searchParams.set('options', '-c role=broker');
     const viaSetRole = await startTestBroker({ pg: b.pg, issuer: b.issuer, env: { DATABASE_URL: url.href, BROKER_LOCK_TIMEOUT: '3' } });
     try {
-      const token = await viaSetRole.token({ sub: 'trick:set-role' });
-      const cred = (await viaSetRole.issue(token)).body;
-      const { session, ended } = await holdOwnRow(cred);
-      try {
-        const revoked = await api(viaSetRole, 'DELETE', `/leases/${cred.lease_id}`, token);
-        assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
-        await ended;
-      } finally {
-        await session.end().catch(() => undefined);
-      }
-      assert.equal(await roleExists(b.pg, cred.username), false);
+      await revokeWhileHeld(viaSetRole, 'trick:set-role');
     } finally {
       await viaSetRole.close();
     }
