@@ -177,10 +177,10 @@ describe('PostgreSQL restarted mid-load', () => {
       loggedIn++;
     }
     // Those may all have been revoked (worker 0) or have run out (2-4 s TTLs) by now: one issued
-    // here logs in for certain.
+    // here logs in for certain (its TTL within the policy's max_ttl of 30 s).
     if (loggedIn === 0) {
       const tok = await issuer.sign({ aud: AUDIENCE, sub: 'outage:after', exp: Math.floor(Date.now() / 1000) + 600 });
-      const after = await http(`${b.url}/credentials`, { method: 'POST', token: tok, body: { ttl: 60 } });
+      const after = await http(`${b.url}/credentials`, { method: 'POST', token: tok, body: { ttl: 30 } });
       assert.equal(after.status, 201, JSON.stringify(after.body));
       const client = await connectAs(pgs, after.body);
       await client.end();
