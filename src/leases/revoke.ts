@@ -1,4 +1,4 @@
-import { auditJson, insertAuditFromJson } from '../audit/repository.js';
+import { auditJson, insertAuditFromJson, recordAudit, type AuditEvent } from '../audit/repository.js';
 import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
 import { withTransaction } from '../postgres/pool.js';
@@ -122,22 +122,37 @@ function identityLockKeys(filter: EndFilter, issuers: string[]): string[] {
   return [...new Set(under)].sort().map((issuer) => identityLockKey(issuer, subject));
 }
 
+/** The event a revocation request leaves whatever it matched; each lease it ends gets its own too. */
+export function revocationRequested(filter: EndFilter, actor: Actor, reason: string, matched: number): AuditEvent {
+  const named = Object.fromEntries(Object.entries(filter).filter(([, v]) => v !== undefined));
+  return {
+    type: 'revocation.requested', issuer: actor.issuer, subject: actor.subject, lease_id: filter.id ?? null,
+    policy: filter.policy ?? null, reason, request_id: actor.requestId ?? null, client_ip: actor.clientIp ?? null,
+    detail: { filter: named, matched },
+  };
+}
+
 /**
  * Synchronous revocation for the API: mark, tear down, record. With `includeEnding`, a lease whose
  * teardown is already under way (single id only) is finished now too. Returns the outcome per lease.
  */
 export async function revokeNow(
-  deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string, options: { includeEnding?: boolean; issuers?: string[] } = {},
+  deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string,
+  options: { includeEnding?: boolean; issuers?: string[]; recordRequest?: boolean } = {},
 ): Promise<{ leases: EndingLease[]; errors: Map<string, string | null>; outage: Map<string, unknown> }> {
   const endedBy = `${actor.issuer} ${actor.subject}`;
   const keys = identityLockKeys(filter, options.issuers ?? []);
-  let leases = keys.length === 0
+  let leases = keys.length === 0 && !options.recordRequest
     ? await markRevoking(deps.pool, filter, endedBy, reason)
     : await withTransaction(deps.pool, async (client) => {
       // Issuance holds this lock from its first statement to COMMIT: taking it first means a
       // credential being issued to the subject right now is committed, and revoked, here.
-      await client.query('SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k', [keys]);
-      return markRevoking(client, filter, endedBy, reason);
+      if (keys.length > 0) await client.query('SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(k, 0)) FROM unnest($1::text[]) AS k', [keys]);
+      const marked = await markRevoking(client, filter, endedBy, reason);
+      // Committed with the marking, so the request is on record even when it matched nothing, and
+      // never for leases it did not mark.
+      if (options.recordRequest) await recordAudit(client, revocationRequested(filter, actor, reason, marked.length));
+      return marked;
     });
   if (leases.length === 0 && options.includeEnding && filter.id !== undefined) leases = await claimEnded(deps.pool, filter.id);
   const errors = new Map<string, string | null>();

@@ -4,7 +4,8 @@ import { Errors } from '../errors.js';
 import { renewLease } from '../leases/renew.js';
 import { getLease, listLeases, type Lease } from '../leases/repository.js';
 import { awaitEnded } from '../leases/claims.js';
-import { revokeNow, type FinishDeps } from '../leases/revoke.js';
+import { revocationRequested, revokeNow, type FinishDeps } from '../leases/revoke.js';
+import { recordAudit } from '../audit/repository.js';
 import { loginStillEnabled } from '../leases/teardown.js';
 import { problemResponses } from '../schemas/common.js';
 import { BulkRevokeRequest, BulkRevokeResult, Lease as LeaseSchema, LeaseIdParams, LeasePage, LeaseQuery, RenewRequest, RevokeQuery } from '../schemas/lease.js';
@@ -103,9 +104,15 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const lease = visibleTo(request, await getLease(app.db, request.params.id));
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
-      const { leases, errors, outage } = await revokeNow(finishDeps(), { id: lease.id }, actor, request.query.reason ?? 'revoked by request', { includeEnding: true });
-      // A reaper already tearing it down gets a moment to finish, so 200 still means "gone".
-      if (leases.length === 0) await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
+      const reason = request.query.reason ?? 'revoked by request';
+      const { leases, errors, outage } = await revokeNow(finishDeps(), { id: lease.id }, actor, reason, { includeEnding: true });
+      if (leases.length === 0) {
+        // Nothing for this request to end, so no lease.revoked of its own: the request is still
+        // on record, as every request that gets past its token is.
+        await recordAudit(app.db, revocationRequested({ id: lease.id }, actor, reason, 0));
+        // A reaper already tearing it down gets a moment to finish, so 200 still means "gone".
+        await awaitEnded(app.db, lease.id, HANDOVER_WAIT_MS);
+      }
       // Judge by the lease, not by this attempt: someone else may have finished it meanwhile.
       const now = visibleTo(request, await getLease(app.db, lease.id));
       if (now.state === 'revoked' || now.state === 'expired') return now;
@@ -145,7 +152,7 @@ export default async function leaseRoutes(fastify: FastifyInstance): Promise<voi
       const ctx = requestContext(request);
       const actor = { issuer: ctx.identity.issuer, subject: ctx.identity.subject, requestId: ctx.requestId, clientIp: ctx.clientIp };
       const { leases, errors } = await revokeNow(finishDeps(), { subject, issuer, policy }, actor, reason ?? 'bulk revocation', {
-        issuers: app.config.issuers.map((i) => i.issuer),
+        issuers: app.config.issuers.map((i) => i.issuer), recordRequest: true,
       });
       const failed = [...errors.values()].filter((e) => e !== null);
       // No 503 here, even after an outage: a retry would find these leases no longer active and
