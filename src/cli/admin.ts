@@ -80,7 +80,7 @@ export async function policyEvaluate(opts: AdminOptions & { json?: boolean }): P
     for (const p of body.policies) {
       const first = p.failed_claims[0];
       const why = p.reason ?? (first ? `claim ${first.claim} is ${first.value === null || first.value === undefined ? 'missing (or null)' : JSON.stringify(first.value)}, wants ${first.patterns.map((x) => JSON.stringify(x)).join(' or ')}` : '');
-      if (p.admitted && p.cannot_issue) lines.push(`! admitted ${p.name}, but issues nothing until an admin fixes it: ${p.cannot_issue}`);
+      if (p.admitted && p.cannot_issue) lines.push(`! admitted ${p.name}, but issues nothing now: ${p.cannot_issue}`);
       else lines.push(`${p.admitted ? '✓ admitted' : '✗ denied  '} ${p.name}${why ? `: ${why}` : ''}`);
     }
   }

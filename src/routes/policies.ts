@@ -7,7 +7,7 @@ import { evaluatePolicies } from '../policy/evaluate.js';
 import { policyShapeProblem } from '../policy/shape.js';
 import { deletePolicy, getPolicy, listPolicies, policiesForIssuer, putPolicy } from '../policy/repository.js';
 import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
-import { withTransaction } from '../postgres/pool.js';
+import { withTransaction, type Queryable } from '../postgres/pool.js';
 import { grantRoleProblem } from '../postgres/roles.js';
 import { problemResponses } from '../schemas/common.js';
 import { Evaluation, Policy, PolicyInput, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
@@ -144,9 +144,16 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       // The same checks issuance makes after choosing a policy (and the same remembered answers),
       // so "admitted" never hides the refusal a request would get.
       const policies = [];
+      const held = evaluations.some((e) => e.admitted) ? await activeLeasesByPolicy(app.db, who.issuer, who.subject) : new Map<string, number>();
       for (const e of evaluations) {
+        const active = held.get(e.policy.name) ?? 0;
         const cannotIssue = e.admitted
-          ? (await app.grantRoles.problem(app.db, e.policy.grant_role)) ?? (await app.grantRoles.databaseProblem(app.db, e.policy.database))
+          ? (await app.grantRoles.problem(app.db, e.policy.grant_role)) ?? (await app.grantRoles.databaseProblem(app.db, e.policy.database)) ??
+            // Issuance's quota check, read the same way (insertLeaseWithinQuota), without its lock:
+            // a lease ending or being issued right now can change the answer.
+            (active >= e.policy.max_active_leases
+              ? `this identity already holds ${active} active leases under this policy, its max_active_leases (${e.policy.max_active_leases}); one must end (revoke or expiry) before another is issued`
+              : null)
           : null;
         policies.push({
           name: e.policy.name, admitted: e.admitted, ...(e.reason ? { reason: e.reason } : {}),
@@ -156,4 +163,13 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
       return { issuer: who.issuer, subject: who.subject, policies };
     },
   );
+}
+
+/** Per policy, how many leases this identity holds that count against max_active_leases. */
+async function activeLeasesByPolicy(db: Queryable, issuer: string, subject: string): Promise<Map<string, number>> {
+  const { rows } = await db.query<{ policy: string; n: number }>(
+    `SELECT policy, count(*)::int AS n FROM broker.leases
+      WHERE issuer = $1 AND subject = $2 AND state IN ('pending', 'active') AND expires_at > now() GROUP BY policy`,
+    [issuer, subject]);
+  return new Map(rows.map((r) => [r.policy, r.n]));
 }

@@ -73,7 +73,7 @@ export const Evaluation = Type.Object({
       admitted: Type.Boolean(),
       reason: Type.Optional(Type.String({ description: 'Why the policy does not admit this token, beyond claims' })),
       cannot_issue: Type.Optional(Type.String({
-        description: 'On a policy that admits this token: why issuance under it is refused all the same, until an admin fixes it (its grant_role has become unsafe, or its database is gone)',
+        description: 'On a policy that admits this token: why issuance under it is refused all the same (its grant_role has become unsafe, or its database is gone, until an admin fixes it; or this identity holds max_active_leases of its leases, until one ends)',
       })),
       failed_claims: Type.Array(FailedClaim),
     }),
