@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import pg from 'pg';
 import { parse } from 'pg-connection-string';
 import type { Logger } from 'pino';
@@ -85,6 +86,7 @@ const URL_SETTINGS = [
 
 export function connectionConfig(databaseUrl: string, ours: pg.PoolConfig = {}, database?: string): pg.PoolConfig {
   const parsed = parse(databaseUrl) as Record<string, unknown>;
+  rereadCertificateFiles(parsed);
   // Only what pg reads from a URL for a connection: a query key such as `max` or
   // `idleTimeoutMillis` sizes no pool in pg, and must not here.
   const fromUrl = Object.fromEntries(URL_SETTINGS.filter((k) => parsed[k] !== undefined).map((k) => [k, parsed[k]])) as pg.ClientConfig;
@@ -99,6 +101,23 @@ export function connectionConfig(databaseUrl: string, ours: pg.PoolConfig = {}, 
     ...(database === undefined ? {} : { database }),
     options: given ? `${given} ${SEARCH_PATH_OPTION}` : SEARCH_PATH_OPTION,
   };
+}
+
+/**
+ * `parse` reads sslrootcert, sslcert and sslkey when called. pg, given the URL itself, parses it
+ * again for each new connection, so a certificate rotated on disk (a client certificate renewed
+ * every few weeks) took effect without a restart. To keep that, each file becomes a getter on the
+ * `ssl` object all connections of one config share, read at every TLS handshake. `key` stays
+ * hidden from enumeration, as pg hides it.
+ */
+function rereadCertificateFiles(parsed: Record<string, unknown>): void {
+  const ssl = parsed.ssl;
+  if (!ssl || typeof ssl !== 'object') return;
+  for (const [setting, option] of [['sslrootcert', 'ca'], ['sslcert', 'cert'], ['sslkey', 'key']] as const) {
+    const file = parsed[setting];
+    if (typeof file !== 'string' || !(option in ssl)) continue;
+    Object.defineProperty(ssl, option, { configurable: true, enumerable: option !== 'key', get: () => fs.readFileSync(file).toString() });
+  }
 }
 
 /**
