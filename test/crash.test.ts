@@ -4,7 +4,8 @@
 // replays a run. The per-trial and final checks are the invariants of ../shared/DESIGN.md.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { AUDIENCE, connectAs } from './helpers/broker.js';
+import { AUDIENCE } from './helpers/broker.js';
+import { activeLeasesWithoutLogin, canLogIn, rolesWithoutLease, seededRandom, snapshot } from './helpers/crash-checks.js';
 import { startIssuer, type TestIssuer } from './helpers/issuer.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 import { childBrokerEnv, http, loggedSecrets, sleep, spawnBroker, type BrokerProcess } from './helpers/process.js';
@@ -16,15 +17,7 @@ const WORKERS = 6;
 const REQUESTS_PER_WORKER_TRIAL = 2000;
 const MANAGED_ROLE = 'credential_broker_managed';
 
-// A seeded PRNG (mulberry32), so a failing run can be replayed with CRASH_SEED.
-let state = SEED >>> 0;
-function random(): number {
-  state = (state + 0x6d2b79f5) >>> 0;
-  let t = state;
-  t = Math.imul(t ^ (t >>> 15), t | 1);
-  t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-  return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-}
+const random = seededRandom(SEED);
 const between = (lo: number, hi: number) => Math.floor(lo + random() * (hi - lo + 1));
 
 interface Received {
@@ -117,51 +110,6 @@ async function drive(broker: BrokerProcess, trial: number, stop: { now: boolean;
   await Promise.all(Array.from({ length: WORKERS }, (_, w) => worker(w)));
 }
 
-interface Snapshot {
-  inTeardown: Set<string>;
-  ended: number;
-}
-
-async function snapshot(): Promise<Snapshot> {
-  const rows = await pgs.query<{ id: string }>(`SELECT id FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')`);
-  const [ended] = await pgs.query<{ n: number }>(`SELECT count(*)::int AS n FROM broker.leases WHERE state IN ('expired', 'revoked')`);
-  return { inTeardown: new Set(rows.map((r) => r.id)), ended: ended.n };
-}
-
-/** Members of the marker role (that the broker issued) without any lease row. */
-async function rolesWithoutLease(): Promise<string[]> {
-  const rows = await pgs.query<{ rolname: string }>(
-    `SELECT r.rolname FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid JOIN pg_roles g ON g.oid = m.roleid
-      WHERE g.rolname = $1 AND NOT m.admin_option AND NOT r.rolsuper AND NOT r.rolcreaterole AND r.rolname <> 'broker'
-        AND NOT EXISTS (SELECT 1 FROM broker.leases l WHERE l.username = r.rolname)`,
-    [MANAGED_ROLE],
-  );
-  return rows.map((r) => r.rolname);
-}
-
-/** Active leases not yet past expiry whose role is missing, cannot log in, or has another VALID UNTIL. */
-async function activeLeasesWithoutLogin(): Promise<string[]> {
-  const rows = await pgs.query<{ id: string; problem: string }>(
-    `SELECT l.id, CASE WHEN r.oid IS NULL THEN 'no role' WHEN NOT r.rolcanlogin THEN 'NOLOGIN'
-                       ELSE 'VALID UNTIL ' || r.rolvaliduntil || ' <> ' || l.expires_at END AS problem
-       FROM broker.leases l LEFT JOIN pg_roles r ON r.rolname = l.username
-      WHERE l.state = 'active' AND l.expires_at > now()
-        AND (r.oid IS NULL OR NOT r.rolcanlogin OR r.rolvaliduntil IS DISTINCT FROM l.expires_at)`,
-  );
-  return rows.map((r) => `${r.id}: ${r.problem}`);
-}
-
-/** Logs in with the credential; true when it worked. */
-async function canLogIn(cred: Received): Promise<boolean> {
-  try {
-    const client = await connectAs(pgs, cred);
-    await client.end();
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /**
  * Every credential of this trial whose lease still reads `active` (and has not reached its
  * expiry) must log in: the broker died, PostgreSQL did not, and the lease says the login works.
@@ -176,7 +124,7 @@ async function checkReceivedLogins(trial: number): Promise<void> {
   const live = mine.filter((c) => byId.get(c.lease_id)!.state === 'active' && byId.get(c.lease_id)!.expires_at.getTime() > Date.now() + 400);
   for (const cred of live.sort(() => random() - 0.5).slice(0, 12)) {
     summary.loginsChecked++;
-    if (await canLogIn(cred)) continue;
+    if (await canLogIn(pgs, cred)) continue;
     // A lease may have ended in the meantime (another process's reaper); only an active one is a failure.
     const [now] = await pgs.query<{ state: string; lapsed: boolean }>('SELECT state, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1', [cred.lease_id]);
     assert.ok(now.state !== 'active' || now.lapsed, `trial ${trial}: lease ${cred.lease_id} reads active but ${cred.username} cannot log in`);
@@ -190,7 +138,7 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
       // on the leases earlier trials left expiring, then kill while it tears them down.
       const reaping = trial % 2 === 0;
       const broker = current!;
-      const before = await snapshot();
+      const before = await snapshot(pgs);
       const stop = { now: false, killing: false };
       const load = drive(broker, trial, stop);
       await sleep(reaping ? between(300, 1800) : between(50, 900));
@@ -217,10 +165,10 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
       const next = spawnBroker(env);
       next.catch(() => undefined);
       try {
-        const orphans = await rolesWithoutLease();
+        const orphans = await rolesWithoutLease(pgs, MANAGED_ROLE);
         assert.deepEqual(orphans, [], `trial ${trial}: managed roles without a lease row`);
-        assert.deepEqual(await activeLeasesWithoutLogin(), [], `trial ${trial}: active leases whose role cannot log in`);
-        const afterKill = await snapshot();
+        assert.deepEqual(await activeLeasesWithoutLogin(pgs), [], `trial ${trial}: active leases whose role cannot log in`);
+        const afterKill = await snapshot(pgs);
         const claimedByDead = [...afterKill.inTeardown].filter((id) => !before.inTeardown.has(id));
         if (claimedByDead.length > 0) summary.killedMidTeardown++;
         summary.interruptedTeardowns += claimedByDead.length;
@@ -260,8 +208,8 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
       await sleep(200);
     }
     // Orphaned roles are swept by the reaper on its schedule: wait for it, bounded.
-    for (const deadline = Date.now() + 15_000; (await rolesWithoutLease()).length > 0 && Date.now() < deadline;) await sleep(200);
-    assert.deepEqual(await rolesWithoutLease(), [], 'managed roles without a lease row');
+    for (const deadline = Date.now() + 15_000; (await rolesWithoutLease(pgs, MANAGED_ROLE)).length > 0 && Date.now() < deadline;) await sleep(200);
+    assert.deepEqual(await rolesWithoutLease(pgs, MANAGED_ROLE), [], 'managed roles without a lease row');
     const leases = await pgs.query<{ id: string; username: string; state: string; role: boolean; last_error: string | null }>(
       `SELECT l.id, l.username, l.state, l.last_error, r.oid IS NOT NULL AS role
          FROM broker.leases l LEFT JOIN pg_roles r ON r.rolname = l.username`);
@@ -276,7 +224,7 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
     }
     // A sample of those credentials really is refused now.
     for (const cred of [...received].sort(() => random() - 0.5).slice(0, 30)) {
-      assert.equal(await canLogIn(cred), false, `${cred.username} still logs in after its lease ended`);
+      assert.equal(await canLogIn(pgs, cred), false, `${cred.username} still logs in after its lease ended`);
     }
 
     // Each lease that ended was recorded ending exactly once, however many processes died around it.
