@@ -60,9 +60,7 @@ async function renewOnce(
   grantRoles: GrantRoleGuard,
 ): Promise<Lease & { capped: boolean }> {
   return withTransaction(pool, async (client) => {
-    const { rows } = await client.query(`SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1 FOR UPDATE`, [id]);
-    const row = rows[0];
-    if (!row || row.issuer !== owner.issuer || row.subject !== owner.subject) throw new Errors.LeaseNotFound();
+    const row = await lockLease(client, id, owner);
     if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
     // Issuance refuses a group that has become unsafe; extending a login that holds it would
     // hand out the same access a little longer.
@@ -102,18 +100,66 @@ async function renewOnce(
       const problem = await grantRoles.problem(client, row.grant_role);
       if (problem) throw unsafeGroup(problem);
     }
-    await setValidUntil(client, row.username, expiresAt, role?.creator ?? null);
+    await extendRole(client, id, row.username, expiresAt, role?.creator ?? null, endsAt);
     // A lowered bound is kept with the policy's max_ttl it came from, so the next renewal lowers
-    // it only by what max_ttl drops after this one.
+    // it only by what max_ttl drops after this one. The expiry is checked again on the clock as it
+    // reads now: now() is when this transaction began, and a wait since then may have outlasted
+    // the lease, which the quota and the reaper would already treat as over.
     const updated = await client.query(
       `UPDATE broker.leases SET expires_at = $2, max_expires_at = $3, max_ttl = CASE WHEN $4 THEN $5::int ELSE max_ttl END
-        WHERE id = $1 RETURNING ${LEASE_COLUMNS}`,
+        WHERE id = $1 AND expires_at > pg_catalog.clock_timestamp() RETURNING ${LEASE_COLUMNS}`,
       [id, expiresAt, max, lowered, policy.max_ttl],
     );
+    if (updated.rows.length === 0) throw new Errors.LeaseEnded(`Lease ${id} expired while this renewal waited, and cannot be renewed`);
     await recordAudit(client, {
       type: 'lease.renewed', issuer: owner.issuer, subject: owner.subject, lease_id: id, policy: row.policy, username: row.username,
       request_id: ctx.requestId, client_ip: ctx.clientIp, detail: { ttl, expires_at: expiresAt.toISOString(), capped, ...(lowered ? { max_expires_at: max.toISOString(), max_ttl: policy.max_ttl } : {}) },
     });
     return { ...isoRow<Lease>(updated.rows[0]), capped };
   });
+}
+
+/**
+ * The lease row, locked for this renewal, if `owner` holds it. NOWAIT: a renewal never queues
+ * behind another renewal or a revocation of the same lease. Queued renewals each held a pooled
+ * connection, and their queue could keep a revocation from the row past its lock timeout.
+ */
+async function lockLease(client: pg.PoolClient, id: string, owner: Identity): Promise<Record<string, any>> {
+  const sql = `SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1`;
+  const mine = (row: Record<string, any> | undefined) => row && row.issuer === owner.issuer && row.subject === owner.subject;
+  try {
+    const { rows: [row] } = await client.query(`${sql} FOR UPDATE NOWAIT`, [id]);
+    if (!mine(row)) throw new Errors.LeaseNotFound();
+    return row;
+  } catch (err) {
+    if ((err as { code?: string }).code !== '55P03') throw err;
+  }
+  // Locked by someone: whose lease it is decides between 404 and busy, as it would unlocked. Read
+  // on this connection, after ending the transaction the refused lock aborted: another pooled
+  // connection may not be free, least of all while renewals crowd in.
+  await client.query('ROLLBACK');
+  const { rows: [row] } = await client.query(sql, [id]);
+  if (!mine(row)) throw new Errors.LeaseNotFound();
+  throw new Errors.DatabaseBusy(`Lease ${id} is being renewed or revoked by another request right now; retry shortly`);
+}
+
+// Only the broker changes an issued role, and only under its lease's row lock; a wait for the
+// role's row is someone else holding it, typically one of the role's own sessions in an open
+// transaction that altered the role. Waiting BROKER_LOCK_TIMEOUT for it would hold the lease row,
+// and a pooled connection, all that time.
+const ROLE_ROW_WAIT = '1s';
+
+async function extendRole(client: pg.PoolClient, id: string, username: string, expiresAt: Date, creator: string | null, endsAt: string): Promise<void> {
+  await client.query(
+    `SELECT pg_catalog.set_config('lock_timeout', CASE WHEN s::interval = '0' OR s::interval > $1::text::interval THEN $1::text ELSE s END, true)
+       FROM pg_catalog.current_setting('lock_timeout') AS t(s)`, [ROLE_ROW_WAIT]);
+  try {
+    await setValidUntil(client, username, expiresAt, creator);
+  } catch (err) {
+    // XX000 "tuple concurrently updated": the holder committed its change while this waited.
+    const { code, message } = err as { code?: string; message?: string };
+    if (code !== '55P03' && !(code === 'XX000' && /concurrently updated/.test(message ?? ''))) throw err;
+    throw new Errors.DatabaseBusy(`Lease ${id} was not renewed: another session holds its role's catalogue row (one of the role's own `
+      + `sessions, say, in an open transaction that altered the role); it still ends at ${endsAt}`);
+  }
 }
