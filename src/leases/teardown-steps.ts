@@ -5,6 +5,9 @@ import { isConnectionError, type DbTimeouts } from '../postgres/pool.js';
 // What every step of a teardown shares: the roles, each role's outcome, and how one step runs over
 // a batch of them.
 
+/** Runs statements as whoever ends a batch's roles (teardown.ts, runAs). */
+export type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
+
 export interface RoleToDrop {
   username: string;
   /** Where objects the role owns are reassigned, so a migration's tables outlive the lease. */

@@ -7,13 +7,11 @@ import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 import { handOverOwnedObjects } from './per-database-handover.js';
+import { startingLogins, terminateSessions } from './sessions.js';
 import {
-  describeError, serverGone, stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun,
+  describeError, serverGone, stepEach, TeardownResult, type RoleToDrop, type Run, type TeardownDeps, type TeardownRun,
 } from './teardown-steps.js';
 
-// Sessions get this long to exit after pg_terminate_backend; a role is never dropped while one
-// survives, because a session outlives DROP ROLE and could then no longer be found by name.
-const TERMINATE_WAIT_MS = 5000;
 // How long NOLOGIN may take before the broker looks for a session of its roles in its way (well
 // under the shortest lock timeout, 1 s), and how often it looks after that.
 const BLOCKER_WATCH_AFTER_MS = 200;
@@ -32,7 +30,6 @@ export function loginStillEnabled(error: string | null | undefined): boolean {
  * creator's function (creator-functions.ts), or, for a statement with bind parameters, which
  * the function cannot pass on, after SET LOCAL ROLE.
  */
-type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
 function runAs(deps: TeardownDeps, creator: string | null): Run {
   const { pool, pace } = deps;
   const viaFunction = async (sql: string) => {
@@ -74,8 +71,7 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
   const run: TeardownRun = { unreachable: null };
   // Every creator group's logins and sessions end before any group's slow part (lock waits in
   // REASSIGN OWNED, a large DROP OWNED) starts, so no ended lease's login outlives another's wait.
-  const loggedOut = new Map<string | null, RoleToDrop[]>();
-  for (const [creator, live] of await issuedByCreator(deps, roles, result)) loggedOut.set(creator, await endLogins(deps, creator, live, result, run));
+  const loggedOut = await endLogins(deps, await issuedByCreator(deps, roles, result), result, run);
   for (const [creator, live] of loggedOut) await dropRoles(deps, creator, live, result, run);
   return result;
 }
@@ -88,7 +84,7 @@ export async function teardownRoles(deps: TeardownDeps, roles: RoleToDrop[]): Pr
  */
 export async function disableLogins(deps: TeardownDeps, roles: RoleToDrop[], run: TeardownRun = { unreachable: null }): Promise<TeardownResult> {
   const result = new TeardownResult(roles.map((r) => [r.username, null]));
-  for (const [creator, live] of await issuedByCreator(deps, roles, result)) await endLogins(deps, creator, live, result, run);
+  await endLogins(deps, await issuedByCreator(deps, roles, result), result, run);
   return result;
 }
 
@@ -157,24 +153,41 @@ async function issuedByCreator(deps: TeardownDeps, roles: RoleToDrop[], result: 
   return byCreator;
 }
 
-/** NOLOGIN, then terminate the sessions; returns the roles both steps succeeded for. */
+/**
+ * NOLOGIN for every creator's roles, then their sessions terminated, those of logins still
+ * starting included (sessions.ts); returns, by creator, the roles both steps succeeded for.
+ */
 async function endLogins(
-  deps: TeardownDeps, creator: string | null, roles: IssuedRole[], result: TeardownResult, progress: TeardownRun,
-): Promise<RoleToDrop[]> {
-  const run = runAs(deps, creator);
-  // Login first, sessions second: otherwise a client could reconnect between the two steps.
-  // What an earlier attempt committed is not sent again: an ALTER ROLE waits for any open
-  // transaction that altered the role, such as an earlier attempt's handover that its client gave
-  // up on and the server still runs, and a retry that waited there would fail in this step and
-  // report a login as enabled that is long disabled.
-  const enabled = roles.filter((r) => r.canLogin).map((r) => r.role);
-  const members = new Set(roles.filter((r) => r.member).map((r) => r.role));
-  const passed = new Set([
-    ...roles.filter((r) => !r.canLogin).map((r) => r.role),
-    ...await stepEach(enabled, result, NOLOGIN_STEP, (batch) => noLogin(deps, run, creator, members, batch), progress),
-  ]);
-  const live = roles.map((r) => r.role).filter((r) => passed.has(r));
-  return stepEach(live, result, 'terminate sessions', async (batch) => void await terminateSessions(deps, run, creator, members, batch), progress);
+  deps: TeardownDeps, byCreator: Map<string | null, IssuedRole[]>, result: TeardownResult, progress: TeardownRun,
+): Promise<Map<string | null, RoleToDrop[]>> {
+  const loggedOut = new Map<string | null, { run: Run; members: Set<RoleToDrop>; live: RoleToDrop[] }>();
+  for (const [creator, roles] of byCreator) {
+    const run = runAs(deps, creator);
+    // Login first, sessions second: otherwise a client could reconnect between the two steps.
+    // What an earlier attempt committed is not sent again: an ALTER ROLE waits for any open
+    // transaction that altered the role, such as an earlier attempt's handover that its client gave
+    // up on and the server still runs, and a retry that waited there would fail in this step and
+    // report a login as enabled that is long disabled.
+    const enabled = roles.filter((r) => r.canLogin).map((r) => r.role);
+    const members = new Set(roles.filter((r) => r.member).map((r) => r.role));
+    const passed = new Set([
+      ...roles.filter((r) => !r.canLogin).map((r) => r.role),
+      ...await stepEach(enabled, result, NOLOGIN_STEP, (batch) => noLogin(deps, run, creator, members, batch), progress),
+    ]);
+    loggedOut.set(creator, { run, members, live: roles.map((r) => r.role).filter((r) => passed.has(r)) });
+  }
+  // Looked for once all NOLOGINs have committed, and before any session is looked for by name: a
+  // login that was starting then is either still starting, or shows its role by then.
+  const anyLive = [...loggedOut.values()].some((g) => g.live.length > 0);
+  const starting = anyLive && !progress.unreachable ? await startingLogins(deps.pool).catch((err: unknown) => err) : [];
+  const ended = new Map<string | null, RoleToDrop[]>();
+  for (const [creator, { run, members, live }] of loggedOut) {
+    ended.set(creator, await stepEach(live, result, 'terminate sessions', async (batch) => {
+      if (!Array.isArray(starting)) throw starting;
+      await terminateSessions(deps, run, creator, members, batch, starting);
+    }, progress));
+  }
+  return ended;
 }
 
 /**
@@ -229,44 +242,6 @@ async function blockedBySessionsOf(pool: pg.Pool, names: string[]): Promise<bool
 }
 
 /**
- * Ends the sessions of the roles in `batch` that have any; false when none had. `members`: the
- * roles whose membership the actor already holds (and, after this, the ones it took).
- */
-async function terminateSessions(deps: TeardownDeps, run: Run, creator: string | null, members: Set<RoleToDrop>, batch: RoleToDrop[]): Promise<boolean> {
-  // Looked up as the broker first: most ended roles have no session left, and for those no
-  // statement runs as the creator. Every SET ROLE after a membership change costs PostgreSQL
-  // 16+ a walk of every creator's memberships, and every GRANT one of the creator's; both grow
-  // with the live issued roles, and they had been most of a teardown's cost.
-  const withSessions = await sessionHolders(deps.pool, batch.map((r) => r.username));
-  const targets = batch.filter((r) => withSessions.has(r.username));
-  if (targets.length === 0) return false;
-  // Signalling a role's sessions needs its privileges, which nobody holds while it is live (a
-  // creator only has ADMIN OPTION on it, the broker on 15 nothing): whoever ends it takes the
-  // membership now, for the few statements left, so no membership graph walked by other
-  // statements ever holds every live role. (The handover takes it too: owned-objects.ts.)
-  const ungranted = targets.filter((r) => !members.has(r));
-  if (ungranted.length > 0) {
-    const names = ungranted.map((r) => escapeIdent(r.username)).join(', ');
-    await run(creator ? `GRANT ${names} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE` : `GRANT ${names} TO CURRENT_USER`);
-    for (const role of ungranted) members.add(role);
-  }
-  const targetNames = targets.map((r) => r.username);
-  // The call sits in a materialized select list: in a WHERE clause the planner may evaluate it
-  // before the usename filter, and it would then terminate every backend it can signal.
-  const { rows: signalled } = await run(
-    `WITH t AS MATERIALIZED (SELECT pid, pg_terminate_backend(pid, $2) AS ok FROM pg_stat_activity
-                              WHERE usename = ANY($1) AND pid <> pg_backend_pid())
-     SELECT ok FROM t`,
-    [targetNames, TERMINATE_WAIT_MS],
-  );
-  if (signalled.every((r) => r.ok)) return true;
-  // false also means the session ended by itself in the meantime: look again before failing.
-  const left = await sessionHolders(deps.pool, targetNames);
-  if (left.size > 0) throw new Error(`sessions of ${[...left].join(', ')} did not exit within ${TERMINATE_WAIT_MS} ms`);
-  return true;
-}
-
-/**
  * `err` (a lock wait that timed out), naming any prepared transaction of these roles: one holds
  * its locks with no session to end (max_prepared_transactions > 0), until someone who may runs
  * ROLLBACK PREPARED in its database.
@@ -280,13 +255,6 @@ async function withPreparedHolders(deps: TeardownDeps, batch: RoleToDrop[], err:
   if (rows.length === 0) return err;
   const held = rows.map((r) => `${r.owner}'s '${r.gid}' in ${r.database}`).join(', ');
   return Object.assign(err as object, { detail: `prepared transactions hold the role: ${held}; ROLLBACK PREPARED them as a superuser` });
-}
-
-/** The roles among `names` with a session other than this one (usename is visible to anyone). */
-async function sessionHolders(pool: pg.Pool, names: string[]): Promise<Set<string>> {
-  const { rows } = await pool.query<{ usename: string }>(
-    'SELECT DISTINCT usename FROM pg_stat_activity WHERE usename = ANY($1) AND pid <> pg_backend_pid()', [names]);
-  return new Set(rows.map((r) => r.usename));
 }
 
 /** What the logged-out roles own, in every database, then the roles themselves. */

@@ -1,0 +1,86 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
+import { api, connectAs, loginError, roleExists, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
+
+// A login that is still starting when its lease ends. PostgreSQL checks rolcanlogin early in a
+// backend's start-up (InitializeSessionUserId) but shows the backend under its role in
+// pg_stat_activity only at the end of it (pgstat_bestart, 15; pgstat_bestart_final, 18), and any
+// client may stretch the time between the two with post_auth_delay in its startup packet.
+const HANG_GUARD = { timeout: 60_000 };
+// Long enough that the revocation is over well before the held login would finish by itself.
+const HELD_SECONDS = 4;
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+  await b.putPolicy('race', { claims: { sub: 'race:*' } });
+});
+after(async () => b?.close());
+
+interface HeldLogin {
+  client: pg.Client;
+  /** null once logged in, else the error the login failed with. */
+  outcome: Promise<Error | null>;
+}
+
+/** Backends starting up in otherdb that already hold its pg_database lock. */
+async function heldInOtherdb(): Promise<number> {
+  const [{ n }] = await b.pg.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.objid
+      WHERE l.locktype = 'object' AND l.classid = 'pg_database'::regclass AND l.granted AND d.datname = 'otherdb'`);
+  return n;
+}
+
+/**
+ * Starts logins as `creds` that the server holds past the role check for HELD_SECONDS; resolves
+ * once all are held there. Into otherdb, which nothing else here connects to: a backend takes its
+ * database's lock after the role check and keeps it until its start-up is over, so that lock
+ * shows the login passed the check.
+ */
+async function heldLogins(creds: Array<{ username: string; password: string }>): Promise<HeldLogin[]> {
+  const logins = creds.map((cred) => {
+    const client = new pg.Client({
+      host: b.pg.host, port: b.pg.port, user: cred.username, password: cred.password, database: 'otherdb',
+      options: `-c post_auth_delay=${HELD_SECONDS}`,
+    });
+    client.on('error', () => undefined);
+    return { client, outcome: client.connect().then(() => null, (err: Error) => err) };
+  });
+  await waitFor('the logins to pass the role check', async () => (await heldInOtherdb()) === creds.length);
+  return logins;
+}
+
+/** Whether a login came through and still answers a query. */
+async function answers(login: HeldLogin): Promise<boolean> {
+  if (await login.outcome) return false;
+  return login.client.query('SELECT 1').then(() => true, () => false);
+}
+
+describe('a login still starting when its lease is revoked', () => {
+  test('is ended with the role; a held login of another lease is left to finish', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'race:victim' });
+    const cred = (await b.issue(token)).body;
+    const bystander = (await b.issue(await b.token({ sub: 'race:bystander' }))).body;
+    // The credential works, as does the held login the same way, when nothing is revoked.
+    const plain = await connectAs(b.pg, cred);
+    assert.equal((await plain.query('SELECT count(*)::int AS n FROM public.widgets')).rows[0].n, 3);
+    await plain.end();
+
+    const [held, other] = await heldLogins([cred, bystander]);
+    try {
+      const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+      assert.equal(revoked.body.state, 'revoked');
+      assert.equal(await roleExists(b.pg, cred.username), false);
+      assert.equal(await answers(held), false, 'the held login finished after the revocation, logged in as a dropped role');
+      assert.equal(await loginError(b.pg, cred), '28P01');
+
+      assert.equal(await other.outcome, null, 'the other lease\'s held login comes through');
+      assert.equal((await other.client.query('SELECT current_user AS u')).rows[0].u, bystander.username);
+    } finally {
+      await held.client.end().catch(() => undefined);
+      await other.client.end().catch(() => undefined);
+    }
+  });
+});
