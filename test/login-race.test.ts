@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { api, connectAs, loginError, roleExists, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
+import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker } from './helpers/broker.js';
 
 // A login that is still starting when its lease ends. PostgreSQL checks rolcanlogin early in a
 // backend's start-up (InitializeSessionUserId) but shows the backend under its role in
@@ -81,6 +81,22 @@ describe('a login still starting when its lease is revoked', () => {
     } finally {
       await held.client.end().catch(() => undefined);
       await other.client.end().catch(() => undefined);
+    }
+  });
+
+  test('whose lease expires is ended by the reaper with the role', HANG_GUARD, async () => {
+    const cred = (await b.issue(await b.token({ sub: 'race:expiring' }), { ttl: 2 })).body;
+    assert.ok(cred.username, JSON.stringify(cred));
+    const [held] = await heldLogins([cred]);
+    try {
+      await untilPast(cred.expires_at);
+      const stats = await b.reaper.reap();
+      assert.equal(stats.failed, 0, JSON.stringify(stats));
+      assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'expired');
+      assert.equal(await roleExists(b.pg, cred.username), false);
+      assert.equal(await answers(held), false, 'the held login finished after the reaper dropped its role');
+    } finally {
+      await held.client.end().catch(() => undefined);
     }
   });
 });
