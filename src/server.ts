@@ -160,12 +160,19 @@ export async function startBroker(
 
 /** `pg-broker serve`: run until SIGINT/SIGTERM, then drain requests and the reaper. */
 export async function serve(config: Config): Promise<void> {
-  const broker = await startBroker(config, { metrics: new Metrics(true), waitForDatabase: true });
-  broker.app.log.info({ url: broker.url }, 'pg-credential-broker listening');
+  const logger = createLogger(config.logLevel);
+  let broker: RunningBroker | undefined;
   let closing = false;
   const shutdown = async (signal: string) => {
     if (closing) return;
     closing = true;
+    if (!broker) {
+      // Still waiting for PostgreSQL, or migrating (whose transaction rolls back with its
+      // connection): nothing to drain. Handled at all because as PID 1, in a container, a signal
+      // with no handler is ignored, and the stop would wait for its SIGKILL.
+      logger.info({ signal }, 'shutting down before start-up finished');
+      process.exit(0);
+    }
     broker.app.log.info({ signal }, 'shutting down');
     const force = setTimeout(() => process.exit(1), 15_000);
     force.unref();
@@ -179,4 +186,6 @@ export async function serve(config: Config): Promise<void> {
   };
   process.on('SIGINT', () => void shutdown('SIGINT'));
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
+  broker = await startBroker(config, { logger, metrics: new Metrics(true), waitForDatabase: true });
+  broker.app.log.info({ url: broker.url }, 'pg-credential-broker listening');
 }

@@ -79,6 +79,16 @@ describe('plain-http key sources', () => {
   });
 });
 
+describe('a stop while PostgreSQL is not reachable yet', () => {
+  test('SIGTERM ends the wait with exit 0 and a log line, as PID 1 in a container ignores a signal with no handler', async () => {
+    const broker = await spawnWaiting({ DATABASE_URL: await unreachableDatabaseUrl(), BROKER_ISSUERS: 'https://issuer.example' });
+    await waitFor('the first retry', async () => broker.logged('PostgreSQL is not reachable yet; retrying').length > 0 || null);
+    // Without a handler Node dies of the signal itself (code null), and as PID 1 would not at all.
+    assert.deepEqual(await broker.kill('SIGTERM'), { code: 0, signal: null });
+    assert.deepEqual(broker.logged('shutting down before start-up finished').map((l) => l.signal), ['SIGTERM']);
+  });
+});
+
 describe('HOST', () => {
   test('a HOST that is no address or host name stops start-up before the database is tried', async () => {
     const run = await serveToExit({ DATABASE_URL: await unreachableDatabaseUrl(), BROKER_ISSUERS: 'https://issuer.example', HOST: 'not a host' });
