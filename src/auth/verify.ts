@@ -77,6 +77,29 @@ function describeVerifyError(err: unknown): string {
   return 'token could not be verified';
 }
 
+/** An issuer URL as an operator might have meant it: no trailing slash, default port or case. */
+function looseIssuer(issuer: string): string | null {
+  try {
+    const url = new URL(issuer);
+    return `${url.protocol}//${url.host}${url.pathname.replace(/\/+$/, '')}`.toLowerCase();
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The refusal of a token whose iss is not allowed. Issuers are compared exactly, as OIDC requires,
+ * so one listed with a trailing slash, another letter case or an explicit default port refuses
+ * every token of the issuer while the broker looks healthy; such a near miss is named, so the
+ * operator reading the 401 or the audit event knows what to fix. Nothing is fetched for it.
+ */
+export function issuerRefusal(iss: unknown, allowed: string[]): string {
+  const loose = typeof iss === 'string' && iss.length <= 2048 ? looseIssuer(iss) : null;
+  if (loose === null || !allowed.some((a) => looseIssuer(a) === loose)) return 'token issuer is not allowed';
+  return 'token issuer is not allowed: it differs from an issuer in BROKER_ISSUERS only by a trailing slash, letter case or a default port, '
+    + 'and issuers must match the token\'s iss exactly';
+}
+
 export class TokenRejected extends Error {
   constructor(readonly description: string) {
     super(description);
@@ -97,7 +120,7 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     secret: async (_request: FastifyRequest, token: unknown) => {
       const { header, payload } = token as { header: Record<string, unknown>; payload: Record<string, unknown> };
       if (typeof header?.alg !== 'string' || !ALLOWED_ALGORITHMS.includes(header.alg)) throw new KeyLookupError('token algorithm is not allowed');
-      if (!resolver.isAllowed(payload?.iss)) throw new KeyLookupError('token issuer is not allowed');
+      if (!resolver.isAllowed(payload?.iss)) throw new KeyLookupError(issuerRefusal(payload?.iss, config.issuers.map((i) => i.issuer)));
       if (typeof header.kid !== 'string' || header.kid.length === 0 || header.kid.length > 256) throw new KeyLookupError('token header has no usable kid');
       return resolver.publicKeyPem(payload.iss, header.kid, header.alg);
     },
