@@ -6,6 +6,7 @@ import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type T
 import { AUDIT_FILTERS, LEASE_FILTERS } from './filters.js';
 import { cell, printListing, type ListingOptions } from './listing.js';
 import { printLines } from './output.js';
+import { maxWaitSeconds, RateLimitPacer } from './rate-limit.js';
 
 export interface AdminOptions extends TokenOptions {
   url?: string;
@@ -15,12 +16,14 @@ export async function session(opts: AdminOptions): Promise<{ base: string; token
   return { base: brokerUrl(opts.url), token: await obtainToken(opts) };
 }
 
+/** Every policy, page by page, waiting out the broker's rate limit as a listing's --all does. */
 export async function allPolicies(base: string, token: string): Promise<PolicyBody[]> {
+  const pacer = new RateLimitPacer(maxWaitSeconds());
   const out: PolicyBody[] = [];
   let cursor: string | null = null;
   do {
     const query: string = cursor ? `?limit=1000&cursor=${encodeURIComponent(cursor)}` : '?limit=1000';
-    const { body } = await callBroker<{ items: PolicyBody[]; next_cursor: string | null }>(base, token, 'GET', `/policies${query}`);
+    const body: { items: PolicyBody[]; next_cursor: string | null } = await pacer.get(base, token, `/policies${query}`);
     out.push(...body.items);
     cursor = body.next_cursor;
   } while (cursor);

@@ -4,8 +4,11 @@ import { isIPv4 } from 'node:net';
 
 /** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
 export class CliError extends Error {
-  /** `status` and `code`: the broker's HTTP status and problem code, when it answered with an error. */
-  constructor(message: string, readonly exitCode = 1, readonly status?: number, readonly code?: string) {
+  /**
+   * `status` and `code`: the broker's HTTP status and problem code, when it answered with an error;
+   * `retryAfterSeconds`: how long its Retry-After header said to wait, when it sent a readable one.
+   */
+  constructor(message: string, readonly exitCode = 1, readonly status?: number, readonly code?: string, readonly retryAfterSeconds?: number) {
     super(message);
     this.name = 'CliError';
   }
@@ -178,6 +181,16 @@ export function undiciTimedOut(err: unknown): boolean {
   return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
 }
 
+/** Retry-After as whole seconds from now: delta-seconds, or an HTTP date (RFC 9110); undefined when unreadable. */
+export function retryAfterSeconds(header: string | null, now = Date.now()): number | undefined {
+  if (header === null) return undefined;
+  const value = header.trim();
+  if (/^\d+$/.test(value)) return Number(value);
+  // Date.parse takes nearly anything ("-5" is a year); an HTTP date ends in GMT.
+  const at = /GMT$/.test(value) ? Date.parse(value) : NaN;
+  return Number.isNaN(at) ? undefined : Math.max(0, Math.ceil((at - now) / 1000));
+}
+
 /** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
 export async function callBroker<T = any>(
   base: string, token: string, method: string, path: string, body?: unknown, timeoutMs = CALL_TIMEOUT_MS,
@@ -212,7 +225,8 @@ export async function callBroker<T = any>(
   }
   if (res.status >= 400) {
     const problem = parsed as { detail?: string; code?: string } | null;
-    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status, problem?.code);
+    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status, problem?.code,
+      retryAfterSeconds(res.headers.get('retry-after')));
   }
   // Whatever else answers at a wrong --url (a web server, a proxy's login page) says 200 too; its
   // page must not be taken for the broker's answer, let alone printed as a credential.

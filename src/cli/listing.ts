@@ -1,7 +1,8 @@
 import { Option, type Command } from 'commander';
-import { callBroker, CliError, DEFAULT_BROKER_URL } from './client.js';
+import { CliError, DEFAULT_BROKER_URL } from './client.js';
 import { shellQuote } from './formats.js';
 import { printLines } from './output.js';
+import { maxWaitSeconds, RateLimitedOut, RateLimitPacer } from './rate-limit.js';
 
 /**
  * A filter option of a listing. Its query parameter is its name in snake case (`--lease-id` sends
@@ -33,8 +34,8 @@ export function addListingOptions(cmd: Command, filters: readonly Filter[]): Com
   for (const f of filters) cmd.option(f.flags, f.description);
   return cmd
     .option('--limit <n>', 'at most this many per page (1–1000; the broker\'s default is 100); with --all, per call')
-    .addOption(new Option('--cursor <cursor>', 'the page after the one that printed this cursor').conflicts('all'))
-    .option('--all', 'follow the pages to the end and print them all')
+    .option('--cursor <cursor>', 'the page after the one that printed this cursor; with --all, every page from there on')
+    .option('--all', 'follow the pages to the end and print them all; waits out the broker\'s rate limit (429) as it asks')
     .option('--json', 'JSON output: the page as the broker sends it ({"items": […], "next_cursor": …}); with --all, one document of them all');
 }
 
@@ -105,14 +106,23 @@ export async function printListing<T>(
 ): Promise<void> {
   const query = listingQuery(cmd, filters);
   if (opts.all && !query.has('limit')) query.set('limit', ALL_PAGE_SIZE);
+  const pacer = new RateLimitPacer(maxWaitSeconds());
   const kept: T[] = [];
   const seen = new Set<string>();
   let count = 0;
+  let pages = 0;
   let next: string | null;
   do {
-    const { body } = await callBroker<Page<T>>(base, token, 'GET', String(query) ? `${path}?${query}` : path);
+    let body: Page<T>;
+    try {
+      body = await pacer.get<Page<T>>(base, token, String(query) ? `${path}?${query}` : path);
+    } catch (err) {
+      if (err instanceof RateLimitedOut) throw new CliError(`${err.message}; ${stoppedAt(cmd, base, opts, query.get('cursor'), pages, count, noun)}`, 1, 429, err.code);
+      throw err;
+    }
     next = body.next_cursor;
     count += body.items.length;
+    pages += 1;
     if (opts.json && !opts.all) {
       await printLines([JSON.stringify(body, null, 2)]);
     } else if (opts.json) {
@@ -132,4 +142,16 @@ export async function printListing<T>(
   if (next && !opts.all) process.stderr.write(`(more: ${nextPageCommand(cmd, next, base)})\n`);
   // On stderr, so a script reading the rows gets none; a person is told the filters matched nothing.
   else if (count === 0 && !opts.json) process.stderr.write(`no ${noun} match\n`);
+}
+
+/**
+ * What a listing that gave up had written, and how to go on from the page it could not get: the
+ * rows already on stdout stay there, so the resumed command appends (>>) rather than repeats them.
+ */
+function stoppedAt(cmd: Command, base: string, opts: ListingOptions, cursor: string | null, pages: number, count: number, noun: string): string {
+  const read = `${pages} ${pages === 1 ? 'page' : 'pages'} (${count} ${noun})`;
+  // The document is printed only once whole: a part of it would read as all there is.
+  if (opts.json && opts.all) return `nothing was written (${read} read): with --json --all the document is printed only once whole; run the command again later`;
+  if (pages === 0) return 'nothing was written; run the command again later';
+  return `${read} written; to resume from there: ${nextPageCommand(cmd, cursor!, base)}`;
 }

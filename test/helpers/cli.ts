@@ -29,13 +29,14 @@ export function nextPageHint(stderr: string): string | undefined {
   return /^\(more: (.*)\)$/m.exec(stderr)?.[1];
 }
 
-export async function startCliBench(tmpPrefix: string): Promise<CliBench> {
+/** `cliTimeoutMs`: how long one CLI run may take before it is killed (60 s unless a test waits longer on purpose). */
+export async function startCliBench(tmpPrefix: string, opts: { cliTimeoutMs?: number } = {}): Promise<CliBench> {
   const b = await startTestBroker();
   const url = await b.app.listen({ host: '127.0.0.1', port: 0 });
   const home = await mkdtemp(path.join(os.tmpdir(), tmpPrefix));
   await b.putPolicy('cli', { claims: { sub: 'cli:*' }, default_ttl: 120, max_ttl: 600, max_active_leases: 50 });
   const run = (file: string, args: string[], env: Record<string, string>) => new Promise<CliRun>((resolve) => {
-    execFile(file, args, { env: { PATH: process.env.PATH!, HOME: home, PG_BROKER_URL: url, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
+    execFile(file, args, { env: { PATH: process.env.PATH!, HOME: home, PG_BROKER_URL: url, ...env }, timeout: opts.cliTimeoutMs ?? 60_000 }, (err, stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
     });
   });
