@@ -133,6 +133,30 @@ describe('pg-broker refuses unclear input with a clear error', () => {
     assert.equal(written.code, 0, written.stderr);
     assert.match(JSON.parse(written.stdout).username, /^lease_cli_projected_/);
   });
+  test('a token given where the token file goes is not repeated in the error, which points to --token; a path that cannot be read is named', async () => {
+    const token = await b.token({ sub: 'cli:mistaken' });
+    const refusals = [
+      [['creds', '--token-file', token], {}, /^pg-broker: --token-file got what looks like a token, not a path \(not repeated here; reading it as a file failed: E[A-Z]+\); pass the token itself in --token, or better \$PG_BROKER_TOKEN/],
+      [['creds', '--token-file', `Bearer ${token}`], {}, /^pg-broker: --token-file got what looks like a token/],
+      [['creds'], { PG_BROKER_TOKEN_FILE: token }, /^pg-broker: PG_BROKER_TOKEN_FILE got what looks like a token, not a path .*; pass the token itself in \$PG_BROKER_TOKEN\n$/],
+      // No JWT, but longer than a path: whatever secret it is, it stays out of the log too.
+      [['creds', '--token-file', 'k'.repeat(600)], {}, /^pg-broker: --token-file got what looks like a token, not a path \(not repeated here; reading it as a file failed: ENAMETOOLONG\)/],
+    ] as const;
+    for (const [args, env, message] of refusals) {
+      const run = await cli([...args], env);
+      assert.equal(run.code, 1, run.stderr);
+      assert.match(run.stderr, message);
+      assert.ok(!run.stderr.includes(token.split('.')[2]) && !run.stderr.includes('k'.repeat(40)), run.stderr);
+    }
+    // A path, even one named like a token, is repeated: which file is the whole point of the error.
+    const missing = path.join(tmp, 'no-such-dir', 'ci.token.jwt');
+    const run = await cli(['creds', '--token-file', missing]);
+    assert.equal(run.stderr, `pg-broker: cannot read token file ${missing}: ENOENT\n`);
+    // The good input, where the error points.
+    const fromEnv = await cli(['creds', '--format', 'json'], { PG_BROKER_TOKEN: token });
+    assert.equal(fromEnv.code, 0, fromEnv.stderr);
+    assert.match(JSON.parse(fromEnv.stdout).username, /^lease_cli_mistaken_/);
+  });
   test('a token no policy admits gets the command that explains why, and that command does', async () => {
     const denied = await b.token({ sub: 'nobody:here' });
     const hint = '; with the CLI: pg-broker policy evaluate (with the same token and broker)\n';

@@ -38,7 +38,7 @@ async function tokenFromSources(opts: TokenOptions, env: Env): Promise<{ token: 
   if (opts.token) return { token: opts.token.trim(), source: '--token' };
   if (opts.tokenFile === undefined && env.PG_BROKER_TOKEN !== undefined) return { token: setVariable(env, 'PG_BROKER_TOKEN'), source: 'PG_BROKER_TOKEN' };
   const file = opts.tokenFile ?? (env.PG_BROKER_TOKEN_FILE === undefined ? undefined : setVariable(env, 'PG_BROKER_TOKEN_FILE'));
-  if (file) return { token: await readTokenFile(file), source: `token file ${file}` };
+  if (file) return { token: await readTokenFile(file, opts.tokenFile === undefined ? 'PG_BROKER_TOKEN_FILE' : '--token-file'), source: `token file ${file}` };
   if (env.ACTIONS_ID_TOKEN_REQUEST_URL && env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
     const token = await githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
     return { token: token.trim(), source: 'the GitHub Actions token' };
@@ -64,15 +64,33 @@ export function bareToken(token: string, source: string): string {
 }
 
 /**
- * An empty file is named as such: sent on, it came back as "not a bearer token", which hides the
- * usual cause, a projected token the kubelet has not written yet.
+ * What no path is: a JWT (three base64url segments, the first a JSON header, so "eyJ…"), or longer
+ * than any path given in practice. Mostly the token itself, passed as the file by mistake. The
+ * header is required so that a file name such as `ci.token.jwt` is still repeated.
  */
-async function readTokenFile(file: string): Promise<string> {
+export function looksLikeToken(value: string): boolean {
+  return value.length > 512 || /^(?:bearer\s+)?eyJ[\w-]*\.[\w-]+\.[\w-]*$/i.test(value.trim());
+}
+
+/**
+ * An empty file is named as such: sent on, it came back as "not a bearer token", which hides the
+ * usual cause, a projected token the kubelet has not written yet. `source` is where the path came
+ * from (--token-file, PG_BROKER_TOKEN_FILE), named when what it gave cannot be repeated.
+ */
+async function readTokenFile(file: string, source?: string): Promise<string> {
   let token: string;
   try {
     token = (await readFile(file, 'utf8')).trim();
   } catch (err) {
-    throw new CliError(`cannot read token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    const code = (err as NodeJS.ErrnoException).code;
+    // Repeated, the token would land on the terminal and in the CI log that error is written to
+    // (fs's own message quotes the path, so only its code is given).
+    if (source && looksLikeToken(file)) {
+      const why = code ?? 'unreadable';
+      const instead = source === '--token-file' ? '--token, or better $PG_BROKER_TOKEN (--token shows in the process list)' : '$PG_BROKER_TOKEN';
+      throw new CliError(`${source} got what looks like a token, not a path (not repeated here; reading it as a file failed: ${why}); pass the token itself in ${instead}`);
+    }
+    throw new CliError(`cannot read token file ${file}: ${code ?? (err as Error).message}`);
   }
   if (!token) throw new CliError(`token file ${file} is empty`);
   return token;
