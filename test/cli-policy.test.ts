@@ -89,6 +89,26 @@ ${extra}`;
     assert.match(locked.stderr, /policy file-e: connection_limit 0 would issue credentials that can never log in/);
   });
 
+  test('--dry-run prints the per-policy lines the apply then prints, = unchanged included, in the same order, marked as a dry run', async () => {
+    const admin = await b.adminToken();
+    const file = path.join(tmp, 'dry.yaml');
+    const policy = (name: string, maxTtl: number) => `  ${name}:\n    issuer: ${b.issuer.issuer}\n    claims: { sub: "${name}:*" }\n`
+      + `    grant_role: app_readers\n    database: ${b.pg.database}\n    max_ttl: ${maxTtl}\n`;
+    await writeFile(file, `policies:\n${policy('dry-a', 1200)}${policy('dry-b', 1200)}`);
+    const first = await cli(['policy', 'apply', '-f', file, '--token', admin]);
+    assert.equal(first.code, 0, first.stderr);
+    await writeFile(file, `policies:\n${policy('dry-a', 1200)}${policy('dry-b', 1800)}${policy('dry-c', 1200)}`);
+    const dry = (await cli(['policy', 'apply', '-f', file, '--dry-run', '--token', admin])).stdout.trim().split('\n');
+    assert.deepEqual(dry.slice(0, 3), ['= unchanged dry-a', '~ update dry-b (max_ttl)', '+ create dry-c']);
+    assert.match(dry[3], /^\(dry run: nothing applied; 1 to create, 1 to update, 0 to delete, 1 unchanged\. .*apply may still refuse some\.\)$/);
+    assert.equal(dry.length, 4);
+    assert.ok(!(await policyNames()).includes('dry-c'), 'nothing applied');
+    const real = (await cli(['policy', 'apply', '-f', file, '--token', admin])).stdout.trim().split('\n');
+    assert.deepEqual(real.slice(0, 3), dry.slice(0, 3).map((line) => line.replace(/^([+~]) (create|update) /, '$1 $2d ')));
+    // With nothing to change, it still accounts for every policy in the file.
+    const idle = await cli(['policy', 'apply', '-f', file, '--dry-run', '--token', admin]);
+    assert.equal(idle.stdout, '= unchanged dry-a\n= unchanged dry-b\n= unchanged dry-c\nno changes (3 unchanged; dry run: nothing applied)\n');
+  });
   test('a "policies" that is missing, empty or not a map or list is refused before anything is deleted; an explicit empty map prunes all', async () => {
     const admin = await b.adminToken();
     await b.putPolicy('keep-me', { claims: { sub: 'keep:*' } });

@@ -10,7 +10,7 @@ export function addAdminCommands(program: Command): void {
     .description('create and update policies from a YAML/JSON file')
     .requiredOption('-f, --file <file>', 'policies file')
     .option('--prune', 'delete policies that are not in the file')
-    .option('--dry-run', 'print the changes without applying them; checks the file, not the broker\'s own rules (issuer allowed, grant_role safe, database exists)')
+    .option('--dry-run', 'print what apply would do, policy by policy (unchanged ones too), without applying it; checks the file, not the broker\'s own rules (issuer allowed, grant_role safe, database exists)')
     .addHelpText('after', example('pg-broker policy apply -f policies.yaml --dry-run\npg-broker policy apply -f policies.yaml --prune')
       + '\nEvery policy in the file is tried, and each line says what the broker answered. When any fails, the exit\n'
       + 'code is 1 and --prune deletes nothing. A file must name its policies: "policies: {}" is the one way to\n'

@@ -29,7 +29,7 @@ export async function policyApply(opts: PolicyApplyOptions): Promise<void> {
   const wanted = await readPolicyFile(opts.file);
   const { base, token } = await session(opts);
   const plan = planPolicies(wanted, await allPolicies(base, token), opts.prune ?? false);
-  if (opts.dryRun) return printDryRun(plan);
+  if (opts.dryRun) return printDryRun([...wanted.keys()], plan);
 
   const outcome: Outcome = { failed: [], counts: { created: 0, updated: 0, deleted: 0, unchanged: 0 } };
   const unchanged = new Set(plan.unchanged);
@@ -95,15 +95,27 @@ export async function policyApply(opts: PolicyApplyOptions): Promise<void> {
   }
 }
 
-function printDryRun(plan: PolicyPlan): void {
-  const lines = [
-    ...plan.create.map((n) => `+ create ${n}`),
-    ...plan.update.map((u) => `~ update ${u.name} (${u.fields.join(', ')})`),
-    ...plan.delete.map((n) => `- delete ${n}`),
-  ];
-  if (lines.length === 0) return void console.log(`no changes (${plan.unchanged.length} unchanged)`);
+/**
+ * The lines a real apply would print, in its order (the file's, then the deletions), with the
+ * verbs of what would be done; an unchanged policy is listed as apply lists it, so the dry run
+ * accounts for every policy in the file.
+ */
+function printDryRun(names: string[], plan: PolicyPlan): void {
+  const created = new Set(plan.create);
+  const updates = new Map(plan.update.map((u) => [u.name, u.fields]));
+  const lines = names.map((name) => {
+    if (created.has(name)) return `+ create ${name}`;
+    const fields = updates.get(name);
+    return fields ? `~ update ${name} (${fields.join(', ')})` : `= unchanged ${name}`;
+  });
+  lines.push(...plan.delete.map((n) => `- delete ${n}`));
+  const unchanged = plan.unchanged.length;
+  if (plan.create.length + plan.update.length + plan.delete.length === 0) {
+    lines.push(`no changes (${unchanged} unchanged; dry run: nothing applied)`);
+  } else {
+    // The broker's own checks run only on a real PUT: a dry run must not read as if they passed.
+    lines.push(`(dry run: nothing applied; ${plan.create.length} to create, ${plan.update.length} to update, ${plan.delete.length} to delete, ${unchanged} unchanged. `
+      + 'Only the file was checked: whether the issuer is allowed, grant_role is a safe group and the database exists is checked by the broker when applying, so apply may still refuse some.)');
+  }
   console.log(lines.join('\n'));
-  // The broker's own checks run only on a real PUT: a dry run must not read as if they passed.
-  console.log(`(dry run: nothing applied, ${plan.unchanged.length} unchanged. Only the file was checked: whether the issuer is allowed, `
-    + 'grant_role is a safe group and the database exists is checked by the broker when applying, so apply may still refuse some.)');
 }
