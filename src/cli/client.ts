@@ -43,8 +43,34 @@ async function tokenFromSources(opts: TokenOptions, env: Env): Promise<{ token: 
     const token = await githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
     return { token: token.trim(), source: 'the GitHub Actions token' };
   }
-  if (existsSync(KUBERNETES_TOKEN_FILE)) return { token: await readTokenFile(KUBERNETES_TOKEN_FILE), source: `token file ${KUBERNETES_TOKEN_FILE}` };
+  if (existsSync(KUBERNETES_TOKEN_FILE)) {
+    const token = await readTokenFile(KUBERNETES_TOKEN_FILE);
+    refuseOtherAudience(token, opts.audience ?? 'pg-broker');
+    return { token, source: `token file ${KUBERNETES_TOKEN_FILE}` };
+  }
   throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN, or run in GitHub Actions with "permissions: id-token: write"');
+}
+
+/**
+ * The automounted service-account token is the pod's key to the Kubernetes API (its audience is
+ * the API server's). Sent to the broker, it would be refused for its audience, after the broker
+ * (and anything on the way, over plain http) had seen it. It is used only when it names the
+ * broker's audience, as a projected token can; the payload is read, not verified: the broker
+ * verifies it.
+ */
+export function refuseOtherAudience(token: string, audience: string): void {
+  let aud: unknown;
+  try {
+    aud = JSON.parse(Buffer.from(token.trim().split('.')[1] ?? '', 'base64url').toString('utf8')).aud;
+  } catch {
+    aud = undefined;
+  }
+  const audiences = (Array.isArray(aud) ? aud : [aud]).filter((a): a is string => typeof a === 'string');
+  if (audiences.includes(audience)) return;
+  throw new CliError(`no token given, and the Kubernetes service-account token at ${KUBERNETES_TOKEN_FILE} is not for the broker `
+    + `(its audience: ${audiences.length > 0 ? audiences.map((a) => JSON.stringify(a)).join(', ') : 'none readable'}; the broker's: "${audience}"), `
+    + 'so it is not sent: it is the pod\'s key to the Kubernetes API. Mount a projected token with audience '
+    + `"${audience}" and pass --token-file (examples/kubernetes), or --audience if your broker expects another`);
 }
 
 /**
