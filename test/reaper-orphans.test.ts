@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { reapOrphans } from '../src/reaper/orphans.js';
+import { reapOrphans, recordOrphansDropped } from '../src/reaper/orphans.js';
 import { connectAs, loginError, roleExists, startReplicas, waitFor, type TestBroker } from './helpers/broker.js';
 
 // Managed roles without a lease, found and dropped by the reaper: split from reaper.test.ts, with
@@ -89,5 +89,15 @@ describe('orphans', () => {
     assert.ok([...b1.logs, ...b2.logs].some((l) => l.includes('a0_orphan_stuck') && l.includes('retry_in_seconds')), 'the failure is logged with its rest');
     await su('DROP TABLE public.stuck', 'orphan_sealed');
     await su('DROP ROLE a0_orphan_stuck');
+  });
+
+  test('two sweeps reporting the same dropped orphan at once (a leader that lost its lock mid-run, and the next) record one event', async () => {
+    const dropped = [{ rolname: 'orphan_twice', reassign_to: 'app_readers' }, { rolname: 'orphan_once', reassign_to: null }];
+    await Promise.all([recordOrphansDropped(b1.app.db, dropped), recordOrphansDropped(b2.app.db, dropped.slice(0, 1))]);
+    await recordOrphansDropped(b2.app.db, dropped.slice(0, 1));
+    const rows = await b1.pg.query<{ username: string; n: number }>(
+      `SELECT username, count(*)::int AS n FROM broker.audit_events WHERE type = 'role.orphan_dropped' AND username IN ('orphan_twice', 'orphan_once')
+        GROUP BY username ORDER BY username`);
+    assert.deepEqual(rows.map((r) => [r.username, r.n]), [['orphan_once', 1], ['orphan_twice', 1]]);
   });
 });

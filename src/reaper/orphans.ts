@@ -1,8 +1,9 @@
+import type pg from 'pg';
 import { auditJson, insertAuditFromJson } from '../audit/repository.js';
 import { eligibleGroupSql } from '../leases/owned-objects.js';
 import { teardownRoles } from '../leases/teardown.js';
 import { claimMarker } from '../postgres/marker.js';
-import { isConnectionError } from '../postgres/pool.js';
+import { isConnectionError, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import type { FinishDeps } from '../leases/revoke.js';
 
@@ -90,11 +91,25 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
     deps.log.warn({ username: r.rolname, error: outcome.get(r.rolname), retry_in_seconds: restSeconds }, 'could not drop orphaned managed role');
   }
   if (dropped.length > 0) {
-    await deps.pool.query(insertAuditFromJson(1), [
-      auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } }))),
-    ]);
+    await recordOrphansDropped(deps.pool, dropped);
     deps.metrics?.orphans.inc(dropped.length);
     deps.log.info({ count: dropped.length }, 'dropped orphaned managed roles');
   }
   return dropped.length;
+}
+
+/**
+ * One role.orphan_dropped event per role. A role already gone counts as done in teardownRoles, so
+ * two sweeps at once (a leader that lost its lock mid-run, and the next) both report it; whoever
+ * writes second finds the first's event, under a lock so that its check runs after that commit.
+ * Only recent events count: a role made again later under the same name is another orphan.
+ */
+export async function recordOrphansDropped(pool: pg.Pool, dropped: Array<{ rolname: string; reassign_to: string | null }>): Promise<void> {
+  await withTransaction(pool, async (client) => {
+    await client.query(`SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0))`);
+    await client.query(insertAuditFromJson(1, `NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
+                                                             AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`), [
+      auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } }))),
+    ]);
+  });
 }
