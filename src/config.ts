@@ -256,3 +256,15 @@ export function plainHttpKeySources(config: Config): Array<{ entry: number; fiel
 export function audienceFor(config: Config, issuer: string): string {
   return config.issuers.find((i) => i.issuer === issuer)?.audience ?? config.audience;
 }
+
+/**
+ * Audiences that read like a list ("pg-broker, sts.amazonaws.com"): each is one audience, matched
+ * whole against the token's aud, so such a value refuses every token, while BROKER_ISSUERS, right
+ * beside it, does take a comma-separated list. Warned about at start-up, not refused: a comma is
+ * legal in an audience.
+ */
+export function listLikeAudiences(config: Config): Array<{ variable: string; audience: string }> {
+  const entries = [{ variable: 'BROKER_AUDIENCE', audience: config.audience }, ...config.issuers.flatMap((i, n) =>
+    i.audience === undefined ? [] : [{ variable: `BROKER_ISSUERS entry ${n + 1}`, audience: i.audience }])];
+  return entries.filter((e) => e.audience.includes(','));
+}

@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import Fastify from 'fastify';
 import pg from 'pg';
 import { buildApp, type BuildOptions } from './app.js';
-import { plainHttpKeySources, type Config } from './config.js';
+import { listLikeAudiences, plainHttpKeySources, type Config } from './config.js';
 import { describeDatabase } from './database-url.js';
 import { createLogger } from './logger.js';
 import { Metrics } from './metrics.js';
@@ -101,6 +101,10 @@ export async function startBroker(
   // Before anything that can wait or fail, so the warning is seen on every start.
   for (const { entry, field, origin } of plainHttpKeySources(config)) {
     logger.warn({ variable: 'BROKER_ISSUERS', entry, field, url: origin }, 'signing keys are fetched over plain http from another machine: whoever can alter that traffic can sign tokens the broker accepts, admin tokens included; use https');
+  }
+  for (const { variable, audience } of listLikeAudiences(config)) {
+    logger.warn({ variable, audience }, 'this audience holds a comma, and is one audience matched whole against a token\'s aud, not a list: '
+      + 'a token must carry exactly this string; give each issuer its own "audience" in BROKER_ISSUERS instead');
   }
   if (options.migrate !== false) await migrateWhenReachable(config, logger, options.waitForDatabase === true);
   const app = await buildApp(config, { ...options, logger });

@@ -79,6 +79,18 @@ describe('plain-http key sources', () => {
   });
 });
 
+describe('an audience that reads like a list', () => {
+  test('is warned about, naming the variable; one without a comma is not', async () => {
+    const broker = await spawnWaiting({
+      DATABASE_URL: await unreachableDatabaseUrl(), BROKER_AUDIENCE: 'pg-broker, sts.amazonaws.com',
+      BROKER_ISSUERS: JSON.stringify([{ issuer: 'https://a.example' }, { issuer: 'https://b.example', audience: 'api://db' }]),
+    });
+    await waitFor('the first retry', async () => broker.logged('PostgreSQL is not reachable yet; retrying').length > 0 || null);
+    const warned = broker.logged(/holds a comma, and is one audience/);
+    assert.deepEqual(warned.map((l) => [l.variable, l.audience]), [['BROKER_AUDIENCE', 'pg-broker, sts.amazonaws.com']]);
+  });
+});
+
 describe('a stop while PostgreSQL is not reachable yet', () => {
   test('SIGTERM ends the wait with exit 0 and a log line, as PID 1 in a container ignores a signal with no handler', async () => {
     const broker = await spawnWaiting({ DATABASE_URL: await unreachableDatabaseUrl(), BROKER_ISSUERS: 'https://issuer.example' });
