@@ -91,6 +91,10 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     frameworkErrors: frameworkProblem,
     clientErrorHandler: clientErrorProblem(logger as FastifyBaseLogger),
     schemaErrorFormatter: schemaErrors,
+    // request.ip, which the per-IP limit, the audit's client_ip and the request log all use, is
+    // the client X-Forwarded-For names only when the connection came from a listed proxy. An
+    // empty list is `false`, which keeps Fastify from consulting X-Forwarded-For at all.
+    trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
   });
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
   app.setValidatorCompiler(validatorCompiler);

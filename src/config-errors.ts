@@ -24,6 +24,7 @@ export const ENV_NAMES: Record<keyof Config, string> = {
   metricsPort: 'BROKER_METRICS_PORT',
   rateLimitIp: 'BROKER_RATE_LIMIT_IP',
   rateLimitIdentity: 'BROKER_RATE_LIMIT_IDENTITY',
+  trustProxy: 'BROKER_TRUST_PROXY',
   dbPoolSize: 'BROKER_DB_POOL_SIZE',
   scramIterations: 'BROKER_SCRAM_ITERATIONS',
   lockTimeoutSeconds: 'BROKER_LOCK_TIMEOUT',

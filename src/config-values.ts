@@ -36,6 +36,23 @@ export function listenHostOrNull(host: string): string | null {
   return isIPv4(host) || isHostName(host) ? host : null;
 }
 
+/**
+ * Why one entry of BROKER_TRUST_PROXY is no proxy address or CIDR block, or null. Stricter than
+ * proxy-addr, which Fastify hands the list to: it reads `010.0.0.1` as octal (8.0.0.1) and
+ * `10.1` as 10.0.0.1, and would trust addresses the operator never meant.
+ */
+export function proxyRangeProblem(entry: string): string | null {
+  const [address, prefix, extra] = entry.split('/');
+  const family = isIPv4(address) ? 4 : isIPv6(address) ? 6 : 0;
+  // A zone id names an interface of this machine, and proxy-addr does not match on it.
+  if (family === 0 || address.includes('%') || extra !== undefined) return 'is not an IP address or CIDR block (such as 10.0.0.0/8 or fd00::/8)';
+  if (prefix === undefined) return null;
+  const max = family === 4 ? 32 : 128;
+  if (/^0+$/.test(prefix)) return 'is a /0 block, which trusts every address: any client could then choose its own address';
+  if (!/^\d{1,3}$/.test(prefix) || Number(prefix) > max) return `has no valid prefix length: an IPv${family} block's is 1 to ${max}`;
+  return null;
+}
+
 export const PUBLIC_HOST_RULE = 'a host name, an IPv4 address or an IPv6 address, with no port, scheme, path or user';
 
 /** No query, fragment or user part (an `@` further on, in the path, is no user part). */

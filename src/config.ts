@@ -1,7 +1,7 @@
 import { Type, type Static, type TInteger } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { ConfigError, describeSchemaError, ENV_NAMES, jsonProblem, MANAGED_ROLE_RULE, quoted } from './config-errors.js';
-import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, PUBLIC_HOST_RULE, publicHostOrNull, urlProblem } from './config-values.js';
+import { isPlainHttpOverNetwork, isUrl, listenHostOrNull, plainIssuer, proxyRangeProblem, PUBLIC_HOST_RULE, publicHostOrNull, urlProblem } from './config-values.js';
 import { databaseTarget, DatabaseUrlError, type DatabaseTarget } from './database-url.js';
 import { validatePatterns } from './policy/match.js';
 
@@ -67,6 +67,8 @@ export const ConfigSchema = Type.Object({
   metricsPort: Type.Optional(Port),
   rateLimitIp: PerMinute,
   rateLimitIdentity: PerMinute,
+  // Addresses and CIDR blocks of the proxies whose X-Forwarded-For is believed; [] believes none.
+  trustProxy: Type.Array(Type.String({ minLength: 1 })),
   dbPoolSize: Type.Integer({ minimum: 1, maximum: 1000 }),
   scramIterations: Type.Integer({ minimum: 1, maximum: 1_000_000 }),
   lockTimeoutSeconds: Seconds(0, 3600),
@@ -147,6 +149,24 @@ function listenHost(env: Env): string {
   return listenHostOrNull(host) ?? fail('HOST', `must be an IP address (such as 0.0.0.0, :: or 127.0.0.1) or a host name to listen on, with no port, scheme or path${got}`);
 }
 
+const TRUST_PROXY_RULE = 'must list the addresses or CIDR blocks of the proxies in front of the broker (such as 10.0.0.0/8,fd00::/8)';
+
+function trustedProxies(env: Env): string[] {
+  const raw = env.BROKER_TRUST_PROXY?.trim();
+  if (!raw) return [];
+  // Trusting every peer would let any client name its own address in X-Forwarded-For, and so
+  // dodge BROKER_RATE_LIMIT_IP and write what it likes into the audit's client_ip.
+  if (/^(true|yes|on|all|\*)$/i.test(raw)) fail('BROKER_TRUST_PROXY', `${TRUST_PROXY_RULE}; trusting every peer would let any client choose its own address`);
+  // Fastify 5 trusts no one on a hop count alone: it cannot tell a proxy from a client that
+  // sends its own X-Forwarded-For.
+  if (/^\d+$/.test(raw)) fail('BROKER_TRUST_PROXY', `${TRUST_PROXY_RULE}, not a hop count`);
+  if (/^(false|no|off|none)$/i.test(raw)) fail('BROKER_TRUST_PROXY', `${TRUST_PROXY_RULE}; leave it unset or empty to trust no proxy`);
+  return raw.split(',').map((s) => s.trim()).filter(Boolean).map((entry, i) => {
+    const problem = proxyRangeProblem(entry);
+    return problem ? fail('BROKER_TRUST_PROXY', `entry ${i + 1}: ${quoted(entry)} ${problem}`) : entry;
+  });
+}
+
 function fail(variable: string, reason: string): never {
   throw new ConfigError(variable, reason);
 }
@@ -188,6 +208,7 @@ export function loadConfig(env: Env = process.env): Config {
     metricsPort: wholeNumber(env, 'metricsPort'),
     rateLimitIp: wholeNumber(env, 'rateLimitIp', 600),
     rateLimitIdentity: wholeNumber(env, 'rateLimitIdentity', 120),
+    trustProxy: trustedProxies(env),
     dbPoolSize: wholeNumber(env, 'dbPoolSize', 10),
     scramIterations: wholeNumber(env, 'scramIterations', 4096),
     lockTimeoutSeconds: wholeNumber(env, 'lockTimeoutSeconds', 10),
