@@ -172,7 +172,7 @@ describe('credentials', () => {
     const token = await b.token({ sub: 'meta:job', ctx: { team: 'data-eng', office: 'x' }, groups: ['dev', 'dba'], email: 'a@example.test' });
     const res = await b.app.inject({
       method: 'POST', url: '/credentials', payload: {}, remoteAddress: '203.0.113.7',
-      // README: behind a proxy the client IP is the proxy's, so X-Forwarded-For must not be believed.
+      // BROKER_TRUST_PROXY is unset here, so X-Forwarded-For must not be believed (README, Behind a proxy).
       headers: { authorization: `Bearer ${token}`, 'user-agent': 'contract-test/1.0 (ci)', 'x-forwarded-for': '198.51.100.9', 'x-request-id': 'chosen-by-client' },
     });
     assert.equal(res.statusCode, 201, res.body);
