@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox';
-import { ListFilters, Timestamp } from './common.js';
+import { ClientIp, ListFilters, Timestamp } from './common.js';
 
 const Nullable = (t: ReturnType<typeof Type.String>) => Type.Union([t, Type.Null()]);
 export const AuditEventSchema = Type.Object({
@@ -14,7 +14,7 @@ export const AuditEventSchema = Type.Object({
   username: Nullable(Type.String()),
   reason: Nullable(Type.String()),
   request_id: Nullable(Type.String()),
-  client_ip: Nullable(Type.String()),
+  client_ip: ClientIp,
   detail: Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()]),
 });
 

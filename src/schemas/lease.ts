@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox';
-import { ListFilters, NullableTimestamp, Timestamp } from './common.js';
+import { ClientIp, ListFilters, NullableTimestamp, Timestamp } from './common.js';
 import { PolicyName } from './policy.js';
 
 const LEASE_STATES = ['pending', 'active', 'revoking', 'expired', 'revoked', 'revoke_failed'] as const;
@@ -26,7 +26,7 @@ export const Lease = Type.Object(
     end_reason: Type.Union([Type.String(), Type.Null()]),
     attempts: Type.Integer(),
     last_error: Type.Union([Type.String(), Type.Null()]),
-    client_ip: Type.Union([Type.String(), Type.Null()]),
+    client_ip: ClientIp,
     user_agent: Type.Union([Type.String(), Type.Null()]),
     request_id: Type.Union([Type.String(), Type.Null()]),
     capped: Type.Optional(Type.Boolean({ description: 'Renew only: the TTL was cut to max_expires_at' })),
