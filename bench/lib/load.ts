@@ -161,10 +161,6 @@ export interface FloorSpec {
   subjects: () => string;
 }
 
-function wholeSecond(ms: number): Date {
-  return new Date(Math.floor(ms / 1000) * 1000);
-}
-
 /**
  * One credential the way PostgreSQL needs it, through a plain pg connection, with the broker's
  * own SQL (lockIdentitySql's advisory lock, insertLeaseWithinQuota's lease + audit INSERT, and
@@ -185,15 +181,12 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   verifier.catch(() => undefined);
   const username = roleNameFor(subject);
   const leaseId = randomUUID();
-  const now = Date.now();
-  const expiresAt = wholeSecond(now + spec.ttlSeconds * 1000);
-  const maxExpiresAt = wholeSecond(now + spec.maxTtlSeconds * 1000);
   await client.query(`${BEGIN}; ${lockIdentitySql(spec.issuer, subject)}`);
   const insert = () => insertLeaseWithinQuota(
     client,
     {
       id: leaseId, username, policy: spec.policy, grant_role: spec.grantRole, database: spec.database,
-      issuer: spec.issuer, subject, claims: { sub: subject }, expires_at: expiresAt, max_expires_at: maxExpiresAt, max_ttl: spec.maxTtlSeconds,
+      issuer: spec.issuer, subject, claims: { sub: subject }, ttl_seconds: spec.ttlSeconds, max_ttl: spec.maxTtlSeconds,
       client_ip: '127.0.0.1', user_agent: 'bench-floor', request_id: randomUUID(),
     },
     100_000,
@@ -205,16 +198,17 @@ export async function floorIssue(client: pg.Client, spec: FloorSpec): Promise<vo
   );
   // The broker's INSERT checks the token of the policies it kept; the floor keeps the token per
   // connection as the broker keeps it per process, learning it from a refusal.
-  let { inserted, policyVersion } = await insert();
+  let { inserted, policyVersion, expiresAt } = await insert();
   for (let tries = 1; policyVersion !== (policyVersions.get(client) ?? NO_TOKEN); tries++) {
     if (tries > 3) throw new Error('floor: the policies keep changing');
     policyVersions.set(client, policyVersion ?? NO_TOKEN);
-    ({ inserted, policyVersion } = await insert());
+    ({ inserted, policyVersion, expiresAt } = await insert());
   }
   if (!inserted) throw new Error('floor: quota exceeded');
+  // VALID UNTIL from the INSERT's answer, PostgreSQL's clock, as the broker takes it.
   await client.query(
     createRoleSql({
-      username, verifier: await verifier, validUntil: expiresAt, connectionLimit: -1, grantRole: spec.grantRole,
+      username, verifier: await verifier, validUntil: expiresAt!, connectionLimit: -1, grantRole: spec.grantRole,
       managedRole: spec.managedRole, creator: pickCreator(spec.creators), assumeRole: false, comment: `lease ${leaseId} sub ${subject}`,
     }) + ';\nCOMMIT',
   );

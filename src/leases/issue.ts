@@ -50,6 +50,10 @@ export interface IssueRequest {
 interface Decision {
   chosen: Policy;
   ttl: number;
+}
+
+/** A decision written: its expiries are PostgreSQL's, as the INSERT took them (see expiry.ts). */
+interface Issued extends Decision {
   expiresAt: Date;
   maxExpiresAt: Date;
 }
@@ -81,11 +85,6 @@ export function choosePolicy(evaluations: PolicyEvaluation[], named?: string): P
     throw new IssueDenied('ambiguous_policy', null, new Errors.AmbiguousPolicy(`Several policies admit this token (${names}); name one in the request body`));
   }
   return admitted[0].policy;
-}
-
-/** VALID UNTIL in whole seconds, rounded up so a lease never lives shorter than its ttl. */
-export function wholeSecondAfter(ms: number): Date {
-  return new Date(Math.ceil(ms / 1000) * 1000);
 }
 
 function matchedClaims(policy: Policy, claims: Record<string, unknown>): Record<string, unknown> {
@@ -137,7 +136,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
     const verifier = scramVerifierAsync(password, deps.config.scramIterations);
     verifier.catch(() => undefined);
     const leaseId = randomUUID();
-    let issued: Decision | null = null;
+    let issued: Issued | null = null;
     /** Everything decided before anything is written, from one set of policies; throws IssueDenied. */
     const decide = async (client: Queryable, policies: Policy[]): Promise<Decision> => {
       const chosen = choosePolicy(evaluatePolicies(policies, identity.claims), body.policy);
@@ -150,14 +149,15 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       if (unsafe) throw unsafeGrantRole(deps, chosen, unsafe);
       const noDatabase = await deps.grantRoles.databaseProblem(client, chosen.database);
       if (noDatabase) throw missingDatabase(deps, chosen, noDatabase);
-      const now = Date.now();
-      return { chosen, ttl, expiresAt: wholeSecondAfter(now + ttl * 1000), maxExpiresAt: wholeSecondAfter(now + chosen.max_ttl * 1000) };
+      return { chosen, ttl };
     };
     // Three round trips: BEGIN with the identity lock (and the issuer's policies, unless kept from
     // an earlier request), the lease + audit INSERT, then CREATE ROLE and its comment with COMMIT.
     // The INSERT takes the lease only while the policies are as they were read (PolicyCache), in
     // a statement that starts after the lock, so a request that waited on it sees what was
-    // committed meanwhile.
+    // committed meanwhile. It also takes the expiries on PostgreSQL's clock and hands them back for
+    // the VALID UNTIL literal, which CREATE ROLE could not have computed itself (it takes no
+    // expression), so the host's clock is never asked and no round trip is added.
     const lock = lockIdentitySql(identity.issuer, identity.subject);
     const attempt = (creator: string | null) => {
       const kept = deps.policies.get(identity.issuer);
@@ -185,13 +185,13 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
             await readAgain();
             continue;
           }
-          const { chosen, ttl, expiresAt, maxExpiresAt } = decision;
+          const { chosen, ttl } = decision;
           const result = await insertLeaseWithinQuota(
             client,
             {
               id: leaseId, username, policy: chosen.name, grant_role: chosen.grant_role, database: chosen.database,
               issuer: identity.issuer, subject: identity.subject, claims: matchedClaims(chosen, identity.claims),
-              expires_at: expiresAt, max_expires_at: maxExpiresAt, max_ttl: chosen.max_ttl,
+              ttl_seconds: ttl, max_ttl: chosen.max_ttl,
               client_ip: ctx.clientIp, user_agent: ctx.userAgent, request_id: ctx.requestId,
             },
             chosen.max_active_leases,
@@ -206,12 +206,13 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
           if (!result.inserted) {
             throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}`));
           }
+          const written = { ...decision, expiresAt: result.expiresAt!, maxExpiresAt: result.maxExpiresAt! };
           await commit(createRoleSql({
-            username, verifier: await verifier, validUntil: expiresAt, connectionLimit: chosen.connection_limit,
+            username, verifier: await verifier, validUntil: written.expiresAt, connectionLimit: chosen.connection_limit,
             grantRole: chosen.grant_role, managedRole: deps.config.managedRole, creator,
             assumeRole: chosen.assume_role, comment: `lease ${leaseId} sub ${identity.subject}`,
           }));
-          issued = decision;
+          issued = written;
           return;
         }
       });

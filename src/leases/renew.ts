@@ -11,7 +11,7 @@ import type { GrantRoleGuard } from '../postgres/grant-guard.js';
 import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
 import { isoRow } from '../postgres/rows.js';
-import { wholeSecondAfter } from './issue.js';
+import { SERVER_SECOND_SQL } from './expiry.js';
 import { LEASE_COLUMNS, type Lease } from './repository.js';
 
 function whyNotAdmitted(verdict: PolicyEvaluation): string | null {
@@ -84,7 +84,8 @@ async function renewOnce(
         + `and this lease holds ${row.grant_role} on ${row.database}; request a new credential (this one still ends at ${endsAt})`);
     }
     const ttl = ttlSeconds ?? policy.default_ttl;
-    const wanted = wholeSecondAfter(Date.now() + ttl * 1000).getTime();
+    // From the lease row's read, on PostgreSQL's clock, as issuance takes it (see expiry.ts).
+    const wanted = ((row.server_second as number) + ttl) * 1000;
     const max = renewalBound(row.max_expires_at as Date, row.expires_at as Date, row.max_ttl as number | null, policy.max_ttl);
     const capped = wanted > max.getTime();
     const expiresAt = new Date(Math.min(wanted, max.getTime()));
@@ -125,7 +126,7 @@ async function renewOnce(
  * connection, and their queue could keep a revocation from the row past its lock timeout.
  */
 async function lockLease(client: pg.PoolClient, id: string, owner: Identity): Promise<Record<string, any>> {
-  const sql = `SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed FROM broker.leases WHERE id = $1`;
+  const sql = `SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed, ${SERVER_SECOND_SQL} AS server_second FROM broker.leases WHERE id = $1`;
   const mine = (row: Record<string, any> | undefined) => row && row.issuer === owner.issuer && row.subject === owner.subject;
   try {
     const { rows: [row] } = await client.query(`${sql} FOR UPDATE NOWAIT`, [id]);
