@@ -19,6 +19,7 @@ export class Metrics {
   });
   readonly activeLeases = new Gauge({ name: 'broker_active_leases', help: 'Leases in state active', registers: [this.registry] });
   readonly reaperLag = new Gauge({ name: 'broker_reaper_lag_seconds', help: 'Age of the oldest ended lease whose role is not yet dropped', registers: [this.registry] });
+  readonly clockOffset = new Gauge({ name: 'broker_clock_offset_seconds', help: "PostgreSQL's clock minus this host's, read after every reaper run", registers: [this.registry] });
   readonly reaperFailures = new Counter({ name: 'broker_reaper_failures_total', help: 'Lease teardowns that failed and will be retried', registers: [this.registry] });
   readonly jwksFetchErrors = new Counter({ name: 'broker_jwks_fetch_errors_total', help: 'JWKS or discovery fetches that failed', labelNames: ['issuer'], registers: [this.registry] });
 

@@ -6,6 +6,7 @@ import type { Config } from '../config.js';
 import { claimDueLeases, endedByExpiry } from '../leases/claims.js';
 import { finishLeases } from '../leases/revoke.js';
 import type { Metrics } from '../metrics.js';
+import { ClockOffsetWatch } from '../postgres/clock-offset.js';
 import { Leadership } from './leadership.js';
 import { reapOrphans } from './orphans.js';
 
@@ -52,10 +53,12 @@ export class Reaper extends EventEmitter {
   /** Ends each pause in progress; stop() calls them. */
   private readonly pauses = new Set<() => void>();
   readonly leadership: Leadership;
+  private readonly clock: ClockOffsetWatch;
 
   constructor(private readonly deps: ReaperDeps) {
     super();
     this.leadership = new Leadership(deps.config.databaseUrl, deps.log, deps.config);
+    this.clock = new ClockOffsetWatch(deps.log, deps.metrics?.clockOffset);
   }
 
   start(): void {
@@ -145,12 +148,15 @@ export class Reaper extends EventEmitter {
   private async updateGauges(): Promise<void> {
     const { metrics, pool } = this.deps;
     if (!metrics) return;
-    const { rows } = await pool.query<{ active: number; lag: number | null }>(
+    const sentMs = Date.now();
+    const { rows } = await pool.query<{ active: number; lag: number | null; server_ms: number }>(
       `SELECT (SELECT count(*) FROM broker.leases WHERE state = 'active')::int AS active,
               extract(epoch FROM now() - LEAST(
                 (SELECT min(ended_at) FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')),
-                (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag`,
+                (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag,
+              (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS server_ms`,
     );
+    this.clock.observe(rows[0].server_ms, sentMs, Date.now());
     metrics.activeLeases.set(rows[0].active);
     metrics.reaperLag.set(Math.max(0, rows[0].lag ?? 0));
   }
