@@ -26,7 +26,7 @@ async function issueOk(sub: string, body: Record<string, unknown> = {}): Promise
 }
 
 const pick = (o: Record<string, unknown>, keys: string[]) => Object.fromEntries(keys.map((k) => [k, o[k]]));
-// Computed here rather than with the broker's own wholeSecondAfter, so a wrong rounding there fails.
+// Computed here rather than with the broker's own rounding (leases/expiry.ts), so a wrong one there fails. PostgreSQL's clock is this host's here.
 const ceilSecond = (ms: number) => Math.ceil(ms / 1000) * 1000;
 
 describe('policies', () => {
