@@ -116,7 +116,18 @@ function rereadCertificateFiles(parsed: Record<string, unknown>): void {
   for (const [setting, option] of [['sslrootcert', 'ca'], ['sslcert', 'cert'], ['sslkey', 'key']] as const) {
     const file = parsed[setting];
     if (typeof file !== 'string' || !(option in ssl)) continue;
-    Object.defineProperty(ssl, option, { configurable: true, enumerable: option !== 'key', get: () => fs.readFileSync(file).toString() });
+    // pg reads these in a socket event handler, where a throw would end the process: a file
+    // missing for a moment (a rotation that is not one rename) keeps the last contents read.
+    let last = (ssl as Record<string, unknown>)[option];
+    const read = () => {
+      try {
+        last = fs.readFileSync(file).toString();
+      } catch {
+        // Kept: the handshake then fails or succeeds on what was there before, as a connection error.
+      }
+      return last;
+    };
+    Object.defineProperty(ssl, option, { configurable: true, enumerable: option !== 'key', get: read });
   }
 }
 
