@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import net from 'node:net';
 import pg from 'pg';
 import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker } from './helpers/broker.js';
 
@@ -97,6 +98,41 @@ describe('a login still starting when its lease is revoked', () => {
       assert.equal(await answers(held), false, 'the held login finished after the reaper dropped its role');
     } finally {
       await held.client.end().catch(() => undefined);
+    }
+  });
+});
+
+describe('a client stalled in authentication', () => {
+  test('is not taken for a login still starting: a teardown does not wait on it or try to signal it', HANG_GUARD, async () => {
+    // Sends a startup packet, gets the SASL challenge and never answers: anyone can, no password needed.
+    const socket = await new Promise<net.Socket>((resolve) => {
+      const s = net.connect(b.pg.port, b.pg.host, () => {
+        const kv = Buffer.from(`user\0broker\0database\0${b.pg.database}\0\0`);
+        const head = Buffer.alloc(8);
+        head.writeInt32BE(8 + kv.length, 0);
+        head.writeInt32BE(196608, 4);
+        s.write(Buffer.concat([head, kv]));
+      });
+      s.once('data', () => resolve(s));
+      s.on('error', () => undefined);
+    });
+    try {
+      // In its start-up transaction, in no database yet (on 15 not in pg_stat_activity at all).
+      const { pid } = await waitFor('the stalled backend to show', async () => (await b.pg.query<{ pid: number }>(
+        `SELECT pid FROM pg_locks WHERE locktype = 'virtualxid' AND granted AND pid <> pg_backend_pid()
+            AND pid NOT IN (SELECT pid FROM pg_stat_activity WHERE datid IS NOT NULL)`))[0]);
+      // The pids a teardown tries to signal are listed in its DO block, which the server logs.
+      const signalled = () => b.pg.logLines().filter((l) => l.includes('FOREACH p IN ARRAY'));
+      const before = signalled().length;
+      const token = await b.token({ sub: 'race:stalled' });
+      const cred = (await b.issue(token)).body;
+      const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+      assert.equal(await roleExists(b.pg, cred.username), false);
+      const tried = signalled().slice(before).filter((l) => new RegExp(`\\b${pid}\\b`).test(l));
+      assert.deepEqual(tried, [], `the stalled backend ${pid} was taken for a starting login`);
+    } finally {
+      socket.destroy();
     }
   });
 });
