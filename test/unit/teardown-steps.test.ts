@@ -102,7 +102,8 @@ test('a teardown that cannot even look its roles up reports each as stopped befo
 
 test('when a later creator group finds the server gone, the earlier group\'s roles are reported too, not lost to an exception', async () => {
   // Two creator groups: c1's logins end; c2's NOLOGIN finds the server silent. Every later
-  // statement would fail the same way.
+  // statement would fail the same way, c1's session step among them: sessions are ended once
+  // every group's NOLOGIN is in (logins still starting are looked for once, after them all).
   const gone = () => new Error('Connection terminated unexpectedly');
   let serverUp = true;
   const client = {
@@ -130,7 +131,7 @@ test('when a later creator group finds the server gone, the earlier group\'s rol
   const deps = { pool, databaseUrl: 'postgres://broker@127.0.0.1/broker', managedRole: 'm', log: console, timeouts: { lockTimeoutSeconds: 1, queryTimeoutSeconds: 2 } } as unknown as TeardownDeps;
   const result = await teardownRoles(deps, roles.slice(0, 2));
   assert.equal(result.get('lease_b'), 'NOLOGIN: Query read timeout');
-  assert.equal(result.get('lease_a'), 'find owned objects: not tried after NOLOGIN: Query read timeout');
+  assert.equal(result.get('lease_a'), 'terminate sessions: not tried after NOLOGIN: Query read timeout');
   assert.equal(loginStillEnabled(result.get('lease_b')), true);
   assert.equal(loginStillEnabled(result.get('lease_a')), false, 'its login did end');
 });
