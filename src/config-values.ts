@@ -1,4 +1,4 @@
-import { isIPv4, isIPv6 } from 'node:net';
+import { BlockList, isIPv4, isIPv6 } from 'node:net';
 
 // What a single setting's value may look like (hosts, URLs), apart from which variable holds it.
 
@@ -50,7 +50,25 @@ export function proxyRangeProblem(entry: string): string | null {
   const max = family === 4 ? 32 : 128;
   if (/^0+$/.test(prefix)) return 'is a /0 block, which trusts every address: any client could then choose its own address';
   if (!/^\d{1,3}$/.test(prefix) || Number(prefix) > max) return `has no valid prefix length: an IPv${family} block's is 1 to ${max}`;
+  const bits = Number(prefix);
+  // proxy-addr matches an IPv4 peer against IPv6 blocks through its ::ffff: form, so
+  // ::ffff:0:0/96 trusts every IPv4 client; and /1 blocks, two of them, cover all of IPv4.
+  if (bits < WIDEST_PROXY_BLOCK) return `is a /${bits} block: proxies sit in a /${WIDEST_PROXY_BLOCK} or narrower, and a wider block lets most clients choose their own address`;
+  if (family === 6 && bits < 96 + WIDEST_PROXY_BLOCK && touchesMappedIpv4(address, bits)) {
+    return `covers IPv4 addresses (as ::ffff:…) wider than a /${WIDEST_PROXY_BLOCK}, which lets most IPv4 clients choose their own address`;
+  }
   return null;
+}
+
+const WIDEST_PROXY_BLOCK = 8;
+const MAPPED_IPV4 = new BlockList();
+MAPPED_IPV4.addSubnet('::ffff:0:0', 96, 'ipv6');
+
+/** Whether an IPv6 block overlaps ::ffff:0:0/96, where IPv4 addresses are written as IPv6. */
+function touchesMappedIpv4(address: string, bits: number): boolean {
+  const block = new BlockList();
+  block.addSubnet(address, bits, 'ipv6');
+  return MAPPED_IPV4.check(address, 'ipv6') || block.check('::ffff:0:0', 'ipv6');
 }
 
 export const PUBLIC_HOST_RULE = 'a host name, an IPv4 address or an IPv6 address, with no port, scheme, path or user';

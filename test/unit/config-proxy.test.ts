@@ -26,6 +26,7 @@ describe('BROKER_TRUST_PROXY', () => {
       ['fd00::/8', 'fd12::7', 'fe80::1'],
       ['192.0.2.1', '192.0.2.1', '192.0.2.2'],
       ['::ffff:10.9.0.0/112', '10.9.1.1', '10.8.1.1'],
+      ['::ffff:10.0.0.0/104', '10.250.1.1', '11.0.0.1'],
       ['2001:db8::1/128', '2001:db8::1', '2001:db8::2'],
     ];
     for (const [value, proxy, other] of cases) {
@@ -52,6 +53,8 @@ describe('BROKER_TRUST_PROXY', () => {
 
   test('an entry that is no address or block, or whose prefix is out of range, is named by its number', () => {
     const notAddress = 'is not an IP address or CIDR block (such as 10.0.0.0/8 or fd00::/8)';
+    const wide = 'proxies sit in a /8 or narrower, and a wider block lets most clients choose their own address';
+    const mapped = 'covers IPv4 addresses (as ::ffff:…) wider than a /8, which lets most IPv4 clients choose their own address';
     const cases: Array<[string, string]> = [
       // proxy-addr would read these as 8.0.0.1 and 10.0.0.1.
       ['010.0.0.1', `entry 1: "010.0.0.1" ${notAddress}`],
@@ -66,6 +69,12 @@ describe('BROKER_TRUST_PROXY', () => {
       ['192.0.2.1,fd00::/129', 'entry 2: "fd00::/129" has no valid prefix length: an IPv6 block\'s is 1 to 128'],
       ['0.0.0.0/0', 'entry 1: "0.0.0.0/0" is a /0 block, which trusts every address: any client could then choose its own address'],
       ['::/00', 'entry 1: "::/00" is a /0 block, which trusts every address: any client could then choose its own address'],
+      // Together these two cover all of IPv4; proxy-addr matches IPv4 peers against ::ffff: blocks.
+      ['0.0.0.0/1,128.0.0.0/1', `entry 1: "0.0.0.0/1" is a /1 block: ${wide}`],
+      ['10.0.0.0/8,fc00::/7', `entry 2: "fc00::/7" is a /7 block: ${wide}`],
+      ['::ffff:0:0/96', `entry 1: "::ffff:0:0/96" ${mapped}`],
+      ['::ffff:10.0.0.0/100', `entry 1: "::ffff:10.0.0.0/100" ${mapped}`],
+      ['::/64', `entry 1: "::/64" ${mapped}`],
     ];
     for (const [value, reason] of cases) assert.equal(rejects({ BROKER_TRUST_PROXY: value }, 'BROKER_TRUST_PROXY').message, `BROKER_TRUST_PROXY: ${reason}`, value);
   });
