@@ -126,21 +126,23 @@ async function renewOnce(
  * connection, and their queue could keep a revocation from the row past its lock timeout.
  */
 async function lockLease(client: pg.PoolClient, id: string, owner: Identity): Promise<Record<string, any>> {
-  const sql = `SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed, ${SERVER_SECOND_SQL} AS server_second FROM broker.leases WHERE id = $1`;
-  const mine = (row: Record<string, any> | undefined) => row && row.issuer === owner.issuer && row.subject === owner.subject;
+  // The owner is part of the condition, so someone else's renewal of this id locks nothing and
+  // cannot make the owner's own renewal find the row busy.
+  const sql = `SELECT ${LEASE_COLUMNS}, max_ttl, expires_at <= now() AS lapsed, ${SERVER_SECOND_SQL} AS server_second
+                 FROM broker.leases WHERE id = $1 AND issuer = $2 AND subject = $3`;
+  const params = [id, owner.issuer, owner.subject];
   try {
-    const { rows: [row] } = await client.query(`${sql} FOR UPDATE NOWAIT`, [id]);
-    if (!mine(row)) throw new Errors.LeaseNotFound();
+    const { rows: [row] } = await client.query(`${sql} FOR UPDATE NOWAIT`, params);
+    if (!row) throw new Errors.LeaseNotFound();
     return row;
   } catch (err) {
     if ((err as { code?: string }).code !== '55P03') throw err;
   }
-  // Locked by someone: whose lease it is decides between 404 and busy, as it would unlocked. Read
+  // Locked by another request on the owner's lease (a renewal, a revocation, the reaper). Checked
   // on this connection, after ending the transaction the refused lock aborted: another pooled
   // connection may not be free, least of all while renewals crowd in.
   await client.query('ROLLBACK');
-  const { rows: [row] } = await client.query(sql, [id]);
-  if (!mine(row)) throw new Errors.LeaseNotFound();
+  if ((await client.query(sql, params)).rows.length === 0) throw new Errors.LeaseNotFound();
   throw new Errors.DatabaseBusy(`Lease ${id} is being renewed or revoked by another request right now; retry shortly`);
 }
 
