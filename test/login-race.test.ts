@@ -102,6 +102,37 @@ describe('a login still starting when its lease is revoked', () => {
   });
 });
 
+describe('a login that passed the check and waits for its database\'s lock', () => {
+  test('is ended with the role too', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'race:db-lock' });
+    const cred = (await b.issue(token)).body;
+    // CREATE DATABASE … TEMPLATE otherdb holds a lock on otherdb for up to 5 s while another
+    // session is connected there, and logins into otherdb queue behind it, after their role check.
+    const present = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/[^/?]*(\?|$)/, '/otherdb$1') });
+    await present.connect();
+    const copying = b.pg.query('CREATE DATABASE race_copy TEMPLATE otherdb', [], 'postgres').catch((err: Error) => err);
+    const waitingForDatabase = async () => (await b.pg.query(
+      `SELECT 1 FROM pg_locks WHERE locktype = 'object' AND classid = 'pg_database'::regclass AND NOT granted`)).length > 0;
+    const late = new pg.Client({ host: b.pg.host, port: b.pg.port, user: cred.username, password: cred.password, database: 'otherdb' });
+    late.on('error', () => undefined);
+    try {
+      await waitFor('CREATE DATABASE to hold otherdb', async () => (await b.pg.query(
+        `SELECT 1 FROM pg_locks WHERE locktype = 'object' AND classid = 'pg_database'::regclass AND mode = 'ShareLock' AND granted`)).length > 0);
+      const outcome = late.connect().then(() => null, (err: Error) => err);
+      await waitFor('the login to queue for otherdb', waitingForDatabase);
+      const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+      assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+      assert.equal(await roleExists(b.pg, cred.username), false);
+      assert.notEqual(await outcome, null, 'the queued login was ended, not let through as a dropped role');
+    } finally {
+      await late.end().catch(() => undefined);
+      await present.end();
+      await copying;
+      await b.pg.query('DROP DATABASE IF EXISTS race_copy', [], 'postgres');
+    }
+  });
+});
+
 describe('a client stalled in authentication', () => {
   test('is not taken for a login still starting: a teardown does not wait on it or try to signal it', HANG_GUARD, async () => {
     // Sends a startup packet, gets the SASL challenge and never answers: anyone can, no password needed.

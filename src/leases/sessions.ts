@@ -88,8 +88,9 @@ async function grantMembership(run: Run, creator: string | null, members: Set<Ro
  * LATERAL subquery, kept whole by OFFSET 0, runs only once it has a row), pg_stat_activity after: a login whose start-up ends in between then shows
  * its role, where read the other way round it would show in neither.
  *
- * Only backends that also hold their database's lock count: a backend takes it right after the
- * login check, before post_auth_delay's sleep, and keeps it through its start-up. One without it
+ * Only backends that also hold their database's lock, or wait for it, count: a backend asks for
+ * it right after the login check, before post_auth_delay's sleep, and keeps it through its
+ * start-up (it may wait, behind CREATE DATABASE … TEMPLATE or an attempted DROP DATABASE). One without it
  * is still authenticating, has passed no check and holds no role anyone could signal it as; anyone
  * who can reach the port can keep one there until authentication_timeout, with no password, and
  * each would otherwise cost every teardown the wait below. (Its wait event would say so too, but
@@ -102,9 +103,9 @@ export async function startingLogins(pool: pg.Pool): Promise<number[]> {
   const { rows } = await pool.query<Starting>(
     `SELECT v.pid, v.vxid
        FROM (SELECT array_agg(pid) AS pids, array_agg(vxid) AS vxids
-               FROM (SELECT pid, max(virtualxid) FILTER (WHERE locktype = 'virtualxid' AND mode = 'ExclusiveLock') AS vxid,
+               FROM (SELECT pid, max(virtualxid) FILTER (WHERE locktype = 'virtualxid' AND mode = 'ExclusiveLock' AND granted) AS vxid,
                             bool_or(locktype = 'object' AND classid = 'pg_catalog.pg_database'::pg_catalog.regclass) AS past_check
-                       FROM pg_locks WHERE granted AND pid <> pg_backend_pid() GROUP BY pid) h
+                       FROM pg_locks WHERE pid <> pg_backend_pid() GROUP BY pid) h
               WHERE vxid IS NOT NULL AND past_check) l
       CROSS JOIN LATERAL (SELECT u.pid, u.vxid FROM unnest(l.pids, l.vxids) AS u(pid, vxid)
                             LEFT JOIN pg_stat_get_activity(NULL) a ON a.pid = u.pid
