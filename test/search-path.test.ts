@@ -97,4 +97,24 @@ describe('functions an issued role plants under built-in names', () => {
     const served = await startBroker(config, { logger, migrate: false });
     await served.close();
   });
+
+  test('a DBA\'s datestyle for the broker\'s role changes nothing: its sessions read timestamps as ISO', async () => {
+    await b.pg.query(`ALTER ROLE broker SET datestyle = 'SQL, DMY'`);
+    // Only sessions opened from now on take it: a broker of its own.
+    const fresh = await startTestBroker({ pg: b.pg, issuer: b.issuer });
+    try {
+      const [{ DateStyle }] = (await fresh.app.db.query('SHOW datestyle')).rows;
+      assert.equal(DateStyle.split(',')[0].trim(), 'ISO');
+      const token = await fresh.token({ sub: 'repo:octo-org/datestyle' });
+      const issued = await fresh.issue(token, { ttl: 60 });
+      assert.equal(issued.status, 201, JSON.stringify(issued.body));
+      const renewed = await api(fresh, 'POST', `/leases/${issued.body.lease_id}/renew`, token, { ttl: 120 });
+      assert.equal(renewed.status, 200, JSON.stringify(renewed.body));
+      const [role] = await b.pg.query<{ until: Date }>('SELECT rolvaliduntil AS until FROM pg_roles WHERE rolname = $1', [issued.body.username]);
+      assert.equal(role.until.toISOString(), renewed.body.expires_at);
+    } finally {
+      await fresh.close();
+      await b.pg.query('ALTER ROLE broker RESET datestyle');
+    }
+  });
 });

@@ -69,7 +69,10 @@ export function commitBatch(pool: pg.Pool, sql: string): pg.QueryConfig {
  * broker (or the creator role teardown acts as) would run it (CVE-2018-1058's pattern).
  */
 export const SEARCH_PATH = 'pg_catalog, pg_temp';
-const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp';
+// DateStyle too: pg parses timestamps only as ISO prints them, and reads null (a 500 on issuance,
+// whose VALID UNTIL comes from the lease INSERT's answer) under a role's or database's
+// `SET datestyle = 'SQL, DMY'`.
+const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp -c datestyle=ISO';
 
 /**
  * The settings of a connection to DATABASE_URL (to `database` instead, if given): the broker's

@@ -120,7 +120,7 @@ test('the broker reads DATABASE_URL as pg does, adding only its search_path to t
     const mine = connectionConfig(url, { application_name: 'pg-credential-broker' });
     const theirs = seen({ connectionString: url, application_name: 'pg-credential-broker' });
     assert.deepEqual(seen(mine), theirs, url);
-    assert.equal(mine.options, url.includes('options=') ? '-c work_mem=5MB -c search_path=pg_catalog,pg_temp' : '-c search_path=pg_catalog,pg_temp', url);
+    assert.equal(mine.options, url.includes('options=') ? '-c work_mem=5MB -c search_path=pg_catalog,pg_temp -c datestyle=ISO' : '-c search_path=pg_catalog,pg_temp -c datestyle=ISO', url);
   }
   assert.equal(connectionConfig(cases[4]).application_name, 'mine', 'the URL\'s own settings win, as in pg');
   // A query key that is no connection setting sizes no pool, as in pg.
@@ -130,9 +130,9 @@ test('the broker reads DATABASE_URL as pg does, adding only its search_path to t
   const saved = process.env.PGOPTIONS;
   process.env.PGOPTIONS = '-c geqo=off';
   try {
-    assert.equal(connectionConfig(cases[0]).options, '-c geqo=off -c search_path=pg_catalog,pg_temp', 'PGOPTIONS is kept when the URL has none');
-    assert.equal(connectionConfig(cases[5]).options, '-c work_mem=5MB -c search_path=pg_catalog,pg_temp', 'the URL\'s options win over PGOPTIONS, as in pg');
-    assert.equal(connectionConfig(`${cases[0]}?options=`).options, '-c geqo=off -c search_path=pg_catalog,pg_temp', 'an empty options leaves PGOPTIONS, as in pg');
+    assert.equal(connectionConfig(cases[0]).options, '-c geqo=off -c search_path=pg_catalog,pg_temp -c datestyle=ISO', 'PGOPTIONS is kept when the URL has none');
+    assert.equal(connectionConfig(cases[5]).options, '-c work_mem=5MB -c search_path=pg_catalog,pg_temp -c datestyle=ISO', 'the URL\'s options win over PGOPTIONS, as in pg');
+    assert.equal(connectionConfig(`${cases[0]}?options=`).options, '-c geqo=off -c search_path=pg_catalog,pg_temp -c datestyle=ISO', 'an empty options leaves PGOPTIONS, as in pg');
   } finally {
     if (saved === undefined) delete process.env.PGOPTIONS;
     else process.env.PGOPTIONS = saved;
