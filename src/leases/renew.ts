@@ -23,8 +23,8 @@ function whyNotAdmitted(verdict: PolicyEvaluation): string | null {
 /**
  * How far a renewal may carry a lease. The bound is set at issuance (issue time + the policy's
  * max_ttl); a max_ttl lowered since then moves it earlier by as many seconds, counted from the
- * stored bound rather than from created_at, whose clock (PostgreSQL's) the bound was not taken
- * on. It never falls before the current expiry: a renewal does not end a lease early because the
+ * stored bound rather than from created_at (leases issued before expiries were taken on
+ * PostgreSQL's clock have bounds from the broker host's). It never falls before the current expiry: a renewal does not end a lease early because the
  * policy changed. Leases issued before max_ttl was recorded keep their bound.
  */
 export function renewalBound(maxExpiresAt: Date, expiresAt: Date, issuedMaxTtl: number | null, policyMaxTtl: number): Date {

@@ -148,15 +148,27 @@ export class Reaper extends EventEmitter {
   private async updateGauges(): Promise<void> {
     const { metrics, pool } = this.deps;
     if (!metrics) return;
-    const sentMs = Date.now();
-    const { rows } = await pool.query<{ active: number; lag: number | null; server_ms: number }>(
-      `SELECT (SELECT count(*) FROM broker.leases WHERE state = 'active')::int AS active,
-              extract(epoch FROM now() - LEAST(
-                (SELECT min(ended_at) FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')),
-                (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag,
-              (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS server_ms`,
-    );
-    this.clock.observe(rows[0].server_ms, sentMs, Date.now());
+    // Timed on a connection already in hand, and the server's clock read first: a wait for the
+    // pool, or the counts, inside the measured span would skew the midpoint the offset assumes.
+    const client = await pool.connect();
+    let rows: Array<{ active: number; lag: number | null; server_ms: number }>;
+    let sentMs: number;
+    let answeredMs: number;
+    try {
+      sentMs = Date.now();
+      const { rows: [{ server_ms }] } = await client.query<{ server_ms: number }>(
+        'SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS server_ms');
+      answeredMs = Date.now();
+      ({ rows } = await client.query<{ active: number; lag: number | null; server_ms: number }>(
+        `SELECT (SELECT count(*) FROM broker.leases WHERE state = 'active')::int AS active,
+                extract(epoch FROM now() - LEAST(
+                  (SELECT min(ended_at) FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')),
+                  (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag,
+                $1::float8 AS server_ms`, [server_ms]));
+    } finally {
+      client.release();
+    }
+    this.clock.observe(rows[0].server_ms, sentMs, answeredMs);
     metrics.activeLeases.set(rows[0].active);
     metrics.reaperLag.set(Math.max(0, rows[0].lag ?? 0));
   }
