@@ -3,6 +3,7 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { CLAIM_SECONDS, claimDueLeases, markRevoking, renewClaim, type EndingLease } from '../src/leases/claims.js';
 import { finishLeases, TEARDOWN_BATCH } from '../src/leases/revoke.js';
+import { creatorNames } from '../src/postgres/creators.js';
 import { scramVerifier } from '../src/postgres/scram.js';
 import { api, connectAs, leaseRow, roleExists, startTestBroker, waitFor, type TestBroker } from './helpers/broker.js';
 
@@ -90,7 +91,7 @@ describe('a bulk revocation that loses a claim', () => {
       // Lapsed long ago, so it is the first due lease whatever earlier tests left behind.
       await b.pg.query(`UPDATE broker.leases SET next_attempt_at = now() - interval '1 hour' WHERE id = $1`, [last.lease_id]);
       // Another broker's reaper: its own connection, so a claim of its own.
-      const claimed = await claimDueLeases(other, 1);
+      const claimed = await claimDueLeases(other, 1, creatorNames(b.config.managedRole));
       assert.deepEqual(claimed.map((l) => l.id), [last.lease_id]);
       await reader.query('ROLLBACK');
       revoked = await revoking;

@@ -5,6 +5,7 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../config.js';
 import { claimDueLeases, endedByExpiry } from '../leases/claims.js';
 import { finishLeases } from '../leases/revoke.js';
+import { creatorNames } from '../postgres/creators.js';
 import type { Metrics } from '../metrics.js';
 import { ClockOffsetWatch } from '../postgres/clock-offset.js';
 import { Leadership } from './leadership.js';
@@ -115,9 +116,10 @@ export class Reaper extends EventEmitter {
     stats.leader = true;
     const { pool, config, log, metrics } = this.deps;
     const finishDeps = { pool, databaseUrl: config.databaseUrl, managedRole: config.managedRole, timeouts: config, log, metrics, retryBaseSeconds: config.reaperIntervalSeconds };
+    const creators = creatorNames(config.managedRole);
     const stillLeader = () => !requireLeadership || this.leadership.isLeader;
     for (let batch = 0; batch < MAX_BATCHES_PER_RUN && !this.stopping && stillLeader(); batch++) {
-      const leases = await claimDueLeases(pool, this.deps.batchSize ?? REAP_BATCH);
+      const leases = await claimDueLeases(pool, this.deps.batchSize ?? REAP_BATCH, creators);
       if (leases.length === 0) break;
       const pace = leases.every(endedByExpiry) ? (busyMs: number) => this.pause(busyMs * PAUSE_PER_BUSY) : undefined;
       const outcome = await finishLeases({ ...finishDeps, pace }, leases);
