@@ -92,11 +92,40 @@ function listenError(err: unknown, variable: 'PORT' | 'BROKER_METRICS_PORT', hos
   return Object.assign(new Error(code ? `${reason} (${code})` : reason, { cause: err }), { code });
 }
 
-/** Migrates, builds the app, starts the reaper and listens. Used by `serve`, `dev` and `demo`. */
+/**
+ * What startBroker throws when its `signal` aborts: by then whatever start-up had opened, listed in
+ * `closed` in the order it started, is closed as a drain closes it (in-flight requests answered,
+ * the reaper stopped and its leadership released, the pool ended). `closeFailure` says if that failed.
+ */
+export class StartupStopped extends Error {
+  constructor(readonly closed: string[], readonly closeFailure?: unknown) {
+    super(closeFailure ? `start-up stopped; closing what it had started failed: ${(closeFailure as Error).message}` : 'start-up stopped');
+  }
+}
+
+/** `work`, or a StartupStopped as soon as `signal` aborts, leaving `work` to the process's exit. */
+function unlessAborted<T>(work: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return work;
+  if (signal.aborted) return Promise.reject(new StartupStopped([]));
+  return new Promise<T>((resolve, reject) => {
+    const stop = () => reject(new StartupStopped([]));
+    signal.addEventListener('abort', stop, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener('abort', stop));
+  });
+}
+
+/**
+ * Migrates, builds the app, starts the reaper and listens. Used by `serve`, `dev` and `demo`.
+ * With `signal` (serve's stop signals), an abort at any point stops start-up with StartupStopped:
+ * while migrating at once (nothing is open yet, and the migration's transaction rolls back with
+ * its connection), after that at the next step, once the step in progress (a query, bounded by
+ * BROKER_QUERY_TIMEOUT) has ended.
+ */
 export async function startBroker(
   config: Config,
-  options: BuildOptions & { migrate?: boolean; waitForDatabase?: boolean } = {},
+  options: BuildOptions & { migrate?: boolean; waitForDatabase?: boolean; signal?: AbortSignal } = {},
 ): Promise<RunningBroker> {
+  const { signal } = options;
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
   // Before anything that can wait or fail, so the warning is seen on every start.
   for (const { entry, field, origin } of plainHttpKeySources(config)) {
@@ -106,16 +135,75 @@ export async function startBroker(
     logger.warn({ variable, audience }, 'this audience holds a comma, and is one audience matched whole against a token\'s aud, not a list: '
       + 'a token must carry exactly this string; give each issuer its own "audience" in BROKER_ISSUERS instead');
   }
-  if (options.migrate !== false) await migrateWhenReachable(config, logger, options.waitForDatabase === true);
+  if (options.migrate !== false) await unlessAborted(migrateWhenReachable(config, logger, options.waitForDatabase === true), signal);
+  if (signal?.aborted) throw new StartupStopped([]);
   const app = await buildApp(config, { ...options, logger });
+  // Whatever is open from here on, in the order it opened; closed together on any way out but success.
+  const started: string[] = options.pool ? [] : ['database pool'];
+  let metricsServer: FastifyInstance | null = null;
+  const closeStarted = async () => {
+    const results = await Promise.allSettled([metricsServer?.close(), app.close()]);
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
+  };
+  const stopIfAborted = () => {
+    if (signal?.aborted) throw new StartupStopped([]);
+  };
+  try {
+    stopIfAborted();
+    await startupChecks(app, config, logger);
+    stopIfAborted();
+    const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics });
+    app.addHook('onReady', async () => {
+      reaper.start();
+      started.push('reaper');
+    });
+    app.addHook('onClose', async () => reaper.stop());
+    if (config.metricsPort !== undefined) {
+      const port = config.metricsPort;
+      const server = Fastify({ logger: false });
+      metricsServer = server;
+      server.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
+      await server.listen({ host: config.host, port }).catch((err) => { throw listenError(err, 'BROKER_METRICS_PORT', config.host, port); });
+      started.push('metrics listener');
+      stopIfAborted();
+    }
+    // listen() makes the app ready first, which starts the reaper, then binds: a listen that
+    // fails (port taken) leaves a reaper to stop, as much as an abort after it does.
+    const url = await app.listen({ host: config.host, port: config.port }).catch((err) => { throw listenError(err, 'PORT', config.host, config.port); });
+    started.push('API listener');
+    stopIfAborted();
+    return {
+      app,
+      url,
+      reaper,
+      close: async () => {
+        await metricsServer?.close();
+        await app.close();
+      },
+    };
+  } catch (err) {
+    if (!(err instanceof StartupStopped)) {
+      // A broker that cannot serve must not linger as a headless reaper holding the pool.
+      await closeStarted().catch(() => undefined);
+      throw err;
+    }
+    let closeFailure: unknown;
+    await closeStarted().catch((failure: unknown) => { closeFailure = failure; });
+    throw new StartupStopped(started, closeFailure);
+  }
+}
+
+/**
+ * What start-up checks in the database before serving: a search_path that is not ours refuses
+ * the start; the rest warn. A check that cannot run warns that it could not, and start-up goes on.
+ */
+async function startupChecks(app: FastifyInstance, config: Config, logger: ReturnType<typeof createLogger>): Promise<void> {
   const searchPath = await searchPathProblem(app.db).catch((err: Error) => {
     logger.warn({ err: { message: err.message } }, 'could not check the search_path of the broker\'s sessions');
     return null;
   });
-  if (searchPath) {
-    await app.close().catch(() => undefined);
-    throw new Error(searchPath);
-  }
+  if (searchPath) throw new Error(searchPath);
   const openTo = await brokerDatabaseOpenTo(app.db, config.managedRole).catch((err: Error) => {
     logger.warn({ err: { message: err.message } }, 'could not check who may connect to the broker\'s own database');
     return [];
@@ -131,55 +219,36 @@ export async function startBroker(
   for (const { policy, problem } of refused) {
     logger.warn({ policy, problem }, 'a stored policy would be refused if stored today, and still issues credentials: fix it with PUT /policies/{name}');
   }
-  const reaper = new Reaper({ pool: app.db, config, log: logger.child({ component: 'reaper' }), metrics: app.metrics });
-  app.addHook('onReady', async () => reaper.start());
-  app.addHook('onClose', async () => reaper.stop());
-  let metricsServer: FastifyInstance | null = null;
-  let url: string;
-  try {
-    if (config.metricsPort !== undefined) {
-      const port = config.metricsPort;
-      metricsServer = Fastify({ logger: false });
-      metricsServer.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
-      await metricsServer.listen({ host: config.host, port }).catch((err) => { throw listenError(err, 'BROKER_METRICS_PORT', config.host, port); });
-    }
-    url = await app.listen({ host: config.host, port: config.port }).catch((err) => { throw listenError(err, 'PORT', config.host, config.port); });
-  } catch (err) {
-    // listen() has already made the app ready, which started the reaper: a broker that cannot
-    // serve (port taken) must not linger as a headless reaper holding the pool. Stop it all.
-    await metricsServer?.close().catch(() => undefined);
-    await app.close().catch(() => undefined);
-    throw err;
-  }
-  return {
-    app,
-    url,
-    reaper,
-    close: async () => {
-      await metricsServer?.close();
-      await app.close();
-    },
-  };
 }
+
+const DRAIN_LIMIT_MS = 15_000;
 
 /** `pg-broker serve`: run until SIGINT/SIGTERM, then drain requests and the reaper. */
 export async function serve(config: Config): Promise<void> {
   const logger = createLogger(config.logLevel);
+  const startup = new AbortController();
   let broker: RunningBroker | undefined;
   let closing = false;
+  const exitIfStuck = () => {
+    const force = setTimeout(() => {
+      logger.error({ after_ms: DRAIN_LIMIT_MS }, 'shutdown did not finish in time; exiting');
+      process.exit(1);
+    }, DRAIN_LIMIT_MS);
+    force.unref();
+  };
   const shutdown = async (signal: string) => {
     if (closing) return;
     closing = true;
+    exitIfStuck();
     if (!broker) {
-      // Still waiting for PostgreSQL, or migrating (whose transaction rolls back with its
-      // connection): nothing to drain. Handled at all because as PID 1, in a container, a signal
-      // with no handler is ignored, and the stop would wait for its SIGKILL.
+      // startBroker stops at its next step and closes what it had opened; serve's own wait below
+      // then exits. Handled at all because as PID 1, in a container, a signal with no handler is
+      // ignored, and the stop would wait for its SIGKILL.
       logger.info({ signal }, 'shutting down before start-up finished');
-      process.exit(0);
+      startup.abort(signal);
+      return;
     }
     broker.app.log.info({ signal }, 'shutting down');
-    const force = setTimeout(() => process.exit(1), 15_000);
-    force.unref();
     try {
       await broker.close();
     } catch (err) {
@@ -190,6 +259,17 @@ export async function serve(config: Config): Promise<void> {
   };
   process.on('SIGINT', () => void shutdown('SIGINT'));
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
-  broker = await startBroker(config, { logger, metrics: new Metrics(true), waitForDatabase: true });
+  try {
+    broker = await startBroker(config, { logger, metrics: new Metrics(true), waitForDatabase: true, signal: startup.signal });
+  } catch (err) {
+    if (!(err instanceof StartupStopped)) throw err;
+    const signal = startup.signal.reason as string;
+    if (err.closeFailure) {
+      logger.error({ signal, closed: err.closed, err: { message: (err.closeFailure as Error).message } }, 'shutdown failed');
+      process.exit(1);
+    }
+    logger.info({ signal, closed: err.closed }, 'start-up stopped by a signal');
+    process.exit(0);
+  }
   broker.app.log.info({ url: broker.url }, 'pg-credential-broker listening');
 }
