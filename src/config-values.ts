@@ -57,7 +57,40 @@ export function proxyRangeProblem(entry: string): string | null {
   if (family === 6 && bits < 96 + WIDEST_PROXY_BLOCK && touchesMappedIpv4(address, bits)) {
     return `covers IPv4 addresses (as ::ffff:…) wider than a /${WIDEST_PROXY_BLOCK}, which lets most IPv4 clients choose their own address`;
   }
+  // proxy-addr masks the address to its prefix, so `192.168.1.10/24` trusts all of 192.168.1.0/24:
+  // most likely one proxy's address was meant, and a block's worth of clients could then name
+  // their own address. Which of the two was meant only the operator knows, so both are offered.
+  const hostBits = (1n << BigInt(max - bits)) - 1n;
+  const value = addressValue(address, family);
+  if ((value & hostBits) !== 0n) {
+    const block = `${formatAddress(value & ~hostBits, family)}/${bits}`;
+    return `has host bits set, and would trust all of ${block}: write ${block} for that /${bits} block, `
+      + `or ${address} (or ${address}/${max}) for the one proxy`;
+  }
   return null;
+}
+
+/** The address as a number: IPv4 in 32 bits, IPv6 (an embedded IPv4 tail included) in 128. */
+function addressValue(address: string, family: 4 | 6): bigint {
+  if (family === 4) return address.split('.').reduce((n, octet) => (n << 8n) | BigInt(octet), 0n);
+  // A dotted IPv4 tail (`::ffff:10.0.0.1`) is two groups; `::` stands for as many zero groups as are missing.
+  const groups = address.replace(/(\d+)\.(\d+)\.(\d+)\.(\d+)$/, (_m, a, b, c, d) =>
+    `${((+a << 8) | +b).toString(16)}:${((+c << 8) | +d).toString(16)}`);
+  const [head, tail] = groups.split('::');
+  const left = head ? head.split(':') : [];
+  const right = tail === undefined ? [] : tail ? tail.split(':') : [];
+  const all = tail === undefined ? left : [...left, ...Array(8 - left.length - right.length).fill('0'), ...right];
+  return all.reduce((n, group) => (n << 16n) | BigInt(`0x${group}`), 0n);
+}
+
+/** An address as it is usually written: IPv4 dotted, IPv6 as RFC 5952 says, ::ffff: with its IPv4 part dotted. */
+function formatAddress(value: bigint, family: 4 | 6): string {
+  const ipv4 = (n: bigint) => [24n, 16n, 8n, 0n].map((shift) => (n >> shift) & 255n).join('.');
+  if (family === 4) return ipv4(value);
+  if (value >> 32n === 0xffffn) return `::ffff:${ipv4(value & 0xffffffffn)}`;
+  const hex = Array.from({ length: 8 }, (_, i) => ((value >> BigInt(112 - 16 * i)) & 0xffffn).toString(16)).join(':');
+  // WHATWG URL serialises IPv6 hosts as RFC 5952 does: the longest run of zero groups becomes ::.
+  return new URL(`http://[${hex}]`).hostname.slice(1, -1);
 }
 
 const WIDEST_PROXY_BLOCK = 8;

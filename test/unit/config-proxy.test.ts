@@ -78,4 +78,28 @@ describe('BROKER_TRUST_PROXY', () => {
     ];
     for (const [value, reason] of cases) assert.equal(rejects({ BROKER_TRUST_PROXY: value }, 'BROKER_TRUST_PROXY').message, `BROKER_TRUST_PROXY: ${reason}`, value);
   });
+
+  // proxy-addr masks the address, so `192.168.1.10/24` trusted all of 192.168.1.0/24: most likely
+  // one proxy's address was meant, and a whole subnet of clients could name their own address.
+  test('a block whose address has host bits set is refused, suggesting the block and the one address', () => {
+    const cases: Array<[string, string, string]> = [
+      ['192.168.1.10/24', '192.168.1.0/24', '192.168.1.10'],
+      ['10.0.0.0/8,10.1.2.3/16', '10.1.0.0/16', '10.1.2.3'],
+      ['fd00::5/64', 'fd00::/64', 'fd00::5'],
+      ['2001:db8:0:0:1:0:0:1/96', '2001:db8:0:0:1::/96', '2001:db8:0:0:1:0:0:1'],
+      ['::ffff:10.9.1.5/112', '::ffff:10.9.0.0/112', '::ffff:10.9.1.5'],
+      ['::ffff:a09:105/120', '::ffff:10.9.1.0/120', '::ffff:a09:105'],
+    ];
+    for (const [value, block, address] of cases) {
+      const entries = value.split(',');
+      const bits = entries.at(-1)!.split('/')[1];
+      const single = `${address}/${address.includes(':') ? 128 : 32}`;
+      assert.equal(rejects({ BROKER_TRUST_PROXY: value }, 'BROKER_TRUST_PROXY').message,
+        `BROKER_TRUST_PROXY: entry ${entries.length}: "${entries.at(-1)}" has host bits set, and would trust all of ${block}: `
+        + `write ${block} for that /${bits} block, or ${address} (or ${single}) for the one proxy`, value);
+    }
+    // The suggestions are accepted as written, and so is a block that starts where its address does.
+    assert.deepEqual(trusted('192.168.1.0/24,192.168.1.10,192.168.1.10/32,fd00::/64,fd00::5/128,::ffff:10.9.0.0/112,::ffff:10.9.1.5,172.16.5.4/31'),
+      ['192.168.1.0/24', '192.168.1.10', '192.168.1.10/32', 'fd00::/64', 'fd00::5/128', '::ffff:10.9.0.0/112', '::ffff:10.9.1.5', '172.16.5.4/31']);
+  });
 });
