@@ -1,10 +1,11 @@
-import rateLimit from '@fastify/rate-limit';
+import rateLimit, { normalizeIP } from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import { isIPv6 } from 'node:net';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequest } from 'fastify';
 import type pg from 'pg';
 import type { Logger } from 'pino';
 import authPlugin from './auth/verify.js';
+import { clientAddress } from './client-address.js';
 import type { Config } from './config.js';
 import { Errors } from './errors.js';
 import { createLogger, type LogDestination } from './logger.js';
@@ -91,9 +92,9 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     frameworkErrors: frameworkProblem,
     clientErrorHandler: clientErrorProblem(logger as FastifyBaseLogger),
     schemaErrorFormatter: schemaErrors,
-    // request.ip, which the per-IP limit, the audit's client_ip and the request log all use, is
-    // the client X-Forwarded-For names only when the connection came from a listed proxy. An
-    // empty list is `false`, which keeps Fastify from consulting X-Forwarded-For at all.
+    // request.ip, behind the per-IP limit, the audit's client_ip and the request log (through
+    // request.clientIp), is the client X-Forwarded-For names only when the connection came from a
+    // listed proxy. An empty list is `false`, which keeps Fastify from consulting X-Forwarded-For at all.
     trustProxy: config.trustProxy.length > 0 ? config.trustProxy : false,
   });
   // Unknown body fields are errors, not silently dropped; bodies are not type-coerced.
@@ -101,6 +102,7 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
   installJsonBodyParser(app);
 
   const pool = options.pool ?? createPool(config.databaseUrl, logger, config.dbPoolSize, config);
+  app.decorateRequest('clientIp', { getter(this: FastifyRequest) { return clientAddress(this); } });
   app.decorate('config', config);
   app.decorate('db', pool);
   app.decorate('metrics', options.metrics ?? new Metrics());
@@ -177,11 +179,14 @@ export async function buildApp(config: Config, options: BuildOptions = {}): Prom
     timeWindow: 60_000,
     hook: 'onRequest',
     allowList: (request) => PROBE_PATHS.has(request.url.split('?')[0]),
+    // The plugin's own key, of the address the audit records rather than request.ip as it stands.
+    keyGenerator: (request) => normalizeIP(request.clientIp ?? ''),
     // Our catalogue error, so the answer carries code RATE_LIMITED like the per-identity limit's.
     // The plugin counts an IPv6 client by its /64 (one host may send from any address in it) and
     // an IPv4-mapped address as its IPv4 one; the answer says which it counted.
     errorResponseBuilder: (request, context) => {
-      const block = isIPv6(request.ip ?? '') && !/^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(request.ip) ? 'this address\'s /64' : 'this address';
+      const ip = request.clientIp ?? '';
+      const block = isIPv6(ip) && !/^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(ip) ? 'this address\'s /64' : 'this address';
       return new Errors.RateLimited(`More than ${context.max} requests a minute from ${block}; retry in ${Math.max(1, Math.ceil(context.ttl / 1000))} s`);
     },
   });

@@ -170,7 +170,7 @@ async function auditOutcome(app: FastifyInstance, request: FastifyRequest, statu
       ...targetOf(request),
       reason: code,
       request_id: String(request.id),
-      client_ip: request.ip,
+      client_ip: request.clientIp,
       detail: { method: request.method, path: request.url.split('?')[0], status },
     });
   } catch (err) {
@@ -216,7 +216,7 @@ async function auditRejectedToken(app: FastifyInstance, request: FastifyRequest,
       actor_verified: false,
       reason,
       request_id: String(request.id),
-      client_ip: request.ip,
+      client_ip: request.clientIp,
       detail: { method: request.method, path: request.url.split('?')[0] },
     });
   } catch (err) {

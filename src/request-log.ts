@@ -31,7 +31,7 @@ export class OneLinePerRequest extends LogController {
       // The path only: query strings may carry subjects and other filters.
       path: request.url.split('?')[0],
       status: reply.statusCode,
-      ip: request.ip,
+      ip: request.clientIp,
       responseTime: reply.elapsedTime,
     };
     const note = request.logNote;

@@ -95,3 +95,33 @@ test('X-Forwarded-For from a peer outside BROKER_TRUST_PROXY is not believed; fr
   assert.deepEqual(await from('192.0.2.1', '203.0.113.15'), { status: 401, ips: ['203.0.113.15'] }, 'a listed address');
   assert.deepEqual(await from('10.20.30.40', '203.0.113.16'), { status: 401, ips: ['203.0.113.16'] }, 'an address in a listed block');
 });
+
+// proxy-addr returns the entry at the client's position whatever it holds, so a listed proxy that
+// passes a client's own header on (rather than appending) would let it write any text there.
+test('an X-Forwarded-For entry that is no IP address is not recorded nor counted: the nearest hop that is one stands in', async () => {
+  const from = async (peer: string, forwardedFor: string, token?: string) => {
+    const res = await proxiedElsewhere.app.inject({
+      method: token ? 'POST' : 'GET', url: token ? '/credentials' : '/leases', remoteAddress: peer,
+      headers: { 'x-forwarded-for': forwardedFor, ...(token ? { authorization: `Bearer ${token}` } : {}) }, ...(token ? { payload: {} } : {}),
+    });
+    const body = res.json();
+    const [lease] = token ? await proxiedElsewhere.pg.query('SELECT client_ip, request_id FROM broker.leases WHERE id = $1', [body.lease_id]) : [];
+    const requestId = lease?.request_id ?? body.request_id;
+    return { status: res.statusCode, audit: await auditedIps(proxiedElsewhere, requestId), log: await loggedIp(proxiedElsewhere, requestId), lease: lease?.client_ip };
+  };
+  // Whatever text follows, it is the listed proxy 192.0.2.1 that is recorded, and its one
+  // allowance of 3 a minute that is spent: new text buys no new allowance.
+  const texts = ['unknown', '<script>alert(1)</script>', '203.0.113.30:51234', '[2001:db8::30]', 'x'.repeat(2000)];
+  const answers = [];
+  for (const text of texts) answers.push(await from('192.0.2.1', text));
+  assert.deepEqual(answers.map((a) => [a.status, a.log]), [[401, '192.0.2.1'], [401, '192.0.2.1'], [401, '192.0.2.1'], [429, '192.0.2.1'], [429, '192.0.2.1']]);
+  assert.deepEqual(answers.slice(0, 3).map((a) => a.audit), [['192.0.2.1'], ['192.0.2.1'], ['192.0.2.1']]);
+  assert.deepEqual(await from('10.20.30.41', 'unknown', await proxiedElsewhere.token({ sub: 'px:garbled' })), { status: 201, audit: ['10.20.30.41'], log: '10.20.30.41', lease: '10.20.30.41' });
+  // Behind two listed proxies, the one that passed the text on is the nearest address.
+  assert.deepEqual(await from('10.20.30.42', 'not an address, 10.1.2.3'), { status: 401, audit: ['10.1.2.3'], log: '10.1.2.3', lease: undefined });
+  // An address there is still believed, IPv4, IPv6 or IPv4-mapped.
+  for (const client of ['203.0.113.31', '2001:db8::31', '::ffff:203.0.113.32']) {
+    assert.deepEqual(await from('10.20.30.43', client), { status: 401, audit: [client], log: client, lease: undefined }, client);
+  }
+  assert.deepEqual(await from('10.20.30.43', '203.0.113.33', await proxiedElsewhere.token({ sub: 'px:plain' })), { status: 201, audit: ['203.0.113.33'], log: '203.0.113.33', lease: '203.0.113.33' });
+});

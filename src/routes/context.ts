@@ -7,7 +7,7 @@ export function requestContext(request: FastifyRequest): RequestContext {
   return {
     identity: request.identity,
     requestId: String(request.id),
-    clientIp: request.ip ?? null,
+    clientIp: request.clientIp ?? null,
     userAgent: typeof ua === 'string' ? ua.slice(0, 512) : null,
   };
 }

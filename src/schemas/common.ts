@@ -3,7 +3,7 @@ import { Type, type Static } from '@sinclair/typebox';
 export const Timestamp = Type.String({ format: 'date-time', description: 'RFC 3339, UTC' });
 export const NullableTimestamp = Type.Union([Timestamp, Type.Null()]);
 export const ClientIp = Type.Union([Type.String(), Type.Null()], {
-  description: 'The caller\'s address: the connection\'s, or the client X-Forwarded-For names when the connection came from a proxy in BROKER_TRUST_PROXY',
+  description: 'The caller\'s address: the connection\'s, or the client X-Forwarded-For names when the connection came from a proxy in BROKER_TRUST_PROXY and that entry is an IP address (otherwise the nearest proxy\'s)',
 });
 // A bound a caller gives: any offset is fine. The description is also the 400's text for a value
 // that is no date-time or out of range (see schemaErrors; validation.ts keeps out year 0000).
