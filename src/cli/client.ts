@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { isIPv4 } from 'node:net';
+import { readServerClock, type ServerClockReading } from './renew-schedule.js';
 
 /** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
 export class CliError extends Error {
@@ -238,7 +239,7 @@ export function retryAfterSeconds(header: string | null, now = Date.now()): numb
 /** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
 export async function callBroker<T = any>(
   base: string, token: string, method: string, path: string, body?: unknown, timeoutMs = CALL_TIMEOUT_MS,
-): Promise<{ status: number; body: T }> {
+): Promise<{ status: number; body: T; serverClock: ServerClockReading | null }> {
   const signal = AbortSignal.timeout(timeoutMs);
   // The broker got the request and may still carry it out: saying it was unreachable would mislead.
   const unanswered = () => new CliError(`the broker at ${base} did not answer ${method} ${path} within ${timeoutMs / 1000} s; it may still complete there`);
@@ -255,6 +256,7 @@ export async function callBroker<T = any>(
     if (signal.aborted || undiciTimedOut(err)) throw unanswered();
     throw new CliError(`cannot reach the broker at ${base}: ${fetchFailure(err, token)}`);
   }
+  const serverClock = readServerClock(res.headers.get('date'), performance.now());
   try {
     text = await res.text();
   } catch (err) {
@@ -282,5 +284,5 @@ export async function callBroker<T = any>(
   if (text && (typeof parsed === 'string' || !/^application\/(problem\+)?json\b/i.test(type))) {
     throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status} but not with the broker's JSON (content-type ${JSON.stringify(type || 'none')}); is ${base} the broker's URL?`);
   }
-  return { status: res.status, body: parsed as T };
+  return { status: res.status, body: parsed as T, serverClock };
 }

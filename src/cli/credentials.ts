@@ -8,7 +8,7 @@ import type { CredentialBody, LeaseBody } from '../schemas/lease.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
 import { formatCredential, FORMATS, pgEnvironment, type Format } from './formats.js';
 import { writeWholly } from './output.js';
-import { isFinalRenewFailure, nextRenewDelayMs } from './renew-schedule.js';
+import { isFinalRenewFailure, nextRenewDelayMs, serverNowMs, type ServerClockReading } from './renew-schedule.js';
 
 export interface RequestOptions extends TokenOptions {
   url?: string;
@@ -23,7 +23,7 @@ export function missingCredentialFields(body: unknown): string[] {
   return Number.isInteger(c.port) ? strings : [...strings, 'port'];
 }
 
-export async function requestCredential(opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
+export async function requestCredential(opts: RequestOptions): Promise<Awaited<ReturnType<typeof issueWith>>> {
   // The URL is checked before a token is asked for (of GitHub Actions, say) that would go nowhere.
   const base = brokerUrl(opts.url);
   return issueWith(await obtainToken(opts), base, opts);
@@ -32,17 +32,17 @@ export async function requestCredential(opts: RequestOptions): Promise<{ credent
 /** How the broker tells an API client to choose among several admitting policies. */
 const REQUEST_BODY_ADVICE = /name one in the request body\.?$/;
 
-async function issueWith(token: string, base: string, opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string }> {
+async function issueWith(token: string, base: string, opts: RequestOptions): Promise<{ credential: CredentialBody; base: string; token: string; serverClock: ServerClockReading | null }> {
   const body: Record<string, unknown> = {};
   if (opts.policy) body.policy = opts.policy;
   if (opts.ttl !== undefined) body.ttl = opts.ttl;
   try {
-    const { status, body: credential } = await callBroker<CredentialBody>(base, token, 'POST', '/credentials', body);
+    const { status, body: credential, serverClock } = await callBroker<CredentialBody>(base, token, 'POST', '/credentials', body);
     const missing = missingCredentialFields(credential);
     if (missing.length) {
       throw new CliError(`the server at ${base} answered POST /credentials with ${status} but not with a credential (no valid ${missing.join(', ')}); is ${base} the broker's URL?`);
     }
-    return { credential, base, token };
+    return { credential, base, token, serverClock };
   } catch (err) {
     // The broker's detail names its API; someone at this prompt wants the command.
     if (err instanceof CliError && err.code === 'NO_POLICY') {
@@ -186,6 +186,7 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
     for (const [s, h] of earlyHandlers) process.removeListener(s, h);
   }
   const { credential, base } = requested;
+  let serverClock = requested.serverClock;
   let expiresAt = credential.expires_at;
   let maxExpiresAt = credential.max_expires_at;
   // Without --ttl a renew names none and the broker applies the policy's default_ttl on its own
@@ -212,6 +213,8 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   let childExited = false;
   let failures = 0;
   const leaseTimes = () => ({ expiresAtMs: Date.parse(expiresAt), maxExpiresAtMs: Date.parse(maxExpiresAt) });
+  // expires_at is compared with the broker's clock as its latest answer read it, not with this machine's.
+  const brokerNow = () => serverNowMs(serverClock, performance.now(), Date.now());
   const scheduleRenew = (delayMs: number | null) => {
     if (childExited || delayMs === null) return;
     timer = setTimeout(renew, delayMs);
@@ -220,18 +223,19 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   const renew = async () => {
     try {
       const token = await obtainToken(opts);
-      const { body } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, renewBody);
+      const { body, serverClock: answered } = await callBroker<LeaseBody>(base, token, 'POST', `/leases/${credential.lease_id}/renew`, renewBody);
+      serverClock = answered ?? serverClock;
       expiresAt = body.expires_at;
       // The bound moves earlier when the policy's max_ttl was lowered since issuance.
       maxExpiresAt = body.max_expires_at;
       failures = 0;
-      scheduleRenew(nextRenewDelayMs(leaseTimes(), Date.now(), failures));
+      scheduleRenew(nextRenewDelayMs(leaseTimes(), brokerNow(), failures));
     } catch (err) {
       if (childExited) return;
       failures += 1;
       const message = (err as Error).message;
       const final = isFinalRenewFailure(err);
-      const delayMs = final ? null : nextRenewDelayMs(leaseTimes(), Date.now(), failures);
+      const delayMs = final ? null : nextRenewDelayMs(leaseTimes(), brokerNow(), failures);
       const outcome = final ? 'giving up'
         : delayMs === null ? `giving up, the lease ends at ${expiresAt}`
         : `retrying in ${Math.ceil(delayMs / 1000)} s (the lease ends at ${expiresAt})`;
@@ -239,7 +243,7 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
       scheduleRenew(delayMs);
     }
   };
-  scheduleRenew(nextRenewDelayMs(leaseTimes(), Date.now(), 0));
+  scheduleRenew(nextRenewDelayMs(leaseTimes(), brokerNow(), 0));
 
   try {
     const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {

@@ -1,6 +1,6 @@
 /**
  * When `pg-broker exec` renews its lease next. Pure, so the timing can be tested without a clock.
- * All instants are epoch milliseconds (UTC); all delays are milliseconds.
+ * All instants are epoch milliseconds (UTC) on the broker's clock (serverNowMs); all delays are milliseconds.
  */
 
 /** The first retry after a failed renew waits this long; each further failure doubles it… */
@@ -42,6 +42,39 @@ export function nextRenewDelayMs(lease: LeaseTimes, nowMs: number, failures: num
   if (remainingMs <= RENEW_RETRY_FLOOR_MS) return null;
   const backoffMs = Math.min(RENEW_RETRY_MAX_MS, RENEW_RETRY_FIRST_MS * 2 ** (failures - 1));
   return Math.round(Math.max(RENEW_RETRY_FLOOR_MS, Math.min(backoffMs, remainingMs - RENEW_REQUEST_ALLOWANCE_MS)));
+}
+
+/**
+ * The broker's clock as one of its answers read it, carried forward on this process's monotonic
+ * clock (performance.now()): `serverMs` was the broker's time when `monoMs` was ours.
+ */
+export interface ServerClockReading {
+  serverMs: number;
+  monoMs: number;
+}
+
+/**
+ * A reading from an answer's Date header, taken as it arrived (`arrivedMonoMs`), or null when
+ * there is none (a proxy that drops it) or it is no HTTP date. Date holds whole seconds, cut
+ * down: the answer left within the second after it, and reading the end of that second errs
+ * toward renewing early, never late.
+ */
+export function readServerClock(dateHeader: string | null, arrivedMonoMs: number): ServerClockReading | null {
+  const value = dateHeader?.trim() ?? '';
+  // Date.parse takes nearly anything ("-5" is a year); an HTTP date ends in GMT.
+  const at = /GMT$/.test(value) ? Date.parse(value) : NaN;
+  return Number.isNaN(at) ? null : { serverMs: at + 999, monoMs: arrivedMonoMs };
+}
+
+/**
+ * Now on the broker's clock, for comparing with the expires_at it answered: this machine's own
+ * clock may be off by minutes (a VM resumed, NTP blocked on a CI runner), and a clock behind would
+ * renew after the lease lapsed, one ahead renew early or, ahead by more than the lease's lifetime,
+ * never. expires_at is PostgreSQL's time and Date the broker host's; the broker warns when those
+ * two disagree. Without a reading, this machine's clock is all there is.
+ */
+export function serverNowMs(reading: ServerClockReading | null, monoNowMs: number, localNowMs: number): number {
+  return reading ? reading.serverMs + (monoNowMs - reading.monoMs) : localNowMs;
 }
 
 // 400: the request itself is wrong and will be every time; 404: the lease is gone or not ours;

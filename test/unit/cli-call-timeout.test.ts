@@ -35,7 +35,9 @@ describe('callBroker deadline', () => {
   });
 
   test('an answer within the deadline is returned', async () => {
-    assert.deepEqual(await callBroker(base, 't', 'DELETE', '/fast', undefined, 2000), { status: 200, body: { ok: true } });
+    const { status, body, serverClock } = await callBroker(base, 't', 'DELETE', '/fast', undefined, 2000);
+    assert.deepEqual({ status, body }, { status: 200, body: { ok: true } });
+    assert.ok(serverClock !== null, 'the answer\'s Date header was read');
   });
 
   test('no answer, or half an answer, within the deadline: it may still complete, and a renewal is retried', async () => {
