@@ -8,7 +8,7 @@ import type { CredentialBody, LeaseBody } from '../schemas/lease.js';
 import { brokerUrl, callBroker, CliError, obtainToken, REVOKE_TIMEOUT_MS, type TokenOptions } from './client.js';
 import { formatCredential, FORMATS, pgEnvironment, type Format } from './formats.js';
 import { writeWholly } from './output.js';
-import { isFinalRenewFailure, nextRenewDelayMs, serverNowMs, type ServerClockReading } from './renew-schedule.js';
+import { isFinalRenewFailure, renewDelayMs, type ServerClockReading } from './renew-schedule.js';
 
 export interface RequestOptions extends TokenOptions {
   url?: string;
@@ -213,8 +213,8 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
   let childExited = false;
   let failures = 0;
   const leaseTimes = () => ({ expiresAtMs: Date.parse(expiresAt), maxExpiresAtMs: Date.parse(maxExpiresAt) });
-  // expires_at is compared with the broker's clock as its latest answer read it, not with this machine's.
-  const brokerNow = () => serverNowMs(serverClock, performance.now(), Date.now());
+  // expires_at is compared with the broker's clock as its latest answer read it, and with this machine's.
+  const delayMs = (failures: number) => renewDelayMs(leaseTimes(), serverClock, performance.now(), Date.now(), failures);
   const scheduleRenew = (delayMs: number | null) => {
     if (childExited || delayMs === null) return;
     timer = setTimeout(renew, delayMs);
@@ -229,21 +229,21 @@ export async function execCommand(command: string[], opts: RequestOptions & { ke
       // The bound moves earlier when the policy's max_ttl was lowered since issuance.
       maxExpiresAt = body.max_expires_at;
       failures = 0;
-      scheduleRenew(nextRenewDelayMs(leaseTimes(), brokerNow(), failures));
+      scheduleRenew(delayMs(failures));
     } catch (err) {
       if (childExited) return;
       failures += 1;
       const message = (err as Error).message;
       const final = isFinalRenewFailure(err);
-      const delayMs = final ? null : nextRenewDelayMs(leaseTimes(), brokerNow(), failures);
+      const retryMs = final ? null : delayMs(failures);
       const outcome = final ? 'giving up'
-        : delayMs === null ? `giving up, the lease ends at ${expiresAt}`
-        : `retrying in ${Math.ceil(delayMs / 1000)} s (the lease ends at ${expiresAt})`;
+        : retryMs === null ? `giving up, the lease ends at ${expiresAt}`
+        : `retrying in ${Math.ceil(retryMs / 1000)} s (the lease ends at ${expiresAt})`;
       process.stderr.write(`pg-broker exec: could not renew lease ${credential.lease_id}: ${message}; ${outcome}\n`);
-      scheduleRenew(delayMs);
+      scheduleRenew(retryMs);
     }
   };
-  scheduleRenew(nextRenewDelayMs(leaseTimes(), brokerNow(), 0));
+  scheduleRenew(delayMs(0));
 
   try {
     const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {

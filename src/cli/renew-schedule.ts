@@ -77,6 +77,21 @@ export function serverNowMs(reading: ServerClockReading | null, monoNowMs: numbe
   return reading ? reading.serverMs + (monoNowMs - reading.monoMs) : localNowMs;
 }
 
+/**
+ * The wait before the next renew attempt: the sooner of what the broker's clock (its latest Date,
+ * serverNowMs) and this machine's clock say, leaving out a clock by which the lease has lapsed
+ * while the other still has time. Either can be wrong: this machine's (a VM resumed, NTP blocked),
+ * or the Date header (nginx, for one, sends its own host's Date, not the broker's). One clock off
+ * by more than the lease's lifetime then neither lets the lease lapse nor stops the renewals; off
+ * the other way it costs an early renew, never a late one. Null only when neither clock can help.
+ */
+export function renewDelayMs(lease: LeaseTimes, reading: ServerClockReading | null, monoNowMs: number, localNowMs: number, failures: number): number | null {
+  const delays = [serverNowMs(reading, monoNowMs, localNowMs), localNowMs]
+    .map((nowMs) => nextRenewDelayMs(lease, nowMs, failures))
+    .filter((delay): delay is number => delay !== null);
+  return delays.length > 0 ? Math.min(...delays) : null;
+}
+
 // 400: the request itself is wrong and will be every time; 404: the lease is gone or not ours;
 // 409: LEASE_ENDED (revoked, expired or being torn down). Anything else (5xx, 429, 401 while the
 // IdP's keys are unreachable, a refused connection, a token that could not be fetched) may pass.
