@@ -18,8 +18,10 @@ declare module 'fastify' {
  * when there is one proxy).
  */
 export function clientAddress(request: FastifyRequest): string | undefined {
+  // isIP also takes an IPv6 zone id (`%` and any length of letters, digits, '.', '-', ':'): it
+  // names an interface of the host that wrote it, nothing of the client's, and is left out.
   const ip = request.ip;
-  if (ip !== undefined && isIP(ip) !== 0) return ip;
+  if (ip !== undefined && isIP(ip) !== 0) return ip.replace(/%.*$/s, '');
   // [peer, …listed proxies, the entry at the client's position]; every entry but the last is an address.
   const hops = request.ips ?? [];
   return hops.length >= 2 ? hops[hops.length - 2] : request.socket?.remoteAddress;

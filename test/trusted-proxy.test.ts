@@ -125,3 +125,16 @@ test('an X-Forwarded-For entry that is no IP address is not recorded nor counted
   }
   assert.deepEqual(await from('10.20.30.43', '203.0.113.33', await proxiedElsewhere.token({ sub: 'px:plain' })), { status: 201, audit: ['203.0.113.33'], log: '203.0.113.33', lease: '203.0.113.33' });
 });
+
+// Node's isIP takes an IPv6 zone id (`%` and any run of letters, digits, '.', '-' and ':'), so an
+// address with one passed for an address: a client behind a proxy that passes its header on could
+// still write kilobytes of its own text into client_ip. A zone names an interface of the host that
+// wrote it, nothing of the client's: the address is recorded without it.
+test('an X-Forwarded-For IPv6 address with a zone id is recorded without it', async () => {
+  const zoned = `2001:db8::40%${'unknown.'.repeat(500)}`;
+  const res = await proxiedElsewhere.app.inject({ method: 'GET', url: '/leases', remoteAddress: '10.20.30.50', headers: { 'x-forwarded-for': zoned } });
+  assert.equal(res.statusCode, 401);
+  const requestId = res.json().request_id;
+  assert.deepEqual(await auditedIps(proxiedElsewhere, requestId), ['2001:db8::40']);
+  assert.equal(await loggedIp(proxiedElsewhere, requestId), '2001:db8::40');
+});
