@@ -12,9 +12,10 @@ import { startCliBench, type CliBench } from './helpers/cli.js';
 let b: TestBroker;
 let tmp: string;
 let cli: CliBench['cli'];
+let checkout: CliBench['checkout'];
 
 before(async () => {
-  ({ b, home: tmp, cli } = await startCliBench('pgcb-cli-'));
+  ({ b, home: tmp, cli, checkout } = await startCliBench('pgcb-cli-'));
 });
 after(async () => b?.close());
 
@@ -155,6 +156,16 @@ describe('pg-broker CLI', () => {
     const none = await cli(['leases', 'revoke', '--token', admin]);
     assert.equal(none.code, 1);
     assert.match(none.stderr, /name a lease id, or --subject/);
+  });
+
+  test('bin/pg-broker.js, the checkout\'s entry, runs the same CLI from the TypeScript sources through tsx', async () => {
+    // The other suites run the CLI compiled (helpers/bundle.ts); this is the path `npx pg-broker` takes in a checkout.
+    const [viaTsx, compiled] = await Promise.all([checkout(['--help']), cli(['--help'])]);
+    assert.equal(viaTsx.code, 0, viaTsx.stderr);
+    assert.deepEqual(viaTsx, compiled);
+    const creds = await checkout(['creds', '--format', 'json', '--token', await b.token({ sub: 'cli:checkout' })]);
+    assert.equal(creds.code, 0, creds.stderr);
+    await (await connectAs(b.pg, JSON.parse(creds.stdout))).end();
   });
 
   test('every subcommand has --help with examples, and unknown commands fail with one line', async () => {

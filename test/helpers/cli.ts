@@ -4,8 +4,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startTestBroker, type TestBroker } from './broker.js';
+import { cliBundle } from './bundle.js';
 
-export const BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
+/** The checkout's entry, which loads the TypeScript through tsx. */
+export const CHECKOUT_BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
+/** The CLI the suites run: compiled from the same sources (see helpers/bundle.ts). */
+export const BIN = await cliBundle();
 
 export interface CliRun {
   code: number;
@@ -18,8 +22,10 @@ export interface CliBench {
   b: TestBroker;
   url: string;
   home: string;
-  /** Runs bin/pg-broker.js with only PATH, HOME and PG_BROKER_URL set, plus `env`. */
+  /** Runs the CLI (BIN) with only PATH, HOME and PG_BROKER_URL set, plus `env`. */
   cli(args: string[], env?: Record<string, string>): Promise<CliRun>;
+  /** Runs the checkout's bin/pg-broker.js (through tsx) the same way. */
+  checkout(args: string[], env?: Record<string, string>): Promise<CliRun>;
   /** Runs a line as the CLI prints it for a person to paste (`pg-broker …`), through sh, in the same environment. */
   pasted(line: string, env?: Record<string, string>): Promise<CliRun>;
 }
@@ -41,10 +47,11 @@ export async function startCliBench(tmpPrefix: string, opts: { cliTimeoutMs?: nu
     });
   });
   const cli = (args: string[], env: Record<string, string> = {}) => run(process.execPath, [BIN, ...args], env);
+  const checkout = (args: string[], env: Record<string, string> = {}) => run(process.execPath, [CHECKOUT_BIN, ...args], env);
   const pasted = (line: string, env: Record<string, string> = {}) => {
     if (!line.startsWith('pg-broker ')) throw new Error(`not a pg-broker command: ${line}`);
     const script = `pg_broker() { "$PG_BROKER_NODE" "$PG_BROKER_BIN" "$@"; }\npg_broker ${line.slice('pg-broker '.length)}`;
     return run('sh', ['-c', script], { PG_BROKER_NODE: process.execPath, PG_BROKER_BIN: BIN, ...env });
   };
-  return { b, url, home, cli, pasted };
+  return { b, url, home, cli, checkout, pasted };
 }

@@ -1,12 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { brokerEnv, findLeaks } from './broker.js';
+import { cliBundle } from './bundle.js';
 import type { TestIssuer } from './issuer.js';
 import type { TestPostgres } from './postgres.js';
 import { freePort } from './ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const BIN = fileURLToPath(new URL('../../bin/pg-broker.js', import.meta.url));
 const HOST = '127.0.0.1';
 
 export interface ExitStatus {
@@ -14,7 +14,7 @@ export interface ExitStatus {
   signal: NodeJS.Signals | null;
 }
 
-/** A `pg-broker serve` child process on 127.0.0.1, with its JSON log captured line by line. */
+/** A `pg-broker serve` child process (the CLI as helpers/bundle.ts builds it) on 127.0.0.1, with its JSON log captured line by line. */
 export interface BrokerProcess {
   pid: number;
   port: number;
@@ -75,8 +75,8 @@ function tail(list: string[], n = 5): string {
 }
 
 async function startOnce(env: Record<string, string>, port: number): Promise<BrokerProcess> {
-  // Only what the broker needs (PATH, HOME for tsx's cache) plus `env`: the test's own environment stays out.
-  const child = spawn(process.execPath, [BIN, 'serve'], {
+  // Only what the broker needs (PATH, HOME) plus `env`: the test's own environment stays out.
+  const child = spawn(process.execPath, [await cliBundle(), 'serve'], {
     cwd: ROOT,
     env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/tmp', LOG_LEVEL: 'info', ...env, HOST, PORT: String(port) },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -139,7 +139,7 @@ export async function waitReady(broker: BrokerProcess, timeoutMs = 30_000): Prom
 }
 
 /**
- * Starts `node bin/pg-broker.js serve` with `env` on a free loopback port and waits until
+ * Starts `pg-broker serve` with `env` on a free loopback port and waits until
  * /readyz answers 200. A port lost to another process between choosing and binding is retried.
  */
 export async function spawnBroker(env: Record<string, string>, opts: SpawnOptions = {}): Promise<BrokerProcess> {
