@@ -41,6 +41,7 @@ const badDeletes: string[] = [];
 const summary = { bootKills: 0, trials: 0, issuanceKills: 0, reapingKills: 0, killedMidIssue: 0, killedMidTeardown: 0, interruptedTeardowns: 0, reapedDuringTrials: 0, loginsChecked: 0 };
 
 let inFlight = 0; // requests sent and not yet answered
+const bootMs: number[] = []; // each restart's time from spawn to ready
 
 const count = (key: string) => statuses.set(key, (statuses.get(key) ?? 0) + 1);
 
@@ -156,12 +157,15 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
       // the migration check under its advisory lock, plugin setup), and started once more.
       if (trial % 10 === 0) {
         const doomed = await spawnBroker(env, { noWait: true });
-        await sleep(between(100, 1500));
+        // Within the time the last restarts took to get ready, so that the kill lands in the boot
+        // however fast this machine (and the compiled CLI) boots.
+        await sleep(between(50, Math.max(100, Math.min(...bootMs.slice(-5)))));
         await doomed.kill('SIGKILL');
         summary.bootKills++;
       }
       // Restart at once (a supervisor would), and check the state the dead process left while
       // the new one is still booting: its reaper has not started yet.
+      const spawnedAt = Date.now();
       const next = spawnBroker(env);
       next.catch(() => undefined);
       try {
@@ -180,7 +184,8 @@ describe(`crash safety: ${TRIALS} SIGKILLs of pg-broker serve (seed ${SEED})`, (
       } finally {
         const t0 = Date.now();
         current = await next;
-        if (process.env.CRASH_DEBUG) console.log(`trial ${trial} ${reaping ? 'reaping' : 'issuance'} waited ${Date.now() - t0} ms for the restart`);
+        bootMs.push(Date.now() - spawnedAt);
+        if (process.env.CRASH_DEBUG) console.log(`trial ${trial} ${reaping ? 'reaping' : 'issuance'} waited ${Date.now() - t0} ms for the restart (${bootMs.at(-1)} ms from spawn to ready)`);
       }
     }
   });
