@@ -120,8 +120,8 @@ export const CLAIM_WINDOW_BATCHES = 10;
  * Teardown runs its statements once per creator role (teardown.ts), and issuance spreads roles
  * over 64 creators at random, so a batch of the `limit` longest-due leases paid for about 64 sets
  * of statements. The batch is chosen instead from the `limit × CLAIM_WINDOW_BATCHES` longest-due,
- * whole creator groups at a time, largest first: teardown of a 10,000 backlog then ran 2.3 times
- * fewer milliseconds of PostgreSQL work per role. The group of the longest-due lease always comes
+ * whole creator groups at a time, largest first: in a 10,000 backlog, claim and teardown together
+ * then took 1.1–1.2 ms per role instead of 2.3–2.4 (without the reaper's pauses). The group of the longest-due lease always comes
  * first, so every lease gets its turn however many arrive behind it. The creator is read from the
  * catalogue here only to choose; teardown reads it again for itself.
  */
