@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { isIPv4 } from 'node:net';
-import { readServerClock, type ServerClockReading } from './renew-schedule.js';
+import { httpDateMs, readServerClock, type ServerClockReading } from './renew-schedule.js';
 
 /** A CLI failure: printed as one line, exit code 1 (or `exitCode`). */
 export class CliError extends Error {
@@ -226,14 +226,19 @@ export function undiciTimedOut(err: unknown): boolean {
   return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
 }
 
-/** Retry-After as whole seconds from now: delta-seconds, or an HTTP date (RFC 9110); undefined when unreadable. */
-export function retryAfterSeconds(header: string | null, now = Date.now()): number | undefined {
+/**
+ * Retry-After as whole seconds from now: delta-seconds, or an HTTP date (RFC 9110); undefined
+ * when unreadable. A date is measured from the answer's own Date header when it has a readable
+ * one, as both then come from the same clock: this machine's may be minutes off the server's.
+ */
+export function retryAfterSeconds(header: string | null, answerDate: string | null = null, now = Date.now()): number | undefined {
   if (header === null) return undefined;
   const value = header.trim();
   if (/^\d+$/.test(value)) return Number(value);
-  // Date.parse takes nearly anything ("-5" is a year); an HTTP date ends in GMT.
-  const at = /GMT$/.test(value) ? Date.parse(value) : NaN;
-  return Number.isNaN(at) ? undefined : Math.max(0, Math.ceil((at - now) / 1000));
+  const at = httpDateMs(value);
+  if (Number.isNaN(at)) return undefined;
+  const sent = httpDateMs(answerDate);
+  return Math.max(0, Math.ceil((at - (Number.isNaN(sent) ? now : sent)) / 1000));
 }
 
 /** Calls the broker; a problem+json answer becomes a CliError carrying its detail. */
@@ -272,7 +277,7 @@ export async function callBroker<T = any>(
   if (res.status >= 400) {
     const problem = parsed as { detail?: string; code?: string } | null;
     throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status, problem?.code,
-      retryAfterSeconds(res.headers.get('retry-after')));
+      retryAfterSeconds(res.headers.get('retry-after'), res.headers.get('date')));
   }
   // Whatever else answers at a wrong --url (a web server, a proxy's login page) says 200 too; its
   // page must not be taken for the broker's answer, let alone printed as a credential.

@@ -53,6 +53,12 @@ export interface ServerClockReading {
   monoMs: number;
 }
 
+/** Milliseconds of an HTTP date (RFC 9110), or NaN: Date.parse takes nearly anything ("-5" is a year); an HTTP date ends in GMT. */
+export function httpDateMs(value: string | null): number {
+  const text = value?.trim() ?? '';
+  return /GMT$/.test(text) ? Date.parse(text) : NaN;
+}
+
 /**
  * A reading from an answer's Date header, taken as it arrived (`arrivedMonoMs`), or null when
  * there is none (a proxy that drops it) or it is no HTTP date. Date holds whole seconds, cut
@@ -60,9 +66,7 @@ export interface ServerClockReading {
  * toward renewing early, never late.
  */
 export function readServerClock(dateHeader: string | null, arrivedMonoMs: number): ServerClockReading | null {
-  const value = dateHeader?.trim() ?? '';
-  // Date.parse takes nearly anything ("-5" is a year); an HTTP date ends in GMT.
-  const at = /GMT$/.test(value) ? Date.parse(value) : NaN;
+  const at = httpDateMs(dateHeader);
   return Number.isNaN(at) ? null : { serverMs: at + 999, monoMs: arrivedMonoMs };
 }
 
