@@ -86,4 +86,26 @@ describe('the reaper\'s claim', () => {
     await b.pg.query(`UPDATE broker.leases SET next_attempt_at = now() - interval '1 second', claimed_by_pid = NULL WHERE id = ANY($1::uuid[])`, [leases.map((l) => l.id)]);
     assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
   });
+
+  test('when every chosen lease is locked, takes the other due leases by age instead of none', async () => {
+    // L0 and L1 share a creator and form the chosen group on 16+; on 15, L0 and L1 are the oldest.
+    const leases = await dueLeases('c', [5, 5, 6, 7]);
+    const holder = new pg.Client({ connectionString: b.pg.brokerUrl });
+    await holder.connect();
+    try {
+      await holder.query('BEGIN');
+      await holder.query('SELECT 1 FROM broker.leases WHERE id = ANY($1::uuid[]) FOR UPDATE', [ids(leases, [0, 1])]);
+      const claimed = await claimDueLeases(b.app.db, 2, creators);
+      assert.deepEqual(claimed.map((l) => l.id).sort(), ids(leases, [2, 3]));
+      await holder.query('ROLLBACK');
+      const rest = await claimDueLeases(b.app.db, 2, creators);
+      assert.deepEqual(rest.map((l) => l.id).sort(), ids(leases, [0, 1]), 'claimed once its lock is gone');
+      assert.deepEqual(await claimDueLeases(b.app.db, 2, creators), [], 'nothing left that is due');
+    } finally {
+      await holder.end();
+    }
+    await b.pg.query(`UPDATE broker.leases SET next_attempt_at = now() - interval '1 second', claimed_by_pid = NULL WHERE id = ANY($1::uuid[])`, [leases.map((l) => l.id)]);
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).failed, 0);
+    for (const l of leases) assert.equal(await roleExists(b.pg, l.username), false, l.username);
+  });
 });

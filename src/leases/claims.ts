@@ -162,7 +162,19 @@ export async function claimDueLeases(db: Queryable, limit: number, creators: str
      RETURNING ${ENDING_COLUMNS}`,
     [limit, CLAIM_SECONDS, limit * CLAIM_WINDOW_BATCHES, creators],
   );
-  return rows;
+  if (rows.length > 0) return rows;
+  // Nothing claimed can also mean every chosen lease was locked by another claimer at that
+  // instant (a revocation's, or another reaper's around a handover), with others still due:
+  // those are claimed by age instead, so the run does not end while work is left.
+  return (await db.query<EndingLease>(
+    `WITH due AS MATERIALIZED (
+       SELECT l.id FROM broker.leases l WHERE state IN ('revoking', 'revoke_failed') AND ${CLAIM_LAPSED}
+        ORDER BY next_attempt_at NULLS FIRST LIMIT $1 FOR UPDATE OF l SKIP LOCKED)
+     UPDATE broker.leases l SET next_attempt_at = now() + make_interval(secs => $2), claimed_by_pid = pg_backend_pid()
+       FROM due WHERE l.id = due.id
+     RETURNING ${ENDING_COLUMNS}`,
+    [limit, CLAIM_SECONDS],
+  )).rows;
 }
 
 /**
