@@ -4,7 +4,7 @@ import { loadConfig } from '../config.js';
 import { startLocalPostgres } from '../dev/embedded-postgres.js';
 import { DEV_ISSUER_BANNER, startDevIssuer } from '../dev/issuer.js';
 import { seedLocalCluster } from '../dev/seed.js';
-import { startBroker } from '../server.js';
+import { startBroker, StartupStopped } from '../server.js';
 
 export interface DevOptions {
   dir: string;
@@ -13,11 +13,41 @@ export interface DevOptions {
   issuerPort: number;
 }
 
-function waitForSignal(): Promise<NodeJS.Signals> {
-  return new Promise((resolve) => {
-    process.once('SIGINT', () => resolve('SIGINT'));
-    process.once('SIGTERM', () => resolve('SIGTERM'));
-  });
+/**
+ * SIGINT and SIGTERM, listened for before anything starts. Without a listener, one that came during
+ * start-up ended the process at once, and a PostgreSQL still coming up (not yet known to the exit
+ * clean-up) kept running whenever the signal reached the node process alone: `kill -INT <pid>`,
+ * a supervisor, or the stop of a container, where as PID 1 it would even be ignored. The first
+ * aborts `signal`. Later ones are absorbed, with a line saying so: leaving half-way through the
+ * stop is what leaves a server behind, and PostgreSQL's own stop ends by itself (SIGKILL after 10 s).
+ */
+function stopSignals(command: string) {
+  const stop = new AbortController();
+  let requested!: (signal: NodeJS.Signals) => void;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stop.signal.aborted) {
+      console.error(`pg-broker ${command}: already stopping after ${stop.signal.reason as string}; ${signal} ignored, wait for it to finish`);
+      return;
+    }
+    stop.abort(signal);
+    requested(signal);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  return {
+    signal: stop.signal,
+    /** Resolves with the first signal. */
+    requested: new Promise<NodeJS.Signals>((resolve) => { requested = resolve; }),
+    release() {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    },
+  };
+}
+
+interface Started {
+  name: string;
+  stop(): Promise<void>;
 }
 
 /**
@@ -25,34 +55,75 @@ function waitForSignal(): Promise<NodeJS.Signals> {
  * the broker, seeded with a group role and a policy, then copy-paste commands to try it.
  */
 export async function devCommand(opts: DevOptions): Promise<void> {
+  const signals = stopSignals('dev');
   // Whatever has started is stopped, newest first, before a start-up error (a port already taken)
   // propagates: a running PostgreSQL child or a listening issuer would keep the process alive
   // after the error was printed.
-  const stops: Array<() => Promise<void>> = [];
+  const stops: Started[] = [];
   // One that fails must not leave the others running; the first failure is reported after.
   const stopAll = async () => {
     const failures: unknown[] = [];
-    for (const stop of stops.splice(0).reverse()) await stop().catch((err: unknown) => failures.push(err));
+    for (const { stop } of stops.splice(0).reverse()) await stop().catch((err: unknown) => failures.push(err));
     if (failures.length > 0) throw failures[0];
   };
   try {
-    await startAndExplain(opts, stops);
-  } catch (err) {
-    await stopAll().catch(() => undefined);
-    throw err;
+    try {
+      await startAndExplain(opts, stops, signals.signal);
+    } catch (err) {
+      if (signals.signal.aborted) return await stoppedDuringStartUp(signals.signal.reason as NodeJS.Signals, err, stops, stopAll);
+      await stopAll().catch(() => undefined);
+      throw err;
+    }
+    await signals.requested;
+    await stopAll();
+  } finally {
+    signals.release();
   }
-  await waitForSignal();
-  await stopAll();
 }
 
-async function startAndExplain(opts: DevOptions, stops: Array<() => Promise<void>>): Promise<void> {
+/**
+ * A signal came before the banner: start-up has ended at the step after it, and what it had started
+ * is stopped. A step that failed meanwhile is most likely the same signal's doing (Ctrl-C reaches
+ * PostgreSQL too, which then shuts down under the seeding), so it is named, not made the outcome.
+ */
+async function stoppedDuringStartUp(signal: NodeJS.Signals, err: unknown, stops: Started[], stopAll: () => Promise<void>): Promise<void> {
+  const names = stops.map((s) => s.name).reverse();
+  let failure: unknown;
+  if (err instanceof StartupStopped) {
+    // startBroker has already closed whatever of the broker it had opened.
+    if (err.closed.length > 0) names.unshift(`the broker's ${[...err.closed].reverse().join(', ')}`);
+    failure = err.closeFailure;
+  }
+  await stopAll().catch((stopFailure: unknown) => { failure ??= stopFailure; });
+  const stopped = names.length > 0 ? `; stopped ${names.join(', ')}` : '';
+  if (failure !== undefined) {
+    throw new Error(`start-up stopped by ${signal}, but stopping what it had started failed: ${(failure as Error).message ?? String(failure)}`, { cause: failure });
+  }
+  // Its first line only: a server that exited during start brings its last log lines along.
+  const reason = String((err as Error)?.message ?? err).split(' | ')[0].slice(0, 160);
+  const meanwhile = err instanceof StartupStopped ? '' : ` (the step under way failed too: ${reason})`;
+  console.error(`pg-broker dev: start-up stopped by ${signal}${stopped}${meanwhile}`);
+}
+
+/**
+ * Start-up stops between steps, never in one: initdb, PostgreSQL coming up and a seeding query are
+ * left to finish (none can be cut short without leaving a half-made cluster or a server behind),
+ * then StartupStopped ends it. startBroker stops at its own steps with the same signal.
+ */
+async function startAndExplain(opts: DevOptions, stops: Started[], signal: AbortSignal): Promise<void> {
+  const stopIfAsked = () => {
+    if (signal.aborted) throw new StartupStopped([]);
+  };
   const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort });
-  stops.push(() => local.stop());
+  stops.push({ name: 'PostgreSQL', stop: () => local.stop() });
+  stopIfAsked();
   const issuer = await startDevIssuer({ port: opts.issuerPort }).catch((err) => {
     throw portTaken(err, '--issuer-port', opts.issuerPort);
   });
-  stops.push(() => issuer.close());
+  stops.push({ name: 'the dev issuer', stop: () => issuer.close() });
+  stopIfAsked();
   const seeded = await seedLocalCluster(local);
+  stopIfAsked();
   const config = loadConfig({
     ...process.env,
     DATABASE_URL: seeded.brokerUrl,
@@ -63,12 +134,13 @@ async function startAndExplain(opts: DevOptions, stops: Array<() => Promise<void
     PORT: String(opts.port),
     LOG_LEVEL: process.env.LOG_LEVEL ?? 'warn',
   });
-  const broker = await startBroker(config).catch((err) => {
+  const broker = await startBroker(config, { signal }).catch((err) => {
     throw portTaken(err, '--port', opts.port);
   });
-  stops.push(() => broker.close());
+  stops.push({ name: 'the broker', stop: () => broker.close() });
   const admin = await issuer.mint({ sub: 'admin:dev' });
   const policyNote = await seedDevPolicy(broker.url, admin, { issuer: issuer.issuer, grant_role: seeded.groupRole, database: seeded.database });
+  stopIfAsked();
 
   const mint = (sub: string) =>
     `curl -s -X POST ${issuer.issuer}/token -d '{"sub":"${sub}"}' | node -pe 'JSON.parse(require("fs").readFileSync(0)).access_token'`;
@@ -101,10 +173,22 @@ export async function devIssuerCommand(opts: { host: string; port: number; publi
   if (opts.publicUrl !== undefined && !issuerUrl(opts.publicUrl)) {
     throw new CliError(`--public-url must be an http(s) URL without a user part, query or fragment, as BROKER_ISSUERS will name it; got ${opts.publicUrl.includes('@') ? 'one with an @ (not repeated: it may hold a password)' : JSON.stringify(opts.publicUrl.slice(0, 200))}`);
   }
-  const issuer = await startDevIssuer(opts);
-  console.log(`⚠ ${DEV_ISSUER_BANNER}\nissuer ${issuer.issuer} (JWKS ${issuer.jwksUri}); POST ${issuer.issuer}/token with a JSON object of claims`);
-  await waitForSignal();
-  await issuer.close();
+  // Nothing of it outlives the process, but as PID 1 (docker-compose runs it so) a signal without a
+  // listener is ignored, and the container's stop would wait for its SIGKILL.
+  const signals = stopSignals('dev-issuer');
+  try {
+    const issuer = await startDevIssuer(opts);
+    if (signals.signal.aborted) {
+      await issuer.close();
+      console.error(`pg-broker dev-issuer: start-up stopped by ${signals.signal.reason as string}`);
+      return;
+    }
+    console.log(`⚠ ${DEV_ISSUER_BANNER}\nissuer ${issuer.issuer} (JWKS ${issuer.jwksUri}); POST ${issuer.issuer}/token with a JSON object of claims`);
+    await signals.requested;
+    await issuer.close();
+  } finally {
+    signals.release();
+  }
 }
 
 /**
