@@ -105,7 +105,11 @@ test('startLocalPostgres: a persistent dir survives restarts and a killed server
   await select(first.superuserUrl(), "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives')");
   const settings = await select(first.superuserUrl(), "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'log_statement', 'unix_socket_directories')");
   assert.deepEqual(Object.fromEntries(settings.map((r) => [r.name, r.setting])), { fsync: 'on', log_statement: 'none', unix_socket_directories: '' });
-  await first.stop();
+  // A second stop() made while the first runs returns only once the server is down, as the first does.
+  const stops = [first.stop(), first.stop()];
+  await stops[1];
+  assert.equal(fs.existsSync(path.join(first.dataDir, 'postmaster.pid')), false, 'the server has shut down when a second stop() returns');
+  await stops[0];
   assert.ok(fs.existsSync(path.join(first.dataDir, 'PG_VERSION')), 'stop() must keep a persistent cluster');
 
   const second = await startLocalPostgres({ dir });

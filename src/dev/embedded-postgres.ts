@@ -123,7 +123,7 @@ export async function startLocalPostgres(opts: LocalPostgresOptions = {}): Promi
       port = opts.port ?? (await freePort(HOST));
       const from = lines.length;
       try {
-        server = await launch(engine, dataDir, port, password, ids, lines, serverArgs);
+        server = await launch(engine, dataDir, port, password, ids, lines, serverArgs, (child) => { entry.child = child; });
       } catch (e) {
         const errs = errorLines(lines.slice(from));
         const inUse = errs.some((l) => /already in use|could not bind/.test(l));
@@ -143,23 +143,23 @@ export async function startLocalPostgres(opts: LocalPostgresOptions = {}): Promi
     throw e;
   }
 
-  let stopped = false;
+  // A second stop() waits for the first instead of returning while the server is still up.
+  let stopping: Promise<void> | undefined;
   return {
     host: HOST, port, version, superuserPassword: password, dataDir, relocated: cluster.relocated,
     superuserUrl: (database = 'postgres') => `postgres://postgres:${password}@${HOST}:${port}/${encodeURIComponent(database)}`,
     logLines: () => [...lines],
-    async stop() {
-      if (stopped) return;
-      stopped = true;
-      await shutdown();
+    stop() {
+      stopping ??= shutdown();
+      return stopping;
     },
     async restart({ downMs = 0, upWhen } = {}) {
-      if (stopped) throw new Error('restart() after stop()');
+      if (stopping) throw new Error('restart() after stop()');
       await server!.stop();
       if (downMs > 0) await sleep(downMs);
       await upWhen?.catch(() => undefined);
       const from = lines.length;
-      server = await launch(engine, dataDir, port, password, ids, lines, serverArgs).catch((e: Error) => {
+      server = await launch(engine, dataDir, port, password, ids, lines, serverArgs, (child) => { entry.child = child; }).catch((e: Error) => {
         const errs = errorLines(lines.slice(from));
         throw fail(`restart on port ${port} failed: ${e.message}: ${errs.slice(-3).join(' | ') || lines.slice(-3).join(' | ')}`, errs);
       });

@@ -173,9 +173,13 @@ export async function initCluster(engine: Engine, dataDir: string, password: str
 /** `-c name=value` arguments for the server. */
 export const flagArgs = (flags: Record<string, string>) => Object.entries(flags).flatMap(([k, v]) => ['-c', `${k}=${v}`]);
 
-/** Start the server and wait until it accepts connections; its output goes to `lines`. Rejects if it exits first. */
+/**
+ * Start the server and wait until it accepts connections; its output goes to `lines`. Rejects if it
+ * exits first. `onSpawn` learns of the server process as soon as it exists, so that an exit while it
+ * is still coming up stops it too (see `track`).
+ */
 export async function launch(engine: Engine, dataDir: string, port: number, password: string, ids: Ids,
-  lines: string[], serverArgs: string[]): Promise<Server> {
+  lines: string[], serverArgs: string[], onSpawn: (child: ChildProcess) => void = () => {}): Promise<Server> {
   const from = lines.length;
   let child: ChildProcess | undefined;
   let ready: Promise<unknown>;
@@ -186,15 +190,26 @@ export async function launch(engine: Engine, dataDir: string, port: number, pass
       createPostgresUser: ids !== undefined, postgresFlags: serverArgs,
       onLog: lineSink(lines), onError: (e) => lines.push(String(e)),
     });
-    const internals = ep as unknown as { process?: ChildProcess };
+    // The library spawns the server several awaits into start(), with no hook of its own: its
+    // assignment to `process` is where the child first shows.
+    let spawned: ChildProcess | undefined;
+    Object.defineProperty(ep, 'process', {
+      configurable: true,
+      get: () => spawned,
+      set: (c: ChildProcess | undefined) => {
+        spawned = c;
+        if (c) onSpawn(c);
+      },
+    });
     ready = ep.start(); // rejects with undefined on failure; the reason only reaches onLog
     // Its stop() waits for an 'exit' that may already have happened and then never returns, so we stop
     // the child ourselves and hide it from the library.
-    detach = () => { child = internals.process; internals.process = undefined; };
+    detach = () => { child = spawned; spawned = undefined; };
   } else {
     const proc = spawn(path.join(engine.binDir, 'postgres'), ['-D', dataDir, '-p', String(port), ...serverArgs],
       { ...spawnOpts(ids), stdio: ['ignore', 'pipe', 'pipe'] });
     child = proc;
+    onSpawn(proc);
     ready = new Promise<void>((resolve, reject) => {
       const watch = (sink: (c: Buffer) => void) => (c: Buffer) => {
         sink(c);
