@@ -93,6 +93,9 @@ describe('orphans', () => {
 
   test('two sweeps reporting the same dropped orphan at once (a leader that lost its lock mid-run, and the next) record one event', async () => {
     const dropped = [{ rolname: 'orphan_twice', reassign_to: 'app_readers' }, { rolname: 'orphan_once', reassign_to: null }];
+    // Events are recorded only for roles that still exist (their DROP ROLE follows in the same
+    // transaction); plain roles here, outside the marker role, so no sweep takes them.
+    for (const { rolname } of dropped) await b1.pg.query(`CREATE ROLE ${rolname}`);
     await Promise.all([recordOrphansDropped(b1.app.db, dropped), recordOrphansDropped(b2.app.db, dropped.slice(0, 1))]);
     await recordOrphansDropped(b2.app.db, dropped.slice(0, 1));
     const rows = await b1.pg.query<{ username: string; n: number }>(

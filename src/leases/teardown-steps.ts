@@ -5,8 +5,12 @@ import { isConnectionError, type DbTimeouts } from '../postgres/pool.js';
 // What every step of a teardown shares: the roles, each role's outcome, and how one step runs over
 // a batch of them.
 
-/** Runs statements as whoever ends a batch's roles (teardown.ts, runAs). */
-export type Run = (sql: string, params?: unknown[]) => Promise<pg.QueryResult>;
+/**
+ * Runs statements as whoever ends a batch's roles (teardown.ts, runAs). `before` (no `params`
+ * then) is SQL sent ahead of `sql`, as the broker, in the same simple query: both commit or
+ * neither does.
+ */
+export type Run = (sql: string, params?: unknown[], before?: string) => Promise<pg.QueryResult>;
 
 export interface RoleToDrop {
   username: string;
@@ -26,6 +30,12 @@ export interface TeardownDeps {
    * the server to issuance between them (reaper.ts); revocations, which someone waits for, do not.
    */
   pace?: (busyMs: number) => Promise<void>;
+  /**
+   * SQL recording the drop of these roles, committed with their DROP ROLE (see Run's `before`):
+   * a record written afterwards would be lost for good if the broker died in between, since
+   * nothing is left to find the role by.
+   */
+  recordDrop?: (roles: RoleToDrop[]) => string;
 }
 
 /** username -> null when the role is gone (dropped now or already), or the error that stopped it. */

@@ -32,26 +32,28 @@ export function loginStillEnabled(error: string | null | undefined): boolean {
  */
 function runAs(deps: TeardownDeps, creator: string | null): Run {
   const { pool, pace } = deps;
-  const viaFunction = async (sql: string) => {
+  // A multi-statement simple query runs as one transaction.
+  const withBefore = (sql: string, before?: string) => (before ? `${before};\n${sql}` : sql);
+  const viaFunction = async (sql: string, before?: string) => {
     try {
-      return await pool.query(asCreator(creator!, sql));
+      return await pool.query(withBefore(asCreator(creator!, sql), before));
     } catch (err) {
       // 42883: the creator's function was dropped since start-up. Made again as at start-up, and
       // the statement sent once more, so teardown does not wait for a restart.
       if ((err as { code?: string }).code !== '42883' || !(await repairCreators(pool, deps.managedRole, deps.log))) throw err;
-      return pool.query(asCreator(creator!, sql));
+      return pool.query(withBefore(asCreator(creator!, sql), before));
     }
   };
-  const send: Run = !creator
-    ? (sql, params) => pool.query(sql, params)
-    : (sql, params) => params
-      ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params))
-      : viaFunction(sql);
+  const send: Run = (sql, params, before) => {
+    if (before && params) throw new Error('runAs: `before` takes statements without parameters only');
+    if (!creator) return pool.query(withBefore(sql, before), params);
+    return params ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params)) : viaFunction(sql, before);
+  };
   if (!pace) return send;
-  return async (sql, params) => {
+  return async (sql, params, before) => {
     const started = performance.now();
     // After a success only: a failure's time is mostly waiting (a lock, a timeout), not work.
-    const result = await send(sql, params);
+    const result = await send(sql, params, before);
     await pace(performance.now() - started);
     return result;
   };
@@ -265,5 +267,5 @@ async function dropRoles(
   const run = runAs(deps, creator);
   const droppable = await handOverOwnedObjects(deps, creator, loggedOut, result, progress);
   await stepEach(droppable, result, 'DROP ROLE', (batch) =>
-    run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`).then(() => undefined), progress);
+    run(`DROP ROLE IF EXISTS ${batch.map((r) => escapeIdent(r.username)).join(', ')}`, undefined, deps.recordDrop?.(batch)).then(() => undefined), progress);
 }

@@ -5,6 +5,7 @@ import { teardownRoles } from '../leases/teardown.js';
 import { claimMarker } from '../postgres/marker.js';
 import { isConnectionError, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
+import { escapeLit } from '../postgres/sql.js';
 import type { FinishDeps } from '../leases/revoke.js';
 
 /** A role whose lease ended longer ago than this is an orphan even though a lease row exists. */
@@ -78,7 +79,12 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
   }
   const candidates = rows.filter((r) => r.manageable);
   if (candidates.length === 0) return 0;
-  const outcome = await teardownRoles(deps, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? '' })));
+  const reassignTo = new Map(candidates.map((r) => [r.rolname, r.reassign_to]));
+  // Each role.orphan_dropped event commits with its DROP ROLE: the role is the only trace of an
+  // orphan, so an event written after the drop and lost (a crash, an error) could never be
+  // written again.
+  const recordDrop = (roles: Array<{ username: string }>) => orphanEventsSql(roles.map((r) => ({ rolname: r.username, reassign_to: reassignTo.get(r.username) ?? null })));
+  const outcome = await teardownRoles({ ...deps, recordDrop }, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? '' })));
   const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
   for (const r of candidates) {
     if (outcome.get(r.rolname) === null) {
@@ -91,7 +97,6 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
     deps.log.warn({ username: r.rolname, error: outcome.get(r.rolname), retry_in_seconds: restSeconds }, 'could not drop orphaned managed role');
   }
   if (dropped.length > 0) {
-    await recordOrphansDropped(deps.pool, dropped);
     deps.metrics?.orphans.inc(dropped.length);
     deps.log.info({ count: dropped.length }, 'dropped orphaned managed roles');
   }
@@ -99,17 +104,23 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
 }
 
 /**
- * One role.orphan_dropped event per role. A role already gone counts as done in teardownRoles, so
- * two sweeps at once (a leader that lost its lock mid-run, and the next) both report it; whoever
- * writes second finds the first's event, under a lock so that its check runs after that commit.
- * Only recent events count: a role made again later under the same name is another orphan.
+ * One role.orphan_dropped event per role, as parameter-free SQL to send in the same simple query
+ * as (and before) the roles' DROP ROLE IF EXISTS, so event and drop commit together. Only roles
+ * that still exist are recorded: one a concurrent sweep (a leader that lost its lock mid-run, and
+ * the next) dropped first has its event from that sweep. The lock makes the check run after that
+ * sweep's commit; a recent event for the name counts too, as before events were written with the drop.
  */
+export function orphanEventsSql(dropped: Array<{ rolname: string; reassign_to: string | null }>): string {
+  const events = auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } })));
+  return `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0));
+    ${insertAuditFromJson(1, `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)
+      AND NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
+                         AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`).replace('$1::jsonb', `${escapeLit(events)}::jsonb`)}`;
+}
+
+/** orphanEventsSql on its own, in a transaction of its own (for tests of the deduplication). */
 export async function recordOrphansDropped(pool: pg.Pool, dropped: Array<{ rolname: string; reassign_to: string | null }>): Promise<void> {
   await withTransaction(pool, async (client) => {
-    await client.query(`SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0))`);
-    await client.query(insertAuditFromJson(1, `NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
-                                                             AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`), [
-      auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } }))),
-    ]);
+    await client.query(orphanEventsSql(dropped));
   });
 }

@@ -1,0 +1,42 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+
+// What an auditor reads back from the trail when the reaper, not the request, finishes the work.
+let b: TestBroker;
+
+before(async () => {
+  b = await startTestBroker({ env: { BROKER_RATE_LIMIT_IP: '100000', BROKER_RATE_LIMIT_IDENTITY: '100000' } });
+  await b.putPolicy('trail', { claims: { sub: 'trail:*' }, grant_role: 'app_migrators' });
+});
+after(async () => b?.close());
+
+const events = (where: string, params: unknown[]) =>
+  b.pg.query(`SELECT type, issuer, subject, reason, detail FROM broker.audit_events WHERE ${where} ORDER BY id`, params);
+
+describe('an orphan drop', () => {
+  test('commits with its role.orphan_dropped event or not at all', async () => {
+    await b.pg.query('CREATE ROLE trail_orphan IN ROLE credential_broker_managed ADMIN broker', [], 'postgres');
+    // PostgreSQL refuses the event: the role must outlive it, or nothing is left to find it by.
+    await b.pg.query(`CREATE FUNCTION public.refuse_orphan_event() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.type = 'role.orphan_dropped' THEN RAISE EXCEPTION 'audit write refused'; END IF; RETURN NEW; END $$`);
+    await b.pg.query(`CREATE TRIGGER refuse_orphan_event BEFORE INSERT ON broker.audit_events
+      FOR EACH ROW EXECUTE FUNCTION public.refuse_orphan_event()`);
+    try {
+      await b.reaper.reap({ requireLeadership: false }).catch(() => undefined);
+    } finally {
+      await b.pg.query('DROP TRIGGER refuse_orphan_event ON broker.audit_events');
+    }
+    assert.deepEqual(await events(`username = 'trail_orphan'`, []), []);
+    assert.equal(await roleExists(b.pg, 'trail_orphan'), true, 'not dropped without its event');
+    await b.pg.query('DROP ROLE trail_orphan', [], 'postgres');
+  });
+
+  test('a sweep records the orphans it drops, one event each', async () => {
+    await b.pg.query('CREATE ROLE trail_orphan2 IN ROLE credential_broker_managed ADMIN broker', [], 'postgres');
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).orphans, 1);
+    assert.equal(await roleExists(b.pg, 'trail_orphan2'), false);
+    assert.deepEqual((await events(`username = 'trail_orphan2'`, [])).map((e) => [e.type, e.reason]),
+      [['role.orphan_dropped', 'managed role without a live lease']]);
+  });
+});
