@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
+import { ADMIN_SUB, api, leaseRow, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // What an auditor reads back from the trail when the reaper, not the request, finishes the work.
 let b: TestBroker;
@@ -13,6 +13,30 @@ after(async () => b?.close());
 
 const events = (where: string, params: unknown[]) =>
   b.pg.query(`SELECT type, issuer, subject, reason, detail FROM broker.audit_events WHERE ${where} ORDER BY id`, params);
+
+describe('a revocation the reaper finishes', () => {
+  test('keeps who ended the lease in its lease.revoked event, not only in the lease row', async () => {
+    const lease = (await b.issue(await b.token({ sub: 'trail:carol' }), { ttl: 300 })).body;
+    // Its teardown cannot finish while it owns something in a database refusing connections.
+    await b.pg.query('CREATE DATABASE trail_full CONNECTION LIMIT 0', [], 'postgres');
+    await b.pg.query(`CREATE TABLE public.kept (id int); ALTER TABLE public.kept OWNER TO "${lease.username}"`, [], 'trail_full');
+    const res = await api(b, 'DELETE', `/leases/${lease.lease_id}?reason=offboarded`, await b.adminToken());
+    assert.deepEqual([res.status, res.body.code], [500, 'REVOKE_INCOMPLETE']);
+
+    await b.pg.query('ALTER DATABASE trail_full CONNECTION LIMIT -1', [], 'postgres');
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [lease.lease_id]);
+    assert.equal((await b.reaper.reap({ requireLeadership: false })).ended, 1);
+    const row = await leaseRow(b.pg, lease.lease_id);
+    assert.equal(row.state, 'revoked');
+    const admin = `${b.issuer.issuer} ${ADMIN_SUB}`;
+    assert.equal(row.ended_by, admin);
+    const [revoked, ...more] = await events(`lease_id = $1 AND type = 'lease.revoked'`, [lease.lease_id]);
+    assert.equal(more.length, 0);
+    assert.equal(revoked.subject, 'trail:carol', 'recorded under the lease\'s identity, as README says');
+    assert.equal(revoked.reason, 'offboarded');
+    assert.deepEqual(revoked.detail, { ended_by: admin }, 'and says who ended it');
+  });
+});
 
 describe('an orphan drop', () => {
   test('commits with its role.orphan_dropped event or not at all', async () => {

@@ -62,7 +62,9 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
       reason: l.end_reason,
       request_id: actor?.requestId ?? null,
       client_ip: actor?.clientIp ?? null,
-      detail: actor ? { owner_issuer: l.issuer, owner_subject: l.subject } : null,
+      // Finished by the reaper (a revocation's teardown that failed, or whose broker died): the
+      // event carries the lease's identity, so who ended it must ride along or the trail loses it.
+      detail: actor ? { owner_issuer: l.issuer, owner_subject: l.subject } : { ended_by: l.ended_by },
     }));
     const { rows } = await deps.pool.query<{ lease_id: string }>(
       `WITH done AS (
@@ -85,7 +87,7 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
     // after it, a crash in between would lose it for good (attempts never read 5 again).
     const reachedFailed = {
       type: 'lease.revoke_failed' as const, issuer: l.issuer, subject: l.subject, lease_id: l.id, policy: l.policy, username: l.username,
-      reason: error, detail: { attempts: MAX_ATTEMPTS },
+      reason: error, detail: { attempts: MAX_ATTEMPTS, ended_by: l.ended_by },
     };
     const { rows } = await deps.pool.query<{ attempts: number }>(
       `WITH failed AS (
