@@ -14,8 +14,8 @@ after(async () => b?.close());
 const events = (where: string, params: unknown[]) =>
   b.pg.query(`SELECT type, issuer, subject, reason, detail FROM broker.audit_events WHERE ${where} ORDER BY id`, params);
 
-describe('a revocation the reaper finishes', () => {
-  test('keeps who ended the lease in its lease.revoked event, not only in the lease row', async () => {
+describe('a revocation whose first teardown failed', () => {
+  test('keeps who ended the lease in the lease.revoked the reaper writes, not only in the lease row', async () => {
     const lease = (await b.issue(await b.token({ sub: 'trail:carol' }), { ttl: 300 })).body;
     // Its teardown cannot finish while it owns something in a database refusing connections.
     await b.pg.query('CREATE DATABASE trail_full CONNECTION LIMIT 0', [], 'postgres');
@@ -35,6 +35,22 @@ describe('a revocation the reaper finishes', () => {
     assert.equal(revoked.subject, 'trail:carol', 'recorded under the lease\'s identity, as README says');
     assert.equal(revoked.reason, 'offboarded');
     assert.deepEqual(revoked.detail, { ended_by: admin }, 'and says who ended it');
+  });
+
+  test('and so does the one a later request finishes', async () => {
+    const lease = (await b.issue(await b.token({ sub: 'trail:dave' }), { ttl: 300 })).body;
+    await b.pg.query('CREATE DATABASE trail_full2 CONNECTION LIMIT 0', [], 'postgres');
+    await b.pg.query(`CREATE TABLE public.kept (id int); ALTER TABLE public.kept OWNER TO "${lease.username}"`, [], 'trail_full2');
+    const res = await api(b, 'DELETE', `/leases/${lease.lease_id}?reason=offboarded`, await b.adminToken());
+    assert.deepEqual([res.status, res.body.code], [500, 'REVOKE_INCOMPLETE']);
+    await b.pg.query('ALTER DATABASE trail_full2 CONNECTION LIMIT -1', [], 'postgres');
+    // The owner, say, asks again: their request finishes the teardown the admin's began.
+    const again = await api(b, 'DELETE', `/leases/${lease.lease_id}`, await b.token({ sub: 'trail:dave' }));
+    assert.deepEqual([again.status, again.body.state], [200, 'revoked']);
+    const [revoked, ...more] = await events(`lease_id = $1 AND type = 'lease.revoked'`, [lease.lease_id]);
+    assert.equal(more.length, 0);
+    assert.deepEqual([revoked.subject, revoked.reason], ['trail:dave', 'offboarded']);
+    assert.equal(revoked.detail.ended_by, `${b.issuer.issuer} ${ADMIN_SUB}`);
   });
 });
 

@@ -62,9 +62,10 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
       reason: l.end_reason,
       request_id: actor?.requestId ?? null,
       client_ip: actor?.clientIp ?? null,
-      // Finished by the reaper (a revocation's teardown that failed, or whose broker died): the
-      // event carries the lease's identity, so who ended it must ride along or the trail loses it.
-      detail: actor ? { owner_issuer: l.issuer, owner_subject: l.subject } : { ended_by: l.ended_by },
+      // Who ended the lease need not be who finishes its teardown: the reaper (recorded under the
+      // lease's identity) or a later request finishes one whose first teardown failed or whose
+      // broker died. Without ended_by here the trail would lose who revoked it.
+      detail: actor ? { owner_issuer: l.issuer, owner_subject: l.subject, ended_by: l.ended_by } : { ended_by: l.ended_by },
     }));
     const { rows } = await deps.pool.query<{ lease_id: string }>(
       `WITH done AS (
