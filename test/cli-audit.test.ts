@@ -61,6 +61,15 @@ describe('pg-broker audit', () => {
     assert.match(both.stderr, /^error: option '--ndjson' cannot be used with option '--json'/);
   });
 
+  test('a rejected token\'s subject is marked unverified in the rows, as actor_verified marks it in JSON', async () => {
+    // Anyone can write any sub into a token the broker refuses: here an admin's, in one for another audience.
+    const forged = await b.token({ sub: ADMIN_SUB, aud: 'someone-else' });
+    assert.equal((await b.issue(forged)).status, 401);
+    const run = await cli(['audit', '--type', 'token.rejected', '--subject', ADMIN_SUB, '--limit', '1', '--token', await b.adminToken()]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.deepEqual(run.stdout.trimEnd().split('\t').slice(1, 3), ['token.rejected', `${ADMIN_SUB} (unverified)`]);
+  });
+
   test('paging: the next page is the whole command on stderr, and --all --ndjson exports every event of the filters', async () => {
     const subject = 'cli:audit-pages';
     const leases = [await revokedLease(subject, 'one'), await revokedLease(subject, 'two')];

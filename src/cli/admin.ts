@@ -101,7 +101,10 @@ export async function leasesList(cmd: Command, opts: AdminOptions & ListingOptio
 export async function auditList(cmd: Command, opts: AdminOptions & ListingOptions): Promise<void> {
   const { base, token } = await session(opts);
   await printListing<AuditEventBody>(cmd, AUDIT_FILTERS, base, token, '/audit', opts,
-    (e) => [e.at, e.type, e.subject, e.lease_id, e.policy, e.reason].map(cell).join('\t'), 'audit events');
+    // A rejected token's iss/sub are whatever its sender wrote: marked, as the API marks them
+    // (actor_verified), or anyone could put rows under an admin's name in this view.
+    (e) => [e.at, e.type, e.subject !== null && !e.actor_verified ? `${e.subject} (unverified)` : e.subject, e.lease_id, e.policy, e.reason].map(cell).join('\t'),
+    'audit events');
 }
 
 export async function leasesRevoke(opts: AdminOptions & { id?: string; subject?: string; issuer?: string; policy?: string; reason?: string }): Promise<void> {
