@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import pg from 'pg';
 import { ADMIN_SUB, api, leaseRow, roleExists, startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // What an auditor reads back from the trail when the reaper, not the request, finishes the work.
@@ -72,11 +73,14 @@ describe('an orphan drop', () => {
     await b.pg.query('DROP ROLE trail_orphan', [], 'postgres');
   });
 
-  test('a sweep records the orphans it drops, one event each', async () => {
-    await b.pg.query('CREATE ROLE trail_orphan2 IN ROLE credential_broker_managed ADMIN broker', [], 'postgres');
+  test('a sweep records the orphans it drops, one event each, whatever their names hold', async () => {
+    // Characters that mean something in SQL literals, JSON and JavaScript replacement patterns.
+    const name = `trail orphan $' $& $1 "q" \\ é`;
+    await b.pg.query(`CREATE ROLE ${pg.escapeIdentifier(name)} IN ROLE credential_broker_managed ADMIN broker`, [], 'postgres');
+    assert.equal(await roleExists(b.pg, name), true);
     assert.equal((await b.reaper.reap({ requireLeadership: false })).orphans, 1);
-    assert.equal(await roleExists(b.pg, 'trail_orphan2'), false);
-    assert.deepEqual((await events(`username = 'trail_orphan2'`, [])).map((e) => [e.type, e.reason]),
+    assert.equal(await roleExists(b.pg, name), false);
+    assert.deepEqual((await events('username = $1', [name])).map((e) => [e.type, e.reason]),
       [['role.orphan_dropped', 'managed role without a live lease']]);
   });
 });

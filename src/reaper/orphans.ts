@@ -115,7 +115,7 @@ export function orphanEventsSql(dropped: Array<{ rolname: string; reassign_to: s
   return `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0));
     ${insertAuditFromJson(1, `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)
       AND NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
-                         AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`).replace('$1::jsonb', `${escapeLit(events)}::jsonb`)}`;
+                         AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`).replace('$1::jsonb', () => `${escapeLit(events)}::jsonb`)}`;
 }
 
 /** orphanEventsSql on its own, in a transaction of its own (for tests of the deduplication). */
