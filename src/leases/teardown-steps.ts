@@ -5,12 +5,17 @@ import { isConnectionError, type DbTimeouts } from '../postgres/pool.js';
 // What every step of a teardown shares: the roles, each role's outcome, and how one step runs over
 // a batch of them.
 
+/** A statement with its bind parameters. */
+export interface Statement {
+  text: string;
+  values: unknown[];
+}
+
 /**
  * Runs statements as whoever ends a batch's roles (teardown.ts, runAs). `before` (no `params`
- * then) is SQL sent ahead of `sql`, as the broker, in the same simple query: both commit or
- * neither does.
+ * then) runs ahead of `sql`, as the broker, in one transaction with it: both commit or neither does.
  */
-export type Run = (sql: string, params?: unknown[], before?: string) => Promise<pg.QueryResult>;
+export type Run = (sql: string, params?: unknown[], before?: Statement[]) => Promise<pg.QueryResult>;
 
 export interface RoleToDrop {
   username: string;
@@ -35,7 +40,7 @@ export interface TeardownDeps {
    * a record written afterwards would be lost for good if the broker died in between, since
    * nothing is left to find the role by.
    */
-  recordDrop?: (roles: RoleToDrop[]) => string;
+  recordDrop?: (roles: RoleToDrop[]) => Statement[];
 }
 
 /** username -> null when the role is gone (dropped now or already), or the error that stopped it. */

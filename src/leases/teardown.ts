@@ -3,13 +3,13 @@ import pg from 'pg';
 import { asCreator } from '../postgres/creator-functions.js';
 import { actAs, creatorNames, creatorOf } from '../postgres/creators.js';
 import { repairCreators } from '../postgres/migrate.js';
-import { isConnectionError, withBatchedTransaction } from '../postgres/pool.js';
+import { isConnectionError, withBatchedTransaction, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
 import { handOverOwnedObjects } from './per-database-handover.js';
 import { startingLogins, terminateSessions } from './sessions.js';
 import {
-  describeError, serverGone, stepEach, TeardownResult, type RoleToDrop, type Run, type TeardownDeps, type TeardownRun,
+  describeError, serverGone, stepEach, TeardownResult, type RoleToDrop, type Run, type Statement, type TeardownDeps, type TeardownRun,
 } from './teardown-steps.js';
 
 // How long NOLOGIN may take before the broker looks for a session of its roles in its way (well
@@ -32,21 +32,25 @@ export function loginStillEnabled(error: string | null | undefined): boolean {
  */
 function runAs(deps: TeardownDeps, creator: string | null): Run {
   const { pool, pace } = deps;
-  // A multi-statement simple query runs as one transaction.
-  const withBefore = (sql: string, before?: string) => (before ? `${before};\n${sql}` : sql);
-  const viaFunction = async (sql: string, before?: string) => {
+  // The record and the statement commit together, or neither does.
+  const afterRecord = (before: Statement[], text: string) => withTransaction(pool, async (client) => {
+    for (const s of before) await client.query(s.text, s.values);
+    return client.query(text);
+  });
+  const viaFunction = async (sql: string, before?: Statement[]) => {
+    const once = () => (before ? afterRecord(before, asCreator(creator!, sql)) : pool.query(asCreator(creator!, sql)));
     try {
-      return await pool.query(withBefore(asCreator(creator!, sql), before));
+      return await once();
     } catch (err) {
       // 42883: the creator's function was dropped since start-up. Made again as at start-up, and
       // the statement sent once more, so teardown does not wait for a restart.
       if ((err as { code?: string }).code !== '42883' || !(await repairCreators(pool, deps.managedRole, deps.log))) throw err;
-      return pool.query(withBefore(asCreator(creator!, sql), before));
+      return once();
     }
   };
   const send: Run = (sql, params, before) => {
-    if (before && params) throw new Error('runAs: `before` takes statements without parameters only');
-    if (!creator) return pool.query(withBefore(sql, before), params);
+    if (before && params) throw new Error('runAs: `before` goes only with a statement without parameters');
+    if (!creator) return before ? afterRecord(before, sql) : pool.query(sql, params);
     return params ? withBatchedTransaction(pool, actAs(creator), (client) => client.query(sql, params)) : viaFunction(sql, before);
   };
   if (!pace) return send;

@@ -2,10 +2,10 @@ import type pg from 'pg';
 import { auditJson, insertAuditFromJson } from '../audit/repository.js';
 import { eligibleGroupSql } from '../leases/owned-objects.js';
 import { teardownRoles } from '../leases/teardown.js';
+import type { Statement } from '../leases/teardown-steps.js';
 import { claimMarker } from '../postgres/marker.js';
 import { isConnectionError, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
-import { escapeLit } from '../postgres/sql.js';
 import type { FinishDeps } from '../leases/revoke.js';
 
 /** A role whose lease ended longer ago than this is an orphan even though a lease row exists. */
@@ -83,7 +83,7 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
   // Each role.orphan_dropped event commits with its DROP ROLE: the role is the only trace of an
   // orphan, so an event written after the drop and lost (a crash, an error) could never be
   // written again.
-  const recordDrop = (roles: Array<{ username: string }>) => orphanEventsSql(roles.map((r) => ({ rolname: r.username, reassign_to: reassignTo.get(r.username) ?? null })));
+  const recordDrop = (roles: Array<{ username: string }>) => orphanEvents(roles.map((r) => ({ rolname: r.username, reassign_to: reassignTo.get(r.username) ?? null })));
   const outcome = await teardownRoles({ ...deps, recordDrop }, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? '' })));
   const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
   for (const r of candidates) {
@@ -104,23 +104,29 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
 }
 
 /**
- * One role.orphan_dropped event per role, as parameter-free SQL to send in the same simple query
- * as (and before) the roles' DROP ROLE IF EXISTS, so event and drop commit together. Only roles
- * that still exist are recorded: one a concurrent sweep (a leader that lost its lock mid-run, and
- * the next) dropped first has its event from that sweep. The lock makes the check run after that
- * sweep's commit; a recent event for the name counts too, as before events were written with the drop.
+ * One role.orphan_dropped event per role, as statements to run in the same transaction as (and
+ * before) the roles' DROP ROLE IF EXISTS, so event and drop commit together. Only roles that still
+ * exist are recorded: one a concurrent sweep (a leader that lost its lock mid-run, and the next)
+ * dropped first has its event from that sweep. The lock, taken in a statement of its own so that
+ * the INSERT's snapshot comes after it, makes the check run after that sweep's commit; a recent
+ * event for the name counts too.
  */
-export function orphanEventsSql(dropped: Array<{ rolname: string; reassign_to: string | null }>): string {
+export function orphanEvents(dropped: Array<{ rolname: string; reassign_to: string | null }>): Statement[] {
   const events = auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } })));
-  return `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0));
-    ${insertAuditFromJson(1, `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)
-      AND NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
-                         AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`).replace('$1::jsonb', () => `${escapeLit(events)}::jsonb`)}`;
+  return [
+    { text: `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0))`, values: [] },
+    {
+      text: insertAuditFromJson(1, `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)
+        AND NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
+                           AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`),
+      values: [events],
+    },
+  ];
 }
 
-/** orphanEventsSql on its own, in a transaction of its own (for tests of the deduplication). */
+/** orphanEvents on their own, in a transaction of their own (for tests of the deduplication). */
 export async function recordOrphansDropped(pool: pg.Pool, dropped: Array<{ rolname: string; reassign_to: string | null }>): Promise<void> {
   await withTransaction(pool, async (client) => {
-    await client.query(orphanEventsSql(dropped));
+    for (const s of orphanEvents(dropped)) await client.query(s.text, s.values);
   });
 }
