@@ -41,7 +41,7 @@ export function addAdminCommands(program: Command): void {
       if (!(await (await import('./admin.js')).policyEvaluate(opts))) process.exitCode = 2;
     });
 
-  const leases = program.command('leases').description('admin views and revocations');
+  const leases = program.command('leases').description('list and revoke leases: your own, or every one with an admin token');
   addListingOptions(withClientOptions(leases.command('list')), LEASE_FILTERS)
     .description('list leases (your own; all of them with an admin token)')
     .addHelpText('after', example('pg-broker leases list --state active\n'
@@ -50,9 +50,12 @@ export function addAdminCommands(program: Command): void {
       + '\nWhen there are more, the command for the next page goes to stderr; --all follows them all.\n')
     .action(async (opts, cmd: Command) => (await import('./admin.js')).leasesList(cmd, opts));
   withClientOptions(leases.command('revoke'))
-    .description('revoke one lease now, or every active lease of a subject/issuer/policy (admin)')
+    .description('revoke one lease now (your own, or any with an admin token), or every active lease of a subject/issuer/policy (admin)')
     .argument('[id]', 'lease id')
-    .option('--subject <sub>').option('--issuer <iss>').option('--policy <name>').option('--reason <text>')
+    .option('--subject <sub>', 'every active lease issued to this token subject (admin)')
+    .option('--issuer <iss>', 'every active lease issued to tokens of this issuer (admin)')
+    .option('--policy <name>', 'every active lease issued under this policy (admin)')
+    .option('--reason <text>', "why, kept as the lease's end_reason and in its audit event")
     .addHelpText('after', example('pg-broker leases revoke 5f0c… --reason "password pasted in a ticket"\npg-broker leases revoke --subject user:alice@example.com --reason "left the company"'))
     .action(async (id: string | undefined, opts) => (await import('./admin.js')).leasesRevoke({ ...opts, id }));
 
