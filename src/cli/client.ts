@@ -49,7 +49,7 @@ async function tokenFromSources(opts: TokenOptions, env: Env): Promise<{ token: 
     refuseOtherAudience(token, opts.audience ?? 'pg-broker');
     return { token, source: `token file ${KUBERNETES_TOKEN_FILE}` };
   }
-  throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN, or run in GitHub Actions with "permissions: id-token: write"');
+  throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN or PG_BROKER_TOKEN_FILE, or run in GitHub Actions with "permissions: id-token: write"');
 }
 
 /**
