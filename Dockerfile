@@ -9,8 +9,8 @@ ARG NODE_IMAGE=node:24-bookworm-slim
 
 # ---- build stage: compile the CLI to plain JavaScript -------------------------------------
 # `npm run build` bundles src/ into dist/pg-broker.mjs (+ chunks) with esbuild. The runtime image
-# runs that with plain `node`: no tsx loader thread (less RSS and a faster start: bench/REPORT.md, P6 and P7 section)
-# and a faster start. dist/ carries source maps: NODE_OPTIONS=--enable-source-maps maps stack
+# runs that with plain `node`: no tsx loader thread, so less RSS and a faster start (bench/REPORT.md,
+# P6 and P7 section). dist/ carries source maps: NODE_OPTIONS=--enable-source-maps maps stack
 # traces back to src/ when debugging.
 FROM ${NODE_IMAGE} AS build
 WORKDIR /app

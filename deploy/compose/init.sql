@@ -34,7 +34,8 @@ GRANT app_readers TO credential_broker WITH ADMIN OPTION, INHERIT FALSE, SET FAL
 CREATE DATABASE app;
 REVOKE CONNECT, TEMPORARY ON DATABASE app FROM PUBLIC;
 GRANT CONNECT ON DATABASE app TO app_readers;
--- The reaper connects to every database to REASSIGN/DROP OWNED by an ended role.
+-- Teardown connects to each database where an ended role owns or holds something, to
+-- REASSIGN/DROP OWNED there.
 GRANT CONNECT ON DATABASE app TO credential_broker;
 
 \connect app
