@@ -269,6 +269,12 @@ describe('POST /leases/revoke', () => {
       assert.equal(res.status, 400, JSON.stringify(body));
       assert.equal(res.body.code, 'BAD_REQUEST');
     }
+    // Naming nothing gets the same answer with or without a reason, one that says what to name
+    // (an empty body once got the schema's "must NOT have fewer than 1 properties").
+    for (const body of [{}, { reason: 'no selector' }]) {
+      const res = await api(b, 'POST', '/leases/revoke', await b.adminToken(), body);
+      assert.equal(res.body.detail, 'name at least one of subject, issuer or policy', JSON.stringify(body));
+    }
     assert.equal((await leaseRow(b.pg, victim.lease_id)).state, 'active', 'nothing was revoked by the refused calls');
 
     const byIssuer = await api(b, 'POST', '/leases/revoke', await b.adminToken(), { issuer: 'https://nobody.example' });
