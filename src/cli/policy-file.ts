@@ -1,5 +1,5 @@
 import { readFile } from 'node:fs/promises';
-import { Value } from '@sinclair/typebox/value';
+import { Value, ValueErrorType } from '@sinclair/typebox/value';
 import { parseDocument } from 'yaml';
 import { policyShapeProblem } from '../policy/shape.js';
 import { POLICY_DEFAULTS, PolicyInput, type PolicyBody, type PolicyInputBody } from '../schemas/policy.js';
@@ -95,7 +95,12 @@ export async function readPolicyFile(file: string): Promise<PolicyFile> {
     const { name: inner, ...input } = raw as Record<string, unknown>;
     // In the map form the key is the name; a different "name" inside would be silently dropped.
     if (inner !== undefined && inner !== name) throw new CliError(`${where}: the key is its name, but its "name" field says ${JSON.stringify(inner)}`);
+    // Before the schema: a misspelt field (`claimz`) came back as the one it stood for missing,
+    // "/claims Expected required property", which sent people looking for the wrong line.
+    const unknown = Object.keys(input).find((key) => !Object.hasOwn(PolicyInput.properties, key));
+    if (unknown !== undefined) throw new CliError(`${where}: unknown field ${JSON.stringify(unknown)}; a policy's fields are ${Object.keys(PolicyInput.properties).join(', ')}`);
     const error = Value.Errors(PolicyInput, input).First();
+    if (error?.type === ValueErrorType.ObjectRequiredProperty) throw new CliError(`${where}: ${error.path.slice(1)} is required`);
     if (error) throw new CliError(`${where}: ${error.path || 'policy'} ${error.message}`);
     const p = input as PolicyInputBody;
     const problem = policyShapeProblem(p);
