@@ -148,6 +148,11 @@ function answerFor(error: FastifyError, request: FastifyRequest): { status: numb
     request.log.error({ err: error }, 'request failed');
     return { status: 500, code: 'INTERNAL', detail: 'Internal error; see the broker log for this request_id' };
   }
+  // Fastify's own text, "Unsupported Media Type", only repeats the status; the header is not
+  // echoed (it is the client's, up to the header limit long).
+  if (error.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
+    return { status, code: fastifyCode(status), detail: "The body's Content-Type is not accepted: send it as JSON (Content-Type: application/json)" };
+  }
   // Errors of our catalogue and of Fastify itself (body too large, bad JSON) carry safe texts.
   return { status, code: error.code?.startsWith('FST_') ? fastifyCode(status) : (error.code ?? 'ERROR'), detail: error.message };
 }

@@ -186,6 +186,8 @@ describe('admins', () => {
       const verified = await b.app.inject({ method: 'POST', url: '/credentials', headers: { ...headers, authorization: `Bearer ${user}` }, payload });
       assert.equal(verified.statusCode, status, `${label} with a token: ${verified.body}`);
       assert.equal(verified.json().code, code);
+      // The 415 says what to send instead, not only Fastify's "Unsupported Media Type".
+      if (status === 415) assert.match(verified.json().detail, /^The body.s Content-Type is not accepted: send it as JSON \(Content-Type: application\/json\)$/);
     }
   });
 
