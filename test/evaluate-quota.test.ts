@@ -31,6 +31,8 @@ test('a policy whose max_active_leases this identity holds is admitted but flagg
   assert.match(full.cannot_issue ?? '', /^this identity already holds 2 active leases under this policy, its max_active_leases \(2\)/);
   const refused = await b.issue(token, { policy: 'eq' });
   assert.deepEqual([refused.status, refused.body.code], [429, 'LEASE_QUOTA_EXCEEDED'], 'and issuance agrees');
+  // The refusal says what frees a place, as the explanation does, not only that none is free.
+  assert.equal(refused.body.detail, 'This identity already holds 2 active leases under policy eq, its max_active_leases (2); one must end (expiry, or DELETE /leases/{id}) before another is issued');
   assert.equal((await evaluate('eq:bob')).cannot_issue, undefined, 'another identity is not affected');
 
   // A lease past its expiry no longer counts, for issuance or for the explanation, even before

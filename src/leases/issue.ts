@@ -204,7 +204,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
             continue;
           }
           if (!result.inserted) {
-            throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}`));
+            throw new IssueDenied('quota_exceeded', chosen.name, new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}, its max_active_leases (${chosen.max_active_leases}); one must end (expiry, or DELETE /leases/{id}) before another is issued`));
           }
           const written = { ...decision, expiresAt: result.expiresAt!, maxExpiresAt: result.maxExpiresAt! };
           await commit(createRoleSql({
