@@ -23,8 +23,8 @@ test('dev exits naming the option when a port is taken, having stopped the Postg
   const pgPort = String(await freePort());
 
   // A dev that hangs is killed at the timeout, and so has a signal rather than an exit code.
-  const dev = (port: number, issuerPort: number) => new Promise<{ code: number | null; signal: string | null; stderr: string }>((resolve) => {
-    const args = ['dev', '--dir', dir, '--port', String(port), '--pg-port', pgPort, '--issuer-port', String(issuerPort)];
+  const dev = (port: number, issuerPort: number, postgresPort = pgPort) => new Promise<{ code: number | null; signal: string | null; stderr: string }>((resolve) => {
+    const args = ['dev', '--dir', dir, '--port', String(port), '--pg-port', postgresPort, '--issuer-port', String(issuerPort)];
     execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: home }, timeout: 30_000 }, (err, _stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : null) : 0, signal: err?.signal ?? null, stderr });
     });
@@ -38,6 +38,10 @@ test('dev exits naming the option when a port is taken, having stopped the Postg
     assert.ok(existsSync(path.join(dir, 'postgres', 'data', 'PG_VERSION')), 'PostgreSQL had been started');
     assert.equal(existsSync(path.join(dir, 'postgres', 'data', 'postmaster.pid')), false, 'PostgreSQL was stopped');
   }
+  // PostgreSQL's own port, in the same words, before anything else starts.
+  const run = await dev(await freePort(), await freePort(), String(takenPort));
+  assert.deepEqual([run.signal, run.code], [null, 1], run.stderr);
+  assert.match(run.stderr, new RegExp(`^pg-broker: --pg-port ${takenPort} is already in use on 127\\.0\\.0\\.1; choose another \\(EADDRINUSE\\)$`, 'm'));
 });
 
 test('dev serves, and a restart keeps the "dev" policy as it was edited', async (t) => {

@@ -114,7 +114,9 @@ async function startAndExplain(opts: DevOptions, stops: Started[], signal: Abort
   const stopIfAsked = () => {
     if (signal.aborted) throw new StartupStopped([]);
   };
-  const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort });
+  const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort }).catch((err) => {
+    throw portTaken(err, '--pg-port', opts.pgPort);
+  });
   stops.push({ name: 'PostgreSQL', stop: () => local.stop() });
   stopIfAsked();
   const issuer = await startDevIssuer({ port: opts.issuerPort }).catch((err) => {

@@ -70,6 +70,8 @@ const REQUIRED_FLAGS: Record<string, string> = { logging_collector: 'off', lc_me
 const newPassword = () => randomBytes(18).toString('hex');
 const errorLines = (lines: string[]) => lines.filter((l) => /FATAL|ERROR|PANIC|could not/.test(l));
 const portTaken = (port: number) => `port ${port} on ${HOST} is already in use; choose another port`;
+// EADDRINUSE as a listener's error has it, so a caller can name its own option for the port.
+const inUse = (error: LocalPostgresError) => Object.assign(error, { code: 'EADDRINUSE' });
 
 export async function startLocalPostgres(opts: LocalPostgresOptions = {}): Promise<LocalPostgres> {
   const flavor = opts.flavor ?? 'embedded';
@@ -118,7 +120,7 @@ export async function startLocalPostgres(opts: LocalPostgresOptions = {}): Promi
 
   try {
     // Only after the stale-pid check, so that a leftover server of this very cluster is named as such.
-    if (opts.port !== undefined && !(await portIsFree(HOST, opts.port))) throw fail(portTaken(opts.port));
+    if (opts.port !== undefined && !(await portIsFree(HOST, opts.port))) throw inUse(fail(portTaken(opts.port)));
     for (let attempt = 1; !server; attempt++) {
       port = opts.port ?? (await freePort(HOST));
       const from = lines.length;
@@ -126,9 +128,9 @@ export async function startLocalPostgres(opts: LocalPostgresOptions = {}): Promi
         server = await launch(engine, dataDir, port, password, ids, lines, serverArgs, (child) => { entry.child = child; });
       } catch (e) {
         const errs = errorLines(lines.slice(from));
-        const inUse = errs.some((l) => /already in use|could not bind/.test(l));
-        if (inUse && opts.port !== undefined) throw fail(portTaken(port), errs);
-        if (inUse && attempt < 4) continue; // lost a race for the free port
+        const taken = errs.some((l) => /already in use|could not bind/.test(l));
+        if (taken && opts.port !== undefined) throw inUse(fail(portTaken(port), errs));
+        if (taken && attempt < 4) continue; // lost a race for the free port
         throw fail(`${(e as Error).message}: ${errs.slice(-3).join(' | ') || lines.slice(-3).join(' | ')}`, errs);
       }
     }
