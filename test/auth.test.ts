@@ -229,8 +229,19 @@ describe('issuers', () => {
     const ok = await call('POST', '/policies/evaluate', await second.sign({ aud: SECOND_AUDIENCE, sub: 'svc-a' }));
     assert.equal(ok.status, 200, ok.body);
     assert.equal(ok.json().issuer, second.issuer);
-    assertUnauthorized(await call('POST', '/policies/evaluate', await second.sign({ aud: AUDIENCE, sub: 'svc-a' })), 'global audience on an overriding issuer');
-    assertUnauthorized(await call('POST', '/policies/evaluate', await issuer.sign({ aud: SECOND_AUDIENCE, sub: 'svc-a' })), 'other issuer audience');
+    // Each refusal names the audience that issuer's tokens need, whether the token's aud is another
+    // issuer's (checked by the broker) or nobody's (checked by the verifier).
+    const refusals: Array<[string, Promise<string>, string]> = [
+      ['global audience on an overriding issuer', second.sign({ aud: AUDIENCE, sub: 'svc-a' }), SECOND_AUDIENCE],
+      ['other issuer audience', issuer.sign({ aud: SECOND_AUDIENCE, sub: 'svc-a' }), AUDIENCE],
+      ['an audience nobody takes', issuer.sign({ aud: 'https://github.com/octo-org', sub: 'svc-a' }), AUDIENCE],
+      ['an audience nobody takes, overriding issuer', second.sign({ aud: ['x', 'y'], sub: 'svc-a' }), SECOND_AUDIENCE],
+    ];
+    for (const [label, token, expected] of refusals) {
+      const res = await call('POST', '/policies/evaluate', await token);
+      assertUnauthorized(res, label);
+      assert.equal(res.json().detail, `token audience is not accepted: this broker takes tokens of this issuer with aud ${expected}`, label);
+    }
     const both = await call('POST', '/policies/evaluate', await second.sign({ aud: ['unrelated', SECOND_AUDIENCE], sub: 'svc-a' }));
     assert.equal(both.status, 200, 'an array aud containing ours');
   });

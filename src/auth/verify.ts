@@ -58,6 +58,29 @@ const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[
 
 const REGISTERED_CLAIMS = new Set(['exp', 'nbf', 'iat', 'iss', 'aud', 'sub', 'jti']);
 
+const AUDIENCE_REFUSED = 'token audience is not accepted';
+
+/**
+ * The audience refusal, naming the audience the token's issuer must put in aud: a token minted for
+ * another audience (GitHub's default is the repository owner's URL) is the usual first mistake.
+ * Only for an allow-listed issuer, and only after its signature checked out (fast-jwt checks the
+ * signature before the claims), so the name goes to holders of that issuer's tokens alone.
+ */
+function audienceRefusal(config: Config, issuer: string | undefined): string {
+  if (issuer === undefined || !config.issuers.some((i) => i.issuer === issuer)) return AUDIENCE_REFUSED;
+  return `${AUDIENCE_REFUSED}: this broker takes tokens of this issuer with aud ${audienceFor(config, issuer)}`;
+}
+
+/** The iss of a token whose signature has been checked, read without checking anything else. */
+function unverifiedIssuer(token: string): string | undefined {
+  try {
+    const { iss } = JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString('utf8')) as { iss?: unknown };
+    return typeof iss === 'string' ? iss : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function describeVerifyError(err: unknown): string {
   if (err instanceof KeyLookupError) return err.message;
   const code = (err as { code?: string }).code ?? '';
@@ -68,7 +91,7 @@ function describeVerifyError(err: unknown): string {
   if (code === 'FAST_JWT_INACTIVE' || /will be active/i.test(message)) return 'token is not valid yet (nbf)';
   if (/claim is required/.test(message)) return named ? `token is missing the ${named} claim` : 'token is missing a required claim';
   if (/claim must be a/.test(message)) return named ? `token ${named} claim has the wrong type` : 'token claim has the wrong type';
-  if (/\baud claim|None of aud/.test(message)) return 'token audience is not accepted';
+  if (/\baud claim|None of aud/.test(message)) return AUDIENCE_REFUSED;
   if (/\biss claim|None of iss/.test(message)) return 'token issuer is not allowed';
   if (code === 'FAST_JWT_INVALID_CRIT_HEADER' || /crit/i.test(message)) return 'token has a critical header extension that is not supported';
   if (/algorithm/i.test(message)) return 'token algorithm is not allowed';
@@ -146,7 +169,8 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     try {
       payload = (await request.jwtVerify()) as Record<string, unknown>;
     } catch (err) {
-      throw new TokenRejected(describeVerifyError(err));
+      const description = describeVerifyError(err);
+      throw new TokenRejected(description === AUDIENCE_REFUSED ? audienceRefusal(config, unverifiedIssuer(token)) : description);
     }
     const issuer = payload.iss as string;
     const subject = payload.sub;
@@ -162,7 +186,7 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     if (typeof payload.iat === 'number' && payload.iat * 1000 > Date.now() + CLOCK_TOLERANCE_MS) throw new TokenRejected('token was issued in the future (iat)');
     // allowedAud admits any configured audience; each issuer only its own.
     const aud = Array.isArray(payload.aud) ? payload.aud : [payload.aud];
-    if (!aud.includes(audienceFor(config, issuer))) throw new TokenRejected('token audience is not accepted');
+    if (!aud.includes(audienceFor(config, issuer))) throw new TokenRejected(audienceRefusal(config, issuer));
     request.identity = { issuer, subject, claims: payload, admin: isAdmin(config.admins, issuer, payload) };
   });
 
