@@ -84,3 +84,15 @@ describe('an orphan drop', () => {
       [['role.orphan_dropped', 'managed role without a live lease']]);
   });
 });
+
+describe('an orphan made again under the same name', () => {
+  test('gets an event for each drop: the second is another role, dropped by another sweep', async () => {
+    const name = 'trail_orphan_again';
+    for (let round = 1; round <= 2; round++) {
+      await b.pg.query(`CREATE ROLE ${name} IN ROLE credential_broker_managed ADMIN broker`, [], 'postgres');
+      assert.equal((await b.reaper.reap({ requireLeadership: false })).orphans, 1, `round ${round}`);
+      assert.equal(await roleExists(b.pg, name), false, `round ${round}`);
+      assert.equal((await events(`type = 'role.orphan_dropped' AND username = $1`, [name])).length, round, `the drop of round ${round} is on record`);
+    }
+  });
+});

@@ -93,11 +93,13 @@ describe('orphans', () => {
 
   test('two sweeps reporting the same dropped orphan at once (a leader that lost its lock mid-run, and the next) record one event', async () => {
     const dropped = [{ rolname: 'orphan_twice', reassign_to: 'app_readers' }, { rolname: 'orphan_once', reassign_to: null }];
-    // Events are recorded only for roles that still exist (their DROP ROLE follows in the same
-    // transaction); plain roles here, outside the marker role, so no sweep takes them.
-    for (const { rolname } of dropped) await b1.pg.query(`CREATE ROLE ${rolname}`);
+    // Events are recorded only for roles that still exist, and their DROP ROLE commits with them:
+    // whichever sweep comes second finds the role gone. Plain roles here, outside the marker role,
+    // so no reaper run takes them.
+    for (const { rolname } of dropped) await b1.pg.query(`CREATE ROLE ${rolname} ADMIN broker`);
     await Promise.all([recordOrphansDropped(b1.app.db, dropped), recordOrphansDropped(b2.app.db, dropped.slice(0, 1))]);
     await recordOrphansDropped(b2.app.db, dropped.slice(0, 1));
+    for (const { rolname } of dropped) assert.equal(await roleExists(b1.pg, rolname), false, rolname);
     const rows = await b1.pg.query<{ username: string; n: number }>(
       `SELECT username, count(*)::int AS n FROM broker.audit_events WHERE type = 'role.orphan_dropped' AND username IN ('orphan_twice', 'orphan_once')
         GROUP BY username ORDER BY username`);

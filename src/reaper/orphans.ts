@@ -6,6 +6,7 @@ import type { Statement } from '../leases/teardown-steps.js';
 import { claimMarker } from '../postgres/marker.js';
 import { isConnectionError, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
+import { escapeIdent } from '../postgres/sql.js';
 import type { FinishDeps } from '../leases/revoke.js';
 
 /** A role whose lease ended longer ago than this is an orphan even though a lease row exists. */
@@ -107,26 +108,29 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
  * One role.orphan_dropped event per role, as statements to run in the same transaction as (and
  * before) the roles' DROP ROLE IF EXISTS, so event and drop commit together. Only roles that still
  * exist are recorded: one a concurrent sweep (a leader that lost its lock mid-run, and the next)
- * dropped first has its event from that sweep. The lock, taken in a statement of its own so that
- * the INSERT's snapshot comes after it, makes the check run after that sweep's commit; a recent
- * event for the name counts too.
+ * dropped first has its event from that sweep. The lock, held to the commit and taken in a
+ * statement of its own so that the INSERT's snapshot comes after it, makes the check run after
+ * that sweep's commit. An earlier event for the same name says nothing: with event and drop
+ * committed together, a role that exists despite one was made again since, and is another orphan.
  */
 export function orphanEvents(dropped: Array<{ rolname: string; reassign_to: string | null }>): Statement[] {
   const events = auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } })));
   return [
     { text: `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0))`, values: [] },
     {
-      text: insertAuditFromJson(1, `EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)
-        AND NOT EXISTS (SELECT 1 FROM broker.audit_events a WHERE a.username = e.username
-                           AND a.type = 'role.orphan_dropped' AND a.at > now() - interval '1 hour')`),
+      text: insertAuditFromJson(1, 'EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)'),
       values: [events],
     },
   ];
 }
 
-/** orphanEvents on their own, in a transaction of their own (for tests of the deduplication). */
+/**
+ * orphanEvents and the DROP ROLE IF EXISTS they go with, as the broker, in one transaction: a
+ * sweep's last step without the steps before it (for tests of the deduplication).
+ */
 export async function recordOrphansDropped(pool: pg.Pool, dropped: Array<{ rolname: string; reassign_to: string | null }>): Promise<void> {
   await withTransaction(pool, async (client) => {
     for (const s of orphanEvents(dropped)) await client.query(s.text, s.values);
+    await client.query(`DROP ROLE IF EXISTS ${dropped.map((r) => escapeIdent(r.rolname)).join(', ')}`);
   });
 }
