@@ -97,8 +97,9 @@ describe('orphans', () => {
     // whichever sweep comes second finds the role gone. Plain roles here, outside the marker role,
     // so no reaper run takes them.
     for (const { rolname } of dropped) await b1.pg.query(`CREATE ROLE ${rolname} ADMIN broker`);
-    await Promise.all([recordOrphansDropped(b1.app.db, dropped), recordOrphansDropped(b2.app.db, dropped.slice(0, 1))]);
-    await recordOrphansDropped(b2.app.db, dropped.slice(0, 1));
+    const managed = b1.config.managedRole;
+    await Promise.all([recordOrphansDropped(b1.app.db, managed, dropped), recordOrphansDropped(b2.app.db, managed, dropped.slice(0, 1))]);
+    await recordOrphansDropped(b2.app.db, managed, dropped.slice(0, 1));
     for (const { rolname } of dropped) assert.equal(await roleExists(b1.pg, rolname), false, rolname);
     const rows = await b1.pg.query<{ username: string; n: number }>(
       `SELECT username, count(*)::int AS n FROM broker.audit_events WHERE type = 'role.orphan_dropped' AND username IN ('orphan_twice', 'orphan_once')

@@ -84,7 +84,7 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
   // Each role.orphan_dropped event commits with its DROP ROLE: the role is the only trace of an
   // orphan, so an event written after the drop and lost (a crash, an error) could never be
   // written again.
-  const recordDrop = (roles: Array<{ username: string }>) => orphanEvents(roles.map((r) => ({ rolname: r.username, reassign_to: reassignTo.get(r.username) ?? null })));
+  const recordDrop = (roles: Array<{ username: string }>) => orphanEvents(deps.managedRole, roles.map((r) => ({ rolname: r.username, reassign_to: reassignTo.get(r.username) ?? null })));
   const outcome = await teardownRoles({ ...deps, recordDrop }, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? '' })));
   const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
   for (const r of candidates) {
@@ -113,10 +113,12 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
  * that sweep's commit. An earlier event for the same name says nothing: with event and drop
  * committed together, a role that exists despite one was made again since, and is another orphan.
  */
-export function orphanEvents(dropped: Array<{ rolname: string; reassign_to: string | null }>): Statement[] {
+export function orphanEvents(managedRole: string, dropped: Array<{ rolname: string; reassign_to: string | null }>): Statement[] {
   const events = auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } })));
   return [
-    { text: `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events', 0))`, values: [] },
+    // One per deployment: it is held through the DROP ROLE, which may wait on locks, and the
+    // sweeps of other deployments on the cluster have nothing to share with this one's.
+    { text: `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events ' || $1, 0))`, values: [managedRole] },
     {
       text: insertAuditFromJson(1, 'EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)'),
       values: [events],
@@ -128,9 +130,9 @@ export function orphanEvents(dropped: Array<{ rolname: string; reassign_to: stri
  * orphanEvents and the DROP ROLE IF EXISTS they go with, as the broker, in one transaction: a
  * sweep's last step without the steps before it (for tests of the deduplication).
  */
-export async function recordOrphansDropped(pool: pg.Pool, dropped: Array<{ rolname: string; reassign_to: string | null }>): Promise<void> {
+export async function recordOrphansDropped(pool: pg.Pool, managedRole: string, dropped: Array<{ rolname: string; reassign_to: string | null }>): Promise<void> {
   await withTransaction(pool, async (client) => {
-    for (const s of orphanEvents(dropped)) await client.query(s.text, s.values);
+    for (const s of orphanEvents(managedRole, dropped)) await client.query(s.text, s.values);
     await client.query(`DROP ROLE IF EXISTS ${dropped.map((r) => escapeIdent(r.rolname)).join(', ')}`);
   });
 }
