@@ -106,9 +106,10 @@ async function stoppedDuringStartUp(signal: NodeJS.Signals, err: unknown, stops:
 }
 
 /**
- * Start-up stops between steps, never in one: initdb, PostgreSQL coming up and a seeding query are
- * left to finish (none can be cut short without leaving a half-made cluster or a server behind),
- * then StartupStopped ends it. startBroker stops at its own steps with the same signal.
+ * dev's own steps are never cut short: initdb, PostgreSQL coming up and a seeding query are left to
+ * finish (none can be stopped midway without leaving a half-made cluster or a server behind), then
+ * StartupStopped ends it. startBroker answers the same signal itself, and may end a migration
+ * midway: each runs in a transaction, rolled back, and is applied again on the next start.
  */
 async function startAndExplain(opts: DevOptions, stops: Started[], signal: AbortSignal): Promise<void> {
   const stopIfAsked = () => {
