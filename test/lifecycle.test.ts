@@ -267,6 +267,14 @@ describe('renew', () => {
     await b.putPolicy('recheck', policy);
     assert.equal((await renew()).status, 200, 'granting the same again, it renews again');
 
+    // A connection_limit lowered below what the lease's role allows: a new credential carries it.
+    await b.putPolicy('recheck', { ...policy, connection_limit: 2 });
+    await refused(/now allows 2 connections per credential, and this lease's role has no limit/);
+    await b.putPolicy('recheck', { ...policy, connection_limit: 5 });
+    await refused(/now allows 5 connections/);
+    await b.putPolicy('recheck', policy);
+    assert.equal((await renew()).status, 200, 'no limit again, it renews again');
+
     assert.equal((await api(b, 'DELETE', '/policies/recheck', await b.adminToken())).status, 204);
     await refused(/policy recheck no longer admits this token \(it no longer exists\)/);
   });

@@ -93,13 +93,21 @@ async function renewOnce(
     // The guard's answer may predate an operator's DROP ROLE of the group (it trusts it for
     // BROKER_GRANT_RECHECK_INTERVAL); whether the group still exists rides along with this query
     // for free, and a missing one gets the guard's own refusal at once, as issuance does.
-    const { rows: [role] } = await client.query<{ creator: string | null; group_exists: boolean }>(
-      `SELECT ${creatorOf('r', '$2')} AS creator, EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = $3) AS group_exists
+    const { rows: [role] } = await client.query<{ creator: string | null; group_exists: boolean; connection_limit: number }>(
+      `SELECT ${creatorOf('r', '$2')} AS creator, EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = $3) AS group_exists,
+              r.rolconnlimit AS connection_limit
          FROM pg_roles r WHERE r.rolname = $1`, [row.username, creators, row.grant_role]);
     if (role && !role.group_exists) {
       grantRoles.forget(row.grant_role);
       const problem = await grantRoles.problem(client, row.grant_role);
       if (problem) throw unsafeGroup(problem);
+    }
+    // Likewise a connection_limit lowered since issuance (-1 is none): the role allows more
+    // sessions than the policy now hands out. A raised one renews as before.
+    if (role && policy.connection_limit !== -1 && (role.connection_limit === -1 || role.connection_limit > policy.connection_limit)) {
+      const held = role.connection_limit === -1 ? 'has no limit' : `allows ${role.connection_limit}`;
+      throw new Errors.NoPolicy(`Lease ${id} cannot be renewed: policy ${row.policy} now allows ${policy.connection_limit} connections per credential, `
+        + `and this lease's role ${held}; request a new credential (this one still ends at ${endsAt})`);
     }
     await extendRole(client, id, row.username, expiresAt, role?.creator ?? null, endsAt);
     // A lowered bound is kept with the policy's max_ttl it came from, so the next renewal lowers
