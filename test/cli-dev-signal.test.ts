@@ -3,7 +3,6 @@
 // whatever had started (PostgreSQL above all) is stopped, and dev says so and exits 0. The tests
 // run in order on one --dir: the first makes the cluster, the last needs its broker database.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
@@ -13,8 +12,10 @@ import { after, afterEach, test } from 'node:test';
 import pg from 'pg';
 import { MIGRATION_LOCK_KEY } from '../src/postgres/migrate.js';
 import { waitFor } from './helpers/broker.js';
+import { postmasterPid as pidOf, running } from './helpers/postmaster.js';
 import { BIN } from './helpers/cli.js';
 import { freePort } from './helpers/ports.js';
+import { spawnWatched, type WatchedProcess } from './helpers/process.js';
 
 const home = await mkdtemp(path.join(os.tmpdir(), 'pgcb-cli-dev-signal-'));
 // Run as root, the server's OS user must reach --dir, or the cluster is moved out of sight.
@@ -24,24 +25,7 @@ const pidFile = path.join(clusterDir, 'data', 'postmaster.pid');
 const ports = { broker: await freePort(), pg: await freePort(), issuer: await freePort() };
 const args = ['dev', '--dir', path.join(home, 'dev'), '--port', String(ports.broker), '--pg-port', String(ports.pg), '--issuer-port', String(ports.issuer)];
 
-/** The postmaster's pid, once it has written its pid file. */
-function postmasterPid(): number | null {
-  try {
-    const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
-    return pid > 0 ? pid : null;
-  } catch {
-    return null;
-  }
-}
-
-/** Whether `pid` runs; a zombie nobody has reaped yet (an orphan's, in a container) does not. */
-function running(pid: number): boolean {
-  try {
-    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
-}
+const postmasterPid = () => pidOf(pidFile);
 
 const refused = (port: number) => new Promise<boolean>((resolve) => {
   const socket = net.connect(port, '127.0.0.1');
@@ -61,28 +45,10 @@ afterEach(async () => {
 });
 after(() => rm(home, { recursive: true, force: true }));
 
-interface DevRun {
-  pid: number;
-  stdout(): string;
-  stderr(): string;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  alive(): boolean;
-}
+type DevRun = WatchedProcess;
 
-function startDev(): DevRun {
-  const child = spawn(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: home }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d) => (out += d));
-  child.stderr.on('data', (d) => (err += d));
-  // A dev that hangs is killed, and then shows a signal rather than an exit code.
-  const bound = setTimeout(() => child.kill('SIGKILL'), 90_000);
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, signal) => {
-    clearTimeout(bound);
-    resolve({ code, signal });
-  }));
-  return { pid: child.pid!, stdout: () => out, stderr: () => err, exited, alive: () => child.exitCode === null && child.signalCode === null };
-}
+// A dev that hangs is killed, and then shows a signal rather than an exit code.
+const startDev = (): DevRun => spawnWatched([BIN, ...args], { PATH: process.env.PATH!, HOME: home }, 90_000);
 
 /** Asserts that dev exited by itself with 0, stopped its PostgreSQL and closed its ports. */
 async function assertStoppedCleanly(dev: DevRun, postmaster: number): Promise<void> {

@@ -246,3 +246,27 @@ export async function expectAlive(broker: BrokerProcess, what: string): Promise<
     throw new Error(`${what}: broker pid ${broker.pid} died (code ${status.code}, signal ${status.signal}); stderr: ${tail(broker.stderr, 10)}`);
   }
 }
+
+/** A spawned process whose output is collected and whose exit is awaited, killed if it outlives `boundMs`. */
+export interface WatchedProcess {
+  pid: number;
+  stdout(): string;
+  stderr(): string;
+  /** A process killed at the bound shows SIGKILL rather than an exit code. */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  alive(): boolean;
+}
+
+export function spawnWatched(args: string[], env: NodeJS.ProcessEnv | undefined, boundMs: number): WatchedProcess {
+  const child = spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d) => (out += d));
+  child.stderr.on('data', (d) => (err += d));
+  const bound = setTimeout(() => child.kill('SIGKILL'), boundMs);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, signal) => {
+    clearTimeout(bound);
+    resolve({ code, signal });
+  }));
+  return { pid: child.pid!, stdout: () => out, stderr: () => err, exited, alive: () => child.exitCode === null && child.signalCode === null };
+}
