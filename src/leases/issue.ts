@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import type { Static } from '@sinclair/typebox';
 import type pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
 import { recordAudit, type AuditEvent } from '../audit/repository.js';
@@ -16,7 +17,7 @@ import { isConnectionError, withBatchedTransaction, type Queryable } from '../po
 import { roleNameFor } from '../postgres/role-name.js';
 import { createRoleSql } from '../postgres/roles.js';
 import { generatePassword, scramVerifierAsync } from '../postgres/scram.js';
-import type { CredentialBody } from '../schemas/lease.js';
+import type { CredentialBody, CredentialRequest } from '../schemas/lease.js';
 import { insertLeaseWithinQuota, lockIdentitySql } from './repository.js';
 
 export interface IssueDeps {
@@ -42,10 +43,8 @@ export interface RequestContext {
   userAgent: string | null;
 }
 
-export interface IssueRequest {
-  policy?: string;
-  ttl?: number;
-}
+/** The body of POST /credentials, as its route schema defines it. */
+export type IssueRequest = Static<typeof CredentialRequest>;
 
 interface Decision {
   chosen: Policy;

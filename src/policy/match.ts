@@ -7,14 +7,14 @@
  * from tokens, i.e. from the caller).
  */
 
-export type ClaimPatterns = Record<string, string | string[]>;
+import type { Static } from '@sinclair/typebox';
+import type { ClaimPatternsSchema } from '../schemas/common.js';
+import type { FailedClaim as FailedClaimSchema } from '../schemas/policy.js';
 
-export interface FailedClaim {
-  claim: string;
-  patterns: string[];
-  /** The value actually found in the token; a missing claim is reported as null. */
-  value: unknown;
-}
+// The shapes the API shows (PUT /policies, POST /policies/evaluate); the schemas are their one definition.
+export type ClaimPatterns = Static<typeof ClaimPatternsSchema>;
+/** One failing claim; `value` is what the token holds there, null for a missing claim. */
+export type FailedClaim = Static<typeof FailedClaimSchema>;
 
 const MAX_PATTERN_LENGTH = 1024;
 
