@@ -121,6 +121,9 @@ export function installProblemHandler(app: FastifyInstance): void {
         : `PostgreSQL cancelled a statement of this request (statement timeout of ${query} s, BROKER_QUERY_TIMEOUT, or an operator's cancel); the statement was rolled back, retry shortly`);
     }
     const { status, code, detail } = answerFor(error, request);
+    // An error may know better when a retry can succeed (a quota: the soonest lease's expiry).
+    const wait = (error as { retryAfterSeconds?: unknown }).retryAfterSeconds;
+    if (status === 429 && typeof wait === 'number' && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(wait));
     if ((status === 429 || status === 503) && !reply.getHeader('Retry-After')) reply.header('Retry-After', String(RETRY_AFTER_SECONDS));
     // A verified caller refused (a bad body, not an admin, rate-limited, not their lease, an ended
     // lease) or failed leaves an audit event like every other outcome, unless the route recorded its own.

@@ -24,7 +24,7 @@ test('a policy whose max_active_leases this identity holds is admitted but flagg
   const first = await b.issue(token, { policy: 'eq' });
   assert.equal(first.status, 201);
   assert.equal((await evaluate('eq:alice')).cannot_issue, undefined, 'one of two held: it would still issue');
-  assert.equal((await b.issue(token, { policy: 'eq' })).status, 201);
+  assert.equal((await b.issue(token, { policy: 'eq', ttl: 120 })).status, 201);
 
   const full = await evaluate('eq:alice');
   assert.equal(full.admitted, true, 'the claims still match');
@@ -33,6 +33,10 @@ test('a policy whose max_active_leases this identity holds is admitted but flagg
   assert.deepEqual([refused.status, refused.body.code], [429, 'LEASE_QUOTA_EXCEEDED'], 'and issuance agrees');
   // The refusal says what frees a place, as the explanation does, not only that none is free.
   assert.equal(refused.body.detail, 'This identity already holds 2 active leases under policy eq, its max_active_leases (2); one must end (expiry, or DELETE /leases/{id}) before another is issued');
+  // Retry-After is when the sooner of the two (120 s, from a whole second rounded up) expires,
+  // not the 5 s of other 429s.
+  const wait = Number(refused.headers['retry-after']);
+  assert.ok(wait > 100 && wait <= 121, `Retry-After ${refused.headers['retry-after']}`);
   assert.equal((await evaluate('eq:bob')).cannot_issue, undefined, 'another identity is not affected');
 
   // A lease past its expiry no longer counts, for issuance or for the explanation, even before
