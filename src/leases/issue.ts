@@ -206,7 +206,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
             // Retry-After: when the soonest of those leases expires, rather than the 5 s every other
             // 429 and 503 says; a client that honours it then finds a place free, unless it is renewed.
             const quota = Object.assign(new Errors.QuotaExceeded(`This identity already holds ${chosen.max_active_leases} active leases under policy ${chosen.name}, its max_active_leases (${chosen.max_active_leases}); one must end (expiry, or DELETE /leases/{id}) before another is issued`),
-              { retryAfterSeconds: Math.max(1, result.freesInSeconds ?? 1) });
+              { retryAfterSeconds: result.freesInSeconds === null ? undefined : Math.max(1, result.freesInSeconds) });
             throw new IssueDenied('quota_exceeded', chosen.name, quota);
           }
           const written = { ...decision, expiresAt: result.expiresAt!, maxExpiresAt: result.maxExpiresAt! };
