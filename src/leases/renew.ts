@@ -12,7 +12,7 @@ import { withTransaction } from '../postgres/pool.js';
 import { setValidUntil } from '../postgres/roles.js';
 import { isoRow } from '../postgres/rows.js';
 import { SERVER_SECOND_SQL } from './expiry.js';
-import { LEASE_COLUMNS, type Lease } from './repository.js';
+import { identityLockKey, LEASE_COLUMNS, type Lease } from './repository.js';
 
 function whyNotAdmitted(verdict: PolicyEvaluation): string | null {
   if (verdict.admitted) return null;
@@ -60,6 +60,7 @@ async function renewOnce(
   grantRoles: GrantRoleGuard,
 ): Promise<Lease & { capped: boolean }> {
   return withTransaction(pool, async (client) => {
+    await lockIdentity(client, id, owner);
     const row = await lockLease(client, id, owner);
     if (row.state !== 'active' || row.lapsed) throw new Errors.LeaseEnded(`Lease ${id} has ended (${row.lapsed && row.state === 'active' ? 'expired' : row.state}) and cannot be renewed`);
     // Issuance refuses a group that has become unsafe; extending a login that holds it would
@@ -129,6 +130,31 @@ async function renewOnce(
 }
 
 /**
+ * Issuance's per-identity lock, held to COMMIT, taken before the lease row as a revocation by
+ * subject takes them. The renewal checks the lease's expiry before its COMMIT, and a lease past its
+ * expiry no longer counts against max_active_leases: without the lock, a renewal that checked just
+ * before the expiry and committed just after it let an issuance in between count the lease as over
+ * and issue one more, and both then lived on past the quota. Issuance holds the lock for a few
+ * round trips; the wait is bounded like the role row's (ROLE_ROW_WAIT), so renewals queued behind a
+ * burst of the identity's requests do not each hold a pooled connection for the lock timeout.
+ */
+async function lockIdentity(client: pg.PoolClient, id: string, owner: Identity): Promise<void> {
+  try {
+    // One round trip: the bound (for the rest of the transaction: ROLE_ROW_WAIT, or the configured
+    // lock_timeout if shorter) is set in the materialized CTE, which is read before the lock is asked for.
+    await client.query(
+      `WITH bound AS MATERIALIZED (
+         SELECT pg_catalog.set_config('lock_timeout', CASE WHEN s::interval = '0' OR s::interval > $1::text::interval THEN $1::text ELSE s END, true)
+           FROM pg_catalog.current_setting('lock_timeout') AS t(s))
+       SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended($2, 0)) FROM bound`,
+      [ROLE_ROW_WAIT, identityLockKey(owner.issuer, owner.subject)]);
+  } catch (err) {
+    if ((err as { code?: string }).code !== '55P03') throw err;
+    throw new Errors.DatabaseBusy(`Lease ${id} was not renewed: other requests of the same identity (issuance, renewal, revocation) held it for over ${ROLE_ROW_WAIT}; retry shortly`);
+  }
+}
+
+/**
  * The lease row, locked for this renewal, if `owner` holds it. NOWAIT: a renewal never queues
  * behind another renewal or a revocation of the same lease. Queued renewals each held a pooled
  * connection, and their queue could keep a revocation from the row past its lock timeout.
@@ -161,9 +187,7 @@ async function lockLease(client: pg.PoolClient, id: string, owner: Identity): Pr
 const ROLE_ROW_WAIT = '1s';
 
 async function extendRole(client: pg.PoolClient, id: string, username: string, expiresAt: Date, creator: string | null, endsAt: string): Promise<void> {
-  await client.query(
-    `SELECT pg_catalog.set_config('lock_timeout', CASE WHEN s::interval = '0' OR s::interval > $1::text::interval THEN $1::text ELSE s END, true)
-       FROM pg_catalog.current_setting('lock_timeout') AS t(s)`, [ROLE_ROW_WAIT]);
+  // lock_timeout is already bounded to ROLE_ROW_WAIT for this transaction (lockIdentity).
   try {
     await setValidUntil(client, username, expiresAt, creator);
   } catch (err) {
