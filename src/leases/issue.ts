@@ -162,14 +162,17 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
       const kept = deps.policies.get(identity.issuer);
       const begin = kept ? lock : `${lock};\n${enabledPoliciesSql(identity.issuer)}`;
       return withBatchedTransaction(deps.pool, begin, async (client, commit, begun) => {
-        // `check`: the token kept policies were read under, for the INSERT to compare; null for
-        // policies read in this transaction after the lock, which are as fresh as the INSERT's.
+        // `check`: the token the policies were read under, for the INSERT to compare, whether kept
+        // from an earlier request or read in this transaction after the lock: under READ COMMITTED
+        // the INSERT has a snapshot of its own, and a change committed between the read and the
+        // INSERT (a round trip, or a wait on a lock) must send it back to read them again too.
+        // `fresh`: read in this transaction, so a refusal stands without another read.
         const readHere = (rows: Record<string, unknown>[]) => {
           const read = policySnapshot(rows);
           deps.policies.store(identity.issuer, read.version, read.policies);
-          return { policies: read.policies, check: null };
+          return { policies: read.policies, check: read.version, fresh: true };
         };
-        let current: { policies: Policy[]; check: string | null } = kept ? { policies: kept.policies, check: kept.version } : readHere(begun.rows);
+        let current: { policies: Policy[]; check: string; fresh: boolean } = kept ? { policies: kept.policies, check: kept.version, fresh: false } : readHere(begun.rows);
         const readAgain = async () => {
           current = readHere((await client.query(enabledPoliciesSql(identity.issuer))).rows);
         };
@@ -180,7 +183,7 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
           } catch (err) {
             // A refusal is never given on kept policies: a policy created or widened a moment ago
             // must admit at once, so the table is read again first.
-            if (!(err instanceof IssueDenied) || current.check === null) throw err;
+            if (!(err instanceof IssueDenied) || current.fresh) throw err;
             await readAgain();
             continue;
           }
@@ -197,8 +200,8 @@ export async function issueCredential(deps: IssueDeps, ctx: RequestContext, body
             { ...base, type: 'credential.issued', lease_id: leaseId, policy: chosen.name, username, detail: { ttl, grant_role: chosen.grant_role } },
             current.check,
           );
-          if (current.check !== null && result.policyVersion !== current.check) {
-            // The policies changed since they were kept: decide once more, on them as they are now.
+          if (result.policyVersion !== current.check) {
+            // The policies changed since they were read: decide once more, on them as they are now.
             await readAgain();
             continue;
           }
