@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { auditJson, insertAuditFromJson, recordAudit, type AuditEvent } from '../audit/repository.js';
 import type { Metrics } from '../metrics.js';
 import type { Queryable } from '../postgres/pool.js';
@@ -141,7 +142,7 @@ export function revocationRequested(filter: EndFilter, actor: Actor, reason: str
  */
 export async function revokeNow(
   deps: FinishDeps, filter: EndFilter, actor: Actor, reason: string,
-  options: { includeEnding?: boolean; issuers?: string[]; recordRequest?: boolean } = {},
+  options: { includeEnding?: boolean; issuers?: string[]; recordRequest?: boolean; endingWaitMs?: number } = {},
 ): Promise<{ leases: EndingLease[]; errors: Map<string, string | null>; outage: Map<string, unknown> }> {
   const endedBy = `${actor.issuer} ${actor.subject}`;
   const keys = identityLockKeys(filter, options.issuers ?? []);
@@ -181,7 +182,65 @@ export async function revokeNow(
     for (const [name, err] of outcome.outage) outage.set(name, err);
   }
   for (const [name, error] of await stillEnding(deps.pool, takenOver)) errors.set(name, error);
+  if (filter.id === undefined) {
+    for (const [name, error] of await endLoginsAlreadyEnding(deps, filter, actor, new Set(leases.map((l) => l.id)), options.endingWaitMs ?? ENDING_WAIT_MS)) {
+      errors.set(name, error);
+    }
+  }
   return { leases, errors, outage };
+}
+
+/** How long a bulk revocation waits for teardowns others hold to disable their logins. */
+export const ENDING_WAIT_MS = 10_000;
+
+/**
+ * The leases of a bulk revocation's filter that were already ending when it marked the rest (so it
+ * did not mark them), and whose logins still work: a teardown under way elsewhere (a DELETE, the
+ * reaper, a revocation on another replica) that has not reached NOLOGIN yet, or one that failed
+ * before it. Answered 200 without them, "this subject's access has ended" would be false until the
+ * other teardown gets there, or for as long as it keeps failing. Each one nobody holds is claimed
+ * and finished here, as DELETE /leases/{id} finishes one; each another claimer holds is waited
+ * for until its login is disabled, at most `waitMs` for all of them. Returns, by username, the
+ * error for each whose login may still work afterwards (or whose teardown here failed).
+ */
+async function endLoginsAlreadyEnding(
+  deps: FinishDeps, filter: EndFilter, actor: Actor, marked: Set<string>, waitMs: number,
+): Promise<Map<string, string>> {
+  const where: string[] = [];
+  const params: unknown[] = [];
+  for (const key of ['subject', 'issuer', 'policy'] as const) {
+    if (filter[key] !== undefined) where.push(`l.${key} = $${params.push(filter[key])}`);
+  }
+  const errors = new Map<string, string>();
+  if (where.length === 0) return errors;
+  // Only roles that can log in now: one past VALID UNTIL (a lease the reaper ends on expiry) cannot.
+  const { rows } = await deps.pool.query<{ id: string; username: string }>(
+    `SELECT l.id, l.username FROM broker.leases l JOIN pg_roles r ON r.rolname = l.username
+      WHERE l.state IN ('revoking', 'revoke_failed') AND r.rolcanlogin AND (r.rolvaliduntil IS NULL OR r.rolvaliduntil > now())
+        AND ${where.join(' AND ')} ORDER BY l.id`,
+    params,
+  );
+  const deadline = Date.now() + waitMs;
+  for (const lease of rows.filter((r) => !marked.has(r.id))) {
+    for (;;) {
+      if (Date.now() > deadline) {
+        errors.set(lease.username, `${NOLOGIN_STEP}: its teardown, which another claimer (the reaper, or another request) holds or which failed before, `
+          + `has not disabled its login within ${waitMs} ms`);
+        break;
+      }
+      const claimed = await claimEnded(deps.pool, lease.id);
+      if (claimed.length > 0) {
+        const error = (await finishLeases(deps, claimed, actor)).get(lease.username) ?? null;
+        if (error !== null) errors.set(lease.username, error);
+        break;
+      }
+      const { rows: [now] } = await deps.pool.query<{ can_login: boolean | null }>(
+        `SELECT r.rolcanlogin AS can_login FROM broker.leases l LEFT JOIN pg_roles r ON r.rolname = l.username WHERE l.id = $1`, [lease.id]);
+      if (!now?.can_login) break;
+      await sleep(100);
+    }
+  }
+  return errors;
 }
 
 /**
