@@ -183,11 +183,18 @@ export async function claimDueLeases(db: Queryable, limit: number, creators: str
  */
 export async function renewClaim(db: Queryable, leases: EndingLease[]): Promise<EndingLease[]> {
   if (leases.length === 0) return leases;
+  // Locked in id order first, as markRevoking locks: an UPDATE takes its rows in whatever order its
+  // plan meets them, and against a revocation that locks in id order (one by policy whose snapshot
+  // still saw these leases active, for one, which keeps the lock on a row its recheck then leaves out) that
+  // crossed, and PostgreSQL ended one of them as a deadlock: a 500 for the bulk revocation.
   const { rows } = await db.query<{ id: string }>(
-    `UPDATE broker.leases l SET next_attempt_at = now() + make_interval(secs => $2), claimed_by_pid = pg_backend_pid()
-      FROM unnest($1::uuid[], $3::int[]) AS mine(id, pid)
-      WHERE l.id = mine.id AND l.state IN ('revoking', 'revoke_failed') AND l.claimed_by_pid = mine.pid
-      RETURNING l.id`,
+    `WITH locked AS MATERIALIZED (
+       SELECT l.id FROM broker.leases l JOIN unnest($1::uuid[], $3::int[]) AS mine(id, pid) ON l.id = mine.id
+        WHERE l.state IN ('revoking', 'revoke_failed') AND l.claimed_by_pid = mine.pid
+        ORDER BY l.id FOR UPDATE OF l)
+     UPDATE broker.leases l SET next_attempt_at = now() + make_interval(secs => $2), claimed_by_pid = pg_backend_pid()
+       FROM locked WHERE l.id = locked.id
+     RETURNING l.id`,
     [leases.map((l) => l.id), CLAIM_SECONDS, leases.map((l) => l.claimed_by_pid)],
   );
   const kept = new Set(rows.map((r) => r.id));

@@ -69,11 +69,15 @@ export async function finishLeases(deps: FinishDeps, leases: EndingLease[], acto
       detail: actor ? { owner_issuer: l.issuer, owner_subject: l.subject, ended_by: l.ended_by } : { ended_by: l.ended_by },
     }));
     const { rows } = await deps.pool.query<{ lease_id: string }>(
-      `WITH done AS (
-         UPDATE broker.leases SET state = CASE WHEN ${ENDED_BY_EXPIRY_SQL} THEN 'expired' ELSE 'revoked' END,
+      // Locked in id order first, as every statement that locks several leases and waits does
+      // (markRevoking, renewClaim): two such statements in different orders deadlock.
+      `WITH locked AS MATERIALIZED (
+         SELECT id FROM broker.leases WHERE id = ANY($1::uuid[]) AND state IN ('revoking', 'revoke_failed') ORDER BY id FOR UPDATE
+       ), done AS (
+         UPDATE broker.leases l SET state = CASE WHEN ${ENDED_BY_EXPIRY_SQL} THEN 'expired' ELSE 'revoked' END,
                 last_error = NULL, next_attempt_at = NULL, claimed_by_pid = NULL
-          WHERE id = ANY($1::uuid[]) AND state IN ('revoking', 'revoke_failed')
-          RETURNING id
+           FROM locked WHERE l.id = locked.id
+          RETURNING l.id
        )
        ${insertAuditFromJson(2, 'e.lease_id IN (SELECT id FROM done)')}
        RETURNING lease_id`,
