@@ -117,6 +117,21 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.match(report, /\| 64 \| [\d.]+ \|/);
   });
 
+  test('pools P4 over its drains, each reported on its own', () => {
+    const rp = json.reaping;
+    assert.equal(rp.drains.length, 2, 'quick mode drains the backlog twice');
+    const sum = (f: (d: any) => number) => rp.drains.reduce((s: number, d: any) => s + f(d), 0);
+    assert.equal(rp.ended, sum((d) => d.ended), 'the pooled count adds the drains up');
+    assert.equal(rp.ended, 2 * rp.backlog, 'each drain ended its whole backlog');
+    assert.ok(Math.abs(rp.seconds - sum((d) => d.seconds)) < 1e-6, 'the pooled time adds the drains up');
+    // Pooled percentiles come from all drains' requests, so each lies between the drains' own.
+    const p99s = rp.drains.map((d: any) => d.earlyP99);
+    assert.ok(rp.early.p99 >= Math.min(...p99s) && rp.early.p99 <= Math.max(...p99s), `pooled ${rp.early.p99} within ${p99s}`);
+    const table = report.slice(report.indexOf('Each drain on its own:'));
+    assert.match(table, /\n\| 1 \| \d+ \|[^\n]*×/);
+    assert.match(table, /\n\| 2 \| \d+ \|[^\n]*×/);
+  });
+
   test('runs the floor and the broker with the Docker image\'s UV_THREADPOOL_SIZE', async () => {
     const dockerfile = await readFile(path.join(ROOT, 'Dockerfile'), 'utf8');
     const size = /^\s*UV_THREADPOOL_SIZE=(\d+)/m.exec(dockerfile)?.[1];

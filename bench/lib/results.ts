@@ -145,6 +145,11 @@ export interface Results {
     /** Requests that began in the drain's first and last thirds. */
     early?: Summary;
     late?: Summary;
+    /**
+     * Each drain on its own (absent in reports from a single drain). The fields above pool them:
+     * counts and times add up, latencies pool, p99 is taken over all drains' requests.
+     */
+    drains?: Array<{ ended: number; seconds: number; rolesPerSecond: number; rolesLeft: number; idleP99: number; earlyP99: number; idleAfterP99: number; lateP99: number; ratio: number }>;
   };
   population?: Array<{ live: number; createSeconds: number; iterations: number; connections: number; floor: Run; broker: Run; floorCpu: CpuPerOp; brokerCpu: CpuPerOp; ratio: number }>;
   ddl?: DdlProbe[];

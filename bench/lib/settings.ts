@@ -26,8 +26,8 @@ const ONLY = new Set((process.env.BENCH_ONLY ?? '').split(',').map((x) => x.trim
 export const wanted = (name: string) => ONLY.size === 0 || ONLY.has(name);
 
 export const SETTINGS = QUICK
-  ? { burst: 40, repeats: 1, targetRepeats: 1, warmup: 0, jitWarmup: 32, tokens: 300, population: [0, 100], populationBurst: 40, ddlProbe: 10, backlog: 200, reapCapSeconds: 60, rows: 10_000, subjects: 200, idleSeconds: 1, jwtSeconds: 0.75, jwtWarmSeconds: 0, listRequests: 40, startupRuns: 1, profileBursts: 1, sustained: { total: 200, chunk: 100 } }
-  : { burst: 300, repeats: 3, targetRepeats: 8, warmup: 50, jitWarmup: 6000, tokens: 3000, population: [0, 1000, 3000], populationBurst: 100, ddlProbe: 40, backlog: 10_000, reapCapSeconds: 240, rows: 1_000_000, subjects: 20_000, idleSeconds: 20, jwtSeconds: 5, jwtWarmSeconds: 1, listRequests: 700, startupRuns: 3, profileBursts: 3, sustained: { total: 20_000, chunk: 2000 } };
+  ? { burst: 40, repeats: 1, targetRepeats: 1, warmup: 0, jitWarmup: 32, tokens: 300, population: [0, 100], populationBurst: 40, ddlProbe: 10, backlog: 200, reapDrains: 2, reapCapSeconds: 60, rows: 10_000, subjects: 200, idleSeconds: 1, jwtSeconds: 0.75, jwtWarmSeconds: 0, listRequests: 40, startupRuns: 1, profileBursts: 1, sustained: { total: 200, chunk: 100 } }
+  : { burst: 300, repeats: 3, targetRepeats: 8, warmup: 50, jitWarmup: 6000, tokens: 3000, population: [0, 1000, 3000], populationBurst: 100, ddlProbe: 40, backlog: 10_000, reapDrains: 3, reapCapSeconds: 240, rows: 1_000_000, subjects: 20_000, idleSeconds: 20, jwtSeconds: 5, jwtWarmSeconds: 1, listRequests: 700, startupRuns: 3, profileBursts: 3, sustained: { total: 20_000, chunk: 2000 } };
 export const LEVELS = [1, 4, 16, 64];
 export const DEFAULT_ITERATIONS = 4096;
 export const TUNED_ITERATIONS = 1;
