@@ -36,3 +36,13 @@ export function fmt(value: number | undefined | null, digits = 1): string {
   if (value === undefined || value === null || !Number.isFinite(value)) return '—';
   return value.toFixed(digits);
 }
+
+/**
+ * A measured value beside its target line: with more digits when rounding would put it on the
+ * line (0.897 against 0.9 reads "0.897", not a "0.90" next to a miss).
+ */
+export function fmtAgainst(value: number, line: number, digits = 2): string {
+  let text = fmt(value, digits);
+  while (digits < 4 && value !== line && Number(text) === line) text = fmt(value, ++digits);
+  return text;
+}

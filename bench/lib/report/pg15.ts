@@ -1,5 +1,5 @@
 import type { IssuanceLevel, Results } from '../results.js';
-import { fmt } from '../stats.js';
+import { fmt, fmtAgainst } from '../stats.js';
 import { cpuCell, notMeasured, table } from './markdown.js';
 
 /** P1, P3 and P1b read at 16 clients on PostgreSQL 15, when that run took place. */
@@ -33,7 +33,7 @@ export function renderPg15(r: Results): string[] {
   ));
   out.push('');
   if (s) {
-    out.push(`On PostgreSQL 15: P1 ${fmt(s.p1, 2)}× (target ≥ 0.9×: ${verdict(s.p1 >= 0.9)}), P3 ${fmt(s.p3, 1)}× (target ≥ 5×: ${verdict(s.p3 >= 5)}; the floor itself gains ${fmt(s.floorGain, 1)}×), P1b ${fmt(s.p1b, 2)}× (target ≥ 0.5×: ${verdict(s.p1b >= 0.5)}). The targets table above is read on the embedded server.`);
+    out.push(`On PostgreSQL 15: P1 ${fmtAgainst(s.p1, 0.9)}× (target ≥ 0.9×: ${verdict(s.p1 >= 0.9)}), P3 ${fmt(s.p3, 1)}× (target ≥ 5×: ${verdict(s.p3 >= 5)}; the floor itself gains ${fmt(s.floorGain, 1)}×), P1b ${fmtAgainst(s.p1b, 0.5)}× (target ≥ 0.5×: ${verdict(s.p1b >= 0.5)}). The targets table above is read on the embedded server.`);
     out.push('');
   }
   return out;

@@ -1,5 +1,5 @@
 import type { IssuanceLevel, Results } from '../results.js';
-import { fmt } from '../stats.js';
+import { fmt, fmtAgainst } from '../stats.js';
 import { pct } from './markdown.js';
 import { startupCommand } from './memory-and-startup.js';
 import { reapingP99Ratio } from './reaping.js';
@@ -39,7 +39,7 @@ export function targets(r: Results): Target[] {
   const p1 = d16 ? d16.ratio : Number.NaN;
   push({
     id: 'P1', measure: `issuance throughput at 16 clients vs floor (${r.issuance[0]?.iterations ?? '?'} iterations)`, target: '≥ 0.9×',
-    measured: d16 ? `${fmt(p1, 2)}× (${fmt(d16.broker.rps, 0)} vs ${fmt(d16.floor.rps, 0)} /s)` : 'not measured', value: p1,
+    measured: d16 ? `${fmtAgainst(p1, 0.9)}× (${fmt(d16.broker.rps, 0)} vs ${fmt(d16.floor.rps, 0)} /s)` : 'not measured', value: p1,
     ok: d16 ? p1 >= 0.9 : null, miss: d16 && p1 < 0.9 ? `${pct(0.9 - p1)} of floor short` : undefined,
     note: d16 ? nearThreshold(p1, 0.9) : undefined,
   });
@@ -58,7 +58,7 @@ export function targets(r: Results): Target[] {
   const p1b = t16 ? t16.ratio : Number.NaN;
   push({
     id: 'P1b', measure: 'issuance throughput at 16 clients vs floor, both tuned', target: '≥ 0.5×',
-    measured: t16 ? `${fmt(p1b, 2)}× (${fmt(t16.broker.rps, 0)} vs ${fmt(t16.floor.rps, 0)} /s)` : 'not measured', value: p1b,
+    measured: t16 ? `${fmtAgainst(p1b, 0.5)}× (${fmt(t16.broker.rps, 0)} vs ${fmt(t16.floor.rps, 0)} /s)` : 'not measured', value: p1b,
     ok: t16 ? p1b >= 0.5 : null, miss: t16 && p1b < 0.5 ? `${pct(0.5 - p1b)} of floor short` : undefined,
     note: t16 ? nearThreshold(p1b, 0.5) : undefined,
   });
