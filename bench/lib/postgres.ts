@@ -16,12 +16,15 @@ export async function quietPostgres(pgs: TestPostgres): Promise<string> {
   await new Promise((r) => setTimeout(r, 200));
   const [{ source }] = await pgs.query<{ source: string }>(`SELECT source FROM pg_settings WHERE name = 'log_statement'`, [], 'postgres');
   const check = new pg.Client({ connectionString: pgs.brokerUrl });
+  // As every bench client: an idle connection's error surfaces at its next query, not as a crash.
+  check.on('error', () => undefined);
   await check.connect();
   let value = (await check.query<{ log_statement: string }>('SHOW log_statement')).rows[0].log_statement;
   await check.end();
   if (value === 'none') return `ALTER SYSTEM SET log_statement = 'none' (source: ${source})`;
   await pgs.query(`ALTER ROLE ALL SET log_statement = 'none'`, [], 'postgres');
   const again = new pg.Client({ connectionString: pgs.brokerUrl });
+  again.on('error', () => undefined);
   await again.connect();
   value = (await again.query<{ log_statement: string }>('SHOW log_statement')).rows[0].log_statement;
   await again.end();
@@ -32,6 +35,7 @@ export async function quietPostgres(pgs: TestPostgres): Promise<string> {
 /** The postmaster: the parent of a backend, read while that backend's session is still open. */
 export async function postmasterPid(pgs: TestPostgres): Promise<number> {
   const client = new pg.Client({ connectionString: pgs.superuserUrl });
+  client.on('error', () => undefined);
   await client.connect();
   try {
     const { rows } = await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
