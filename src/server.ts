@@ -16,7 +16,14 @@ export interface RunningBroker {
   app: FastifyInstance;
   url: string;
   reaper: Reaper;
+  /** Waits for requests in progress (without a limit of its own), then stops the reaper and ends the pool. */
   close(): Promise<void>;
+  /**
+   * Ends every connection of its listeners at once, requests in progress included: for a close no
+   * longer waited for, which then goes on to the reaper and the pool instead of waiting for a
+   * client that may never finish its request, and whose sockets would keep the process alive.
+   */
+  dropConnections(): void;
 }
 
 const FIRST_RETRY_MS = 500;
@@ -181,6 +188,10 @@ export async function startBroker(
         await metricsServer?.close();
         await app.close();
       },
+      dropConnections: () => {
+        metricsServer?.server.closeAllConnections();
+        app.server.closeAllConnections();
+      },
     };
   } catch (err) {
     if (!(err instanceof StartupStopped)) {
@@ -221,7 +232,11 @@ async function startupChecks(app: FastifyInstance, config: Config, logger: Retur
   }
 }
 
-const DRAIN_LIMIT_MS = 15_000;
+/**
+ * How long a stop waits for the broker to close (requests in progress, the reaper, the pool) before
+ * it gives up: `serve` then exits 1, `dev` stops its issuer and PostgreSQL without it.
+ */
+export const DRAIN_LIMIT_MS = 15_000;
 
 /** `pg-broker serve`: run until SIGINT/SIGTERM, then drain requests and the reaper. */
 export async function serve(config: Config): Promise<void> {

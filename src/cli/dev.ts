@@ -5,6 +5,7 @@ import { startLocalPostgres } from '../dev/embedded-postgres.js';
 import { DEV_ISSUER_BANNER, startDevIssuer } from '../dev/issuer.js';
 import { seedLocalCluster } from '../dev/seed.js';
 import { startBroker, StartupStopped } from '../server.js';
+import { stopSignals, Teardown } from './dev-stop.js';
 
 export interface DevOptions {
   dir: string;
@@ -14,68 +15,26 @@ export interface DevOptions {
 }
 
 /**
- * SIGINT and SIGTERM, listened for before anything starts. Without a listener, one that came during
- * start-up ended the process at once, and a PostgreSQL still coming up (not yet known to the exit
- * clean-up) kept running whenever the signal reached the node process alone: `kill -INT <pid>`,
- * a supervisor, or the stop of a container, where as PID 1 it would even be ignored. The first
- * aborts `signal`. Later ones are absorbed, with a line saying so: leaving half-way through the
- * stop is what leaves a server behind, and PostgreSQL's own stop ends by itself (SIGKILL after 10 s).
- */
-function stopSignals(command: string) {
-  const stop = new AbortController();
-  let requested!: (signal: NodeJS.Signals) => void;
-  const onSignal = (signal: NodeJS.Signals) => {
-    if (stop.signal.aborted) {
-      console.error(`pg-broker ${command}: already stopping after ${stop.signal.reason as string}; ${signal} ignored, wait for it to finish`);
-      return;
-    }
-    stop.abort(signal);
-    requested(signal);
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  return {
-    signal: stop.signal,
-    /** Resolves with the first signal. */
-    requested: new Promise<NodeJS.Signals>((resolve) => { requested = resolve; }),
-    release() {
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-    },
-  };
-}
-
-interface Started {
-  name: string;
-  stop(): Promise<void>;
-}
-
-/**
  * `pg-broker dev`: embedded PostgreSQL (data kept under --dir), a development-only issuer and
  * the broker, seeded with a group role and a policy, then copy-paste commands to try it.
  */
 export async function devCommand(opts: DevOptions): Promise<void> {
-  const signals = stopSignals('dev');
   // Whatever has started is stopped, newest first, before a start-up error (a port already taken)
   // propagates: a running PostgreSQL child or a listening issuer would keep the process alive
   // after the error was printed.
-  const stops: Started[] = [];
-  // One that fails must not leave the others running; the first failure is reported after.
-  const stopAll = async () => {
-    const failures: unknown[] = [];
-    for (const { stop } of stops.splice(0).reverse()) await stop().catch((err: unknown) => failures.push(err));
-    if (failures.length > 0) throw failures[0];
-  };
+  const stops = new Teardown('dev');
+  const signals = stopSignals('dev', (signal) => stops.hurry(signal));
   try {
     try {
       await startAndExplain(opts, stops, signals.signal);
     } catch (err) {
-      if (signals.signal.aborted) return await stoppedDuringStartUp(signals.signal.reason as NodeJS.Signals, err, stops, stopAll);
-      await stopAll().catch(() => undefined);
+      if (signals.signal.aborted) return await stoppedDuringStartUp(signals.signal.reason as NodeJS.Signals, err, stops);
+      await stops.run().catch(() => undefined);
       throw err;
     }
     await signals.requested;
-    await stopAll();
+    // The line saying what was given up on is printed already; the exit code still has to say so.
+    if ((await stops.run()).length > 0) process.exitCode = 1;
   } finally {
     signals.release();
   }
@@ -86,19 +45,24 @@ export async function devCommand(opts: DevOptions): Promise<void> {
  * is stopped. A step that failed meanwhile is most likely the same signal's doing (Ctrl-C reaches
  * PostgreSQL too, which then shuts down under the seeding), so it is named, not made the outcome.
  */
-async function stoppedDuringStartUp(signal: NodeJS.Signals, err: unknown, stops: Started[], stopAll: () => Promise<void>): Promise<void> {
-  const names = stops.map((s) => s.name).reverse();
+async function stoppedDuringStartUp(signal: NodeJS.Signals, err: unknown, stops: Teardown): Promise<void> {
+  const names = stops.names();
   let failure: unknown;
   if (err instanceof StartupStopped) {
     // startBroker has already closed whatever of the broker it had opened.
     if (err.closed.length > 0) names.unshift(`the broker's ${[...err.closed].reverse().join(', ')}`);
     failure = err.closeFailure;
   }
-  await stopAll().catch((stopFailure: unknown) => { failure ??= stopFailure; });
-  const stopped = names.length > 0 ? `; stopped ${names.join(', ')}` : '';
+  const givenUp = await stops.run().catch((stopFailure: unknown) => {
+    failure ??= stopFailure;
+    return [] as string[];
+  });
+  const stoppedNames = names.filter((name) => !givenUp.includes(name));
+  const stopped = stoppedNames.length > 0 ? `; stopped ${stoppedNames.join(', ')}` : '';
   if (failure !== undefined) {
     throw new Error(`start-up stopped by ${signal}, but stopping what it had started failed: ${(failure as Error).message ?? String(failure)}`, { cause: failure });
   }
+  if (givenUp.length > 0) process.exitCode = 1;
   // Its first line only: a server that exited during start brings its last log lines along.
   const reason = String((err as Error)?.message ?? err).split(' | ')[0].slice(0, 160);
   const meanwhile = err instanceof StartupStopped ? '' : ` (the step under way failed too: ${reason})`;
@@ -111,19 +75,19 @@ async function stoppedDuringStartUp(signal: NodeJS.Signals, err: unknown, stops:
  * StartupStopped ends it. startBroker answers the same signal itself, and may end a migration
  * midway: each runs in a transaction, rolled back, and is applied again on the next start.
  */
-async function startAndExplain(opts: DevOptions, stops: Started[], signal: AbortSignal): Promise<void> {
+async function startAndExplain(opts: DevOptions, stops: Teardown, signal: AbortSignal): Promise<void> {
   const stopIfAsked = () => {
     if (signal.aborted) throw new StartupStopped([]);
   };
   const local = await startLocalPostgres({ dir: path.resolve(opts.dir, 'postgres'), port: opts.pgPort }).catch((err) => {
     throw portTaken(err, '--pg-port', opts.pgPort);
   });
-  stops.push({ name: 'PostgreSQL', stop: () => local.stop() });
+  stops.add({ name: 'PostgreSQL', stop: () => local.stop() });
   stopIfAsked();
   const issuer = await startDevIssuer({ port: opts.issuerPort }).catch((err) => {
     throw portTaken(err, '--issuer-port', opts.issuerPort);
   });
-  stops.push({ name: 'the dev issuer', stop: () => issuer.close() });
+  stops.add({ name: 'the dev issuer', stop: () => issuer.close() });
   stopIfAsked();
   const seeded = await seedLocalCluster(local);
   stopIfAsked();
@@ -140,7 +104,7 @@ async function startAndExplain(opts: DevOptions, stops: Started[], signal: Abort
   const broker = await startBroker(config, { signal }).catch((err) => {
     throw portTaken(err, '--port', opts.port);
   });
-  stops.push({ name: 'the broker', stop: () => broker.close() });
+  stops.add({ name: 'the broker', stop: () => broker.close(), cut: () => broker.dropConnections() });
   const admin = await issuer.mint({ sub: 'admin:dev' });
   const policyNote = await seedDevPolicy(broker.url, admin, { issuer: issuer.issuer, grant_role: seeded.groupRole, database: seeded.database });
   stopIfAsked();
