@@ -46,11 +46,17 @@ export interface BuildOptions {
   /** Share a pool with a caller (tests, the reaper); otherwise the app owns one. */
   pool?: pg.Pool;
   metrics?: Metrics;
+  /** REQUEST_TIMEOUT_MS unless given (tests shorten it). */
+  requestTimeoutMs?: number;
 }
 
 export const MAX_BODY_BYTES = 64 * 1024;
 // Node's default is 16 KB; tokens are capped at 16 KB too, so leave room for the other headers.
 export const MAX_HEADER_BYTES = 32 * 1024;
+// Time for a whole request, headers and body, to arrive. Fastify's default is none, so a client
+// that announced a body and stopped sending held its socket, and held up a shutdown's drain, for
+// as long as it liked. A request here is at most 64 KB; 30 s is ample on any link.
+export const REQUEST_TIMEOUT_MS = 30_000;
 const PROBE_PATHS = new Set(['/healthz', '/readyz', '/metrics']);
 const UNCHECKED_QUERY_PATHS = new Set([...PROBE_PATHS, '/openapi.yaml']);
 
@@ -82,11 +88,15 @@ const OPTIONAL_BODIES = [['/credentials', 'post'], ['/leases/{id}/renew', 'post'
 
 export async function buildApp(config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
+  const requestTimeoutMs = options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS;
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
     logController: new OneLinePerRequest(),
     bodyLimit: MAX_BODY_BYTES,
-    http: { maxHeaderSize: MAX_HEADER_BYTES },
+    requestTimeout: requestTimeoutMs,
+    // Node looks for timed-out requests every connectionsCheckingInterval (30 s by default), which
+    // would let one run for up to twice its limit.
+    http: { maxHeaderSize: MAX_HEADER_BYTES, headersTimeout: requestTimeoutMs, connectionsCheckingInterval: Math.min(5_000, Math.max(100, requestTimeoutMs / 4)) },
     requestIdHeader: false,
     genReqId: () => crypto.randomUUID(),
     frameworkErrors: frameworkProblem,

@@ -71,7 +71,7 @@ export function clientErrorProblem(log: FastifyBaseLogger): (err: Error & { code
     }
     const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
     const detail = status === 431 ? 'The request headers are too large'
-      : status === 408 ? 'The request headers took too long to arrive' : 'The request is not valid HTTP';
+      : status === 408 ? 'The request did not arrive in full in time; send its headers and body without pausing' : 'The request is not valid HTTP';
     const requestId = crypto.randomUUID();
     log.debug({ err: { message: err.message, code: err.code }, request_id: requestId }, 'HTTP parser refused a request');
     const body = JSON.stringify(problemBody(status, 'BAD_REQUEST', detail, undefined, requestId));

@@ -34,6 +34,7 @@ export interface TestBrokerOptions {
   pg?: TestPostgres;
   issuer?: TestIssuer;
   env?: Record<string, string>;
+  requestTimeoutMs?: number;
 }
 
 export function brokerEnv(pgs: TestPostgres, issuer: TestIssuer, extra: Record<string, string> = {}): Record<string, string> {
@@ -70,7 +71,7 @@ export async function startTestBroker(opts: TestBrokerOptions = {}): Promise<Tes
   const logs: string[] = [];
   const logger = createLogger(config.logLevel, { write: (line: string) => void logs.push(line) });
   await migrate(config.databaseUrl, config.managedRole, logger);
-  const app = await buildApp(config, { logger });
+  const app = await buildApp(config, { logger, requestTimeoutMs: opts.requestTimeoutMs });
   const secrets = trackSecrets(app);
   secrets.add(decodeURIComponent(new URL(config.databaseUrl).password));
   await app.ready();
