@@ -38,6 +38,7 @@ import { runOnPg15 } from './scenarios/pg15.js';
 import { runPopulation } from './scenarios/population.js';
 import { runProfile } from './scenarios/profile.js';
 import { runReaping } from './scenarios/reaping.js';
+import { runFanout } from './scenarios/fanout.js';
 import { runStartup } from './scenarios/startup.js';
 import { runThreadpool } from './scenarios/threadpool.js';
 
@@ -131,6 +132,9 @@ async function main(): Promise<void> {
     await scenario(errors, 'reaping', async () => {
       results.reaping = await runReaping(pgs, broker, ctx.tokens, ctx.popOptions('bench:reap', true));
     });
+    await scenario(errors, 'fanout', async () => {
+      (results.fanout ??= []).push(await runFanout(ctx, broker, DEFAULT_ITERATIONS));
+    });
     await dropIssuedRoles(pgs, 'all');
     await stopBroker(broker);
     await scenario(errors, 'threadpool', async () => {
@@ -143,6 +147,9 @@ async function main(): Promise<void> {
     log(`broker with BROKER_SCRAM_ITERATIONS=${TUNED_ITERATIONS}`);
     broker = await startBroker(TUNED_ITERATIONS);
     await scenario(errors, 'issuance (tuned)', () => runIssuance(ctx, broker, TUNED_ITERATIONS, memory));
+    await scenario(errors, 'fanout (tuned)', async () => {
+      (results.fanout ??= []).push(await runFanout(ctx, broker, TUNED_ITERATIONS));
+    });
     // At the tuned setting, where the broker allocates fastest; then the same without the image's
     // old-generation cap, on a broker of its own.
     await scenario(errors, 'memory', async () => {

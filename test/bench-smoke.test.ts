@@ -132,6 +132,23 @@ describe('npm run bench (BENCH_QUICK=1)', () => {
     assert.match(table, /\n\| 2 \| \d+ \|[^\n]*×/);
   });
 
+  test('times one burst from distinct identities and from a single one, at both iteration counts', () => {
+    assert.deepEqual(json.fanout.map((f: any) => f.iterations), [4096, 1]);
+    for (const f of json.fanout) {
+      // Every request of every burst was answered 201, the single identity's included: its
+      // requests queue on one lock rather than fail.
+      for (const side of [f.distinct, f.same]) {
+        assert.equal(side.errors, 0, JSON.stringify(side.statusCounts));
+        assert.equal(side.ok, f.size * f.rounds);
+        assert.ok(Number.isFinite(side.rps) && side.rps > 0);
+      }
+    }
+    const section = report.slice(report.indexOf('## Bursts from one identity'));
+    assert.ok(report.includes('## Bursts from one identity'), 'the report has the section');
+    assert.match(section, /\| 4096 \| one \| \d+ \|[^\n]*\*\*[\d.]+×\*\* \|/);
+    assert.match(section, /\| 1 \| one \| \d+ \|/);
+  });
+
   test('runs the floor and the broker with the Docker image\'s UV_THREADPOOL_SIZE', async () => {
     const dockerfile = await readFile(path.join(ROOT, 'Dockerfile'), 'utf8');
     const size = /^\s*UV_THREADPOOL_SIZE=(\d+)/m.exec(dockerfile)?.[1];

@@ -1,6 +1,7 @@
 import type { Results } from './results.js';
 import { renderBaseline } from './report/baseline.js';
 import { renderCpuProfile } from './report/cpu-profile.js';
+import { renderFanout } from './report/fanout.js';
 import { renderIssuance } from './report/issuance.js';
 import { renderJwt } from './report/jwt.js';
 import { renderLeases } from './report/leases.js';
@@ -25,6 +26,7 @@ export function writeReport(r: Results, baseline?: Results, baselineName?: strin
   const out: string[] = [
     ...renderOverview(r, ts),
     ...renderIssuance(r),
+    ...renderFanout(r),
     ...renderPopulation(r),
     ...renderReaping(r),
     ...renderLeases(r),

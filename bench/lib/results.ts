@@ -151,6 +151,8 @@ export interface Results {
      */
     drains?: Array<{ ended: number; seconds: number; rolesPerSecond: number; rolesLeft: number; idleP99: number; earlyP99: number; idleAfterP99: number; lateP99: number; ratio: number }>;
   };
+  /** One burst, every request at once, from distinct identities and from a single one (the bench's runFanout). */
+  fanout?: Array<{ size: number; rounds: number; iterations: number; distinct: Run; same: Run; burstSeconds: { distinct: number[]; same: number[] } }>;
   population?: Array<{ live: number; createSeconds: number; iterations: number; connections: number; floor: Run; broker: Run; floorCpu: CpuPerOp; brokerCpu: CpuPerOp; ratio: number }>;
   ddl?: DdlProbe[];
   leases?: { rows: number; loadSeconds: number; requests: number; failures: number; latency: Summary; shapes: LeaseShape[] };
