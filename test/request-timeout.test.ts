@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, before, test } from 'node:test';
+import pg from 'pg';
 import { REQUEST_TIMEOUT_MS } from '../src/app.js';
+import { identityLockKey } from '../src/leases/repository.js';
 import { startTestBroker, type TestBroker } from './helpers/broker.js';
 
 // A request must arrive in full within the broker's request timeout: a client that announced a
@@ -79,6 +81,30 @@ test('headers that never end are answered 408 too', async () => {
   // The same request, finished, is answered.
   const whole = await send([`GET /leases HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${admin}\r\nConnection: close\r\n\r\n`], 0, 10_000);
   assert.match(whole.text, /^HTTP\/1\.1 200 /, whole.text.slice(0, 300));
+});
+
+test('the limit is on the request arriving, not on the answer: a slow issuance still answers 201', async () => {
+  await b.putPolicy('slow-answer', { claims: { sub: 'slow:*' } });
+  const sub = 'slow:answer';
+  const token = await b.token({ sub });
+  // The issuance waits on its identity lock, held by another session for 2.5 limits.
+  const superuser = new URL(b.pg.superuserUrl);
+  superuser.pathname = `/${b.pg.database}`;
+  const holder = new pg.Client({ connectionString: superuser.toString() });
+  holder.on('error', () => undefined);
+  await holder.connect();
+  try {
+    await holder.query('BEGIN');
+    await holder.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 0))', [identityLockKey(b.issuer.issuer, sub)]);
+    const release = new Promise((r) => setTimeout(r, LIMIT_MS * 2.5)).then(() => holder.query('COMMIT'));
+    const request = `POST /credentials HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`;
+    const answer = await send([request], 0, 10_000);
+    await release;
+    assert.ok(answer.ms >= LIMIT_MS * 2, `the answer waited for the lock: ${answer.ms.toFixed(0)} ms`);
+    assert.match(answer.text, /^HTTP\/1\.1 201 /, answer.text.slice(0, 300));
+  } finally {
+    await holder.end();
+  }
 });
 
 test('by default a request has REQUEST_TIMEOUT_MS to arrive, headers included', async () => {
