@@ -7,7 +7,7 @@ import { claimMarker } from '../postgres/marker.js';
 import { isConnectionError, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
-import type { FinishDeps } from '../leases/revoke.js';
+import type { FinishDeps } from '../leases/finish.js';
 
 /** A role whose lease ended longer ago than this is an orphan even though a lease row exists. */
 export const ORPHAN_GRACE_SECONDS = 300;

@@ -4,7 +4,7 @@ import type pg from 'pg';
 import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../config.js';
 import { claimDueLeases, endedByExpiry } from '../leases/claims.js';
-import { finishLeases } from '../leases/revoke.js';
+import { finishLeases } from '../leases/finish.js';
 import { creatorNames } from '../postgres/creators.js';
 import type { Metrics } from '../metrics.js';
 import { ClockOffsetWatch } from '../postgres/clock-offset.js';

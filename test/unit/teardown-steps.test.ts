@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { retryDelaySeconds } from '../../src/leases/revoke.js';
+import { retryDelaySeconds } from '../../src/leases/finish.js';
 import { disableLogins, loginStillEnabled, teardownRoles } from '../../src/leases/teardown.js';
 import { stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown-steps.js';
 
