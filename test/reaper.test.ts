@@ -221,7 +221,9 @@ describe('recovery', () => {
     assert.equal(await roleExists(b1.pg, cred.username), false);
     const [kept] = await b1.pg.query(`SELECT tableowner FROM pg_tables WHERE tablename = 'kept'`, [], 'sealed');
     assert.equal(kept.tableowner, 'app_readers');
-    assert.deepEqual(await auditTypes(b1.pg, cred.lease_id), ['credential.issued', 'lease.revoke_failed', 'lease.expired']);
+    // One lease.teardown_failed per failed attempt, and lease.revoke_failed with the fifth.
+    assert.deepEqual(await auditTypes(b1.pg, cred.lease_id),
+      ['credential.issued', ...Array(5).fill('lease.teardown_failed'), 'lease.revoke_failed', 'lease.expired']);
   });
 
   test('a database that refuses connections blocks teardown until it accepts them again', async () => {
@@ -242,6 +244,6 @@ describe('recovery', () => {
     assert.equal(res.body.state, 'expired', 'it keeps the reason it ended for');
     assert.equal(res.body.last_error, null);
     assert.equal(await roleExists(b1.pg, cred.username), false);
-    assert.deepEqual(await auditTypes(b1.pg, cred.lease_id), ['credential.issued', 'lease.expired']);
+    assert.deepEqual(await auditTypes(b1.pg, cred.lease_id), ['credential.issued', 'lease.teardown_failed', 'lease.expired']);
   });
 });

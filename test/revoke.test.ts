@@ -76,8 +76,13 @@ describe('DELETE /leases/{id}', () => {
     assert.equal(res.status, 500, JSON.stringify(res.body));
     assert.equal(res.body.code, 'REVOKE_INCOMPLETE');
     assert.equal(await loginError(b.pg, cred), '28000', 'the role is NOLOGIN all the same');
-    const events = await b.pg.query('SELECT type, issuer, subject, reason FROM broker.audit_events WHERE request_id = $1', [res.body.request_id]);
-    assert.deepEqual(events, [{ type: 'request.failed', issuer: b.issuer.issuer, subject: ADMIN_SUB, reason: 'REVOKE_INCOMPLETE' }]);
+    const events = await b.pg.query('SELECT type, issuer, subject, reason FROM broker.audit_events WHERE request_id = $1 ORDER BY id', [res.body.request_id]);
+    const { last_error } = await leaseRow(b.pg, cred.lease_id);
+    // The failed attempt, with the error the lease row holds, then the request's own failure.
+    assert.deepEqual(events, [
+      { type: 'lease.teardown_failed', issuer: b.issuer.issuer, subject: ADMIN_SUB, reason: last_error },
+      { type: 'request.failed', issuer: b.issuer.issuer, subject: ADMIN_SUB, reason: 'REVOKE_INCOMPLETE' },
+    ]);
 
     await b.pg.query('GRANT CONNECT ON DATABASE revoke_sealed TO broker', [], 'postgres');
     const retried = await api(b, 'DELETE', `/leases/${cred.lease_id}`, admin);

@@ -44,12 +44,16 @@ export function auditParams(event: AuditEvent): unknown[] {
 /**
  * SQL inserting every event of a jsonb array parameter ($n), for one round trip per batch.
  * `where` (a condition on the events, alias `e`) lets a caller record only the events whose
- * state change really happened in the same statement.
+ * state change really happened in the same statement. `join` adds a row source to read from
+ * (`from`, e.g. a CTE's RETURNING) and the `detail` expression that uses it, so an event can carry
+ * what that statement decided (an attempt count, a retry time) rather than what the caller guessed.
  */
-export function insertAuditFromJson(param: number, where?: string): string {
+export function insertAuditFromJson(param: number, where?: string, join?: { from: string; detail: string }): string {
+  const select = INSERT_COLUMNS.map((c) => (c === 'detail' && join ? `${join.detail} AS detail` : `e.${c}`));
   return `INSERT INTO broker.audit_events (${INSERT_COLUMNS.join(', ')})
-    SELECT ${INSERT_COLUMNS.join(', ')} FROM jsonb_to_recordset($${param}::jsonb) AS e(type text, issuer text, subject text,
+    SELECT ${select.join(', ')} FROM jsonb_to_recordset($${param}::jsonb) AS e(type text, issuer text, subject text,
       actor_verified boolean, lease_id uuid, policy text, username text, reason text, request_id text, client_ip text, detail jsonb)
+      ${join ? `CROSS JOIN ${join.from}` : ''}
     ${where ? `WHERE ${where}` : ''}`;
 }
 

@@ -21,7 +21,7 @@ export const AuditEventSchema = Type.Object({
 /** Every type of event the broker writes; README's "Audit event types" lists them too. */
 export const AUDIT_TYPES = [
   'credential.issued', 'credential.denied', 'credential.failed',
-  'lease.renewed', 'lease.revoked', 'lease.expired', 'lease.revoke_failed', 'revocation.requested',
+  'lease.renewed', 'lease.revoked', 'lease.expired', 'lease.teardown_failed', 'lease.revoke_failed', 'revocation.requested',
   'policy.created', 'policy.updated', 'policy.deleted',
   'role.orphan_dropped', 'token.rejected', 'request.denied', 'request.failed',
 ] as const;
