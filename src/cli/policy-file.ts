@@ -81,6 +81,22 @@ function policyEntries(file: string, doc: unknown): Array<[string, unknown]> {
 }
 
 /**
+ * The first claim pattern YAML read as a boolean or number. Patterns are text, and some issuers
+ * send text that looks like other types (GitLab's ref_protected is the string "true"), so an
+ * unquoted `ref_protected: true` is an easy slip; the schema alone would only say "Expected union
+ * value" about it.
+ */
+function unquotedPattern(claims: unknown): { claim: string; value: boolean | number } | null {
+  if (claims === null || typeof claims !== 'object' || Array.isArray(claims)) return null;
+  for (const [claim, patterns] of Object.entries(claims)) {
+    for (const value of Array.isArray(patterns) ? patterns : [patterns]) {
+      if (typeof value === 'boolean' || typeof value === 'number') return { claim, value };
+    }
+  }
+  return null;
+}
+
+/**
  * Reads a policies file: YAML or JSON, either `policies: {name: {...}}` or
  * `policies: [{name, ...}]`. Every problem names the file, and the policy when there is one.
  */
@@ -99,6 +115,11 @@ export async function readPolicyFile(file: string): Promise<PolicyFile> {
     // "/claims Expected required property", which sent people looking for the wrong line.
     const unknown = Object.keys(input).find((key) => !Object.hasOwn(PolicyInput.properties, key));
     if (unknown !== undefined) throw new CliError(`${where}: unknown field ${JSON.stringify(unknown)}; a policy's fields are ${Object.keys(PolicyInput.properties).join(', ')}`);
+    const unquoted = unquotedPattern(input.claims);
+    if (unquoted) {
+      const { claim, value } = unquoted;
+      throw new CliError(`${where}: claim ${JSON.stringify(claim)}: the pattern ${value} is a YAML ${typeof value}, but patterns are text: quote it ("${value}")`);
+    }
     const error = Value.Errors(PolicyInput, input).First();
     if (error?.type === ValueErrorType.ObjectRequiredProperty) throw new CliError(`${where}: ${error.path.slice(1)} is required`);
     if (error) throw new CliError(`${where}: ${error.path || 'policy'} ${error.message}`);

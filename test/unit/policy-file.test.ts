@@ -30,6 +30,15 @@ describe('policy apply: a field the file gets wrong is named', () => {
   test('a missing field is named as required', async () => {
     assert.equal(await refusal(`policies:\n  p:\n    ${fields}`), 'policy p: claims is required');
   });
+  test('an unquoted true or number in claims (GitLab\'s ref_protected is the string "true") says to quote it', async () => {
+    assert.equal(await refusal(`policies:\n  p:\n    ${fields}    claims: {project_path: mygroup/myproject, ref_protected: true}\n`),
+      'policy p: claim "ref_protected": the pattern true is a YAML boolean, but patterns are text: quote it ("true")');
+    assert.equal(await refusal(`policies:\n  p:\n    ${fields}    claims:\n      project_path: mygroup/myproject\n      project_id: [90211, "90212"]\n`),
+      'policy p: claim "project_id": the pattern 90211 is a YAML number, but patterns are text: quote it ("90211")');
+    const file = path.join(dir, 'quoted.yaml');
+    await writeFile(file, `policies:\n  p:\n    ${fields}    claims: {project_path: mygroup/myproject, ref_protected: "true", project_id: ["90211"]}\n`);
+    assert.deepEqual((await readPolicyFile(file)).get('p')?.claims, { project_path: 'mygroup/myproject', ref_protected: 'true', project_id: ['90211'] });
+  });
   test('the good input reads', async () => {
     const file = path.join(dir, 'good.yaml');
     await writeFile(file, `policies:\n  p:\n    ${fields}    claims: {sub: "x:1"}\n`);
