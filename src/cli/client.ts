@@ -44,22 +44,30 @@ async function tokenFromSources(opts: TokenOptions, env: Env): Promise<{ token: 
     const token = await githubActionsToken(env.ACTIONS_ID_TOKEN_REQUEST_URL, env.ACTIONS_ID_TOKEN_REQUEST_TOKEN, opts.audience ?? 'pg-broker');
     return { token: token.trim(), source: 'the GitHub Actions token' };
   }
+  // GitLab sets GITLAB_CI in every job. Its token is only where the job's id_tokens: entry puts
+  // it, so a job without one is told that, rather than about GitHub or a projected
+  // service-account token (the Kubernetes executor's pods have the automounted one).
+  const inGitLab = env.GITLAB_CI === 'true';
   if (existsSync(KUBERNETES_TOKEN_FILE)) {
     const token = await readTokenFile(KUBERNETES_TOKEN_FILE);
-    refuseOtherAudience(token, opts.audience ?? 'pg-broker');
+    refuseOtherAudience(token, opts.audience ?? 'pg-broker', inGitLab);
     return { token, source: `token file ${KUBERNETES_TOKEN_FILE}` };
   }
+  if (inGitLab) throw new CliError(`no token: ${gitlabTokenHint(opts.audience ?? 'pg-broker')}, or pass --token or --token-file`);
   throw new CliError('no token: pass --token or --token-file, set PG_BROKER_TOKEN or PG_BROKER_TOKEN_FILE, or run in GitHub Actions with "permissions: id-token: write"');
 }
+
+const gitlabTokenHint = (audience: string) => `in GitLab CI, give the job an id_tokens: entry named PG_BROKER_TOKEN with aud: ${audience}`;
 
 /**
  * The automounted service-account token is the pod's key to the Kubernetes API (its audience is
  * the API server's). Sent to the broker, it would be refused for its audience, after the broker
  * (and anything on the way, over plain http) had seen it. It is used only when it names the
  * broker's audience, as a projected token can; the payload is read, not verified: the broker
- * verifies it.
+ * verifies it. `inGitLab`: in a GitLab job the token the broker wants is the one an id_tokens:
+ * entry provides, and the refusal says so instead of pointing at Kubernetes.
  */
-export function refuseOtherAudience(token: string, audience: string): void {
+export function refuseOtherAudience(token: string, audience: string, inGitLab = false): void {
   let aud: unknown;
   try {
     aud = JSON.parse(Buffer.from(token.trim().split('.')[1] ?? '', 'base64url').toString('utf8')).aud;
@@ -68,7 +76,9 @@ export function refuseOtherAudience(token: string, audience: string): void {
   }
   const audiences = (Array.isArray(aud) ? aud : [aud]).filter((a): a is string => typeof a === 'string');
   if (audiences.includes(audience)) return;
-  throw new CliError(`no token given, and the Kubernetes service-account token at ${KUBERNETES_TOKEN_FILE} is not for the broker `
+  const notSent = `the Kubernetes service-account token at ${KUBERNETES_TOKEN_FILE} is not for the broker `;
+  if (inGitLab) throw new CliError(`no token: ${gitlabTokenHint(audience)} (${notSent}and is not sent)`);
+  throw new CliError(`no token given, and ${notSent}`
     + `(its audience: ${audiences.length > 0 ? audiences.map((a) => JSON.stringify(a)).join(', ') : 'none readable'}; the broker's: "${audience}"), `
     + 'so it is not sent: it is the pod\'s key to the Kubernetes API. Mount a projected token with audience '
     + `"${audience}" and pass --token-file (examples/kubernetes), or --audience if your broker expects another`);
