@@ -51,9 +51,15 @@ function json(res: http.ServerResponse, status: number, body: unknown): void {
   res.end(payload);
 }
 
-/** `jwksUriFor`: the jwks_uri its discovery document names, from its base URL (default `${base}/jwks`). */
-export async function startIssuer(opts: { discovery?: boolean; jwksUriFor?: (base: string, jwks: unknown) => string } = {}): Promise<TestIssuer> {
+/**
+ * `jwksUriFor`: the jwks_uri its discovery document names, from its base URL (default `${base}/jwks`).
+ * `path`: an issuer identifier with a path, as a self-managed GitLab under a relative URL root
+ * (`/gitlab`) has: the issuer, its discovery document and its JWKS all live under it, and the
+ * server's root answers 404, as another application on the same host would.
+ */
+export async function startIssuer(opts: { discovery?: boolean; jwksUriFor?: (base: string, jwks: unknown) => string; path?: string } = {}): Promise<TestIssuer> {
   const discovery = opts.discovery ?? true;
+  const prefix = opts.path ?? '';
   const keys = new Map<string, Key>();
   const current: Partial<Record<KeyAlg, string>> = {};
 
@@ -80,7 +86,9 @@ export async function startIssuer(opts: { discovery?: boolean; jwksUriFor?: (bas
       res.on('close', () => clearInterval(drip));
       return;
     }
-    const route = url.split('?')[0];
+    const full = url.split('?')[0];
+    if (!full.startsWith(`${prefix}/`)) return json(res, 404, { error: 'not found' });
+    const route = full.slice(prefix.length);
     if (route === '/jwks') {
       return json(res, 200, { keys: [...keys.values()].filter((k) => k.published).map((k) => publicJwk(k.kid)) });
     }
@@ -91,7 +99,7 @@ export async function startIssuer(opts: { discovery?: boolean; jwksUriFor?: (bas
     }
     json(res, 404, { error: 'not found' });
   });
-  base = srv.url;
+  base = `${srv.url}${prefix}`;
 
   const issuer: TestIssuer = {
     issuer: base,
