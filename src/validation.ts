@@ -32,11 +32,19 @@ export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, http
  * a regular expression or a format's name does not tell a caller what a value may look like.
  */
 export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: string): Error {
-  const text = errors.map((e) => {
+  // A value whose type fits no branch of a union with a description gets the description: the
+  // branches' own failures ("must be string, must be array, must match a schema in anyOf") would
+  // only list types. A value of a branch's type but too long, say, keeps that branch's message.
+  const at = (path: string) => errors.filter((e) => (e.instancePath ?? '') === path && e.keyword !== 'anyOf');
+  const described = new Set(errors
+    .filter((e) => e.keyword === 'anyOf' && typeof (e.parentSchema as { description?: unknown } | undefined)?.description === 'string')
+    .map((e) => e.instancePath ?? '')
+    .filter((path) => at(path).every((e) => e.keyword === 'type')));
+  const text = errors.filter((e) => !described.has(e.instancePath ?? '') || e.keyword === 'anyOf').map((e) => {
     const field = `${dataVar}${e.instancePath ?? ''}`;
     // `?limit=5&limit=6` arrives as an array: "must be integer" would not say what was wrong.
     if (dataVar === 'querystring' && e.keyword === 'type' && Array.isArray(e.data)) return `${field} is given more than once`;
-    const rule = e.keyword === 'pattern' || e.keyword === 'format' ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
+    const rule = e.keyword === 'pattern' || e.keyword === 'format' || (e.keyword === 'anyOf' && described.has(e.instancePath ?? '')) ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
     if (typeof rule === 'string') return `${field} must be ${rule}`;
     const allowed = e.keyword === 'enum' ? (e.params as { allowedValues?: unknown[] } | undefined)?.allowedValues : undefined;
     if (allowed) return `${field} ${e.message} (${allowed.join(', ')})`;

@@ -180,7 +180,11 @@ describe('query strings, path parameters and admin bodies', () => {
       ['database with NUL', 'p8', { ...base, database: 'bro\u0000ker' }, 'BAD_REQUEST', NUL_REFUSED('body/database')],
       ['database with SQL', 'p9', { ...base, database: "x'; DROP DATABASE broker; --" }, 'INVALID_POLICY', /^database x'; DROP DATABASE broker; -- does not exist/],
       ['no claims', 'p10', { ...base, claims: {} }, 'INVALID_POLICY', /^a policy must bind at least one claim$/],
-      ['claim pattern not a string', 'p11', { ...base, claims: { sub: 5 } }, 'BAD_REQUEST', /^body\/claims\/sub must be string/],
+      ['claim pattern not a string', 'p11', { ...base, claims: { sub: 5 } }, 'BAD_REQUEST', /^body\/claims\/sub must be a glob or a list of 1 to 100 globs, each a string: a claim matches by its JSON text, so write true or 42 as "true" or "42"$/],
+      ['claim pattern a boolean', 'p11b', { ...base, claims: { ref_protected: true } }, 'BAD_REQUEST', /^body\/claims\/ref_protected must be a glob or a list of 1 to 100 globs, each a string: .* write true or 42 as "true"/],
+      // A value of a branch's type keeps that branch's own message.
+      ['claim pattern too long', 'p11c', { ...base, claims: { sub: 'x'.repeat(1025) } }, 'BAD_REQUEST', /^body\/claims\/sub must NOT have more than 1024 characters/],
+      ['claim pattern list holding a boolean', 'p11d', { ...base, claims: { sub: ['x', true] } }, 'BAD_REQUEST', /^body\/claims\/sub\/1 must be string/],
       ['claim pattern list empty', 'p12', { ...base, claims: { sub: [] } }, 'BAD_REQUEST', /body\/claims\/sub must NOT have fewer than 1 items/],
       ['bad JSON pointer', 'p13', { ...base, claims: { '/a~2b': 'x' } }, 'INVALID_POLICY', /^claim "\/a~2b" is not a valid JSON pointer/],
       ['unlisted issuer', 'p14', { ...base, issuer: 'https://evil.example' }, 'INVALID_POLICY', /^issuer https:\/\/evil\.example is not one of BROKER_ISSUERS$/],

@@ -28,7 +28,10 @@ export type ProblemBody = Static<typeof Problem>;
 
 export const ClaimPatternsSchema = Type.Record(
   Type.String({ minLength: 1, maxLength: 256 }),
-  Type.Union([Type.String({ maxLength: 1024 }), Type.Array(Type.String({ maxLength: 1024 }), { minItems: 1, maxItems: 100 })]),
+  // The description is also the 400's text when a pattern is neither (see schemaErrors).
+  Type.Union([Type.String({ maxLength: 1024 }), Type.Array(Type.String({ maxLength: 1024 }), { minItems: 1, maxItems: 100 })], {
+    description: 'a glob or a list of 1 to 100 globs, each a string: a claim matches by its JSON text, so write true or 42 as "true" or "42"',
+  }),
   { description: 'claim name or JSON pointer -> glob or list of globs (`*` is the only wildcard)' },
 );
 
