@@ -1,5 +1,5 @@
 import type { Results } from '../results.js';
-import { fmt } from '../stats.js';
+import { fmt, fmtAgainst } from '../stats.js';
 import { table } from './markdown.js';
 
 /** Reaping (P4): draining an expired backlog while issuance runs. */
@@ -25,7 +25,7 @@ export function renderReaping(r: Results): string[] {
         ['drain\'s last third: p50 / p99 (n); p99 ÷ idle after', `${fmt(rp.late.p50, 2)} / ${fmt(rp.late.p99, 2)} ms (${rp.late.n}); ${fmt(rp.late.p99 / rp.idleAfter.latency.p99, 2)}×`],
         ['whole drain p99 ÷ idle before / after', `${fmt(rp.during.latency.p99 / rp.idle.latency.p99, 2)}× / ${fmt(rp.during.latency.p99 / rp.idleAfter.latency.p99, 2)}×`],
       ] : []),
-      ['p99 while reaping ÷ idle (the verdict\'s)', `**${fmt(reapingP99Ratio(rp), 2)}×**`],
+      ['p99 while reaping ÷ idle (the verdict\'s)', `**${fmtAgainst(reapingP99Ratio(rp), 1.5)}×**`],
       ['issuance errors idle / while reaping', `${rp.idle.errors} / ${rp.during.errors}${rp.idleAfter ? ` (after: ${rp.idleAfter.errors})` : ''}`],
     ]));
     if (rp.drains && rp.drains.length > 1) {

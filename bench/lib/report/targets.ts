@@ -67,9 +67,9 @@ export function targets(r: Results): Target[] {
   const p4ok = rp ? rp.rolesPerSecond >= 200 && p99Ratio <= 1.5 && rp.rolesLeft === 0 : null;
   push({
     id: 'P4', measure: `reaping a ${rp?.backlog ?? '10k'} backlog: roles dropped/s; issuance p99 while reaping vs idle`, target: '≥ 200 roles/s, p99 ≤ 1.5× idle',
-    measured: rp ? `${fmt(rp.rolesPerSecond, 0)} roles/s; ${rp.early && rp.late && rp.idleAfter ? `p99 ${fmt(rp.early.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle in the drain's first third, ${fmt(rp.late.p99, 1)} vs ${fmt(rp.idleAfter.latency.p99, 1)} ms in its last: worse ${fmt(p99Ratio, 2)}×` : `p99 ${fmt(rp.during.latency.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle = ${fmt(p99Ratio, 2)}×`}` : 'not measured',
+    measured: rp ? `${fmt(rp.rolesPerSecond, 0)} roles/s; ${rp.early && rp.late && rp.idleAfter ? `p99 ${fmt(rp.early.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle in the drain's first third, ${fmt(rp.late.p99, 1)} vs ${fmt(rp.idleAfter.latency.p99, 1)} ms in its last: worse ${fmtAgainst(p99Ratio, 1.5)}×` : `p99 ${fmt(rp.during.latency.p99, 1)} vs ${fmt(rp.idle.latency.p99, 1)} ms idle = ${fmtAgainst(p99Ratio, 1.5)}×`}` : 'not measured',
     value: rp ? rp.rolesPerSecond : Number.NaN, ok: p4ok,
-    miss: rp && !p4ok ? [rp.rolesPerSecond < 200 ? `${fmt(200 - rp.rolesPerSecond, 0)} roles/s short` : '', p99Ratio > 1.5 ? `p99 ${fmt(p99Ratio, 2)}× idle (${fmt(p99Ratio - 1.5, 2)}× over)` : '', rp.rolesLeft ? `${rp.rolesLeft} roles left` : ''].filter(Boolean).join('; ') : undefined,
+    miss: rp && !p4ok ? [rp.rolesPerSecond < 200 ? `${fmt(200 - rp.rolesPerSecond, 0)} roles/s short` : '', p99Ratio > 1.5 ? `p99 ${fmtAgainst(p99Ratio, 1.5)}× idle (${fmtAgainst(p99Ratio - 1.5, 0)}× over)` : '', rp.rolesLeft ? `${rp.rolesLeft} roles left` : ''].filter(Boolean).join('; ') : undefined,
   });
   const ls = r.leases;
   const allIndexed = ls ? ls.shapes.every((s) => s.plans.every((p) => p.indexUsed)) : false;
