@@ -32,19 +32,12 @@ export const validatorCompiler: FastifySchemaCompiler<unknown> = ({ schema, http
  * a regular expression or a format's name does not tell a caller what a value may look like.
  */
 export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: string): Error {
-  // A value whose type fits no branch of a union with a description gets the description: the
-  // branches' own failures ("must be string, must be array, must match a schema in anyOf") would
-  // only list types. A value of a branch's type but too long, say, keeps that branch's message.
-  const at = (path: string) => errors.filter((e) => (e.instancePath ?? '') === path && e.keyword !== 'anyOf');
-  const described = new Set(errors
-    .filter((e) => e.keyword === 'anyOf' && typeof (e.parentSchema as { description?: unknown } | undefined)?.description === 'string')
-    .map((e) => e.instancePath ?? '')
-    .filter((path) => at(path).every((e) => e.keyword === 'type')));
-  const text = errors.filter((e) => !described.has(e.instancePath ?? '') || e.keyword === 'anyOf').map((e) => {
+  const { kept, described } = unionErrors(errors);
+  const text = kept.map((e) => {
     const field = `${dataVar}${e.instancePath ?? ''}`;
     // `?limit=5&limit=6` arrives as an array: "must be integer" would not say what was wrong.
     if (dataVar === 'querystring' && e.keyword === 'type' && Array.isArray(e.data)) return `${field} is given more than once`;
-    const rule = e.keyword === 'pattern' || e.keyword === 'format' || (e.keyword === 'anyOf' && described.has(e.instancePath ?? '')) ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
+    const rule = e.keyword === 'pattern' || e.keyword === 'format' || (e.keyword === 'anyOf' && described.has(e)) ? (e.parentSchema as { description?: unknown } | undefined)?.description : undefined;
     if (typeof rule === 'string') return `${field} must be ${rule}`;
     const allowed = e.keyword === 'enum' ? (e.params as { allowedValues?: unknown[] } | undefined)?.allowedValues : undefined;
     if (allowed) return `${field} ${e.message} (${allowed.join(', ')})`;
@@ -53,6 +46,29 @@ export function schemaErrors(errors: Array<Partial<ErrorObject>>, dataVar: strin
     return typeof extra === 'string' ? `${field} must NOT have additional properties: ${JSON.stringify(extra).slice(0, 120)} is not one of its fields` : `${field} ${e.message}`;
   }).join(', ');
   return new Error(text);
+}
+
+/**
+ * A union's failure lists every branch's ("must be string, must be array, must match a schema in
+ * anyOf"). When the value has one branch's type, only that branch's own failure is kept (a string
+ * too long, an item of the wrong type). When it fits no branch, the union's description, if it has
+ * one, replaces the list of types.
+ */
+function unionErrors(errors: Array<Partial<ErrorObject>>): { kept: Array<Partial<ErrorObject>>; described: Set<Partial<ErrorObject>> } {
+  const dropped = new Set<Partial<ErrorObject>>();
+  const described = new Set<Partial<ErrorObject>>();
+  for (const union of errors.filter((e) => e.keyword === 'anyOf')) {
+    const path = union.instancePath ?? '';
+    const branches = errors.filter((e) => e !== union && e.keyword !== 'anyOf' && ((e.instancePath ?? '') === path || (e.instancePath ?? '').startsWith(`${path}/`)));
+    const wrongType = branches.filter((e) => e.keyword === 'type' && (e.instancePath ?? '') === path);
+    if (wrongType.length < branches.length) {
+      for (const e of [...wrongType, union]) dropped.add(e);
+    } else if (typeof (union.parentSchema as { description?: unknown } | undefined)?.description === 'string') {
+      for (const e of wrongType) dropped.add(e);
+      described.add(union);
+    }
+  }
+  return { kept: errors.filter((e) => !dropped.has(e)), described };
 }
 
 /** `key` as a path segment that carries no control character into a message. */
