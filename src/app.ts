@@ -57,6 +57,18 @@ export const MAX_HEADER_BYTES = 32 * 1024;
 // that announced a body and stopped sending held its socket, and held up a shutdown's drain, for
 // as long as it liked. A request here is at most 64 KB; 30 s is ample on any link.
 export const REQUEST_TIMEOUT_MS = 30_000;
+
+/**
+ * Fastify options that bound a request's arrival, for every listener the broker opens. Node looks
+ * for timed-out requests every connectionsCheckingInterval (30 s by default), which would let one
+ * run for up to twice its limit.
+ */
+export function arrivalLimits(requestTimeoutMs = REQUEST_TIMEOUT_MS) {
+  return {
+    requestTimeout: requestTimeoutMs,
+    http: { headersTimeout: requestTimeoutMs, connectionsCheckingInterval: Math.min(5_000, Math.max(100, requestTimeoutMs / 4)) },
+  };
+}
 const PROBE_PATHS = new Set(['/healthz', '/readyz', '/metrics']);
 const UNCHECKED_QUERY_PATHS = new Set([...PROBE_PATHS, '/openapi.yaml']);
 
@@ -88,15 +100,13 @@ const OPTIONAL_BODIES = [['/credentials', 'post'], ['/leases/{id}/renew', 'post'
 
 export async function buildApp(config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
   const logger = options.logger ?? createLogger(config.logLevel, options.logDestination);
-  const requestTimeoutMs = options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS;
+  const limits = arrivalLimits(options.requestTimeoutMs);
   const app = Fastify({
     loggerInstance: logger as FastifyBaseLogger,
     logController: new OneLinePerRequest(),
     bodyLimit: MAX_BODY_BYTES,
-    requestTimeout: requestTimeoutMs,
-    // Node looks for timed-out requests every connectionsCheckingInterval (30 s by default), which
-    // would let one run for up to twice its limit.
-    http: { maxHeaderSize: MAX_HEADER_BYTES, headersTimeout: requestTimeoutMs, connectionsCheckingInterval: Math.min(5_000, Math.max(100, requestTimeoutMs / 4)) },
+    requestTimeout: limits.requestTimeout,
+    http: { ...limits.http, maxHeaderSize: MAX_HEADER_BYTES },
     requestIdHeader: false,
     genReqId: () => crypto.randomUUID(),
     frameworkErrors: frameworkProblem,

@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import Fastify from 'fastify';
 import pg from 'pg';
-import { buildApp, type BuildOptions } from './app.js';
+import { arrivalLimits, buildApp, type BuildOptions } from './app.js';
 import { listLikeAudiences, plainHttpKeySources, type Config } from './config.js';
 import { describeDatabase } from './database-url.js';
 import { createLogger } from './logger.js';
@@ -24,6 +24,8 @@ export interface RunningBroker {
    * client that may never finish its request, and whose sockets would keep the process alive.
    */
   dropConnections(): void;
+  /** The listener of BROKER_METRICS_PORT, when set. */
+  metricsServer: FastifyInstance | null;
 }
 
 const FIRST_RETRY_MS = 500;
@@ -168,7 +170,7 @@ export async function startBroker(
     app.addHook('onClose', async () => reaper.stop());
     if (config.metricsPort !== undefined) {
       const port = config.metricsPort;
-      const server = Fastify({ logger: false });
+      const server = Fastify({ logger: false, ...arrivalLimits() });
       metricsServer = server;
       server.get('/metrics', async (_req, reply) => reply.type(app.metrics.registry.contentType).send(await app.metrics.registry.metrics()));
       await server.listen({ host: config.host, port }).catch((err) => { throw listenError(err, 'BROKER_METRICS_PORT', config.host, port); });
@@ -188,6 +190,7 @@ export async function startBroker(
         await metricsServer?.close();
         await app.close();
       },
+      metricsServer,
       dropConnections: () => {
         metricsServer?.server.closeAllConnections();
         app.server.closeAllConnections();

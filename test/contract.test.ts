@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type pg from 'pg';
+import { REQUEST_TIMEOUT_MS } from '../src/app.js';
 import { loadConfig } from '../src/config.js';
 import { createLogger } from '../src/logger.js';
 import { policiesRefusedNow } from '../src/policy/repository.js';
@@ -240,6 +241,10 @@ describe('configuration', () => {
       assert.equal(issued.status, 201, await issued.text());
       const scraped = await fetch(`http://127.0.0.1:${metricsPort}/metrics`);
       assert.equal(scraped.status, 200);
+      // A request there must arrive in time too, or a stalled client would hold close() as on the API.
+      assert.equal(served.metricsServer?.server.requestTimeout, REQUEST_TIMEOUT_MS);
+      assert.equal(served.metricsServer?.server.headersTimeout, REQUEST_TIMEOUT_MS);
+      assert.equal(served.app.server.requestTimeout, REQUEST_TIMEOUT_MS);
       assert.match(await scraped.text(), /^broker_credentials_issued_total\{policy="pub"\} 1$/m, 'the API app\'s own registry');
       const onApi = await fetch(`${served.url}/metrics`);
       assert.equal(onApi.status, 404, await onApi.text());
