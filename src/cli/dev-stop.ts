@@ -1,5 +1,7 @@
 import { DRAIN_LIMIT_MS } from '../server.js';
 
+const CUT_GRACE_MS = 2_000;
+
 /**
  * SIGINT and SIGTERM, listened for before anything starts. Without a listener, one that came during
  * start-up ended the process at once, and a PostgreSQL still coming up (not yet known to the exit
@@ -51,6 +53,8 @@ export interface Started {
 export class Teardown {
   private readonly started: Started[] = [];
   private giveUp: ((signal: NodeJS.Signals) => void) | null = null;
+  /** The stop of the step last waited for with a limit, settled either way. */
+  private stopping: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly command: string) {}
 
@@ -86,6 +90,10 @@ export class Teardown {
       });
       if (reason === null) continue;
       step.cut!();
+      // With its clients cut off, the rest of its stop (the reaper, the pool) usually ends at once;
+      // a moment's wait keeps PostgreSQL's stop from cutting those connections under it (57P01
+      // warnings after the banner), and never more than that moment.
+      await Promise.race([this.stopping, new Promise((r) => setTimeout(r, CUT_GRACE_MS))]);
       givenUp.push(step.name);
       const rest = steps.slice(i + 1).map((s) => s.name);
       console.error(`pg-broker ${this.command}: ${reason}; ${rest.length > 0 ? `stopping ${rest.join(', ')} without it` : 'going on without it'}`);
@@ -99,11 +107,11 @@ export class Teardown {
     const stopping = step.stop().then(() => null);
     if (!step.cut) return stopping;
     // A stop given up on may still fail later, with nobody waiting for it.
-    stopping.catch(() => undefined);
+    this.stopping = stopping.catch(() => null);
     let timer: NodeJS.Timeout | undefined;
     const givenUp = new Promise<string>((resolve) => {
       timer = setTimeout(() => resolve(`${step.name} did not stop within ${DRAIN_LIMIT_MS / 1000} s (a request still in progress?)`), DRAIN_LIMIT_MS);
-      this.giveUp = (signal) => resolve(`${signal} again: no longer waiting for ${step.name} to stop`);
+      this.giveUp = (signal) => resolve(`${signal} while stopping: no longer waiting for ${step.name} to stop`);
     });
     try {
       return await Promise.race([stopping, givenUp]);
