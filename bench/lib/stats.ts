@@ -43,6 +43,6 @@ export function fmt(value: number | undefined | null, digits = 1): string {
  */
 export function fmtAgainst(value: number, line: number, digits = 2): string {
   let text = fmt(value, digits);
-  while (digits < 4 && value !== line && Number(text) === line) text = fmt(value, ++digits);
+  while (digits < 6 && value !== line && Number(text) === line) text = fmt(value, ++digits);
   return text;
 }

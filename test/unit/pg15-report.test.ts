@@ -52,7 +52,7 @@ test('a ratio just under its line is not rounded onto it', () => {
 
 test('fmtAgainst adds digits only where rounding would reach the line', () => {
   assert.equal(fmtAgainst(0.8971, 0.9), '0.897');
-  assert.equal(fmtAgainst(0.89999, 0.9), '0.9000');
+  assert.equal(fmtAgainst(0.89999, 0.9), '0.89999');
   assert.equal(fmtAgainst(0.9, 0.9), '0.90');
   assert.equal(fmtAgainst(0.9031, 0.9), '0.903');
   assert.equal(fmtAgainst(0.87, 0.9), '0.87');
