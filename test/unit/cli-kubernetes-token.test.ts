@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
-import { CliError, KUBERNETES_TOKEN_FILE, obtainToken, refuseOtherAudience } from '../../src/cli/client.js';
+import { CliError } from '../../src/cli/client.js';
+import { KUBERNETES_TOKEN_FILE, obtainToken, refuseOtherAudience } from '../../src/cli/token.js';
 
 // The automounted service-account token is the pod's key to the Kubernetes API: the CLI falls
 // back to it only when it names the broker's audience (a projected token mounted there).
