@@ -87,6 +87,7 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
   const recordDrop = (roles: Array<{ username: string }>) => orphanEvents(deps.managedRole, roles.map((r) => ({ rolname: r.username, reassign_to: reassignTo.get(r.username) ?? null })));
   const outcome = await teardownRoles({ ...deps, recordDrop }, candidates.map((r) => ({ username: r.rolname, reassign_to: r.reassign_to ?? '' })));
   const dropped = candidates.filter((r) => outcome.get(r.rolname) === null);
+  const failed: OrphanDropFailure[] = [];
   for (const r of candidates) {
     if (outcome.get(r.rolname) === null) {
       failing.delete(r.rolname);
@@ -95,7 +96,14 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
     const failures = (failing.get(r.rolname)?.failures ?? 0) + 1;
     const restSeconds = Math.min(ORPHAN_RETRY_SECONDS * 2 ** (failures - 1), ORPHAN_RETRY_MAX_SECONDS);
     failing.set(r.rolname, { failures, retryAt: now + restSeconds * 1000 });
+    failed.push({ rolname: r.rolname, error: outcome.get(r.rolname)!, attempt: failures, retryAt: new Date(now + restSeconds * 1000) });
     deps.log.warn({ username: r.rolname, error: outcome.get(r.rolname), retry_in_seconds: restSeconds }, 'could not drop orphaned managed role');
+  }
+  if (failed.length > 0) {
+    // The sweep's outcome stands without its events: the failures are logged above, and the
+    // next attempt after the rest, which fails the same way if nothing changed, writes its own.
+    await recordOrphanDropFailures(deps.pool, deps.managedRole, failed).catch((err: Error) =>
+      deps.log.error({ usernames: failed.map((f) => f.rolname), err: { message: err.message } }, 'could not record failed orphan drops in the audit trail'));
   }
   if (dropped.length > 0) {
     deps.metrics?.orphans.inc(dropped.length);
@@ -116,14 +124,61 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
 export function orphanEvents(managedRole: string, dropped: Array<{ rolname: string; reassign_to: string | null }>): Statement[] {
   const events = auditJson(dropped.map((r) => ({ type: 'role.orphan_dropped', username: r.rolname, issuer: null, subject: null, reason: 'managed role without a live lease', detail: { reassigned_to: r.reassign_to } })));
   return [
-    // One per deployment: it is held through the DROP ROLE, which may wait on locks, and the
-    // sweeps of other deployments on the cluster have nothing to share with this one's.
-    { text: `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events ' || $1, 0))`, values: [managedRole] },
+    orphanEventsLock(managedRole),
     {
       text: insertAuditFromJson(1, 'EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = e.username)'),
       values: [events],
     },
   ];
+}
+
+// One per deployment: it is held through the DROP ROLE, which may wait on locks, and the sweeps
+// of other deployments on the cluster have nothing to share with this one's.
+const orphanEventsLock = (managedRole: string): Statement => ({
+  text: `SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg-credential-broker orphan events ' || $1, 0))`,
+  values: [managedRole],
+});
+
+interface OrphanDropFailure {
+  rolname: string;
+  /** The teardown's error, as logged: the step and PostgreSQL's message, never a password or token. */
+  error: string;
+  /** Consecutive failures this process has seen for the role (the map above, which a restart clears). */
+  attempt: number;
+  retryAt: Date;
+}
+
+/**
+ * One role.orphan_drop_failed event per orphan whose teardown failed: a login the broker manages
+ * outlived every lease and is still there, which the log alone keeps from an auditor.
+ *
+ * One per failed attempt, and no more: the volume is bounded by the rest the sweep already gives
+ * a failing orphan (1 minute, doubling up to an hour), so a stuck one leaves 6 events in its first
+ * hour (at 0, 1, 3, 7, 15 and 31 minutes) and then one an hour, about 30 a day, never one per
+ * BROKER_REAPER_INTERVAL. Writing only
+ * when the error changes would bound it further, but a role stuck for a month would then show one
+ * event at its start and nothing saying it is still there; the hourly one does. The rest is kept in
+ * memory, so a restart, or another replica taking over the sweep, tries (and records) once more at
+ * once and starts the count again at 1.
+ *
+ * Recorded only for roles that still exist, after the lock orphanEvents takes, as there: a
+ * concurrent sweep that dropped the role meanwhile has written its role.orphan_dropped, and a
+ * failure event after it would say the role outlived its drop. login_disabled is read from the
+ * catalogue in the same statement, not guessed from the error: an earlier attempt may have
+ * committed NOLOGIN, and a lookup that failed says nothing either way.
+ */
+export async function recordOrphanDropFailures(pool: pg.Pool, managedRole: string, failures: OrphanDropFailure[]): Promise<void> {
+  const events = auditJson(failures.map((f) => ({
+    type: 'role.orphan_drop_failed', username: f.rolname, issuer: null, subject: null, reason: f.error,
+    detail: { attempt: f.attempt, retry_scheduled: true, next_attempt_at: f.retryAt.toISOString() },
+  })));
+  await withTransaction(pool, async (client) => {
+    const lock = orphanEventsLock(managedRole);
+    await client.query(lock.text, lock.values);
+    await client.query(insertAuditFromJson(1, 'r.rolname = e.username', {
+      from: 'pg_catalog.pg_roles r', detail: `e.detail || jsonb_build_object('login_disabled', NOT r.rolcanlogin)`,
+    }), [events]);
+  });
 }
 
 /**

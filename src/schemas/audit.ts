@@ -23,7 +23,7 @@ export const AUDIT_TYPES = [
   'credential.issued', 'credential.denied', 'credential.failed',
   'lease.renewed', 'lease.revoked', 'lease.expired', 'lease.teardown_failed', 'lease.revoke_failed', 'revocation.requested',
   'policy.created', 'policy.updated', 'policy.deleted',
-  'role.orphan_dropped', 'token.rejected', 'request.denied', 'request.failed',
+  'role.orphan_dropped', 'role.orphan_drop_failed', 'token.rejected', 'request.denied', 'request.failed',
 ] as const;
 export type AuditType = (typeof AUDIT_TYPES)[number];
 

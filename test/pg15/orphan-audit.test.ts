@@ -1,0 +1,3 @@
+import { runOnPg15 } from './run-on-pg15.js';
+
+await runOnPg15('../orphan-audit.test.js');
