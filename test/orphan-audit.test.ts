@@ -17,14 +17,15 @@ after(async () => b?.close());
 
 interface Event { id: string; type: string; issuer: string | null; subject: string | null; lease_id: string | null; policy: string | null; username: string; reason: string; request_id: string | null; client_ip: string | null; detail: any }
 
+// Ordered by the bigint column: `id` alone would be the text alias, and '100' sorts before '99'.
 const events = (username: string) => b.pg.query<Event>(
-  `SELECT id::text, type, issuer, subject, lease_id, policy, username, reason, request_id, client_ip, detail
-     FROM broker.audit_events WHERE username = $1 ORDER BY id`, [username]);
+  `SELECT e.id::text AS id, type, issuer, subject, lease_id, policy, username, reason, request_id, client_ip, detail
+     FROM broker.audit_events e WHERE username = $1 ORDER BY e.id`, [username]);
 const failures = async (username: string) => (await events(username)).filter((e) => e.type === 'role.orphan_drop_failed');
 
-/** One sweep, as the reaper runs it after its leases. */
-const sweep = () => reapOrphans({
-  pool: b.app.db, databaseUrl: b.config.databaseUrl, managedRole: b.config.managedRole, log: b.app.log, timeouts: b.config, retryBaseSeconds: 1,
+/** One sweep, as the reaper runs it after its leases; `batchSize` as if that many others came first. */
+const sweep = (batchSize?: number) => reapOrphans({
+  pool: b.app.db, databaseUrl: b.config.databaseUrl, managedRole: b.config.managedRole, log: b.app.log, timeouts: b.config, retryBaseSeconds: 1, batchSize,
 });
 
 /** The error the sweep logged for the role's latest failure. */
@@ -117,6 +118,33 @@ describe('a failed orphan drop', () => {
     assert.match(event.reason, /^NOLOGIN: 55P03/);
     assert.deepEqual([event.reason, event.detail.login_disabled, event.detail.attempt], [loggedErrors('oa_held')[0], false, 1]);
     await b.pg.query('DROP ROLE oa_held', [], 'postgres');
+  });
+});
+
+describe('failing orphans beyond one sweep\'s batch', () => {
+  test('keep their rest and attempt count when a sweep does not reach them', async (t) => {
+    await stuckOrphan('oa_batch1', 'oa_sealed2');
+    await stuckOrphan('oa_batch2', 'oa_sealed3');
+    const clock = freezeClock(t);
+    const first = clock.now();
+    // One orphan per sweep: each fails once, 10 s apart.
+    assert.equal(await sweep(1), 0);
+    clock.advance(10);
+    assert.equal(await sweep(1), 0);
+    // Both rests are over; this sweep reaches only the first by name, the next one the second.
+    clock.advance(90);
+    assert.equal(await sweep(1), 0);
+    clock.advance(10);
+    assert.equal(await sweep(1), 0);
+    const second = (await failures('oa_batch2')).map((e) => [e.detail.attempt, e.detail.next_attempt_at]);
+    assert.deepEqual(second, [[1, new Date(first + 70_000).toISOString()], [2, new Date(first + 110_000 + 120_000).toISOString()]],
+      'its second failure backs off as its second, not as a first again');
+    t.mock.timers.reset();
+    // Gone before the next tests sweep, whatever their rests.
+    for (const [name, database] of [['oa_batch1', 'oa_sealed2'], ['oa_batch2', 'oa_sealed3']]) {
+      await b.pg.query('DROP TABLE public.kept', [], database);
+      await b.pg.query(`DROP ROLE ${name}`, [], 'postgres');
+    }
   });
 });
 

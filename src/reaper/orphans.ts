@@ -49,6 +49,7 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
     client.release();
   }
   const now = Date.now();
+  const batchSize = deps.batchSize ?? 200;
   if (!failingByDeployment.has(deps.managedRole)) failingByDeployment.set(deps.managedRole, new Map());
   const failing = failingByDeployment.get(deps.managedRole)!;
   const resting = [...failing].filter(([, f]) => f.retryAt > now).map(([rolname]) => rolname);
@@ -68,10 +69,14 @@ export async function reapOrphans(deps: FinishDeps & { batchSize?: number }): Pr
         AND r.rolname <> ALL($3::text[])
       ORDER BY manageable DESC, rolname
       LIMIT $4`,
-    [deps.managedRole, ORPHAN_GRACE_SECONDS, resting, deps.batchSize ?? 200],
+    [deps.managedRole, ORPHAN_GRACE_SECONDS, resting, batchSize],
   );
-  // A failing one that is gone now (dropped by hand) is forgotten once its rest is over.
-  for (const [rolname, f] of failing) if (f.retryAt <= now && !rows.some((r) => r.rolname === rolname)) failing.delete(rolname);
+  // A failing one that is gone now (dropped by hand) is forgotten once its rest is over. Only when
+  // the query listed every candidate: one merely past the batch's end would otherwise lose its
+  // count, and start again at a minute's rest and one audit event a minute.
+  if (rows.length < batchSize) {
+    for (const [rolname, f] of failing) if (f.retryAt <= now && !rows.some((r) => r.rolname === rolname)) failing.delete(rolname);
+  }
   const unmanageable = rows.filter((r) => !r.manageable && !reportedUnmanageable.has(r.rolname));
   if (unmanageable.length > 0) {
     for (const r of unmanageable) reportedUnmanageable.add(r.rolname);
