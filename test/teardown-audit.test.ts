@@ -18,7 +18,7 @@ interface Event { id: string; type: string; issuer: string; subject: string; lea
 
 const failures = (leaseId: string) => b.pg.query<Event>(
   `SELECT id::text, type, issuer, subject, lease_id, policy, username, reason, request_id, client_ip, detail
-     FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.teardown_failed' ORDER BY id`, [leaseId]);
+     FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.teardown_failed' ORDER BY audit_events.id`, [leaseId]);
 
 async function issue(sub: string, ttl = 300): Promise<{ lease_id: string; username: string; password: string; expires_at: string }> {
   const res = await b.issue(await b.token({ sub }), { policy: 'ta', ttl });
