@@ -90,13 +90,15 @@ export class Teardown {
       });
       if (reason === null) continue;
       step.cut!();
-      // With its clients cut off, the rest of its stop (the reaper, the pool) usually ends at once;
-      // a moment's wait keeps PostgreSQL's stop from cutting those connections under it (57P01
-      // warnings after the banner), and never more than that moment.
-      await Promise.race([this.stopping, new Promise((r) => setTimeout(r, CUT_GRACE_MS))]);
       givenUp.push(step.name);
       const rest = steps.slice(i + 1).map((s) => s.name);
       console.error(`pg-broker ${this.command}: ${reason}; ${rest.length > 0 ? `stopping ${rest.join(', ')} without it` : 'going on without it'}`);
+      // With its clients cut off, the rest of its stop (the reaper, the pool) usually ends at once;
+      // a moment's wait keeps PostgreSQL's stop from cutting those connections under it (57P01
+      // warnings after the banner), and never more than that moment.
+      let grace: NodeJS.Timeout | undefined;
+      await Promise.race([this.stopping, new Promise((r) => { grace = setTimeout(r, CUT_GRACE_MS); })]);
+      clearTimeout(grace);
     }
     if (failures.length > 0) throw failures[0];
     return givenUp;
