@@ -4,7 +4,6 @@ import { brokerEnv, findLeaks } from './broker.js';
 import { cliBundle } from './bundle.js';
 import type { TestIssuer } from './issuer.js';
 import type { TestPostgres } from './postgres.js';
-import { freePort } from './ports.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const HOST = '127.0.0.1';
@@ -17,9 +16,12 @@ export interface ExitStatus {
 /** A `pg-broker serve` child process (the CLI as helpers/bundle.ts builds it) on 127.0.0.1, with its JSON log captured line by line. */
 export interface BrokerProcess {
   pid: number;
-  port: number;
-  /** http://127.0.0.1:<port> */
-  url: string;
+  /** The port it listens on; reading it before the broker has logged its address throws. */
+  readonly port: number;
+  /** http://127.0.0.1:<port>, under the same rule as `port`. */
+  readonly url: string;
+  /** Whether its port is known: given to it, or logged by it once it listened. */
+  listening(): boolean;
   /** Every stdout line parsed as JSON (pino); lines that are not JSON are kept as { raw }. */
   logs: Array<Record<string, any>>;
   /** stderr lines: anything here from a broker that did not crash on purpose is worth reading. */
@@ -38,7 +40,11 @@ export interface SpawnOptions {
   readyTimeoutMs?: number;
   /** Do not wait for /readyz (the caller polls, e.g. while PostgreSQL is down). */
   noWait?: boolean;
-  /** Listen on this port instead of a free one (no retry when it is taken). */
+  /**
+   * Listen on this port. Without it the broker is given PORT=0 and the kernel picks one as it
+   * binds; a port chosen beforehand can be taken by any process in the meantime (a CI run lost
+   * one that way while the broker waited for PostgreSQL).
+   */
   port?: number;
 }
 
@@ -74,11 +80,13 @@ function tail(list: string[], n = 5): string {
   return list.slice(-n).join(' | ');
 }
 
-async function startOnce(env: Record<string, string>, port: number): Promise<BrokerProcess> {
+const LISTENING = 'pg-credential-broker listening';
+
+async function startBroker(env: Record<string, string>, fixedPort: number | undefined): Promise<BrokerProcess> {
   // Only what the broker needs (PATH, HOME) plus `env`: the test's own environment stays out.
   const child = spawn(process.execPath, [await cliBundle(), 'serve'], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/tmp', LOG_LEVEL: 'info', ...env, HOST, PORT: String(port) },
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/tmp', LOG_LEVEL: 'info', ...env, HOST, PORT: String(fixedPort ?? 0) },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   children.add(child);
@@ -99,10 +107,25 @@ async function startOnce(env: Record<string, string>, port: number): Promise<Bro
     });
   });
   const alive = () => child.exitCode === null && child.signalCode === null;
+  const knownPort = (): number | undefined => {
+    if (fixedPort !== undefined) return fixedPort;
+    const line = logs.find((l) => l.msg === LISTENING);
+    return line ? Number(new URL(line.url).port) : undefined;
+  };
+  const port = (): number => {
+    const known = knownPort();
+    if (known === undefined) throw new Error(`broker ${child.pid} has not logged "${LISTENING}" yet (is LOG_LEVEL above info?), so its port is unknown`);
+    return known;
+  };
   return {
     pid: child.pid!,
-    port,
-    url: `http://${HOST}:${port}`,
+    get port() {
+      return port();
+    },
+    get url() {
+      return `http://${HOST}:${port()}`;
+    },
+    listening: () => knownPort() !== undefined,
     logs,
     stderr,
     exited,
@@ -123,12 +146,14 @@ export async function waitReady(broker: BrokerProcess, timeoutMs = 30_000): Prom
       const status = await broker.exited;
       throw new Error(`broker exited before it was ready (code ${status.code}, signal ${status.signal}): ${tail(broker.stderr)} ${tail(broker.logs.map((l) => JSON.stringify(l)), 3)}`);
     }
-    try {
-      const res = await fetch(`${broker.url}/readyz`, { signal: AbortSignal.timeout(1000) });
-      await res.arrayBuffer();
-      if (res.status === 200) return;
-    } catch {
-      // not listening yet
+    if (broker.listening()) {
+      try {
+        const res = await fetch(`${broker.url}/readyz`, { signal: AbortSignal.timeout(1000) });
+        await res.arrayBuffer();
+        if (res.status === 200) return;
+      } catch {
+        // not listening yet
+      }
     }
     if (Date.now() > deadline) {
       await broker.kill();
@@ -139,23 +164,14 @@ export async function waitReady(broker: BrokerProcess, timeoutMs = 30_000): Prom
 }
 
 /**
- * Starts `pg-broker serve` with `env` on a free loopback port and waits until
- * /readyz answers 200. A port lost to another process between choosing and binding is retried.
+ * Starts `pg-broker serve` with `env` on 127.0.0.1 (a port the kernel picks unless `opts.port`)
+ * and, unless `opts.noWait`, waits until /readyz answers 200.
  */
 export async function spawnBroker(env: Record<string, string>, opts: SpawnOptions = {}): Promise<BrokerProcess> {
-  for (let attempt = 1; ; attempt++) {
-    const broker = await startOnce(env, opts.port ?? (await freePort(HOST)));
-    spawned.push(broker);
-    if (opts.noWait) return broker;
-    try {
-      await waitReady(broker, opts.readyTimeoutMs);
-      return broker;
-    } catch (err) {
-      const lostPort = broker.logs.some((l) => /EADDRINUSE/.test(JSON.stringify(l))) || broker.stderr.some((l) => /EADDRINUSE/.test(l));
-      if (attempt < 3 && lostPort && opts.port === undefined) continue;
-      throw err;
-    }
-  }
+  const broker = await startBroker(env, opts.port);
+  spawned.push(broker);
+  if (!opts.noWait) await waitReady(broker, opts.readyTimeoutMs);
+  return broker;
 }
 
 /** Stops every given broker that is still running (SIGKILL unless told otherwise). */
