@@ -3,6 +3,7 @@ import { createPublicKey, generateKeyPairSync, type KeyObject } from 'node:crypt
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
+import { MAX_KEY_DOCUMENT_BYTES } from '../src/auth/key-source.js';
 import { KeyLookupError, KeyResolver } from '../src/auth/keys.js';
 
 /**
@@ -16,6 +17,10 @@ let jwksUri = '';
 let keys: object[] = [];
 /** When set, the server answers this text instead of `{ keys }`. */
 let rawAnswer: string | null = null;
+/** Send answers in 64 KiB writes without a Content-Length (chunked), as a streaming server would. */
+let chunked = false;
+/** Extra members padding the discovery document. */
+let discoveryPadding = '';
 let fetches = 0;
 /** The `issuer` the discovery document at /.well-known/openid-configuration names; the server's own URL when null. */
 let documentIssuer: string | null = null;
@@ -30,9 +35,14 @@ const resolver = (options = {}) => new KeyResolver([{ issuer: 'https://issuer.ex
 before(async () => {
   server = http.createServer((req, res) => {
     res.setHeader('content-type', 'application/json');
-    if (req.url === '/.well-known/openid-configuration') return void res.end(JSON.stringify({ issuer: documentIssuer ?? base, jwks_uri: jwksUri }));
+    const send = (text: string) => {
+      if (!chunked) return void res.end(text);
+      for (let i = 0; i < text.length; i += 65_536) res.write(text.slice(i, i + 65_536));
+      res.end();
+    };
+    if (req.url === '/.well-known/openid-configuration') return send(JSON.stringify({ issuer: documentIssuer ?? base, jwks_uri: jwksUri, padding: discoveryPadding }));
     fetches++;
-    res.end(rawAnswer ?? JSON.stringify({ keys }));
+    send(rawAnswer ?? JSON.stringify({ keys }));
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
@@ -113,6 +123,58 @@ describe('key sets as issuers publish them', () => {
       await assert.rejects(keyResolver.publicKeyPem('https://issuer.example', 'kept', 'RS256'), /signing key not found/);
     } finally {
       rawAnswer = null;
+      await keyResolver.close();
+    }
+  });
+
+  test('a key set or discovery document over 1 MiB fails the fetch, sized or streamed, and one at the limit is read', async () => {
+    const key = rsa();
+    const listed = jwk(key, { kid: 'big' });
+    /** A key set of exactly `bytes` bytes (ASCII), listing the key and one filler key. */
+    const setOf = (bytes: number) => {
+      const bare = JSON.stringify({ keys: [listed, { kid: 'filler', kty: 'oct', k: '' }] });
+      return bare.replace('"k":""', `"k":"${'A'.repeat(bytes - bare.length)}"`);
+    };
+    const errors: unknown[] = [];
+    const keyResolver = resolver({ cacheTtlMs: 0, unknownKidCooldownMs: 0, onFetchError: (_issuer: string, err: unknown) => errors.push(err) });
+    try {
+      for (const streamed of [false, true]) {
+        chunked = streamed;
+        rawAnswer = setOf(MAX_KEY_DOCUMENT_BYTES);
+        assert.equal(rawAnswer.length, MAX_KEY_DOCUMENT_BYTES);
+        assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'big', 'RS256'), pemOf(key), `a set at the limit (streamed: ${streamed})`);
+        rawAnswer = setOf(MAX_KEY_DOCUMENT_BYTES + 1);
+        const failures = errors.length;
+        // The last good set stays in use; a resolver that never had one refuses.
+        assert.equal(await keyResolver.publicKeyPem('https://issuer.example', 'big', 'RS256'), pemOf(key));
+        assert.equal(errors.length, failures + 1, `one byte over is a failed fetch (streamed: ${streamed})`);
+        assert.equal((errors.at(-1) as Error).message, `the JWKS answer is larger than ${MAX_KEY_DOCUMENT_BYTES} bytes; refusing it`);
+        const fresh = resolver();
+        try {
+          await assert.rejects(fresh.publicKeyPem('https://issuer.example', 'big', 'RS256'), /could not fetch the issuer JWKS/);
+        } finally {
+          await fresh.close();
+        }
+      }
+      rawAnswer = null;
+      keys = [listed];
+      for (const streamed of [false, true]) {
+        chunked = streamed;
+        discoveryPadding = 'x'.repeat(MAX_KEY_DOCUMENT_BYTES);
+        const discovering = new KeyResolver([{ issuer: base }], { onFetchError: (_issuer: string, err: unknown) => errors.push(err) });
+        try {
+          await assert.rejects(discovering.publicKeyPem(base, 'big', 'RS256'), /could not fetch the issuer JWKS/);
+          assert.equal((errors.at(-1) as Error).message, `the discovery answer is larger than ${MAX_KEY_DOCUMENT_BYTES} bytes; refusing it`);
+          discoveryPadding = 'x'.repeat(MAX_KEY_DOCUMENT_BYTES / 2);
+          assert.equal(await discovering.publicKeyPem(base, 'big', 'RS256'), pemOf(key), `a large discovery document under the limit (streamed: ${streamed})`);
+        } finally {
+          await discovering.close();
+        }
+      }
+    } finally {
+      rawAnswer = null;
+      chunked = false;
+      discoveryPadding = '';
       await keyResolver.close();
     }
   });

@@ -8,6 +8,39 @@ const MAX_REDIRECTS = 5;
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
 
 /**
+ * The most a discovery document or key set may take. Real ones are a few kilobytes (tens with
+ * x5c chains); without a cap, whatever an allow-listed issuer's endpoint sends within the fetch
+ * deadline (hundreds of megabytes on loopback) was held, then parsed in one blocking step.
+ */
+export const MAX_KEY_DOCUMENT_BYTES = 1024 * 1024;
+
+/** The answer's body as JSON, read no further than `limit` bytes; a longer one fails the fetch. */
+export async function readCappedJson(res: Response, what: string, limit = MAX_KEY_DOCUMENT_BYTES): Promise<unknown> {
+  const tooLarge = () => new Error(`the ${what} answer is larger than ${limit} bytes; refusing it`);
+  if (Number(res.headers.get('content-length')) > limit) {
+    await res.body?.cancel().catch(() => undefined);
+    throw tooLarge();
+  }
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  if (res.body) {
+    const reader = res.body.getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      size += value.byteLength;
+      if (size > limit) {
+        await reader.cancel().catch(() => undefined);
+        throw tooLarge();
+      }
+      chunks.push(value);
+    }
+  }
+  // TextDecoder drops a byte-order mark, as res.json() did.
+  return JSON.parse(new TextDecoder().decode(Buffer.concat(chunks)));
+}
+
+/**
  * fetch would follow redirects, https to http included, and check nothing on the way: what an
  * https URL answers must not come over plain http at any hop, where anyone on the path could
  * change it (for discovery, choose the key set), even if the chain ends on https again. So
@@ -42,7 +75,7 @@ export async function discoverJwksUri(issuer: string, dispatcher: Dispatcher, de
     await res.body?.cancel().catch(() => undefined);
     throw new Error(`discovery request failed with ${res.status}`);
   }
-  const body = (await res.json()) as { issuer?: unknown; jwks_uri?: unknown } | null;
+  const body = (await readCappedJson(res, 'discovery')) as { issuer?: unknown; jwks_uri?: unknown } | null;
   // OpenID Connect Discovery 1.0, 4.3: a document for another issuer (a proxy's, another
   // tenant's) must not choose this one's keys.
   if (body?.issuer !== issuer) {

@@ -1,7 +1,7 @@
 import { createPublicKey } from 'node:crypto';
 import { Agent } from 'undici';
 import type { IssuerConfig } from '../config.js';
-import { discoverJwksUri, discoveredJwksProblem, fetchOverHttpsIfAsked } from './key-source.js';
+import { discoverJwksUri, discoveredJwksProblem, fetchOverHttpsIfAsked, readCappedJson } from './key-source.js';
 
 // Asymmetric algorithms only: an HMAC alg would let anyone holding the public key forge tokens.
 export const ALLOWED_ALGORITHMS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'];
@@ -173,7 +173,7 @@ export class KeyResolver {
         await res.body?.cancel().catch(() => undefined);
         throw new Error(`JWKS request failed with ${res.status}`);
       }
-      const body: unknown = await res.json();
+      const body = await readCappedJson(res, 'JWKS');
       // RFC 7517 makes "keys" required. An answer without it (a proxy's `{}`, a JSON `null`) is
       // treated as a failed fetch, so the last good set rides it out instead of being emptied.
       const listed = typeof body === 'object' && body !== null ? (body as { keys?: unknown }).keys : undefined;
