@@ -45,7 +45,7 @@ test('a teardown nobody holds any more ends the wait at the first look; a held o
   // Claimed by a live teardown: polled until the deadline, as long as it stays unfinished.
   const held = await leaseIn('ae:held', 'revoking', 12345);
   const second = counting();
-  assert.equal(await awaitEnded(second, held, 500), null);
+  assert.equal(await awaitEnded(second, held, 2000), null);
   assert.ok(second.queries > 1, `polled ${second.queries} times`);
 });
 

@@ -176,9 +176,10 @@ describe('pg-broker exec and a lowered max_ttl', () => {
     const command = await heldCommand();
     try {
       const token = await b.token({ sub: 'shrinkcli:a' });
-      // ttl 4: the first renew comes at two thirds of it. Before that, max_ttl drops below what the
-      // lease has already run, so that renew answers with the lease's current expiry as its bound.
-      const running = cli(['exec', '--ttl', '4', '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: url });
+      // ttl 8: the first renew comes at two thirds of it (about 5 s, room for exec to start its
+      // command on a loaded machine). Before that, max_ttl drops below what the lease has already
+      // run, so that renew answers with the lease's current expiry as its bound.
+      const running = cli(['exec', '--ttl', '8', '--token', token, '--', process.execPath, '-e', command.script], { PG_BROKER_URL: url });
       const leaseId = await command.leaseId();
       await b.putPolicy('cli-shrink', { ...policy, default_ttl: 1, max_ttl: 1 });
       const renewals = async () => (await b.pg.query(`SELECT detail FROM broker.audit_events WHERE lease_id = $1 AND type = 'lease.renewed'`, [leaseId]));

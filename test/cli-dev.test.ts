@@ -25,7 +25,7 @@ test('dev exits naming the option when a port is taken, having stopped the Postg
   // A dev that hangs is killed at the timeout, and so has a signal rather than an exit code.
   const dev = (port: number, issuerPort: number, postgresPort = pgPort) => new Promise<{ code: number | null; signal: string | null; stderr: string }>((resolve) => {
     const args = ['dev', '--dir', dir, '--port', String(port), '--pg-port', postgresPort, '--issuer-port', String(issuerPort)];
-    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: home }, timeout: 30_000 }, (err, _stdout, stderr) => {
+    execFile(process.execPath, [BIN, ...args], { env: { PATH: process.env.PATH!, HOME: home }, timeout: 60_000 }, (err, _stdout, stderr) => {
       resolve({ code: err ? (typeof err.code === 'number' ? err.code : null) : 0, signal: err?.signal ?? null, stderr });
     });
   });

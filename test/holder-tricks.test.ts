@@ -151,7 +151,7 @@ describe('an issued role that holds its own catalogue row in an open transaction
   });
 
   test('and past its expiry is ended by the reaper on its first try', HANG_GUARD, async () => {
-    const cred = (await b.issue(await b.token({ sub: 'trick:expire' }), { ttl: 2 })).body;
+    const cred = (await b.issue(await b.token({ sub: 'trick:expire' }), { ttl: 3 })).body;
     const { session, ended } = await holdOwnRow(cred);
     try {
       await untilPast(cred.expires_at);

@@ -78,7 +78,7 @@ describe('POST /credentials', () => {
   });
 
   test('a short TTL stops working at expiry without any broker action', async () => {
-    const { body: cred } = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/short' }), { ttl: 2 });
+    const { body: cred } = await b.issue(await b.token({ sub: 'repo:octo-org/octo-repo:ref:refs/heads/short' }), { ttl: 3 });
     assert.equal(await loginError(b.pg, cred), undefined, 'works before expiry');
     await sleep(Math.max(0, new Date(cred.expires_at).getTime() - Date.now()) + 1200);
     assert.equal(await loginError(b.pg, cred), '28P01');

@@ -86,7 +86,7 @@ describe('a login still starting when its lease is revoked', () => {
   });
 
   test('whose lease expires is ended by the reaper with the role', HANG_GUARD, async () => {
-    const cred = (await b.issue(await b.token({ sub: 'race:expiring' }), { ttl: 2 })).body;
+    const cred = (await b.issue(await b.token({ sub: 'race:expiring' }), { ttl: 3 })).body;
     assert.ok(cred.username, JSON.stringify(cred));
     const [held] = await heldLogins([cred]);
     try {

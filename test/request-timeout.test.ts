@@ -100,7 +100,8 @@ test('the limit is on the request arriving, not on the answer: a slow issuance s
     const request = `POST /credentials HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`;
     const answer = await send([request], 0, 10_000);
     await release;
-    assert.ok(answer.ms >= LIMIT_MS * 2, `the answer waited for the lock: ${answer.ms.toFixed(0)} ms`);
+    // The lock's timer started before the request was sent, so less than the 2.5 limits it held.
+    assert.ok(answer.ms >= LIMIT_MS * 1.5, `the answer waited for the lock: ${answer.ms.toFixed(0)} ms`);
     assert.match(answer.text, /^HTTP\/1\.1 201 /, answer.text.slice(0, 300));
   } finally {
     await holder.end();

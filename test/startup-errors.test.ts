@@ -14,9 +14,12 @@ import { spawnBroker, type BrokerProcess } from './helpers/process.js';
 const PASSWORD = 's3cretPW-startup';
 const BASE = { BROKER_AUDIENCE: 'pg-broker', LOG_LEVEL: 'info' };
 
-/** A DATABASE_URL nobody listens on: the broker retries it for as long as it runs. */
+/**
+ * A DATABASE_URL nobody listens on: the broker retries it for as long as it runs. Port 1 (tcpmux)
+ * is never served here, where a port chosen as free could be taken by another test's server.
+ */
 async function unreachableDatabaseUrl(): Promise<string> {
-  return `postgres://broker:${PASSWORD}@127.0.0.1:${await freePort()}/broker`;
+  return `postgres://broker:${PASSWORD}@127.0.0.1:1/broker`;
 }
 
 const started: BrokerProcess[] = [];

@@ -6,7 +6,7 @@ import { freePort } from './helpers/ports.js';
 
 const [ephemeralLow] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
 
-test('the tests\' freePort gives ports outside the kernel\'s ephemeral range that a server can then bind', async () => {
+test('freePort gives ports outside the kernel\'s ephemeral range that a server can then bind', async () => {
   const ports = await Promise.all(Array.from({ length: 20 }, () => freePort()));
   for (const port of ports) assert.ok(port >= 20_000 && port < ephemeralLow, `port ${port} is below ${ephemeralLow}`);
   assert.ok(new Set(ports).size > 1, 'chosen at random, not one fixed port');
