@@ -25,8 +25,11 @@ after(async () => b?.close());
 describe('pg-broker settings and answers', () => {
   test('a wrong --url that answers 200 with something else is refused: exec never runs, creds prints nothing; the broker\'s URL works', async () => {
     const token = await b.token({ sub: 'cli:wrong-url' });
-    let answer: 'html' | 'json' | 'empty' = 'html';
+    let answer: 'html' | 'json' | 'empty' | 'html-404' | 'text-502' | 'escape-500' = 'html';
     const stranger = http.createServer((_req, res) => {
+      if (answer === 'html-404') return void res.writeHead(404, { 'content-type': 'text/html' }).end('<!DOCTYPE html>\n<html>\n<head><title>404</title></head>\n<body>\nNot Found\n</body>\n</html>\n');
+      if (answer === 'text-502') return void res.writeHead(502, { 'content-type': 'text/plain', 'retry-after': '7' }).end('Bad Gateway\n');
+      if (answer === 'escape-500') return void res.writeHead(500, { 'content-type': 'text/plain' }).end('oops \u001b[2J');
       if (answer === 'json') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}');
       if (answer === 'empty') return void res.writeHead(200).end();
       res.writeHead(200, { 'content-type': 'text/html' }).end('<html>sign in</html>');
@@ -56,6 +59,20 @@ describe('pg-broker settings and answers', () => {
       const empty = await cli(['leases', 'list', '--url', other, '--token', await b.adminToken()]);
       assert.equal(empty.code, 1);
       assert.match(empty.stderr, /answered GET \/leases with 200 and nothing else; is http:\/\/127\.0\.0\.1:\d+ the broker's URL\?/);
+      // An error page is not the broker's problem+json either: one line naming the server, not the page.
+      answer = 'html-404';
+      const notFound = await cli(['creds', '--url', other, '--token', token]);
+      assert.equal(notFound.code, 1);
+      assert.equal(notFound.stderr, `pg-broker: the server at ${other} answered POST /credentials with 404, not with the broker's problem+json (content-type "text/html"); is ${other} the broker's URL, or a proxy in front of it failing?\n`);
+      answer = 'text-502';
+      const gateway = await cli(['leases', 'list', '--url', other, '--token', await b.adminToken()]);
+      assert.equal(gateway.code, 1);
+      assert.equal(gateway.stderr, `pg-broker: the server at ${other} answered GET /leases with 502, not with the broker's problem+json (content-type "text/plain"): Bad Gateway; is ${other} the broker's URL, or a proxy in front of it failing?\n`);
+      answer = 'escape-500';
+      const escape = await cli(['leases', 'list', '--url', other, '--token', await b.adminToken()]);
+      assert.equal(escape.code, 1);
+      assert.ok(!escape.stderr.includes('\u001b'), 'a terminal escape from the server is not printed');
+      assert.match(escape.stderr, /answered GET \/leases with 500, not with the broker's problem\+json \(content-type "text\/plain"\); is/);
     } finally {
       stranger.closeAllConnections();
       await new Promise((resolve) => stranger.close(resolve));

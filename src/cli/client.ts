@@ -152,14 +152,21 @@ export async function callBroker<T = any>(
   } catch {
     parsed = text;
   }
+  const type = res.headers.get('content-type') ?? '';
   if (res.status >= 400) {
-    const problem = parsed as { detail?: string; code?: string } | null;
-    throw new CliError(`${method} ${path} failed with ${res.status}${problem?.code ? ` ${problem.code}` : ''}: ${problem?.detail ?? text}`, 1, res.status, problem?.code,
-      retryAfterSeconds(res.headers.get('retry-after'), res.headers.get('date')));
+    const retryAfter = retryAfterSeconds(res.headers.get('retry-after'), res.headers.get('date'));
+    const problem = parsed as { detail?: unknown; code?: unknown } | null;
+    if (problem !== null && typeof problem === 'object' && typeof problem.detail === 'string') {
+      const code = typeof problem.code === 'string' ? problem.code : undefined;
+      throw new CliError(`${method} ${path} failed with ${res.status}${code ? ` ${code}` : ''}: ${problem.detail}`, 1, res.status, code, retryAfter);
+    }
+    // Not the broker's problem+json: another server at a wrong --url, or a proxy in front of the
+    // broker failing. Its page (HTML, often) would run over many lines, so one line says what it was.
+    throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status}, not with the broker's problem+json (content-type ${JSON.stringify(type || 'none')})`
+      + `${excerpt(text, type)}; is ${base} the broker's URL, or a proxy in front of it failing?`, 1, res.status, undefined, retryAfter);
   }
   // Whatever else answers at a wrong --url (a web server, a proxy's login page) says 200 too; its
   // page must not be taken for the broker's answer, let alone printed as a credential.
-  const type = res.headers.get('content-type') ?? '';
   // The broker answers 204 with nothing, and every other success with a JSON body.
   if (res.status !== 204 && !text) {
     throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status} and nothing else; is ${base} the broker's URL?`);
@@ -168,4 +175,12 @@ export async function callBroker<T = any>(
     throw new CliError(`the server at ${base} answered ${method} ${path} with ${res.status} but not with the broker's JSON (content-type ${JSON.stringify(type || 'none')}); is ${base} the broker's URL?`);
   }
   return { status: res.status, body: parsed as T, serverClock };
+}
+
+/** A short plain-text answer, on one line (": Bad Gateway"); nothing for markup or a long page. */
+function excerpt(text: string, type: string): string {
+  const line = text.replace(/\s+/g, ' ').trim();
+  // Control characters (a terminal's escape sequences) from an unknown server are not printed.
+  if (!line || /html|xml/i.test(type) || line.startsWith('<') || line.length > 120 || /[\u0000-\u001f\u007f-\u009f]/.test(line)) return '';
+  return `: ${line}`;
 }
