@@ -164,3 +164,44 @@ describe('an issued role that holds its own catalogue row in an open transaction
     assert.equal(await roleExists(b.pg, cred.username), false);
   });
 });
+
+describe('a prepared transaction of an issued role that leaves its own role row alone', () => {
+  const prepared = async (gid: string) => (await b.pg.query('SELECT owner, database FROM pg_prepared_xacts WHERE gid = $1', [gid]));
+
+  test('is rolled back by the revocation, its locks with it; another role\'s prepared transaction is left alone', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'trick:prepared-lock' });
+    const cred = (await b.issue(token)).body;
+    const session = await connectAs(b.pg, cred);
+    // Any lock or write the group's privileges allow would do: here a lock on the group's table.
+    await session.query(`BEGIN; LOCK TABLE public.widgets IN ACCESS SHARE MODE; PREPARE TRANSACTION 'lock-${cred.username}'`);
+    await session.end();
+    await b.pg.query(`BEGIN; SELECT 1 FROM public.widgets LIMIT 1; PREPARE TRANSACTION 'bystander-${cred.username}'`);
+    assert.deepEqual((await prepared(`lock-${cred.username}`)).map((r) => r.owner), [cred.username], 'prepared as the issued role');
+    const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+    assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+    assert.equal(revoked.body.state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.deepEqual(await prepared(`lock-${cred.username}`), [], 'the issued role\'s prepared transaction outlived its lease');
+    assert.deepEqual((await prepared(`bystander-${cred.username}`)).map((r) => r.owner), ['postgres'], 'another role\'s prepared transaction is not the broker\'s to end');
+    await b.pg.query(`ROLLBACK PREPARED 'bystander-${cred.username}'`);
+    // The lock went with it: the table's owner can alter the table at once.
+    await b.pg.query(`SET lock_timeout = '2s'; ALTER TABLE public.widgets ADD COLUMN "after_${cred.username}" int; ALTER TABLE public.widgets DROP COLUMN "after_${cred.username}"`);
+  });
+
+  test('on a table the role owns, no longer fails the handover of that table on every attempt', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'trick:prepared-own' });
+    const cred = (await b.issue(token)).body;
+    const session = await connectAs(b.pg, cred);
+    await session.query(`SET ROLE NONE; CREATE TABLE public."mine_${cred.username}" (id int)`);
+    await session.query(`BEGIN; INSERT INTO public."mine_${cred.username}" VALUES (1); PREPARE TRANSACTION 'own-${cred.username}'`);
+    await session.end();
+    const revoked = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+    assert.equal(revoked.status, 200, JSON.stringify(revoked.body));
+    assert.equal(await roleExists(b.pg, cred.username), false);
+    assert.deepEqual(await prepared(`own-${cred.username}`), []);
+    // Handed over to the group, without the prepared row.
+    const [table] = await b.pg.query(`SELECT pg_get_userbyid(c.relowner) AS owner FROM pg_class c WHERE c.relname = $1`, [`mine_${cred.username}`]);
+    assert.equal(table.owner, (await leaseRow(b.pg, cred.lease_id)).grant_role);
+    assert.deepEqual(await b.pg.query(`SELECT * FROM public."mine_${cred.username}"`), []);
+  });
+});

@@ -1,5 +1,6 @@
 import pg from 'pg';
 import { connectionConfig, sessionSettings } from '../postgres/pool.js';
+import { escapeIdent, escapeLit } from '../postgres/sql.js';
 import { ownedObjectsSql, reassignTargets, type OwnedHere } from './owned-objects.js';
 import { stepEach, type RoleToDrop, type TeardownDeps, type TeardownResult, type TeardownRun } from './teardown-steps.js';
 
@@ -13,17 +14,43 @@ export function clientConfigForDatabase(databaseUrl: string, database: string, o
   return connectionConfig(databaseUrl, ours, database);
 }
 
-async function inDatabase(deps: TeardownDeps, database: string, sql: string): Promise<void> {
+async function inDatabase(deps: TeardownDeps, database: string, statements: string[]): Promise<void> {
   const client = new pg.Client(clientConfigForDatabase(deps.databaseUrl, database, {
     ...sessionSettings(deps.timeouts, false), application_name: 'pg-credential-broker reaper',
   }));
   client.on('error', () => undefined);
   await client.connect();
   try {
-    await client.query(sql);
+    for (const sql of statements) await client.query(sql);
   } finally {
     await client.end().catch(() => undefined);
   }
+}
+
+/** A prepared transaction of a role being dropped, in the database it was prepared in. */
+export interface PreparedHere {
+  owner: string;
+  gid: string;
+}
+
+/**
+ * Statements that roll back the roles' prepared transactions in this database, each sent on its
+ * own: ROLLBACK PREPARED refuses a transaction block, the implicit one of a multi-statement query
+ * included. One outlives every session and DROP ROLE itself, holding its locks (a table the group
+ * uses, one the role owns, which fails every handover) and the xmin horizon until a superuser or
+ * its owner ends it, so the broker ends it as its owner. On 16+ the creator may SET ROLE to the
+ * roles only for this, as in ownedObjectsSql; the session's role is reset before what follows.
+ */
+export function rollBackPreparedStatements(prepared: PreparedHere[], creator: string | null): string[] {
+  if (prepared.length === 0) return [];
+  const names = [...new Set(prepared.map((p) => p.owner))].map(escapeIdent).join(', ');
+  const statements = [creator
+    ? `SET ROLE ${escapeIdent(creator)}; GRANT ${names} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET TRUE; RESET ROLE`
+    : `GRANT ${names} TO CURRENT_USER`];
+  for (const { owner, gid } of prepared) statements.push(`SET ROLE ${escapeIdent(owner)}`, `ROLLBACK PREPARED ${escapeLit(gid)}`);
+  statements.push('RESET ROLE');
+  if (creator) statements.push(`SET ROLE ${escapeIdent(creator)}; GRANT ${names} TO ${escapeIdent(creator)} WITH INHERIT TRUE, SET FALSE; RESET ROLE`);
+  return statements;
 }
 
 /**
@@ -41,17 +68,24 @@ export async function handOverOwnedObjects(
   // without connecting to the ones that hold nothing.
   // A step like the others: after another creator group found the server gone it is not tried,
   // and its own failure is each role's outcome rather than an exception that loses them all.
-  const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean; owns: boolean; owns_schema: boolean }> = [];
+  const depRows: Array<{ datname: string; rolname: string; datallowconn: boolean; owns: boolean; owns_schema: boolean; prepared: string[] }> = [];
   const targets = new Map<string, string | null>();
   live = await stepEach(live, result, 'find owned objects', async (batch) => {
     // owns: something REASSIGN OWNED moves (privileges, default privileges and user mappings it
     // does not; DROP OWNED clears those), so a role holding only those needs no group to hand anything to.
+    // A prepared transaction of the role counts as holding something in its database (below).
     const { rows } = await deps.pool.query<(typeof depRows)[number]>(
-      `SELECT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname,
-              bool_or(s.deptype = 'o' AND s.classid NOT IN ('pg_default_acl'::regclass, 'pg_user_mapping'::regclass)) AS owns,
-              bool_or(s.deptype = 'o' AND s.classid = 'pg_namespace'::regclass) AS owns_schema
-         FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
-        WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)
+      `SELECT datname, datallowconn, rolname, bool_or(owns) AS owns, bool_or(owns_schema) AS owns_schema,
+              array_remove(array_agg(gid), NULL) AS prepared
+         FROM (SELECT COALESCE(d.datname, current_database()) AS datname, COALESCE(d.datallowconn, true) AS datallowconn, r.rolname,
+                      s.deptype = 'o' AND s.classid NOT IN ('pg_default_acl'::regclass, 'pg_user_mapping'::regclass) AS owns,
+                      s.deptype = 'o' AND s.classid = 'pg_namespace'::regclass AS owns_schema, NULL::text AS gid
+                 FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid LEFT JOIN pg_database d ON d.oid = s.dbid
+                WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = ANY($1) AND (s.dbid = 0 OR d.oid IS NOT NULL)
+               UNION ALL
+               SELECT p.database, d.datallowconn, p.owner, false, false, p.gid
+                 FROM pg_prepared_xacts p JOIN pg_database d ON d.datname = p.database
+                WHERE p.owner = ANY($1)) AS held
         GROUP BY 1, 2, 3`,
       [batch.map((r) => r.username)],
     );
@@ -60,20 +94,24 @@ export async function handOverOwnedObjects(
     if (owners.length === 0) return;
     for (const [username, target] of await reassignTargets(deps.pool, owners, deps.managedRole)) targets.set(username, target);
   }, progress);
-  const byDatabase = new Map<string, { roles: Set<string> } & OwnedHere>();
+  const byDatabase = new Map<string, { roles: Set<string>; prepared: PreparedHere[] } & OwnedHere>();
   for (const row of depRows) {
     // A database that refuses connections cannot be cleaned; DROP ROLE (teardown.ts) then names it.
     if (!row.datallowconn) continue;
-    if (!byDatabase.has(row.datname)) byDatabase.set(row.datname, { roles: new Set(), owners: new Set(), schemaOwners: new Set() });
+    if (!byDatabase.has(row.datname)) byDatabase.set(row.datname, { roles: new Set(), owners: new Set(), schemaOwners: new Set(), prepared: [] });
     const here = byDatabase.get(row.datname)!;
     here.roles.add(row.rolname);
+    here.prepared.push(...row.prepared.map((gid) => ({ owner: row.rolname, gid })));
     if (row.owns) here.owners.add(row.rolname);
     if (row.owns_schema) here.schemaOwners.add(row.rolname);
   }
   const failed = new Set<string>();
   for (const [database, here] of byDatabase) {
     const batch = live.filter((r) => here.roles.has(r.username));
-    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, ownedObjectsSql(subset, creator, targets, here)));
+    const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, [
+      ...rollBackPreparedStatements(here.prepared.filter((p) => subset.some((r) => r.username === p.owner)), creator),
+      ownedObjectsSql(subset, creator, targets, here),
+    ]));
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
   return live.filter((r) => !failed.has(r.username));
