@@ -53,6 +53,13 @@ export function rollBackPreparedStatements(prepared: PreparedHere[], creator: st
   return statements;
 }
 
+/** Rolls back these prepared transactions, database by database (see rollBackPreparedStatements). */
+export async function rollBackPrepared(deps: TeardownDeps, creator: string | null, prepared: Array<PreparedHere & { database: string }>): Promise<void> {
+  for (const database of new Set(prepared.map((p) => p.database))) {
+    await inDatabase(deps, database, rollBackPreparedStatements(prepared.filter((p) => p.database === database), creator));
+  }
+}
+
 /**
  * Hands over and drops what the logged-out roles own or hold, database by database; returns the
  * roles that hold nothing anywhere any more, which DROP ROLE may now take.

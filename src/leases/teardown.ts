@@ -6,7 +6,7 @@ import { repairCreators } from '../postgres/migrate.js';
 import { isConnectionError, withBatchedTransaction, withTransaction } from '../postgres/pool.js';
 import { issuedRoleCondition } from '../postgres/roles.js';
 import { escapeIdent } from '../postgres/sql.js';
-import { handOverOwnedObjects } from './per-database-handover.js';
+import { handOverOwnedObjects, rollBackPrepared } from './per-database-handover.js';
 import { startingLogins, terminateSessions } from './sessions.js';
 import {
   describeError, serverGone, stepEach, TeardownResult, type RoleToDrop, type Run, type Statement, type TeardownDeps, type TeardownRun,
@@ -227,7 +227,8 @@ async function noLogin(deps: TeardownDeps, run: Run, creator: string | null, mem
   try {
     await attempt;
   } catch (err) {
-    throw await withPreparedHolders(deps, batch, err);
+    await endPreparedHolders(deps, creator, batch, err);
+    await runAs({ ...deps, pace: undefined }, creator)(sql);
   } finally {
     await watching;
   }
@@ -248,19 +249,26 @@ async function blockedBySessionsOf(pool: pg.Pool, names: string[]): Promise<bool
 }
 
 /**
- * `err` (a lock wait that timed out), naming any prepared transaction of these roles: one holds
- * its locks with no session to end (max_prepared_transactions > 0), until someone who may runs
- * ROLLBACK PREPARED in its database.
+ * After NOLOGIN's lock wait timed out (`err`): a prepared transaction of these roles holds its
+ * locks with no session to end (max_prepared_transactions > 0). Each is rolled back as its owner,
+ * in its database, so that NOLOGIN can be sent again. Throws `err` when none is found, and names
+ * them in it when rolling them back fails, for a superuser to finish.
  */
-async function withPreparedHolders(deps: TeardownDeps, batch: RoleToDrop[], err: unknown): Promise<unknown> {
+async function endPreparedHolders(deps: TeardownDeps, creator: string | null, batch: RoleToDrop[], err: unknown): Promise<void> {
   // 55P03: lock_timeout; 57014: statement_timeout, the only bound with BROKER_LOCK_TIMEOUT=0.
-  if (!['55P03', '57014'].includes((err as { code?: string }).code ?? '')) return err;
+  if (!['55P03', '57014'].includes((err as { code?: string }).code ?? '')) throw err;
   const { rows } = await deps.pool.query<{ owner: string; gid: string; database: string }>(
     'SELECT owner, gid, database FROM pg_prepared_xacts WHERE owner = ANY($1)', [batch.map((r) => r.username)],
   ).catch(() => ({ rows: [] }));
-  if (rows.length === 0) return err;
-  const held = rows.map((r) => `${r.owner}'s '${r.gid}' in ${r.database}`).join(', ');
-  return Object.assign(err as object, { detail: `prepared transactions hold the role: ${held}; ROLLBACK PREPARED them as a superuser` });
+  if (rows.length === 0) throw err;
+  try {
+    await rollBackPrepared(deps, creator, rows);
+  } catch (failure) {
+    const held = rows.map((r) => `${r.owner}'s '${r.gid}' in ${r.database}`).join(', ');
+    throw Object.assign(err as object, {
+      detail: `prepared transactions hold the role: ${held}; rolling them back failed (${(failure as Error).message}): ROLLBACK PREPARED them as a superuser`,
+    });
+  }
 }
 
 /** What the logged-out roles own, in every database, then the roles themselves. */
