@@ -53,9 +53,11 @@ export class TeardownResult extends Map<string, string | null> {
 }
 
 export function describeError(err: unknown): string {
-  // PostgreSQL names the blocking objects and their databases only in DETAIL.
-  const { code, message, detail } = err as { code?: string; message?: string; detail?: string };
-  return `${code ? code + ': ' : ''}${message ?? String(err)}${detail ? ` (${detail.replace(/\s*\n\s*/g, '; ')})` : ''}`.slice(0, 1000);
+  // PostgreSQL names the blocking objects and their databases only in DETAIL, and what to change
+  // only in HINT (53200: a role owning more objects than one transaction can lock).
+  const { code, message, detail, hint } = err as { code?: string; message?: string; detail?: string; hint?: string };
+  const oneLine = (text: string) => text.replace(/\s*\n\s*/g, '; ');
+  return `${code ? code + ': ' : ''}${message ?? String(err)}${detail ? ` (${oneLine(detail)})` : ''}${hint ? ` (hint: ${oneLine(hint)})` : ''}`.slice(0, 1000);
 }
 
 /**

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { retryDelaySeconds } from '../../src/leases/finish.js';
 import { disableLogins, loginStillEnabled, teardownRoles } from '../../src/leases/teardown.js';
-import { stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown-steps.js';
+import { describeError, stepEach, TeardownResult, type RoleToDrop, type TeardownDeps, type TeardownRun } from '../../src/leases/teardown-steps.js';
 
 // The teardown's bookkeeping when statements fail in ways a real server does not produce on cue
 // (the server gone at one step and not the next, a batch refused for one role only). These drive
@@ -219,4 +219,12 @@ test('with a pace, each statement run as a role\'s ender is followed by it, with
   assert.equal(sent.length, 4, sent.join(' | '));
   assert.equal(paced.length, sent.length);
   assert.ok(paced.every((ms) => ms >= 4), paced.join(', '));
+});
+
+test('a recorded failure carries PostgreSQL\'s DETAIL and HINT on one line, and only what the error has', () => {
+  assert.equal(describeError(Object.assign(new Error('out of shared memory'), { code: '53200', hint: 'You might need to increase "max_locks_per_transaction".' })),
+    '53200: out of shared memory (hint: You might need to increase "max_locks_per_transaction".)');
+  assert.equal(describeError(Object.assign(new Error('role "lease_x" cannot be dropped because some objects depend on it'), { code: '2BP01', detail: '1 object in database app\nowner of table t' })),
+    '2BP01: role "lease_x" cannot be dropped because some objects depend on it (1 object in database app; owner of table t)');
+  assert.equal(describeError(Object.assign(new Error('canceling statement due to lock timeout'), { code: '55P03' })), '55P03: canceling statement due to lock timeout');
 });
