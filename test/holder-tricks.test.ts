@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import type pg from 'pg';
+import pg from 'pg';
 import { scramVerifier } from '../src/postgres/scram.js';
 import { api, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker } from './helpers/broker.js';
 
@@ -201,5 +201,35 @@ describe('a prepared transaction of an issued role that leaves its own role row 
     const [table] = await b.pg.query(`SELECT pg_get_userbyid(c.relowner) AS owner FROM pg_class c WHERE c.relname = $1`, [`mine_${cred.username}`]);
     assert.equal(table.owner, (await leaseRow(b.pg, cred.lease_id)).grant_role);
     assert.deepEqual(await b.pg.query(`SELECT * FROM public."mine_${cred.username}"`), []);
+  });
+});
+
+describe('another session\'s transaction on a table the issued role owns', () => {
+  test('fails the handover naming that session, and once it ends the next attempt drops the role', HANG_GUARD, async () => {
+    const token = await b.token({ sub: 'trick:blocked-handover' });
+    const cred = (await b.issue(token)).body;
+    const session = await connectAs(b.pg, cred);
+    await session.query(`SET ROLE NONE; CREATE TABLE public."kept_${cred.username}" (id int)`);
+    await session.end();
+    // An app's long transaction (here a superuser's), reading the table and left open.
+    const reader = new pg.Client({ connectionString: b.pg.superuserUrl.replace(/\/[^/?]*(\?|$)/, '/broker$1') });
+    reader.on('error', () => undefined);
+    await reader.connect();
+    try {
+      await reader.query(`BEGIN; SELECT * FROM public."kept_${cred.username}"`);
+      const pid = (await reader.query('SELECT pg_backend_pid() AS pid')).rows[0].pid;
+      const stuck = await api(b, 'DELETE', `/leases/${cred.lease_id}`, token);
+      assert.equal(stuck.status, 500, JSON.stringify(stuck.body));
+      assert.match((await leaseRow(b.pg, cred.lease_id)).last_error,
+        new RegExp(`^broker: 55P03: .*\\(locks on their tables in broker are held by pid ${pid} \\(postgres\\); retried once those transactions end\\)$`));
+      assert.equal(await roleExists(b.pg, cred.username), true);
+    } finally {
+      await reader.end();
+    }
+    await b.pg.query('UPDATE broker.leases SET next_attempt_at = now() WHERE id = $1', [cred.lease_id]);
+    const stats = await b.reaper.reap({ requireLeadership: false });
+    assert.equal(stats.failed, 0, JSON.stringify(stats));
+    assert.equal((await leaseRow(b.pg, cred.lease_id)).state, 'revoked');
+    assert.equal(await roleExists(b.pg, cred.username), false);
   });
 });

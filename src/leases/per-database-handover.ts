@@ -14,17 +14,43 @@ export function clientConfigForDatabase(databaseUrl: string, database: string, o
   return connectionConfig(databaseUrl, ours, database);
 }
 
-async function inDatabase(deps: TeardownDeps, database: string, statements: string[]): Promise<void> {
+/** Runs `statements` one after another on a connection of its own to `database`; the last one's rows. */
+async function inDatabase(deps: TeardownDeps, database: string, statements: Array<string | pg.QueryConfig>): Promise<any[]> {
   const client = new pg.Client(clientConfigForDatabase(deps.databaseUrl, database, {
     ...sessionSettings(deps.timeouts, false), application_name: 'pg-credential-broker reaper',
   }));
   client.on('error', () => undefined);
   await client.connect();
   try {
-    for (const sql of statements) await client.query(sql);
+    let rows: any[] = [];
+    for (const statement of statements) ({ rows } = await client.query(statement));
+    return rows;
   } finally {
     await client.end().catch(() => undefined);
   }
+}
+
+/**
+ * `err` (a lock wait in `database` that timed out), naming who holds locks on the tables these
+ * roles own there: an app's long transaction, or another lease of the same holder left idle in
+ * one, fails every handover until it ends, and a bare 55P03 named nobody.
+ */
+async function withLockHolders(deps: TeardownDeps, database: string, roles: RoleToDrop[], err: unknown): Promise<unknown> {
+  // 55P03: lock_timeout; 57014: statement_timeout, the only bound with BROKER_LOCK_TIMEOUT=0.
+  if (!['55P03', '57014'].includes((err as { code?: string }).code ?? '')) return err;
+  const holders: Array<{ pid: number | null; holder: string | null; gid: string | null }> = await inDatabase(deps, database, [{
+    text: `SELECT DISTINCT l.pid, COALESCE(a.usename, p.owner) AS holder, p.gid
+             FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+             LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+             LEFT JOIN pg_prepared_xacts p ON l.pid IS NULL AND l.virtualtransaction = '-1/' || p.transaction::text
+            WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.granted
+              AND pg_get_userbyid(c.relowner) = ANY($1) AND l.pid IS DISTINCT FROM pg_backend_pid()
+            ORDER BY 1`,
+    values: [roles.map((r) => r.username)],
+  }]).catch(() => []);
+  if (holders.length === 0) return err;
+  const named = holders.map((h) => (h.gid !== null ? `prepared transaction '${h.gid}' (${h.holder})` : `pid ${h.pid} (${h.holder ?? 'unknown role'})`));
+  return Object.assign(err as object, { detail: `locks on their tables in ${database} are held by ${named.join(', ')}; retried once those transactions end` });
 }
 
 /** A prepared transaction of a role being dropped, in the database it was prepared in. */
@@ -118,7 +144,7 @@ export async function handOverOwnedObjects(
     const ok = await stepEach(batch, result, database, (subset) => inDatabase(deps, database, [
       ...rollBackPreparedStatements(here.prepared.filter((p) => subset.some((r) => r.username === p.owner)), creator),
       ownedObjectsSql(subset, creator, targets, here),
-    ]));
+    ]).then(() => undefined, async (err) => { throw await withLockHolders(deps, database, subset, err); }));
     for (const r of batch) if (!ok.includes(r)) failed.add(r.username);
   }
   return live.filter((r) => !failed.has(r.username));
