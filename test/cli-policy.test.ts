@@ -59,6 +59,9 @@ ${extra}`;
     const first = await cli(['policy', 'apply', '-f', file, '--token', admin]);
     assert.equal(first.code, 0, first.stderr);
     assert.match(first.stdout, /2 created/);
+    // The test cluster leaves CONNECT on the broker's database to PUBLIC: stored, and said on stderr.
+    assert.deepEqual(first.stderr.trim().split('\n').map((line) => line.replace(/: credentials issued .*PUBLIC holds CONNECT there.*$/, ': …')),
+      ['pg-broker: warning: policy file-a: …', 'pg-broker: warning: policy file-b: …']);
     const second = await cli(['policy', 'apply', '-f', file, '--token', admin]);
     assert.match(second.stdout, /^no changes \(2 unchanged\)$/m);
 

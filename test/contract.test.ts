@@ -62,7 +62,10 @@ describe('policies', () => {
     const created = await put({ claims: { sub: 'put:*' } });
     assert.equal(created.status, 201, JSON.stringify(created.body));
     const first = await get();
-    assert.deepEqual(first, created.body, 'PUT answers with the policy as GET shows it');
+    // Plus its warnings: the test cluster leaves CONNECT on the broker's database to PUBLIC.
+    const { warnings, ...stored } = created.body;
+    assert.deepEqual(first, stored, 'PUT answers with the policy as GET shows it');
+    assert.equal(warnings.length, 1);
     assert.deepEqual(pick(first, keys), defaults);
     assert.deepEqual(first.claims, { sub: 'put:*' });
 
@@ -276,6 +279,40 @@ describe('configuration', () => {
       await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO PUBLIC`, [], 'postgres');
     }
     assert.deepEqual(await brokerDatabaseOpenTo(b.app.db, 'no_such_role'), ['public'], 'a marker role not created yet is no error');
+  });
+
+  test('PUT /policies stores a policy whose credentials could connect to the broker\'s database, with a warning saying why', async () => {
+    const db = b.pg.database;
+    const put = async () => {
+      const res = await b.app.inject({
+        method: 'PUT', url: '/policies/zz-exposed', headers: { authorization: `Bearer ${await b.adminToken()}` },
+        payload: { issuer: b.issuer.issuer, database: db, grant_role: 'app_readers', claims: { sub: 'exposed:*' } },
+      });
+      assert.ok([200, 201].includes(res.statusCode), res.body);
+      return res.json() as { name: string; warnings?: string[] };
+    };
+    const warned = () => b.logs.map((l) => JSON.parse(l)).filter((l) => l.policy === 'zz-exposed' && /can connect to the broker's own database/.test(l.msg));
+    try {
+      // The test cluster leaves CONNECT on every database to PUBLIC, as CREATE DATABASE does.
+      const open = await put();
+      assert.equal(open.name, 'zz-exposed', 'stored all the same');
+      assert.deepEqual(open.warnings?.map((w) => w.replace(/ \([^)]*\)/, ' (…)')), [
+        `credentials issued under this policy can connect to the broker's own database ${db} (…), where a login can take the broker's advisory locks and stall issuance or reaping: revoke that CONNECT (README, Least-privilege setup)`,
+      ]);
+      assert.match(open.warnings![0], /\(PUBLIC holds CONNECT there\)/);
+      assert.equal(warned().length, 1, 'and logged');
+      const got = await b.app.inject({ method: 'GET', url: '/policies/zz-exposed', headers: { authorization: `Bearer ${await b.adminToken()}` } });
+      assert.equal(got.json().warnings, undefined, 'GET answers the policy alone');
+
+      await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM PUBLIC`, [], 'postgres');
+      assert.equal((await put()).warnings, undefined, 'closed as the README says: no warning');
+      await b.pg.query(`GRANT CONNECT ON DATABASE ${db} TO app_readers`, [], 'postgres');
+      assert.match((await put()).warnings?.[0] ?? '', /\(grant_role app_readers holds CONNECT there, itself or through a group\)/);
+      assert.equal(warned().length, 2);
+    } finally {
+      await b.pg.query(`REVOKE CONNECT ON DATABASE ${db} FROM app_readers; GRANT CONNECT ON DATABASE ${db} TO PUBLIC`, [], 'postgres');
+      await b.pg.query(`DELETE FROM broker.policies WHERE name = 'zz-exposed'`);
+    }
   });
 
   test('what start-up checks: stored policies whose claims today\'s rules refuse', async () => {

@@ -52,10 +52,12 @@ export async function policyApply(opts: PolicyApplyOptions): Promise<void> {
     const path = `/policies/${encodeURIComponent(name)}`;
     try {
       // PUT creates or replaces: its status says which happened, whatever the plan expected.
-      const { status } = await callBroker(base, token, 'PUT', path, input);
+      const { status, body } = await callBroker<{ warnings?: string[] }>(base, token, 'PUT', path, input);
       const created = status === 201;
       outcome.counts[created ? 'created' : 'updated'] += 1;
       console.log(created ? `+ created ${name}` : `~ updated ${name}${fields ? ` (${fields.join(', ')})` : ''}`);
+      // Stored all the same: on stderr, so the per-policy lines on stdout keep their shape.
+      for (const warning of body?.warnings ?? []) console.error(`pg-broker: warning: policy ${name}: ${warning}`);
     } catch (err) {
       outcome.failed.push(name);
       console.log(`✗ FAILED to ${verb} ${name}: ${reason(err, 'PUT', path)}`);

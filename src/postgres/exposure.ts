@@ -21,3 +21,21 @@ export async function brokerDatabaseOpenTo(db: Queryable, managedRole: string): 
   // Every role holds what PUBLIC holds: name the marker only for a grant of its own.
   return roles.includes('public') ? ['public'] : roles;
 }
+
+/**
+ * Why credentials of a policy mapping onto `grantRole` could connect to the broker's own database
+ * (see brokerDatabaseOpenTo), or null when they could not. Read when a policy is stored, which the
+ * start-up check never sees.
+ */
+export async function grantReachesBrokerDatabase(db: Queryable, grantRole: string): Promise<string | null> {
+  const { rows } = await db.query<{ db: string; grant_reaches: boolean; public_reaches: boolean }>(
+    `SELECT current_database() AS db, has_database_privilege($1, current_database(), 'CONNECT') AS grant_reaches,
+            has_database_privilege('public', current_database(), 'CONNECT') AS public_reaches`,
+    [grantRole],
+  );
+  const row = rows[0];
+  if (!row?.grant_reaches) return null;
+  const who = row.public_reaches ? 'PUBLIC holds CONNECT there' : `grant_role ${grantRole} holds CONNECT there, itself or through a group`;
+  return `credentials issued under this policy can connect to the broker's own database ${row.db} (${who}), where a login can take the broker's advisory locks`
+    + ` and stall issuance or reaping: revoke that CONNECT (README, Least-privilege setup)`;
+}

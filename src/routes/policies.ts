@@ -9,8 +9,9 @@ import { deletePolicy, getPolicy, listPolicies, policiesForIssuer, putPolicy } f
 import { brokerHoldsAdmin, grantToCreators } from '../postgres/creators.js';
 import { withTransaction, type Queryable } from '../postgres/pool.js';
 import { grantRoleProblem } from '../postgres/roles.js';
+import { grantReachesBrokerDatabase } from '../postgres/exposure.js';
 import { problemResponses } from '../schemas/common.js';
-import { Evaluation, Policy, PolicyInput, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
+import { Evaluation, Policy, PolicyInput, PolicyWritten, PolicyListQuery, PolicyNameParams, PolicyPage, type PolicyInputBody } from '../schemas/policy.js';
 import { requestContext } from './context.js';
 import { invalidCursor } from './leases.js';
 import { beforeBody } from '../validation.js';
@@ -68,7 +69,7 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
         tags: ['policies'],
         params: PolicyNameParams,
         body: PolicyInput,
-        response: { 200: Policy, 201: Policy, ...problemResponses(400, 401, 403, 429, 503) },
+        response: { 200: PolicyWritten, 201: PolicyWritten, ...problemResponses(400, 401, 403, 429, 503) },
       },
       preParsing: beforeBody(app.requireAdmin),
     },
@@ -96,7 +97,14 @@ export default async function policyRoutes(fastify: FastifyInstance): Promise<vo
         });
         return stored;
       });
-      return reply.code(created ? 201 : 200).send(policy);
+      // After the commit, and never a reason to fail it: a warning for an admin, not a refusal.
+      const exposure = await grantReachesBrokerDatabase(app.db, policy.grant_role).catch((err: Error) => {
+        request.log.warn({ err: { message: err.message } }, 'could not check whether this policy\'s credentials can connect to the broker\'s own database');
+        return null;
+      });
+      if (!exposure) return reply.code(created ? 201 : 200).send(policy);
+      request.log.warn({ policy: policy.name, grant_role: policy.grant_role }, exposure);
+      return reply.code(created ? 201 : 200).send({ ...policy, warnings: [exposure] });
     },
   );
 

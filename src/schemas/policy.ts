@@ -59,6 +59,17 @@ export const Policy = Type.Object(
 );
 export type PolicyBody = Static<typeof Policy>;
 
+/** PUT's answer: the stored policy, and what about it deserves an admin's attention. */
+export const PolicyWritten = Type.Object(
+  {
+    ...Policy.properties,
+    warnings: Type.Optional(Type.Array(Type.String(), {
+      description: 'Stored all the same, but worth fixing: for example credentials of this policy could connect to the broker\'s own database',
+    })),
+  },
+  { $id: 'PolicyWritten' },
+);
+
 export const PolicyPage = Type.Object({ items: Type.Array(Policy), next_cursor: Type.Union([Type.String(), Type.Null()]) });
 export const PolicyListQuery = Type.Object({ limit: Type.Optional(Limit), cursor: Type.Optional(Cursor) }, { additionalProperties: false });
 export const PolicyNameParams = Type.Object({ name: PolicyName });
