@@ -43,7 +43,7 @@ declare module 'fastify' {
 export interface BuildOptions {
   logger?: Logger;
   logDestination?: LogDestination;
-  /** Share a pool with a caller (tests, the reaper); otherwise the app owns one. */
+  /** Share a pool with a caller (tests); otherwise the app owns one. */
   pool?: pg.Pool;
   metrics?: Metrics;
   /** REQUEST_TIMEOUT_MS unless given (tests shorten it). */

@@ -2,7 +2,8 @@ import createError from '@fastify/error';
 
 // One catalogue of the errors clients can see. The `code` is the stable contract; messages
 // may improve over time. 5xx messages never reach clients (see problem.ts), except the few
-// written for them (REVOKE_INCOMPLETE, DATABASE_BUSY).
+// written for them (REVOKE_INCOMPLETE, DATABASE_BUSY, DatabaseUnavailableDuring's). problem.ts
+// writes INVALID_TOKEN and a bare DATABASE_UNAVAILABLE itself; their entries keep the list whole.
 export const Errors = {
   BadRequest: createError<[string]>('BAD_REQUEST', '%s', 400),
   InvalidToken: createError<[string]>('INVALID_TOKEN', '%s', 401),
@@ -24,5 +25,3 @@ export const Errors = {
   DatabaseUnavailableDuring: createError<[string]>('DATABASE_UNAVAILABLE', '%s', 503),
   DatabaseBusy: createError<[string]>('DATABASE_BUSY', '%s', 503),
 };
-
-export type BrokerError = InstanceType<(typeof Errors)[keyof typeof Errors]>;

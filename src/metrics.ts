@@ -1,8 +1,5 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
-// Denial reasons form a closed set so label cardinality stays bounded.
-export const DENIAL_REASONS = ['no_policy', 'ambiguous_policy', 'ttl_too_long', 'quota_exceeded', 'grant_role_unsafe', 'database_missing', 'invalid_token', 'error'] as const;
-
 /** One registry per app instance, so tests and several apps in one process do not collide. */
 export class Metrics {
   readonly registry = new Registry();

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  api, auditTypes, connectAs, leaseRow, loginError, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
+  api, auditTypes, connectAs, leaseRow, roleExists, startTestBroker, untilPast, waitFor, type TestBroker,
 } from './helpers/broker.js';
 
 let b: TestBroker;

@@ -20,7 +20,6 @@ declare module 'fastify' {
   interface FastifyInstance {
     authenticate: (request: FastifyRequest, reply: FastifyReply) => Promise<void>;
     requireAdmin: (request: FastifyRequest, reply: FastifyReply) => Promise<void>;
-    keyResolver: KeyResolver;
   }
 }
 
@@ -52,8 +51,8 @@ export function bearerToken(request: FastifyRequest): string | undefined {
   return match ? match[1] : '';
 }
 
-// fast-jwt and @fastify/jwt messages are not a contract, and some echo header values chosen by
-// the caller; error_description only ever gets one of these fixed texts.
+// A lone surrogate reaches PostgreSQL as U+FFFD, so two different subjects would share one
+// identity there: their leases, quota and issuance lock.
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
 
 const REGISTERED_CLAIMS = new Set(['exp', 'nbf', 'iat', 'iss', 'aud', 'sub', 'jti']);
@@ -81,6 +80,8 @@ function unverifiedIssuer(token: string): string | undefined {
   }
 }
 
+// fast-jwt and @fastify/jwt messages are not a contract, and some echo header values chosen by
+// the caller; error_description only ever gets one of the fixed texts below.
 function describeVerifyError(err: unknown): string {
   if (err instanceof KeyLookupError) return err.message;
   const code = (err as { code?: string }).code ?? '';
@@ -132,7 +133,6 @@ export class TokenRejected extends Error {
 async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchError?: (issuer: string, err: unknown) => void }): Promise<void> {
   const { config } = opts;
   const resolver = new KeyResolver(config.issuers, { onFetchError: opts.onFetchError });
-  app.decorate('keyResolver', resolver);
   app.addHook('onClose', async () => resolver.close());
   const audiences = [...new Set([config.audience, ...config.issuers.flatMap((i) => (i.audience ? [i.audience] : []))])];
 
@@ -175,8 +175,6 @@ async function authPlugin(app: FastifyInstance, opts: { config: Config; onFetchE
     const issuer = payload.iss as string;
     const subject = payload.sub;
     if (typeof subject !== 'string' || subject.length === 0) throw new TokenRejected('token sub must be a non-empty string');
-    // A lone surrogate reaches PostgreSQL as U+FFFD, so two different subjects would share one
-    // identity there: their leases, quota and issuance lock.
     if (subject.includes('\0')) throw new TokenRejected('token sub holds a NUL character');
     if (subject.length > 1024) throw new TokenRejected('token sub is longer than 1024 UTF-16 code units');
     if (LONE_SURROGATE.test(subject)) throw new TokenRejected('token sub holds an unpaired UTF-16 surrogate');

@@ -18,8 +18,6 @@ export interface ListingOptions {
   json?: boolean;
   ndjson?: boolean;
   all?: boolean;
-  limit?: string;
-  cursor?: string;
 }
 
 interface Page<T> {

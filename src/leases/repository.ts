@@ -51,7 +51,7 @@ export function identityLockKey(issuer: string, subject: string): string {
  * unless `policyVersion` is null, broker.policy_version still holds that token, the one the
  * policies deciding this lease were read under. Nothing is written otherwise; the answer says
  * which: `policyVersion` is the token as this statement saw it, and a different one means the
- * policies changed meanwhile. (null: policies read in this transaction, after the lock.) The
+ * policies changed meanwhile. (null would skip that check; issuance always passes a token.) The
  * expiries are PostgreSQL's (see expiry.ts), returned for VALID UNTIL and the answer; null when
  * nothing was written. `freesInSeconds`: how long until the identity's soonest live lease under the
  * policy expires, the earliest a refused one could be issued without a revocation.

@@ -22,8 +22,9 @@ export async function policiesForIssuer(db: Queryable, issuer: string): Promise<
 }
 
 /**
- * The issuer's enabled policies with the table's change counter, as parameter-free SQL to share a
- * simple query with BEGIN: one row per policy, or a single row of nulls but the counter.
+ * The issuer's enabled policies with the policies' change token (broker.policy_version, a random
+ * UUID replaced on every change), as parameter-free SQL to share a simple query with BEGIN: one row
+ * per policy, or a single row of nulls but the token.
  */
 export function enabledPoliciesSql(issuer: string): string {
   return `SELECT v.token::text AS policy_version, ${COLUMNS}

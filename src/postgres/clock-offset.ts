@@ -8,7 +8,8 @@ import type { Gauge } from 'prom-client';
 export const CLOCK_OFFSET_WARN_MS = 2000;
 
 /**
- * How far PostgreSQL's clock is from this host's, read from a query the reaper makes anyway.
+ * How far PostgreSQL's clock is from this host's, read by the reaper's gauge update in a query of
+ * its own, just before its counts.
  * Expiries do not depend on it: they are taken on PostgreSQL's clock (leases/expiry.ts). What
  * still reads this host's clock is token checking (exp, nbf, iat against the issuer's clock), and
  * clients compare the expires_at they are given with theirs, so an operator should hear of it.

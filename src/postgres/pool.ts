@@ -74,6 +74,12 @@ export const SEARCH_PATH = 'pg_catalog, pg_temp';
 // `SET datestyle = 'SQL, DMY'`.
 const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp -c datestyle=ISO';
 
+// The settings pg's ConnectionParameters reads from a connection string (pg 8.x).
+const URL_SETTINGS = [
+  'user', 'password', 'host', 'database', 'binary', 'options', 'ssl', 'sslnegotiation', 'client_encoding', 'replication',
+  'application_name', 'fallback_application_name', 'statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'query_timeout',
+] as const;
+
 /**
  * The settings of a connection to DATABASE_URL (to `database` instead, if given): the broker's
  * own (`ours`) under whatever the URL says, as pg merges a connectionString into its config, and
@@ -81,12 +87,6 @@ const SEARCH_PATH_OPTION = '-c search_path=pg_catalog,pg_temp -c datestyle=ISO';
  * join the `options` the URL (or else PGOPTIONS) gives rather than be overridden by them; the
  * last `-c` of a setting wins.
  */
-// The settings pg's ConnectionParameters reads from a connection string (pg 8.x).
-const URL_SETTINGS = [
-  'user', 'password', 'host', 'database', 'binary', 'options', 'ssl', 'sslnegotiation', 'client_encoding', 'replication',
-  'application_name', 'fallback_application_name', 'statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'query_timeout',
-] as const;
-
 export function connectionConfig(databaseUrl: string, ours: pg.PoolConfig = {}, database?: string): pg.PoolConfig {
   const parsed = parse(databaseUrl) as Record<string, unknown>;
   rereadCertificateFiles(parsed);

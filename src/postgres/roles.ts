@@ -48,10 +48,6 @@ export function createRoleSql(role: NewRole): string {
   return role.creator ? `${sql};\n${actAs(role.creator)}${assume};\nRESET ROLE` : `${sql};\n${assume}`;
 }
 
-export async function createRole(client: Queryable, role: NewRole): Promise<void> {
-  await client.query(createRoleSql(role));
-}
-
 export async function setValidUntil(client: Queryable, username: string, validUntil: Date, creator: string | null): Promise<void> {
   await client.query(asCreator(creator, `ALTER ROLE ${escapeIdent(username)} VALID UNTIL ${escapeLit(validUntil.toISOString())}`));
 }

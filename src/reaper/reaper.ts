@@ -156,24 +156,24 @@ export class Reaper extends EventEmitter {
     // Timed on a connection already in hand, and the server's clock read first: a wait for the
     // pool, or the counts, inside the measured span would skew the midpoint the offset assumes.
     const client = await pool.connect();
-    let rows: Array<{ active: number; lag: number | null; server_ms: number }>;
+    let rows: Array<{ active: number; lag: number | null }>;
+    let serverMs: number;
     let sentMs: number;
     let answeredMs: number;
     try {
       sentMs = Date.now();
-      const { rows: [{ server_ms }] } = await client.query<{ server_ms: number }>(
-        'SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS server_ms');
+      ({ rows: [{ server_ms: serverMs }] } = await client.query<{ server_ms: number }>(
+        'SELECT (extract(epoch FROM clock_timestamp()) * 1000)::float8 AS server_ms'));
       answeredMs = Date.now();
-      ({ rows } = await client.query<{ active: number; lag: number | null; server_ms: number }>(
+      ({ rows } = await client.query<{ active: number; lag: number | null }>(
         `SELECT (SELECT count(*) FROM broker.leases WHERE state = 'active')::int AS active,
                 extract(epoch FROM now() - LEAST(
                   (SELECT min(ended_at) FROM broker.leases WHERE state IN ('revoking', 'revoke_failed')),
-                  (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag,
-                $1::float8 AS server_ms`, [server_ms]));
+                  (SELECT min(expires_at) FROM broker.leases WHERE state = 'active' AND expires_at <= now())))::float8 AS lag`));
     } finally {
       client.release();
     }
-    this.clock.observe(rows[0].server_ms, sentMs, answeredMs);
+    this.clock.observe(serverMs, sentMs, answeredMs);
     metrics.activeLeases.set(rows[0].active);
     metrics.reaperLag.set(Math.max(0, rows[0].lag ?? 0));
   }

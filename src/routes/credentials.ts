@@ -35,7 +35,8 @@ export default async function credentialRoutes(fastify: FastifyInstance): Promis
         reply.header('Cache-Control', 'no-store').header('Pragma', 'no-cache');
         return reply.code(201).send(credential);
       } catch (err) {
-        // issueCredential has recorded credential.denied or credential.failed for it.
+        // issueCredential has recorded credential.denied or credential.failed for it, or, with
+        // PostgreSQL unreachable, left the 503's log line as the record.
         request.audited = true;
         const denial = (err as { denial?: IssueDenied }).denial;
         // A no_policy denial's name is whatever the caller asked for: as a label it would add a
